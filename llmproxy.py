@@ -1,0 +1,2799 @@
+#!/usr/bin/env python3
+"""llmproxy: one-file, zero-dependency proxy between LLM clients and LLM back-ends.
+
+Run it:     python3 llmproxy.py                  (serves http://127.0.0.1:8787)
+Test it:    python3 -m unittest -v test_llmproxy
+
+Sections (each uses only names from the sections above it; 12-13 wire it all):
+   0. header        docstring, version, imports, Python 3.8 shims
+   1. constants     limits with their reasons, ProxyError
+   2. HTTP wire     sans-IO: Headers, parse_request_head, body framing, ChunkedDecoder, render_*
+   3. HTTP server   HTTPServer.serve_connection: keep-alive loop, limits, timeouts, streaming
+   4. HTTP client   TLS context, proxy settings, connection pool, streaming request()
+   5. SSE           SSEDecoder (WHATWG rules), render_sse, usage sniffing
+   6. formats       OpenAI wire helpers: error bodies, usage
+   7. providers     Provider, KNOWN_PROVIDERS, the built-in mock provider
+   8. auth          atomic files, ProxyKeys (client keys), KeyRing (upstream rotation)
+   9. routing       Router: forced override, aliases, prefixes, default
+  10. usage/logs    UsageMeter, log formatting
+  11. config        load_config() -> Config, ConfigError
+  12. app           App: routes and handlers
+  13. CLI           main(argv): serve, keys, check
+"""
+
+# 0. header ###################################################################
+# Standard library only. certifi is used when it imports, never required.
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import codecs
+import dataclasses
+import datetime
+import email.utils
+import hashlib
+import hmac
+import http
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+import time
+import zlib
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("llmproxy")
+
+
+# 1. constants and errors #####################################################
+# Every limit says why it has its value. ProxyError is the one exception type
+# that carries an HTTP status out of any layer; formats render it per client.
+
+MAX_HEAD_BYTES = 64 * 1024          # request line + headers; stdlib http.client reads 64 KiB lines; over -> 431
+MAX_REQUEST_LINE = 16 * 1024        # RFC 9112 §3 asks for >= 8000 octets; over -> 414
+MAX_HEADERS = 100                   # stdlib http.client _MAXHEADERS
+MAX_BODY_BYTES = 50 * 1024 * 1024   # long agent contexts with inline images fit; configurable -> 413
+MAX_CHUNK_LINE = 4096               # chunk-size line incl. extensions (RFC 9112 §7.1.1: bound them)
+MAX_TRAILER_BYTES = 16 * 1024       # trailers are read and dropped; bound what we read
+HEAD_TIMEOUT_S = 10.0               # whole request head must arrive in this time (slowloris) -> 408
+BODY_TIMEOUT_S = 30.0               # longest silence while a request body arrives -> 408
+KEEPALIVE_TIMEOUT_S = 75.0          # idle keep-alive connection (nginx keepalive_timeout default)
+SHUTDOWN_GRACE_S = 10.0             # in-flight streams get this long after SIGTERM
+CLOSE_TIMEOUT_S = 2.0               # wait_closed() can hang on TLS (cpython#83939)
+CONNECT_TIMEOUT_S = 10.0            # TCP + TLS handshake to an upstream
+READ_TIMEOUT_S = 600.0              # first byte and gaps between bytes: reasoning models think for minutes
+POOL_IDLE_S = 30.0                  # many upstreams drop idle keep-alive sockets after 60 s; stay below
+POOL_MAX_IDLE = 64                  # idle connections kept per origin
+MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed upstream reply is read whole; cap it
+MAX_ERROR_BODY = 1024 * 1024        # upstream error bodies are read whole to be relayed or cleaned
+DEFAULT_COOLDOWN_S = 60.0           # a 429 without any reset hint cools the key this long
+MAX_COOLDOWN_S = 24 * 3600.0        # never believe a reset hint further away than a day
+USAGE_TAIL_BYTES = 16 * 1024        # usage rides in the last events of a stream; keep this much
+WRITE_HIGH_WATER = 64 * 1024        # drain() only when the transport buffer is above this
+READ_CHUNK = 64 * 1024
+MODELS_CACHE_S = 300.0              # upstream model lists are cached this long
+DEFAULT_PORT = 8787
+
+
+class ProxyError(Exception):
+    """An error with an HTTP status, rendered in the client's own API format.
+
+    kind is the OpenAI error "type" (invalid_request_error, authentication_error, ...);
+    close asks the server to close the connection after answering.
+    """
+
+    def __init__(self, status: int, kind: str, message: str, code: Optional[str] = None,
+                 headers: Optional[List[Tuple[str, str]]] = None, close: bool = False,
+                 param: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.code = code
+        self.headers = headers or []
+        self.close = close
+        self.param = param
+
+
+class FramingError(ValueError):
+    """Bytes that break HTTP/1.1 message framing (RFC 9112 §6-7)."""
+
+
+# 2. HTTP wire (sans-IO) ######################################################
+# Pure parsing and rendering of HTTP/1.1 heads and chunked bodies; no I/O.
+# Header names are lowercase latin-1 str. A parser either returns a complete
+# result or raises ProxyError/FramingError; nothing here touches sockets.
+
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # CTLs except HTAB (RFC 9110 §5.5)
+_BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
+_HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
+_OUT_HEADER_BAD = re.compile(r"[\r\n\x00]")
+
+STATUS_LINES = {int(s): ("HTTP/1.1 %d %s\r\n" % (s, s.phrase)).encode("latin-1") for s in http.HTTPStatus}
+HOP_BY_HOP = frozenset(["connection", "keep-alive", "proxy-connection", "te", "trailer",
+                        "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"])
+
+
+class Headers:
+    """Ordered header list; names lowercase. Lookups scan: heads are small."""
+    __slots__ = ("items",)
+
+    def __init__(self, items=None):
+        self.items: List[Tuple[str, str]] = list(items) if items else []
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        for k, v in self.items:
+            if k == name:
+                return v
+        return default
+
+    def get_all(self, name: str) -> List[str]:
+        return [v for k, v in self.items if k == name]
+
+    def tokens(self, name: str) -> List[str]:
+        """Comma-separated list values of every field `name`, lowercased."""
+        out = []
+        for v in self.get_all(name):
+            out.extend(t.strip().lower() for t in v.split(",") if t.strip())
+        return out
+
+    def __contains__(self, name: str) -> bool:
+        return any(k == name for k, _ in self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __repr__(self):
+        return "Headers(%r)" % (self.items,)
+
+
+class RequestHead:
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "keep_alive")
+
+    def __init__(self, method, target, path, query, version, headers, keep_alive):
+        self.method = method
+        self.target = target
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+
+
+def _bad(message: str, status: int = 400) -> ProxyError:
+    return ProxyError(status, "invalid_request_error", message, close=True)
+
+
+def parse_header_lines(lines: List[bytes]) -> Headers:
+    """Field lines (no CRLF) -> Headers. Strict: obs-fold, space before the colon,
+    non-token names and control characters are refused (RFC 9112 §5.1-5.2, §11.2)."""
+    if len(lines) > MAX_HEADERS:
+        raise ProxyError(431, "invalid_request_error", "too many header fields", close=True)
+    items = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise _bad("obsolete line folding is not accepted")
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN_RE.match(name):
+            raise _bad("invalid header field name")
+        value = value.strip(b" \t")
+        if _BAD_VALUE_RE.search(value):
+            raise _bad("control character in header field value")
+        items.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    return Headers(items)
+
+
+def parse_request_head(data: bytes) -> RequestHead:
+    """Parse a request head ending in CRLF CRLF. Raises ProxyError with close=True."""
+    data = data.lstrip(b"\r\n")   # RFC 9112 §2.2: ignore empty lines before the request line
+    if data.count(b"\r") != data.count(b"\r\n"):
+        raise _bad("bare CR in request head")
+    if data.count(b"\n") != data.count(b"\r\n"):
+        raise _bad("bare LF in request head; lines must end in CRLF")
+    lines = data.split(b"\r\n")
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise _bad("empty request")
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise ProxyError(414, "invalid_request_error", "request target too long", close=True)
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not _TOKEN_RE.match(parts[0]) or not parts[1] or _BAD_TARGET_RE.search(parts[1]):
+        raise _bad("malformed request line")
+    method, target, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if re.match(rb"HTTP/\d\.\d\Z", version):
+            raise ProxyError(505, "invalid_request_error", "HTTP version not supported", close=True)
+        raise _bad("malformed HTTP version")
+    headers = parse_header_lines(lines[1:])
+    hosts = headers.get_all("host")
+    if version == b"HTTP/1.1" and len(hosts) != 1:
+        raise _bad("HTTP/1.1 request needs exactly one Host header")
+    target_s = target.decode("latin-1")
+    if target_s.startswith(("http://", "https://")):          # absolute-form (RFC 9112 §3.2.2)
+        rest = target_s.split("://", 1)[1]
+        slash = rest.find("/")
+        target_s = rest[slash:] if slash >= 0 else "/"
+    elif not (target_s.startswith("/") or (target_s == "*" and method == b"OPTIONS")):
+        raise _bad("request target must be origin-form")
+    path, _, query = target_s.partition("?")
+    conn = headers.tokens("connection")
+    if version == b"HTTP/1.1":
+        keep_alive = "close" not in conn
+    else:
+        keep_alive = "keep-alive" in conn
+    return RequestHead(method.decode("ascii"), target_s, path, query,
+                       version.decode("ascii"), headers, keep_alive)
+
+
+def parse_body_framing(headers: Headers, version: str = "HTTP/1.1") -> Tuple[str, int]:
+    """Decide how a request body is delimited (RFC 9112 §6.3) -> ("length", n) or ("chunked", 0).
+
+    Ambiguous framing is a smuggling vector: Transfer-Encoding with Content-Length,
+    differing Content-Lengths, TE on HTTP/1.0 and any coding but plain chunked are refused.
+    """
+    te = headers.tokens("transfer-encoding")
+    cl_values = headers.get_all("content-length")
+    if te or "transfer-encoding" in headers:
+        if cl_values:
+            raise _bad("both Transfer-Encoding and Content-Length present")
+        if version == "HTTP/1.0":
+            raise _bad("Transfer-Encoding in an HTTP/1.0 request")
+        if te == ["chunked"]:
+            return ("chunked", 0)
+        if te and te[-1] == "chunked":
+            raise ProxyError(501, "invalid_request_error", "unsupported transfer coding", close=True)
+        raise _bad("request Transfer-Encoding must end in chunked")
+    if not cl_values:
+        return ("length", 0)
+    lengths = set()
+    for v in cl_values:
+        for item in v.split(","):
+            item = item.strip()
+            if not _DIGITS_RE.match(item):
+                raise _bad("invalid Content-Length")
+            lengths.add(int(item))
+    if len(lengths) != 1:
+        raise _bad("conflicting Content-Length values")
+    return ("length", lengths.pop())
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """`hex-size [BWS ; ext]` without CRLF -> size. Extensions are ignored (RFC 9112 §7.1.1)."""
+    size = line.split(b";", 1)[0].rstrip(b" \t")
+    if not _HEX_RE.match(size):
+        raise FramingError("invalid chunk size")
+    return int(size, 16)
+
+
+class ChunkedDecoder:
+    """Incremental chunked-body decoder: feed(bytes) -> [body pieces].
+
+    After the last chunk and trailers, `done` is True and `tail` holds any bytes that
+    followed the message (a pipelined request, or junk from an upstream). Trailers
+    are read and dropped. Raises FramingError on malformed input or when the decoded
+    size passes `max_bytes`.
+    """
+    __slots__ = ("buf", "state", "remaining", "done", "tail", "max_bytes", "total", "trailer_bytes")
+
+    def __init__(self, max_bytes: int = 1 << 62):
+        self.buf = b""
+        self.state = 0          # 0 size line, 1 data, 2 CRLF after data, 3 trailers, 4 done
+        self.remaining = 0
+        self.done = False
+        self.tail = b""
+        self.max_bytes = max_bytes
+        self.total = 0
+        self.trailer_bytes = 0
+
+    def feed(self, data: bytes) -> List[bytes]:
+        out = []
+        buf = self.buf + data if self.buf else data
+        pos = 0
+        n = len(buf)
+        while pos < n or self.state == 4:
+            st = self.state
+            if st == 1:
+                take = min(self.remaining, n - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.state = 2
+            elif st == 0 or st == 3:
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    if n - pos > MAX_CHUNK_LINE:
+                        raise FramingError("chunk line too long")
+                    break
+                line = buf[pos:end]
+                pos = end + 2
+                if st == 0:
+                    if len(line) > MAX_CHUNK_LINE:
+                        raise FramingError("chunk line too long")
+                    size = parse_chunk_size(line)
+                    self.total += size
+                    if self.total > self.max_bytes:
+                        raise FramingError("body too large")
+                    if size:
+                        self.remaining = size
+                        self.state = 1
+                    else:
+                        self.state = 3
+                else:
+                    if not line:
+                        self.state = 4
+                        continue
+                    self.trailer_bytes += len(line) + 2
+                    if self.trailer_bytes > MAX_TRAILER_BYTES or b":" not in line:
+                        raise FramingError("invalid trailer section")
+            elif st == 2:
+                if n - pos < 2:
+                    break
+                if buf[pos:pos + 2] != b"\r\n":
+                    raise FramingError("chunk data not followed by CRLF")
+                pos += 2
+                self.state = 0
+            else:   # done
+                self.done = True
+                self.tail += buf[pos:]
+                pos = n
+                break
+        self.buf = buf[pos:] if pos < n else b""
+        return out
+
+
+def check_header_value(value: str) -> str:
+    """Refuse CR, LF and NUL in outbound headers (RFC 9112 §11.1: response splitting)."""
+    if _OUT_HEADER_BAD.search(value):
+        raise ValueError("illegal character in header value")
+    return value
+
+
+def render_head(first_line: bytes, headers: List[Tuple[str, str]]) -> bytes:
+    parts = [first_line]
+    for name, value in headers:
+        parts.append(("%s: %s\r\n" % (name, check_header_value(value))).encode("latin-1"))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def render_response_head(status: int, headers: List[Tuple[str, str]]) -> bytes:
+    line = STATUS_LINES.get(status) or ("HTTP/1.1 %d Status\r\n" % status).encode("ascii")
+    return render_head(line, headers)
+
+
+def render_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class ResponseHead:
+    __slots__ = ("status", "reason", "version", "headers")
+
+    def __init__(self, status, reason, version, headers):
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+
+
+def parse_response_head(data: bytes) -> ResponseHead:
+    """Parse an upstream response head (lenient about bare LF, strict about framing)."""
+    lines = data.replace(b"\r\n", b"\n").split(b"\n")
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise FramingError("empty response head")
+    m = re.match(rb"(HTTP/1\.[01]) ([0-9]{3})(?: (.*))?\Z", lines[0])
+    if not m:
+        raise FramingError("malformed status line")
+    try:
+        headers = parse_header_lines(lines[1:])
+    except ProxyError as e:
+        raise FramingError(e.message)
+    return ResponseHead(int(m.group(2)), (m.group(3) or b"").decode("latin-1"),
+                        m.group(1).decode("ascii"), headers)
+
+
+def parse_response_framing(head: ResponseHead, method: str) -> Tuple[str, int]:
+    """RFC 9112 §6.3 for responses -> ("none"|"length"|"chunked"|"close", length)."""
+    if method == "HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
+        return ("none", 0)
+    te = head.headers.tokens("transfer-encoding")
+    if te:
+        return ("chunked", 0) if te[-1] == "chunked" else ("close", 0)
+    cl = head.headers.get_all("content-length")
+    if cl:
+        values = {v.strip() for item in cl for v in item.split(",")}
+        if len(values) != 1 or not _DIGITS_RE.match(next(iter(values))):
+            raise FramingError("invalid Content-Length from upstream")
+        return ("length", int(values.pop()))
+    return ("close", 0)
+
+
+# 3. HTTP server ##############################################################
+# One coroutine per connection: read a head, check it with the app before the
+# body is read (auth, routing, size: so 401/413 need no upload), read the body,
+# let the app answer, write, repeat while keep-alive holds. Timeouts are loop
+# timers rather than wait_for, which costs a task per read on Python < 3.12.
+# The app object provides precheck(head), handle(request, match),
+# error_response(err, head) and log_request(request, status, ...).
+
+class Request:
+    __slots__ = ("method", "path", "query", "headers", "body", "version", "peer",
+                 "match", "t_start", "info", "_json")
+
+    def __init__(self, head: RequestHead, body: bytes, peer, match):
+        self.method = head.method
+        self.path = head.path
+        self.query = head.query
+        self.headers = head.headers
+        self.version = head.version
+        self.body = body
+        self.peer = peer
+        self.match = match
+        self.t_start = time.perf_counter()
+        self.info: Dict[str, Any] = {}      # filled by handlers for the log line
+        self._json = None
+
+    def json(self) -> Any:
+        if self._json is None:
+            try:
+                self._json = json.loads(self.body)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ProxyError(400, "invalid_request_error", "request body is not valid JSON: %s" % e)
+        return self._json
+
+    def query_param(self, name: str) -> Optional[str]:
+        if not self.query:
+            return None
+        values = parse_qs(self.query).get(name)
+        return values[0] if values else None
+
+
+class Response:
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: List[Tuple[str, str]], body: bytes = b""):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class StreamResponse:
+    """A response whose body is produced by an async iterator of bytes.
+
+    `chunks` must be an async generator: it is aclose()d when the client goes
+    away, which is where it releases upstream resources."""
+    __slots__ = ("status", "headers", "chunks")
+
+    def __init__(self, status: int, headers: List[Tuple[str, str]], chunks):
+        self.status = status
+        self.headers = headers
+        self.chunks = chunks
+
+
+def json_response(status: int, obj: Any, headers: Optional[List[Tuple[str, str]]] = None) -> Response:
+    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return Response(status, [("content-type", "application/json")] + (headers or []), body)
+
+
+class _DateCache:
+    """RFC 9110 §6.6.1 Date header, formatted at most once a second."""
+    __slots__ = ("sec", "value")
+
+    def __init__(self):
+        self.sec = -1
+        self.value = ""
+
+    def get(self) -> str:
+        now = int(time.time())
+        if now != self.sec:
+            self.sec = now
+            self.value = email.utils.formatdate(now, usegmt=True)
+        return self.value
+
+
+class ServerLimits:
+    __slots__ = ("max_body", "head_timeout", "body_timeout", "keepalive_timeout")
+
+    def __init__(self, max_body=MAX_BODY_BYTES, head_timeout=HEAD_TIMEOUT_S,
+                 body_timeout=BODY_TIMEOUT_S, keepalive_timeout=KEEPALIVE_TIMEOUT_S):
+        self.max_body = max_body
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.keepalive_timeout = keepalive_timeout
+
+
+class _Conn:
+    __slots__ = ("reader", "writer", "transport", "idle", "timed_out", "peer")
+
+    def __init__(self, reader, writer):
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self.idle = True
+        self.timed_out = False
+        self.peer = writer.get_extra_info("peername")
+
+
+_BODY_408 = b'{"error":{"message":"request head or body too slow","type":"invalid_request_error","code":null}}'
+_CLOSE_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(_BODY_408), _BODY_408))
+
+
+class HTTPServer:
+    def __init__(self, app, limits: Optional[ServerLimits] = None):
+        self.app = app
+        self.limits = limits or ServerLimits()
+        self.connections: set = set()
+        self.busy = 0                    # requests being answered
+        self.closing = False
+        self.server = None
+        self.dates = _DateCache()
+        self._idle_event = asyncio.Event()
+
+    async def start(self, host: str, port: int, sock=None):
+        if sock is not None:
+            self.server = await asyncio.start_server(self.serve_connection, sock=sock, limit=MAX_HEAD_BYTES)
+        else:
+            self.server = await asyncio.start_server(self.serve_connection, host, port, limit=MAX_HEAD_BYTES)
+        return self.server
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE_S):
+        """Stop accepting, close idle connections, let in-flight requests finish
+        within `grace`, then cut what is left."""
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        for c in list(self.connections):
+            if c.idle:
+                c.transport.close()
+        deadline = time.monotonic() + grace
+        while self.busy and time.monotonic() < deadline:
+            self._idle_event.clear()
+            try:
+                await asyncio.wait_for(self._idle_event.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+        for c in list(self.connections):
+            c.transport.abort()
+        if self.server is not None:
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), CLOSE_TIMEOUT_S)
+            except (asyncio.TimeoutError, OSError):
+                pass
+
+    def _on_head_timeout(self, conn: _Conn, send_408: bool):
+        conn.timed_out = True
+        if send_408 and not conn.transport.is_closing():
+            conn.transport.write(_CLOSE_408)
+        conn.transport.close()
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        conn = _Conn(reader, writer)
+        self.connections.add(conn)
+        loop = asyncio.get_running_loop()
+        try:
+            first = True
+            while not self.closing:
+                conn.idle = True
+                timeout = self.limits.head_timeout if first else self.limits.keepalive_timeout
+                timer = loop.call_later(timeout, self._on_head_timeout, conn, first)
+                try:
+                    raw = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.LimitOverrunError:
+                    timer.cancel()
+                    await self._send_error(conn, None, ProxyError(
+                        431, "invalid_request_error", "request head larger than %d bytes" % MAX_HEAD_BYTES,
+                        close=True), keep=False)
+                    break
+                except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                    break
+                finally:
+                    timer.cancel()
+                if conn.timed_out:
+                    break
+                if not raw.strip(b"\r\n"):
+                    continue          # empty lines between requests (RFC 9112 §2.2)
+                conn.idle = False
+                first = False
+                self.busy += 1
+                try:
+                    keep = await self._serve_one(conn, raw)
+                finally:
+                    self.busy -= 1
+                    if not self.busy:
+                        self._idle_event.set()
+                if not keep:
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception:       # one connection's failure never reaches the server
+            log.exception("connection handler failed")
+        finally:
+            self.connections.discard(conn)
+            conn.transport.close()
+
+    async def _read_body(self, conn: _Conn, framing: Tuple[str, int]) -> Tuple[bytes, bool]:
+        """-> (body, reusable). A chunked body followed by pipelined bytes is not
+        reusable: the bytes cannot be pushed back into the reader."""
+        kind, length = framing
+        loop = asyncio.get_running_loop()
+        reader = conn.reader
+        if kind == "length":
+            if not length:
+                return b"", True
+            timer = loop.call_later(self.limits.body_timeout, self._on_head_timeout, conn, True)
+            try:
+                return await reader.readexactly(length), True
+            finally:
+                timer.cancel()
+        dec = ChunkedDecoder(self.limits.max_body)
+        parts = []
+        while not dec.done:
+            timer = loop.call_later(self.limits.body_timeout, self._on_head_timeout, conn, True)
+            try:
+                data = await reader.read(READ_CHUNK)
+            finally:
+                timer.cancel()
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
+            try:
+                parts.extend(dec.feed(data))
+            except FramingError as e:
+                status = 413 if str(e) == "body too large" else 400
+                raise ProxyError(status, "invalid_request_error", "chunked body: %s" % e, close=True)
+        return b"".join(parts), not dec.tail
+
+    async def _serve_one(self, conn: _Conn, raw: bytes) -> bool:
+        try:
+            head = parse_request_head(raw)
+            framing = parse_body_framing(head.headers, head.version)
+        except ProxyError as e:
+            await self._send_error(conn, None, e, keep=False)
+            return False
+        has_body = framing[0] == "chunked" or framing[1] > 0
+        if framing[0] == "length" and framing[1] > self.limits.max_body:
+            await self._send_error(conn, head, ProxyError(
+                413, "invalid_request_error",
+                "request body of %d bytes exceeds the limit of %d bytes" % (framing[1], self.limits.max_body)),
+                keep=False)
+            return False
+        match = self.app.precheck(head)
+        if isinstance(match, (Response, ProxyError)):
+            early = match if isinstance(match, Response) else self.app.error_response(match, head)
+            keep = head.keep_alive and not has_body and not self.closing
+            await self._write(conn, head, Request(head, b"", conn.peer, None), early, keep)
+            return keep
+        if has_body and head.version == "HTTP/1.1" and "100-continue" in head.headers.tokens("expect"):
+            conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            body, reusable = await self._read_body(conn, framing)
+        except ProxyError as e:
+            await self._send_error(conn, head, e, keep=False)
+            return False
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            return False
+        if conn.timed_out:
+            return False
+        request = Request(head, body, conn.peer, match)
+        try:
+            resp = await self.app.handle(request)
+        except ProxyError as e:
+            resp = self.app.error_response(e, head)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("handler failed for %s %s", head.method, head.path)
+            resp = self.app.error_response(ProxyError(500, "server_error", "internal error: %s" % type(e).__name__), head)
+        keep = head.keep_alive and reusable and not self.closing
+        keep = await self._write(conn, head, request, resp, keep)
+        return keep
+
+    async def _send_error(self, conn: _Conn, head: Optional[RequestHead], err: ProxyError, keep: bool):
+        await self._write(conn, head, None, self.app.error_response(err, head), keep)
+
+    def _head_bytes(self, head, resp, keep: bool, framing: List[Tuple[str, str]]) -> bytes:
+        hdrs = list(resp.headers)
+        hdrs.append(("date", self.dates.get()))
+        hdrs.extend(framing)
+        if not keep:
+            hdrs.append(("connection", "close"))
+        elif head is not None and head.version == "HTTP/1.0":
+            hdrs.append(("connection", "keep-alive"))
+        if head is not None:
+            hdrs.extend(self.app.cors_headers(head))
+        return render_response_head(resp.status, hdrs)
+
+    async def _write(self, conn: _Conn, head: Optional[RequestHead], request: Optional[Request],
+                     resp, keep: bool) -> bool:
+        """Write a response; returns whether the connection stays usable."""
+        writer = conn.writer
+        transport = conn.transport
+        is_head = head is not None and head.method == "HEAD"
+        status = resp.status
+        sent = 0
+        t_first = None
+        ok = True
+        try:
+            if isinstance(resp, Response):
+                data = self._head_bytes(head, resp, keep, [("content-length", str(len(resp.body)))])
+                t_first = time.perf_counter()
+                if is_head or not resp.body:
+                    writer.write(data)
+                elif len(resp.body) < 16384:
+                    writer.write(data + resp.body)
+                else:
+                    writer.write(data)
+                    writer.write(resp.body)
+                sent = len(resp.body)
+                if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    await writer.drain()
+            else:
+                chunked = head is not None and head.version == "HTTP/1.1"
+                if not chunked:
+                    keep = False
+                framing = [("transfer-encoding", "chunked")] if chunked else []
+                agen = resp.chunks
+                try:
+                    writer.write(self._head_bytes(head, resp, keep, framing))
+                    t_first = time.perf_counter()
+                    if not is_head:
+                        async for piece in agen:
+                            if not piece:
+                                continue
+                            if transport.is_closing():
+                                ok = False
+                                break
+                            writer.write(render_chunk(piece) if chunked else piece)
+                            sent += len(piece)
+                            if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                                await writer.drain()
+                    if ok and chunked:
+                        writer.write(b"0\r\n\r\n")
+                finally:
+                    await agen.aclose()
+                if ok:
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            ok = False
+        if request is not None:
+            self.app.log_request(request, status, t_first, sent, ok)
+        return keep and ok and not transport.is_closing()
+
+
+# 4. HTTP client ##############################################################
+# Upstream HTTP/1.1 with a keep-alive pool per origin, TLS from certifi or the
+# system store, CONNECT tunnels through HTTPS_PROXY, absolute-form requests
+# through HTTP_PROXY. Bodies are iterated as they arrive; a connection goes back
+# to the pool only after its body was read to the end. Timeouts are loop timers
+# that abort the transport; UpstreamError carries the status the proxy answers.
+
+class UpstreamError(ProxyError):
+    """The upstream could not be reached or broke the protocol (502) or was too slow (504)."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(status, "upstream_error" if status == 502 else "timeout_error", message, code=code)
+
+
+def load_tls_context() -> ssl.SSLContext:
+    """Verified TLS context: SSL_CERT_FILE/SSL_CERT_DIR win, then certifi, then the system store."""
+    if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
+        ctx = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None,
+                                         capath=os.environ.get("SSL_CERT_DIR") or None)
+    else:
+        try:
+            import certifi      # optional; never required
+            ctx = ssl.create_default_context(cafile=certifi.where())
+        except ImportError:
+            ctx = ssl.create_default_context()
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class ProxySettings:
+    """HTTP(S)_PROXY / NO_PROXY as curl reads them (lowercase names first)."""
+
+    def __init__(self, env=None):
+        env = os.environ if env is None else env
+
+        def pick(name):
+            return env.get(name.lower()) or env.get(name.upper()) or ""
+        self.https = pick("https_proxy") or pick("all_proxy")
+        self.http = pick("http_proxy") or pick("all_proxy")
+        self.no_proxy = [e.strip().lower() for e in pick("no_proxy").split(",") if e.strip()]
+
+    def bypass(self, host: str, port: int) -> bool:
+        host = host.lower().strip("[]")
+        for entry in self.no_proxy:
+            if entry == "*":
+                return True
+            e_host, _, e_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+            if e_port and e_port != str(port):
+                continue
+            e_host = e_host.lstrip(".").lstrip("*.") if e_host else e_host
+            if host == e_host or host.endswith("." + e_host):
+                return True
+            try:
+                if "/" in e_host and ipaddress.ip_address(host) in ipaddress.ip_network(e_host, strict=False):
+                    return True
+            except ValueError:
+                pass
+        return False
+
+    def proxy_for(self, scheme: str, host: str, port: int) -> Optional[str]:
+        url = self.https if scheme == "https" else self.http
+        if not url or self.bypass(host, port):
+            return None
+        return url if "://" in url else "http://" + url
+
+
+def split_url(url: str) -> Tuple[str, str, int, str]:
+    """-> (scheme, host, port, target)."""
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError("not an http(s) URL: %r" % url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    target = (u.path or "/") + ("?" + u.query if u.query else "")
+    return u.scheme, u.hostname, port, target
+
+
+class _Timer:
+    """An idle-gap timer that aborts a transport when it fires."""
+    __slots__ = ("handle", "fired", "transport")
+
+    def __init__(self, transport):
+        self.handle = None
+        self.fired = False
+        self.transport = transport
+
+    def arm(self, seconds: float):
+        if self.handle is not None:
+            self.handle.cancel()
+        self.handle = asyncio.get_running_loop().call_later(seconds, self._fire)
+
+    def disarm(self):
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _fire(self):
+        self.fired = True
+        self.transport.abort()
+
+
+class UpstreamConn:
+    __slots__ = ("reader", "writer", "origin", "reused", "idle_since", "via_proxy", "proxy_auth")
+
+    def __init__(self, reader, writer, origin, via_proxy=False, proxy_auth=None):
+        self.reader = reader
+        self.writer = writer
+        self.origin = origin
+        self.reused = False
+        self.idle_since = 0.0
+        self.via_proxy = via_proxy        # absolute-form requests to an HTTP proxy
+        self.proxy_auth = proxy_auth
+
+    def abort(self):
+        self.writer.transport.abort()
+
+
+class UpstreamResponse:
+    """Status and headers of an upstream reply; the body is read with iter_body()
+    or read(). Exactly one of them must run to the end, or close() be called."""
+
+    def __init__(self, client, conn: UpstreamConn, head: ResponseHead, framing, read_timeout: float):
+        self.client = client
+        self.conn = conn
+        self.status = head.status
+        self.headers = head.headers
+        self.framing = framing
+        self.read_timeout = read_timeout
+        self.keep = "close" not in head.headers.tokens("connection") and head.version == "HTTP/1.1"
+        self.finished = False
+        enc = head.headers.get("content-encoding", "").strip().lower()
+        self.decoder = zlib.decompressobj(47) if enc in ("gzip", "x-gzip", "deflate") else None
+
+    @property
+    def content_type(self) -> str:
+        return (self.headers.get("content-type") or "").split(";")[0].strip().lower()
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """Yield body bytes as they arrive, decoded from chunked/gzip framing."""
+        conn = self.conn
+        reader = conn.reader
+        timer = _Timer(conn.writer.transport)
+        kind, remaining = self.framing
+        dec = ChunkedDecoder() if kind == "chunked" else None
+        zdec = self.decoder
+        try:
+            while kind != "none":
+                if kind == "length" and remaining <= 0:
+                    break
+                timer.arm(self.read_timeout)
+                try:
+                    data = await reader.read(min(READ_CHUNK, remaining) if kind == "length" else READ_CHUNK)
+                except (ConnectionError, OSError):
+                    data = b""
+                finally:
+                    timer.disarm()
+                if timer.fired:
+                    raise UpstreamError(504, "upstream sent nothing for %.0f s" % self.read_timeout, "upstream_timeout")
+                if not data:
+                    if kind == "close":
+                        self.keep = False
+                        break
+                    raise UpstreamError(502, "upstream closed the connection mid-body", "upstream_incomplete")
+                if kind == "length":
+                    remaining -= len(data)
+                    pieces = (data,)
+                elif kind == "chunked":
+                    try:
+                        pieces = dec.feed(data)
+                    except FramingError as e:
+                        raise UpstreamError(502, "upstream sent a malformed chunked body: %s" % e, "upstream_framing")
+                else:
+                    pieces = (data,)
+                for piece in pieces:
+                    if zdec is not None:
+                        try:
+                            piece = zdec.decompress(piece)
+                        except zlib.error:
+                            raise UpstreamError(502, "upstream sent a corrupt compressed body", "upstream_framing")
+                    if piece:
+                        yield piece
+                if dec is not None and dec.done:
+                    if dec.tail:
+                        self.keep = False
+                    break
+            if zdec is not None:
+                rest = zdec.flush()
+                if rest:
+                    yield rest
+            self.finished = True
+        finally:
+            if self.finished and self.keep:
+                self.client.release(conn)
+            else:
+                conn.abort()
+
+    async def read(self, limit: int = MAX_UPSTREAM_BODY) -> bytes:
+        parts = []
+        size = 0
+        agen = self.iter_body()
+        try:
+            async for piece in agen:
+                size += len(piece)
+                if size > limit:
+                    raise UpstreamError(502, "upstream reply larger than %d bytes" % limit, "upstream_too_large")
+                parts.append(piece)
+        finally:
+            await agen.aclose()
+        return b"".join(parts)
+
+    def close(self):
+        if not self.finished:
+            self.finished = True
+            self.conn.abort()
+
+
+class HTTPClient:
+    def __init__(self, proxies: Optional[ProxySettings] = None, tls: Optional[ssl.SSLContext] = None):
+        self.proxies = proxies or ProxySettings()
+        self._tls = tls
+        self.pool: Dict[Tuple[str, str, int], List[UpstreamConn]] = {}
+        self.connects = 0          # new connections opened (tests and /health read it)
+
+    @property
+    def tls(self) -> ssl.SSLContext:
+        if self._tls is None:      # built lazily: loading CA bundles costs start-up time
+            self._tls = load_tls_context()
+        return self._tls
+
+    def release(self, conn: UpstreamConn):
+        if conn.writer.transport.is_closing() or conn.reader.at_eof():
+            conn.abort()
+            return
+        idle = self.pool.setdefault(conn.origin, [])
+        if len(idle) >= POOL_MAX_IDLE:
+            conn.abort()
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    def _take_idle(self, origin) -> Optional[UpstreamConn]:
+        idle = self.pool.get(origin)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if (now - conn.idle_since > POOL_IDLE_S or conn.reader.at_eof()
+                    or conn.writer.transport.is_closing() or conn.reader.exception() is not None):
+                conn.abort()
+                continue
+            conn.reused = True
+            return conn
+        return None
+
+    def close(self):
+        for conns in self.pool.values():
+            for c in conns:
+                c.abort()
+        self.pool.clear()
+
+    async def _connect(self, origin, timeout: float) -> UpstreamConn:
+        scheme, host, port = origin
+        proxy = self.proxies.proxy_for(scheme, host, port)
+        ssl_ctx = self.tls if scheme == "https" else None
+        self.connects += 1
+        if proxy is None:
+            r, w = await asyncio.wait_for(asyncio.open_connection(
+                host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None), timeout)
+            return UpstreamConn(r, w, origin)
+        pu = urlsplit(proxy)
+        p_host, p_port = pu.hostname, pu.port or 8080
+        auth = None
+        if pu.username:
+            cred = "%s:%s" % (unquote(pu.username), unquote(pu.password or ""))
+            auth = "Basic " + base64.b64encode(cred.encode("utf-8")).decode("ascii")
+        if ssl_ctx is None:
+            r, w = await asyncio.wait_for(asyncio.open_connection(p_host, p_port), timeout)
+            return UpstreamConn(r, w, origin, via_proxy=True, proxy_auth=auth)
+        sock = await asyncio.wait_for(self._tunnel(p_host, p_port, host, port, auth), timeout)
+        r, w = await asyncio.wait_for(asyncio.open_connection(
+            sock=sock, ssl=ssl_ctx, server_hostname=host), timeout)
+        return UpstreamConn(r, w, origin)
+
+    async def _tunnel(self, p_host, p_port, host, port, auth) -> socket.socket:
+        """Open a CONNECT tunnel on a raw non-blocking socket (StreamWriter.start_tls
+        is 3.11+); the TLS handshake then runs over it via open_connection(sock=)."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(p_host, p_port, type=socket.SOCK_STREAM)
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr)
+            hdrs = [("host", "%s:%d" % (host, port))]
+            if auth:
+                hdrs.append(("proxy-authorization", auth))
+            await loop.sock_sendall(sock, render_head(("CONNECT %s:%d HTTP/1.1\r\n" % (host, port)).encode("ascii"), hdrs))
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = await loop.sock_recv(sock, 4096)
+                if not data or len(buf) > MAX_HEAD_BYTES:
+                    raise ConnectionError("proxy closed during CONNECT")
+                buf += data
+            head = parse_response_head(buf.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+            if head.status != 200:
+                raise ConnectionError("proxy refused CONNECT with HTTP %d" % head.status)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    async def request(self, method: str, url: str, headers: List[Tuple[str, str]], body: bytes = b"",
+                      connect_timeout: float = CONNECT_TIMEOUT_S,
+                      read_timeout: float = READ_TIMEOUT_S) -> UpstreamResponse:
+        """Send a request, return once the response head arrived.
+
+        A reused pooled connection that dies before any response byte is retried once
+        on a fresh one (RFC 9112 §9.3.1 heuristic); other failures raise UpstreamError."""
+        scheme, host, port, target = split_url(url)
+        origin = (scheme, host, port)
+        default_port = 443 if scheme == "https" else 80
+        bracketed = "[%s]" % host if ":" in host else host      # IPv6 literal
+        host_hdr = bracketed if port == default_port else "%s:%d" % (bracketed, port)
+        for attempt in (0, 1):
+            conn = self._take_idle(origin)
+            if conn is None:
+                try:
+                    conn = await self._connect(origin, connect_timeout)
+                except asyncio.TimeoutError:
+                    raise UpstreamError(504, "connecting to %s timed out" % host, "connect_timeout")
+                except (OSError, ssl.SSLError, ConnectionError) as e:
+                    raise UpstreamError(502, "cannot connect to %s:%d: %s" % (host, port, e), "connect_failed")
+            line_target = "%s://%s%s" % (scheme, host_hdr, target) if conn.via_proxy else target
+            hdrs = [("host", host_hdr)] + headers
+            if conn.via_proxy and conn.proxy_auth:
+                hdrs.append(("proxy-authorization", conn.proxy_auth))
+            if body or method in ("POST", "PUT", "PATCH"):
+                hdrs.append(("content-length", str(len(body))))
+            data = render_head(("%s %s HTTP/1.1\r\n" % (method, line_target)).encode("latin-1"), hdrs)
+            timer = _Timer(conn.writer.transport)
+            try:
+                conn.writer.write(data + body if len(body) < 65536 else data)
+                if len(body) >= 65536:
+                    conn.writer.write(body)
+                timer.arm(read_timeout)
+                await conn.writer.drain()
+                while True:
+                    raw = await conn.reader.readuntil(b"\r\n\r\n")
+                    head = parse_response_head(raw)
+                    if head.status >= 200 or head.status == 101:
+                        break
+                timer.disarm()
+            except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    FramingError) as e:
+                timer.disarm()
+                conn.abort()
+                if timer.fired:
+                    raise UpstreamError(504, "upstream %s sent no response within %.0f s" % (host, read_timeout),
+                                        "upstream_timeout")
+                if isinstance(e, asyncio.IncompleteReadError) and conn.reused and not e.partial and attempt == 0:
+                    continue
+                if isinstance(e, (ConnectionError, OSError)) and conn.reused and attempt == 0:
+                    continue
+                if isinstance(e, FramingError):
+                    raise UpstreamError(502, "upstream %s sent a malformed response: %s" % (host, e), "upstream_framing")
+                raise UpstreamError(502, "upstream %s closed the connection before answering" % host,
+                                    "upstream_disconnected")
+            except BaseException:
+                timer.disarm()
+                conn.abort()
+                raise
+            try:
+                framing = parse_response_framing(head, method)
+            except FramingError as e:
+                conn.abort()
+                raise UpstreamError(502, "upstream %s: %s" % (host, e), "upstream_framing")
+            return UpstreamResponse(self, conn, head, framing, read_timeout)
+        raise AssertionError("unreachable")
+
+
+# 5. SSE ######################################################################
+# Server-sent events per the WHATWG HTML spec ("Parsing an event stream"):
+# UTF-8, lines end in CRLF, LF or CR (a CR at the end of one read may pair with
+# an LF at the start of the next), multi-line data, comments, event/id/retry.
+# The decoder gives the same events however the bytes are split.
+
+class SSEEvent:
+    __slots__ = ("event", "data", "id", "retry")
+
+    def __init__(self, data: str, event: str = "message", id: Optional[str] = None, retry: Optional[int] = None):
+        self.data = data
+        self.event = event
+        self.id = id
+        self.retry = retry
+
+    def __eq__(self, other):
+        return isinstance(other, SSEEvent) and (self.event, self.data, self.id, self.retry) == \
+            (other.event, other.data, other.id, other.retry)
+
+    def __repr__(self):
+        return "SSEEvent(event=%r, data=%r, id=%r, retry=%r)" % (self.event, self.data, self.id, self.retry)
+
+
+_LINE_END_RE = re.compile(r"\r\n|\r|\n")
+
+
+class SSEDecoder:
+    """feed(bytes) -> [SSEEvent]; close() flushes a final unterminated event
+    (the spec drops it; a client should be lenient)."""
+
+    def __init__(self):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._buf = ""
+        self._started = False
+        self._data: List[str] = []
+        self._event = ""
+        self._last_id: Optional[str] = None
+        self._retry: Optional[int] = None
+
+    def feed(self, data: bytes) -> List[SSEEvent]:
+        return self._feed_text(self._utf8.decode(data))
+
+    def close(self) -> List[SSEEvent]:
+        text = self._utf8.decode(b"", True)
+        out = self._feed_text(text)
+        if self._buf:                       # unterminated last line
+            rest, self._buf = self._buf, ""
+            out.extend(self._lines([rest.rstrip("\r")]))
+        if self._data:
+            out.extend(self._lines([""]))
+        return out
+
+    def _feed_text(self, text: str) -> List[SSEEvent]:
+        if not text:
+            return []
+        buf = self._buf + text if self._buf else text
+        if not self._started:
+            self._started = True
+            if buf.startswith("\ufeff"):
+                buf = buf[1:]
+        lines = _LINE_END_RE.split(buf)
+        rest = lines.pop()                  # text after the last line end
+        if not rest and buf.endswith("\r"):
+            # a CR at the very end may be the first half of CRLF: keep it pending
+            rest = lines.pop() + "\r"
+        self._buf = rest
+        return self._lines(lines)
+
+    def _lines(self, lines: List[str]) -> List[SSEEvent]:
+        out = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    out.append(SSEEvent("\n".join(self._data), self._event or "message", self._last_id, self._retry))
+                self._data = []
+                self._event = ""
+                self._retry = None
+                continue
+            if line[0] == ":":
+                continue
+            name, sep, value = line.partition(":")
+            if sep and value[:1] == " ":
+                value = value[1:]
+            if name == "data":
+                self._data.append(value)
+            elif name == "event":
+                self._event = value
+            elif name == "id":
+                if "\0" not in value:
+                    self._last_id = value
+            elif name == "retry":
+                if value.isdigit() and value.isascii():
+                    self._retry = int(value)
+        return out
+
+
+def render_sse(data, event: Optional[str] = None, id: Optional[str] = None) -> bytes:
+    """One SSE frame. Payloads with newlines are split over several data lines."""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8")
+    parts = []
+    if event is not None:
+        parts.append("event: %s\n" % event)
+    if id is not None:
+        parts.append("id: %s\n" % id)
+    for line in _LINE_END_RE.split(data):
+        parts.append("data: %s\n" % line)
+    parts.append("\n")
+    return "".join(parts).encode("utf-8")
+
+
+_USAGE_KEY = b'"usage"'
+
+
+def sniff_usage(data: bytes) -> Optional[dict]:
+    """Find the last non-null `"usage": {...}` object in a JSON body or the tail of
+    an SSE stream without parsing the rest of it."""
+    pos = len(data)
+    decoder = json.JSONDecoder()
+    while True:
+        pos = data.rfind(_USAGE_KEY, 0, pos)
+        if pos < 0:
+            return None
+        colon = data.find(b":", pos + len(_USAGE_KEY))
+        if colon < 0:
+            continue
+        start = colon + 1
+        while start < len(data) and data[start] in b" \t\r\n":
+            start += 1
+        if data[start:start + 1] == b"{":
+            end = data.find(b"\n", start)
+            # an SSE data line first; a pretty-printed JSON body spans lines
+            for chunk in ((data[start:end], data[start:]) if end > 0 else (data[start:],)):
+                try:
+                    obj, _ = decoder.raw_decode(chunk.decode("utf-8", "replace"))
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    return obj
+
+
+# 6. formats ##################################################################
+# Wire-format helpers. Only this section and the mock read raw OpenAI JSON
+# keys. The canonical hub (Anthropic, Responses, Gemini) grows here.
+
+_ERROR_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                         413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class OpenAIFormat:
+    name = "openai"
+
+    @staticmethod
+    def render_error(err: ProxyError) -> dict:
+        return {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}}
+
+    @staticmethod
+    def render_stream_error(err: ProxyError) -> bytes:
+        """An in-band error event: the OpenAI SDK raises on a data object with "error"."""
+        return render_sse(json.dumps(OpenAIFormat.render_error(err), separators=(",", ":")))
+
+    @staticmethod
+    def parse_usage(usage: Optional[dict]) -> Tuple[Optional[int], Optional[int]]:
+        """-> (tokens in, tokens out). Chat and completions use prompt/completion_tokens,
+        embeddings prompt/total_tokens; Responses-style input/output_tokens are accepted too."""
+        if not isinstance(usage, dict):
+            return None, None
+        tin = usage.get("prompt_tokens", usage.get("input_tokens"))
+        tout = usage.get("completion_tokens", usage.get("output_tokens"))
+        if tout is None and tin is not None and "total_tokens" in usage:
+            tout = max(0, (usage.get("total_tokens") or 0) - tin)
+        return (tin if isinstance(tin, int) else None, tout if isinstance(tout, int) else None)
+
+
+FORMATS = {"openai": OpenAIFormat}
+
+_TITLE_RE = re.compile(rb"<title[^>]*>(.*?)</title>", re.I | re.S)
+_TAG_RE = re.compile(r"<[^>]+>")
+
+
+def parse_upstream_error(status: int, content_type: str, body: bytes) -> Optional[ProxyError]:
+    """None when the upstream error body is JSON (relay it as it is); otherwise a clean
+    JSON error that keeps the status and says what the page said, briefly."""
+    if content_type.endswith("json") or content_type.endswith("+json"):
+        try:
+            json.loads(body)
+            return None
+        except ValueError:
+            pass
+    elif body[:1] in (b"{", b"["):
+        try:
+            json.loads(body)
+            return None
+        except ValueError:
+            pass
+    m = _TITLE_RE.search(body[:65536])
+    text = (m.group(1) if m else body[:2048]).decode("utf-8", "replace")
+    text = " ".join(_TAG_RE.sub(" ", text).split())[:200] or "(empty body)"
+    code = "upstream_http_%d" % status
+    return ProxyError(status, "upstream_error", "upstream returned HTTP %d with a non-JSON body (%s): %s"
+                      % (status, content_type or "no content-type", text), code=code)
+
+
+# 7. providers ################################################################
+# A Provider is where requests go: base URL, wire format, keys, extra headers.
+# The mock provider answers in-process so a client setup can be checked
+# without an upstream or tokens.
+
+# name -> (key variable, default base URL, base URL variable)
+KNOWN_PROVIDERS = {
+    "openai": ("OPENAI_API_KEY", "https://api.openai.com/v1", "OPENAI_BASE_URL"),
+    "openrouter": ("OPENROUTER_API_KEY", "https://openrouter.ai/api/v1", "OPENROUTER_BASE_URL"),
+    "groq": ("GROQ_API_KEY", "https://api.groq.com/openai/v1", None),
+    "deepseek": ("DEEPSEEK_API_KEY", "https://api.deepseek.com/v1", None),
+    "mistral": ("MISTRAL_API_KEY", "https://api.mistral.ai/v1", None),
+    "xai": ("XAI_API_KEY", "https://api.x.ai/v1", None),
+    "together": ("TOGETHER_API_KEY", "https://api.together.xyz/v1", None),
+    "fireworks": ("FIREWORKS_API_KEY", "https://api.fireworks.ai/inference/v1", None),
+    "zai": ("ZAI_API_KEY", "https://api.z.ai/api/paas/v4", None),
+}
+
+
+class Provider:
+    def __init__(self, name: str, kind: str, base_url: str, keyring, headers=None, models=None,
+                 connect_timeout: float = CONNECT_TIMEOUT_S, read_timeout: float = READ_TIMEOUT_S,
+                 cooldown_s: float = DEFAULT_COOLDOWN_S):
+        self.name = name
+        self.kind = kind                  # "openai" or "mock"
+        self.base_url = base_url.rstrip("/")
+        self.keyring = keyring
+        self.headers = list(headers or [])
+        self.models = list(models or [])
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.cooldown_s = cooldown_s
+
+    def url(self, endpoint: str) -> str:
+        return self.base_url + endpoint
+
+    def request_headers(self, key: Optional[str], stream: bool) -> List[Tuple[str, str]]:
+        hdrs = [("user-agent", "llmproxy/" + __version__), ("content-type", "application/json"),
+                ("accept", "text/event-stream" if stream else "application/json"),
+                ("accept-encoding", "identity")]
+        if key:
+            hdrs.append(("authorization", "Bearer " + key))
+        hdrs.extend(self.headers)
+        return hdrs
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _message_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _schema_example(schema) -> Any:
+    """A value that satisfies a simple JSON Schema: enum first value, else by type."""
+    if not isinstance(schema, dict):
+        return "mock"
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    t = schema.get("type")
+    if isinstance(t, list):
+        t = next((x for x in t if x != "null"), "string")
+    if t == "object":
+        props = schema.get("properties") or {}
+        req = schema.get("required") or list(props)
+        return {k: _schema_example(props.get(k)) for k in req if isinstance(k, str)}
+    return {"integer": 1, "number": 1, "boolean": True, "array": [], "null": None}.get(t, "mock")
+
+
+class MockProvider:
+    """Deterministic OpenAI-shaped replies: the last user message echoed back (word by
+    word when streaming), or a tool call when tools are offered and the prompt names a
+    tool or says "tool" (tool_choice "required" or a named function forces one)."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+
+    @staticmethod
+    def _ids(body: dict) -> str:
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    @staticmethod
+    def plan(body: dict) -> Tuple[str, Optional[dict]]:
+        """-> (reply text, tool call {name, arguments} or None)."""
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        last = ""
+        for m in reversed(messages):
+            if isinstance(m, dict) and m.get("role") == "user":
+                last = _message_text(m.get("content"))
+                break
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+        choice = body.get("tool_choice")
+        if tools and choice != "none":
+            lowered = last.lower()
+            chosen = None
+            if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+                chosen = next((t for t in tools if t["function"].get("name") == choice["function"].get("name")), None)
+            if chosen is None:
+                chosen = next((t for t in tools if str(t["function"].get("name", "")).lower() in lowered), None)
+            if chosen is None and (choice == "required" or re.search(r"\btools?\b", lowered)):
+                chosen = tools[0]
+            if chosen is not None:
+                fn = chosen["function"]
+                args = _schema_example(fn.get("parameters") or {"type": "object"})
+                return "", {"name": fn.get("name", "tool"),
+                            "arguments": json.dumps(args if isinstance(args, dict) else {}, separators=(",", ":"))}
+        return last or "(empty message)", None
+
+    def _usage(self, body, text: str) -> dict:
+        prompt = sum(_words(_message_text(m.get("content"))) for m in body.get("messages") or [] if isinstance(m, dict))
+        out = _words(text)
+        return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out}
+
+    def chat(self, body: dict, model: str) -> dict:
+        text, call = self.plan(body)
+        ident = self._ids(body)
+        msg: Dict[str, Any] = {"role": "assistant", "content": text or None, "refusal": None}
+        if call:
+            msg["tool_calls"] = [{"id": "call_" + ident[:20], "type": "function", "function": call}]
+        return {"id": "chatcmpl-" + ident, "object": "chat.completion", "created": int(self.clock()),
+                "model": model, "choices": [{"index": 0, "message": msg, "logprobs": None,
+                                             "finish_reason": "tool_calls" if call else "stop"}],
+                "usage": self._usage(body, text or (call or {}).get("arguments", ""))}
+
+    def chat_stream(self, body: dict, model: str) -> List[bytes]:
+        full = self.chat(body, model)
+        msg = full["choices"][0]["message"]
+        base = {"id": full["id"], "object": "chat.completion.chunk", "created": full["created"], "model": model}
+
+        def chunk(delta, finish=None):
+            return dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        chunks = [chunk({"role": "assistant", "content": ""})]
+        if msg.get("tool_calls"):
+            call = msg["tool_calls"][0]
+            args = call["function"]["arguments"]
+            half = len(args) // 2
+            chunks.append(chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                                 "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+            for part in (args[:half], args[half:]):
+                chunks.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+        else:
+            words = (msg["content"] or "").split(" ")
+            for i, w in enumerate(words):
+                chunks.append(chunk({"content": w if i == len(words) - 1 else w + " "}))
+        chunks.append(chunk({}, full["choices"][0]["finish_reason"]))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append(dict(base, choices=[], usage=full["usage"]))
+        out = [render_sse(json.dumps(c, separators=(",", ":"))) for c in chunks]
+        out.append(b"data: [DONE]\n\n")
+        return out
+
+    def completion(self, body: dict, model: str) -> dict:
+        prompt = body.get("prompt")
+        text = prompt if isinstance(prompt, str) else " ".join(p for p in prompt or [] if isinstance(p, str))
+        n = _words(text)
+        return {"id": "cmpl-" + self._ids(body), "object": "text_completion", "created": int(self.clock()),
+                "model": model, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n}}
+
+    def embeddings(self, body: dict, model: str) -> dict:
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            raise ProxyError(400, "invalid_request_error", "'input' must be a string or a non-empty array", param="input")
+        dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) else 16
+        dims = max(1, min(dims, 4096))
+        data = []
+        tokens = 0
+        for i, item in enumerate(inputs):
+            text = item if isinstance(item, str) else json.dumps(item)
+            tokens += max(1, _words(text))
+            raw = b""
+            counter = 0
+            while len(raw) < dims:
+                raw += hashlib.sha256(("%d:" % counter + text).encode()).digest()
+                counter += 1
+            vec = [(b - 127.5) / 127.5 for b in raw[:dims]]
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            data.append({"object": "embedding", "index": i, "embedding": [round(v / norm, 6) for v in vec]})
+        return {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+# 8. auth #####################################################################
+# Client keys (ProxyKeys) are stored as SHA-256 digests and compared in constant
+# time; generated keys are shown once. Upstream keys (KeyRing) rotate with
+# cooldowns on 429 and are disabled on 401/403. Files holding secrets are 0600
+# and written atomically.
+
+def write_file_atomic(path: str, data: bytes, mode: int = 0o600):
+    """temp file in the same directory + fsync + rename: a crash leaves the old file or the new."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    try:
+        os.chmod(tmp, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def redact(secret: Optional[str]) -> str:
+    """Last four characters only, and only of secrets long enough to spare them."""
+    if not secret:
+        return "-"
+    return "..." + secret[-4:] if len(secret) >= 12 else "..."
+
+
+def generate_key(prefix: str = "llmp-") -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+class KeyEntry:
+    __slots__ = ("id", "digest", "redacted", "admin", "source", "name", "created")
+
+    def __init__(self, id, digest, redacted, admin, source, name="", created=0):
+        self.id = id
+        self.digest = digest
+        self.redacted = redacted
+        self.admin = admin
+        self.source = source
+        self.name = name
+        self.created = created
+
+    def public(self) -> dict:
+        return {"id": self.id, "name": self.name, "key": self.redacted, "admin": self.admin,
+                "source": self.source, "created": self.created}
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class ProxyKeys:
+    """Client API keys from config, LLMPROXY_API_KEYS and the key store file.
+
+    The store keeps digests, never keys. check() compares against every entry with
+    hmac.compare_digest and no early exit, so timing says nothing about which key
+    matched or how much of it."""
+
+    def __init__(self, path: Optional[str], keys=(), admin_keys=()):
+        self.path = path
+        self.fixed: List[KeyEntry] = []
+        for i, k in enumerate(keys):
+            self.fixed.append(KeyEntry("cfg%d" % i, _digest(k), redact(k), False, "config"))
+        for i, k in enumerate(admin_keys):
+            self.fixed.append(KeyEntry("adm%d" % i, _digest(k), redact(k), True, "config"))
+        self.stored: List[KeyEntry] = []
+        self._mtime = None
+        self._checked = 0.0
+        self.load()
+
+    @property
+    def entries(self) -> List[KeyEntry]:
+        return self.fixed + self.stored
+
+    def load(self):
+        if not self.path:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self.stored, self._mtime = [], None
+            return
+        with open(self.path, "rb") as f:
+            doc = json.loads(f.read() or b"{}")
+        self.stored = [KeyEntry(e["id"], bytes.fromhex(e["sha256"]), e.get("key", "..."), bool(e.get("admin")),
+                                "store", e.get("name", ""), e.get("created", 0)) for e in doc.get("keys", [])]
+        self._mtime = st.st_mtime_ns
+
+    def refresh(self, now: float):
+        """Pick up keys added or revoked by `llmproxy.py keys ...` (checked every 2 s)."""
+        if not self.path or now - self._checked < 2.0:
+            return
+        self._checked = now
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime != self._mtime:
+            try:
+                self.load()
+            except (OSError, ValueError, KeyError) as e:
+                log.error("cannot reload key store %s: %s", self.path, e)
+
+    def save(self):
+        doc = {"version": 1, "keys": [{"id": e.id, "name": e.name, "sha256": e.digest.hex(), "key": e.redacted,
+                                       "admin": e.admin, "created": e.created} for e in self.stored]}
+        write_file_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+        self._mtime = os.stat(self.path).st_mtime_ns
+
+    def check(self, presented: Optional[str]) -> Optional[KeyEntry]:
+        if not presented:
+            return None
+        d = _digest(presented)
+        found = None
+        for e in self.entries:
+            if hmac.compare_digest(e.digest, d):
+                found = e
+        return found
+
+    def create(self, name: str = "", admin: bool = False) -> Tuple[KeyEntry, str]:
+        if not self.path:
+            raise ProxyError(500, "server_error", "no data directory to store keys in")
+        key = generate_key("llmp-admin-" if admin else "llmp-")
+        entry = KeyEntry("k_" + secrets.token_hex(4), _digest(key), redact(key), admin, "store", name, int(time.time()))
+        self.stored.append(entry)
+        self.save()
+        return entry, key
+
+    def revoke(self, key_id: str) -> bool:
+        before = len(self.stored)
+        self.stored = [e for e in self.stored if e.id != key_id]
+        if len(self.stored) == before:
+            return False
+        self.save()
+        return True
+
+    def ensure_initial(self) -> List[Tuple[str, str]]:
+        """First start: create a client key and an admin key if none exist. -> [(label, key)]."""
+        made = []
+        if not any(not e.admin for e in self.entries):
+            made.append(("client key", self.create("generated on first start")[1]))
+        if not any(e.admin for e in self.entries):
+            made.append(("admin key", self.create("generated on first start", admin=True)[1]))
+        return made
+
+
+class UpstreamKey:
+    __slots__ = ("key", "cooldown_until", "disabled", "reason", "uses", "failures")
+
+    def __init__(self, key: str):
+        self.key = key
+        self.cooldown_until = 0.0
+        self.disabled = False
+        self.reason = ""
+        self.uses = 0
+        self.failures = 0
+
+
+class KeyRing:
+    """A provider's upstream keys. round_robin spreads load; fill_first uses the
+    first available key until it cools. Disabled keys stay off until reload."""
+
+    def __init__(self, keys, strategy: str = "round_robin", clock: Callable[[], float] = time.monotonic):
+        self.keys = [UpstreamKey(k) for k in keys]
+        self.strategy = strategy
+        self.clock = clock
+        self._next = 0
+
+    def acquire(self) -> Optional[UpstreamKey]:
+        if not self.keys:
+            return None
+        now = self.clock()
+        n = len(self.keys)
+        start = 0 if self.strategy == "fill_first" else self._next
+        for i in range(n):
+            idx = (start + i) % n
+            k = self.keys[idx]
+            if not k.disabled and k.cooldown_until <= now:
+                self._next = (idx + 1) % n
+                k.uses += 1
+                return k
+        return None
+
+    def cool(self, k: UpstreamKey, seconds: float):
+        """Cool a key; a second 429 never shortens an earlier, later deadline."""
+        seconds = min(max(seconds, 0.0), MAX_COOLDOWN_S)
+        k.cooldown_until = max(k.cooldown_until, self.clock() + seconds)
+        k.failures += 1
+        k.reason = "rate limited"
+
+    def disable(self, k: UpstreamKey, reason: str):
+        k.disabled = True
+        k.failures += 1
+        k.reason = reason
+
+    def retry_in(self) -> Optional[float]:
+        """Seconds until the soonest cooling key is usable; None when all are disabled."""
+        now = self.clock()
+        waits = [max(0.0, k.cooldown_until - now) for k in self.keys if not k.disabled]
+        return min(waits) if waits else None
+
+    def snapshot(self) -> List[dict]:
+        now = self.clock()
+        out = []
+        for k in self.keys:
+            state = "disabled" if k.disabled else ("cooling" if k.cooldown_until > now else "ok")
+            item = {"key": redact(k.key), "state": state, "uses": k.uses, "failures": k.failures}
+            if state == "cooling":
+                item["retry_in_s"] = round(k.cooldown_until - now, 1)
+            if k.reason and state != "ok":
+                item["reason"] = k.reason
+            out.append(item)
+        return out
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """Seconds from "20", "1.5", "6m0s", "120ms", "1h2m3.5s" (OpenAI x-ratelimit-reset-*)."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION_RE.findall(text)
+    if not parts or "".join(a + b for a, b in parts) != text:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(a) * scale[b] for a, b in parts)
+
+
+def parse_reset_time(headers: Headers, now: float) -> Optional[float]:
+    """Seconds to wait after a 429, from Retry-After (seconds or HTTP-date), retry-after-ms,
+    x-ratelimit-reset-{requests,tokens} (durations; the exhausted one wins),
+    x-ratelimit-reset (delta, epoch seconds or epoch ms) or anthropic-ratelimit-*-reset (RFC 3339).
+    `now` is wall-clock time."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if ra:
+        ra = ra.strip()
+        if ra.isdigit():
+            return float(ra)
+        try:
+            when = email.utils.parsedate_to_datetime(ra)
+            return max(0.0, when.timestamp() - now)
+        except (TypeError, ValueError, IndexError):
+            pass
+    resets = []
+    for kind in ("requests", "tokens"):
+        v = headers.get("x-ratelimit-reset-" + kind)
+        d = parse_duration(v) if v else None
+        if d is not None:
+            exhausted = (headers.get("x-ratelimit-remaining-" + kind) or "").strip() == "0"
+            resets.append((exhausted, d))
+    if resets:
+        exhausted = [d for e, d in resets if e]
+        return max(exhausted or [d for _, d in resets])
+    v = headers.get("x-ratelimit-reset")
+    if v:
+        try:
+            x = float(v)
+            if x > 1e12:
+                return max(0.0, x / 1000.0 - now)
+            if x > 1e9:
+                return max(0.0, x - now)
+            return max(0.0, x)
+        except ValueError:
+            pass
+    stamps = [headers.get("anthropic-ratelimit-%s-reset" % k) for k in ("requests", "tokens", "input-tokens", "output-tokens")]
+    waits = []
+    for s in stamps:
+        if s:
+            try:
+                waits.append(datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() - now)
+            except ValueError:
+                pass
+    if waits:
+        return max(0.0, max(waits))
+    return None
+
+
+# 9. routing ##################################################################
+# Client model name -> (provider, upstream model). Order: forced override,
+# exact alias, configured prefix, implicit "<provider>/" prefix, a provider's
+# declared models, the default provider. Nothing matched -> 404 model_not_found.
+
+class Route:
+    __slots__ = ("provider", "model")
+
+    def __init__(self, provider: Provider, model: str):
+        self.provider = provider
+        self.model = model
+
+
+class Router:
+    def __init__(self, providers: Dict[str, Provider], aliases=None, prefixes=None,
+                 default: Optional[str] = None, force=None):
+        self.providers = providers
+        self.aliases: Dict[str, Tuple[str, Optional[str]]] = dict(aliases or {})
+        self.prefixes = sorted((prefixes or {}).items(), key=lambda kv: -len(kv[0]))
+        self.default = default
+        self.force: Optional[Tuple[str, Optional[str]]] = force
+
+    def resolve(self, model: str) -> Route:
+        p = self.providers
+        if self.force:
+            name, m = self.force
+            return Route(p[name], m or model)
+        hit = self.aliases.get(model)
+        if hit:
+            return Route(p[hit[0]], hit[1] or model)
+        for prefix, name in self.prefixes:
+            if model.startswith(prefix) and len(model) > len(prefix):
+                return Route(p[name], model[len(prefix):])
+        head, sep, rest = model.partition("/")
+        if sep and rest and head in p:
+            return Route(p[head], rest)
+        for prov in p.values():
+            if model in prov.models:
+                return Route(prov, model)
+        if self.default:
+            return Route(p[self.default], model)
+        raise ProxyError(404, "invalid_request_error", "model %r is not routable: no alias, prefix or default "
+                         "provider matches it" % model, code="model_not_found", param="model")
+
+    def listed(self) -> List[Tuple[str, str]]:
+        """(model id, owner) pairs a client can send: aliases, then declared models."""
+        out = [(alias, target[0]) for alias, target in self.aliases.items()]
+        for prov in self.providers.values():
+            for m in prov.models:
+                out.append((m if prov.name == self.default else "%s/%s" % (prov.name, m), prov.name))
+        return out
+
+
+# 10. usage and logs ##########################################################
+# One log line per request with the fields operators grep for; never a secret
+# (keys appear as their last four characters). UsageMeter totals tokens.
+
+class UsageMeter:
+    def __init__(self):
+        self.totals: Dict[Tuple[str, str, str], List[int]] = {}
+
+    def record(self, client: str, provider: str, model: str, tin: Optional[int], tout: Optional[int]):
+        row = self.totals.setdefault((client, provider, model), [0, 0, 0])
+        row[0] += 1
+        row[1] += tin or 0
+        row[2] += tout or 0
+
+    def snapshot(self) -> List[dict]:
+        return [{"client": c, "provider": p, "model": m, "requests": r[0], "tokens_in": r[1], "tokens_out": r[2]}
+                for (c, p, m), r in sorted(self.totals.items())]
+
+
+_CTL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class TextLogFormatter(logging.Formatter):
+    def format(self, record):
+        msg = record.getMessage()
+        fields = getattr(record, "fields", None)
+        if fields:
+            msg += " " + " ".join("%s=%s" % (k, _CTL_RE.sub("?", str(v))) for k, v in fields.items() if v is not None)
+        line = "%s %s %s" % (self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), record.levelname, msg)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JSONLogFormatter(logging.Formatter):
+    def format(self, record):
+        doc = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
+        doc.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream=None):
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JSONLogFormatter() if fmt == "json" else TextLogFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(getattr(logging, level.upper(), logging.INFO))
+    log.propagate = False
+
+
+# 11. config ##################################################################
+# load_config() merges the JSON file, the environment and CLI overrides into
+# one validated Config. Strings "$NAME" / "${NAME}" are read from the
+# environment, so secrets never need to be in the file. Errors name the key.
+
+class ConfigError(Exception):
+    pass
+
+
+_ENV_REF_RE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?\Z")
+
+
+@dataclasses.dataclass
+class ProviderConfig:
+    name: str
+    kind: str = "openai"
+    base_url: str = ""
+    keys: List[str] = dataclasses.field(default_factory=list)
+    strategy: str = "round_robin"
+    cooldown_s: float = DEFAULT_COOLDOWN_S
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    read_timeout_s: float = READ_TIMEOUT_S
+    headers: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    models: List[str] = dataclasses.field(default_factory=list)
+    source: str = "config"
+
+
+@dataclasses.dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: str = ""
+    log_level: str = "info"
+    log_format: str = "text"
+    auth_enabled: bool = True
+    keys: List[str] = dataclasses.field(default_factory=list)
+    admin_keys: List[str] = dataclasses.field(default_factory=list)
+    cors_origins: List[str] = dataclasses.field(default_factory=lambda: ["*"])
+    max_body_bytes: int = MAX_BODY_BYTES
+    head_timeout_s: float = HEAD_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    providers: Dict[str, ProviderConfig] = dataclasses.field(default_factory=dict)
+    aliases: Dict[str, Tuple[str, Optional[str]]] = dataclasses.field(default_factory=dict)
+    prefixes: Dict[str, str] = dataclasses.field(default_factory=dict)
+    default: Optional[str] = None
+    force: Optional[Tuple[str, Optional[str]]] = None
+    notes: List[str] = dataclasses.field(default_factory=list)   # start-up remarks for the log
+
+
+def default_data_dir(env) -> str:
+    if env.get("LLMPROXY_DATA_DIR"):
+        return env["LLMPROXY_DATA_DIR"]
+    base = env.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "llmproxy")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _Reader:
+    """Typed access to one JSON object of the config, naming keys in errors."""
+
+    def __init__(self, obj, path: str, env):
+        if not isinstance(obj, dict):
+            raise ConfigError("%s: must be an object" % (path or "config"))
+        self.obj = obj
+        self.path = path
+        self.env = env
+        self.used = set()
+
+    def key(self, name: str) -> str:
+        return "%s.%s" % (self.path, name) if self.path else name
+
+    def expand(self, value):
+        if isinstance(value, str):
+            m = _ENV_REF_RE.match(value)
+            if m:
+                return self.env.get(m.group(1), "")
+        return value
+
+    def get(self, name: str, types, default=None):
+        self.used.add(name)
+        if name not in self.obj or self.obj[name] is None:
+            return default
+        value = self.expand(self.obj[name])
+        if types is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if types in (int, float) and isinstance(value, str) and value.strip():
+            try:
+                value = types(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) and types in (int, float):
+            raise ConfigError("%s: must be a number" % self.key(name))
+        if not isinstance(value, types):
+            names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+                     list: "an array", dict: "an object"}
+            raise ConfigError("%s: must be %s" % (self.key(name), names.get(types, str(types))))
+        return value
+
+    def positive(self, name: str, default: float) -> float:
+        v = self.get(name, float, default)
+        if v <= 0:
+            raise ConfigError("%s: must be greater than 0" % self.key(name))
+        return v
+
+    def strings(self, name: str) -> List[str]:
+        """A list of strings (or one string); env references may hold comma-separated lists."""
+        self.used.add(name)
+        raw = self.obj.get(name)
+        if raw is None:
+            return []
+        items = raw if isinstance(raw, list) else [raw]
+        out = []
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise ConfigError("%s[%d]: must be a string" % (self.key(name), i))
+            if _ENV_REF_RE.match(item):       # one variable may hold a comma-separated list
+                out.extend(v.strip() for v in self.expand(item).split(",") if v.strip())
+            else:
+                out.append(item)
+        return out
+
+    def sub(self, name: str) -> "_Reader":
+        self.used.add(name)
+        return _Reader(self.obj.get(name) or {}, self.key(name), self.env)
+
+    def finish(self):
+        unknown = sorted(set(self.obj) - self.used - {"//", "_comment"})
+        unknown = [u for u in unknown if not u.startswith("_")]
+        if unknown:
+            raise ConfigError("%s: unknown key" % self.key(unknown[0]))
+
+
+def _parse_target(value, where: str, providers) -> Tuple[str, Optional[str]]:
+    """"provider:model", "provider:" or {"provider", "model"} -> (provider, model or None)."""
+    if isinstance(value, dict):
+        prov, model = value.get("provider"), value.get("model")
+    elif isinstance(value, str):
+        prov, _, model = value.partition(":")
+    else:
+        raise ConfigError("%s: must be \"provider:model\" or an object" % where)
+    if prov not in providers:
+        raise ConfigError("%s: unknown provider %r" % (where, prov))
+    return prov, (model or None)
+
+
+def _check_url(url: str, where: str):
+    try:
+        split_url(url)
+    except ValueError:
+        raise ConfigError("%s: must be an http(s) URL" % where)
+
+
+def _load_provider(name: str, r: _Reader) -> ProviderConfig:
+    kind = r.get("format", str, "openai")
+    if kind not in ("openai", "mock"):
+        raise ConfigError("%s: must be \"openai\" or \"mock\" (other formats arrive with translation)" % r.key("format"))
+    pc = ProviderConfig(name=name, kind=kind)
+    pc.base_url = r.get("base_url", str, "")
+    if kind != "mock":
+        if not pc.base_url and name in KNOWN_PROVIDERS:
+            pc.base_url = KNOWN_PROVIDERS[name][1]
+        if not pc.base_url:
+            raise ConfigError("%s: required" % r.key("base_url"))
+        _check_url(pc.base_url, r.key("base_url"))
+    pc.keys = r.strings("keys")
+    if r.obj.get("keys") and not pc.keys:
+        raise ConfigError("%s: every entry is empty (is the environment variable set?)" % r.key("keys"))
+    pc.strategy = r.get("strategy", str, "round_robin")
+    if pc.strategy not in ("round_robin", "fill_first"):
+        raise ConfigError("%s: must be \"round_robin\" or \"fill_first\"" % r.key("strategy"))
+    pc.cooldown_s = r.positive("cooldown_s", DEFAULT_COOLDOWN_S)
+    pc.connect_timeout_s = r.positive("connect_timeout_s", CONNECT_TIMEOUT_S)
+    pc.read_timeout_s = r.positive("read_timeout_s", READ_TIMEOUT_S)
+    hdrs = r.get("headers", dict, {})
+    for k, v in hdrs.items():
+        v = r.expand(v)
+        if not isinstance(v, str) or _OUT_HEADER_BAD.search(v) or not _TOKEN_RE.match(k.encode("latin-1", "replace")):
+            raise ConfigError("%s.%s: must be a valid header name with a string value" % (r.key("headers"), k))
+        pc.headers.append((k.lower(), v))
+    pc.models = r.strings("models")
+    r.finish()
+    return pc
+
+
+def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] = None) -> Config:
+    env = os.environ if env is None else env
+    doc: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read().decode("utf-8"))
+        except OSError as e:
+            raise ConfigError("%s: cannot read: %s" % (path, e.strerror))
+        except ValueError as e:
+            raise ConfigError("%s: invalid JSON: %s" % (path, e))
+    r = _Reader(doc, "", env)
+    cfg = Config()
+    cfg.host = r.get("host", str, cfg.host)
+    cfg.port = r.get("port", int, cfg.port)
+    cfg.data_dir = r.get("data_dir", str, "") or default_data_dir(env)
+    cfg.log_level = r.get("log_level", str, cfg.log_level)
+    cfg.log_format = r.get("log_format", str, cfg.log_format)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            setattr(cfg, k, v)
+    cfg.data_dir = os.path.expanduser(cfg.data_dir)
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError("port: must be between 0 and 65535")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level: must be debug, info, warning or error")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError("log_format: must be text or json")
+
+    a = r.sub("auth")
+    cfg.auth_enabled = a.get("enabled", bool, True)
+    cfg.keys = a.strings("keys") + [k.strip() for k in env.get("LLMPROXY_API_KEYS", "").split(",") if k.strip()]
+    cfg.admin_keys = a.strings("admin_keys") + [k.strip() for k in env.get("LLMPROXY_ADMIN_KEYS", "").split(",")
+                                                if k.strip()]
+    a.finish()
+    if not cfg.auth_enabled and not is_loopback(cfg.host):
+        raise ConfigError("auth.enabled: may be false only when host is a loopback address (host is %r)" % cfg.host)
+
+    c = r.sub("cors")
+    cfg.cors_origins = c.strings("origins") if "origins" in c.obj else ["*"]
+    c.finish()
+
+    lim = r.sub("limits")
+    cfg.max_body_bytes = int(lim.positive("max_body_bytes", MAX_BODY_BYTES))
+    cfg.head_timeout_s = lim.positive("head_timeout_s", HEAD_TIMEOUT_S)
+    cfg.body_timeout_s = lim.positive("body_timeout_s", BODY_TIMEOUT_S)
+    cfg.keepalive_timeout_s = lim.positive("keepalive_timeout_s", KEEPALIVE_TIMEOUT_S)
+    cfg.shutdown_grace_s = lim.positive("shutdown_grace_s", SHUTDOWN_GRACE_S)
+    lim.finish()
+
+    pr = r.sub("providers")
+    for name in pr.obj:
+        if not re.match(r"[A-Za-z0-9_.-]{1,64}\Z", name):
+            raise ConfigError("providers.%s: provider names use letters, digits, '_', '.', '-'" % name)
+        cfg.providers[name] = _load_provider(name, pr.sub(name))
+    if r.get("env_providers", bool, True):
+        for name, (key_var, url, url_var) in KNOWN_PROVIDERS.items():
+            if name in cfg.providers or not env.get(key_var):
+                continue
+            base = (env.get(url_var) if url_var else "") or url
+            _check_url(base, url_var or name)
+            keys = [k.strip() for k in env[key_var].split(",") if k.strip()]
+            cfg.providers[name] = ProviderConfig(name=name, base_url=base, keys=keys, source="env " + key_var)
+    if not cfg.providers:
+        cfg.providers["mock"] = ProviderConfig(name="mock", kind="mock", models=["mock"], source="built-in")
+        cfg.notes.append("no provider configured: serving the built-in mock provider (set OPENAI_API_KEY, "
+                         "OPENROUTER_API_KEY or a config file for real models)")
+
+    rt = r.sub("routing")
+    for alias, target in rt.get("aliases", dict, {}).items():
+        cfg.aliases[alias] = _parse_target(target, "routing.aliases.%s" % alias, cfg.providers)
+    for prefix, prov in rt.get("prefixes", dict, {}).items():
+        if prov not in cfg.providers:
+            raise ConfigError("routing.prefixes.%s: unknown provider %r" % (prefix, prov))
+        cfg.prefixes[prefix] = prov
+    cfg.default = rt.get("default", str, None)
+    if cfg.default is None:
+        first = "openai" if "openai" in cfg.providers else next(iter(cfg.providers))
+        cfg.default = first
+    elif cfg.default not in cfg.providers:
+        raise ConfigError("routing.default: unknown provider %r" % cfg.default)
+    force = rt.get("force", (str, dict), None)
+    if force:
+        cfg.force = _parse_target(force, "routing.force", cfg.providers)
+    rt.finish()
+    r.get("$schema", str)
+    r.finish()
+    return cfg
+
+
+# 12. app #####################################################################
+# App owns all mutable state (providers, key rings, client keys, usage, the
+# upstream pool) and the route table. precheck() runs before a body is read
+# (routing, method, auth); handlers are short sequences of named steps.
+
+PUBLIC, CLIENT, ADMIN = 0, 1, 2
+RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai-processing-ms",
+                           "openai-version", "retry-after", "x-openrouter-request-id"])
+SSE_HEADERS = [("cache-control", "no-cache"), ("x-accel-buffering", "no")]
+
+
+def relay_headers(headers: Headers) -> List[Tuple[str, str]]:
+    """The upstream reply headers worth passing on. Rate-limit headers describe one
+    upstream key, not the client's quota, and framing headers are recomputed."""
+    return [(k, v) for k, v in headers if k in RELAY_HEADERS]
+
+
+def client_key(head_or_req) -> Optional[str]:
+    """The proxy key a client presented: Bearer, x-api-key, x-goog-api-key or ?key=."""
+    h = head_or_req.headers
+    auth = h.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    for name in ("x-api-key", "x-goog-api-key"):
+        v = h.get(name)
+        if v:
+            return v.strip()
+    if head_or_req.query and "key=" in head_or_req.query:
+        values = parse_qs(head_or_req.query).get("key")
+        if values:
+            return values[0]
+    return None
+
+
+class App:
+    def __init__(self, config: Config, client: Optional[HTTPClient] = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        self.config = config
+        self.client = client or HTTPClient()
+        self.clock = clock
+        self.wall = wall
+        self.providers: Dict[str, Provider] = {}
+        for name, pc in config.providers.items():
+            ring = KeyRing(pc.keys, pc.strategy, clock)
+            self.providers[name] = Provider(name, pc.kind, pc.base_url, ring, pc.headers, pc.models,
+                                            pc.connect_timeout_s, pc.read_timeout_s, pc.cooldown_s)
+        self.router = Router(self.providers, config.aliases, config.prefixes, config.default, config.force)
+        store = os.path.join(config.data_dir, "keys.json") if config.data_dir else None
+        self.keys = ProxyKeys(store, config.keys, config.admin_keys)
+        self.mock = MockProvider(wall)
+        self.usage = UsageMeter()
+        self.started = wall()
+        self.models_cache: Dict[str, Tuple[float, List[str]]] = {}
+        self.cors_any = "*" in config.cors_origins
+        self.cors = frozenset(config.cors_origins)
+        chat = {"POST": (self.handle_chat, CLIENT)}
+        self.routes: Dict[str, Dict[str, Tuple[Callable, int]]] = {
+            "/health": {"GET": (self.handle_health, PUBLIC)},
+            "/v1/models": {"GET": (self.handle_models, CLIENT)},
+            "/v1/chat/completions": chat,
+            "/chat/completions": chat,
+            "/v1/completions": {"POST": (self.handle_completions, CLIENT)},
+            "/v1/embeddings": {"POST": (self.handle_embeddings, CLIENT)},
+            "/admin/keys": {"GET": (self.handle_keys_list, ADMIN), "POST": (self.handle_keys_create, ADMIN)},
+        }
+        self.prefix_routes = [("/v1/models/", {"GET": (self.handle_model, CLIENT)}),
+                              ("/admin/keys/", {"DELETE": (self.handle_keys_revoke, ADMIN)})]
+
+    def close(self):
+        self.client.close()
+
+    # -- server interface ---------------------------------------------------
+
+    def _find_route(self, path: str):
+        methods = self.routes.get(path)
+        if methods is None:
+            for prefix, m in self.prefix_routes:
+                if path.startswith(prefix) and len(path) > len(prefix):
+                    return m
+        return methods
+
+    def precheck(self, head: RequestHead):
+        """Route, method and auth before the body is read. -> (handler, key entry),
+        a Response (CORS preflight) or a ProxyError."""
+        methods = self._find_route(head.path)
+        if head.method == "OPTIONS":
+            return self.preflight(head, methods)
+        if methods is None:
+            return ProxyError(404, "invalid_request_error", "no route for %s %s" % (head.method, head.path),
+                              code="unknown_url")
+        method = "GET" if head.method == "HEAD" else head.method
+        route = methods.get(method)
+        if route is None:
+            allow = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
+            return ProxyError(405, "invalid_request_error", "%s is not allowed on %s" % (head.method, head.path),
+                              code="method_not_allowed", headers=[("allow", allow)])
+        handler, level = route
+        self.keys.refresh(self.clock())
+        entry = self.keys.check(client_key(head))
+        if level == PUBLIC or (level == CLIENT and not self.config.auth_enabled):
+            return (handler, entry)
+        if entry is None:
+            presented = client_key(head) is not None
+            return ProxyError(401, "authentication_error",
+                              "invalid proxy API key" if presented else
+                              "missing proxy API key: send 'Authorization: Bearer <key>' or 'x-api-key'",
+                              code="invalid_api_key", headers=[("www-authenticate", 'Bearer realm="llmproxy"')])
+        if level == ADMIN and not entry.admin:
+            return ProxyError(403, "permission_error", "this endpoint needs an admin key", code="admin_required")
+        return (handler, entry)
+
+    def preflight(self, head: RequestHead, methods) -> Response:
+        allow = sorted(set(methods or {}) | {"OPTIONS"} | ({"HEAD"} if methods and "GET" in methods else set()))
+        hdrs = [("allow", ", ".join(allow))]
+        if head.headers.get("origin") and head.headers.get("access-control-request-method"):
+            hdrs += [("access-control-allow-methods", ", ".join(allow)),
+                     ("access-control-allow-headers",
+                      head.headers.get("access-control-request-headers") or "authorization, content-type"),
+                     ("access-control-max-age", "600")]
+        return Response(204, hdrs)
+
+    def cors_headers(self, head: RequestHead) -> List[Tuple[str, str]]:
+        origin = head.headers.get("origin")
+        if not origin:
+            return []
+        if self.cors_any:
+            return [("access-control-allow-origin", "*"),
+                    ("access-control-expose-headers", "x-llmproxy-provider, x-request-id, retry-after")]
+        if origin in self.cors:
+            return [("access-control-allow-origin", origin), ("vary", "origin"),
+                    ("access-control-expose-headers", "x-llmproxy-provider, x-request-id, retry-after")]
+        return []
+
+    def error_response(self, err: ProxyError, head: Optional[RequestHead] = None) -> Response:
+        return json_response(err.status, OpenAIFormat.render_error(err), list(err.headers))
+
+    async def handle(self, request: Request):
+        handler, entry = request.match
+        request.info["client"] = entry.redacted if entry else None
+        return await handler(request)
+
+    def log_request(self, request: Request, status: int, t_first: Optional[float], sent: int, ok: bool):
+        info = request.info
+        now = time.perf_counter()
+        tin, tout = OpenAIFormat.parse_usage(info.get("usage"))
+        if info.get("provider"):
+            self.usage.record(info.get("client") or "-", info["provider"], info.get("model") or "-", tin, tout)
+        fields = {"status": status, "key": info.get("client"), "model": info.get("model"),
+                  "provider": info.get("provider"), "upkey": info.get("upkey"),
+                  "ttfb_ms": round((t_first - request.t_start) * 1000, 1) if t_first else None,
+                  "total_ms": round((now - request.t_start) * 1000, 1),
+                  "tokens_in": tin, "tokens_out": tout, "bytes": sent,
+                  "error": info.get("error") or (None if ok else "client_disconnected")}
+        log.info("%s %s", request.method, request.path, extra={"fields": fields})
+
+    # -- upstream ------------------------------------------------------------
+
+    async def send_upstream(self, prov: Provider, method: str, endpoint: str, body: bytes,
+                            stream: bool, info: dict) -> UpstreamResponse:
+        """Send with key rotation: a 429 cools the key and retries on the next one at once,
+        401/403 disables it. Returns the first reply that is not a key failure."""
+        ring = prov.keyring
+        last = ""
+        while True:
+            k = ring.acquire() if ring.keys else None
+            if ring.keys and k is None:
+                raise self._keys_exhausted(prov, last)
+            info["upkey"] = redact(k.key) if k else None
+            t0 = time.perf_counter()
+            resp = await self.client.request(method, prov.url(endpoint), prov.request_headers(k.key if k else None, stream),
+                                             body, prov.connect_timeout, prov.read_timeout)
+            info["upstream_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            if k is None or resp.status not in (401, 403, 429):
+                return resp
+            try:
+                detail = await resp.read(MAX_ERROR_BODY)
+            except UpstreamError:
+                detail = b""
+            last = _error_message(detail)
+            if resp.status == 429:
+                wait = parse_reset_time(resp.headers, self.wall())
+                ring.cool(k, prov.cooldown_s if wait is None else wait)
+                log.warning("provider %s key %s rate limited (%s); cooling %.0f s", prov.name, redact(k.key),
+                            last or "429", k.cooldown_until - self.clock())
+            else:
+                ring.disable(k, "HTTP %d: %s" % (resp.status, last[:120]))
+                log.warning("provider %s key %s rejected with HTTP %d; disabled until reload", prov.name,
+                            redact(k.key), resp.status)
+
+    def _keys_exhausted(self, prov: Provider, last: str) -> ProxyError:
+        wait = prov.keyring.retry_in()
+        detail = " (last upstream message: %s)" % last[:200] if last else ""
+        if wait is None:
+            return ProxyError(502, "upstream_error", "every upstream key of provider %r was rejected (401/403)%s; "
+                              "fix the keys and reload" % (prov.name, detail), code="upstream_keys_rejected")
+        secs = max(1, int(math.ceil(wait)))
+        return ProxyError(429, "rate_limit_error", "all upstream keys of provider %r are rate limited; retry in %d s%s"
+                          % (prov.name, secs, detail), code="rate_limit_exceeded", headers=[("retry-after", str(secs))])
+
+    async def relay_error(self, upstream: UpstreamResponse, hdrs) -> Response:
+        data = await upstream.read(MAX_ERROR_BODY)
+        err = parse_upstream_error(upstream.status, upstream.content_type, data)
+        if err is not None:
+            err.headers = [h for h in hdrs if h[0] in ("retry-after", "x-llmproxy-provider")]
+            raise err
+        return Response(upstream.status, hdrs, data)
+
+    async def relay_stream(self, upstream: UpstreamResponse, info: dict):
+        """Forward upstream bytes as they arrive; keep a short tail to read usage from."""
+        tail: List[bytes] = []
+        tail_len = 0
+        agen = upstream.iter_body()
+        try:
+            async for piece in agen:
+                yield piece
+                tail.append(piece)
+                tail_len += len(piece)
+                while tail_len - len(tail[0]) >= USAGE_TAIL_BYTES:
+                    tail_len -= len(tail.pop(0))
+        except UpstreamError as e:
+            info["error"] = e.code
+            log.warning("upstream stream failed: %s", e.message)
+            yield OpenAIFormat.render_stream_error(e)
+        finally:
+            await agen.aclose()
+            info["usage"] = sniff_usage(b"".join(tail))
+
+    async def forward(self, request: Request, endpoint: str, stream_ok: bool = True):
+        """The OpenAI-compatible pass-through shared by chat, completions and embeddings."""
+        body = request.json()
+        if not isinstance(body, dict):
+            raise ProxyError(400, "invalid_request_error", "request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
+        route = self.router.resolve(model)
+        prov = route.provider
+        info = request.info
+        info["model"] = model
+        info["provider"] = prov.name
+        stream = stream_ok and body.get("stream") is True
+        if prov.kind == "mock":
+            return self.serve_mock(endpoint, body, route.model, stream, info)
+        raw = request.body if route.model == model else \
+            json.dumps(dict(body, model=route.model), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        upstream = await self.send_upstream(prov, "POST", endpoint, raw, stream, info)
+        hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
+        if upstream.status >= 400:
+            return await self.relay_error(upstream, hdrs)
+        if stream and upstream.content_type == "text/event-stream":
+            return StreamResponse(upstream.status, hdrs + SSE_HEADERS, self.relay_stream(upstream, info))
+        data = await upstream.read()
+        info["usage"] = sniff_usage(data)
+        return Response(upstream.status, hdrs, data)
+
+    # -- handlers ------------------------------------------------------------
+
+    async def handle_chat(self, request: Request):
+        return await self.forward(request, "/chat/completions")
+
+    async def handle_completions(self, request: Request):
+        return await self.forward(request, "/completions")
+
+    async def handle_embeddings(self, request: Request):
+        return await self.forward(request, "/embeddings", stream_ok=False)
+
+    def serve_mock(self, endpoint: str, body: dict, model: str, stream: bool, info: dict):
+        if endpoint == "/chat/completions":
+            if not isinstance(body.get("messages"), list) or not body["messages"]:
+                raise ProxyError(400, "invalid_request_error", "'messages' must be a non-empty array", param="messages")
+            if stream:
+                frames = self.mock.chat_stream(body, model)
+                info["usage"] = sniff_usage(b"".join(frames[-3:]))
+                return StreamResponse(200, [("content-type", "text/event-stream; charset=utf-8"),
+                                            ("x-llmproxy-provider", "mock")] + SSE_HEADERS, _iterate(frames))
+            reply = self.mock.chat(body, model)
+        elif endpoint == "/completions":
+            reply = self.mock.completion(body, model)
+        else:
+            reply = self.mock.embeddings(body, model)
+        info["usage"] = reply.get("usage")
+        return json_response(200, reply, [("x-llmproxy-provider", "mock")])
+
+    async def handle_health(self, request: Request):
+        doc: Dict[str, Any] = {"status": "ok", "version": __version__,
+                               "uptime_s": round(self.wall() - self.started, 1)}
+        if request.match[1] is None and self.config.auth_enabled:
+            return json_response(200, doc)
+        providers = {}
+        for name, prov in self.providers.items():
+            snap = prov.keyring.snapshot()
+            providers[name] = {"format": prov.kind, "base_url": prov.base_url or None, "keys": snap}
+            if snap and all(k["state"] != "ok" for k in snap):
+                doc["status"] = "degraded"
+        doc["providers"] = providers
+        doc["upstream_connections_opened"] = self.client.connects
+        doc["usage"] = self.usage.snapshot()
+        return json_response(200, doc)
+
+    async def upstream_models(self, prov: Provider) -> List[str]:
+        """The provider's own model list (GET /models), cached; [] when it fails."""
+        cached = self.models_cache.get(prov.name)
+        if cached and cached[0] > self.clock():
+            return cached[1]
+        ids: List[str] = []
+        try:
+            resp = await self.send_upstream(prov, "GET", "/models", b"", False, {})
+            data = await resp.read(MAX_UPSTREAM_BODY)
+            if resp.status == 200:
+                ids = [m["id"] for m in json.loads(data).get("data", []) if isinstance(m, dict)
+                       and isinstance(m.get("id"), str)]
+            else:
+                log.warning("provider %s: GET /models answered HTTP %d", prov.name, resp.status)
+        except (ProxyError, ValueError, AttributeError) as e:
+            log.warning("provider %s: cannot list models: %s", prov.name, e)
+        self.models_cache[prov.name] = (self.clock() + MODELS_CACHE_S, ids)
+        return ids
+
+    async def handle_models(self, request: Request):
+        seen = {}
+        for mid, owner in self.router.listed():
+            seen.setdefault(mid, owner)
+        for prov in self.providers.values():
+            if prov.kind == "mock" and not prov.models:
+                seen.setdefault("mock" if prov.name == self.router.default else prov.name + "/mock", prov.name)
+            elif not prov.models and prov.kind == "openai":
+                for m in await self.upstream_models(prov):
+                    seen.setdefault(m if prov.name == self.router.default else "%s/%s" % (prov.name, m), prov.name)
+        created = int(self.started)
+        data = [{"id": mid, "object": "model", "created": created, "owned_by": owner} for mid, owner in seen.items()]
+        return json_response(200, {"object": "list", "data": data})
+
+    async def handle_model(self, request: Request):
+        mid = request.path[len("/v1/models/"):]
+        route = self.router.resolve(mid)
+        return json_response(200, {"id": mid, "object": "model", "created": int(self.started),
+                                   "owned_by": route.provider.name})
+
+    async def handle_keys_list(self, request: Request):
+        return json_response(200, {"keys": [e.public() for e in self.keys.entries]})
+
+    async def handle_keys_create(self, request: Request):
+        body = request.json() if request.body.strip() else {}
+        if not isinstance(body, dict) or not isinstance(body.get("name", ""), str) \
+                or not isinstance(body.get("admin", False), bool):
+            raise ProxyError(400, "invalid_request_error", "expected {\"name\": str, \"admin\": bool}")
+        entry, key = self.keys.create(body.get("name", ""), body.get("admin", False))
+        log.info("admin created key %s (%s)", entry.id, entry.redacted)
+        return json_response(201, dict(entry.public(), key=key))
+
+    async def handle_keys_revoke(self, request: Request):
+        key_id = request.path[len("/admin/keys/"):]
+        if not self.keys.revoke(key_id):
+            raise ProxyError(404, "not_found_error", "no stored key with id %r (keys from config or the "
+                             "environment are removed there)" % key_id, code="key_not_found")
+        log.info("admin revoked key %s", key_id)
+        return json_response(200, {"id": key_id, "revoked": True})
+
+    def self_loop(self, host: str, port: int) -> Optional[str]:
+        """A provider whose base URL is this proxy would send requests round in a loop."""
+        local = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", host.lower()}
+        for prov in self.providers.values():
+            if prov.kind == "mock":
+                continue
+            _, h, p, _ = split_url(prov.base_url)
+            if p == port and h.lower() in local:
+                return "provider %r base_url %s points at this proxy itself (request loop)" % (prov.name, prov.base_url)
+        return None
+
+
+def _error_message(body: bytes) -> str:
+    """A one-line message from an upstream error body, for logs and proxy errors."""
+    try:
+        doc = json.loads(body)
+        err = doc.get("error") if isinstance(doc, dict) else None
+        msg = err.get("message") if isinstance(err, dict) else (err if isinstance(err, str) else doc.get("message"))
+        if isinstance(msg, str):
+            return " ".join(msg.split())[:300]
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(body[:300].decode("utf-8", "replace").split())
+
+
+async def _iterate(frames: List[bytes]):
+    for f in frames:
+        yield f
+
+
+# 13. CLI #####################################################################
+# main(argv) -> exit code. serve (default), keys new|list|revoke, check.
+# Only this section prints. Exit codes: 0 ok, 1 runtime failure, 2 bad config.
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    S = argparse.SUPPRESS          # so options given before the command are not reset after it
+    common.add_argument("--config", "-c", default=S, metavar="FILE", help="JSON config file (see config.example.json)")
+    common.add_argument("--host", default=S, help="address to bind (default 127.0.0.1)")
+    common.add_argument("--port", "-p", type=int, default=S, help="port to bind (default %d; 0 = any free port)"
+                        % DEFAULT_PORT)
+    common.add_argument("--data-dir", default=S, metavar="DIR", help="where keys are kept "
+                        "(default $LLMPROXY_DATA_DIR or ~/.local/share/llmproxy)")
+    common.add_argument("--log-level", default=S, choices=["debug", "info", "warning", "error"])
+    common.add_argument("--log-format", default=S, choices=["text", "json"])
+    parser = argparse.ArgumentParser(
+        prog="llmproxy.py", parents=[common],
+        description="One-file LLM API proxy: OpenAI-compatible front door, key rotation, routing.",
+        epilog="With no provider configured it serves a built-in mock model. Set OPENAI_API_KEY "
+               "(and OPENAI_BASE_URL), OPENROUTER_API_KEY, ... or pass --config. Clients authenticate "
+               "with a proxy key: the first start creates one and prints it.")
+    parser.add_argument("--version", action="version", version="llmproxy " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("serve", parents=[common], help="run the proxy (default)")
+    keys = sub.add_parser("keys", parents=[common], help="manage proxy API keys in the data directory")
+    ks = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    new = ks.add_parser("new", help="create a key and print it once")
+    new.add_argument("--name", default="", help="a label for the key")
+    new.add_argument("--admin", action="store_true", help="an admin key (for /admin/* endpoints)")
+    ks.add_parser("list", help="list keys (redacted)")
+    rv = ks.add_parser("revoke", help="revoke a stored key by id")
+    rv.add_argument("id")
+    sub.add_parser("check", parents=[common], help="validate the config and probe every provider key")
+    return parser
+
+
+def _print_table(rows: List[List[str]]):
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def run_keys(config: Config, args) -> int:
+    keys = ProxyKeys(os.path.join(config.data_dir, "keys.json"), config.keys, config.admin_keys)
+    action = getattr(args, "keys_command", None)
+    if action == "new":
+        entry, key = keys.create(args.name, args.admin)
+        print("created %s key %s: %s" % ("admin" if entry.admin else "client", entry.id, key))
+        print("(shown once; only its SHA-256 digest is stored in %s)" % keys.path)
+        return 0
+    if action == "revoke":
+        if keys.revoke(args.id):
+            print("revoked %s" % args.id)
+            return 0
+        print("no stored key with id %r" % args.id, file=sys.stderr)
+        return 1
+    rows = [["ID", "KEY", "ADMIN", "SOURCE", "NAME"]]
+    for e in keys.entries:
+        rows.append([e.id, e.redacted, "yes" if e.admin else "no", e.source, e.name])
+    _print_table(rows)
+    return 0
+
+
+async def run_check(config: Config) -> int:
+    """Probe GET /models with every key of every provider and print a table."""
+    client = HTTPClient()
+    rows = [["PROVIDER", "KEY", "RESULT", "DETAIL"]]
+    bad = 0
+    try:
+        for name, pc in config.providers.items():
+            if pc.kind == "mock":
+                rows.append([name, "-", "ok", "built-in mock"])
+                continue
+            prov = Provider(name, pc.kind, pc.base_url, None, pc.headers, connect_timeout=pc.connect_timeout_s,
+                            read_timeout=min(pc.read_timeout_s, 30.0))
+            for key in pc.keys or [None]:
+                try:
+                    resp = await client.request("GET", prov.url("/models"), prov.request_headers(key, False), b"",
+                                                prov.connect_timeout, prov.read_timeout)
+                    body = await resp.read(MAX_UPSTREAM_BODY)
+                    ok = resp.status == 200
+                    detail = "HTTP %d" % resp.status + ("" if ok else ": " + _error_message(body)[:80])
+                except ProxyError as e:
+                    ok, detail = False, e.message[:100]
+                bad += not ok
+                rows.append([name, redact(key), "ok" if ok else "FAIL", detail])
+    finally:
+        client.close()
+    _print_table(rows)
+    return 0 if not bad else 1
+
+
+async def serve(config: Config, ready: Optional[Callable[[int], None]] = None) -> int:
+    app = App(config)
+    made = app.keys.ensure_initial() if config.auth_enabled else []
+    server = HTTPServer(app, ServerLimits(config.max_body_bytes, config.head_timeout_s, config.body_timeout_s,
+                                          config.keepalive_timeout_s))
+    try:
+        await server.start(config.host, config.port)
+    except OSError as e:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
+        return 1
+    port = server.port
+    loop_problem = app.self_loop(config.host, port)
+    if loop_problem:
+        log.error("config error: %s", loop_problem)
+        await server.shutdown(0)
+        return 2
+    shown = "[%s]" % config.host if ":" in config.host else config.host
+    print("llmproxy %s listening on http://%s:%d" % (__version__, shown, port))
+    for name, prov in app.providers.items():
+        where = prov.base_url or "in-process"
+        print("  provider %-12s %s (%d key%s)%s" % (name, where, len(prov.keyring.keys),
+                                                   "" if len(prov.keyring.keys) == 1 else "s",
+                                                   "  [default]" if name == config.default else ""))
+    for note in config.notes:
+        print("  note: " + note)
+    if not config.auth_enabled:
+        print("  auth: OFF (loopback only)")
+    for label, key in made:
+        print("  new %s (shown once, stored as a digest in %s): %s" % (label, app.keys.path, key))
+    sys.stdout.flush()
+    if ready:
+        ready(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):     # not on this platform / not the main thread
+            pass
+    await stop.wait()
+    log.info("shutting down: %d request(s) in flight, grace %.0f s", server.busy, config.shutdown_grace_s)
+    await server.shutdown(config.shutdown_grace_s)
+    app.close()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
+                 "data_dir": getattr(args, "data_dir", None), "log_level": getattr(args, "log_level", None),
+                 "log_format": getattr(args, "log_format", None)}
+    try:
+        config = load_config(getattr(args, "config", None), os.environ, overrides)
+    except ConfigError as e:
+        print("llmproxy: config error: %s" % e, file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    command = args.command or "serve"
+    try:
+        if command == "keys":
+            return run_keys(config, args)
+        if command == "check":
+            return asyncio.run(run_check(config))
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as e:
+        print("llmproxy: %s" % e, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
