@@ -522,9 +522,10 @@ class ServerLimits:
 
 
 class _Conn:
-    __slots__ = ("reader", "writer", "transport", "idle", "timed_out", "peer")
+    __slots__ = ("reader", "writer", "transport", "idle", "timed_out", "peer", "task")
 
     def __init__(self, reader, writer):
+        self.task = asyncio.current_task()
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
@@ -578,6 +579,9 @@ class HTTPServer:
                 break
         for c in list(self.connections):
             c.transport.abort()
+        tasks = [c.task for c in self.connections if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
         if self.server is not None:
             try:
                 await asyncio.wait_for(self.server.wait_closed(), CLOSE_TIMEOUT_S)
@@ -2658,11 +2662,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", parents=[common], help="run the proxy (default)")
     keys = sub.add_parser("keys", parents=[common], help="manage proxy API keys in the data directory")
     ks = keys.add_subparsers(dest="keys_command", metavar="ACTION")
-    new = ks.add_parser("new", help="create a key and print it once")
+    new = ks.add_parser("new", parents=[common], help="create a key and print it once")
     new.add_argument("--name", default="", help="a label for the key")
     new.add_argument("--admin", action="store_true", help="an admin key (for /admin/* endpoints)")
-    ks.add_parser("list", help="list keys (redacted)")
-    rv = ks.add_parser("revoke", help="revoke a stored key by id")
+    ks.add_parser("list", parents=[common], help="list keys (redacted)")
+    rv = ks.add_parser("revoke", parents=[common], help="revoke a stored key by id")
     rv.add_argument("id")
     sub.add_parser("check", parents=[common], help="validate the config and probe every provider key")
     return parser

@@ -1,0 +1,1355 @@
+"""Tests for llmproxy.py (unittest only; run: python3 -m unittest -v test_llmproxy).
+
+Pure sections are tested on bytes and dicts; behaviour end to end over
+127.0.0.1 sockets against FakeUpstream, a scripted upstream written here.
+"""
+
+import asyncio
+import contextlib
+import http.client
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import llmproxy as lp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# helpers #####################################################################
+
+class FakeClock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def every_split(data: bytes):
+    """The whole input, byte by byte, and every two-piece split."""
+    yield [data]
+    yield [data[i:i + 1] for i in range(len(data))]
+    for i in range(1, len(data)):
+        yield [data[:i], data[i:]]
+
+
+class FakeUpstream:
+    """A scripted HTTP/1.1 upstream. `handler(req, writer)` writes the reply and
+    returns False to close the connection. Requests are recorded with the id of
+    the connection that carried them."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.requests = []
+        self.connections = 0
+        self.server = None
+        self.writers = set()
+        self.closed = asyncio.Event()
+        self.tasks = set()
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def hang(self):
+        """Never answer (until the test ends)."""
+        await self.closed.wait()
+
+    async def close(self):
+        self.closed.set()
+        self.server.close()
+        for w in list(self.writers):
+            w.transport.abort()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=2)
+        await self.server.wait_closed()
+
+    async def _serve(self, reader, writer):
+        cid = self.connections
+        self.connections += 1
+        self.writers.add(writer)
+        task = asyncio.current_task()
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    if line:
+                        k, _, v = line.partition(":")
+                        headers[k.strip().lower()] = v.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                req = {"method": method, "path": target, "headers": headers, "body": body, "conn": cid}
+                self.requests.append(req)
+                try:
+                    keep = await self.handler(req, writer)
+                except ConnectionError:
+                    break
+                if keep is False:
+                    break
+        finally:
+            self.writers.discard(writer)
+            writer.transport.abort()
+
+
+def reply_json(writer, status, obj, headers=(), raw=None, ctype="application/json"):
+    body = raw if raw is not None else json.dumps(obj).encode()
+    head = "HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (status, ctype, len(body))
+    for k, v in headers:
+        head += "%s: %s\r\n" % (k, v)
+    writer.write(head.encode() + b"\r\n" + body)
+
+
+def sse_head(writer):
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                 b"x-request-id: req-123\r\nx-ratelimit-remaining-requests: 7\r\n\r\n")
+
+
+def sse_chunk(writer, data: bytes):
+    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+CHAT_OK = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "real-model",
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+           "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
+
+STREAM_EVENTS = [
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n',
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"lo"}}]}\n\n',
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+CLIENT_KEY = "client-key-0123456789"
+ADMIN_KEY = "admin-key-0123456789"
+UP_KEYS = ["sk-upstream-key-AAAA", "sk-upstream-key-BBBB"]
+
+
+class ClientConn:
+    """A minimal HTTP/1.1 client on one keep-alive connection, independent of llmproxy."""
+
+    def __init__(self, reader, writer):
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        return cls(r, w)
+
+    def close(self):
+        self.writer.transport.abort()
+
+    def send(self, method, path, body=None, headers=None, key=CLIENT_KEY):
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        hdrs = {"host": "proxy"}
+        if key:
+            hdrs["authorization"] = "Bearer " + key
+        if body is not None:
+            hdrs["content-type"] = "application/json"
+            hdrs["content-length"] = str(len(body))
+        hdrs.update(headers or {})
+        head = "%s %s HTTP/1.1\r\n" % (method, path) + "".join("%s: %s\r\n" % kv for kv in hdrs.items() if kv[1] is not None)
+        self.writer.write(head.encode() + b"\r\n" + (body or b""))
+
+    async def read_head(self):
+        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5)
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(":")
+                headers[k.strip().lower()] = v.strip()
+        return status, headers
+
+    async def read_chunks(self):
+        """Yield decoded chunks of a chunked body as they arrive."""
+        while True:
+            line = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), 5)
+            size = int(line.strip(), 16)
+            data = await asyncio.wait_for(self.reader.readexactly(size + 2), 5)
+            if size == 0:
+                return
+            yield data[:-2]
+
+    async def read_response(self, method="GET"):
+        status, headers = await self.read_head()
+        if method == "HEAD" or status in (204, 304) or status < 200:
+            return status, headers, b""
+        if headers.get("transfer-encoding") == "chunked":
+            body = b""
+            async for c in self.read_chunks():
+                body += c
+        elif "content-length" in headers:
+            body = await asyncio.wait_for(self.reader.readexactly(int(headers["content-length"])), 5)
+        else:
+            body = await asyncio.wait_for(self.reader.read(), 5)
+        return status, headers, body
+
+    async def request(self, method, path, body=None, headers=None, key=CLIENT_KEY):
+        self.send(method, path, body, headers, key)
+        return await self.read_response(method)
+
+    async def closed(self):
+        """True when the server closed the connection (EOF within 2 s)."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(1), 2)
+        except (ConnectionError, asyncio.TimeoutError):
+            return isinstance(sys.exc_info()[1], ConnectionError)
+        return data == b""
+
+
+def base_config(up_port, **extra):
+    cfg = {
+        "env_providers": False,
+        "auth": {"keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]},
+        "providers": {"up": {"base_url": "http://127.0.0.1:%d/v1" % up_port, "keys": list(UP_KEYS),
+                             "read_timeout_s": 5, "connect_timeout_s": 2}},
+        "routing": {"aliases": {"fast": "up:real-model"}, "default": "up"},
+    }
+    for k, v in extra.items():
+        cfg[k] = v
+    return cfg
+
+
+class ProxyCase(unittest.IsolatedAsyncioTestCase):
+    """Starts FakeUpstream and the proxy on 127.0.0.1:0; cleans both up."""
+
+    async def asyncSetUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.up = None
+        self.server = None
+        self.conns = []
+
+    async def asyncTearDown(self):
+        for c in self.conns:
+            c.close()
+        if self.server:
+            await self.server.shutdown(0)
+            self.app.close()
+        if self.up:
+            await self.up.close()
+        self.tmp.cleanup()
+
+    async def start(self, handler=None, config=None, limits=None, clock=None, port=None):
+        if handler is not None:
+            self.up = await FakeUpstream(handler).start()
+        cfg = config if config is not None else base_config(self.up.port if self.up else (port or 9))
+        path = os.path.join(self.tmp.name, "config.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        self.config = lp.load_config(path, {}, {"data_dir": os.path.join(self.tmp.name, "data")})
+        self.clock = clock or FakeClock()
+        self.app = lp.App(self.config, clock=self.clock)
+        self.server = lp.HTTPServer(self.app, limits or lp.ServerLimits())
+        await self.server.start("127.0.0.1", 0)
+        self.port = self.server.port
+        return self.port
+
+    async def conn(self):
+        c = await ClientConn.open(self.port)
+        self.conns.append(c)
+        return c
+
+    async def call(self, method, path, body=None, headers=None, key=CLIENT_KEY):
+        c = await self.conn()
+        return await c.request(method, path, body, headers, key)
+
+
+# 2. HTTP wire ################################################################
+
+def head(*lines):
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class TestHTTPWire(unittest.TestCase):
+    def test_parse_request_head(self):
+        h = lp.parse_request_head(head("POST /v1/chat/completions?x=1 HTTP/1.1", "Host: a", "X-Thing:  v  "))
+        self.assertEqual((h.method, h.path, h.query, h.version), ("POST", "/v1/chat/completions", "x=1", "HTTP/1.1"))
+        self.assertEqual(h.headers.get("x-thing"), "v")
+        self.assertTrue(h.keep_alive)
+        self.assertFalse(lp.parse_request_head(head("GET / HTTP/1.1", "Host: a", "Connection: close")).keep_alive)
+        self.assertFalse(lp.parse_request_head(head("GET / HTTP/1.0")).keep_alive)
+        self.assertTrue(lp.parse_request_head(head("GET / HTTP/1.0", "Connection: keep-alive")).keep_alive)
+        self.assertEqual(lp.parse_request_head(b"\r\n" + head("GET http://x/y?z HTTP/1.1", "Host: x")).path, "/y")
+
+    def test_rejected_heads(self):
+        cases = {
+            "obs-fold": (head("GET / HTTP/1.1", "Host: a", "X: a", " folded"), 400),
+            "bare CR": (b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", 400),
+            "bare LF": (b"GET / HTTP/1.1\nHost: a\r\n\r\n", 400),
+            "space before colon": (head("GET / HTTP/1.1", "Host: a", "X-A : b"), 400),
+            "bad name": (head("GET / HTTP/1.1", "Host: a", "X(A): b"), 400),
+            "no colon": (head("GET / HTTP/1.1", "Host: a", "Junk"), 400),
+            "missing host": (head("GET / HTTP/1.1"), 400),
+            "duplicate host": (head("GET / HTTP/1.1", "Host: a", "Host: b"), 400),
+            "control char": (head("GET / HTTP/1.1", "Host: a", "X: a\x01b"), 400),
+            "HTTP/2.0": (head("GET / HTTP/2.0", "Host: a"), 505),
+            "garbage version": (head("GET / HTTX/1.1", "Host: a"), 400),
+            "extra spaces": (head("GET  / HTTP/1.1", "Host: a"), 400),
+            "relative target": (head("GET foo HTTP/1.1", "Host: a"), 400),
+            "too many headers": (head("GET / HTTP/1.1", "Host: a", *["X%d: y" % i for i in range(120)]), 431),
+            "long target": (head("GET /%s HTTP/1.1" % ("a" * 20000), "Host: a"), 414),
+        }
+        for name, (raw, status) in cases.items():
+            with self.subTest(name):
+                with self.assertRaises(lp.ProxyError) as cm:
+                    lp.parse_request_head(raw)
+                self.assertEqual(cm.exception.status, status)
+                self.assertTrue(cm.exception.close)
+
+    def test_body_framing(self):
+        H = lp.Headers
+        self.assertEqual(lp.parse_body_framing(H([("content-length", "5")])), ("length", 5))
+        self.assertEqual(lp.parse_body_framing(H([("content-length", "5"), ("content-length", "5")])), ("length", 5))
+        self.assertEqual(lp.parse_body_framing(H([("transfer-encoding", "Chunked")])), ("chunked", 0))
+        self.assertEqual(lp.parse_body_framing(H()), ("length", 0))
+        bad = {
+            "cl+te": ([("content-length", "5"), ("transfer-encoding", "chunked")], 400),
+            "differing cl": ([("content-length", "5"), ("content-length", "6")], 400),
+            "list cl": ([("content-length", "5, 6")], 400),
+            "signed cl": ([("content-length", "+5")], 400),
+            "hex cl": ([("content-length", "0x5")], 400),
+            "empty cl": ([("content-length", "")], 400),
+            "te gzip,chunked": ([("transfer-encoding", "gzip, chunked")], 501),
+            "te chunked,gzip": ([("transfer-encoding", "chunked, gzip")], 400),
+            "te identity": ([("transfer-encoding", "identity")], 400),
+            "te twice chunked": ([("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")], 501),
+        }
+        for name, (items, status) in bad.items():
+            with self.subTest(name):
+                with self.assertRaises(lp.ProxyError) as cm:
+                    lp.parse_body_framing(H(items))
+                self.assertEqual(cm.exception.status, status)
+        with self.assertRaises(lp.ProxyError):
+            lp.parse_body_framing(H([("transfer-encoding", "chunked")]), "HTTP/1.0")
+
+    def test_chunked_decoder_every_split(self):
+        raw = b"5;ext=1\r\nhello\r\n1 ; x\r\n,\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT"
+        for pieces in every_split(raw):
+            dec = lp.ChunkedDecoder()
+            out = b""
+            for p in pieces:
+                out += b"".join(dec.feed(p))
+            with self.subTest(pieces=len(pieces)):
+                self.assertEqual(out, b"hello, world")
+                self.assertTrue(dec.done)
+                self.assertEqual(dec.tail, b"NEXT")
+
+    def test_chunked_decoder_errors(self):
+        for raw in (b"zz\r\nhello\r\n", b"-1\r\n", b"10000000000000000\r\n", b"5\r\nhelloXX0\r\n\r\n",
+                    b"5 5\r\nhello\r\n", b"0\r\nno-colon-trailer\r\n\r\n", b"1" * 5000):
+            with self.subTest(raw=raw[:20]):
+                with self.assertRaises(lp.FramingError):
+                    lp.ChunkedDecoder().feed(raw)
+        with self.assertRaises(lp.FramingError):
+            lp.ChunkedDecoder(max_bytes=4).feed(b"5\r\nhello\r\n")
+
+    def test_render_head_refuses_injection(self):
+        with self.assertRaises(ValueError):
+            lp.render_response_head(200, [("x", "a\r\nset-cookie: evil")])
+        self.assertEqual(lp.render_response_head(204, [("a", "b")]), b"HTTP/1.1 204 No Content\r\na: b\r\n\r\n")
+
+    def test_response_framing(self):
+        def rh(status, *lines):
+            return lp.parse_response_head(head("HTTP/1.1 %d X" % status, *lines))
+        self.assertEqual(lp.parse_response_framing(rh(200, "Content-Length: 3"), "GET"), ("length", 3))
+        self.assertEqual(lp.parse_response_framing(rh(200, "Transfer-Encoding: chunked"), "GET"), ("chunked", 0))
+        self.assertEqual(lp.parse_response_framing(rh(200), "GET"), ("close", 0))
+        self.assertEqual(lp.parse_response_framing(rh(204), "GET"), ("none", 0))
+        self.assertEqual(lp.parse_response_framing(rh(200, "Content-Length: 3"), "HEAD"), ("none", 0))
+        with self.assertRaises(lp.FramingError):
+            lp.parse_response_framing(rh(200, "Content-Length: 3", "Content-Length: 4"), "GET")
+        with self.assertRaises(lp.FramingError):
+            lp.parse_response_head(b"HTTP/1.1 2000 OK\r\n\r\n")
+
+
+# 4. HTTP client ##############################################################
+
+class TestProxySettings(unittest.TestCase):
+    def test_proxy_env(self):
+        env = {"HTTPS_PROXY": "corp:3128", "http_proxy": "http://p:8080", "NO_PROXY": "localhost,.internal.example,10.0.0.0/8,api.x:8443"}
+        ps = lp.ProxySettings(env)
+        self.assertEqual(ps.proxy_for("https", "api.openai.com", 443), "http://corp:3128")
+        self.assertEqual(ps.proxy_for("http", "example.com", 80), "http://p:8080")
+        self.assertIsNone(ps.proxy_for("https", "localhost", 443))
+        self.assertIsNone(ps.proxy_for("https", "svc.internal.example", 443))
+        self.assertIsNone(ps.proxy_for("https", "10.1.2.3", 443))
+        self.assertIsNone(ps.proxy_for("https", "api.x", 8443))
+        self.assertEqual(ps.proxy_for("https", "api.x", 443), "http://corp:3128")
+        self.assertIsNone(lp.ProxySettings({"HTTPS_PROXY": "corp:1", "NO_PROXY": "*"}).proxy_for("https", "a", 443))
+        self.assertIsNone(lp.ProxySettings({}).proxy_for("https", "a", 443))
+
+    def test_split_url(self):
+        self.assertEqual(lp.split_url("https://a.b/v1?x=1"), ("https", "a.b", 443, "/v1?x=1"))
+        self.assertEqual(lp.split_url("http://[::1]:99"), ("http", "::1", 99, "/"))
+        with self.assertRaises(ValueError):
+            lp.split_url("ftp://x")
+
+
+# 5. SSE ######################################################################
+
+SSE_SAMPLE = ("\ufeff: comment\r\n"
+              "event: first\r\nid: 7\r\ndata: line one\r\ndata:line two\r\n\r\n"
+              "data: caf\u00e9 \u2603\rretry: 1500\r\r"
+              "event: ignored-no-data\n\n"
+              "data\n\n"
+              "id: bad\0id\ndata: {\"x\": 1}\n\n"
+              "unknown: field\ndata: last").encode("utf-8")
+SSE_EXPECTED = [
+    lp.SSEEvent("line one\nline two", "first", "7"),
+    lp.SSEEvent("caf\u00e9 \u2603", "message", "7", 1500),
+    lp.SSEEvent("", "message", "7"),
+    lp.SSEEvent('{"x": 1}', "message", "7"),
+    lp.SSEEvent("last", "message", "7"),
+]
+
+
+class TestSSE(unittest.TestCase):
+    def decode(self, pieces):
+        d = lp.SSEDecoder()
+        out = []
+        for p in pieces:
+            out.extend(d.feed(p))
+        return out + d.close()
+
+    def test_every_split(self):
+        for pieces in every_split(SSE_SAMPLE):
+            with self.subTest(n=len(pieces), first=len(pieces[0])):
+                self.assertEqual(self.decode(pieces), SSE_EXPECTED)
+
+    def test_cr_then_lf_across_reads(self):
+        self.assertEqual(self.decode([b"data: a\r", b"\n\r", b"\n"]), [lp.SSEEvent("a")])
+        self.assertEqual(self.decode([b"data: a\r", b"\r"]), [lp.SSEEvent("a")])
+
+    def test_openrouter_comments_and_crlf_frames(self):
+        raw = b": OPENROUTER PROCESSING\n\ndata: {\"a\":1}\n\n: OPENROUTER PROCESSING\n\ndata: [DONE]\n\n"
+        self.assertEqual([e.data for e in self.decode([raw])], ['{"a":1}', "[DONE]"])
+        gemini = b'data: {"a":1}\r\n\r\ndata: {"b":2}\r\n\r\n'
+        for pieces in every_split(gemini):
+            self.assertEqual([e.data for e in self.decode(pieces)], ['{"a":1}', '{"b":2}'])
+
+    def test_render_roundtrip(self):
+        frame = lp.render_sse("a\nb\r\nc", event="x", id="1")
+        self.assertEqual(frame, b"event: x\nid: 1\ndata: a\ndata: b\ndata: c\n\n")
+        self.assertEqual(self.decode([frame]), [lp.SSEEvent("a\nb\nc", "x", "1")])
+
+    def test_sniff_usage(self):
+        tail = b"".join(STREAM_EVENTS)
+        self.assertEqual(lp.sniff_usage(tail)["completion_tokens"], 2)
+        self.assertEqual(lp.sniff_usage(json.dumps(CHAT_OK, indent=2).encode())["prompt_tokens"], 11)
+        self.assertIsNone(lp.sniff_usage(b'data: {"usage":null}\n\ndata: [DONE]\n\n'))
+        self.assertEqual(lp.sniff_usage(b'data: {"usage":{"a":1}}\n\ndata: {"usage":null}\n\n'), {"a": 1})
+        self.assertIsNone(lp.sniff_usage(b'{"usage": {"trunc'))
+
+
+# 6. formats ##################################################################
+
+class TestFormats(unittest.TestCase):
+    def test_html_error_page_becomes_json(self):
+        err = lp.parse_upstream_error(502, "text/html", b"<html><head><title>502 Bad Gateway</title></head>"
+                                                        b"<body><h1>nginx</h1></body></html>")
+        self.assertEqual(err.status, 502)
+        self.assertIn("502 Bad Gateway", err.message)
+        self.assertNotIn("<", err.message)
+        self.assertIsNone(lp.parse_upstream_error(400, "application/json", b'{"error":{"message":"x"}}'))
+        self.assertIsNone(lp.parse_upstream_error(400, "text/plain", b'{"error":{"message":"x"}}'))
+        self.assertIn("(empty body)", lp.parse_upstream_error(503, "", b"").message)
+
+    def test_usage(self):
+        self.assertEqual(lp.OpenAIFormat.parse_usage(CHAT_OK["usage"]), (11, 7))
+        self.assertEqual(lp.OpenAIFormat.parse_usage({"prompt_tokens": 4, "total_tokens": 4}), (4, 0))
+        self.assertEqual(lp.OpenAIFormat.parse_usage(None), (None, None))
+
+
+# 7. providers: mock ##########################################################
+
+class TestMock(unittest.TestCase):
+    TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]},
+                                         "days": {"type": "integer"}}, "required": ["city", "unit"]}}}]
+
+    def test_echo(self):
+        m = lp.MockProvider(lambda: 5)
+        r = m.chat({"messages": [{"role": "user", "content": "hello  world"}]}, "m")
+        self.assertEqual(r["choices"][0]["message"]["content"], "hello  world")
+        self.assertEqual(r["usage"]["completion_tokens"], 2)
+        parts = m.chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                  {"type": "text", "text": "b"}]}]}, "m")
+        self.assertEqual(parts["choices"][0]["message"]["content"], "a b")
+
+    def test_tool_call_when_asked(self):
+        m = lp.MockProvider(lambda: 5)
+        r = m.chat({"messages": [{"role": "user", "content": "use get_weather for Paris"}], "tools": self.TOOLS}, "m")
+        choice = r["choices"][0]
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        call = choice["message"]["tool_calls"][0]
+        self.assertEqual(call["function"]["name"], "get_weather")
+        self.assertEqual(json.loads(call["function"]["arguments"]), {"city": "mock", "unit": "c"})
+        plain = m.chat({"messages": [{"role": "user", "content": "just chat"}], "tools": self.TOOLS}, "m")
+        self.assertEqual(plain["choices"][0]["finish_reason"], "stop")
+        forced = m.chat({"messages": [{"role": "user", "content": "x"}], "tools": self.TOOLS,
+                         "tool_choice": "required"}, "m")
+        self.assertEqual(forced["choices"][0]["finish_reason"], "tool_calls")
+        never = m.chat({"messages": [{"role": "user", "content": "use a tool"}], "tools": self.TOOLS,
+                        "tool_choice": "none"}, "m")
+        self.assertEqual(never["choices"][0]["finish_reason"], "stop")
+
+    def test_stream_joins_to_response(self):
+        m = lp.MockProvider(lambda: 5)
+        for body in ({"messages": [{"role": "user", "content": "one two three"}]},
+                     {"messages": [{"role": "user", "content": "call get_weather"}], "tools": self.TOOLS}):
+            full = m.chat(body, "m")["choices"][0]["message"]
+            events = lp.SSEDecoder().feed(b"".join(m.chat_stream(dict(body, stream_options={"include_usage": True}), "m")))
+            self.assertEqual(events[-1].data, "[DONE]")
+            chunks = [json.loads(e.data) for e in events[:-1]]
+            self.assertEqual(chunks[-1]["choices"], [])
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+            args = "".join(tc["function"]["arguments"] for c in chunks if c["choices"]
+                           for tc in c["choices"][0]["delta"].get("tool_calls", []))
+            self.assertEqual(text, full["content"] or "")
+            self.assertEqual(args, full["tool_calls"][0]["function"]["arguments"] if full.get("tool_calls") else "")
+
+    def test_embeddings_deterministic(self):
+        m = lp.MockProvider()
+        a = m.embeddings({"input": ["x", "y"], "dimensions": 40}, "e")
+        b = m.embeddings({"input": ["x", "y"], "dimensions": 40}, "e")
+        self.assertEqual(a["data"], b["data"])
+        self.assertEqual(len(a["data"][0]["embedding"]), 40)
+        self.assertNotEqual(a["data"][0]["embedding"], a["data"][1]["embedding"])
+        with self.assertRaises(lp.ProxyError):
+            m.embeddings({"input": []}, "e")
+
+
+# 8. auth #####################################################################
+
+class TestAtomicFiles(unittest.TestCase):
+    def test_write_is_0600_and_atomic(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "sub", "f.json")
+            lp.write_file_atomic(path, b"one")
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+            with self.assertRaises(TypeError):
+                lp.write_file_atomic(path, None)          # fails mid-write
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), b"one")       # old content intact
+            self.assertEqual(os.listdir(os.path.dirname(path)), ["f.json"])   # no temp file left
+
+
+class TestProxyKeys(unittest.TestCase):
+    def test_store_holds_digests_only(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "keys.json")
+            keys = lp.ProxyKeys(path, ["cfg-key-000000000000"])
+            made = keys.ensure_initial()
+            self.assertEqual([label for label, _ in made], ["admin key"])   # a client key exists already
+            entry, secret = keys.create("ci")
+            with open(path) as f:
+                text = f.read()
+            self.assertNotIn(secret, text)
+            self.assertNotIn(made[0][1], text)
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+            again = lp.ProxyKeys(path)
+            self.assertIs(again.check(secret).id, again.check(secret).id)
+            self.assertEqual(again.check(secret).id, entry.id)
+            self.assertTrue(again.check(made[0][1]).admin)
+            self.assertIsNone(again.check(secret + "x"))
+            self.assertIsNone(again.check(""))
+            self.assertIsNone(again.check("cfg-key-000000000000"))   # config keys are not stored
+            self.assertEqual(again.ensure_initial(), [])
+            self.assertTrue(again.revoke(entry.id))
+            self.assertFalse(again.revoke(entry.id))
+            self.assertIsNone(lp.ProxyKeys(path).check(secret))
+            self.assertEqual([label for label, _ in again.ensure_initial()], ["client key"])
+
+    def test_refresh_sees_other_process_changes(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "keys.json")
+            server_view = lp.ProxyKeys(path)
+            _, secret = lp.ProxyKeys(path).create("from cli")
+            self.assertIsNone(server_view.check(secret))
+            server_view.refresh(100.0)
+            self.assertIsNotNone(server_view.check(secret))
+
+    def test_redact(self):
+        self.assertEqual(lp.redact("sk-1234567890abcd"), "...abcd")
+        self.assertEqual(lp.redact("short"), "...")
+        self.assertEqual(lp.redact(None), "-")
+
+
+class TestKeyRing(unittest.TestCase):
+    def test_round_robin_and_fill_first(self):
+        clock = FakeClock()
+        rr = lp.KeyRing(["a", "b", "c"], "round_robin", clock)
+        self.assertEqual([rr.acquire().key for _ in range(4)], ["a", "b", "c", "a"])
+        ff = lp.KeyRing(["a", "b"], "fill_first", clock)
+        self.assertEqual([ff.acquire().key for _ in range(3)], ["a", "a", "a"])
+        ff.cool(ff.keys[0], 10)
+        self.assertEqual(ff.acquire().key, "b")
+        clock.t += 10
+        self.assertEqual(ff.acquire().key, "a")
+
+    def test_cooldown_keeps_later_deadline(self):
+        clock = FakeClock()
+        ring = lp.KeyRing(["a"], clock=clock)
+        k = ring.keys[0]
+        ring.cool(k, 30)
+        ring.cool(k, 5)
+        self.assertEqual(ring.retry_in(), 30)
+        self.assertIsNone(ring.acquire())
+        clock.t += 30
+        self.assertIs(ring.acquire(), k)
+        ring.cool(k, 10 ** 9)
+        self.assertEqual(ring.retry_in(), lp.MAX_COOLDOWN_S)
+
+    def test_disabled_and_snapshot(self):
+        clock = FakeClock()
+        ring = lp.KeyRing(["sk-aaaaaaaaaaaa1111", "sk-bbbbbbbbbbbb2222"], clock=clock)
+        ring.disable(ring.keys[0], "HTTP 401")
+        ring.cool(ring.keys[1], 12)
+        snap = ring.snapshot()
+        self.assertEqual([s["state"] for s in snap], ["disabled", "cooling"])
+        self.assertEqual(snap[0]["key"], "...1111")
+        self.assertNotIn("sk-aaaa", json.dumps(snap))
+        self.assertEqual(snap[1]["retry_in_s"], 12)
+        ring.disable(ring.keys[1], "HTTP 403")
+        self.assertIsNone(ring.retry_in())
+
+
+class TestResetHints(unittest.TestCase):
+    def test_parse_duration(self):
+        for text, want in [("20", 20), ("1.5", 1.5), ("6m0s", 360), ("120ms", 0.12), ("1h2m3.5s", 3723.5),
+                           ("abc", None), ("5x", None), ("", None)]:
+            with self.subTest(text):
+                self.assertEqual(lp.parse_duration(text), want)
+
+    def test_parse_reset_time(self):
+        now = 1_700_000_000.0
+        H = lp.Headers
+        cases = [
+            ([("retry-after", "7")], 7),
+            ([("retry-after-ms", "1500"), ("retry-after", "9")], 1.5),
+            ([("retry-after", "Tue, 14 Nov 2023 22:13:40 GMT")], 20),
+            ([("x-ratelimit-reset-requests", "2s"), ("x-ratelimit-reset-tokens", "1m0s")], 60),
+            ([("x-ratelimit-reset-requests", "2s"), ("x-ratelimit-remaining-requests", "0"),
+              ("x-ratelimit-reset-tokens", "1m0s")], 2),
+            ([("x-ratelimit-reset", str(int(now + 42)))], 42),
+            ([("x-ratelimit-reset", str(int((now + 3) * 1000)))], 3),
+            ([("x-ratelimit-reset", "5")], 5),
+            ([("anthropic-ratelimit-requests-reset", "2023-11-14T22:13:50Z")], 30),
+            ([("retry-after", "soon")], None),
+            ([], None),
+        ]
+        for items, want in cases:
+            with self.subTest(items):
+                got = lp.parse_reset_time(H(items), now)
+                if want is None:
+                    self.assertIsNone(got)
+                else:
+                    self.assertAlmostEqual(got, want, places=3)
+
+
+# 9. routing ##################################################################
+
+class TestRouter(unittest.TestCase):
+    def providers(self):
+        mk = lambda n, models=(): lp.Provider(n, "openai", "http://x", lp.KeyRing([]), models=list(models))
+        return {"openai": mk("openai"), "openrouter": mk("openrouter"), "local": mk("local", ["llama3:8b"])}
+
+    def test_resolution_order(self):
+        p = self.providers()
+        r = lp.Router(p, aliases={"fast": ("openrouter", "meta/llama"), "same": ("local", None)},
+                      prefixes={"or/": "openrouter"}, default="openai")
+        cases = [("fast", "openrouter", "meta/llama"), ("same", "local", "same"),
+                 ("or/x/y", "openrouter", "x/y"), ("openrouter/anthropic/claude", "openrouter", "anthropic/claude"),
+                 ("llama3:8b", "local", "llama3:8b"), ("gpt-4o", "openai", "gpt-4o"),
+                 ("unknown/thing", "openai", "unknown/thing")]
+        for model, prov, upstream in cases:
+            with self.subTest(model):
+                route = r.resolve(model)
+                self.assertEqual((route.provider.name, route.model), (prov, upstream))
+
+    def test_force_and_no_default(self):
+        p = self.providers()
+        forced = lp.Router(p, aliases={"fast": ("local", None)}, default="openai", force=("openrouter", "m/x"))
+        self.assertEqual(forced.resolve("fast").provider.name, "openrouter")
+        self.assertEqual(forced.resolve("anything").model, "m/x")
+        keep = lp.Router(p, force=("local", None))
+        self.assertEqual(keep.resolve("asked").model, "asked")
+        with self.assertRaises(lp.ProxyError) as cm:
+            lp.Router(p).resolve("nothing")
+        self.assertEqual((cm.exception.status, cm.exception.code), (404, "model_not_found"))
+
+
+# 11. config ##################################################################
+
+class TestConfig(unittest.TestCase):
+    def load(self, doc, env=None, **over):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(doc, f)
+        try:
+            return lp.load_config(f.name, env or {}, over)
+        finally:
+            os.unlink(f.name)
+
+    def test_env_references_and_lists(self):
+        cfg = self.load({"providers": {"openai": {"keys": ["$K1", "${K2}", "literal-key"]}},
+                         "auth": {"keys": "$PROXY"}}, {"K1": "a,b", "K2": "c", "PROXY": "p1,p2"})
+        self.assertEqual(cfg.providers["openai"].keys, ["a", "b", "c", "literal-key"])
+        self.assertEqual(cfg.providers["openai"].base_url, "https://api.openai.com/v1")
+        self.assertEqual(cfg.keys, ["p1", "p2"])
+
+    def test_errors_name_the_key(self):
+        cases = [
+            ({"prot": 1}, "prot: unknown key"),
+            ({"port": "x"}, "port: must be an integer"),
+            ({"port": 70000}, "port"),
+            ({"providers": {"p": {}}}, "providers.p.base_url: required"),
+            ({"providers": {"p": {"base_url": "ftp://x"}}}, "providers.p.base_url"),
+            ({"providers": {"p": {"base_url": "http://x", "strategy": "random"}}}, "providers.p.strategy"),
+            ({"providers": {"p": {"base_url": "http://x", "keys": ["$MISSING"]}}}, "providers.p.keys"),
+            ({"providers": {"p": {"base_url": "http://x", "read_timeout_s": 0}}}, "providers.p.read_timeout_s"),
+            ({"providers": {"p": {"base_url": "http://x", "bogus": 1}}}, "providers.p.bogus: unknown key"),
+            ({"routing": {"aliases": {"a": "nope:m"}}}, "routing.aliases.a"),
+            ({"routing": {"default": "nope"}}, "routing.default"),
+            ({"host": "0.0.0.0", "auth": {"enabled": False}}, "auth.enabled"),
+            ({"limits": {"max_body_bytes": -1}}, "limits.max_body_bytes"),
+        ]
+        for doc, fragment in cases:
+            with self.subTest(doc):
+                with self.assertRaises(lp.ConfigError) as cm:
+                    self.load(doc)
+                self.assertIn(fragment, str(cm.exception))
+
+    def test_zero_config_is_mock_and_env_providers(self):
+        cfg = self.load({})
+        self.assertEqual(list(cfg.providers), ["mock"])
+        self.assertEqual(cfg.default, "mock")
+        cfg = self.load({}, {"OPENROUTER_API_KEY": "k1", "OPENAI_API_KEY": "x,y", "OPENAI_BASE_URL": "http://gw:1/v1"})
+        self.assertEqual(cfg.providers["openai"].keys, ["x", "y"])
+        self.assertEqual(cfg.providers["openai"].base_url, "http://gw:1/v1")
+        self.assertEqual(cfg.providers["openrouter"].base_url, "https://openrouter.ai/api/v1")
+        self.assertEqual(cfg.default, "openai")
+        self.assertEqual(self.load({"env_providers": False}, {"OPENAI_API_KEY": "x"}).default, "mock")
+
+    def test_example_config_loads(self):
+        cfg = lp.load_config(os.path.join(HERE, "config.example.json"),
+                             {"OPENAI_API_KEY": "sk-a,sk-b", "OPENROUTER_API_KEY": "or-1", "LLMPROXY_KEY": "k"}, {})
+        self.assertEqual(cfg.providers["openai"].keys, ["sk-a", "sk-b"])
+        self.assertTrue(cfg.aliases)
+
+
+# 12. app, end to end #########################################################
+
+class TestPassThrough(ProxyCase):
+    async def test_chat_forwarded_untouched_except_model(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK, headers=[("x-request-id", "abc"), ("x-ratelimit-remaining-tokens", "9"),
+                                                 ("set-cookie", "s=1")])
+        await self.start(handler)
+        body = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "vendor_knob": {"z": [1, 2.5]},
+                "temperature": 0.3}
+        status, headers, data = await self.call("POST", "/v1/chat/completions", body)
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(data), CHAT_OK)
+        self.assertEqual(headers["x-request-id"], "abc")
+        self.assertEqual(headers["x-llmproxy-provider"], "up")
+        self.assertNotIn("set-cookie", headers)
+        self.assertNotIn("x-ratelimit-remaining-tokens", headers)
+        sent = self.up.requests[0]
+        self.assertEqual(sent["path"], "/v1/chat/completions")
+        self.assertEqual(json.loads(sent["body"]), dict(body, model="real-model"))
+        self.assertEqual(sent["headers"]["authorization"], "Bearer " + UP_KEYS[0])
+        self.assertNotIn(CLIENT_KEY, json.dumps(sent["headers"]))
+        self.assertEqual(self.app.usage.snapshot()[0]["tokens_in"], 11)
+
+    async def test_unrouted_model_body_is_byte_identical(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        raw = b'{"model":"gpt-x",  "messages":[{"role":"user","content":"hi"}], "n": 1.0}'
+        c = await self.conn()
+        c.send("POST", "/v1/chat/completions", raw)
+        status, _, _ = await c.read_response()
+        self.assertEqual(status, 200)
+        self.assertEqual(self.up.requests[0]["body"], raw)
+
+    async def test_keep_alive_reuses_upstream_connection(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        c = await self.conn()
+        for _ in range(3):
+            status, _, _ = await c.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+            self.assertEqual(status, 200)
+        self.assertEqual(self.up.connections, 1)
+        self.assertEqual({r["conn"] for r in self.up.requests}, {0})
+
+    async def test_stale_pooled_connection_is_retried_once(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+            return False                     # the upstream closes after every reply (no connection header)
+        await self.start(handler)
+        for _ in range(2):
+            status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+            self.assertEqual(status, 200)
+        self.assertEqual(len(self.up.requests), 2)
+
+    async def test_embeddings_completions_models(self):
+        async def handler(req, w):
+            if req["path"] == "/v1/models":
+                reply_json(w, 200, {"object": "list", "data": [{"id": "up-a"}, {"id": "up-b"}]})
+            else:
+                reply_json(w, 200, {"object": "list", "data": [], "path": req["path"],
+                                    "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        await self.start(handler)
+        status, _, data = await self.call("POST", "/v1/embeddings", {"model": "e", "input": "x", "stream": True})
+        self.assertEqual((status, json.loads(data)["path"]), (200, "/v1/embeddings"))
+        status, _, data = await self.call("POST", "/v1/completions", {"model": "c", "prompt": "x"})
+        self.assertEqual(json.loads(data)["path"], "/v1/completions")
+        status, _, data = await self.call("GET", "/v1/models")
+        ids = [m["id"] for m in json.loads(data)["data"]]
+        self.assertEqual(ids, ["fast", "up-a", "up-b"])
+        status, _, data = await self.call("GET", "/v1/models/fast")
+        self.assertEqual(json.loads(data)["owned_by"], "up")
+        self.assertEqual(self.up.requests[-1]["path"], "/v1/models")    # the list was cached, not refetched
+
+    async def test_http_client_cross_check(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+
+        def blocking():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            conn.request("POST", "/v1/chat/completions", json.dumps({"model": "m", "messages": []}),
+                         {"Authorization": "Bearer " + CLIENT_KEY, "Content-Type": "application/json"})
+            r = conn.getresponse()
+            out = (r.status, json.loads(r.read()))
+            conn.request("HEAD", "/health")
+            r2 = conn.getresponse()
+            out += (r2.status, r2.read())
+            conn.close()
+            return out
+        result = await asyncio.get_running_loop().run_in_executor(None, blocking)
+        self.assertEqual(result, (200, CHAT_OK, 200, b""))
+
+
+class TestStreaming(ProxyCase):
+    async def test_events_relayed_as_they_arrive(self):
+        gate = asyncio.Event()
+
+        async def handler(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0])
+            await gate.wait()               # the rest only after the client saw the first event
+            for ev in STREAM_EVENTS[1:]:
+                sse_chunk(w, ev)
+            w.write(b"0\r\n\r\n")
+        await self.start(handler)
+        c = await self.conn()
+        c.send("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
+        status, headers = await c.read_head()
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"].startswith("text/event-stream"))
+        self.assertEqual(headers["transfer-encoding"], "chunked")
+        chunks = c.read_chunks()
+        first = await chunks.__anext__()
+        self.assertEqual(first, STREAM_EVENTS[0])
+        gate.set()
+        rest = b""
+        async for piece in chunks:
+            rest += piece
+        self.assertEqual(first + rest, b"".join(STREAM_EVENTS))
+        await asyncio.sleep(0)
+        self.assertEqual(self.app.usage.snapshot()[0]["tokens_out"], 2)
+        # the connection is still good for another request
+        status, _, _ = await c.request("GET", "/health")
+        self.assertEqual(status, 200)
+
+    async def test_upstream_reset_mid_stream_gives_error_event(self):
+        async def handler(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0])
+            sse_chunk(w, STREAM_EVENTS[1])
+            await w.drain()
+            return False                    # drop the connection mid-stream
+        await self.start(handler)
+        status, _, body = await self.call("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
+        self.assertEqual(status, 200)
+        events = lp.SSEDecoder().feed(body)
+        self.assertEqual(len(events), 3)
+        err = json.loads(events[-1].data)["error"]
+        self.assertEqual(err["code"], "upstream_incomplete")
+        self.assertNotIn("[DONE]", body.decode())
+
+    async def test_client_disconnect_aborts_upstream(self):
+        gate = asyncio.Event()
+        upstream_gone = asyncio.Event()
+
+        async def handler(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0])
+            await gate.wait()
+            try:
+                for _ in range(200):
+                    sse_chunk(w, STREAM_EVENTS[1])
+                    await w.drain()
+                    await asyncio.sleep(0)
+            except ConnectionError:
+                upstream_gone.set()
+                raise
+            return False
+        await self.start(handler)
+        c = await self.conn()
+        c.send("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
+        await c.read_head()
+        await c.read_chunks().__anext__()
+        c.close()
+        gate.set()
+        await asyncio.wait_for(upstream_gone.wait(), 3)
+        self.assertEqual(self.app.client.pool.get(("http", "127.0.0.1", self.up.port), []), [])
+
+
+class TestRotation(ProxyCase):
+    async def test_429_rotates_to_next_key_invisibly(self):
+        async def handler(req, w):
+            if req["headers"]["authorization"].endswith("AAAA"):
+                reply_json(w, 429, {"error": {"message": "slow down", "type": "rate_limit_error"}},
+                           headers=[("retry-after", "17")])
+            else:
+                reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual((status, json.loads(data)), (200, CHAT_OK))
+        self.assertEqual([r["headers"]["authorization"][-4:] for r in self.up.requests], ["AAAA", "BBBB"])
+        ring = self.app.providers["up"].keyring
+        self.assertEqual(ring.keys[0].cooldown_until, self.clock.t + 17)
+        # the cooling key is skipped for the next request
+        await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(self.up.requests[-1]["headers"]["authorization"][-4:], "BBBB")
+        self.clock.t += 17                  # cooled down: key A is probed again (and 429s again)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 200)
+        self.assertEqual([r["headers"]["authorization"][-4:] for r in self.up.requests[-2:]], ["AAAA", "BBBB"])
+
+    async def test_all_keys_cooling_gives_429_with_retry_after(self):
+        async def handler(req, w):
+            wait = "30" if req["headers"]["authorization"].endswith("AAAA") else "12"
+            reply_json(w, 429, {"error": {"message": "quota", "type": "rate_limit_error"}}, headers=[("retry-after", wait)])
+        await self.start(handler)
+        status, headers, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 429)
+        self.assertEqual(headers["retry-after"], "12")
+        err = json.loads(data)["error"]
+        self.assertEqual(err["type"], "rate_limit_error")
+        self.assertIn("quota", err["message"])
+        self.assertEqual(len(self.up.requests), 2)
+        status, headers, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual((status, len(self.up.requests)), (429, 2))     # no upstream call while all cool
+
+    async def test_401_disables_key(self):
+        async def handler(req, w):
+            if req["headers"]["authorization"].endswith("AAAA"):
+                reply_json(w, 401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
+            else:
+                reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        for _ in range(3):
+            status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+            self.assertEqual(status, 200)
+        self.assertEqual([r["headers"]["authorization"][-4:] for r in self.up.requests], ["AAAA", "BBBB", "BBBB", "BBBB"])
+        status, _, data = await self.call("GET", "/health")
+        keys = json.loads(data)["providers"]["up"]["keys"]
+        self.assertEqual([k["state"] for k in keys], ["disabled", "ok"])
+        self.assertNotIn("sk-upstream", data.decode())
+
+    async def test_all_keys_rejected_is_502(self):
+        async def handler(req, w):
+            reply_json(w, 403, {"error": {"message": "forbidden"}})
+        await self.start(handler)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(data)["error"]["code"], "upstream_keys_rejected")
+
+
+class TestUpstreamFailures(ProxyCase):
+    async def test_upstream_timeout_is_504(self):
+        async def handler(req, w):
+            await self.up.hang()
+            return False
+        self.up = await FakeUpstream(handler).start()
+        cfg = base_config(self.up.port)
+        cfg["providers"]["up"]["read_timeout_s"] = 0.2
+        await self.start(config=cfg)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 504)
+        self.assertEqual(json.loads(data)["error"]["code"], "upstream_timeout")
+
+    async def test_connect_refused_is_502(self):
+        import socket
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+        s.close()
+        await self.start(port=dead_port)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(data)["error"]["code"], "connect_failed")
+
+    async def test_html_error_page_becomes_clean_json(self):
+        async def handler(req, w):
+            reply_json(w, 503, None, raw=b"<html><title>503 Service Temporarily Unavailable</title></html>",
+                       ctype="text/html", headers=[("retry-after", "3")])
+        await self.start(handler)
+        status, headers, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 503)
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertEqual(headers["retry-after"], "3")
+        err = json.loads(data)["error"]
+        self.assertIn("503 Service Temporarily Unavailable", err["message"])
+        self.assertEqual(err["type"], "upstream_error")
+
+    async def test_json_upstream_error_relayed_as_is(self):
+        body = {"error": {"message": "bad temperature", "type": "invalid_request_error", "param": "temperature"}}
+
+        async def handler(req, w):
+            reply_json(w, 400, body)
+        await self.start(handler)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual((status, json.loads(data)), (400, body))
+        self.assertEqual(self.app.providers["up"].keyring.snapshot()[0]["state"], "ok")   # 400 never cools
+
+    async def test_malformed_upstream_reply_is_502(self):
+        async def handler(req, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello")
+            return False
+        await self.start(handler)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 502)
+        self.assertEqual(json.loads(data)["error"]["code"], "upstream_framing")
+
+
+class TestServerHardening(ProxyCase):
+    async def raw(self, data: bytes, read_all=True):
+        c = await self.conn()
+        c.writer.write(data)
+        status, headers, body = await c.read_response()
+        return status, headers, body, c
+
+    async def test_smuggling_attempts_get_400_and_close(self):
+        await self.start(port=9)
+        attempts = [
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nx\r\n0\r\n\r\n",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nHost: a\rX: 1\r\n\r\n",
+        ]
+        for raw in attempts:
+            with self.subTest(raw=raw[:60]):
+                status, headers, body, c = await self.raw(raw.replace(b"Host: a", b"Host: a\r\nAuthorization: Bearer "
+                                                                      + CLIENT_KEY.encode()))
+                self.assertEqual(status, 400)
+                self.assertEqual(headers.get("connection"), "close")
+                self.assertIn("error", json.loads(body))
+                self.assertTrue(await c.closed())
+        status, _, _ = await self.call("GET", "/health")      # still serving
+        self.assertEqual(status, 200)
+
+    async def test_oversize_body_413_without_reading(self):
+        await self.start(port=9, limits=lp.ServerLimits(max_body=1000))
+        c = await self.conn()
+        c.writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + CLIENT_KEY.encode()
+                       + b"\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        status, headers, body = await c.read_response()
+        self.assertEqual(status, 413)                     # no "100 Continue" came first
+        self.assertEqual(headers["connection"], "close")
+        # chunked bodies are counted as they arrive
+        c2 = await self.conn()
+        c2.writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + CLIENT_KEY.encode()
+                        + b"\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n" + b"x" * 2048 + b"\r\n")
+        status, _, _ = await c2.read_response()
+        self.assertEqual(status, 413)
+
+    async def test_expect_continue_and_chunked_body(self):
+        await self.start(config={"env_providers": False, "auth": {"keys": [CLIENT_KEY]}})
+        c = await self.conn()
+        body = json.dumps({"model": "mock", "messages": [{"role": "user", "content": "hi there"}]}).encode()
+        c.writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + CLIENT_KEY.encode()
+                       + b"\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n")
+        status, _ = await c.read_head()
+        self.assertEqual(status, 100)
+        c.writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        status, _, data = await c.read_response()
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "hi there")
+
+    async def test_head_too_large_431(self):
+        await self.start(port=9)
+        status, _, _, c = await self.raw(b"GET /health HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
+        self.assertEqual(status, 431)
+
+    async def test_slow_head_408(self):
+        await self.start(port=9, limits=lp.ServerLimits(head_timeout=0.1))
+        c = await self.conn()
+        c.writer.write(b"GET /health HTTP/1.1\r\nHo")
+        status, headers, body = await c.read_response()
+        self.assertEqual(status, 408)
+        self.assertTrue(await c.closed())
+
+    async def test_idle_keepalive_closed_quietly(self):
+        await self.start(port=9, limits=lp.ServerLimits(keepalive_timeout=0.1))
+        c = await self.conn()
+        status, _, _ = await c.request("GET", "/health")
+        self.assertEqual(status, 200)
+        self.assertEqual(await asyncio.wait_for(c.reader.read(), 3), b"")      # closed, no stray 408
+
+    async def test_404_405_head_options(self):
+        await self.start(port=9)
+        status, headers, body = await self.call("GET", "/nope")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (404, "unknown_url"))
+        status, headers, body = await self.call("DELETE", "/v1/chat/completions")
+        self.assertEqual((status, headers["allow"]), (405, "POST"))
+        status, headers, body = await self.call("HEAD", "/health")
+        self.assertEqual((status, body), (200, b""))
+        self.assertGreater(int(headers["content-length"]), 0)
+        status, headers, _ = await self.call("OPTIONS", "/v1/chat/completions", key=None, headers={
+            "origin": "http://app.example", "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type"})
+        self.assertEqual(status, 204)
+        self.assertEqual(headers["access-control-allow-origin"], "*")
+        self.assertIn("POST", headers["access-control-allow-methods"])
+        self.assertEqual(headers["access-control-allow-headers"], "authorization, content-type")
+
+    async def test_cors_allow_list(self):
+        cfg = {"env_providers": False, "auth": {"keys": [CLIENT_KEY]}, "cors": {"origins": ["http://ok.example"]}}
+        await self.start(config=cfg)
+        _, headers, _ = await self.call("GET", "/health", headers={"origin": "http://ok.example"})
+        self.assertEqual(headers["access-control-allow-origin"], "http://ok.example")
+        _, headers, _ = await self.call("GET", "/health", headers={"origin": "http://evil.example"})
+        self.assertNotIn("access-control-allow-origin", headers)
+
+    async def test_garbage_never_kills_server(self):
+        await self.start(port=9)
+        for junk in (b"\x00\xff\xfe garbage\r\n\r\n", b"GET\r\n\r\n", b"POST / HTTP/1.1\r\nHost: a\r\n"
+                     b"Content-Length: 99999999999999999999\r\n\r\n", b"\r\n\r\n\r\n\r\n"):
+            c = await self.conn()
+            c.writer.write(junk)
+            c.writer.write_eof()
+            await asyncio.wait_for(c.reader.read(), 3)
+        status, _, body = await self.call("POST", "/v1/chat/completions", b"{not json")
+        self.assertEqual((status, json.loads(body)["error"]["type"]), (400, "invalid_request_error"))
+        status, _, body = await self.call("POST", "/v1/chat/completions", {"messages": []})
+        self.assertEqual((status, json.loads(body)["error"]["param"]), (400, "model"))
+        status, _, _ = await self.call("GET", "/health")
+        self.assertEqual(status, 200)
+
+
+class TestAuth(ProxyCase):
+    async def test_client_key_locations(self):
+        await self.start(config={"env_providers": False, "auth": {"keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]}})
+        body = {"model": "mock", "messages": [{"role": "user", "content": "x"}]}
+        good = [({"authorization": "Bearer " + CLIENT_KEY}, ""), ({"x-api-key": CLIENT_KEY}, ""),
+                ({"x-goog-api-key": CLIENT_KEY}, ""), ({}, "?key=" + CLIENT_KEY),
+                ({"authorization": "bearer " + ADMIN_KEY}, "")]
+        for headers, query in good:
+            with self.subTest(headers=headers, query=query):
+                status, _, _ = await self.call("POST", "/v1/chat/completions" + query, body, headers=headers, key=None)
+                self.assertEqual(status, 200)
+        bad = [({}, ""), ({"authorization": "Bearer wrong"}, ""), ({"authorization": "Basic " + CLIENT_KEY}, ""),
+               ({"x-api-key": CLIENT_KEY[:-1]}, "")]
+        for headers, query in bad:
+            with self.subTest(headers=headers):
+                status, hdrs, data = await self.call("POST", "/v1/chat/completions", body, headers=headers, key=None)
+                self.assertEqual(status, 401)
+                self.assertEqual(json.loads(data)["error"]["type"], "authentication_error")
+                self.assertNotIn(CLIENT_KEY, data.decode())
+
+    async def test_health_detail_needs_a_key(self):
+        await self.start(port=9)
+        _, _, data = await self.call("GET", "/health", key=None)
+        self.assertEqual(set(json.loads(data)), {"status", "version", "uptime_s"})
+        _, _, data = await self.call("GET", "/health")
+        self.assertIn("providers", json.loads(data))
+
+    async def test_admin_keys_lifecycle(self):
+        await self.start(config={"env_providers": False, "auth": {"keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]}})
+        status, _, _ = await self.call("GET", "/admin/keys")
+        self.assertEqual(status, 403)
+        status, _, data = await self.call("POST", "/admin/keys", {"name": "laptop"}, key=ADMIN_KEY)
+        self.assertEqual(status, 201)
+        made = json.loads(data)
+        status, _, data = await self.call("GET", "/admin/keys", key=ADMIN_KEY)
+        listed = json.loads(data)["keys"]
+        self.assertIn(made["id"], [k["id"] for k in listed])
+        self.assertNotIn(made["key"], data.decode())
+        self.assertNotIn(CLIENT_KEY, data.decode())
+        body = {"model": "mock", "messages": [{"role": "user", "content": "x"}]}
+        status, _, _ = await self.call("POST", "/v1/chat/completions", body, key=made["key"])
+        self.assertEqual(status, 200)
+        status, _, _ = await self.call("DELETE", "/admin/keys/" + made["id"], key=ADMIN_KEY)
+        self.assertEqual(status, 200)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", body, key=made["key"])
+        self.assertEqual(status, 401)
+        status, _, _ = await self.call("DELETE", "/admin/keys/cfg0", key=ADMIN_KEY)
+        self.assertEqual(status, 404)
+
+    async def test_auth_off_on_loopback(self):
+        await self.start(config={"env_providers": False, "auth": {"enabled": False}})
+        status, _, _ = await self.call("POST", "/v1/chat/completions",
+                                       {"model": "mock", "messages": [{"role": "user", "content": "x"}]}, key=None)
+        self.assertEqual(status, 200)
+        status, _, _ = await self.call("GET", "/admin/keys", key=None)
+        self.assertEqual(status, 401)
+
+
+class TestMockEndToEnd(ProxyCase):
+    async def test_streaming_tool_call_over_mock(self):
+        await self.start(config={"env_providers": False, "auth": {"keys": [CLIENT_KEY]}})
+        status, headers, body = await self.call("POST", "/v1/chat/completions", {
+            "model": "anything", "stream": True, "messages": [{"role": "user", "content": "call get_weather"}],
+            "tools": TestMock.TOOLS})
+        self.assertEqual(status, 200)
+        events = lp.SSEDecoder().feed(body)
+        self.assertEqual(events[-1].data, "[DONE]")
+        finish = [json.loads(e.data)["choices"][0]["finish_reason"] for e in events[:-1]]
+        self.assertEqual(finish[-1], "tool_calls")
+
+
+class TestShutdown(ProxyCase):
+    async def test_in_flight_stream_finishes_during_shutdown(self):
+        gate = asyncio.Event()
+
+        async def handler(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0])
+            await gate.wait()
+            for ev in STREAM_EVENTS[1:]:
+                sse_chunk(w, ev)
+            w.write(b"0\r\n\r\n")
+        await self.start(handler)
+        idle = await self.conn()
+        await idle.request("GET", "/health")
+        c = await self.conn()
+        c.send("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
+        await c.read_head()
+        chunks = c.read_chunks()
+        await chunks.__anext__()
+        shutdown = asyncio.ensure_future(self.server.shutdown(5))
+        await asyncio.sleep(0)
+        self.assertTrue(await idle.closed())            # idle keep-alive connections go at once
+        gate.set()
+        rest = b""
+        async for piece in chunks:
+            rest += piece
+        self.assertTrue(rest.endswith(b"data: [DONE]\n\n"))
+        await asyncio.wait_for(shutdown, 5)
+        self.server = None
+        self.app.close()
+
+
+# 13. CLI #####################################################################
+
+class TestCLI(unittest.TestCase):
+    def run_main(self, argv, env=None):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            old = dict(os.environ)
+            os.environ.update(env or {})
+            try:
+                code = lp.main(argv)
+            except SystemExit as e:
+                code = e.code
+            finally:
+                os.environ.clear()
+                os.environ.update(old)
+        return code, out.getvalue(), err.getvalue()
+
+    def test_version_and_bad_config(self):
+        code, out, _ = self.run_main(["--version"])
+        self.assertEqual((code, out.strip()), (0, "llmproxy " + lp.__version__))
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            f.write('{"providers": {"x": {"base_url": 5}}}')
+        try:
+            code, _, err = self.run_main(["--config", f.name, "check"])
+        finally:
+            os.unlink(f.name)
+        self.assertEqual(code, 2)
+        self.assertIn("providers.x.base_url", err)
+
+    def test_keys_commands(self):
+        with tempfile.TemporaryDirectory() as d:
+            code, out, _ = self.run_main(["keys", "new", "--name", "ci", "--data-dir", d])
+            self.assertEqual(code, 0)
+            secret = out.split(": ", 1)[1].split()[0]
+            key_id = out.split()[3].rstrip(":")
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(d, "keys.json")).st_mode), 0o600)
+            code, out, _ = self.run_main(["--data-dir", d, "keys", "list"])
+            self.assertIn(key_id, out)
+            self.assertNotIn(secret, out)
+            self.assertEqual(self.run_main(["keys", "revoke", key_id, "--data-dir", d])[0], 0)
+            self.assertEqual(self.run_main(["keys", "revoke", key_id, "--data-dir", d])[0], 1)
+
+
+class TestZeroConfigProcess(unittest.TestCase):
+    def test_fresh_start_serves_mock_and_exits_0_on_sigterm(self):
+        with tempfile.TemporaryDirectory() as d:
+            env = {"PATH": os.environ.get("PATH", ""), "LLMPROXY_DATA_DIR": d, "HOME": d, "PYTHONUNBUFFERED": "1"}
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmproxy.py"), "--port", "0"],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                port, key = None, None
+                deadline = time.monotonic() + 10
+                while (port is None or key is None) and time.monotonic() < deadline:
+                    line = proc.stdout.readline()
+                    if not line:
+                        break
+                    if "listening on" in line:
+                        port = int(line.rsplit(":", 1)[1])
+                    if "new client key" in line:
+                        key = line.rsplit(": ", 1)[1].strip()
+                self.assertIsNotNone(port)
+                self.assertIsNotNone(key)
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("POST", "/v1/chat/completions", json.dumps({
+                    "model": "mock", "stream": True, "messages": [{"role": "user", "content": "ping pong"}]}),
+                    {"Authorization": "Bearer " + key})
+                r = conn.getresponse()
+                body = r.read().decode()
+                conn.close()
+                self.assertEqual(r.status, 200)
+                self.assertIn('"content":"ping "', body)
+                self.assertTrue(body.endswith("data: [DONE]\n\n"))
+                proc.send_signal(signal.SIGTERM)
+                self.assertEqual(proc.wait(10), 0)
+                self.assertIn("status=200", proc.stderr.read())
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()
+                proc.stderr.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
