@@ -9,6 +9,7 @@ import contextlib
 import http.client
 import io
 import json
+import logging
 import os
 import signal
 import stat
@@ -21,6 +22,8 @@ import unittest
 import llmproxy as lp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+lp.log.addHandler(logging.NullHandler())     # tests that read the log install their own handler
+lp.log.propagate = False
 
 
 # helpers #####################################################################
@@ -1046,6 +1049,147 @@ class TestUpstreamFailures(ProxyCase):
         status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
         self.assertEqual(status, 502)
         self.assertEqual(json.loads(data)["error"]["code"], "upstream_framing")
+
+
+class TestClientFeatures(ProxyCase):
+    async def test_gzip_reply_is_decoded(self):
+        import gzip
+        payload = gzip.compress(json.dumps(CHAT_OK).encode())
+
+        async def handler(req, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(payload), payload))
+        await self.start(handler)
+        status, headers, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual((status, json.loads(data)), (200, CHAT_OK))
+        self.assertNotIn("content-encoding", headers)
+        self.assertEqual(self.up.requests[0]["headers"]["accept-encoding"], "identity")
+
+    async def test_http_proxy_absolute_form_with_auth(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        proxy = await FakeUpstream(handler).start()
+        try:
+            client = lp.HTTPClient(lp.ProxySettings({"http_proxy": "http://user:p%%40ss@127.0.0.1:%d" % proxy.port}))
+            resp = await client.request("POST", "http://upstream.example:8080/v1/chat/completions",
+                                        [("content-type", "application/json")], b"{}")
+            self.assertEqual(json.loads(await resp.read()), CHAT_OK)
+            seen = proxy.requests[0]
+            self.assertEqual(seen["path"], "http://upstream.example:8080/v1/chat/completions")
+            self.assertEqual(seen["headers"]["host"], "upstream.example:8080")
+            import base64
+            self.assertEqual(seen["headers"]["proxy-authorization"], "Basic " + base64.b64encode(b"user:p@ss").decode())
+            client.close()
+        finally:
+            await proxy.close()
+
+    async def test_https_through_connect_tunnel(self):
+        import shutil
+        import ssl
+        if not shutil.which("openssl"):
+            self.skipTest("openssl not available to make a test certificate")
+        cert, keyf = os.path.join(self.tmp.name, "c.pem"), os.path.join(self.tmp.name, "k.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", keyf, "-out", cert,
+                        "-days", "1", "-subj", "/CN=upstream.test", "-addext", "subjectAltName=DNS:upstream.test"],
+                       check=True, capture_output=True)
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ctx.load_cert_chain(cert, keyf)
+        seen = {}
+
+        async def tls_upstream(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen["head"] = head
+            body = json.dumps(CHAT_OK).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            await writer.drain()
+            writer.close()
+        tls_server = await asyncio.start_server(tls_upstream, "127.0.0.1", 0, ssl=server_ctx)
+        tls_port = tls_server.sockets[0].getsockname()[1]
+
+        proxy_tasks = set()
+
+        async def connect_proxy(reader, writer):
+            proxy_tasks.add(asyncio.current_task())
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen["connect"] = head
+            r2, w2 = await asyncio.open_connection("127.0.0.1", tls_port)
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            async def pipe(a, b):
+                try:
+                    while True:
+                        data = await a.read(65536)
+                        if not data:
+                            break
+                        b.write(data)
+                        await b.drain()
+                except ConnectionError:
+                    pass
+                finally:
+                    b.transport.abort()
+            await asyncio.gather(pipe(reader, w2), pipe(r2, writer))
+        proxy_server = await asyncio.start_server(connect_proxy, "127.0.0.1", 0)
+        proxy_port = proxy_server.sockets[0].getsockname()[1]
+        try:
+            client_ctx = ssl.create_default_context(cafile=cert)
+            client = lp.HTTPClient(lp.ProxySettings({"HTTPS_PROXY": "127.0.0.1:%d" % proxy_port}), tls=client_ctx)
+            # upstream.test resolves nowhere: only the proxy's CONNECT can reach it
+            resp = await client.request("GET", "https://upstream.test/v1/models", [])
+            self.assertEqual(json.loads(await resp.read()), CHAT_OK)
+            self.assertTrue(seen["connect"].startswith(b"CONNECT upstream.test:443 HTTP/1.1\r\n"))
+            self.assertTrue(seen["head"].startswith(b"GET /v1/models HTTP/1.1\r\n"))
+            client.close()
+        finally:
+            if proxy_tasks:
+                await asyncio.wait(proxy_tasks, timeout=2)
+            proxy_server.close()
+            tls_server.close()
+            await proxy_server.wait_closed()
+            await tls_server.wait_closed()
+
+    async def test_request_log_line_has_fields_and_no_secrets(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        stream = io.StringIO()
+        lp.setup_logging("info", "json", stream)
+        try:
+            await self.call("POST", "/v1/chat/completions", {"model": "fast", "messages": []})
+            await self.call("GET", "/v1/models", key="wrong-key-zzzzzzzzzz")
+        finally:
+            lp.log.handlers[:] = [logging.NullHandler()]
+        lines = [json.loads(l) for l in stream.getvalue().splitlines()]
+        chat = next(l for l in lines if l["msg"] == "POST /v1/chat/completions")
+        self.assertEqual((chat["status"], chat["model"], chat["provider"]), (200, "fast", "up"))
+        self.assertEqual((chat["key"], chat["upkey"], chat["tokens_in"], chat["tokens_out"]),
+                         ("...6789", "...AAAA", 11, 7))
+        self.assertIn("ttfb_ms", chat)
+        self.assertIn("total_ms", chat)
+        self.assertTrue(any(l["msg"] == "GET /v1/models" and l["status"] == 401 for l in lines))
+        text = stream.getvalue()
+        for secret in [CLIENT_KEY, "wrong-key-zzzzzzzzzz"] + UP_KEYS:
+            self.assertNotIn(secret, text)
+
+    async def test_check_probes_every_key(self):
+        async def handler(req, w):
+            if req["headers"].get("authorization", "").endswith("AAAA"):
+                reply_json(w, 200, {"object": "list", "data": []})
+            else:
+                reply_json(w, 401, {"error": {"message": "bad key"}})
+        self.up = await FakeUpstream(handler).start()
+        cfg = lp.load_config(None, {}, {})
+        cfg.providers = {"up": lp.ProviderConfig(name="up", base_url="http://127.0.0.1:%d/v1" % self.up.port,
+                                                 keys=list(UP_KEYS))}
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = await lp.run_check(cfg)
+        self.assertEqual(code, 1)
+        rows = out.getvalue().splitlines()
+        self.assertIn("ok", rows[1])
+        self.assertIn("FAIL", rows[2])
+        self.assertIn("bad key", rows[2])
+        self.assertNotIn(UP_KEYS[0], out.getvalue())
 
 
 class TestServerHardening(ProxyCase):
