@@ -1455,6 +1455,28 @@ class TestCLI(unittest.TestCase):
             self.assertEqual(self.run_main(["keys", "revoke", key_id, "--data-dir", d])[0], 1)
 
 
+class TestSelfLoop(unittest.TestCase):
+    def test_base_url_pointing_at_the_proxy_is_refused(self):
+        cfg = lp.load_config(None, {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://localhost:8787/v1"}, {})
+        app = lp.App(cfg)
+        self.assertIn("points at this proxy", app.self_loop("127.0.0.1", 8787))
+        self.assertIsNone(app.self_loop("127.0.0.1", 9999))
+        with tempfile.TemporaryDirectory() as d:
+            env = dict(os.environ, OPENAI_API_KEY="k", OPENAI_BASE_URL="http://127.0.0.1:%d/v1" % 0,
+                       LLMPROXY_DATA_DIR=d)
+            # port 0 cannot loop; a fixed port equal to the base URL's must be refused with exit 2
+            import socket
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            env["OPENAI_BASE_URL"] = "http://127.0.0.1:%d/v1" % port
+            proc = subprocess.run([sys.executable, os.path.join(HERE, "llmproxy.py"), "--port", str(port)],
+                                  env=env, capture_output=True, text=True, timeout=20)
+            self.assertEqual(proc.returncode, 2)
+            self.assertIn("points at this proxy", proc.stderr)
+
+
 class TestZeroConfigProcess(unittest.TestCase):
     def test_fresh_start_serves_mock_and_exits_0_on_sigterm(self):
         with tempfile.TemporaryDirectory() as d:
