@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections import OrderedDict
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -1276,19 +1277,16 @@ def render_sse(data, event: Optional[str] = None, id: Optional[str] = None) -> b
     return "".join(parts).encode("utf-8")
 
 
-_USAGE_KEY = b'"usage"'
-
-
-def sniff_usage(data: bytes) -> Optional[dict]:
-    """Find the last non-null `"usage": {...}` object in a JSON body or the tail of
-    an SSE stream without parsing the rest of it."""
+def sniff_usage(data: bytes, key: bytes = b'"usage"') -> Optional[dict]:
+    """Find the last non-null `"usage": {...}` object (or another key's) in a JSON body
+    or the tail of an SSE stream without parsing the rest of it."""
     pos = len(data)
     decoder = json.JSONDecoder()
     while True:
-        pos = data.rfind(_USAGE_KEY, 0, pos)
+        pos = data.rfind(key, 0, pos)
         if pos < 0:
             return None
-        colon = data.find(b":", pos + len(_USAGE_KEY))
+        colon = data.find(b":", pos + len(key))
         if colon < 0:
             continue
         start = colon + 1
@@ -1306,41 +1304,2290 @@ def sniff_usage(data: bytes) -> Optional[dict]:
                     return obj
 
 
-# 6. formats ##################################################################
-# Wire-format helpers. Only this section and the mock read raw OpenAI JSON
-# keys. The canonical hub (Anthropic, Responses, Gemini) grows here.
+# 6. canonical model and wire formats #########################################
+# The hub. Every wire format (OpenAI Chat, OpenAI Responses, Anthropic Messages,
+# Gemini) has one class that parses its requests/responses/streams into the
+# canonical model and renders the canonical model back; any front-end reaches
+# any back-end through it, never through a pairwise converter. Only the format
+# classes read raw JSON keys. Per-chunk stream events are plain tuples:
+#   ("start", id, model, Usage|None)     ("text", str)      ("thinking", str)
+#   ("signature", sig, origin)           ("redacted", data, origin)
+#   ("tool_start", index, id, name, signature|None, origin|None)
+#   ("tool_args", index, str)            ("finish", stop, Usage|None)
+#   ("error", ProxyError)
+# Canonical stop reasons: end, max_tokens, tool_use, stop_sequence,
+# content_filter. Provider-owned artifacts (signatures, encrypted reasoning,
+# thought signatures) carry their origin and are replayed only to it.
 
 _ERROR_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                          404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                          413: "invalid_request_error", 429: "rate_limit_error"}
+UNSIGNED = "llmproxy-unsigned"      # signature we give thinking that no provider signed
+STOP_REASONS = ("end", "max_tokens", "tool_use", "stop_sequence", "content_filter")
 
 
-class OpenAIFormat:
+class Usage:
+    """Token counts. input includes cached reads and cache writes; output includes reasoning."""
+    __slots__ = ("input", "output", "cached", "cache_write", "reasoning")
+
+    def __init__(self, input=0, output=0, cached=0, cache_write=0, reasoning=0):
+        self.input = input or 0
+        self.output = output or 0
+        self.cached = cached or 0
+        self.cache_write = cache_write or 0
+        self.reasoning = reasoning or 0
+
+    def as_tuple(self):
+        return (self.input, self.output, self.cached, self.cache_write, self.reasoning)
+
+    def __eq__(self, other):
+        return isinstance(other, Usage) and self.as_tuple() == other.as_tuple()
+
+    def __repr__(self):
+        return "Usage%r" % (self.as_tuple(),)
+
+
+@dataclasses.dataclass
+class Part:
+    """One piece of a message. type: text | image | tool_call | tool_result | thinking | redacted."""
+    type: str
+    text: str = ""                       # text, thinking
+    id: str = ""                         # tool_call / tool_result id, reasoning item id
+    name: str = ""                       # tool name
+    arguments: str = ""                  # tool_call arguments as a JSON string
+    media_type: str = ""                 # image
+    data: str = ""                       # image base64, redacted thinking payload
+    url: str = ""                        # image URL
+    content: List["Part"] = dataclasses.field(default_factory=list)   # tool_result content
+    is_error: bool = False
+    signature: str = ""                  # thinking signature / encrypted reasoning / thoughtSignature
+    origin: str = ""                     # the format that produced signature or data
+    custom: bool = False                 # a Responses custom tool call (single string input)
+
+
+@dataclasses.dataclass
+class Message:
+    role: str                            # user | assistant
+    parts: List[Part] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Tool:
+    name: str
+    description: str = ""
+    parameters: dict = dataclasses.field(default_factory=lambda: {"type": "object", "properties": {}})
+    custom: bool = False                 # Responses custom tool: one string argument "input"
+
+
+@dataclasses.dataclass
+class ChatRequest:
+    model: str
+    messages: List[Message] = dataclasses.field(default_factory=list)
+    system: List[str] = dataclasses.field(default_factory=list)
+    tools: List[Tool] = dataclasses.field(default_factory=list)
+    tool_choice: Any = None              # None | "auto" | "none" | "required" | ("tool", name)
+    parallel_tool_calls: Optional[bool] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    stop: List[str] = dataclasses.field(default_factory=list)
+    seed: Optional[int] = None
+    response_format: Optional[dict] = None   # {"type":"json_object"} | {"type":"json_schema","name","schema","strict"}
+    reasoning_effort: Optional[str] = None
+    reasoning_budget: Optional[int] = None
+    thinking: Optional[bool] = None      # None: the model's default
+    user: Optional[str] = None
+    metadata: Optional[dict] = None
+    stream: bool = False
+    include_usage: bool = False          # OpenAI client asked for the usage chunk
+    store: Optional[bool] = None
+    previous_response_id: Optional[str] = None
+    custom_tools: List[str] = dataclasses.field(default_factory=list)   # names declared custom by the client
+
+
+@dataclasses.dataclass
+class ChatResponse:
+    id: str
+    model: str
+    parts: List[Part] = dataclasses.field(default_factory=list)
+    stop: str = "end"
+    stop_sequence: Optional[str] = None
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    created: int = 0
+
+
+def _jdump(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def _jbytes(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def parse_arguments(text: str) -> dict:
+    """Tool arguments string -> object; invalid or non-object JSON gives {} (logged)."""
+    if not text or not text.strip():
+        return {}
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        log.warning("tool call arguments are not valid JSON; sending {} (%d chars)", len(text))
+        return {}
+    return obj if isinstance(obj, dict) else {"value": obj}
+
+
+def parse_data_url(url: str) -> Optional[Tuple[str, str]]:
+    """data:<mime>;base64,<b64> -> (mime, b64)."""
+    if not url.startswith("data:"):
+        return None
+    head, sep, data = url[5:].partition(",")
+    if not sep or not head.endswith(";base64"):
+        return None
+    return head[:-7] or "application/octet-stream", data
+
+
+def image_part(url: str) -> Part:
+    d = parse_data_url(url)
+    if d:
+        return Part("image", media_type=d[0], data=d[1])
+    return Part("image", url=url)
+
+
+def image_url(p: Part) -> str:
+    return p.url or "data:%s;base64,%s" % (p.media_type or "image/png", p.data)
+
+
+def text_of(parts: List[Part]) -> str:
+    return "".join(p.text for p in parts if p.type == "text")
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+def merge_messages(messages: List[Message]) -> List[Message]:
+    """Adjacent messages with the same role become one (every back-end wants alternation)."""
+    out: List[Message] = []
+    for m in messages:
+        if out and out[-1].role == m.role:
+            out[-1].parts.extend(m.parts)
+        else:
+            out.append(Message(m.role, list(m.parts)))
+    return out
+
+
+def drop_field(fmt: str, name: str):
+    log.debug("%s: field %r has no equivalent here; dropped", fmt, name)
+
+
+# effort <-> thinking budget (hermes-agent's table), Gemini levels
+EFFORT_BUDGET = {"minimal": 1024, "low": 4000, "medium": 8000, "high": 16000, "xhigh": 32000, "max": 32000}
+
+
+def budget_effort(budget: int) -> str:
+    for name in ("minimal", "low", "medium", "high"):
+        if budget <= EFFORT_BUDGET[name]:
+            return name
+    return "xhigh"
+
+
+class CanonicalStream:
+    """Base for stream decoders: feed(SSEEvent) -> [event]; close() -> [event]."""
+    name = ""
+
+    def feed(self, ev: SSEEvent) -> list:
+        raise NotImplementedError
+
+    def close(self) -> list:
+        return []
+
+
+# 6a. OpenAI Chat Completions #################################################
+
+_OC_STOP_IN = {"stop": "end", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+               "content_filter": "content_filter"}
+_OC_STOP_OUT = {"end": "stop", "max_tokens": "length", "tool_use": "tool_calls", "stop_sequence": "stop",
+                "content_filter": "content_filter"}
+
+
+class OpenAIChat:
     name = "openai"
+    endpoint = "/chat/completions"
+
+    # -- errors and usage ---------------------------------------------------
 
     @staticmethod
     def render_error(err: ProxyError) -> dict:
-        return {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}}
+        kind = err.kind
+        if kind in ("upstream_error", "api_error") and err.status >= 500:
+            kind = "server_error" if kind == "api_error" else kind
+        return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
+
+    @classmethod
+    def render_stream_error(cls, err: ProxyError) -> bytes:
+        """In-band error: the OpenAI SDK raises on a data object with "error"."""
+        return render_sse(_jdump(cls.render_error(err)))
+
+    @staticmethod
+    def parse_usage(usage) -> Optional[Usage]:
+        if not isinstance(usage, dict):
+            return None
+        if "prompt_tokens" not in usage and "input_tokens" in usage:      # Responses-style
+            return OpenAIResponses.parse_usage(usage)
+        tin = usage.get("prompt_tokens") or 0
+        tout = usage.get("completion_tokens")
+        if tout is None:
+            tout = max(0, (usage.get("total_tokens") or 0) - tin)
+        ptd = usage.get("prompt_tokens_details") or {}
+        ctd = usage.get("completion_tokens_details") or {}
+        cached = ptd.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
+        return Usage(tin, tout, cached, ptd.get("cache_write_tokens") or 0, ctd.get("reasoning_tokens") or 0)
+
+    @staticmethod
+    def render_usage(u: Usage) -> dict:
+        return {"prompt_tokens": u.input, "completion_tokens": u.output, "total_tokens": u.input + u.output,
+                "prompt_tokens_details": {"cached_tokens": u.cached},
+                "completion_tokens_details": {"reasoning_tokens": u.reasoning}}
+
+    # -- requests -----------------------------------------------------------
+
+    @staticmethod
+    def _content_parts(content) -> List[Part]:
+        if isinstance(content, str):
+            return [Part("text", text=content)] if content else []
+        out = []
+        for c in content or []:
+            if not isinstance(c, dict):
+                continue
+            t = c.get("type")
+            if t in ("text", "input_text", "output_text") and isinstance(c.get("text"), str):
+                out.append(Part("text", text=c["text"]))
+            elif t == "image_url":
+                iu = c.get("image_url")
+                url = iu.get("url") if isinstance(iu, dict) else iu
+                if isinstance(url, str):
+                    out.append(image_part(url))
+            elif t == "refusal" and c.get("refusal"):
+                out.append(Part("text", text=c["refusal"]))
+            else:
+                drop_field("openai", "content type %s" % t)
+        return out
+
+    @classmethod
+    def parse_request(cls, body: dict) -> ChatRequest:
+        req = ChatRequest(model=body.get("model") or "")
+        msgs = body.get("messages")
+        if not isinstance(msgs, list):
+            raise ProxyError(400, "invalid_request_error", "'messages' must be an array", param="messages")
+        for m in msgs:
+            if not isinstance(m, dict):
+                raise ProxyError(400, "invalid_request_error", "each message must be an object", param="messages")
+            role = m.get("role")
+            if role in ("system", "developer"):
+                text = text_of(cls._content_parts(m.get("content")))
+                if text:
+                    req.system.append(text)
+            elif role == "user":
+                req.messages.append(Message("user", cls._content_parts(m.get("content"))))
+            elif role == "assistant":
+                parts = []
+                reasoning = m.get("reasoning_content") or m.get("reasoning")
+                if isinstance(reasoning, str) and reasoning:
+                    parts.append(Part("thinking", text=reasoning, origin="openai"))
+                parts.extend(cls._content_parts(m.get("content")))
+                calls = m.get("tool_calls") or []
+                if isinstance(m.get("function_call"), dict):
+                    calls = calls + [{"id": "call_legacy", "function": m["function_call"]}]
+                for tc in calls:
+                    fn = tc.get("function") or tc.get("custom") or {}
+                    args = fn.get("arguments", fn.get("input", ""))
+                    parts.append(Part("tool_call", id=tc.get("id") or new_id("call_"), name=fn.get("name", ""),
+                                      arguments=args if isinstance(args, str) else _jdump(args)))
+                req.messages.append(Message("assistant", parts))
+            elif role in ("tool", "function"):
+                content = cls._content_parts(m.get("content"))
+                req.messages.append(Message("user", [Part("tool_result", id=m.get("tool_call_id") or "call_legacy",
+                                                          name=m.get("name") or "", content=content)]))
+            else:
+                raise ProxyError(400, "invalid_request_error", "unknown message role %r" % role, param="messages")
+        req.messages = merge_messages(req.messages)
+        tools = body.get("tools") or []
+        for fn in body.get("functions") or []:                       # deprecated form
+            tools.append({"type": "function", "function": fn})
+        for t in tools:
+            if not isinstance(t, dict):
+                continue
+            if t.get("type") == "custom" and isinstance(t.get("custom"), dict):
+                req.tools.append(Tool(t["custom"].get("name", ""), t["custom"].get("description") or "",
+                                      CUSTOM_TOOL_SCHEMA, custom=True))
+            elif isinstance(t.get("function"), dict):
+                fn = t["function"]
+                req.tools.append(Tool(fn.get("name", ""), fn.get("description") or "",
+                                      fn.get("parameters") or {"type": "object", "properties": {}}))
+            else:
+                drop_field("openai", "tool type %s" % t.get("type"))
+        tc = body.get("tool_choice", body.get("function_call"))
+        if isinstance(tc, str):
+            req.tool_choice = tc if tc in ("auto", "none", "required") else None
+        elif isinstance(tc, dict):
+            name = (tc.get("function") or tc.get("custom") or {}).get("name") or tc.get("name")
+            if name:
+                req.tool_choice = ("tool", name)
+        req.parallel_tool_calls = body.get("parallel_tool_calls")
+        req.max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        req.temperature = body.get("temperature")
+        req.top_p = body.get("top_p")
+        stop = body.get("stop")
+        req.stop = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
+        req.seed = body.get("seed")
+        rf = body.get("response_format")
+        if isinstance(rf, dict) and rf.get("type") == "json_object":
+            req.response_format = {"type": "json_object"}
+        elif isinstance(rf, dict) and rf.get("type") == "json_schema":
+            js = rf.get("json_schema") or {}
+            req.response_format = {"type": "json_schema", "name": js.get("name") or "response",
+                                   "schema": js.get("schema") or {}, "strict": js.get("strict")}
+        effort = body.get("reasoning_effort") or (body.get("reasoning") or {}).get("effort")
+        if isinstance(effort, str):
+            req.reasoning_effort = effort
+            req.thinking = effort not in ("none",)
+        req.user = body.get("user")
+        req.metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
+        req.stream = body.get("stream") is True
+        req.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return req
+
+    @staticmethod
+    def _render_content(parts: List[Part]):
+        if all(p.type == "text" for p in parts):
+            return "".join(p.text for p in parts)
+        out = []
+        for p in parts:
+            if p.type == "text":
+                out.append({"type": "text", "text": p.text})
+            elif p.type == "image":
+                out.append({"type": "image_url", "image_url": {"url": image_url(p)}})
+        return out
+
+    @classmethod
+    def render_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
+        options = options or {}
+        msgs: List[dict] = []
+        if req.system:
+            msgs.append({"role": "system", "content": "\n\n".join(req.system)})
+        for m in req.messages:
+            if m.role == "assistant":
+                out: Dict[str, Any] = {"role": "assistant"}
+                text = text_of(m.parts)
+                calls = [p for p in m.parts if p.type == "tool_call"]
+                out["content"] = text if text or not calls else None
+                if calls:
+                    out["tool_calls"] = [{"id": p.id, "type": "function",
+                                          "function": {"name": p.name, "arguments": p.arguments or "{}"}}
+                                         for p in calls]
+                    thought = "".join(p.text for p in m.parts if p.type == "thinking" and p.origin == "openai")
+                    if thought:         # DeepSeek-style back-ends want their reasoning back on tool turns
+                        out["reasoning_content"] = thought
+                msgs.append(out)
+                continue
+            rest = []
+            for p in m.parts:
+                if p.type == "tool_result":
+                    text = text_of(p.content)
+                    if p.is_error:
+                        text = "Error: " + text
+                    msgs.append({"role": "tool", "tool_call_id": p.id, "content": text})
+                    images = [c for c in p.content if c.type == "image"]
+                    if images:          # tool messages are text-only: images follow as a user message
+                        rest.extend(images)
+                elif p.type in ("text", "image"):
+                    rest.append(p)
+            if rest:
+                msgs.append({"role": "user", "content": cls._render_content(rest)})
+        body: Dict[str, Any] = {"model": req.model, "messages": msgs}
+        if req.tools:
+            body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                               "parameters": t.parameters}} for t in req.tools]
+        if req.tool_choice is not None and req.tools:
+            body["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice[1]}} \
+                if isinstance(req.tool_choice, tuple) else req.tool_choice
+        if req.parallel_tool_calls is not None and req.tools:
+            body["parallel_tool_calls"] = req.parallel_tool_calls
+        if req.max_tokens:
+            body[options.get("max_tokens_field", "max_tokens")] = req.max_tokens
+        for key, value in (("temperature", req.temperature), ("top_p", req.top_p), ("seed", req.seed),
+                           ("user", req.user)):
+            if value is not None:
+                body[key] = value
+        if req.stop:
+            body["stop"] = req.stop[:4]
+        if req.response_format:
+            rf = req.response_format
+            body["response_format"] = rf if rf["type"] == "json_object" else {
+                "type": "json_schema", "json_schema": {k: v for k, v in (("name", rf.get("name")),
+                                                                         ("schema", rf.get("schema")),
+                                                                         ("strict", rf.get("strict"))) if v is not None}}
+        if req.reasoning_effort or req.reasoning_budget:
+            body["reasoning_effort"] = req.reasoning_effort or budget_effort(req.reasoning_budget)
+        if req.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}     # so translated streams carry usage
+        return body
+
+    # -- responses ----------------------------------------------------------
+
+    @classmethod
+    def parse_response(cls, body: dict) -> ChatResponse:
+        choices = body.get("choices") or []
+        if not choices:
+            raise ProxyError(502, "upstream_error", "upstream reply has no choices", code="upstream_empty")
+        choice = choices[0]
+        msg = choice.get("message") or {}
+        parts = []
+        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            parts.append(Part("thinking", text=reasoning, origin="openai"))
+        if isinstance(msg.get("content"), str) and msg["content"]:
+            parts.append(Part("text", text=msg["content"]))
+        elif isinstance(msg.get("content"), list):
+            parts.extend(cls._content_parts(msg["content"]))
+        if msg.get("refusal") and not msg.get("content"):
+            parts.append(Part("text", text=msg["refusal"]))
+        calls = [p for p in (msg.get("tool_calls") or []) if isinstance(p, dict)]
+        for tc in calls:
+            fn = tc.get("function") or {}
+            args = fn.get("arguments")
+            parts.append(Part("tool_call", id=tc.get("id") or new_id("call_"), name=fn.get("name", ""),
+                              arguments=args if isinstance(args, str) else _jdump(args or {})))
+        stop = _OC_STOP_IN.get(choice.get("finish_reason"), "end")
+        if stop == "tool_use" and not calls:
+            stop = "end"                 # a tool_calls finish without a call is an ordinary end
+        return ChatResponse(body.get("id") or new_id("chatcmpl-"), body.get("model") or "", parts, stop,
+                            usage=cls.parse_usage(body.get("usage")) or Usage(), created=body.get("created") or 0)
+
+    @classmethod
+    def render_response(cls, resp: ChatResponse, req: ChatRequest) -> dict:
+        msg: Dict[str, Any] = {"role": "assistant", "content": text_of(resp.parts) or None, "refusal": None}
+        thought = "".join(p.text for p in resp.parts if p.type == "thinking")
+        if thought:
+            msg["reasoning_content"] = thought
+        calls = [p for p in resp.parts if p.type == "tool_call"]
+        if calls:
+            msg["tool_calls"] = [{"id": p.id, "type": "function", "function": {"name": p.name,
+                                                                               "arguments": p.arguments or "{}"}}
+                                 for p in calls]
+        return {"id": resp.id if resp.id.startswith("chatcmpl") else "chatcmpl-" + resp.id, "object": "chat.completion",
+                "created": resp.created or int(time.time()), "model": resp.model or req.model,
+                "choices": [{"index": 0, "message": msg, "logprobs": None,
+                             "finish_reason": "tool_calls" if calls else _OC_STOP_OUT.get(resp.stop, "stop")}],
+                "usage": cls.render_usage(resp.usage)}
+
+    # -- streams ------------------------------------------------------------
+
+    @staticmethod
+    def stream_decoder() -> "OpenAIChatDecoder":
+        return OpenAIChatDecoder()
+
+    @staticmethod
+    def stream_encoder(req: ChatRequest, options: Optional[dict] = None) -> "OpenAIChatEncoder":
+        return OpenAIChatEncoder(req, options or {})
+
+
+CUSTOM_TOOL_SCHEMA = {"type": "object", "properties": {"input": {"type": "string", "description":
+                      "the raw input for this tool"}}, "required": ["input"]}
+
+
+class OpenAIChatDecoder(CanonicalStream):
+    name = "openai"
+
+    def __init__(self):
+        self.started = False
+        self.tools: Dict[int, int] = {}       # OpenAI tool index -> canonical index
+        self.finish: Optional[str] = None
+        self.usage: Optional[Usage] = None
+        self.done = False
+
+    def feed(self, ev: SSEEvent) -> list:
+        data = ev.data
+        if self.done or not data:
+            return []
+        if data == "[DONE]":
+            return self._finish()
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return []
+        if not isinstance(chunk, dict):
+            return []
+        out = []
+        if isinstance(chunk.get("error"), dict) or (isinstance(chunk.get("error"), str) and "choices" not in chunk):
+            return [("error", upstream_stream_error(chunk))]
+        if not self.started:
+            self.started = True
+            out.append(("start", chunk.get("id") or new_id("chatcmpl-"), chunk.get("model") or "", None))
+        if chunk.get("usage"):
+            self.usage = OpenAIChat.parse_usage(chunk["usage"])
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue                  # n > 1 cannot be expressed in the other formats
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                out.append(("thinking", reasoning))
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                out.append(("text", content))
+            for tc in delta.get("tool_calls") or []:
+                idx = tc.get("index", len(self.tools))
+                fn = tc.get("function") or {}
+                if idx not in self.tools:
+                    self.tools[idx] = len(self.tools)
+                    out.append(("tool_start", self.tools[idx], tc.get("id") or new_id("call_"),
+                                fn.get("name") or "", None, None))
+                args = fn.get("arguments")
+                if args:
+                    out.append(("tool_args", self.tools[idx], args))
+            if choice.get("finish_reason"):
+                self.finish = choice["finish_reason"]
+        return out
+
+    def _finish(self) -> list:
+        self.done = True
+        stop = _OC_STOP_IN.get(self.finish, "end")
+        if stop == "tool_use" and not self.tools:
+            stop = "end"
+        return [("finish", stop, self.usage)]
+
+    def close(self) -> list:
+        if self.done:
+            return []
+        if self.finish is not None:
+            return self._finish()
+        self.done = True
+        return [("error", UpstreamError(502, "upstream stream ended before it finished", "upstream_incomplete"))]
+
+
+class OpenAIChatEncoder:
+    """Canonical events -> OpenAI chat.completion.chunk SSE frames."""
+
+    def __init__(self, req: ChatRequest, options: dict):
+        self.req = req
+        self.drop_thinking = options.get("thinking") == "drop"
+        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.model = req.model
+        self.created = int(time.time())
+        self.tool_count = 0
+        self.started = False
+        self.ended = False
+
+    def _chunk(self, delta: dict, finish=None) -> bytes:
+        return b"data: " + _jbytes({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                    "model": self.model, "choices": [{"index": 0, "delta": delta,
+                                                                      "logprobs": None, "finish_reason": finish}]}) + b"\n\n"
+
+    def feed(self, ev) -> List[bytes]:
+        kind = ev[0]
+        if self.ended:
+            return []
+        out = []
+        if not self.started and kind != "error":
+            self.started = True
+            out.append(self._chunk({"role": "assistant", "content": ""}))
+        if kind == "text":
+            out.append(self._chunk({"content": ev[1]}))
+        elif kind == "thinking":
+            if not self.drop_thinking:
+                out.append(self._chunk({"reasoning_content": ev[1]}))
+        elif kind == "tool_start":
+            self.tool_count += 1
+            out.append(self._chunk({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
+                                                    "function": {"name": ev[3], "arguments": ""}}]}))
+        elif kind == "tool_args":
+            out.append(self._chunk({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]}))
+        elif kind == "finish":
+            self.ended = True
+            reason = "tool_calls" if self.tool_count else _OC_STOP_OUT.get(ev[1], "stop")
+            out.append(self._chunk({}, reason))
+            if self.req.include_usage:
+                usage = OpenAIChat.render_usage(ev[2] or Usage())
+                out.append(b"data: " + _jbytes({"id": self.id, "object": "chat.completion.chunk",
+                                                "created": self.created, "model": self.model, "choices": [],
+                                                "usage": usage}) + b"\n\n")
+            out.append(b"data: [DONE]\n\n")
+        elif kind == "error":
+            self.ended = True
+            out.append(OpenAIChat.render_stream_error(ev[1]))
+            out.append(b"data: [DONE]\n\n")
+        return out
+
+    def keepalive(self) -> bytes:
+        return b": keep-alive\n\n"
+
+    def close(self) -> List[bytes]:
+        return []
+
+
+def upstream_stream_error(obj: dict) -> ProxyError:
+    """An error object met inside an upstream stream, in any of the four shapes."""
+    err = obj.get("error") if isinstance(obj.get("error"), dict) else obj
+    msg = err.get("message") or obj.get("message") or _jdump(obj)[:300]
+    kind = err.get("type") or err.get("status") or "upstream_error"
+    code = err.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 600 else 502
+    return ProxyError(status, str(kind), str(msg), code=str(code) if code is not None else "upstream_stream_error")
+
+
+# 6b. Anthropic Messages ######################################################
+
+_AN_STOP_IN = {"end_turn": "end", "stop_sequence": "stop_sequence", "pause_turn": "end", "tool_use": "tool_use",
+               "max_tokens": "max_tokens", "model_context_window_exceeded": "max_tokens", "refusal": "content_filter"}
+_AN_STOP_OUT = {"end": "end_turn", "stop_sequence": "stop_sequence", "tool_use": "tool_use",
+                "max_tokens": "max_tokens", "content_filter": "refusal"}
+_AN_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                   403: "permission_error", 404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
+                   429: "rate_limit_error", 500: "api_error", 502: "api_error", 503: "overloaded_error",
+                   504: "timeout_error", 529: "overloaded_error"}
+# output-token ceilings by model family (prefix): max_tokens above them is clamped
+ANTHROPIC_MAX_OUTPUT = [("claude-3-haiku", 4096), ("claude-3-opus", 4096), ("claude-3-5", 8192),
+                        ("claude-3-7", 64000), ("claude-sonnet-4", 64000), ("claude-haiku-4", 64000),
+                        ("claude-opus-4-0", 32000), ("claude-opus-4-1", 32000), ("claude-opus-4", 64000)]
+ANTHROPIC_DEFAULT_MAX_TOKENS = 8192
+_AN_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def anthropic_id(raw: str) -> str:
+    """Tool ids must match ^[a-zA-Z0-9_-]+$: map others stably (a hash keeps them unique)."""
+    if raw and not _AN_ID_BAD.search(raw):
+        return raw
+    return "toolu_" + (_AN_ID_BAD.sub("_", raw)[:40] + "_" if raw else "") + \
+        hashlib.sha256(raw.encode()).hexdigest()[:8]
+
+
+class AnthropicMessages:
+    name = "anthropic"
+    endpoint = "/messages"
+
+    @staticmethod
+    def render_error(err: ProxyError) -> dict:
+        kind = _AN_ERROR_TYPES.get(err.status) or ("invalid_request_error" if err.status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+    @classmethod
+    def render_stream_error(cls, err: ProxyError) -> bytes:
+        return render_sse(_jdump(cls.render_error(err)), event="error")
+
+    @staticmethod
+    def parse_usage(u) -> Optional[Usage]:
+        if not isinstance(u, dict):
+            return None
+        read = u.get("cache_read_input_tokens") or 0
+        write = u.get("cache_creation_input_tokens") or 0
+        return Usage((u.get("input_tokens") or 0) + read + write, u.get("output_tokens") or 0, read, write)
+
+    @staticmethod
+    def render_usage(u: Usage) -> dict:
+        return {"input_tokens": max(0, u.input - u.cached - u.cache_write), "output_tokens": u.output,
+                "cache_creation_input_tokens": u.cache_write, "cache_read_input_tokens": u.cached}
+
+    # -- requests -----------------------------------------------------------
+
+    @classmethod
+    def _blocks(cls, content, role: str) -> List[Part]:
+        if isinstance(content, str):
+            return [Part("text", text=content)] if content else []
+        out = []
+        for b in content or []:
+            if not isinstance(b, dict):
+                continue
+            t = b.get("type")
+            if t == "text":
+                if b.get("text"):
+                    out.append(Part("text", text=b["text"]))
+            elif t == "image":
+                src = b.get("source") or {}
+                if src.get("type") == "base64":
+                    out.append(Part("image", media_type=src.get("media_type", ""), data=src.get("data", "")))
+                elif src.get("type") == "url":
+                    out.append(Part("image", url=src.get("url", "")))
+            elif t in ("tool_use", "server_tool_use"):
+                out.append(Part("tool_call", id=b.get("id") or new_id("toolu_"), name=b.get("name", ""),
+                                arguments=_jdump(b.get("input") or {})))
+            elif t == "tool_result":
+                out.append(Part("tool_result", id=b.get("tool_use_id", ""), content=cls._blocks(b.get("content"), role),
+                                is_error=bool(b.get("is_error"))))
+            elif t == "thinking":
+                sig = b.get("signature") or ""
+                foreign = not sig or sig == UNSIGNED
+                out.append(Part("thinking", text=b.get("thinking", ""), signature="" if foreign else sig,
+                                origin="" if foreign else "anthropic"))
+            elif t == "redacted_thinking":
+                out.append(Part("redacted", data=b.get("data", ""), origin="anthropic"))
+            else:
+                drop_field("anthropic", "block type %s" % t)
+        return out
+
+    @classmethod
+    def parse_request(cls, body: dict) -> ChatRequest:
+        req = ChatRequest(model=body.get("model") or "")
+        system = body.get("system")
+        if isinstance(system, str) and system:
+            req.system.append(system)
+        elif isinstance(system, list):
+            text = "".join(b.get("text", "") for b in system if isinstance(b, dict))
+            if text:
+                req.system.append(text)
+        msgs = body.get("messages")
+        if not isinstance(msgs, list):
+            raise ProxyError(400, "invalid_request_error", "messages: field required", param="messages")
+        for m in msgs:
+            if not isinstance(m, dict):
+                raise ProxyError(400, "invalid_request_error", "messages: each message must be an object")
+            role = m.get("role")
+            parts = cls._blocks(m.get("content"), role)
+            if role == "system":                  # newer clients put system turns mid-conversation
+                text = text_of(parts)
+                if text:
+                    req.system.append(text)
+            elif role in ("user", "assistant"):
+                req.messages.append(Message(role, parts))
+            else:
+                raise ProxyError(400, "invalid_request_error", "messages: unknown role %r" % role)
+        req.messages = merge_messages(req.messages)
+        for t in body.get("tools") or []:
+            if not isinstance(t, dict):
+                continue
+            if t.get("type") not in (None, "custom") or "input_schema" not in t:
+                log.info("anthropic: server tool %s cannot run on this back-end; dropped", t.get("type") or t.get("name"))
+                continue
+            req.tools.append(Tool(t.get("name", ""), t.get("description") or "", t.get("input_schema") or {}))
+        tc = body.get("tool_choice")
+        if isinstance(tc, dict):
+            req.tool_choice = {"auto": "auto", "any": "required", "none": "none"}.get(tc.get("type")) or \
+                (("tool", tc.get("name")) if tc.get("type") == "tool" else None)
+            if tc.get("disable_parallel_tool_use"):
+                req.parallel_tool_calls = False
+        req.max_tokens = body.get("max_tokens")
+        req.temperature = body.get("temperature")
+        req.top_p = body.get("top_p")
+        req.top_k = body.get("top_k")
+        req.stop = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)]
+        th = body.get("thinking")
+        if isinstance(th, dict):
+            if th.get("type") == "enabled":
+                req.thinking = True
+                req.reasoning_budget = th.get("budget_tokens")
+            elif th.get("type") == "adaptive":
+                req.thinking = True
+            elif th.get("type") == "disabled":
+                req.thinking = False
+        oc = body.get("output_config")
+        if isinstance(oc, dict):
+            if isinstance(oc.get("effort"), str):
+                req.reasoning_effort = oc["effort"]
+            fmt = oc.get("format")
+            if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+                req.response_format = {"type": "json_schema", "name": "response", "schema": fmt.get("schema") or {}}
+        md = body.get("metadata")
+        if isinstance(md, dict) and isinstance(md.get("user_id"), str):
+            req.user = md["user_id"]
+        req.stream = body.get("stream") is True
+        return req
+
+    @staticmethod
+    def _render_image(p: Part) -> dict:
+        if p.url:
+            return {"type": "image", "source": {"type": "url", "url": p.url}}
+        return {"type": "image", "source": {"type": "base64", "media_type": p.media_type or "image/png",
+                                            "data": p.data}}
+
+    @classmethod
+    def render_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
+        msgs = []
+        for m in merge_messages(req.messages):
+            blocks = []
+            if m.role == "user":
+                results, rest = [], []
+                for p in m.parts:
+                    if p.type == "tool_result":
+                        content = [{"type": "text", "text": c.text} if c.type == "text" else cls._render_image(c)
+                                   for c in p.content if c.type in ("text", "image") and (c.text or c.type == "image")]
+                        block = {"type": "tool_result", "tool_use_id": anthropic_id(p.id), "content": content}
+                        if p.is_error:
+                            block["is_error"] = True
+                        results.append(block)
+                    elif p.type == "text" and p.text:
+                        rest.append({"type": "text", "text": p.text})
+                    elif p.type == "image":
+                        rest.append(cls._render_image(p))
+                blocks = results + rest          # tool results first (API rule)
+            else:
+                for p in m.parts:
+                    if p.type == "thinking" and p.origin == "anthropic" and p.signature:
+                        blocks.append({"type": "thinking", "thinking": p.text, "signature": p.signature})
+                    elif p.type == "redacted" and p.origin == "anthropic":
+                        blocks.append({"type": "redacted_thinking", "data": p.data})
+                    elif p.type == "text" and p.text:
+                        blocks.append({"type": "text", "text": p.text})
+                    elif p.type == "tool_call":
+                        blocks.append({"type": "tool_use", "id": anthropic_id(p.id), "name": p.name,
+                                       "input": parse_arguments(p.arguments)})
+            if blocks:
+                msgs.append({"role": m.role, "content": blocks})
+        max_tokens = req.max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS
+        for prefix, ceiling in ANTHROPIC_MAX_OUTPUT:
+            if req.model.startswith(prefix):
+                max_tokens = min(max_tokens, ceiling)
+                break
+        body: Dict[str, Any] = {"model": req.model, "max_tokens": max_tokens, "messages": msgs}
+        if req.system:
+            body["system"] = "\n\n".join(req.system)
+        if req.tools:
+            body["tools"] = [{"name": t.name, "description": t.description,
+                              "input_schema": dict(t.parameters, type="object") if isinstance(t.parameters, dict)
+                              else {"type": "object"}} for t in req.tools]
+            tc: Optional[dict] = None
+            if isinstance(req.tool_choice, tuple):
+                tc = {"type": "tool", "name": req.tool_choice[1]}
+            elif req.tool_choice in ("auto", "none", "required"):
+                tc = {"type": {"required": "any"}.get(req.tool_choice, req.tool_choice)}
+            if req.parallel_tool_calls is False:
+                tc = tc or {"type": "auto"}
+                if tc["type"] != "none":
+                    tc["disable_parallel_tool_use"] = True
+            if tc:
+                body["tool_choice"] = tc
+        if req.temperature is not None:
+            body["temperature"] = max(0.0, min(1.0, req.temperature))
+        if req.top_p is not None and req.temperature is None:
+            body["top_p"] = req.top_p
+        if req.top_k is not None:
+            body["top_k"] = req.top_k
+        if req.stop:
+            body["stop_sequences"] = req.stop
+        if req.user:
+            body["metadata"] = {"user_id": req.user}
+        budget = req.reasoning_budget or (EFFORT_BUDGET.get(req.reasoning_effort or "") if req.thinking is not False
+                                          else None)
+        if req.thinking and not budget:
+            budget = EFFORT_BUDGET["medium"]
+        if budget and req.reasoning_effort != "none" and max_tokens > 1024 and cls._thinking_replayable(msgs):
+            body["thinking"] = {"type": "enabled", "budget_tokens": max(1024, min(budget, max_tokens - 1))}
+            body.pop("temperature", None)                 # thinking requires the default temperature
+            body.pop("top_k", None)
+            if isinstance(body.get("tool_choice"), dict) and body["tool_choice"]["type"] in ("any", "tool"):
+                body["tool_choice"] = {"type": "auto"}    # forced tool use is refused with thinking on
+        if req.response_format and req.response_format.get("type") == "json_schema":
+            body["output_config"] = {"format": {"type": "json_schema", "schema": req.response_format.get("schema")}}
+        if req.stream:
+            body["stream"] = True
+        return body
+
+    @staticmethod
+    def _thinking_replayable(msgs: List[dict]) -> bool:
+        """With thinking on, an assistant tool turn must start with its signed thinking block;
+        when that was lost (history from another back-end) thinking is left off."""
+        for m in reversed(msgs):
+            if m["role"] == "assistant":
+                has_tool = any(b["type"] == "tool_use" for b in m["content"])
+                return not has_tool or m["content"][0]["type"] in ("thinking", "redacted_thinking")
+        return True
+
+    # -- responses ----------------------------------------------------------
+
+    @classmethod
+    def parse_response(cls, body: dict) -> ChatResponse:
+        parts = cls._blocks(body.get("content") or [], "assistant")
+        return ChatResponse(body.get("id") or new_id("msg_"), body.get("model") or "", parts,
+                            _AN_STOP_IN.get(body.get("stop_reason"), "end"), body.get("stop_sequence"),
+                            cls.parse_usage(body.get("usage")) or Usage())
+
+    @classmethod
+    def _thinking_block(cls, p: Part) -> dict:
+        return {"type": "thinking", "thinking": p.text,
+                "signature": p.signature if p.origin == "anthropic" and p.signature else UNSIGNED}
+
+    @classmethod
+    def render_response(cls, resp: ChatResponse, req: ChatRequest, options: Optional[dict] = None) -> dict:
+        drop = (options or {}).get("thinking") == "drop"
+        content = []
+        for p in resp.parts:
+            if p.type == "thinking" and not drop and p.text:
+                content.append(cls._thinking_block(p))
+            elif p.type == "redacted" and p.origin == "anthropic":
+                content.append({"type": "redacted_thinking", "data": p.data})
+            elif p.type == "text" and p.text:
+                content.append({"type": "text", "text": p.text})
+            elif p.type == "tool_call":
+                content.append({"type": "tool_use", "id": anthropic_id(p.id), "name": p.name,
+                                "input": parse_arguments(p.arguments)})
+        stop = "tool_use" if any(p.type == "tool_call" for p in resp.parts) else _AN_STOP_OUT.get(resp.stop, "end_turn")
+        rid = resp.id if resp.id.startswith("msg_") else "msg_" + _AN_ID_BAD.sub("", resp.id)[-24:]
+        return {"id": rid, "type": "message", "role": "assistant", "model": resp.model or req.model,
+                "content": content, "stop_reason": stop,
+                "stop_sequence": resp.stop_sequence if stop == "stop_sequence" else None,
+                "usage": cls.render_usage(resp.usage)}
+
+    @staticmethod
+    def stream_decoder() -> "AnthropicDecoder":
+        return AnthropicDecoder()
+
+    @staticmethod
+    def stream_encoder(req: ChatRequest, options: Optional[dict] = None) -> "AnthropicEncoder":
+        return AnthropicEncoder(req, options or {})
+
+
+class AnthropicDecoder(CanonicalStream):
+    name = "anthropic"
+
+    def __init__(self):
+        self.blocks: Dict[int, Tuple[str, int]] = {}     # block index -> (type, tool index)
+        self.tools = 0
+        self.usage = Usage()
+        self.stop = "end"
+        self.stop_sequence = None
+        self.done = False
+
+    def feed(self, ev: SSEEvent) -> list:
+        if self.done or not ev.data:
+            return []
+        try:
+            d = json.loads(ev.data)
+        except ValueError:
+            return []
+        if not isinstance(d, dict):
+            return []
+        t = d.get("type") or ev.event
+        if t == "message_start":
+            msg = d.get("message") or {}
+            self.usage = self.parse_start_usage(msg.get("usage"))
+            return [("start", msg.get("id") or new_id("msg_"), msg.get("model") or "", self.usage)]
+        if t == "content_block_start":
+            b = d.get("content_block") or {}
+            idx = d.get("index", len(self.blocks))
+            bt = b.get("type")
+            if bt in ("tool_use", "server_tool_use"):
+                self.blocks[idx] = ("tool", self.tools)
+                self.tools += 1
+                out = [("tool_start", self.tools - 1, b.get("id") or new_id("toolu_"), b.get("name", ""), None, None)]
+                if b.get("input"):
+                    out.append(("tool_args", self.tools - 1, _jdump(b["input"])))
+                return out
+            self.blocks[idx] = (bt, -1)
+            if bt == "redacted_thinking":
+                return [("redacted", b.get("data", ""), "anthropic")]
+            if bt == "text" and b.get("text"):
+                return [("text", b["text"])]
+            return []
+        if t == "content_block_delta":
+            delta = d.get("delta") or {}
+            dt = delta.get("type")
+            if dt == "text_delta":
+                return [("text", delta.get("text", ""))] if delta.get("text") else []
+            if dt == "thinking_delta":
+                return [("thinking", delta.get("thinking", ""))] if delta.get("thinking") else []
+            if dt == "signature_delta":
+                return [("signature", delta.get("signature", ""), "anthropic")]
+            if dt == "input_json_delta":
+                kind, tool = self.blocks.get(d.get("index"), ("", -1))
+                if kind == "tool" and delta.get("partial_json"):
+                    return [("tool_args", tool, delta["partial_json"])]
+            return []
+        if t == "message_delta":
+            delta = d.get("delta") or {}
+            if delta.get("stop_reason"):
+                self.stop = _AN_STOP_IN.get(delta["stop_reason"], "end")
+            u = d.get("usage") or {}
+            if "output_tokens" in u:
+                self.usage.output = u["output_tokens"] or 0
+            if u.get("input_tokens") is not None:
+                merged = dict(u, output_tokens=self.usage.output)
+                self.usage = self.parse_usage_full(merged, self.usage)
+            return []
+        if t == "message_stop":
+            self.done = True
+            return [("finish", self.stop, self.usage)]
+        if t == "error":
+            self.done = True
+            return [("error", upstream_stream_error(d))]
+        return []
+
+    @staticmethod
+    def parse_start_usage(u) -> Usage:
+        usage = AnthropicMessages.parse_usage(u) or Usage()
+        usage.output = 0
+        return usage
+
+    @staticmethod
+    def parse_usage_full(u: dict, old: Usage) -> Usage:
+        read = u.get("cache_read_input_tokens", old.cached) or 0
+        write = u.get("cache_creation_input_tokens", old.cache_write) or 0
+        return Usage((u.get("input_tokens") or 0) + read + write, u.get("output_tokens") or 0, read, write)
+
+    def close(self) -> list:
+        if self.done:
+            return []
+        self.done = True
+        return [("error", UpstreamError(502, "upstream stream ended before message_stop", "upstream_incomplete"))]
+
+
+class AnthropicEncoder:
+    """Canonical events -> Anthropic SSE (message_start ... message_stop), blocks indexed
+    contiguously in start order; empty text never opens a block."""
+
+    def __init__(self, req: ChatRequest, options: dict):
+        self.req = req
+        self.drop_thinking = options.get("thinking") == "drop"
+        self.index = -1
+        self.open: Optional[Tuple[str, int]] = None      # (kind, tool index)
+        self.signed = False
+        self.started = False
+        self.ended = False
+        self.tool_count = 0
+        self.late_args: Dict[int, List[str]] = {}
+
+    @staticmethod
+    def _ev(name: str, obj: dict) -> bytes:
+        return b"event: " + name.encode() + b"\ndata: " + _jbytes(obj) + b"\n\n"
+
+    def _start(self, mid: str, model: str, usage: Optional[Usage]) -> bytes:
+        self.started = True
+        u = AnthropicMessages.render_usage(usage or Usage())
+        u["output_tokens"] = 0
+        mid = mid if mid.startswith("msg_") else "msg_" + _AN_ID_BAD.sub("", mid)[-24:]
+        return self._ev("message_start", {"type": "message_start", "message": {
+            "id": mid, "type": "message", "role": "assistant", "model": model or self.req.model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": u}})
+
+    def _close_block(self) -> List[bytes]:
+        if self.open is None:
+            return []
+        out = []
+        if self.open[0] == "thinking" and not self.signed:
+            out.append(self._ev("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                        "delta": {"type": "signature_delta", "signature": UNSIGNED}}))
+        out.append(self._ev("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        self.open = None
+        return out
+
+    def _open_block(self, kind: str, block: dict, tool: int = -1) -> List[bytes]:
+        out = self._close_block()
+        self.index += 1
+        self.open = (kind, tool)
+        self.signed = False
+        out.append(self._ev("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                    "content_block": block}))
+        return out
+
+    def _delta(self, delta: dict) -> bytes:
+        return self._ev("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def feed(self, ev) -> List[bytes]:
+        if self.ended:
+            return []
+        kind = ev[0]
+        out: List[bytes] = []
+        if not self.started and kind != "error":
+            out.append(self._start(ev[1], ev[2], ev[3]) if kind == "start" else self._start(new_id("msg_"), "", None))
+            if kind == "start":
+                return out
+        if kind == "text":
+            if not ev[1]:
+                return out
+            if self.open is None or self.open[0] != "text":
+                out.extend(self._open_block("text", {"type": "text", "text": ""}))
+            out.append(self._delta({"type": "text_delta", "text": ev[1]}))
+        elif kind == "thinking":
+            if self.drop_thinking or not ev[1]:
+                return out
+            if self.open is None or self.open[0] != "thinking" or self.signed:
+                out.extend(self._open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
+            out.append(self._delta({"type": "thinking_delta", "thinking": ev[1]}))
+        elif kind == "signature":
+            if self.open is not None and self.open[0] == "thinking" and ev[2] == "anthropic":
+                out.append(self._delta({"type": "signature_delta", "signature": ev[1]}))
+                self.signed = True
+        elif kind == "redacted":
+            if ev[2] == "anthropic" and not self.drop_thinking:
+                out.extend(self._open_block("redacted", {"type": "redacted_thinking", "data": ev[1]}))
+        elif kind == "tool_start":
+            self.tool_count += 1
+            out.extend(self._open_block("tool", {"type": "tool_use", "id": anthropic_id(ev[2]), "name": ev[3],
+                                                 "input": {}}, ev[1]))
+            for frag in self.late_args.pop(ev[1], []):
+                out.append(self._delta({"type": "input_json_delta", "partial_json": frag}))
+        elif kind == "tool_args":
+            if self.open is not None and self.open == ("tool", ev[1]):
+                out.append(self._delta({"type": "input_json_delta", "partial_json": ev[2]}))
+            else:
+                log.warning("anthropic stream: arguments for tool %d arrived after its block closed; dropped", ev[1])
+        elif kind == "finish":
+            self.ended = True
+            out.extend(self._close_block())
+            usage = AnthropicMessages.render_usage(ev[2] or Usage())
+            stop = "tool_use" if self.tool_count else _AN_STOP_OUT.get(ev[1], "end_turn")
+            out.append(self._ev("message_delta", {"type": "message_delta",
+                                                  "delta": {"stop_reason": stop, "stop_sequence": None},
+                                                  "usage": usage}))
+            out.append(self._ev("message_stop", {"type": "message_stop"}))
+        elif kind == "error":
+            self.ended = True
+            out.append(AnthropicMessages.render_stream_error(ev[1]))
+        return out
+
+    def keepalive(self) -> bytes:
+        return self._ev("ping", {"type": "ping"})
+
+    def close(self) -> List[bytes]:
+        return []
+
+
+# 6c. OpenAI Responses ########################################################
+
+class OpenAIResponses:
+    name = "openai-responses"
+    endpoint = "/responses"
+
+    @staticmethod
+    def render_error(err: ProxyError) -> dict:
+        return OpenAIChat.render_error(err)
 
     @staticmethod
     def render_stream_error(err: ProxyError) -> bytes:
-        """An in-band error event: the OpenAI SDK raises on a data object with "error"."""
-        return render_sse(json.dumps(OpenAIFormat.render_error(err), separators=(",", ":")))
+        return render_sse(_jdump({"type": "error", "code": err.code or err.kind, "message": err.message,
+                                  "param": err.param, "sequence_number": 0}), event="error")
 
     @staticmethod
-    def parse_usage(usage: Optional[dict]) -> Tuple[Optional[int], Optional[int]]:
-        """-> (tokens in, tokens out). Chat and completions use prompt/completion_tokens,
-        embeddings prompt/total_tokens; Responses-style input/output_tokens are accepted too."""
-        if not isinstance(usage, dict):
-            return None, None
-        tin = usage.get("prompt_tokens", usage.get("input_tokens"))
-        tout = usage.get("completion_tokens", usage.get("output_tokens"))
-        if tout is None and tin is not None and "total_tokens" in usage:
-            tout = max(0, (usage.get("total_tokens") or 0) - tin)
-        return (tin if isinstance(tin, int) else None, tout if isinstance(tout, int) else None)
+    def parse_usage(u) -> Optional[Usage]:
+        if not isinstance(u, dict):
+            return None
+        return Usage(u.get("input_tokens") or 0, u.get("output_tokens") or 0,
+                     (u.get("input_tokens_details") or {}).get("cached_tokens") or 0, 0,
+                     (u.get("output_tokens_details") or {}).get("reasoning_tokens") or 0)
+
+    @staticmethod
+    def render_usage(u: Usage) -> dict:
+        return {"input_tokens": u.input, "input_tokens_details": {"cached_tokens": u.cached},
+                "output_tokens": u.output, "output_tokens_details": {"reasoning_tokens": u.reasoning},
+                "total_tokens": u.input + u.output}
+
+    # -- requests -----------------------------------------------------------
+
+    @staticmethod
+    def _content(content) -> List[Part]:
+        if isinstance(content, str):
+            return [Part("text", text=content)] if content else []
+        out = []
+        for c in content or []:
+            if not isinstance(c, dict):
+                continue
+            t = c.get("type")
+            if t in ("input_text", "output_text", "text", "summary_text") and c.get("text"):
+                out.append(Part("text", text=c["text"]))
+            elif t == "refusal" and c.get("refusal"):
+                out.append(Part("text", text=c["refusal"]))
+            elif t == "input_image":
+                url = c.get("image_url")
+                if isinstance(url, dict):
+                    url = url.get("url")
+                if isinstance(url, str):
+                    out.append(image_part(url))
+            else:
+                drop_field("openai-responses", "content type %s" % t)
+        return out
+
+    @classmethod
+    def parse_items(cls, items: list, req: ChatRequest):
+        """Input items -> req.system / req.messages."""
+        for it in items:
+            if not isinstance(it, dict):
+                continue
+            t = it.get("type") or ("message" if "role" in it else None)
+            if t == "message":
+                role = it.get("role")
+                parts = cls._content(it.get("content"))
+                if role in ("system", "developer"):
+                    text = text_of(parts)
+                    if text:
+                        req.system.append(text)
+                elif role in ("user", "assistant"):
+                    req.messages.append(Message(role, parts))
+            elif t == "function_call":
+                req.messages.append(Message("assistant", [Part("tool_call", id=it.get("call_id") or it.get("id") or "",
+                                                               name=it.get("name", ""),
+                                                               arguments=it.get("arguments") or "")]))
+            elif t == "custom_tool_call":
+                req.messages.append(Message("assistant", [Part("tool_call", id=it.get("call_id") or "",
+                                                               name=it.get("name", ""), custom=True,
+                                                               arguments=_jdump({"input": it.get("input", "")}))]))
+            elif t in ("function_call_output", "custom_tool_call_output"):
+                out = it.get("output")
+                content = cls._content(out) if isinstance(out, list) else \
+                    [Part("text", text=out if isinstance(out, str) else _jdump(out))]
+                req.messages.append(Message("user", [Part("tool_result", id=it.get("call_id", ""), content=content)]))
+            elif t == "reasoning":
+                summary = "\n\n".join(s.get("text", "") for s in it.get("summary") or [] if isinstance(s, dict))
+                enc = it.get("encrypted_content") or ""
+                if summary or enc:
+                    req.messages.append(Message("assistant", [Part(
+                        "thinking", text=summary, id=it.get("id") or "", signature=enc,
+                        origin="openai-responses" if enc else "")]))
+            elif t == "item_reference":
+                log.info("openai-responses: item_reference %s cannot be resolved here; dropped", it.get("id"))
+            else:
+                log.info("openai-responses: input item type %s has no equivalent here; dropped", t)
+
+    @classmethod
+    def parse_request(cls, body: dict) -> ChatRequest:
+        req = ChatRequest(model=body.get("model") or "")
+        if isinstance(body.get("instructions"), str) and body["instructions"]:
+            req.system.append(body["instructions"])
+        inp = body.get("input")
+        if isinstance(inp, str):
+            req.messages.append(Message("user", [Part("text", text=inp)]))
+        elif isinstance(inp, list):
+            cls.parse_items(inp, req)
+        elif inp is not None:
+            raise ProxyError(400, "invalid_request_error", "'input' must be a string or an array", param="input")
+        req.messages = merge_messages(req.messages)
+        cls._parse_tools(body.get("tools") or [], req)
+        tc = body.get("tool_choice")
+        if isinstance(tc, str):
+            req.tool_choice = tc if tc in ("auto", "none", "required") else None
+        elif isinstance(tc, dict) and tc.get("type") in ("function", "custom") and tc.get("name"):
+            req.tool_choice = ("tool", tc["name"])
+        req.parallel_tool_calls = body.get("parallel_tool_calls")
+        req.max_tokens = body.get("max_output_tokens")
+        req.temperature = body.get("temperature")
+        req.top_p = body.get("top_p")
+        reasoning = body.get("reasoning") or {}
+        if isinstance(reasoning.get("effort"), str):
+            req.reasoning_effort = reasoning["effort"]
+            req.thinking = reasoning["effort"] != "none"
+        fmt = (body.get("text") or {}).get("format") or {}
+        if fmt.get("type") == "json_object":
+            req.response_format = {"type": "json_object"}
+        elif fmt.get("type") == "json_schema":
+            req.response_format = {"type": "json_schema", "name": fmt.get("name") or "response",
+                                   "schema": fmt.get("schema") or {}, "strict": fmt.get("strict")}
+        req.user = body.get("user") or body.get("safety_identifier")
+        req.metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
+        req.stream = body.get("stream") is True
+        req.store = body.get("store")
+        req.previous_response_id = body.get("previous_response_id")
+        return req
+
+    @staticmethod
+    def _parse_tools(tools: list, req: ChatRequest):
+        for t in tools:
+            if not isinstance(t, dict):
+                continue
+            kind = t.get("type")
+            if kind == "function":
+                req.tools.append(Tool(t.get("name", ""), t.get("description") or "",
+                                      t.get("parameters") or {"type": "object", "properties": {}}))
+            elif kind == "custom":
+                req.tools.append(Tool(t.get("name", ""), t.get("description") or "", CUSTOM_TOOL_SCHEMA, custom=True))
+                req.custom_tools.append(t.get("name", ""))
+            elif kind == "namespace":               # Codex groups tools; flatten them
+                OpenAIResponses._parse_tools(t.get("tools") or [], req)
+            else:
+                log.info("openai-responses: built-in tool %s cannot run on this back-end; dropped", kind)
+
+    @classmethod
+    def render_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
+        items: List[dict] = []
+        for m in req.messages:
+            texts: List[Part] = []
+
+            def flush():
+                if texts:
+                    ctype = "output_text" if m.role == "assistant" else "input_text"
+                    content = [{"type": ctype, "text": p.text} if p.type == "text"
+                               else {"type": "input_image", "image_url": image_url(p)} for p in texts]
+                    items.append({"type": "message", "role": m.role, "content": content})
+                    texts.clear()
+            for p in m.parts:
+                if p.type in ("text", "image"):
+                    texts.append(p)
+                    continue
+                flush()
+                if p.type == "tool_call":
+                    if p.custom:
+                        items.append({"type": "custom_tool_call", "call_id": p.id, "name": p.name,
+                                      "input": parse_arguments(p.arguments).get("input", "")})
+                    else:
+                        items.append({"type": "function_call", "call_id": p.id, "name": p.name,
+                                      "arguments": p.arguments or "{}"})
+                elif p.type == "tool_result":
+                    text = text_of(p.content)
+                    items.append({"type": "function_call_output", "call_id": p.id,
+                                  "output": ("Error: " + text) if p.is_error else text})
+                elif p.type == "thinking" and p.origin == "openai-responses" and p.signature:
+                    items.append({"type": "reasoning", "summary": [{"type": "summary_text", "text": p.text}]
+                                  if p.text else [], "encrypted_content": p.signature})
+            flush()
+        body: Dict[str, Any] = {"model": req.model, "input": items, "store": False}
+        if req.system:
+            body["instructions"] = "\n\n".join(req.system)
+        if req.tools:
+            body["tools"] = [{"type": "function", "name": t.name, "description": t.description,
+                              "parameters": t.parameters, "strict": False} for t in req.tools]
+            if isinstance(req.tool_choice, tuple):
+                body["tool_choice"] = {"type": "function", "name": req.tool_choice[1]}
+            elif req.tool_choice:
+                body["tool_choice"] = req.tool_choice
+            if req.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = req.parallel_tool_calls
+        if req.max_tokens:
+            body["max_output_tokens"] = req.max_tokens
+        for key, value in (("temperature", req.temperature), ("top_p", req.top_p), ("user", req.user)):
+            if value is not None:
+                body[key] = value
+        if req.reasoning_effort or req.reasoning_budget:
+            body["reasoning"] = {"effort": req.reasoning_effort or budget_effort(req.reasoning_budget),
+                                 "summary": "auto"}
+            body["include"] = ["reasoning.encrypted_content"]
+        if req.response_format:
+            rf = req.response_format
+            body["text"] = {"format": rf if rf["type"] == "json_object" else {
+                "type": "json_schema", "name": rf.get("name") or "response", "schema": rf.get("schema") or {},
+                "strict": bool(rf.get("strict"))}}
+        if req.stream:
+            body["stream"] = True
+        return body
+
+    # -- responses ----------------------------------------------------------
+
+    @classmethod
+    def parse_response(cls, body: dict) -> ChatResponse:
+        if body.get("status") == "failed":
+            err = body.get("error") or {}
+            raise ProxyError(502, "upstream_error", err.get("message") or "upstream response failed",
+                             code=err.get("code") or "response_failed")
+        parts = cls.parse_output(body.get("output") or [])
+        stop = "tool_use" if any(p.type == "tool_call" for p in parts) else "end"
+        if body.get("status") == "incomplete":
+            reason = (body.get("incomplete_details") or {}).get("reason")
+            stop = "content_filter" if reason == "content_filter" else "max_tokens"
+        return ChatResponse(body.get("id") or new_id("resp_"), body.get("model") or "", parts, stop,
+                            usage=cls.parse_usage(body.get("usage")) or Usage(), created=body.get("created_at") or 0)
+
+    @classmethod
+    def parse_output(cls, output: list) -> List[Part]:
+        req = ChatRequest(model="")
+        cls.parse_items(output, req)
+        return [p for m in req.messages for p in m.parts]
+
+    @staticmethod
+    def output_items(parts: List[Part], req: ChatRequest, drop_thinking=False) -> List[dict]:
+        """Canonical parts -> completed Responses output items."""
+        items: List[dict] = []
+        texts: List[str] = []
+
+        def flush():
+            if texts:
+                items.append({"type": "message", "id": new_id("msg_"), "status": "completed", "role": "assistant",
+                              "content": [{"type": "output_text", "text": "".join(texts), "annotations": []}]})
+                texts.clear()
+        for p in parts:
+            if p.type == "text":
+                texts.append(p.text)
+                continue
+            flush()
+            if p.type == "thinking" and not drop_thinking:
+                item = {"type": "reasoning", "id": p.id or new_id("rs_"),
+                        "summary": [{"type": "summary_text", "text": p.text}] if p.text else []}
+                if p.origin == "openai-responses" and p.signature:
+                    item["encrypted_content"] = p.signature
+                items.append(item)
+            elif p.type == "tool_call":
+                items.append(OpenAIResponses.call_item(p.id, p.name, p.arguments, req, "completed"))
+        flush()
+        return items
+
+    @staticmethod
+    def call_item(call_id: str, name: str, arguments: str, req: ChatRequest, status: str) -> dict:
+        if name in req.custom_tools:
+            return {"type": "custom_tool_call", "id": "ctc_" + call_id, "call_id": call_id, "name": name,
+                    "input": parse_arguments(arguments).get("input", "") if status == "completed" else "",
+                    "status": status}
+        return {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": name,
+                "arguments": arguments, "status": status}
+
+    @staticmethod
+    def response_object(rid: str, req: ChatRequest, status: str, output: list, usage: Optional[dict],
+                        created: int, model: str = "", error=None, incomplete=None) -> dict:
+        return {"id": rid, "object": "response", "created_at": created, "model": model or req.model,
+                "status": status, "error": error, "incomplete_details": incomplete, "output": output,
+                "usage": usage, "parallel_tool_calls": req.parallel_tool_calls is not False,
+                "tool_choice": "auto" if not isinstance(req.tool_choice, str) else req.tool_choice,
+                "tools": [], "store": req.store is not False, "metadata": req.metadata or {},
+                "temperature": req.temperature, "top_p": req.top_p,
+                "max_output_tokens": req.max_tokens, "previous_response_id": req.previous_response_id}
+
+    @classmethod
+    def render_response(cls, resp: ChatResponse, req: ChatRequest, options: Optional[dict] = None) -> dict:
+        drop = (options or {}).get("thinking") == "drop"
+        status, incomplete = "completed", None
+        if resp.stop in ("max_tokens", "content_filter"):
+            status = "incomplete"
+            incomplete = {"reason": "max_output_tokens" if resp.stop == "max_tokens" else "content_filter"}
+        rid = resp.id if resp.id.startswith("resp_") else "resp_" + secrets.token_hex(12)
+        return cls.response_object(rid, req, status, cls.output_items(resp.parts, req, drop),
+                                   cls.render_usage(resp.usage), resp.created or int(time.time()), resp.model,
+                                   incomplete=incomplete)
+
+    @staticmethod
+    def stream_decoder() -> "ResponsesDecoder":
+        return ResponsesDecoder()
+
+    @staticmethod
+    def stream_encoder(req: ChatRequest, options: Optional[dict] = None) -> "ResponsesEncoder":
+        return ResponsesEncoder(req, options or {})
 
 
-FORMATS = {"openai": OpenAIFormat}
+class ResponsesDecoder(CanonicalStream):
+    name = "openai-responses"
+
+    def __init__(self):
+        self.tools: Dict[str, int] = {}      # item id -> tool index
+        self.custom: Dict[str, bool] = {}
+        self.done = False
+        self.started = False
+        self.saw_reasoning_text = False
+
+    def feed(self, ev: SSEEvent) -> list:
+        if self.done or not ev.data:
+            return []
+        try:
+            d = json.loads(ev.data)
+        except ValueError:
+            return []
+        if not isinstance(d, dict):
+            return []
+        t = d.get("type") or ev.event
+        out = []
+        if not self.started and t in ("response.created", "response.in_progress"):
+            self.started = True
+            r = d.get("response") or {}
+            return [("start", r.get("id") or new_id("resp_"), r.get("model") or "", None)]
+        if t == "response.output_item.added":
+            item = d.get("item") or {}
+            if item.get("type") in ("function_call", "custom_tool_call"):
+                key = item.get("id") or str(d.get("output_index"))
+                self.tools[key] = len(self.tools)
+                custom = item.get("type") == "custom_tool_call"
+                self.custom[key] = custom
+                out.append(("tool_start", self.tools[key], item.get("call_id") or key, item.get("name", ""),
+                            None, None))
+                if custom:
+                    out.append(("tool_args", self.tools[key], '{"input":"'))
+                elif item.get("arguments"):
+                    out.append(("tool_args", self.tools[key], item["arguments"]))
+        elif t == "response.output_text.delta" or t == "response.refusal.delta":
+            if d.get("delta"):
+                out.append(("text", d["delta"]))
+        elif t in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+            if d.get("delta"):
+                out.append(("thinking", d["delta"]))
+        elif t == "response.function_call_arguments.delta":
+            idx = self._tool(d)
+            if idx is not None and d.get("delta"):
+                out.append(("tool_args", idx, d["delta"]))
+        elif t == "response.custom_tool_call_input.delta":
+            idx = self._tool(d)
+            if idx is not None and d.get("delta"):
+                out.append(("tool_args", idx, json.dumps(d["delta"], ensure_ascii=False)[1:-1]))
+        elif t == "response.output_item.done":
+            item = d.get("item") or {}
+            if item.get("type") == "reasoning" and item.get("encrypted_content"):
+                out.append(("signature", item["encrypted_content"], "openai-responses"))
+            elif item.get("type") == "custom_tool_call":
+                idx = self._tool({"item_id": item.get("id"), "output_index": d.get("output_index")})
+                if idx is not None:
+                    out.append(("tool_args", idx, '"}'))
+        elif t in ("response.completed", "response.incomplete"):
+            self.done = True
+            r = d.get("response") or {}
+            has_calls = any((i or {}).get("type") in ("function_call", "custom_tool_call") for i in r.get("output") or [])
+            stop = "tool_use" if has_calls else "end"
+            if t == "response.incomplete":
+                reason = (r.get("incomplete_details") or {}).get("reason")
+                stop = "content_filter" if reason == "content_filter" else "max_tokens"
+            out.append(("finish", stop, OpenAIResponses.parse_usage(r.get("usage"))))
+        elif t in ("response.failed", "error"):
+            self.done = True
+            err = (d.get("response") or {}).get("error") or d
+            out.append(("error", upstream_stream_error({"error": err})))
+        return out
+
+    def _tool(self, d: dict) -> Optional[int]:
+        key = d.get("item_id")
+        if key in self.tools:
+            return self.tools[key]
+        return self.tools.get(str(d.get("output_index")))
+
+    def close(self) -> list:
+        if self.done:
+            return []
+        self.done = True
+        return [("error", UpstreamError(502, "upstream stream ended before response.completed", "upstream_incomplete"))]
+
+
+class ResponsesEncoder:
+    """Canonical events -> the Responses event sequence, every item added and done in
+    order and the stream always closed by response.completed/incomplete/failed."""
+
+    def __init__(self, req: ChatRequest, options: dict):
+        self.req = req
+        self.drop_thinking = options.get("thinking") == "drop"
+        self.on_complete = options.get("on_complete")
+        self.seq = 0
+        self.rid = "resp_" + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.model = req.model
+        self.output: List[dict] = []
+        self.cur: Optional[dict] = None          # the open item
+        self.buf: List[str] = []                 # text / arguments / summary of the open item
+        self.tool_index: Optional[int] = None
+        self.sig = ""
+        self.started = False
+        self.ended = False
+
+    def _ev(self, t: str, obj: dict) -> bytes:
+        obj = dict({"type": t, "sequence_number": self.seq}, **obj)
+        self.seq += 1
+        return b"event: " + t.encode() + b"\ndata: " + _jbytes(obj) + b"\n\n"
+
+    def _resp(self, status: str, usage=None, error=None, incomplete=None) -> dict:
+        return OpenAIResponses.response_object(self.rid, self.req, status, list(self.output), usage, self.created,
+                                               self.model, error, incomplete)
+
+    def _begin(self) -> List[bytes]:
+        self.started = True
+        r = self._resp("in_progress")
+        return [self._ev("response.created", {"response": r}), self._ev("response.in_progress", {"response": r})]
+
+    def _close_item(self) -> List[bytes]:
+        item = self.cur
+        if item is None:
+            return []
+        self.cur = None
+        idx = len(self.output)
+        text = "".join(self.buf)
+        self.buf = []
+        out = []
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": text, "annotations": []}
+            loc = {"item_id": item["id"], "output_index": idx, "content_index": 0}
+            out.append(self._ev("response.output_text.done", dict(loc, text=text, logprobs=[])))
+            out.append(self._ev("response.content_part.done", dict(loc, part=part)))
+            item = dict(item, status="completed", content=[part])
+        elif item["type"] == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            loc = {"item_id": item["id"], "output_index": idx, "summary_index": 0}
+            out.append(self._ev("response.reasoning_summary_text.done", dict(loc, text=text)))
+            out.append(self._ev("response.reasoning_summary_part.done", dict(loc, part=part)))
+            item = dict(item, summary=[part])
+            if self.sig:
+                item["encrypted_content"] = self.sig
+        elif item["type"] == "function_call":
+            out.append(self._ev("response.function_call_arguments.done",
+                                {"item_id": item["id"], "output_index": idx, "arguments": text}))
+            item = dict(item, arguments=text, status="completed")
+        elif item["type"] == "custom_tool_call":
+            value = parse_arguments(text).get("input", "")
+            loc = {"item_id": item["id"], "output_index": idx}
+            out.append(self._ev("response.custom_tool_call_input.delta", dict(loc, delta=value)))
+            out.append(self._ev("response.custom_tool_call_input.done", dict(loc, input=value)))
+            item = dict(item, input=value, status="completed")
+        out.append(self._ev("response.output_item.done", {"output_index": idx, "item": item}))
+        self.output.append(item)
+        self.tool_index = None
+        return out
+
+    def _open_item(self, item: dict) -> List[bytes]:
+        out = self._close_item()
+        self.cur = item
+        self.sig = ""
+        idx = len(self.output)
+        out.append(self._ev("response.output_item.added", {"output_index": idx, "item": item}))
+        if item["type"] == "message":
+            out.append(self._ev("response.content_part.added", {"item_id": item["id"], "output_index": idx,
+                                                                "content_index": 0, "part": {
+                                                                    "type": "output_text", "text": "",
+                                                                    "annotations": []}}))
+        elif item["type"] == "reasoning":
+            out.append(self._ev("response.reasoning_summary_part.added", {"item_id": item["id"], "output_index": idx,
+                                                                          "summary_index": 0, "part": {
+                                                                              "type": "summary_text", "text": ""}}))
+        return out
+
+    def feed(self, ev) -> List[bytes]:
+        if self.ended:
+            return []
+        kind = ev[0]
+        out: List[bytes] = []
+        if not self.started:
+            if kind == "start" and ev[2]:
+                self.model = ev[2]
+            out.extend(self._begin())
+        idx = len(self.output)
+        if kind == "text":
+            if not ev[1]:
+                return out
+            if self.cur is None or self.cur["type"] != "message":
+                out.extend(self._open_item({"type": "message", "id": new_id("msg_"), "status": "in_progress",
+                                            "role": "assistant", "content": []}))
+                idx = len(self.output)
+            self.buf.append(ev[1])
+            out.append(self._ev("response.output_text.delta", {"item_id": self.cur["id"], "output_index": idx,
+                                                               "content_index": 0, "delta": ev[1], "logprobs": []}))
+        elif kind == "thinking":
+            if self.drop_thinking or not ev[1]:
+                return out
+            if self.cur is None or self.cur["type"] != "reasoning":
+                out.extend(self._open_item({"type": "reasoning", "id": new_id("rs_"), "summary": []}))
+                idx = len(self.output)
+            self.buf.append(ev[1])
+            out.append(self._ev("response.reasoning_summary_text.delta", {"item_id": self.cur["id"],
+                                                                          "output_index": idx, "summary_index": 0,
+                                                                          "delta": ev[1]}))
+        elif kind == "signature":
+            if self.cur is not None and self.cur["type"] == "reasoning" and ev[2] == "openai-responses":
+                self.sig = ev[1]
+        elif kind == "tool_start":
+            item = OpenAIResponses.call_item(ev[2], ev[3], "", self.req, "in_progress")
+            out.extend(self._open_item(item))
+            self.tool_index = ev[1]
+        elif kind == "tool_args":
+            if self.cur is not None and self.tool_index == ev[1]:
+                self.buf.append(ev[2])
+                if self.cur["type"] == "function_call":
+                    out.append(self._ev("response.function_call_arguments.delta",
+                                        {"item_id": self.cur["id"], "output_index": idx, "delta": ev[2]}))
+            else:
+                log.warning("responses stream: arguments for tool %d arrived after its item closed; dropped", ev[1])
+        elif kind == "finish":
+            self.ended = True
+            out.extend(self._close_item())
+            usage = OpenAIResponses.render_usage(ev[2] or Usage())
+            if ev[1] in ("max_tokens", "content_filter"):
+                reason = "max_output_tokens" if ev[1] == "max_tokens" else "content_filter"
+                final = self._resp("incomplete", usage, incomplete={"reason": reason})
+                out.append(self._ev("response.incomplete", {"response": final}))
+            else:
+                final = self._resp("completed", usage)
+                out.append(self._ev("response.completed", {"response": final}))
+            if self.on_complete:
+                self.on_complete(final)
+        elif kind == "error":
+            self.ended = True
+            out.extend(self._close_item())
+            err = ev[1]
+            out.append(self._ev("response.failed", {"response": self._resp(
+                "failed", error={"code": err.code or err.kind, "message": err.message})}))
+        return out
+
+    def keepalive(self) -> bytes:
+        return b": keep-alive\n\n"
+
+    def close(self) -> List[bytes]:
+        return []
+
+
+# 6d. Gemini ##################################################################
+
+_GE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+              405: "INVALID_ARGUMENT", 408: "DEADLINE_EXCEEDED", 409: "ABORTED", 413: "INVALID_ARGUMENT",
+              429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
+              502: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_GE_STOP_IN = {"STOP": "end", "MAX_TOKENS": "max_tokens", "FINISH_REASON_UNSPECIFIED": "end"}
+_GE_FILTERED = {"SAFETY", "RECITATION", "LANGUAGE", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
+                "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "IMAGE_OTHER", "NO_IMAGE", "MODEL_ARMOR"}
+_GE_BROKEN = {"MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS", "MISSING_THOUGHT_SIGNATURE",
+              "MALFORMED_RESPONSE", "OTHER"}
+_GE_STOP_OUT = {"end": "STOP", "tool_use": "STOP", "stop_sequence": "STOP", "max_tokens": "MAX_TOKENS",
+                "content_filter": "SAFETY"}
+SKIP_THOUGHT_SIGNATURE = "skip_thought_signature_validator"   # Google's documented sentinel for foreign history
+
+# Gemini's Schema accepts these keys; anything else is a 400 "Unknown name".
+_GE_SCHEMA_KEYS = {"type", "format", "title", "description", "nullable", "enum", "properties", "required",
+                   "propertyOrdering", "minProperties", "maxProperties", "items", "minItems", "maxItems",
+                   "minLength", "maxLength", "pattern", "minimum", "maximum", "anyOf", "default", "example"}
+_GE_TYPES = {"string", "number", "integer", "boolean", "array", "object", "null"}
+
+
+def gemini_schema(schema, defs=None, seen=()) -> dict:
+    """JSON Schema -> Gemini's Schema subset, by an allow-list: const -> enum, type lists and
+    anyOf-with-null -> nullable, $ref inlined (cycles cut), allOf merged, enums as strings,
+    required pruned to existing properties, unknown keywords dropped."""
+    if not isinstance(schema, dict):
+        return {"type": "STRING"}
+    if defs is None:
+        defs = dict(schema.get("$defs") or {}, **(schema.get("definitions") or {}))
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        name = ref.rsplit("/", 1)[-1]
+        if name in seen or name not in defs:
+            return {"type": "OBJECT", "description": schema.get("description") or "(recursive %s)" % name}
+        merged = dict(defs[name], **{k: v for k, v in schema.items() if k != "$ref"})
+        return gemini_schema(merged, defs, seen + (name,))
+    s = dict(schema)
+    for sub in s.pop("allOf", None) or []:
+        if isinstance(sub, dict):
+            sub = gemini_schema(sub, defs, seen)
+            for k, v in sub.items():
+                if k == "properties":
+                    s["properties"] = dict(s.get("properties") or {}, **v)
+                elif k == "required":
+                    s["required"] = list(s.get("required") or []) + v
+                else:
+                    s.setdefault(k, v)
+    out: Dict[str, Any] = {}
+    nullable = False
+    t = s.get("type")
+    if isinstance(t, list):
+        nullable = "null" in t
+        t = next((x for x in t if x != "null"), None)
+    if "const" in s:
+        s["enum"] = [s["const"]]
+    variants = s.get("anyOf") or s.get("oneOf")
+    if isinstance(variants, list):
+        real = [v for v in variants if not (isinstance(v, dict) and v.get("type") == "null")]
+        nullable = nullable or len(real) < len(variants)
+        if len(real) == 1:
+            inner = gemini_schema(real[0], defs, seen)
+            inner.update({k: v for k, v in (("description", s.get("description")),) if v})
+            if nullable:
+                inner["nullable"] = True
+            return inner
+        if real:
+            out["anyOf"] = [gemini_schema(v, defs, seen) for v in real]
+    if isinstance(t, str) and t.lower() in _GE_TYPES and t.lower() != "null":
+        out["type"] = t.upper()
+    elif "properties" in s:
+        out["type"] = "OBJECT"
+    elif "items" in s:
+        out["type"] = "ARRAY"
+    elif "enum" in s or t is None and "anyOf" not in out:
+        out["type"] = "STRING"
+    if isinstance(s.get("enum"), list):
+        out["enum"] = [e if isinstance(e, str) else _jdump(e) for e in s["enum"] if e is not None]
+        if out.get("type") not in (None, "STRING"):
+            out["type"] = "STRING"            # Gemini enums are strings only
+    if isinstance(s.get("properties"), dict):
+        out["properties"] = {k: gemini_schema(v, defs, seen) for k, v in s["properties"].items()}
+        req = [r for r in s.get("required") or [] if r in out["properties"]]
+        if req:
+            out["required"] = list(dict.fromkeys(req))
+    if "items" in s:
+        out["items"] = gemini_schema(s["items"] if isinstance(s["items"], dict) else {}, defs, seen)
+    for k in ("title", "description", "minProperties", "maxProperties", "minItems", "maxItems", "minLength",
+              "maxLength", "pattern", "minimum", "maximum", "propertyOrdering"):
+        if k in s and k in _GE_SCHEMA_KEYS:
+            out[k] = s[k]
+    fmt = s.get("format")
+    if isinstance(fmt, str) and (out.get("type") != "STRING" or fmt in ("enum", "date-time")):
+        out["format"] = fmt
+    if nullable or s.get("nullable") is True:
+        out["nullable"] = True
+    if out.get("type") == "OBJECT" and "properties" not in out:
+        out["properties"] = {}
+    return out
+
+
+def _lower_schema(schema):
+    """Gemini Schema (upper-case types) -> JSON Schema for the other formats."""
+    if isinstance(schema, list):
+        return [_lower_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "type" and isinstance(v, str):
+            out[k] = v.lower()
+        elif k in ("properties",) and isinstance(v, dict):
+            out[k] = {pk: _lower_schema(pv) for pk, pv in v.items()}
+        elif k in ("items", "anyOf"):
+            out[k] = _lower_schema(v)
+        else:
+            out[k] = v
+    return out
+
+
+def gemini_call_id(name: str, turn: int, index: int) -> str:
+    """Gemini gives no call ids: a deterministic one from the position keeps retries stable."""
+    return "call_" + hashlib.sha256(("%d:%d:%s" % (turn, index, name)).encode()).hexdigest()[:24]
+
+
+class Gemini:
+    name = "gemini"
+    endpoint = ""           # the model is in the URL: /models/{m}:generateContent
+
+    @staticmethod
+    def render_error(err: ProxyError) -> dict:
+        return {"error": {"code": err.status, "message": err.message,
+                          "status": _GE_STATUS.get(err.status, "INTERNAL" if err.status >= 500 else "INVALID_ARGUMENT")}}
+
+    @classmethod
+    def render_stream_error(cls, err: ProxyError) -> bytes:
+        return b"data: " + _jbytes(cls.render_error(err)) + b"\r\n\r\n"
+
+    @staticmethod
+    def parse_usage(u) -> Optional[Usage]:
+        if not isinstance(u, dict):
+            return None
+        thoughts = u.get("thoughtsTokenCount") or 0
+        return Usage(u.get("promptTokenCount") or 0, (u.get("candidatesTokenCount") or 0) + thoughts,
+                     u.get("cachedContentTokenCount") or 0, 0, thoughts)
+
+    @staticmethod
+    def render_usage(u: Usage) -> dict:
+        out = {"promptTokenCount": u.input, "candidatesTokenCount": max(0, u.output - u.reasoning),
+               "totalTokenCount": u.input + u.output}
+        if u.reasoning:
+            out["thoughtsTokenCount"] = u.reasoning
+        if u.cached:
+            out["cachedContentTokenCount"] = u.cached
+        return out
+
+    # -- requests -----------------------------------------------------------
+
+    @classmethod
+    def parse_request(cls, body: dict, model: str = "") -> ChatRequest:
+        req = ChatRequest(model=model or body.get("model") or "")
+        si = body.get("systemInstruction") or body.get("system_instruction")
+        if isinstance(si, dict):
+            text = "".join(p.get("text", "") for p in si.get("parts") or [] if isinstance(p, dict))
+            if text:
+                req.system.append(text)
+        contents = body.get("contents")
+        if isinstance(contents, dict):
+            contents = [contents]
+        if not isinstance(contents, list):
+            raise ProxyError(400, "invalid_request_error", "contents is required", param="contents")
+        pending: List[Tuple[str, str]] = []      # (id, name) of the last model turn's calls
+        for turn, c in enumerate(contents):
+            if not isinstance(c, dict):
+                continue
+            role = "assistant" if c.get("role") == "model" else "user"
+            parts: List[Part] = []
+            if role == "assistant":
+                pending = []
+            for i, p in enumerate(c.get("parts") or []):
+                if not isinstance(p, dict):
+                    continue
+                sig = p.get("thoughtSignature") or p.get("thought_signature") or ""
+                fc = p.get("functionCall") or p.get("function_call")
+                fr = p.get("functionResponse") or p.get("function_response")
+                inline = p.get("inlineData") or p.get("inline_data")
+                fdata = p.get("fileData") or p.get("file_data")
+                if fc:
+                    cid = fc.get("id") or gemini_call_id(fc.get("name", ""), turn, i)
+                    pending.append((cid, fc.get("name", "")))
+                    parts.append(Part("tool_call", id=cid, name=fc.get("name", ""), arguments=_jdump(fc.get("args") or {}),
+                                      signature=sig, origin="gemini" if sig else ""))
+                elif fr:
+                    cid = fr.get("id")
+                    if not cid:
+                        match = next((x for x in pending if x[1] == fr.get("name")), None)
+                        if match:
+                            pending.remove(match)
+                        cid = match[0] if match else gemini_call_id(fr.get("name", ""), turn, i)
+                    resp = fr.get("response")
+                    err = isinstance(resp, dict) and "error" in resp and "output" not in resp
+                    value = resp.get("error" if err else "output", resp) if isinstance(resp, dict) else resp
+                    text = value if isinstance(value, str) else _jdump(value)
+                    parts.append(Part("tool_result", id=cid, name=fr.get("name", ""),
+                                      content=[Part("text", text=text)], is_error=err))
+                elif p.get("thought") and isinstance(p.get("text"), str):
+                    parts.append(Part("thinking", text=p["text"], signature=sig, origin="gemini" if sig else ""))
+                elif isinstance(p.get("text"), str):
+                    if p["text"] or sig:
+                        parts.append(Part("text", text=p["text"]))
+                elif inline:
+                    parts.append(Part("image", media_type=inline.get("mimeType") or inline.get("mime_type", ""),
+                                      data=inline.get("data", "")))
+                elif fdata:
+                    parts.append(Part("image", url=fdata.get("fileUri") or fdata.get("file_uri", ""),
+                                      media_type=fdata.get("mimeType", "")))
+            req.messages.append(Message(role, parts))
+        req.messages = merge_messages(req.messages)
+        for t in body.get("tools") or []:
+            if not isinstance(t, dict):
+                continue
+            decls = t.get("functionDeclarations") or t.get("function_declarations")
+            if not decls:
+                log.info("gemini: built-in tool %s cannot run on this back-end; dropped", list(t)[:1])
+                continue
+            for fd in decls:
+                params = fd.get("parametersJsonSchema") or fd.get("parameters_json_schema")
+                if params is None:
+                    params = _lower_schema(fd.get("parameters") or {"type": "object", "properties": {}})
+                req.tools.append(Tool(fd.get("name", ""), fd.get("description") or "", params))
+        fcc = ((body.get("toolConfig") or body.get("tool_config") or {}).get("functionCallingConfig") or {})
+        mode = (fcc.get("mode") or "").upper()
+        names = fcc.get("allowedFunctionNames") or []
+        if mode == "NONE":
+            req.tool_choice = "none"
+        elif mode in ("ANY", "VALIDATED"):
+            req.tool_choice = ("tool", names[0]) if len(names) == 1 else "required"
+        elif mode == "AUTO":
+            req.tool_choice = "auto"
+        gc = body.get("generationConfig") or body.get("generation_config") or {}
+        req.max_tokens = gc.get("maxOutputTokens")
+        req.temperature = gc.get("temperature")
+        req.top_p = gc.get("topP")
+        req.top_k = gc.get("topK")
+        req.seed = gc.get("seed")
+        req.stop = [s for s in gc.get("stopSequences") or [] if isinstance(s, str)]
+        if gc.get("responseMimeType") == "application/json":
+            schema = gc.get("responseJsonSchema") or (_lower_schema(gc["responseSchema"]) if gc.get("responseSchema") else None)
+            req.response_format = {"type": "json_schema", "name": "response", "schema": schema} if schema \
+                else {"type": "json_object"}
+        tc = gc.get("thinkingConfig") or {}
+        if isinstance(tc.get("thinkingBudget"), int):
+            budget = tc["thinkingBudget"]
+            req.thinking = budget != 0
+            if budget > 0:
+                req.reasoning_budget = budget
+        if isinstance(tc.get("thinkingLevel"), str):
+            req.reasoning_effort = tc["thinkingLevel"].lower()
+            req.thinking = True
+        return req
+
+    @staticmethod
+    def _render_parts(m: Message, names: Dict[str, str]) -> List[dict]:
+        out = []
+        first_call = True
+        for p in m.parts:
+            if p.type == "text" and p.text:
+                out.append({"text": p.text})
+            elif p.type == "image":
+                if p.data:
+                    out.append({"inlineData": {"mimeType": p.media_type or "image/png", "data": p.data}})
+                else:
+                    log.info("gemini: image URL %.60s cannot be sent inline; passed as text", p.url)
+                    out.append({"text": "[image: %s]" % p.url})
+            elif p.type == "tool_call":
+                names[p.id] = p.name
+                part: Dict[str, Any] = {"functionCall": {"name": p.name, "args": parse_arguments(p.arguments)}}
+                if p.origin == "gemini" and p.signature:
+                    part["thoughtSignature"] = p.signature
+                elif first_call:
+                    part["thoughtSignature"] = SKIP_THOUGHT_SIGNATURE
+                first_call = False
+                out.append(part)
+            elif p.type == "tool_result":
+                text = text_of(p.content)
+                try:
+                    value = json.loads(text) if text[:1] in "{[" else text
+                except ValueError:
+                    value = text
+                out.append({"functionResponse": {"name": names.get(p.id) or p.name or "tool",
+                                                 "response": {"error" if p.is_error else "output": value}}})
+                for c in p.content:
+                    if c.type == "image" and c.data:
+                        out.append({"inlineData": {"mimeType": c.media_type or "image/png", "data": c.data}})
+        return out
+
+    @classmethod
+    def render_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
+        names: Dict[str, str] = {}
+        contents = []
+        for m in merge_messages(req.messages):
+            parts = cls._render_parts(m, names)
+            if parts:
+                contents.append({"role": "model" if m.role == "assistant" else "user", "parts": parts})
+        body: Dict[str, Any] = {"contents": contents}
+        if req.system:
+            body["systemInstruction"] = {"parts": [{"text": "\n\n".join(req.system)}]}
+        if req.tools:
+            decls = []
+            for t in req.tools:
+                d = {"name": t.name, "description": t.description}
+                if (t.parameters or {}).get("properties"):
+                    d["parameters"] = gemini_schema(t.parameters)
+                decls.append(d)
+            body["tools"] = [{"functionDeclarations": decls}]
+            if req.tool_choice is not None:
+                if isinstance(req.tool_choice, tuple):
+                    fcc = {"mode": "ANY", "allowedFunctionNames": [req.tool_choice[1]]}
+                else:
+                    fcc = {"mode": {"auto": "AUTO", "none": "NONE", "required": "ANY"}[req.tool_choice]}
+                body["toolConfig"] = {"functionCallingConfig": fcc}
+        gc: Dict[str, Any] = {}
+        for key, value in (("maxOutputTokens", req.max_tokens), ("temperature", req.temperature), ("topP", req.top_p),
+                           ("topK", req.top_k), ("seed", req.seed)):
+            if value is not None:
+                gc[key] = value
+        if req.stop:
+            gc["stopSequences"] = req.stop[:5]
+        if req.response_format:
+            gc["responseMimeType"] = "application/json"
+            if req.response_format.get("schema"):
+                gc["responseSchema"] = gemini_schema(req.response_format["schema"])
+        if req.thinking is False:
+            gc["thinkingConfig"] = {"thinkingBudget": 0}
+        elif req.reasoning_budget or req.reasoning_effort or req.thinking:
+            budget = req.reasoning_budget or EFFORT_BUDGET.get(req.reasoning_effort or "", -1)
+            gc["thinkingConfig"] = {"thinkingBudget": budget, "includeThoughts": True}
+        if gc:
+            body["generationConfig"] = gc
+        return body
+
+    # -- responses ----------------------------------------------------------
+
+    @staticmethod
+    def _candidate_parts(cand: dict, calls: List[int]) -> List[Part]:
+        out = []
+        for i, p in enumerate((cand.get("content") or {}).get("parts") or []):
+            sig = p.get("thoughtSignature") or ""
+            fc = p.get("functionCall")
+            if fc:
+                cid = fc.get("id") or gemini_call_id(fc.get("name", ""), -1, len(calls))
+                calls.append(1)
+                out.append(Part("tool_call", id=cid, name=fc.get("name", ""), arguments=_jdump(fc.get("args") or {}),
+                                signature=sig, origin="gemini" if sig else ""))
+            elif p.get("thought") and isinstance(p.get("text"), str):
+                out.append(Part("thinking", text=p["text"], signature=sig, origin="gemini" if sig else ""))
+            elif isinstance(p.get("text"), str) and p["text"]:
+                out.append(Part("text", text=p["text"], signature=sig, origin="gemini" if sig else ""))
+            elif sig and out:
+                out[-1].signature, out[-1].origin = sig, "gemini"
+        return out
+
+    @staticmethod
+    def _check(body: dict) -> dict:
+        """The first candidate, or a real error for blocked prompts and broken tool calls."""
+        cands = body.get("candidates") or []
+        if not cands:
+            block = (body.get("promptFeedback") or {}).get("blockReason")
+            if block:
+                return {"finishReason": "SAFETY", "content": {"parts": []}}
+            raise UpstreamError(502, "upstream returned no candidates", "upstream_empty")
+        cand = cands[0]
+        reason = cand.get("finishReason")
+        if reason in _GE_BROKEN and not (cand.get("content") or {}).get("parts"):
+            raise UpstreamError(502, "upstream finished with %s: %s" % (reason, cand.get("finishMessage") or
+                                                                       "no usable output"), "upstream_" + reason.lower())
+        return cand
+
+    @classmethod
+    def _stop(cls, reason: Optional[str], parts: List[Part]) -> str:
+        if any(p.type == "tool_call" for p in parts):
+            return "tool_use"
+        if reason in _GE_FILTERED:
+            return "content_filter"
+        return _GE_STOP_IN.get(reason or "STOP", "end")
+
+    @classmethod
+    def parse_response(cls, body: dict) -> ChatResponse:
+        cand = cls._check(body)
+        parts = cls._candidate_parts(cand, [])
+        return ChatResponse(body.get("responseId") or new_id("gen-"), body.get("modelVersion") or "", parts,
+                            cls._stop(cand.get("finishReason"), parts),
+                            usage=cls.parse_usage(body.get("usageMetadata")) or Usage())
+
+    @staticmethod
+    def render_parts(parts: List[Part], drop_thinking=False) -> List[dict]:
+        out = []
+        for p in parts:
+            if p.type == "text" and p.text:
+                out.append({"text": p.text})
+            elif p.type == "thinking" and p.text and not drop_thinking:
+                out.append({"text": p.text, "thought": True})
+            elif p.type == "tool_call":
+                out.append({"functionCall": {"name": p.name, "args": parse_arguments(p.arguments), "id": p.id}})
+            else:
+                continue
+            if p.origin == "gemini" and p.signature:
+                out[-1]["thoughtSignature"] = p.signature
+        return out
+
+    @classmethod
+    def render_response(cls, resp: ChatResponse, req: ChatRequest, options: Optional[dict] = None) -> dict:
+        drop = (options or {}).get("thinking") == "drop"
+        return {"candidates": [{"content": {"role": "model", "parts": cls.render_parts(resp.parts, drop)},
+                                "finishReason": _GE_STOP_OUT.get(resp.stop, "STOP"), "index": 0}],
+                "usageMetadata": cls.render_usage(resp.usage), "modelVersion": resp.model or req.model,
+                "responseId": resp.id}
+
+    @staticmethod
+    def stream_decoder() -> "GeminiDecoder":
+        return GeminiDecoder()
+
+    @staticmethod
+    def stream_encoder(req: ChatRequest, options: Optional[dict] = None) -> "GeminiEncoder":
+        return GeminiEncoder(req, options or {})
+
+
+class GeminiDecoder(CanonicalStream):
+    """GenerateContentResponse chunks (SSE) -> canonical events. Function calls arrive whole."""
+    name = "gemini"
+
+    def __init__(self):
+        self.started = False
+        self.calls: List[int] = []
+        self.reason: Optional[str] = None
+        self.usage: Optional[Usage] = None
+        self.done = False
+        self.any_output = False
+        self.tool_count = 0
+
+    def feed(self, ev: SSEEvent) -> list:
+        if self.done or not ev.data:
+            return []
+        try:
+            d = json.loads(ev.data)
+        except ValueError:
+            return []
+        if isinstance(d, list):               # a JSON-array stream flattened into one event
+            return [e for item in d for e in self.feed_obj(item)]
+        return self.feed_obj(d)
+
+    def feed_obj(self, d) -> list:
+        if not isinstance(d, dict):
+            return []
+        if "error" in d:
+            self.done = True
+            return [("error", upstream_stream_error(d))]
+        out = []
+        if not self.started:
+            self.started = True
+            out.append(("start", d.get("responseId") or new_id("gen-"), d.get("modelVersion") or "", None))
+        if d.get("usageMetadata"):
+            self.usage = Gemini.parse_usage(d["usageMetadata"])
+        cands = d.get("candidates") or []
+        if not cands:
+            if (d.get("promptFeedback") or {}).get("blockReason"):
+                self.reason = "SAFETY"
+            return out
+        cand = cands[0]
+        for p in Gemini._candidate_parts(cand, self.calls):
+            self.any_output = True
+            if p.type == "tool_call":
+                idx = self.tool_count
+                self.tool_count += 1
+                out.append(("tool_start", idx, p.id, p.name, p.signature or None, p.origin or None))
+                out.append(("tool_args", idx, p.arguments))
+            elif p.type == "thinking":
+                out.append(("thinking", p.text))
+                if p.signature:
+                    out.append(("signature", p.signature, "gemini"))
+            elif p.type == "text":
+                out.append(("text", p.text))
+                if p.signature:
+                    out.append(("signature", p.signature, "gemini"))
+        if cand.get("finishReason"):
+            self.reason = cand["finishReason"]
+        return out
+
+    def close(self) -> list:
+        if self.done:
+            return []
+        self.done = True
+        if self.reason is None:
+            return [("error", UpstreamError(502, "upstream stream ended without a finish reason", "upstream_incomplete"))]
+        if self.reason in _GE_BROKEN and not self.any_output:
+            return [("error", UpstreamError(502, "upstream finished with %s" % self.reason,
+                                            "upstream_" + self.reason.lower()))]
+        stop = "tool_use" if self.tool_count else ("content_filter" if self.reason in _GE_FILTERED
+                                         else _GE_STOP_IN.get(self.reason, "end"))
+        return [("finish", stop, self.usage)]
+
+
+class GeminiEncoder:
+    """Canonical events -> streamGenerateContent chunks: SSE (alt=sse) or one JSON array.
+    Tool calls are sent whole, as Gemini does."""
+
+    def __init__(self, req: ChatRequest, options: dict):
+        self.req = req
+        self.sse = options.get("sse", True)
+        self.drop_thinking = options.get("thinking") == "drop"
+        self.model = req.model
+        self.rid = secrets.token_hex(12)
+        self.calls: Dict[int, List[Any]] = {}      # tool index -> [id, name, args, signature]
+        self.order: List[int] = []
+        self.first = True
+        self.ended = False
+
+    def _chunk(self, obj: dict) -> bytes:
+        if self.sse:
+            return b"data: " + _jbytes(obj) + b"\r\n\r\n"
+        prefix = b"[" if self.first else b",\r\n"
+        self.first = False
+        return prefix + _jbytes(obj)
+
+    def _parts(self, parts: List[dict], finish: Optional[str] = None, usage: Optional[Usage] = None) -> bytes:
+        cand: Dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+        if finish:
+            cand["finishReason"] = finish
+        obj: Dict[str, Any] = {"candidates": [cand], "modelVersion": self.model, "responseId": self.rid}
+        if usage is not None:
+            obj["usageMetadata"] = Gemini.render_usage(usage)
+        return self._chunk(obj)
+
+    def _flush_calls(self) -> List[dict]:
+        parts = []
+        for idx in self.order:
+            cid, name, args, sig = self.calls[idx]
+            part: Dict[str, Any] = {"functionCall": {"name": name, "args": parse_arguments("".join(args)), "id": cid}}
+            if sig:
+                part["thoughtSignature"] = sig
+            parts.append(part)
+        self.order = []
+        self.calls = {}
+        return parts
+
+    def feed(self, ev) -> List[bytes]:
+        if self.ended:
+            return []
+        kind = ev[0]
+        if kind == "start":
+            if ev[2]:
+                self.model = ev[2]
+            return []
+        if kind == "text" and ev[1]:
+            return [self._parts([{"text": ev[1]}])]
+        if kind == "thinking" and ev[1] and not self.drop_thinking:
+            return [self._parts([{"text": ev[1], "thought": True}])]
+        if kind == "tool_start":
+            out = [self._parts(self._flush_calls())] if self.order else []
+            self.calls[ev[1]] = [ev[2], ev[3], [], ev[4] if ev[5] == "gemini" else None]
+            self.order.append(ev[1])
+            return out
+        if kind == "tool_args" and ev[1] in self.calls:
+            self.calls[ev[1]][2].append(ev[2])
+            return []
+        if kind == "finish":
+            self.ended = True
+            parts = self._flush_calls()
+            out = [self._parts(parts, _GE_STOP_OUT.get(ev[1], "STOP"), ev[2] or Usage())]
+            if not self.sse:
+                out.append(b"]")
+            return out
+        if kind == "error":
+            self.ended = True
+            if self.sse:
+                return [Gemini.render_stream_error(ev[1])]
+            return [self._chunk(Gemini.render_error(ev[1])), b"]"]
+        return []
+
+    def keepalive(self) -> bytes:
+        return b": keep-alive\r\n\r\n" if self.sse else b""
+
+    def close(self) -> List[bytes]:
+        if not self.sse and not self.ended:
+            return [b"[]"] if self.first else [b"]"]
+        return []
+
+
+FORMATS = {"openai": OpenAIChat, "anthropic": AnthropicMessages, "openai-responses": OpenAIResponses,
+           "gemini": Gemini}
+
 
 _TITLE_RE = re.compile(rb"<title[^>]*>(.*?)</title>", re.I | re.S)
 _TAG_RE = re.compile(r"<[^>]+>")
@@ -1374,26 +3621,33 @@ def parse_upstream_error(status: int, content_type: str, body: bytes) -> Optiona
 # The mock provider answers in-process so a client setup can be checked
 # without an upstream or tokens.
 
-# name -> (key variable, default base URL, base URL variable)
+# name -> (format, key variable(s), default base URL, base URL variable, version path added to a bare base URL)
 KNOWN_PROVIDERS = {
-    "openai": ("OPENAI_API_KEY", "https://api.openai.com/v1", "OPENAI_BASE_URL"),
-    "openrouter": ("OPENROUTER_API_KEY", "https://openrouter.ai/api/v1", "OPENROUTER_BASE_URL"),
-    "groq": ("GROQ_API_KEY", "https://api.groq.com/openai/v1", None),
-    "deepseek": ("DEEPSEEK_API_KEY", "https://api.deepseek.com/v1", None),
-    "mistral": ("MISTRAL_API_KEY", "https://api.mistral.ai/v1", None),
-    "xai": ("XAI_API_KEY", "https://api.x.ai/v1", None),
-    "together": ("TOGETHER_API_KEY", "https://api.together.xyz/v1", None),
-    "fireworks": ("FIREWORKS_API_KEY", "https://api.fireworks.ai/inference/v1", None),
-    "zai": ("ZAI_API_KEY", "https://api.z.ai/api/paas/v4", None),
+    "openai": ("openai", "OPENAI_API_KEY", "https://api.openai.com/v1", "OPENAI_BASE_URL", ""),
+    "anthropic": ("anthropic", "ANTHROPIC_API_KEY", "https://api.anthropic.com/v1", "ANTHROPIC_BASE_URL", "/v1"),
+    "gemini": ("gemini", "GEMINI_API_KEY,GOOGLE_API_KEY", "https://generativelanguage.googleapis.com/v1beta",
+               "GEMINI_BASE_URL", "/v1beta"),
+    "openrouter": ("openai", "OPENROUTER_API_KEY", "https://openrouter.ai/api/v1", "OPENROUTER_BASE_URL", ""),
+    "groq": ("openai", "GROQ_API_KEY", "https://api.groq.com/openai/v1", None, ""),
+    "deepseek": ("openai", "DEEPSEEK_API_KEY", "https://api.deepseek.com/v1", None, ""),
+    "mistral": ("openai", "MISTRAL_API_KEY", "https://api.mistral.ai/v1", None, ""),
+    "xai": ("openai", "XAI_API_KEY", "https://api.x.ai/v1", None, ""),
+    "together": ("openai", "TOGETHER_API_KEY", "https://api.together.xyz/v1", None, ""),
+    "fireworks": ("openai", "FIREWORKS_API_KEY", "https://api.fireworks.ai/inference/v1", None, ""),
+    "zai": ("openai", "ZAI_API_KEY", "https://api.z.ai/api/paas/v4", None, ""),
 }
+PROVIDER_FORMATS = ("openai", "openai-responses", "anthropic", "gemini", "mock")
+ANTHROPIC_VERSION = "2023-06-01"
 
 
 class Provider:
+    """kind is the wire format the upstream speaks (a FORMATS key) or "mock"."""
+
     def __init__(self, name: str, kind: str, base_url: str, keyring, headers=None, models=None,
                  connect_timeout: float = CONNECT_TIMEOUT_S, read_timeout: float = READ_TIMEOUT_S,
-                 cooldown_s: float = DEFAULT_COOLDOWN_S):
+                 cooldown_s: float = DEFAULT_COOLDOWN_S, options: Optional[dict] = None):
         self.name = name
-        self.kind = kind                  # "openai" or "mock"
+        self.kind = kind
         self.base_url = base_url.rstrip("/")
         self.keyring = keyring
         self.headers = list(headers or [])
@@ -1401,16 +3655,39 @@ class Provider:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.cooldown_s = cooldown_s
+        self.options = dict(options or {})
+        if "max_tokens_field" not in self.options:      # OpenAI's reasoning models refuse max_tokens
+            self.options["max_tokens_field"] = "max_completion_tokens" if "api.openai.com" in self.base_url \
+                else "max_tokens"
+
+    @property
+    def format(self):
+        return FORMATS["openai" if self.kind == "mock" else self.kind]
 
     def url(self, endpoint: str) -> str:
         return self.base_url + endpoint
 
-    def request_headers(self, key: Optional[str], stream: bool) -> List[Tuple[str, str]]:
+    def chat_url(self, model: str, stream: bool) -> str:
+        if self.kind == "gemini":
+            return "%s/models/%s:%s" % (self.base_url, model,
+                                        "streamGenerateContent?alt=sse" if stream else "generateContent")
+        return self.base_url + self.format.endpoint
+
+    def request_headers(self, key: Optional[str], stream: bool, extra=()) -> List[Tuple[str, str]]:
         hdrs = [("user-agent", "llmproxy/" + __version__), ("content-type", "application/json"),
                 ("accept", "text/event-stream" if stream else "application/json"),
                 ("accept-encoding", "identity")]
-        if key:
+        if self.kind == "anthropic":
+            hdrs.append(("anthropic-version", ANTHROPIC_VERSION))
+            if key:
+                hdrs.append(("x-api-key", key))
+        elif self.kind == "gemini":
+            if key:
+                hdrs.append(("x-goog-api-key", key))
+        elif key:
             hdrs.append(("authorization", "Bearer " + key))
+        names = {k for k, _ in extra}
+        hdrs = [h for h in hdrs if h[0] not in names] + list(extra)
         hdrs.extend(self.headers)
         return hdrs
 
@@ -1986,6 +4263,7 @@ class ProviderConfig:
     read_timeout_s: float = READ_TIMEOUT_S
     headers: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
     models: List[str] = dataclasses.field(default_factory=list)
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     source: str = "config"
 
 
@@ -2125,14 +4403,15 @@ def _check_url(url: str, where: str):
 
 
 def _load_provider(name: str, r: _Reader) -> ProviderConfig:
-    kind = r.get("format", str, "openai")
-    if kind not in ("openai", "mock"):
-        raise ConfigError("%s: must be \"openai\" or \"mock\" (other formats arrive with translation)" % r.key("format"))
+    default_kind = KNOWN_PROVIDERS[name][0] if name in KNOWN_PROVIDERS else "openai"
+    kind = r.get("format", str, default_kind)
+    if kind not in PROVIDER_FORMATS:
+        raise ConfigError("%s: must be one of %s" % (r.key("format"), ", ".join(PROVIDER_FORMATS)))
     pc = ProviderConfig(name=name, kind=kind)
     pc.base_url = r.get("base_url", str, "")
     if kind != "mock":
-        if not pc.base_url and name in KNOWN_PROVIDERS:
-            pc.base_url = KNOWN_PROVIDERS[name][1]
+        if not pc.base_url and name in KNOWN_PROVIDERS and KNOWN_PROVIDERS[name][0] == kind:
+            pc.base_url = KNOWN_PROVIDERS[name][2]
         if not pc.base_url:
             raise ConfigError("%s: required" % r.key("base_url"))
         _check_url(pc.base_url, r.key("base_url"))
@@ -2152,6 +4431,15 @@ def _load_provider(name: str, r: _Reader) -> ProviderConfig:
             raise ConfigError("%s.%s: must be a valid header name with a string value" % (r.key("headers"), k))
         pc.headers.append((k.lower(), v))
     pc.models = r.strings("models")
+    thinking = r.get("thinking", str, "keep")
+    if thinking not in ("keep", "drop"):
+        raise ConfigError("%s: must be \"keep\" or \"drop\"" % r.key("thinking"))
+    pc.options["thinking"] = thinking
+    field = r.get("max_tokens_field", str, None)
+    if field is not None:
+        if field not in ("max_tokens", "max_completion_tokens"):
+            raise ConfigError("%s: must be \"max_tokens\" or \"max_completion_tokens\"" % r.key("max_tokens_field"))
+        pc.options["max_tokens_field"] = field
     r.finish()
     return pc
 
@@ -2212,13 +4500,16 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
             raise ConfigError("providers.%s: provider names use letters, digits, '_', '.', '-'" % name)
         cfg.providers[name] = _load_provider(name, pr.sub(name))
     if r.get("env_providers", bool, True):
-        for name, (key_var, url, url_var) in KNOWN_PROVIDERS.items():
-            if name in cfg.providers or not env.get(key_var):
+        for name, (kind, key_vars, url, url_var, version) in KNOWN_PROVIDERS.items():
+            key_var = next((v for v in key_vars.split(",") if env.get(v)), None)
+            if name in cfg.providers or key_var is None:
                 continue
             base = (env.get(url_var) if url_var else "") or url
             _check_url(base, url_var or name)
+            if version and urlsplit(base).path.rstrip("/") in ("",):
+                base = base.rstrip("/") + version     # ANTHROPIC_BASE_URL etc. usually omit the version
             keys = [k.strip() for k in env[key_var].split(",") if k.strip()]
-            cfg.providers[name] = ProviderConfig(name=name, base_url=base, keys=keys, source="env " + key_var)
+            cfg.providers[name] = ProviderConfig(name=name, kind=kind, base_url=base, keys=keys, source="env " + key_var)
     if not cfg.providers:
         cfg.providers["mock"] = ProviderConfig(name="mock", kind="mock", models=["mock"], source="built-in")
         cfg.notes.append("no provider configured: serving the built-in mock provider (set OPENAI_API_KEY, "
@@ -2248,13 +4539,20 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
 
 # 12. app #####################################################################
 # App owns all mutable state (providers, key rings, client keys, usage, the
-# upstream pool) and the route table. precheck() runs before a body is read
-# (routing, method, auth); handlers are short sequences of named steps.
+# upstream pool, the Responses store) and the route table. precheck() runs
+# before a body is read (routing, method, auth). A chat request goes one of two
+# ways: pass-through when the client's format is the back-end's (bytes
+# forwarded, only the model rewritten), or through the hub: parse into the
+# canonical model, render for the back-end, translate the reply back.
 
 PUBLIC, CLIENT, ADMIN = 0, 1, 2
 RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai-processing-ms",
                            "openai-version", "retry-after", "x-openrouter-request-id"])
-SSE_HEADERS = [("cache-control", "no-cache"), ("x-accel-buffering", "no")]
+SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
+               ("x-accel-buffering", "no")]
+KEEPALIVE_S = 15.0                 # silence (a model thinking) longer than this gets a keep-alive frame
+RESPONSES_STORE_MAX = 128          # previous_response_id entries kept in memory (whole conversations)
+IMAGE_TOKENS = 1600                # count_tokens estimate per image (Anthropic: ~1,600 for 1092x1092)
 
 
 def relay_headers(headers: Headers) -> List[Tuple[str, str]]:
@@ -2282,6 +4580,90 @@ def client_key(head_or_req) -> Optional[str]:
     return None
 
 
+def client_format(path: str, headers: Headers):
+    """Which API format a client speaks, from the path (and, for model lists, the headers)."""
+    if path.startswith(("/v1/messages", "/anthropic/")):
+        return AnthropicMessages
+    if path.startswith("/v1/responses"):
+        return OpenAIResponses
+    if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):
+        return Gemini
+    if path in ("/v1/models", "/models") or path.startswith("/v1/models/"):
+        if "anthropic-version" in headers:
+            return AnthropicMessages
+        if "x-goog-api-key" in headers or "x-goog-api-client" in headers:
+            return Gemini
+    return OpenAIChat
+
+
+def stream_headers(fmt, sse: bool = True) -> List[Tuple[str, str]]:
+    if fmt is Gemini and not sse:
+        return [("content-type", "application/json; charset=utf-8"), ("cache-control", "no-cache")]
+    return list(SSE_HEADERS)
+
+
+def estimate_tokens(req: ChatRequest) -> int:
+    """Local token estimate: 4 characters a token over system, messages, tool calls and
+    results and tool schemas, IMAGE_TOKENS per image, 4 tokens of framing per message.
+    Within about a quarter of the real count for English text and code."""
+    chars = sum(len(s) for s in req.system)
+    images = 0
+    stack = [p for m in req.messages for p in m.parts]
+    for p in stack:
+        if p.type == "image":
+            images += 1
+        elif p.type == "tool_result":
+            stack.extend(p.content)
+        chars += len(p.text) + len(p.name) + len(p.arguments)
+    for t in req.tools:
+        chars += len(t.name) + len(t.description) + len(_jdump(t.parameters))
+    return int(math.ceil(chars / 4.0)) + images * IMAGE_TOKENS + 4 * len(req.messages) + (8 if req.tools else 0)
+
+
+def upstream_error(status: int, content_type: str, body: bytes) -> ProxyError:
+    """An upstream error reply (any format) as a ProxyError for the client's own format."""
+    cleaned = parse_upstream_error(status, content_type, body)
+    if cleaned is not None:
+        return cleaned
+    code = None
+    try:
+        doc = json.loads(body)
+        err = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(err, dict):
+            code = err.get("code") or err.get("status") or err.get("type")
+    except ValueError:
+        pass
+    kind = _ERROR_TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return ProxyError(status, kind, _error_message(body) or "upstream error", code=str(code) if code else None)
+
+
+async def _with_keepalive(agen, interval: float):
+    """Yield agen's items, and None whenever `interval` seconds pass without one."""
+    nxt = None
+    try:
+        while True:
+            if nxt is None:
+                nxt = asyncio.ensure_future(agen.__anext__())
+            done, _ = await asyncio.wait((nxt,), timeout=interval)
+            if not done:
+                yield None
+                continue
+            task, nxt = nxt, None
+            try:
+                item = task.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if nxt is not None:
+            nxt.cancel()
+            try:
+                await nxt
+            except BaseException:          # the cancelled read; its error no longer matters
+                pass
+        await agen.aclose()
+
+
 class App:
     def __init__(self, config: Config, client: Optional[HTTPClient] = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
@@ -2293,7 +4675,7 @@ class App:
         for name, pc in config.providers.items():
             ring = KeyRing(pc.keys, pc.strategy, clock)
             self.providers[name] = Provider(name, pc.kind, pc.base_url, ring, pc.headers, pc.models,
-                                            pc.connect_timeout_s, pc.read_timeout_s, pc.cooldown_s)
+                                            pc.connect_timeout_s, pc.read_timeout_s, pc.cooldown_s, pc.options)
         self.router = Router(self.providers, config.aliases, config.prefixes, config.default, config.force)
         store = os.path.join(config.data_dir, "keys.json") if config.data_dir else None
         self.keys = ProxyKeys(store, config.keys, config.admin_keys)
@@ -2301,19 +4683,27 @@ class App:
         self.usage = UsageMeter()
         self.started = wall()
         self.models_cache: Dict[str, Tuple[float, List[str]]] = {}
+        self.responses: "OrderedDict[str, List[Message]]" = OrderedDict()
         self.cors_any = "*" in config.cors_origins
         self.cors = frozenset(config.cors_origins)
         chat = {"POST": (self.handle_chat, CLIENT)}
+        messages = {"POST": (self.handle_messages, CLIENT)}
+        count = {"POST": (self.handle_count_tokens, CLIENT)}
+        models = {"GET": (self.handle_models, CLIENT)}
         self.routes: Dict[str, Dict[str, Tuple[Callable, int]]] = {
             "/health": {"GET": (self.handle_health, PUBLIC)},
-            "/v1/models": {"GET": (self.handle_models, CLIENT)},
-            "/v1/chat/completions": chat,
-            "/chat/completions": chat,
+            "/v1/models": models, "/models": models, "/anthropic/v1/models": models, "/v1beta/models": models,
+            "/v1/chat/completions": chat, "/chat/completions": chat,
             "/v1/completions": {"POST": (self.handle_completions, CLIENT)},
             "/v1/embeddings": {"POST": (self.handle_embeddings, CLIENT)},
+            "/v1/messages": messages, "/anthropic/v1/messages": messages,
+            "/v1/messages/count_tokens": count, "/anthropic/v1/messages/count_tokens": count,
+            "/v1/responses": {"POST": (self.handle_responses, CLIENT)},
+            "/v1/responses/input_tokens": {"POST": (self.handle_responses_tokens, CLIENT)},
             "/admin/keys": {"GET": (self.handle_keys_list, ADMIN), "POST": (self.handle_keys_create, ADMIN)},
         }
-        self.prefix_routes = [("/v1/models/", {"GET": (self.handle_model, CLIENT)}),
+        gemini = {"GET": (self.handle_model, CLIENT), "POST": (self.handle_gemini, CLIENT)}
+        self.prefix_routes = [("/v1beta/models/", gemini), ("/v1/models/", gemini),
                               ("/admin/keys/", {"DELETE": (self.handle_keys_revoke, ADMIN)})]
 
     def close(self):
@@ -2373,16 +4763,16 @@ class App:
         origin = head.headers.get("origin")
         if not origin:
             return []
+        expose = ("access-control-expose-headers", "x-llmproxy-provider, x-request-id, retry-after")
         if self.cors_any:
-            return [("access-control-allow-origin", "*"),
-                    ("access-control-expose-headers", "x-llmproxy-provider, x-request-id, retry-after")]
+            return [("access-control-allow-origin", "*"), expose]
         if origin in self.cors:
-            return [("access-control-allow-origin", origin), ("vary", "origin"),
-                    ("access-control-expose-headers", "x-llmproxy-provider, x-request-id, retry-after")]
+            return [("access-control-allow-origin", origin), ("vary", "origin"), expose]
         return []
 
     def error_response(self, err: ProxyError, head: Optional[RequestHead] = None) -> Response:
-        return json_response(err.status, OpenAIFormat.render_error(err), list(err.headers))
+        fmt = client_format(head.path, head.headers) if head is not None else OpenAIChat
+        return json_response(err.status, fmt.render_error(err), list(err.headers))
 
     async def handle(self, request: Request):
         handler, entry = request.match
@@ -2392,11 +4782,14 @@ class App:
     def log_request(self, request: Request, status: int, t_first: Optional[float], sent: int, ok: bool):
         info = request.info
         now = time.perf_counter()
-        tin, tout = OpenAIFormat.parse_usage(info.get("usage"))
+        usage = info.get("usage")
+        tin = tout = None
+        if isinstance(usage, Usage):
+            tin, tout = usage.input, usage.output
         if info.get("provider"):
             self.usage.record(info.get("client") or "-", info["provider"], info.get("model") or "-", tin, tout)
         fields = {"status": status, "key": info.get("client"), "model": info.get("model"),
-                  "provider": info.get("provider"), "upkey": info.get("upkey"),
+                  "provider": info.get("provider"), "upkey": info.get("upkey"), "via": info.get("via"),
                   "ttfb_ms": round((t_first - request.t_start) * 1000, 1) if t_first else None,
                   "total_ms": round((now - request.t_start) * 1000, 1),
                   "tokens_in": tin, "tokens_out": tout, "bytes": sent,
@@ -2405,8 +4798,8 @@ class App:
 
     # -- upstream ------------------------------------------------------------
 
-    async def send_upstream(self, prov: Provider, method: str, endpoint: str, body: bytes,
-                            stream: bool, info: dict) -> UpstreamResponse:
+    async def send_upstream(self, prov: Provider, method: str, url: str, body: bytes,
+                            stream: bool, info: dict, extra=()) -> UpstreamResponse:
         """Send with key rotation: a 429 cools the key and retries on the next one at once,
         401/403 disables it. Returns the first reply that is not a key failure."""
         ring = prov.keyring
@@ -2417,7 +4810,7 @@ class App:
                 raise self._keys_exhausted(prov, last)
             info["upkey"] = redact(k.key) if k else None
             t0 = time.perf_counter()
-            resp = await self.client.request(method, prov.url(endpoint), prov.request_headers(k.key if k else None, stream),
+            resp = await self.client.request(method, url, prov.request_headers(k.key if k else None, stream, extra),
                                              body, prov.connect_timeout, prov.read_timeout)
             info["upstream_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if k is None or resp.status not in (401, 403, 429):
@@ -2448,6 +4841,7 @@ class App:
                           % (prov.name, secs, detail), code="rate_limit_exceeded", headers=[("retry-after", str(secs))])
 
     async def relay_error(self, upstream: UpstreamResponse, hdrs) -> Response:
+        """Same-format errors go back as they came; a non-JSON page becomes a clean error."""
         data = await upstream.read(MAX_ERROR_BODY)
         err = parse_upstream_error(upstream.status, upstream.content_type, data)
         if err is not None:
@@ -2455,8 +4849,9 @@ class App:
             raise err
         return Response(upstream.status, hdrs, data)
 
-    async def relay_stream(self, upstream: UpstreamResponse, info: dict):
+    async def relay_stream(self, upstream: UpstreamResponse, info: dict, fmt=None):
         """Forward upstream bytes as they arrive; keep a short tail to read usage from."""
+        fmt = fmt or OpenAIChat
         tail: List[bytes] = []
         tail_len = 0
         agen = upstream.iter_body()
@@ -2470,13 +4865,175 @@ class App:
         except UpstreamError as e:
             info["error"] = e.code
             log.warning("upstream stream failed: %s", e.message)
-            yield OpenAIFormat.render_stream_error(e)
+            yield fmt.render_stream_error(e)
         finally:
             await agen.aclose()
-            info["usage"] = sniff_usage(b"".join(tail))
+            info["usage"] = fmt.parse_usage(sniff_usage(b"".join(tail), _usage_key(fmt)))
+
+    async def passthrough(self, request: Request, fmt, prov: Provider, url: str, body: dict, client_model: str,
+                          upstream_model: str, stream: bool):
+        """Same format on both sides: forward the client's bytes (model rewritten if routed)."""
+        info = request.info
+        info["via"] = "pass"
+        if upstream_model == client_model or "model" not in body:
+            raw = request.body
+        else:
+            raw = _jbytes(dict(body, model=upstream_model))
+        extra = []
+        if fmt is AnthropicMessages:
+            for name in ("anthropic-version", "anthropic-beta"):
+                if request.headers.get(name):
+                    extra.append((name, request.headers.get(name)))
+        upstream = await self.send_upstream(prov, "POST", url, raw, stream, info, extra)
+        hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
+        if upstream.status >= 400:
+            return await self.relay_error(upstream, hdrs)
+        ctype = upstream.content_type
+        if stream and (ctype == "text/event-stream" or fmt is Gemini):
+            return StreamResponse(upstream.status, hdrs + SSE_HEADERS[1:], self.relay_stream(upstream, info, fmt))
+        data = await upstream.read()
+        info["usage"] = fmt.parse_usage(sniff_usage(data, _usage_key(fmt)))
+        return Response(upstream.status, hdrs, data)
+
+    # -- the hub ---------------------------------------------------------------
+
+    async def serve_chat(self, request: Request, fmt, body: dict, creq: ChatRequest, sse: bool = True):
+        """Route a parsed chat request; pass through or translate."""
+        if not creq.model:
+            raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
+        route = self.router.resolve(creq.model)
+        prov = route.provider
+        info = request.info
+        info["model"] = creq.model
+        info["provider"] = prov.name
+        if prov.kind == fmt.name:
+            url = prov.chat_url(route.model, creq.stream)
+            if fmt is Gemini and creq.stream and not sse:
+                url = url.split("?", 1)[0]
+            return await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, creq.stream)
+        if prov.kind == "mock" and fmt is OpenAIChat:
+            return self.serve_mock("/chat/completions", body, route.model, creq.stream, info)
+        return await self.translate(request, fmt, prov, route.model, creq, sse)
+
+    async def translate(self, request: Request, fmt, prov: Provider, upstream_model: str, creq: ChatRequest,
+                        sse: bool):
+        info = request.info
+        info["via"] = "%s>%s" % (fmt.name, prov.kind)
+        if fmt is OpenAIResponses:
+            self.apply_previous_response(creq)
+        history = list(creq.messages)
+        fmt_out = prov.format
+        client_model = creq.model
+        creq.model = upstream_model
+        up_body = fmt_out.render_request(creq, prov.options)
+        creq.model = client_model
+        options = dict(prov.options, sse=sse)
+        if fmt is OpenAIResponses and creq.store is not False:
+            options["on_complete"] = lambda final: self.remember(final, history)
+        pieces = None
+        reply = None
+        if prov.kind == "mock":
+            if creq.stream:
+                pieces = _iterate(self.mock.chat_stream(up_body, upstream_model))
+            else:
+                reply = self.mock.chat(up_body, upstream_model)
+        else:
+            url = prov.chat_url(upstream_model, creq.stream)
+            upstream = await self.send_upstream(prov, "POST", url, _jbytes(up_body), creq.stream, info)
+            if upstream.status >= 400:
+                data = await upstream.read(MAX_ERROR_BODY)
+                err = upstream_error(upstream.status, upstream.content_type, data)
+                err.headers = [h for h in relay_headers(upstream.headers) if h[0] == "retry-after"]
+                raise err
+            if creq.stream and upstream.content_type == "text/event-stream":
+                pieces = upstream.iter_body()
+            else:
+                reply = self._json_reply(await upstream.read())
+        hdrs = [("x-llmproxy-provider", prov.name)]
+        if creq.stream:
+            events = None if reply is None else response_events(fmt_out.parse_response(reply))
+            encoder = fmt.stream_encoder(creq, options)
+            return StreamResponse(200, stream_headers(fmt, sse) + hdrs,
+                                  self.translate_stream(pieces, fmt_out.stream_decoder(), encoder, info, events))
+        cresp = fmt_out.parse_response(reply)
+        info["usage"] = cresp.usage
+        out = fmt.render_response(cresp, creq, options)
+        if fmt is OpenAIResponses and creq.store is not False:
+            self.remember(out, history)
+        return json_response(200, out, hdrs)
+
+    @staticmethod
+    def _json_reply(data: bytes) -> dict:
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise UpstreamError(502, "upstream reply is not JSON", "upstream_not_json")
+        if not isinstance(obj, dict):
+            raise UpstreamError(502, "upstream reply is not a JSON object", "upstream_not_json")
+        return obj
+
+    async def translate_stream(self, pieces, decoder, encoder, info: dict, events=None):
+        """One upstream piece in, its translated frames out (joined into one write)."""
+
+        def emit(ev) -> List[bytes]:
+            if ev[0] == "finish":
+                info["usage"] = ev[2]
+            elif ev[0] == "error":
+                info["error"] = ev[1].code or ev[1].kind
+            return encoder.feed(ev)
+        try:
+            if events is not None:
+                yield b"".join(f for ev in events for f in emit(ev))
+            else:
+                sse = SSEDecoder()
+                source = _with_keepalive(pieces, KEEPALIVE_S)
+                try:
+                    async for piece in source:
+                        if piece is None:
+                            ka = encoder.keepalive()
+                            if ka:
+                                yield ka
+                            continue
+                        out = [f for sev in sse.feed(piece) for ev in decoder.feed(sev) for f in emit(ev)]
+                        if out:
+                            yield b"".join(out)
+                    out = [f for sev in sse.close() for ev in decoder.feed(sev) for f in emit(ev)]
+                    out += [f for ev in decoder.close() for f in emit(ev)]
+                    if out:
+                        yield b"".join(out)
+                finally:
+                    await source.aclose()
+        except ProxyError as e:
+            log.warning("translated stream failed: %s", e.message)
+            out = emit(("error", e))
+            if out:
+                yield b"".join(out)
+        tail = encoder.close()
+        if tail:
+            yield b"".join(tail)
+
+    def apply_previous_response(self, creq: ChatRequest):
+        rid = creq.previous_response_id
+        if not rid:
+            return
+        past = self.responses.get(rid)
+        if past is None:
+            raise ProxyError(404, "invalid_request_error", "Previous response with id '%s' not found." % rid,
+                             param="previous_response_id", code="previous_response_not_found")
+        self.responses.move_to_end(rid)
+        creq.messages = merge_messages(past + creq.messages)
+
+    def remember(self, final: dict, history: List[Message]):
+        """Keep a Responses conversation so a later previous_response_id can continue it."""
+        parts = OpenAIResponses.parse_output(final.get("output") or [])
+        self.responses[final["id"]] = history + ([Message("assistant", parts)] if parts else [])
+        while len(self.responses) > RESPONSES_STORE_MAX:
+            self.responses.popitem(last=False)
+
+    # -- OpenAI-compatible handlers --------------------------------------------
 
     async def forward(self, request: Request, endpoint: str, stream_ok: bool = True):
-        """The OpenAI-compatible pass-through shared by chat, completions and embeddings."""
+        """Completions and embeddings: OpenAI-compatible back-ends only, bytes passed through."""
         body = request.json()
         if not isinstance(body, dict):
             raise ProxyError(400, "invalid_request_error", "request body must be a JSON object")
@@ -2491,22 +5048,14 @@ class App:
         stream = stream_ok and body.get("stream") is True
         if prov.kind == "mock":
             return self.serve_mock(endpoint, body, route.model, stream, info)
-        raw = request.body if route.model == model else \
-            json.dumps(dict(body, model=route.model), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        upstream = await self.send_upstream(prov, "POST", endpoint, raw, stream, info)
-        hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
-        if upstream.status >= 400:
-            return await self.relay_error(upstream, hdrs)
-        if stream and upstream.content_type == "text/event-stream":
-            return StreamResponse(upstream.status, hdrs + SSE_HEADERS, self.relay_stream(upstream, info))
-        data = await upstream.read()
-        info["usage"] = sniff_usage(data)
-        return Response(upstream.status, hdrs, data)
-
-    # -- handlers ------------------------------------------------------------
+        if prov.kind != "openai":
+            raise ProxyError(400, "invalid_request_error", "%s is served only by OpenAI-compatible providers; "
+                             "%r routes to a %s provider" % (endpoint, model, prov.kind), param="model")
+        return await self.passthrough(request, OpenAIChat, prov, prov.url(endpoint), body, model, route.model, stream)
 
     async def handle_chat(self, request: Request):
-        return await self.forward(request, "/chat/completions")
+        body = self._body(request)
+        return await self.serve_chat(request, OpenAIChat, body, OpenAIChat.parse_request(body))
 
     async def handle_completions(self, request: Request):
         return await self.forward(request, "/completions")
@@ -2514,22 +5063,93 @@ class App:
     async def handle_embeddings(self, request: Request):
         return await self.forward(request, "/embeddings", stream_ok=False)
 
+    @staticmethod
+    def _body(request: Request) -> dict:
+        body = request.json()
+        if not isinstance(body, dict):
+            raise ProxyError(400, "invalid_request_error", "request body must be a JSON object")
+        return body
+
     def serve_mock(self, endpoint: str, body: dict, model: str, stream: bool, info: dict):
+        info["via"] = "mock"
         if endpoint == "/chat/completions":
             if not isinstance(body.get("messages"), list) or not body["messages"]:
                 raise ProxyError(400, "invalid_request_error", "'messages' must be a non-empty array", param="messages")
             if stream:
                 frames = self.mock.chat_stream(body, model)
-                info["usage"] = sniff_usage(b"".join(frames[-3:]))
-                return StreamResponse(200, [("content-type", "text/event-stream; charset=utf-8"),
-                                            ("x-llmproxy-provider", "mock")] + SSE_HEADERS, _iterate(frames))
+                info["usage"] = OpenAIChat.parse_usage(sniff_usage(b"".join(frames[-3:])))
+                return StreamResponse(200, SSE_HEADERS + [("x-llmproxy-provider", "mock")], _iterate(frames))
             reply = self.mock.chat(body, model)
         elif endpoint == "/completions":
             reply = self.mock.completion(body, model)
         else:
             reply = self.mock.embeddings(body, model)
-        info["usage"] = reply.get("usage")
+        info["usage"] = OpenAIChat.parse_usage(reply.get("usage"))
         return json_response(200, reply, [("x-llmproxy-provider", "mock")])
+
+    # -- Anthropic, Responses and Gemini handlers -------------------------------
+
+    async def handle_messages(self, request: Request):
+        body = self._body(request)
+        if not isinstance(body.get("max_tokens"), int):
+            raise ProxyError(400, "invalid_request_error", "max_tokens: Field required", param="max_tokens")
+        return await self.serve_chat(request, AnthropicMessages, body, AnthropicMessages.parse_request(body))
+
+    async def handle_responses(self, request: Request):
+        body = self._body(request)
+        return await self.serve_chat(request, OpenAIResponses, body, OpenAIResponses.parse_request(body))
+
+    def _gemini_target(self, request: Request) -> Tuple[str, str]:
+        prefix = "/v1beta/models/" if request.path.startswith("/v1beta/") else "/v1/models/"
+        rest = unquote(request.path[len(prefix):])
+        model, sep, action = rest.rpartition(":")
+        if not sep or not model:
+            raise ProxyError(404, "not_found_error", "expected /models/{model}:{action}", code="unknown_url")
+        return model, action
+
+    async def handle_gemini(self, request: Request):
+        model, action = self._gemini_target(request)
+        body = self._body(request)
+        if action == "countTokens":
+            return await self.count_tokens(request, Gemini, body, Gemini.parse_request(
+                body.get("generateContentRequest") or body, model), ":countTokens")
+        if action not in ("generateContent", "streamGenerateContent"):
+            raise ProxyError(404, "not_found_error", "unsupported action %r" % action, code="unknown_url")
+        creq = Gemini.parse_request(body, model)
+        creq.stream = action == "streamGenerateContent"
+        sse = request.query_param("alt") == "sse"
+        return await self.serve_chat(request, Gemini, body, creq, sse=sse)
+
+    async def handle_count_tokens(self, request: Request):
+        body = self._body(request)
+        return await self.count_tokens(request, AnthropicMessages, body, AnthropicMessages.parse_request(body),
+                                       "/messages/count_tokens")
+
+    async def handle_responses_tokens(self, request: Request):
+        body = self._body(request)
+        return await self.count_tokens(request, OpenAIResponses, body, OpenAIResponses.parse_request(body),
+                                       "/responses/input_tokens")
+
+    async def count_tokens(self, request: Request, fmt, body: dict, creq: ChatRequest, endpoint: str):
+        """Forwarded when the back-end speaks the client's format, else estimated locally
+        (no upstream call, no rate limit spent)."""
+        route = self.router.resolve(creq.model)
+        prov = route.provider
+        request.info.update(model=creq.model, provider=prov.name)
+        if prov.kind == fmt.name:
+            url = prov.url("/models/%s%s" % (route.model, endpoint)) if fmt is Gemini else prov.url(endpoint)
+            return await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, False)
+        request.info["via"] = "estimate"
+        if fmt is OpenAIResponses and creq.previous_response_id:
+            self.apply_previous_response(creq)
+        n = estimate_tokens(creq)
+        if fmt is Gemini:
+            return json_response(200, {"totalTokens": n})
+        if fmt is OpenAIResponses:
+            return json_response(200, {"object": "response.input_tokens", "input_tokens": n})
+        return json_response(200, {"input_tokens": n})
+
+    # -- models, health, admin -----------------------------------------------
 
     async def handle_health(self, request: Request):
         doc: Dict[str, Any] = {"status": "ok", "version": __version__,
@@ -2554,11 +5174,13 @@ class App:
             return cached[1]
         ids: List[str] = []
         try:
-            resp = await self.send_upstream(prov, "GET", "/models", b"", False, {})
+            resp = await self.send_upstream(prov, "GET", prov.url("/models"), b"", False, {})
             data = await resp.read(MAX_UPSTREAM_BODY)
             if resp.status == 200:
-                ids = [m["id"] for m in json.loads(data).get("data", []) if isinstance(m, dict)
-                       and isinstance(m.get("id"), str)]
+                doc = json.loads(data)
+                ids = [m["id"] for m in doc.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                ids += [m["name"].split("/", 1)[-1] for m in doc.get("models", [])
+                        if isinstance(m, dict) and isinstance(m.get("name"), str)]
             else:
                 log.warning("provider %s: GET /models answered HTTP %d", prov.name, resp.status)
         except (ProxyError, ValueError, AttributeError) as e:
@@ -2566,25 +5188,43 @@ class App:
         self.models_cache[prov.name] = (self.clock() + MODELS_CACHE_S, ids)
         return ids
 
-    async def handle_models(self, request: Request):
-        seen = {}
+    async def model_ids(self) -> List[Tuple[str, str]]:
+        seen: Dict[str, str] = {}
         for mid, owner in self.router.listed():
             seen.setdefault(mid, owner)
         for prov in self.providers.values():
             if prov.kind == "mock" and not prov.models:
                 seen.setdefault("mock" if prov.name == self.router.default else prov.name + "/mock", prov.name)
-            elif not prov.models and prov.kind == "openai":
+            elif not prov.models and prov.kind != "mock":
                 for m in await self.upstream_models(prov):
                     seen.setdefault(m if prov.name == self.router.default else "%s/%s" % (prov.name, m), prov.name)
-        created = int(self.started)
-        data = [{"id": mid, "object": "model", "created": created, "owned_by": owner} for mid, owner in seen.items()]
+        return list(seen.items())
+
+    def model_object(self, fmt, mid: str, owner: str) -> dict:
+        if fmt is AnthropicMessages:
+            created = datetime.datetime.fromtimestamp(int(self.started), datetime.timezone.utc)
+            return {"type": "model", "id": mid, "display_name": mid, "created_at": created.isoformat().replace("+00:00", "Z")}
+        if fmt is Gemini:
+            return {"name": "models/" + mid, "displayName": mid, "description": "served by %s via llmproxy" % owner,
+                    "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}
+        return {"id": mid, "object": "model", "created": int(self.started), "owned_by": owner}
+
+    async def handle_models(self, request: Request):
+        fmt = client_format(request.path, request.headers)
+        data = [self.model_object(fmt, mid, owner) for mid, owner in await self.model_ids()]
+        if fmt is AnthropicMessages:
+            return json_response(200, {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                                       "last_id": data[-1]["id"] if data else None})
+        if fmt is Gemini:
+            return json_response(200, {"models": data})
         return json_response(200, {"object": "list", "data": data})
 
     async def handle_model(self, request: Request):
-        mid = request.path[len("/v1/models/"):]
+        prefix = "/v1beta/models/" if request.path.startswith("/v1beta/") else "/v1/models/"
+        mid = unquote(request.path[len(prefix):])
         route = self.router.resolve(mid)
-        return json_response(200, {"id": mid, "object": "model", "created": int(self.started),
-                                   "owned_by": route.provider.name})
+        fmt = Gemini if prefix == "/v1beta/models/" else client_format(request.path, request.headers)
+        return json_response(200, self.model_object(fmt, mid, route.provider.name))
 
     async def handle_keys_list(self, request: Request):
         return json_response(200, {"keys": [e.public() for e in self.keys.entries]})
@@ -2616,6 +5256,32 @@ class App:
             if p == port and h.lower() in local:
                 return "provider %r base_url %s points at this proxy itself (request loop)" % (prov.name, prov.base_url)
         return None
+
+
+def response_events(resp: ChatResponse) -> list:
+    """A whole canonical response as the canonical events a stream of it would give."""
+    events: list = [("start", resp.id, resp.model, resp.usage)]
+    tools = 0
+    for p in resp.parts:
+        if p.type == "text" and p.text:
+            events.append(("text", p.text))
+        elif p.type == "thinking":
+            if p.text:
+                events.append(("thinking", p.text))
+            if p.signature and p.origin:
+                events.append(("signature", p.signature, p.origin))
+        elif p.type == "redacted":
+            events.append(("redacted", p.data, p.origin))
+        elif p.type == "tool_call":
+            events.append(("tool_start", tools, p.id, p.name, p.signature or None, p.origin or None))
+            events.append(("tool_args", tools, p.arguments or "{}"))
+            tools += 1
+    events.append(("finish", resp.stop, resp.usage))
+    return events
+
+
+def _usage_key(fmt) -> bytes:
+    return b'"usageMetadata"' if fmt is Gemini else b'"usage"'
 
 
 def _error_message(body: bytes) -> str:

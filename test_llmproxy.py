@@ -479,9 +479,9 @@ class TestFormats(unittest.TestCase):
         self.assertIn("(empty body)", lp.parse_upstream_error(503, "", b"").message)
 
     def test_usage(self):
-        self.assertEqual(lp.OpenAIFormat.parse_usage(CHAT_OK["usage"]), (11, 7))
-        self.assertEqual(lp.OpenAIFormat.parse_usage({"prompt_tokens": 4, "total_tokens": 4}), (4, 0))
-        self.assertEqual(lp.OpenAIFormat.parse_usage(None), (None, None))
+        self.assertEqual(lp.OpenAIChat.parse_usage(CHAT_OK["usage"]), lp.Usage(11, 7))
+        self.assertEqual(lp.OpenAIChat.parse_usage({"prompt_tokens": 4, "total_tokens": 4}), lp.Usage(4, 0))
+        self.assertIsNone(lp.OpenAIChat.parse_usage(None))
 
 
 # 7. providers: mock ##########################################################
@@ -1089,9 +1089,9 @@ class TestClientFeatures(ProxyCase):
         if not shutil.which("openssl"):
             self.skipTest("openssl not available to make a test certificate")
         cert, keyf = os.path.join(self.tmp.name, "c.pem"), os.path.join(self.tmp.name, "k.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", keyf, "-out", cert,
+        await asyncio.get_running_loop().run_in_executor(None, lambda: subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", keyf, "-out", cert,
                         "-days", "1", "-subj", "/CN=upstream.test", "-addext", "subjectAltName=DNS:upstream.test"],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True))
         server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server_ctx.load_cert_chain(cert, keyf)
         seen = {}
