@@ -1767,9 +1767,10 @@ class OpenAIChat:
                             usage=cls.parse_usage(body.get("usage")) or Usage(), created=body.get("created") or 0)
 
     @classmethod
-    def render_response(cls, resp: ChatResponse, req: ChatRequest) -> dict:
+    def render_response(cls, resp: ChatResponse, req: ChatRequest, options: Optional[dict] = None) -> dict:
         msg: Dict[str, Any] = {"role": "assistant", "content": text_of(resp.parts) or None, "refusal": None}
-        thought = "".join(p.text for p in resp.parts if p.type == "thinking")
+        drop = (options or {}).get("thinking") == "drop"
+        thought = "" if drop else "".join(p.text for p in resp.parts if p.type == "thinking")
         if thought:
             msg["reasoning_content"] = thought
         calls = [p for p in resp.parts if p.type == "tool_call"]

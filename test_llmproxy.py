@@ -1192,6 +1192,351 @@ class TestClientFeatures(ProxyCase):
         self.assertNotIn(UP_KEYS[0], out.getvalue())
 
 
+# 6. the hub, end to end ######################################################
+# Every front-end against a fake upstream of every back-end kind, streaming and
+# not, through a two-turn tool call. The upstream replies are literal wire text.
+
+def _sse(events):
+    return "".join(("event: %s\n" % name if name else "") + "data: %s\n\n" % json.dumps(data)
+                   for name, data in events).encode()
+
+
+UP_REPLIES = {
+    ("openai", 1, False): json.dumps({"id": "chatcmpl-u1", "object": "chat.completion", "created": 1, "model": "up-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            "finish_reason": "tool_calls"}], "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}}).encode(),
+    ("openai", 2, False): json.dumps({"id": "chatcmpl-u2", "object": "chat.completion", "created": 1, "model": "up-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Sunny in Paris"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34}}).encode(),
+    ("openai", 1, True): _sse([(None, {"id": "c1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+        (None, {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_abc", "type": "function",
+                                                                              "function": {"name": "get_weather", "arguments": ""}}]}}]}),
+        (None, {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}}]}),
+        (None, {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}}]}),
+        (None, {"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+        (None, {"id": "c1", "choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}})]) + b"data: [DONE]\n\n",
+    ("openai", 2, True): _sse([(None, {"id": "c2", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+        (None, {"id": "c2", "choices": [{"index": 0, "delta": {"content": "Sunny "}}]}),
+        (None, {"id": "c2", "choices": [{"index": 0, "delta": {"content": "in Paris"}}]}),
+        (None, {"id": "c2", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        (None, {"id": "c2", "choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 4, "total_tokens": 34}})]) + b"data: [DONE]\n\n",
+    ("anthropic", 1, False): json.dumps({"id": "msg_u1", "type": "message", "role": "assistant", "model": "up-model",
+        "content": [{"type": "tool_use", "id": "toolu_abc", "name": "get_weather", "input": {"city": "Paris"}}],
+        "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 20, "output_tokens": 5}}).encode(),
+    ("anthropic", 2, False): json.dumps({"id": "msg_u2", "type": "message", "role": "assistant", "model": "up-model",
+        "content": [{"type": "text", "text": "Sunny in Paris"}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 30, "output_tokens": 4}}).encode(),
+    ("anthropic", 1, True): _sse([
+        ("message_start", {"type": "message_start", "message": {"id": "msg_u1", "type": "message", "role": "assistant",
+            "model": "up-model", "content": [], "stop_reason": None, "usage": {"input_tokens": 20, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+            "type": "tool_use", "id": "toolu_abc", "name": "get_weather", "input": {}}}),
+        ("ping", {"type": "ping"}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{\"city\":"}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "\"Paris\"}"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 5}}),
+        ("message_stop", {"type": "message_stop"})]),
+    ("anthropic", 2, True): _sse([
+        ("message_start", {"type": "message_start", "message": {"id": "msg_u2", "type": "message", "role": "assistant",
+            "model": "up-model", "content": [], "stop_reason": None, "usage": {"input_tokens": 30, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Sunny "}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "in Paris"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 4}}),
+        ("message_stop", {"type": "message_stop"})]),
+    ("openai-responses", 1, False): json.dumps({"id": "resp_u1", "object": "response", "status": "completed",
+        "model": "up-model", "output": [{"type": "function_call", "id": "fc_1", "call_id": "call_abc", "name": "get_weather",
+                                         "arguments": "{\"city\":\"Paris\"}", "status": "completed"}],
+        "usage": {"input_tokens": 20, "output_tokens": 5, "total_tokens": 25}}).encode(),
+    ("openai-responses", 2, False): json.dumps({"id": "resp_u2", "object": "response", "status": "completed",
+        "model": "up-model", "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                                         "content": [{"type": "output_text", "text": "Sunny in Paris", "annotations": []}]}],
+        "usage": {"input_tokens": 30, "output_tokens": 4, "total_tokens": 34}}).encode(),
+    ("openai-responses", 1, True): _sse([
+        ("response.created", {"type": "response.created", "sequence_number": 0, "response": {"id": "resp_u1", "model": "up-model", "status": "in_progress", "output": []}}),
+        ("response.output_item.added", {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0,
+            "item": {"type": "function_call", "id": "fc_1", "call_id": "call_abc", "name": "get_weather", "arguments": "", "status": "in_progress"}}),
+        ("response.function_call_arguments.delta", {"type": "response.function_call_arguments.delta", "sequence_number": 2, "item_id": "fc_1", "output_index": 0, "delta": "{\"city\":"}),
+        ("response.function_call_arguments.delta", {"type": "response.function_call_arguments.delta", "sequence_number": 3, "item_id": "fc_1", "output_index": 0, "delta": "\"Paris\"}"}),
+        ("response.function_call_arguments.done", {"type": "response.function_call_arguments.done", "sequence_number": 4, "item_id": "fc_1", "output_index": 0, "arguments": "{\"city\":\"Paris\"}"}),
+        ("response.output_item.done", {"type": "response.output_item.done", "sequence_number": 5, "output_index": 0,
+            "item": {"type": "function_call", "id": "fc_1", "call_id": "call_abc", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}", "status": "completed"}}),
+        ("response.completed", {"type": "response.completed", "sequence_number": 6, "response": {"id": "resp_u1", "status": "completed",
+            "output": [{"type": "function_call", "id": "fc_1", "call_id": "call_abc", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}],
+            "usage": {"input_tokens": 20, "output_tokens": 5, "total_tokens": 25}}})]),
+    ("openai-responses", 2, True): _sse([
+        ("response.created", {"type": "response.created", "sequence_number": 0, "response": {"id": "resp_u2", "model": "up-model", "status": "in_progress", "output": []}}),
+        ("response.output_item.added", {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0,
+            "item": {"type": "message", "id": "msg_1", "role": "assistant", "status": "in_progress", "content": []}}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": 2, "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "Sunny "}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": 3, "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "in Paris"}),
+        ("response.completed", {"type": "response.completed", "sequence_number": 4, "response": {"id": "resp_u2", "status": "completed",
+            "output": [{"type": "message", "id": "msg_1", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny in Paris"}]}],
+            "usage": {"input_tokens": 30, "output_tokens": 4, "total_tokens": 34}}})]),
+    ("gemini", 1, False): json.dumps({"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2lnLWdlbWluaQ=="}]},
+        "finishReason": "STOP", "index": 0}], "usageMetadata": {"promptTokenCount": 20, "candidatesTokenCount": 5,
+                                                                "totalTokenCount": 25}, "modelVersion": "up-model"}).encode(),
+    ("gemini", 2, False): json.dumps({"candidates": [{"content": {"role": "model", "parts": [{"text": "Sunny in Paris"}]},
+        "finishReason": "STOP", "index": 0}], "usageMetadata": {"promptTokenCount": 30, "candidatesTokenCount": 4,
+                                                                "totalTokenCount": 34}, "modelVersion": "up-model"}).encode(),
+    ("gemini", 1, True): b"data: " + json.dumps({"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2lnLWdlbWluaQ=="}]},
+        "finishReason": "STOP", "index": 0}], "usageMetadata": {"promptTokenCount": 20, "candidatesTokenCount": 5,
+                                                                "totalTokenCount": 25}, "modelVersion": "up-model"}).encode() + b"\r\n\r\n",
+    ("gemini", 2, True): b"data: " + json.dumps({"candidates": [{"content": {"role": "model", "parts": [{"text": "Sunny "}]},
+        "index": 0}], "modelVersion": "up-model"}).encode() + b"\r\n\r\ndata: " + json.dumps({"candidates": [
+        {"content": {"role": "model", "parts": [{"text": "in Paris"}]}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 30, "candidatesTokenCount": 4, "totalTokenCount": 34},
+        "modelVersion": "up-model"}).encode() + b"\r\n\r\n",
+}
+TOOL_RESULT_MARKERS = (b'"tool_result"', b'"role": "tool"', b'"role":"tool"', b'"function_call_output"', b'"functionResponse"')
+
+
+async def multi_upstream(req, w):
+    """One fake upstream speaking all four back-end APIs."""
+    path, body = req["path"], req["body"]
+    if path.startswith("/v1/chat/completions"):
+        fmt = "openai"
+    elif path.startswith("/v1/messages"):
+        fmt = "anthropic"
+    elif path.startswith("/v1/responses"):
+        fmt = "openai-responses"
+    elif path.startswith("/v1beta/models/"):
+        fmt = "gemini"
+    else:
+        reply_json(w, 404, {"error": {"message": "no such path " + path}})
+        return
+    turn = 2 if any(m in body for m in TOOL_RESULT_MARKERS) else 1
+    stream = b'"stream": true' in body or b'"stream":true' in body or "streamGenerateContent" in path
+    data = UP_REPLIES[(fmt, turn, stream)]
+    if stream:
+        sse_head(w)
+        for i in range(0, len(data), 50):           # arbitrary chunk boundaries
+            sse_chunk(w, data[i:i + 50])
+        w.write(b"0\r\n\r\n")
+    else:
+        reply_json(w, 200, None, raw=data)
+
+
+WEATHER_TOOL = {"name": "get_weather", "description": "Weather for a city",
+                "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                           "additionalProperties": False, "$schema": "http://json-schema.org/draft-07/schema#"}}
+
+
+def client_request(fmt, turn, stream, call=None):
+    """-> (path, body) of a client request in `fmt`; turn 2 replays the call and its result."""
+    t = WEATHER_TOOL
+    if fmt == "openai":
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+        if turn == 2:
+            msgs += [{"role": "assistant", "content": None, "tool_calls": [{"id": call[0], "type": "function",
+                      "function": {"name": call[1], "arguments": json.dumps(call[2])}}]},
+                     {"role": "tool", "tool_call_id": call[0], "content": "sunny, 24C"}]
+        body = {"model": "up-model", "messages": msgs, "stream": stream,
+                "tools": [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                            "parameters": t["schema"]}}]}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return "/v1/chat/completions", body
+    if fmt == "anthropic":
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?",
+                                              "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]
+        if turn == 2:
+            msgs += [{"role": "assistant", "content": [{"type": "tool_use", "id": call[0], "name": call[1], "input": call[2]}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call[0], "content": "sunny, 24C"}]}]
+        return "/v1/messages?beta=true", {"model": "up-model", "max_tokens": 1000, "system": [
+            {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}], "messages": msgs,
+            "stream": stream, "tools": [{"name": t["name"], "description": t["description"], "input_schema": t["schema"]}]}
+    if fmt == "openai-responses":
+        items = [{"type": "message", "role": "developer", "content": "Be brief."},
+                 {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}]
+        if turn == 2:
+            items += [{"type": "function_call", "call_id": call[0], "name": call[1], "arguments": json.dumps(call[2])},
+                      {"type": "function_call_output", "call_id": call[0], "output": "sunny, 24C"}]
+        return "/v1/responses", {"model": "up-model", "input": items, "stream": stream, "store": False,
+                                 "tools": [{"type": "function", "name": t["name"], "description": t["description"],
+                                            "parameters": t["schema"], "strict": False},
+                                           {"type": "web_search"}]}
+    contents = [{"role": "user", "parts": [{"text": "Weather in Paris?"}]}]
+    if turn == 2:
+        fc = {"name": call[1], "args": call[2]}
+        if call[0]:
+            fc["id"] = call[0]
+        part = {"functionCall": fc}
+        if call[3]:
+            part["thoughtSignature"] = call[3]
+        fr = {"name": call[1], "response": {"output": "sunny, 24C"}}
+        if call[0]:
+            fr["id"] = call[0]
+        contents += [{"role": "model", "parts": [part]}, {"role": "user", "parts": [{"functionResponse": fr}]}]
+    action = "streamGenerateContent?alt=sse" if stream else "generateContent"
+    return "/v1beta/models/up-model:" + action, {
+        "contents": contents, "systemInstruction": {"parts": [{"text": "Be brief."}]},
+        "tools": [{"functionDeclarations": [{"name": t["name"], "description": t["description"],
+                                             "parametersJsonSchema": t["schema"]}]}]}
+
+
+def client_reply(fmt, body: bytes, stream: bool):
+    """What a client of `fmt` sees -> (text, [(call id, name, args, signature)], end marker).
+    Written against the wire shapes, not with llmproxy's decoders."""
+    text, calls, end = "", [], None
+    if not stream:
+        d = json.loads(body)
+        if fmt == "openai":
+            m = d["choices"][0]["message"]
+            text = m.get("content") or ""
+            calls = [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]), None)
+                     for c in m.get("tool_calls") or []]
+            end = d["choices"][0]["finish_reason"]
+        elif fmt == "anthropic":
+            text = "".join(b["text"] for b in d["content"] if b["type"] == "text")
+            calls = [(b["id"], b["name"], b["input"], None) for b in d["content"] if b["type"] == "tool_use"]
+            end = d["stop_reason"]
+        elif fmt == "openai-responses":
+            for it in d["output"]:
+                if it["type"] == "message":
+                    text += "".join(c["text"] for c in it["content"])
+                elif it["type"] == "function_call":
+                    calls.append((it["call_id"], it["name"], json.loads(it["arguments"]), None))
+            end = d["status"]
+        else:
+            for p in d["candidates"][0]["content"]["parts"]:
+                if "text" in p:
+                    text += p["text"]
+                if "functionCall" in p:
+                    fc = p["functionCall"]
+                    calls.append((fc.get("id"), fc["name"], fc["args"], p.get("thoughtSignature")))
+            end = d["candidates"][0]["finishReason"]
+        return text, calls, end
+    events = lp.SSEDecoder().feed(body)
+    if fmt == "openai":
+        args = {}
+        for e in events:
+            if e.data == "[DONE]":
+                end = end or "DONE"
+                continue
+            c = json.loads(e.data)
+            for ch in c.get("choices") or []:
+                delta = ch["delta"]
+                text += delta.get("content") or ""
+                for tc in delta.get("tool_calls") or []:
+                    if "id" in tc:
+                        args[tc["index"]] = [tc["id"], tc["function"]["name"], ""]
+                    args[tc["index"]][2] += tc["function"].get("arguments") or ""
+                end = ch.get("finish_reason") or end
+        calls = [(a[0], a[1], json.loads(a[2]), None) for _, a in sorted(args.items())]
+    elif fmt == "anthropic":
+        blocks = {}
+        for e in events:
+            d = json.loads(e.data)
+            assert e.event == d["type"], (e.event, d["type"])
+            if d["type"] == "content_block_start":
+                assert d["index"] == len(blocks), "block indexes must be contiguous"
+                blocks[d["index"]] = dict(d["content_block"], partial="")
+            elif d["type"] == "content_block_delta":
+                b = blocks[d["index"]]
+                if d["delta"]["type"] == "text_delta":
+                    text += d["delta"]["text"]
+                elif d["delta"]["type"] == "input_json_delta":
+                    b["partial"] += d["delta"]["partial_json"]
+            elif d["type"] == "message_delta":
+                end = d["delta"]["stop_reason"]
+        calls = [(b["id"], b["name"], json.loads(b["partial"] or "{}"), None) for b in blocks.values()
+                 if b["type"] == "tool_use"]
+    elif fmt == "openai-responses":
+        seqs = []
+        for e in events:
+            d = json.loads(e.data)
+            seqs.append(d["sequence_number"])
+            if d["type"] == "response.output_text.delta":
+                text += d["delta"]
+            elif d["type"] == "response.output_item.done" and d["item"]["type"] == "function_call":
+                it = d["item"]
+                calls.append((it["call_id"], it["name"], json.loads(it["arguments"]), None))
+            elif d["type"] == "response.completed":
+                end = "completed"
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "sequence numbers must count up by one"
+    else:
+        for e in events:
+            d = json.loads(e.data)
+            cand = d["candidates"][0]
+            for p in cand["content"]["parts"]:
+                text += p.get("text", "")
+                if "functionCall" in p:
+                    fc = p["functionCall"]
+                    calls.append((fc.get("id"), fc["name"], fc["args"], p.get("thoughtSignature")))
+            end = cand.get("finishReason") or end
+    return text, calls, end
+
+
+END_OF_TOOL_TURN = {"openai": "tool_calls", "anthropic": "tool_use", "openai-responses": "completed", "gemini": "STOP"}
+END_OF_TEXT_TURN = {"openai": "stop", "anthropic": "end_turn", "openai-responses": "completed", "gemini": "STOP"}
+ALL_FORMATS = ("openai", "anthropic", "openai-responses", "gemini")
+
+
+class TestHubEndToEnd(ProxyCase):
+    async def run_pair(self, front, back, stream):
+        cfg = base_config(self.up.port)
+        cfg["providers"]["up"]["format"] = back
+        cfg["providers"]["up"]["base_url"] = "http://127.0.0.1:%d/%s" % (self.up.port, "v1beta" if back == "gemini" else "v1")
+        path = os.path.join(self.tmp.name, "c.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        app = lp.App(lp.load_config(path, {}, {"data_dir": os.path.join(self.tmp.name, "d")}), clock=FakeClock())
+        server = lp.HTTPServer(app)
+        await server.start("127.0.0.1", 0)
+        try:
+            c = await ClientConn.open(server.port)
+            self.conns.append(c)
+            p, body = client_request(front, 1, stream)
+            status, headers, data = await c.request("POST", p, body)
+            self.assertEqual(status, 200, data[:300])
+            text, calls, end = client_reply(front, data, stream)
+            self.assertEqual(len(calls), 1, data[:500])
+            self.assertEqual(calls[0][1:3], ("get_weather", {"city": "Paris"}))
+            self.assertEqual(end, END_OF_TOOL_TURN[front])
+            if front == "gemini" and back == "gemini":
+                self.assertEqual(calls[0][3], "c2lnLWdlbWluaQ==")       # thought signature returned
+            up_turn1 = self.up.requests[-1]
+            p, body = client_request(front, 2, stream, calls[0])
+            status, headers, data = await c.request("POST", p, body)
+            self.assertEqual(status, 200, data[:300])
+            text, calls, end = client_reply(front, data, stream)
+            self.assertEqual((text, calls, end), ("Sunny in Paris", [], END_OF_TEXT_TURN[front]))
+            return up_turn1, self.up.requests[-1]
+        finally:
+            await server.shutdown(0)
+            app.close()
+
+    async def test_every_front_end_on_every_back_end(self):
+        self.up = await FakeUpstream(multi_upstream).start()
+        for front in ALL_FORMATS:
+            for back in ALL_FORMATS:
+                for stream in (False, True):
+                    with self.subTest(front=front, back=back, stream=stream):
+                        turn1, turn2 = await self.run_pair(front, back, stream)
+                        sent = json.loads(turn2["body"])
+                        if back == "anthropic":
+                            results = [b for m in sent["messages"] for b in m["content"] if b["type"] == "tool_result"]
+                            self.assertEqual(len(results), 1)
+                            self.assertNotIn(b"cache_control", turn2["body"]) if front != "anthropic" else None
+                        elif back == "gemini":
+                            frs = [p["functionResponse"] for c in sent["contents"] for p in c["parts"] if "functionResponse" in p]
+                            self.assertEqual(frs[0]["name"], "get_weather")
+                            if front != "gemini":          # translated: schema cleaned for Gemini
+                                self.assertNotIn(b"additionalProperties", turn1["body"])
+                                self.assertNotIn(b"$schema", turn1["body"])
+                        elif back == "openai" and front != "openai":
+                            roles = [m["role"] for m in sent["messages"]]
+                            self.assertEqual(roles, ["system", "user", "assistant", "tool"])
+                        if back == "openai" and front != "openai" and stream:
+                            self.assertEqual(sent["stream_options"], {"include_usage": True})
+
+
 class TestServerHardening(ProxyCase):
     async def raw(self, data: bytes, read_all=True):
         c = await self.conn()
