@@ -3737,6 +3737,9 @@ class MockProvider:
     def plan(body: dict) -> Tuple[str, Optional[dict]]:
         """-> (reply text, tool call {name, arguments} or None)."""
         messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool":
+            # after a tool result an agent expects an answer, not the same call again
+            return "Tool result: " + _message_text(messages[-1].get("content")), None
         last = ""
         for m in reversed(messages):
             if isinstance(m, dict) and m.get("role") == "user":
