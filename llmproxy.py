@@ -3036,9 +3036,8 @@ def gemini_schema(schema, defs=None, seen=()) -> dict:
         merged = dict(defs[name], **{k: v for k, v in schema.items() if k != "$ref"})
         return gemini_schema(merged, defs, seen + (name,))
     s = dict(schema)
-    for sub in s.pop("allOf", None) or []:
+    for sub in s.pop("allOf", None) or []:          # merged raw, then cleaned as one schema
         if isinstance(sub, dict):
-            sub = gemini_schema(sub, defs, seen)
             for k, v in sub.items():
                 if k == "properties":
                     s["properties"] = dict(s.get("properties") or {}, **v)
@@ -3274,7 +3273,8 @@ class Gemini:
                     out.append({"text": "[image: %s]" % p.url})
             elif p.type == "tool_call":
                 names[p.id] = p.name
-                part: Dict[str, Any] = {"functionCall": {"name": p.name, "args": parse_arguments(p.arguments)}}
+                part: Dict[str, Any] = {"functionCall": {"name": p.name, "args": parse_arguments(p.arguments),
+                                                         "id": p.id}}
                 if p.origin == "gemini" and p.signature:
                     part["thoughtSignature"] = p.signature
                 elif first_call:
@@ -3287,7 +3287,7 @@ class Gemini:
                     value = json.loads(text) if text[:1] in "{[" else text
                 except ValueError:
                     value = text
-                out.append({"functionResponse": {"name": names.get(p.id) or p.name or "tool",
+                out.append({"functionResponse": {"name": names.get(p.id) or p.name or "tool", "id": p.id,
                                                  "response": {"error" if p.is_error else "output": value}}})
                 for c in p.content:
                     if c.type == "image" and c.data:

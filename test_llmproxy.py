@@ -1405,7 +1405,7 @@ def client_reply(fmt, body: bytes, stream: bool):
             end = d["status"]
         else:
             for p in d["candidates"][0]["content"]["parts"]:
-                if "text" in p:
+                if "text" in p and not p.get("thought"):
                     text += p["text"]
                 if "functionCall" in p:
                     fc = p["functionCall"]
@@ -1465,7 +1465,8 @@ def client_reply(fmt, body: bytes, stream: bool):
             d = json.loads(e.data)
             cand = d["candidates"][0]
             for p in cand["content"]["parts"]:
-                text += p.get("text", "")
+                if not p.get("thought"):
+                    text += p.get("text", "")
                 if "functionCall" in p:
                     fc = p["functionCall"]
                     calls.append((fc.get("id"), fc["name"], fc["args"], p.get("thoughtSignature")))
@@ -1535,6 +1536,547 @@ class TestHubEndToEnd(ProxyCase):
                             self.assertEqual(roles, ["system", "user", "assistant", "tool"])
                         if back == "openai" and front != "openai" and stream:
                             self.assertEqual(sent["stream_options"], {"include_usage": True})
+
+
+# 6. the hub, pure ############################################################
+
+FIXTURES = os.path.join(HERE, "fixtures")
+FIXTURE_FORMAT = {"openai-chat": "openai", "openai-responses": "openai-responses", "anthropic": "anthropic",
+                  "gemini": "gemini"}
+
+
+def load_fixtures(kind):
+    out = []
+    for sub in sorted(os.listdir(FIXTURES)):
+        d = os.path.join(FIXTURES, sub)
+        if not os.path.isdir(d):
+            continue
+        for name in sorted(os.listdir(d)):
+            with open(os.path.join(d, name), encoding="utf-8") as f:
+                doc = json.load(f)
+            if doc["kind"] == kind:
+                out.append((sub + "/" + name, FIXTURE_FORMAT[doc["format"]], doc))
+    return out
+
+
+def decode_stream(fmt, pieces, json_array=False):
+    dec = lp.FORMATS[fmt].stream_decoder()
+    if json_array:
+        return [e for item in json.loads(b"".join(pieces)) for e in dec.feed_obj(item)] + dec.close()
+    sse = lp.SSEDecoder()
+    out = []
+    for p in pieces:
+        for ev in sse.feed(p):
+            out.extend(dec.feed(ev))
+    for ev in sse.close():
+        out.extend(dec.feed(ev))
+    return out + dec.close()
+
+
+def summarize(events):
+    """Canonical events -> (text, thinking, [(id, name, args)], stop, usage) for comparisons."""
+    text, thinking, calls, stop, usage = "", "", {}, None, None
+    for ev in events:
+        if ev[0] == "text":
+            text += ev[1]
+        elif ev[0] == "thinking":
+            thinking += ev[1]
+        elif ev[0] == "tool_start":
+            calls[ev[1]] = [ev[2], ev[3], ""]
+        elif ev[0] == "tool_args":
+            calls[ev[1]][2] += ev[2]
+        elif ev[0] == "finish":
+            stop, usage = ev[1], ev[2]
+        elif ev[0] == "error":
+            stop = "error"
+    return text, thinking, [(c[0], c[1], json.loads(c[2] or "{}")) for _, c in sorted(calls.items())], stop, usage
+
+
+def encode(fmt, events, req=None, **options):
+    enc = lp.FORMATS[fmt].stream_encoder(req or lp.ChatRequest(model="m", include_usage=True), options)
+    out = b"".join(f for ev in events for f in enc.feed(ev)) + b"".join(enc.close())
+    return out
+
+
+WORKED_OC = [
+    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"content": "Checking "}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"content": "both."}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_W1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "call_T2", "type": "function", "function": {"name": "get_time", "arguments": ""}}]}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "function": {"arguments": "{\"tz\":\"UTC\"}"}}]}, "finish_reason": None}]},
+    {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    {"choices": [], "usage": {"prompt_tokens": 80, "completion_tokens": 41, "total_tokens": 121, "prompt_tokens_details": {"cached_tokens": 0}}},
+]
+WORKED_OC_BYTES = b"".join(b"data: " + json.dumps(dict({"id": "chatcmpl-A1", "object": "chat.completion.chunk",
+                                                        "created": 1730000000, "model": "gpt-4o"}, **c)).encode()
+                           + b"\n\n" for c in WORKED_OC) + b"data: [DONE]\n\n"
+
+
+class TestWorkedExample(unittest.TestCase):
+    """PROTOCOLS.md §5.1: one OpenAI stream into Anthropic and Responses."""
+
+    def test_openai_to_anthropic_event_sequence(self):
+        events = decode_stream("openai", [WORKED_OC_BYTES])
+        out = lp.SSEDecoder().feed(encode("anthropic", events))
+        got = [(e.event, json.loads(e.data)) for e in out]
+        names = [n for n, _ in got]
+        self.assertEqual(names, ["message_start", "content_block_start", "content_block_delta", "content_block_delta",
+                                 "content_block_stop", "content_block_start", "content_block_delta",
+                                 "content_block_delta", "content_block_stop", "content_block_start",
+                                 "content_block_delta", "content_block_stop", "message_delta", "message_stop"])
+        self.assertEqual(got[1][1]["content_block"], {"type": "text", "text": ""})
+        self.assertEqual(got[5][1]["content_block"], {"type": "tool_use", "id": "call_W1", "name": "get_weather",
+                                                      "input": {}})
+        self.assertEqual([d["delta"]["partial_json"] for n, d in got[6:8]], ["{\"city\":", "\"Paris\"}"])
+        self.assertEqual([d["index"] for n, d in got if n == "content_block_start"], [0, 1, 2])
+        self.assertEqual(got[12][1]["delta"]["stop_reason"], "tool_use")
+        self.assertEqual((got[12][1]["usage"]["input_tokens"], got[12][1]["usage"]["output_tokens"]), (80, 41))
+
+    def test_openai_to_responses_event_sequence(self):
+        events = decode_stream("openai", [WORKED_OC_BYTES])
+        out = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("openai-responses", events))]
+        self.assertEqual([d["type"] for d in out], [
+            "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+            "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+            "response.content_part.done", "response.output_item.done", "response.output_item.added",
+            "response.function_call_arguments.delta", "response.function_call_arguments.delta",
+            "response.function_call_arguments.done", "response.output_item.done", "response.output_item.added",
+            "response.function_call_arguments.delta", "response.function_call_arguments.done",
+            "response.output_item.done", "response.completed"])
+        self.assertEqual([d["sequence_number"] for d in out], list(range(19)))
+        final = out[-1]["response"]
+        self.assertEqual({d["response"]["id"] for d in out if "response" in d}, {final["id"]})
+        self.assertEqual([(o["type"], o.get("call_id")) for o in final["output"]],
+                         [("message", None), ("function_call", "call_W1"), ("function_call", "call_T2")])
+        self.assertEqual(final["usage"]["input_tokens"], 80)
+        self.assertEqual([d["output_index"] for d in out if d["type"] == "response.output_item.added"], [0, 1, 2])
+
+    def test_every_split_translates_the_same(self):
+        whole = summarize(decode_stream("openai", [WORKED_OC_BYTES]))
+        for pieces in every_split(WORKED_OC_BYTES):
+            self.assertEqual(summarize(decode_stream("openai", pieces)), whole)
+
+
+class TestFixtureReplay(unittest.TestCase):
+    """Recorded provider streams, decoded whole and split, then re-encoded for every client."""
+
+    def test_streams_decode_the_same_however_split(self):
+        for name, fmt, doc in load_fixtures("stream"):
+            raw = doc["sse"].encode("utf-8")
+            array = doc.get("stream_framing") == "json-array"
+            whole = summarize(decode_stream(fmt, [raw], array))
+            with self.subTest(name):
+                self.assertIn(whole[3], lp.STOP_REASONS)
+                if array:
+                    continue
+                step = max(1, len(raw) // 300)
+                for i in range(1, len(raw), step):
+                    self.assertEqual(summarize(decode_stream(fmt, [raw[:i], raw[i:]])), whole, i)
+                self.assertEqual(summarize(decode_stream(fmt, [raw[i:i + 1] for i in range(len(raw))])), whole)
+
+    def test_streams_reencode_for_every_client(self):
+        for name, fmt, doc in load_fixtures("stream"):
+            events = decode_stream(fmt, [doc["sse"].encode("utf-8")], doc.get("stream_framing") == "json-array")
+            text, _, calls, _, _ = summarize(events)
+            for target in ALL_FORMATS:
+                with self.subTest(name, target=target):
+                    got_text, got_calls, end = client_reply(target, encode(target, events), True)
+                    self.assertEqual(got_text, text)
+                    self.assertEqual([c[1:3] for c in got_calls], [c[1:] for c in calls])
+                    self.assertIsNotNone(end)
+
+    def test_responses_parse_for_every_client(self):
+        for name, fmt, doc in load_fixtures("response"):
+            if doc["status"] != 200:
+                continue
+            resp = lp.FORMATS[fmt].parse_response(doc["body"])
+            for target in ALL_FORMATS:
+                with self.subTest(name, target=target):
+                    out = lp.FORMATS[target].render_response(resp, lp.ChatRequest(model="m"))
+                    text, calls, _ = client_reply(target, json.dumps(out).encode(), False)
+                    self.assertEqual(text, lp.text_of(resp.parts))
+                    self.assertEqual([c[1] for c in calls], [p.name for p in resp.parts if p.type == "tool_call"])
+
+    def test_fixture_requests_parse(self):
+        for name, fmt, doc in load_fixtures("response") + load_fixtures("stream"):
+            if not doc.get("request") or fmt == "gemini" and "contents" not in doc["request"]:
+                continue
+            with self.subTest(name):
+                fmt_cls = lp.FORMATS[fmt]
+                req = fmt_cls.parse_request(doc["request"]) if fmt != "gemini" else \
+                    fmt_cls.parse_request(doc["request"], "m")
+                for target in ALL_FORMATS:
+                    body = lp.FORMATS[target].render_request(req)
+                    json.dumps(body)        # renders to plain JSON
+                ids = [p.id for m in req.messages for p in m.parts if p.type == "tool_call"]
+                results = [p.id for m in req.messages for p in m.parts if p.type == "tool_result"]
+                self.assertTrue(set(results) <= set(ids) or not ids, (ids, results))
+
+
+def sample_request():
+    return lp.ChatRequest(
+        model="m", system=["Be brief."], max_tokens=500, temperature=0.5, stop=["END"],
+        tools=[lp.Tool("get_weather", "Weather", {"type": "object", "properties": {"city": {"type": "string"}},
+                                                  "required": ["city"]})],
+        tool_choice="auto",
+        messages=[
+            lp.Message("user", [lp.Part("text", text="Weather in Paris and Rome?"),
+                                lp.Part("image", media_type="image/png", data="iVBORw0KGgo=")]),
+            lp.Message("assistant", [lp.Part("text", text="Checking."),
+                                     lp.Part("tool_call", id="call_1", name="get_weather", arguments='{"city":"Paris"}'),
+                                     lp.Part("tool_call", id="call_2", name="get_weather", arguments='{"city":"Rome"}')]),
+            lp.Message("user", [lp.Part("tool_result", id="call_1", content=[lp.Part("text", text="sunny")]),
+                                lp.Part("tool_result", id="call_2", content=[lp.Part("text", text="rain")],
+                                        is_error=True)]),
+        ])
+
+
+def essence(req):
+    """What must survive any hop: roles, texts, images, calls, results (order kept)."""
+    out = []
+    for m in req.messages:
+        for p in m.parts:
+            if p.type == "text":
+                out.append((m.role, "text", p.text))
+            elif p.type == "image":
+                out.append((m.role, "image", p.data))
+            elif p.type == "tool_call":
+                out.append((m.role, "call", p.id, p.name, json.loads(p.arguments)))
+            elif p.type == "tool_result":
+                out.append((m.role, "result", p.id, lp.text_of(p.content).replace("Error: ", ""), ))
+    return ("\n\n".join(req.system), [t.name for t in req.tools], out)
+
+
+def reparse(fmt, body):
+    cls = lp.FORMATS[fmt]
+    return cls.parse_request(body, "m") if fmt == "gemini" else cls.parse_request(body)
+
+
+class TestHubRequests(unittest.TestCase):
+    def test_round_trip_each_format(self):
+        for fmt in ALL_FORMATS:
+            with self.subTest(fmt):
+                req = sample_request()
+                again = reparse(fmt, lp.FORMATS[fmt].render_request(req))
+                self.assertEqual(essence(again), essence(req))
+                stop = [] if fmt == "openai-responses" else ["END"]      # Responses has no stop sequences
+                self.assertEqual((again.max_tokens, again.stop, again.temperature), (500, stop, 0.5))
+
+    def test_every_ordered_pair_through_the_hub(self):
+        for a in ALL_FORMATS:
+            for b in ALL_FORMATS:
+                with self.subTest(a=a, b=b):
+                    req = sample_request()
+                    via_a = reparse(a, lp.FORMATS[a].render_request(req))
+                    via_b = reparse(b, lp.FORMATS[b].render_request(via_a))
+                    self.assertEqual(essence(via_b), essence(req))
+
+
+def sample_response():
+    return lp.ChatResponse("id1", "m", [
+        lp.Part("text", text="Let me check."),
+        lp.Part("tool_call", id="call_a", name="get_weather", arguments='{"city":"Paris"}'),
+        lp.Part("tool_call", id="call_b", name="get_time", arguments='{"tz":"UTC"}')],
+        "tool_use", usage=lp.Usage(100, 20, 30))
+
+
+class TestHubResponses(unittest.TestCase):
+    def test_stream_joins_to_the_non_stream_result(self):
+        resp = sample_response()
+        for fmt in ALL_FORMATS:
+            with self.subTest(fmt):
+                cls = lp.FORMATS[fmt]
+                whole = cls.parse_response(cls.render_response(resp, lp.ChatRequest(model="m")))
+                streamed = summarize(decode_stream(fmt, [encode(fmt, lp.response_events(resp))]))
+                self.assertEqual(streamed[0], lp.text_of(whole.parts))
+                self.assertEqual([c[1:] for c in streamed[2]],
+                                 [(p.name, json.loads(p.arguments)) for p in whole.parts if p.type == "tool_call"])
+                self.assertEqual(streamed[3], whole.stop)
+                self.assertEqual((streamed[4].input, streamed[4].output), (whole.usage.input, whole.usage.output))
+                if fmt != "gemini":         # Gemini has no call ids of its own
+                    self.assertEqual([c[0] for c in streamed[2]], ["call_a", "call_b"])
+
+
+class TestFailureClasses(unittest.TestCase):
+    """Each a bug peers shipped."""
+
+    def test_anthropic_tool_arguments_arrive_as_input_json_delta(self):
+        events = [("start", "x", "m", None), ("tool_start", 0, "call_1", "f", None, None),
+                  ("tool_args", 0, '{"a":'), ("tool_args", 0, '1}'), ("finish", "tool_use", lp.Usage(1, 2))]
+        frames = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("anthropic", events))]
+        start = next(f for f in frames if f["type"] == "content_block_start")
+        self.assertEqual(start["content_block"]["input"], {})
+        self.assertEqual([f["delta"]["partial_json"] for f in frames if f["type"] == "content_block_delta"],
+                         ['{"a":', '1}'])
+
+    def test_parallel_results_stay_in_one_user_message_in_order(self):
+        body = {"model": "m", "messages": [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                                                  {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "a", "content": "1"}, {"role": "tool", "tool_call_id": "b", "content": "2"},
+            {"role": "user", "content": "and?"}]}
+        out = lp.AnthropicMessages.render_request(lp.OpenAIChat.parse_request(body))
+        last = out["messages"][-1]
+        self.assertEqual([(b["type"], b.get("tool_use_id")) for b in last["content"]],
+                         [("tool_result", "a"), ("tool_result", "b"), ("text", None)])
+
+    def test_tool_calls_finish_without_a_call_is_end_turn(self):
+        raw = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: {"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}\n\ndata: [DONE]\n\n'
+        events = decode_stream("openai", [raw])
+        self.assertEqual(events[-1][1], "end")
+        frames = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("anthropic", events))]
+        self.assertEqual(frames[-2]["delta"]["stop_reason"], "end_turn")
+
+    def test_empty_text_never_becomes_a_block(self):
+        events = [("start", "x", "m", None), ("text", ""), ("tool_start", 0, "c", "f", None, None),
+                  ("finish", "tool_use", None)]
+        frames = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("anthropic", events))]
+        self.assertEqual([f["content_block"]["type"] for f in frames if f["type"] == "content_block_start"], ["tool_use"])
+        resp = lp.ChatResponse("x", "m", [lp.Part("text", text=""), lp.Part("tool_call", id="c", name="f")], "tool_use")
+        self.assertEqual([b["type"] for b in lp.AnthropicMessages.render_response(resp, lp.ChatRequest("m"))["content"]],
+                         ["tool_use"])
+
+    def test_max_tokens_clamped_and_defaulted(self):
+        req = lp.ChatRequest("claude-3-5-haiku-latest", messages=[lp.Message("user", [lp.Part("text", text="x")])],
+                             max_tokens=64000)
+        self.assertEqual(lp.AnthropicMessages.render_request(req)["max_tokens"], 8192)
+        req.max_tokens = None
+        self.assertEqual(lp.AnthropicMessages.render_request(req)["max_tokens"], lp.ANTHROPIC_DEFAULT_MAX_TOKENS)
+
+    def test_cache_control_stripped_for_other_back_ends(self):
+        body = {"model": "m", "max_tokens": 10, "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]}
+        req = lp.AnthropicMessages.parse_request(body)
+        for fmt in ("openai", "openai-responses", "gemini"):
+            self.assertNotIn("cache_control", json.dumps(lp.FORMATS[fmt].render_request(req)))
+
+    def test_images_inside_tool_results_survive(self):
+        body = {"model": "m", "max_tokens": 10, "messages": [
+            {"role": "user", "content": "shot?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "screenshot", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                {"type": "text", "text": "here"}, {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}]}
+        out = lp.OpenAIChat.render_request(lp.AnthropicMessages.parse_request(body))
+        self.assertEqual(out["messages"][-2], {"role": "tool", "tool_call_id": "t1", "content": "here"})
+        self.assertEqual(out["messages"][-1]["content"][0]["image_url"]["url"], "data:image/png;base64,AAAA")
+        gem = lp.Gemini.render_request(lp.AnthropicMessages.parse_request(body))
+        self.assertIn({"inlineData": {"mimeType": "image/png", "data": "AAAA"}}, gem["contents"][-1]["parts"])
+
+    def test_usage_counts_cache_tokens(self):
+        usage = lp.OpenAIChat.parse_usage({"prompt_tokens": 4020, "completion_tokens": 10,
+                                           "prompt_tokens_details": {"cached_tokens": 4012}})
+        an = lp.AnthropicMessages.render_usage(usage)
+        self.assertEqual((an["input_tokens"], an["cache_read_input_tokens"], an["output_tokens"]), (8, 4012, 10))
+        back = lp.AnthropicMessages.parse_usage(an)
+        self.assertEqual((back.input, back.cached), (4020, 4012))
+
+    def test_stream_usage_is_requested_and_first_chunk_has_role(self):
+        req = lp.ChatRequest("m", stream=True, messages=[lp.Message("user", [lp.Part("text", text="x")])])
+        self.assertEqual(lp.OpenAIChat.render_request(req)["stream_options"], {"include_usage": True})
+        first = lp.SSEDecoder().feed(encode("openai", [("start", "x", "m", None), ("text", "hi")]))[0]
+        self.assertEqual(json.loads(first.data)["choices"][0]["delta"]["role"], "assistant")
+
+    def test_signed_thinking_goes_back_only_to_its_signer(self):
+        body = {"model": "m", "max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 2000}, "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "SIG"},
+                                              {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]}
+        req = lp.AnthropicMessages.parse_request(body)
+        an = lp.AnthropicMessages.render_request(req)
+        self.assertEqual(an["messages"][1]["content"][0], {"type": "thinking", "thinking": "hmm", "signature": "SIG"})
+        self.assertEqual(an["thinking"]["budget_tokens"], 2000)
+        for fmt in ("openai", "openai-responses", "gemini"):
+            self.assertNotIn("SIG", json.dumps(lp.FORMATS[fmt].render_request(req)))
+
+    def test_unsigned_or_foreign_thinking_is_dropped_and_thinking_turned_off(self):
+        body = {"model": "m", "max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 2000}, "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "from gpt", "signature": lp.UNSIGNED},
+                                              {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]}
+        an = lp.AnthropicMessages.render_request(lp.AnthropicMessages.parse_request(body))
+        self.assertEqual([b["type"] for b in an["messages"][1]["content"]], ["tool_use"])
+        self.assertNotIn("thinking", an)        # the signed block is lost: thinking off for this turn
+
+    def test_deepseek_reasoning_content_sent_back_on_tool_turns(self):
+        body = {"model": "m", "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "reasoning_content": "think",
+             "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "a", "content": "1"}]}
+        out = lp.OpenAIChat.render_request(lp.OpenAIChat.parse_request(body))
+        self.assertEqual(out["messages"][1]["reasoning_content"], "think")
+
+    def test_gemini_thought_signature_kept_and_returned(self):
+        reply = {"candidates": [{"content": {"role": "model", "parts": [
+            {"functionCall": {"name": "f", "args": {"x": 1}}, "thoughtSignature": "TS=="}]}, "finishReason": "STOP"}]}
+        resp = lp.Gemini.parse_response(reply)
+        self.assertEqual(resp.stop, "tool_use")
+        out = lp.Gemini.render_response(resp, lp.ChatRequest("m"))
+        self.assertEqual(out["candidates"][0]["content"]["parts"][0]["thoughtSignature"], "TS==")
+        req = lp.ChatRequest("m", messages=[lp.Message("user", [lp.Part("text", text="q")]),
+                                            lp.Message("assistant", resp.parts)])
+        sent = lp.Gemini.render_request(req)
+        self.assertEqual(sent["contents"][1]["parts"][0]["thoughtSignature"], "TS==")
+        foreign = lp.ChatRequest("m", messages=[lp.Message("user", [lp.Part("text", text="q")]), lp.Message(
+            "assistant", [lp.Part("tool_call", id="c", name="f", arguments="{}")])])
+        self.assertEqual(lp.Gemini.render_request(foreign)["contents"][1]["parts"][0]["thoughtSignature"],
+                         lp.SKIP_THOUGHT_SIGNATURE)
+
+    def test_responses_done_events_even_without_finish_reason(self):
+        raw = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+        out = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("openai-responses", decode_stream("openai", [raw])))]
+        types = [d["type"] for d in out]
+        self.assertEqual(types[-4:], ["response.output_text.done", "response.content_part.done",
+                                      "response.output_item.done", "response.completed"])
+        self.assertTrue(all("sequence_number" in d and "type" in d for d in out))
+
+    def test_foreign_upstream_events_not_leaked(self):
+        raw = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"c","usage":{"input_tokens":1}}}\n\n'
+               b'event: ping\ndata: {"type":"ping"}\n\n'
+               b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+               b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"yo"}}\n\n'
+               b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+               b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":1}}\n\n'
+               b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+        out = encode("openai-responses", decode_stream("anthropic", [raw]))
+        self.assertNotIn(b"ping", out)
+        self.assertNotIn(b"content_block", out)
+        self.assertTrue(all(e.event.startswith("response.") for e in lp.SSEDecoder().feed(out)))
+
+    def test_store_false_item_reference_and_unknown_items_dropped(self):
+        req = lp.OpenAIResponses.parse_request({"model": "m", "store": False, "input": [
+            {"type": "item_reference", "id": "rs_123"}, {"type": "reasoning", "id": "rs_9", "summary": []},
+            {"type": "message", "role": "user", "content": "hi"}, {"type": "local_shell_call", "id": "x"}]})
+        self.assertEqual([(m.role, [p.type for p in m.parts]) for m in req.messages], [("user", ["text"])])
+
+    def test_custom_tools_become_function_tools_and_come_back_custom(self):
+        req = lp.OpenAIResponses.parse_request({"model": "m", "input": "patch it", "tools": [
+            {"type": "custom", "name": "apply_patch", "description": "apply a patch"}]})
+        oc = lp.OpenAIChat.render_request(req)
+        self.assertEqual(oc["tools"][0]["function"]["parameters"]["required"], ["input"])
+        events = [("start", "x", "m", None), ("tool_start", 0, "call_p", "apply_patch", None, None),
+                  ("tool_args", 0, '{"input":"*** Begin'), ("tool_args", 0, ' Patch"}'), ("finish", "tool_use", None)]
+        out = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("openai-responses", events, req))]
+        item = out[-1]["response"]["output"][0]
+        self.assertEqual((item["type"], item["call_id"], item["input"]), ("custom_tool_call", "call_p", "*** Begin Patch"))
+        back = lp.OpenAIResponses.parse_request({"model": "m", "input": [item, {
+            "type": "custom_tool_call_output", "call_id": "call_p", "output": "done"}]})
+        self.assertEqual(json.loads(back.messages[0].parts[0].arguments), {"input": "*** Begin Patch"})
+
+    def test_parallel_calls_keep_distinct_output_index_and_call_id(self):
+        out = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("openai-responses", decode_stream("openai", [WORKED_OC_BYTES])))]
+        added = [(d["output_index"], d["item"].get("call_id")) for d in out if d["type"] == "response.output_item.added"]
+        self.assertEqual(added, [(0, None), (1, "call_W1"), (2, "call_T2")])
+
+    def test_mid_stream_error_in_each_client_format(self):
+        events = [("start", "x", "m", None), ("text", "par"),
+                  ("error", lp.UpstreamError(502, "upstream closed the connection mid-body", "upstream_incomplete"))]
+        resp = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("openai-responses", events))]
+        self.assertEqual(resp[-1]["type"], "response.failed")
+        self.assertEqual(resp[-1]["response"]["error"]["code"], "upstream_incomplete")
+        an = lp.SSEDecoder().feed(encode("anthropic", events))
+        self.assertEqual((an[-1].event, json.loads(an[-1].data)["error"]["type"]), ("error", "api_error"))
+        oc = lp.SSEDecoder().feed(encode("openai", events))
+        self.assertIn("error", json.loads(oc[-2].data))
+        ge = lp.SSEDecoder().feed(encode("gemini", events))
+        self.assertEqual(json.loads(ge[-1].data)["error"]["status"], "INTERNAL")
+
+    def test_gemini_schema_allow_list(self):
+        schema = {"$schema": "x", "type": "object", "additionalProperties": False, "$defs": {
+            "Unit": {"type": "string", "enum": ["c", "f"]}, "Node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/Node"}}}},
+            "properties": {
+                "city": {"type": ["string", "null"], "minLength": 1, "examples": ["x"]},
+                "unit": {"$ref": "#/$defs/Unit"}, "level": {"const": 3}, "n": {"type": "integer", "exclusiveMaximum": 5, "enum": [1, 2]},
+                "when": {"type": "string", "format": "date-time"}, "uri": {"type": "string", "format": "uri"},
+                "opt": {"anyOf": [{"type": "number"}, {"type": "null"}]}, "tree": {"$ref": "#/$defs/Node"},
+                "both": {"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}}, {"required": ["a"]}]}},
+            "required": ["city", "ghost"]}
+        out = lp.gemini_schema(schema)
+        text = json.dumps(out)
+        for banned in ("$schema", "additionalProperties", "$defs", "$ref", "examples", "exclusiveMaximum", "const", "allOf"):
+            self.assertNotIn(banned, text)
+        p = out["properties"]
+        self.assertEqual(p["city"], {"type": "STRING", "minLength": 1, "nullable": True})
+        self.assertEqual(p["unit"], {"type": "STRING", "enum": ["c", "f"]})
+        self.assertEqual(p["level"], {"type": "STRING", "enum": ["3"]})
+        self.assertEqual(p["n"]["enum"], ["1", "2"])
+        self.assertEqual(p["when"]["format"], "date-time")
+        self.assertNotIn("format", p["uri"])
+        self.assertEqual(p["opt"], {"type": "NUMBER", "nullable": True})
+        self.assertEqual(p["tree"]["properties"]["next"]["type"], "OBJECT")      # the cycle is cut
+        self.assertEqual(p["both"]["required"], ["a"])
+        self.assertEqual(out["required"], ["city"])
+
+    def test_gemini_malformed_call_and_empty_candidates_are_errors(self):
+        with self.assertRaises(lp.ProxyError) as cm:
+            lp.Gemini.parse_response({"candidates": [{"finishReason": "MALFORMED_FUNCTION_CALL", "content": {}}]})
+        self.assertEqual(cm.exception.code, "upstream_malformed_function_call")
+        with self.assertRaises(lp.ProxyError):
+            lp.Gemini.parse_response({"candidates": []})
+        events = decode_stream("gemini", [b'data: {"candidates":[{"finishReason":"MALFORMED_FUNCTION_CALL"}]}\r\n\r\n'])
+        self.assertEqual(events[-1][0], "error")
+        self.assertEqual(decode_stream("gemini", [b'data: {"candidates":[{"content":{"parts":[{"text":"a"}]}}]}\r\n\r\n'])[-1][0],
+                         "error")          # cut before a finish reason: truncation, not success
+
+    def test_gemini_tool_indexes_stable_across_chunks(self):
+        raw = b"".join(b"data: " + json.dumps({"candidates": [{"content": {"parts": [{"functionCall": {"name": n, "args": {}}}]}}]}).encode()
+                       + b"\r\n\r\n" for n in ("a", "b")) + b'data: {"candidates":[{"finishReason":"STOP"}]}\r\n\r\n'
+        events = decode_stream("gemini", [raw])
+        self.assertEqual([(e[1], e[3]) for e in events if e[0] == "tool_start"], [(0, "a"), (1, "b")])
+        self.assertEqual(len({e[2] for e in events if e[0] == "tool_start"}), 2)
+
+    def test_gemini_ids_synthesized_and_results_correlated(self):
+        req = lp.Gemini.parse_request({"contents": [
+            {"role": "user", "parts": [{"text": "q"}]},
+            {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}}, {"functionCall": {"name": "g", "args": {}}}]},
+            {"role": "user", "parts": [{"functionResponse": {"name": "g", "response": {"output": "G"}}},
+                                       {"functionResponse": {"name": "f", "response": {"error": "bad"}}}]}]}, "m")
+        calls = {p.name: p.id for p in req.messages[1].parts}
+        results = req.messages[2].parts
+        self.assertEqual([r.id for r in results], [calls["g"], calls["f"]])
+        self.assertTrue(results[1].is_error)
+        again = lp.Gemini.parse_request(lp.Gemini.render_request(req), "m")     # deterministic ids
+        self.assertEqual([p.id for p in again.messages[1].parts], [calls["f"], calls["g"]])
+
+    def test_count_tokens_counts_system_tools_and_images(self):
+        base = lp.AnthropicMessages.parse_request({"model": "m", "messages": [{"role": "user", "content": "hello world"}]})
+        more = lp.AnthropicMessages.parse_request({"model": "m", "system": "x" * 400, "tools": [
+            {"name": "t", "input_schema": {"type": "object", "properties": {"a": {"type": "string"}}}}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hello world"}, {"type": "image", "source": {
+                "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]})
+        self.assertGreaterEqual(lp.estimate_tokens(more) - lp.estimate_tokens(base), 100 + lp.IMAGE_TOKENS)
+
+    def test_anthropic_tool_ids_sanitized_consistently(self):
+        body = {"model": "m", "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "tool_calls": [{"id": "call:1/x", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call:1/x", "content": "r"}]}
+        an = lp.AnthropicMessages.render_request(lp.OpenAIChat.parse_request(body))
+        use = an["messages"][1]["content"][0]["id"]
+        self.assertRegex(use, r"^[A-Za-z0-9_-]+$")
+        self.assertEqual(an["messages"][2]["content"][0]["tool_use_id"], use)
+
+    def test_thinking_drop_option(self):
+        events = [("start", "x", "m", None), ("thinking", "secret plan"), ("text", "hi"), ("finish", "end", None)]
+        for fmt in ALL_FORMATS:
+            self.assertNotIn(b"secret plan", encode(fmt, events, thinking="drop"))
+            self.assertIn(b"secret plan", encode(fmt, events))
+
+    def test_reasoning_becomes_thinking_for_anthropic_and_reasoning_items_for_responses(self):
+        raw = b'data: {"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]}\n\ndata: {"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+        events = decode_stream("openai", [raw])
+        an = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("anthropic", events))]
+        self.assertEqual(an[1]["content_block"]["type"], "thinking")
+        sig = [f["delta"]["signature"] for f in an if f["type"] == "content_block_delta" and f["delta"]["type"] == "signature_delta"]
+        self.assertEqual(sig, [lp.UNSIGNED])
+        rs = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("openai-responses", events))]
+        self.assertEqual(rs[-1]["response"]["output"][0]["type"], "reasoning")
 
 
 class TestServerHardening(ProxyCase):
