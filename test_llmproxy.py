@@ -2079,6 +2079,156 @@ class TestFailureClasses(unittest.TestCase):
         self.assertEqual(rs[-1]["response"]["output"][0]["type"], "reasoning")
 
 
+class TestHubBehaviour(ProxyCase):
+    async def start_back(self, handler, back="openai"):
+        self.up = await FakeUpstream(handler).start()
+        cfg = base_config(self.up.port)
+        cfg["providers"]["up"]["format"] = back
+        if back == "gemini":
+            cfg["providers"]["up"]["base_url"] = "http://127.0.0.1:%d/v1beta" % self.up.port
+        return await self.start(config=cfg)
+
+    async def test_upstream_429_becomes_the_clients_error_shape(self):
+        async def handler(req, w):
+            reply_json(w, 429, {"error": {"message": "slow down", "type": "rate_limit_error"}}, headers=[("retry-after", "9")])
+        await self.start_back(handler)
+        self.app.providers["up"].keyring.keys[:] = []           # no keys: nothing to rotate to
+        status, headers, data = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "x"}]})
+        self.assertEqual((status, headers.get("retry-after")), (429, "9"))
+        self.assertEqual(json.loads(data), {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}})
+        status, _, data = await self.call("POST", "/v1beta/models/m:generateContent", {"contents": [{"parts": [{"text": "x"}]}]})
+        self.assertEqual(json.loads(data)["error"]["status"], "RESOURCE_EXHAUSTED")
+
+    async def test_mid_stream_drop_reaches_anthropic_and_responses_clients_as_errors(self):
+        async def handler(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0] + STREAM_EVENTS[1])
+            await w.drain()
+            return False
+        await self.start_back(handler)
+        _, _, data = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "stream": True,
+                                                               "messages": [{"role": "user", "content": "x"}]})
+        events = lp.SSEDecoder().feed(data)
+        self.assertEqual([e.event for e in events][-1], "error")
+        self.assertNotIn("message_stop", [e.event for e in events])
+        _, _, data = await self.call("POST", "/v1/responses", {"model": "m", "stream": True, "input": "x"})
+        events = lp.SSEDecoder().feed(data)
+        self.assertEqual(events[-1].event, "response.failed")
+        self.assertNotIn("response.completed", [e.event for e in events])
+
+    async def test_keepalive_during_long_silence(self):
+        gate = asyncio.Event()
+
+        async def handler(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0])
+            await gate.wait()
+            for ev in STREAM_EVENTS[1:]:
+                sse_chunk(w, ev)
+            w.write(b"0\r\n\r\n")
+        await self.start_back(handler)
+        old, lp.KEEPALIVE_S = lp.KEEPALIVE_S, 0.05
+        try:
+            c = await self.conn()
+            c.send("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "stream": True,
+                                            "messages": [{"role": "user", "content": "x"}]})
+            await c.read_head()
+            chunks = c.read_chunks()
+            seen = b""
+            while b"event: ping" not in seen:
+                seen += await chunks.__anext__()
+            gate.set()
+            async for piece in chunks:
+                seen += piece
+        finally:
+            lp.KEEPALIVE_S = old
+        names = [e.event for e in lp.SSEDecoder().feed(seen)]
+        self.assertEqual(names[0], "message_start")
+        self.assertIn("ping", names)
+        self.assertEqual(names[-1], "message_stop")
+
+    async def test_model_list_shape_follows_the_client(self):
+        async def handler(req, w):
+            reply_json(w, 200, {"object": "list", "data": [{"id": "up-a"}]})
+        await self.start_back(handler)
+        _, _, data = await self.call("GET", "/v1/models", headers={"anthropic-version": "2023-06-01"})
+        doc = json.loads(data)
+        self.assertEqual((doc["data"][0]["type"], doc["has_more"]), ("model", False))
+        _, _, data = await self.call("GET", "/v1beta/models")
+        self.assertTrue(all(m["name"].startswith("models/") for m in json.loads(data)["models"]))
+        _, _, data = await self.call("GET", "/v1/models")
+        self.assertEqual(json.loads(data)["object"], "list")
+        _, _, data = await self.call("GET", "/v1beta/models/fast")
+        self.assertEqual(json.loads(data)["name"], "models/fast")
+
+    async def test_count_tokens_forwarded_to_anthropic_else_local(self):
+        async def handler(req, w):
+            reply_json(w, 200, {"input_tokens": 4242})
+        await self.start_back(handler, "anthropic")
+        body = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+        _, _, data = await self.call("POST", "/v1/messages/count_tokens", body)
+        self.assertEqual(json.loads(data), {"input_tokens": 4242})
+        self.assertEqual(self.up.requests[-1]["path"], "/v1/messages/count_tokens")
+        n = len(self.up.requests)
+        _, _, data = await self.call("POST", "/v1/responses/input_tokens", {"model": "m", "input": "hello"})
+        self.assertGreater(json.loads(data)["input_tokens"], 0)
+        _, _, data = await self.call("POST", "/v1beta/models/m:countTokens", {"contents": [{"parts": [{"text": "hi"}]}]})
+        self.assertGreater(json.loads(data)["totalTokens"], 0)
+        self.assertEqual(len(self.up.requests), n)            # estimates spend no upstream call
+
+    async def test_previous_response_id_on_a_stateless_back_end(self):
+        async def handler(req, w):
+            body = json.loads(req["body"])
+            reply_json(w, 200, {"id": "c", "object": "chat.completion", "model": "m", "choices": [{"index": 0,
+                "message": {"role": "assistant", "content": "seen %d messages" % len(body["messages"])},
+                "finish_reason": "stop"}]})
+        await self.start_back(handler)
+        _, _, data = await self.call("POST", "/v1/responses", {"model": "m", "input": "one", "instructions": "sys"})
+        first = json.loads(data)
+        _, _, data = await self.call("POST", "/v1/responses", {"model": "m", "input": "two",
+                                                                "previous_response_id": first["id"]})
+        sent = json.loads(self.up.requests[-1]["body"])["messages"]
+        self.assertEqual([m["role"] for m in sent], ["user", "assistant", "user"])   # instructions not inherited
+        _, _, data = await self.call("POST", "/v1/responses", {"model": "m", "input": "x", "store": False})
+        rid = json.loads(data)["id"]
+        status, _, data = await self.call("POST", "/v1/responses", {"model": "m", "input": "y", "previous_response_id": rid})
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(data)["error"]["code"], "previous_response_not_found")
+
+    async def test_gemini_stream_without_alt_sse_is_a_json_array(self):
+        self.up = await FakeUpstream(multi_upstream).start()
+        await self.start(config=base_config(self.up.port))
+        p, body = client_request("gemini", 1, True)
+        status, headers, data = await self.call("POST", p.replace("?alt=sse", ""), body)
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"].startswith("application/json"))
+        chunks = json.loads(data)
+        self.assertEqual(chunks[-1]["candidates"][0]["content"]["parts"][0]["functionCall"]["name"], "get_weather")
+
+    async def test_claude_code_shapes_accepted(self):
+        self.up = await FakeUpstream(multi_upstream).start()
+        await self.start(config=base_config(self.up.port))
+        status, _, _ = await self.call("HEAD", "/")
+        self.assertEqual(status, 404)
+        body = {"model": "claude-opus-4-8", "max_tokens": 64000, "stream": True,
+                "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
+                "context_management": {"edits": []},
+                "messages": [{"role": "user", "content": "Weather in Paris?"},
+                             {"role": "system", "content": "mid-conversation system note"}],
+                "tools": [{"name": "get_weather", "input_schema": {"$schema": "x", "type": "object", "properties": {
+                    "city": {"type": "string"}}}}, {"type": "web_search_20250305", "name": "web_search"}]}
+        status, _, data = await self.call("POST", "/anthropic/v1/messages?beta=true", body,
+                                          headers={"anthropic-version": "2026-10-21", "anthropic-beta": "x"})
+        self.assertEqual(status, 200)
+        sent = json.loads(self.up.requests[-1]["body"])
+        self.assertEqual(sent["messages"][0], {"role": "system", "content": "mid-conversation system note"})
+        self.assertEqual([t["function"]["name"] for t in sent["tools"]], ["get_weather"])
+        self.assertEqual(sent["reasoning_effort"], "high")
+        text, calls, end = client_reply("anthropic", data, True)
+        self.assertEqual((calls[0][1], end), ("get_weather", "tool_use"))
+
+
 class TestServerHardening(ProxyCase):
     async def raw(self, data: bytes, read_all=True):
         c = await self.conn()
