@@ -753,12 +753,17 @@ class TestConfig(unittest.TestCase):
         self.assertEqual(cfg.providers["openrouter"].base_url, "https://openrouter.ai/api/v1")
         self.assertEqual(cfg.default, "openai")
         self.assertEqual(self.load({"env_providers": False}, {"OPENAI_API_KEY": "x"}).default, "mock")
+        cfg = self.load({}, {"ANTHROPIC_API_KEY": "a", "ANTHROPIC_BASE_URL": "http://gw:1", "GOOGLE_API_KEY": "g"})
+        self.assertEqual((cfg.providers["anthropic"].kind, cfg.providers["anthropic"].base_url), ("anthropic", "http://gw:1/v1"))
+        self.assertEqual(cfg.providers["gemini"].base_url, "https://generativelanguage.googleapis.com/v1beta")
 
     def test_example_config_loads(self):
         cfg = lp.load_config(os.path.join(HERE, "config.example.json"),
-                             {"OPENAI_API_KEY": "sk-a,sk-b", "OPENROUTER_API_KEY": "or-1", "LLMPROXY_KEY": "k"}, {})
+                             {"OPENAI_API_KEY": "sk-a,sk-b", "OPENROUTER_API_KEY": "or-1", "LLMPROXY_KEY": "k",
+                              "ANTHROPIC_API_KEY": "ak", "GEMINI_API_KEY": "gk"}, {})
         self.assertEqual(cfg.providers["openai"].keys, ["sk-a", "sk-b"])
-        self.assertTrue(cfg.aliases)
+        self.assertEqual((cfg.providers["anthropic"].kind, cfg.providers["gemini"].kind), ("anthropic", "gemini"))
+        self.assertEqual(cfg.aliases["claude"], ("anthropic", "claude-sonnet-4-5"))
 
 
 # 12. app, end to end #########################################################
