@@ -52,7 +52,7 @@ import time
 import zlib
 from collections import OrderedDict
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 __version__ = "0.1.0"
 
@@ -3386,6 +3386,8 @@ class Gemini:
 
     @classmethod
     def parse_response(cls, body: dict) -> ChatResponse:
+        if isinstance(body.get("response"), dict) and "candidates" not in body:
+            body = body["response"]              # QUIRK(gemini-oauth): Code Assist wraps replies
         cand = cls._check(body)
         parts = cls._candidate_parts(cand, [])
         return ChatResponse(body.get("responseId") or new_id("gen-"), body.get("modelVersion") or "", parts,
@@ -3452,6 +3454,8 @@ class GeminiDecoder(CanonicalStream):
     def feed_obj(self, d) -> list:
         if not isinstance(d, dict):
             return []
+        if isinstance(d.get("response"), dict) and "candidates" not in d:
+            d = d["response"]                   # QUIRK(gemini-oauth): Code Assist wraps each chunk
         if "error" in d:
             self.done = True
             return [("error", upstream_stream_error(d))]
@@ -3590,6 +3594,42 @@ FORMATS = {"openai": OpenAIChat, "anthropic": AnthropicMessages, "openai-respons
            "gemini": Gemini}
 
 
+def collect_events(events) -> ChatResponse:
+    """Canonical stream events -> the whole response (for back-ends that only stream)."""
+    resp = ChatResponse(id="", model="")
+    parts: List[Part] = []
+    tools: Dict[int, Part] = {}
+    for ev in events:
+        kind = ev[0]
+        if kind == "start":
+            resp.id, resp.model = ev[1], ev[2]
+            if ev[3]:
+                resp.usage = ev[3]
+        elif kind in ("text", "thinking"):
+            if parts and parts[-1].type == kind and not parts[-1].signature:
+                parts[-1].text += ev[1]
+            else:
+                parts.append(Part(kind, text=ev[1]))
+        elif kind == "signature":
+            if parts:
+                parts[-1].signature, parts[-1].origin = ev[1], ev[2]
+        elif kind == "redacted":
+            parts.append(Part("redacted", data=ev[1], origin=ev[2]))
+        elif kind == "tool_start":
+            tools[ev[1]] = Part("tool_call", id=ev[2], name=ev[3], signature=ev[4] or "", origin=ev[5] or "")
+            parts.append(tools[ev[1]])
+        elif kind == "tool_args" and ev[1] in tools:
+            tools[ev[1]].arguments += ev[2]
+        elif kind == "finish":
+            resp.stop = ev[1]
+            if ev[2]:
+                resp.usage = ev[2]
+        elif kind == "error":
+            raise ev[1]
+    resp.parts = parts
+    return resp
+
+
 _TITLE_RE = re.compile(rb"<title[^>]*>(.*?)</title>", re.I | re.S)
 _TAG_RE = re.compile(r"<[^>]+>")
 
@@ -3660,26 +3700,76 @@ class Provider:
         if "max_tokens_field" not in self.options:      # OpenAI's reasoning models refuse max_tokens
             self.options["max_tokens_field"] = "max_completion_tokens" if "api.openai.com" in self.base_url \
                 else "max_tokens"
+        self.credential = None            # a section-8 Credential for subscription logins
+        self.auth = self.options.get("auth")
+        self.tags = list(self.options.get("tags") or [])
 
     @property
     def format(self):
         return FORMATS["openai" if self.kind == "mock" else self.kind]
 
+    @property
+    def passthrough_ok(self) -> bool:
+        """Same-format requests may be forwarded as bytes (only the model rewritten)."""
+        return self.auth not in ("gemini-oauth", "codex-oauth")
+
+    @property
+    def force_stream(self) -> bool:
+        return self.auth == "codex-oauth"      # the ChatGPT back-end only streams
+
+    def current_base(self) -> str:
+        """Subscription logins may name their own inference URL (Qwen resource_url, Nous)."""
+        cred = self.credential
+        if cred is not None and not self.options.get("base_url_fixed"):
+            rec = cred.record or {}
+            if self.auth == "qwen-oauth" and cred.base_url():
+                return cred.base_url()
+            if self.auth == "nous" and rec.get("inference_base_url"):
+                return rec["inference_base_url"].rstrip("/")
+        return self.base_url
+
     def url(self, endpoint: str) -> str:
-        return self.base_url + endpoint
+        return self.current_base() + endpoint
 
     def chat_url(self, model: str, stream: bool) -> str:
+        base = self.current_base()
+        if self.auth == "gemini-oauth":          # Code Assist: the model rides in the envelope
+            return base + (":streamGenerateContent?alt=sse" if stream else ":generateContent")
         if self.kind == "gemini":
-            return "%s/models/%s:%s" % (self.base_url, model,
-                                        "streamGenerateContent?alt=sse" if stream else "generateContent")
-        return self.base_url + self.format.endpoint
+            return "%s/models/%s:%s" % (base, model, "streamGenerateContent?alt=sse" if stream else "generateContent")
+        return base + self.format.endpoint
+
+    def prepare_body(self, body: dict, model: str) -> dict:
+        """Per-provider changes to an upstream body: attribution tags, the Codex back-end's
+        required fields, Claude Code's first system line, the Code Assist envelope."""
+        if self.tags:
+            body = dict(body, tags=self.tags)
+        if self.auth == "codex-oauth":
+            body = {k: v for k, v in body.items() if k not in ("max_output_tokens", "previous_response_id")}
+            body.update(store=False, stream=True, include=["reasoning.encrypted_content"])
+            body.setdefault("instructions", "You are a helpful assistant.")
+        elif self.auth == "claude-oauth":
+            line = ClaudeCredential.SYSTEM_LINE
+            system = body.get("system") or []
+            blocks = [{"type": "text", "text": system}] if isinstance(system, str) else list(system)
+            if not blocks or blocks[0].get("text") != line:
+                blocks.insert(0, {"type": "text", "text": line})
+            body = dict(body, system=blocks)
+        elif self.auth == "gemini-oauth":
+            body = {"model": model, "project": (self.credential.record or {}).get("project"),
+                    "user_prompt_id": secrets.token_hex(8), "request": body}
+        return body
 
     def request_headers(self, key: Optional[str], stream: bool, extra=()) -> List[Tuple[str, str]]:
         hdrs = [("user-agent", "llmproxy/" + __version__), ("content-type", "application/json"),
-                ("accept", "text/event-stream" if stream else "application/json"),
+                ("accept", "text/event-stream" if stream or self.force_stream else "application/json"),
                 ("accept-encoding", "identity")]
+        override = list(extra)
         if self.kind == "anthropic":
             hdrs.append(("anthropic-version", ANTHROPIC_VERSION))
+        if self.credential is not None:
+            override = self.credential.auth_headers(key) + override if key else override
+        elif self.kind == "anthropic":
             if key:
                 hdrs.append(("x-api-key", key))
         elif self.kind == "gemini":
@@ -3687,8 +3777,8 @@ class Provider:
                 hdrs.append(("x-goog-api-key", key))
         elif key:
             hdrs.append(("authorization", "Bearer " + key))
-        names = {k for k, _ in extra}
-        hdrs = [h for h in hdrs if h[0] not in names] + list(extra)
+        names = {k for k, _ in override}
+        hdrs = [h for h in hdrs if h[0] not in names] + override
         hdrs.extend(self.headers)
         return hdrs
 
@@ -4139,6 +4229,745 @@ def parse_reset_time(headers: Headers, now: float) -> Optional[float]:
     return None
 
 
+# 8b. OAuth: device flow, token store, refreshing credentials #################
+# RFC 8628 device authorization and RFC 6749 refresh, against endpoints that
+# config can override. Tokens live in <data_dir>/oauth_tokens.json (0600,
+# atomic, guarded by a file lock so workers never refresh the same single-use
+# token twice). A Credential hands out a valid bearer, refreshing it early
+# (with jitter) in the background; one refresh at a time, waiters share it.
+
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+REFRESH_MARGIN_S = 120.0           # refresh this long before expiry (Nous refreshes 120 s early)
+REFRESH_JITTER_S = 30.0            # plus up to this much, so workers and restarts do not align
+REFRESH_RETRY_S = 30.0             # after a failed background refresh
+DEVICE_POLL_MAX_S = 60.0           # polling interval ceiling after slow_down / back-off
+
+
+class LoginError(ProxyError):
+    """A login or refresh that cannot succeed without the user: says how to log in again."""
+
+    def __init__(self, provider: str, message: str, code: str = "login_required"):
+        super().__init__(503, "upstream_auth_error", "provider %r: %s; log in again with "
+                         "`python3 llmproxy.py login %s` or POST /auth/device-code" % (provider, message, provider),
+                         code=code)
+
+
+def fingerprint(secret: Optional[str]) -> str:
+    """What logs may show of a token: the first 12 hex digits of its SHA-256."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:12] if secret else "-"
+
+
+def jwt_claims(token: str) -> dict:
+    """The claims of a JWT, unverified (we only read expiry and scope of our own token)."""
+    try:
+        payload = token.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, TypeError):
+        return {}
+
+
+def pkce_pair() -> Tuple[str, str]:
+    verifier = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    return verifier, challenge
+
+
+def _lock_file(path: str):
+    """Exclusive lock on path + '.lock' (blocking; call from an executor). -> fd."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        import fcntl            # POSIX; elsewhere a single process needs no lock
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except ImportError:
+        pass
+    return fd
+
+
+def _unlock_file(fd):
+    os.close(fd)                # closing drops the flock
+
+
+class TokenStore:
+    """All OAuth tokens in one JSON file: {provider: record}. Reads and writes run in an
+    executor (file I/O and fsync never block the event loop)."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+
+    def read_sync(self) -> Dict[str, dict]:
+        if not self.path:
+            return {}
+        try:
+            with open(self.path, "rb") as f:
+                doc = json.loads(f.read() or b"{}")
+        except FileNotFoundError:
+            return {}
+        except ValueError as e:
+            log.error("token store %s is not valid JSON (%s); treating it as empty", self.path, e)
+            return {}
+        return doc.get("tokens", {}) if isinstance(doc, dict) else {}
+
+    def update_sync(self, name: str, record: Optional[dict]):
+        """Read-modify-write under the file lock; None deletes."""
+        if not self.path:
+            return
+        fd = _lock_file(self.path)
+        try:
+            tokens = self.read_sync()
+            if record is None:
+                tokens.pop(name, None)
+            else:
+                tokens[name] = record
+            write_file_atomic(self.path, (json.dumps({"version": 1, "tokens": tokens}, indent=2) + "\n").encode())
+        finally:
+            _unlock_file(fd)
+
+    async def read(self) -> Dict[str, dict]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.read_sync)
+
+    async def update(self, name: str, record: Optional[dict]):
+        await asyncio.get_running_loop().run_in_executor(None, self.update_sync, name, record)
+
+
+async def post_form(client: "HTTPClient", url: str, fields: dict, headers=(), json_body: bool = False,
+                    timeout: float = 30.0) -> Tuple[int, Headers, Any]:
+    """POST a form (or JSON) and return (status, headers, parsed JSON or None)."""
+    if json_body:
+        body = _jbytes(fields)
+        ctype = "application/json"
+    else:
+        body = urlencode({k: v for k, v in fields.items() if v is not None}).encode()
+        ctype = "application/x-www-form-urlencoded"
+    hdrs = [("content-type", ctype), ("accept", "application/json"), ("user-agent", "llmproxy/" + __version__),
+            ("accept-encoding", "identity")] + list(headers)
+    resp = await client.request("POST", url, hdrs, body, min(timeout, CONNECT_TIMEOUT_S), timeout)
+    data = await resp.read(MAX_ERROR_BODY)
+    try:
+        doc = json.loads(data) if data.strip() else None
+    except ValueError:
+        doc = None
+    return resp.status, resp.headers, doc
+
+
+class DeviceFlow:
+    """One RFC 8628 login. start() asks for the codes; poll() waits for the user."""
+
+    def __init__(self, client, device_url: str, token_url: str, client_id: str, scope: str = "",
+                 pkce: bool = False, headers=(), clock=time.time, sleep=asyncio.sleep, extra_fields=None):
+        self.client = client
+        self.device_url = device_url
+        self.token_url = token_url
+        self.client_id = client_id
+        self.scope = scope
+        self.pkce = pkce
+        self.headers = list(headers)
+        self.clock = clock
+        self.sleep = sleep
+        self.extra_fields = dict(extra_fields or {})
+        self.verifier = None
+        self.codes: Optional[dict] = None
+        self.interval = 5.0
+        self.deadline = 0.0
+
+    async def start(self) -> dict:
+        fields = dict(self.extra_fields, client_id=self.client_id, scope=self.scope or None)
+        if self.pkce:
+            self.verifier, challenge = pkce_pair()
+            fields.update(code_challenge=challenge, code_challenge_method="S256")
+        status, _, doc = await post_form(self.client, self.device_url, fields, self.headers)
+        if status != 200 or not isinstance(doc, dict) or not all(k in doc for k in
+                                                                  ("device_code", "user_code", "verification_uri")):
+            detail = (doc or {}).get("error_description") or (doc or {}).get("error") if isinstance(doc, dict) else None
+            raise ProxyError(502, "upstream_error", "device authorization failed (HTTP %d%s)"
+                             % (status, ": %s" % detail if detail else ""), code="device_code_failed")
+        self.codes = doc
+        self.interval = float(doc["interval"]) if isinstance(doc.get("interval"), (int, float)) else 5.0
+        self.deadline = self.clock() + float(doc.get("expires_in") or 900)
+        return {k: doc.get(k) for k in ("user_code", "verification_uri", "verification_uri_complete",
+                                        "expires_in", "interval")}
+
+    async def poll(self) -> dict:
+        """-> the token response. Raises ProxyError with code access_denied, expired_token, ..."""
+        backoff = self.interval
+        while True:
+            if self.clock() >= self.deadline:
+                raise ProxyError(400, "invalid_request_error", "the device code expired before it was approved; "
+                                 "start the login again", code="expired_token")
+            await self.sleep(self.interval)
+            fields = dict(grant_type=DEVICE_GRANT, device_code=self.codes["device_code"], client_id=self.client_id)
+            if self.verifier:
+                fields["code_verifier"] = self.verifier
+            try:
+                status, headers, doc = await post_form(self.client, self.token_url, fields, self.headers)
+            except UpstreamError as e:             # network trouble: back off, keep going until expiry
+                backoff = min(backoff * 2, DEVICE_POLL_MAX_S)
+                log.warning("device login: token poll failed (%s); retrying in %.0f s", e.message, backoff)
+                await self.sleep(backoff - self.interval)
+                continue
+            if status == 200 and isinstance(doc, dict) and doc.get("access_token"):
+                return doc
+            error = doc.get("error") if isinstance(doc, dict) else None
+            if error == "authorization_pending":
+                continue
+            if error == "slow_down":
+                self.interval = min(self.interval + 5.0, DEVICE_POLL_MAX_S)     # RFC 8628 §3.5: permanently
+                continue
+            if error in ("access_denied", "expired_token"):
+                raise ProxyError(400, "invalid_request_error", {"access_denied": "the login was denied",
+                                 "expired_token": "the device code expired; start the login again"}[error], code=error)
+            if error is None and (status in (408, 429) or status >= 500):
+                wait = parse_reset_time(headers, self.clock()) or backoff
+                backoff = min(backoff * 2, DEVICE_POLL_MAX_S)
+                await self.sleep(min(wait, DEVICE_POLL_MAX_S))
+                continue
+            detail = doc.get("error_description") if isinstance(doc, dict) else None
+            raise ProxyError(400, "invalid_request_error", "login failed: %s%s" % (
+                error or "HTTP %d" % status, " (%s)" % detail if detail else ""), code=error or "login_failed")
+
+
+class Credential:
+    """A provider's OAuth credential. token() returns a bearer that is valid now; refresh()
+    runs one refresh at a time (waiters share its result) and persists rotated tokens
+    before they are used. Subclasses say how to refresh and which headers to send."""
+
+    kind = "oauth"
+    login_hint = ""
+
+    def __init__(self, name: str, settings: dict, store: TokenStore, client, clock=time.time, rand=None):
+        self.name = name
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.clock = clock
+        self.rand = rand or secrets.SystemRandom().random
+        self.record: Optional[dict] = None
+        self.lock = asyncio.Lock()
+        self.last_error: Optional[str] = None
+        self.last_refresh: Optional[float] = None
+        self.refreshes = 0
+        self.task: Optional[asyncio.Task] = None
+        self.flow: Optional[DeviceFlow] = None
+        self.flow_task: Optional[asyncio.Task] = None
+        self.flow_error: Optional[str] = None
+
+    # -- subclass hooks -------------------------------------------------------
+
+    def load_external(self) -> Optional[dict]:
+        """Tokens from the tool that owns this login (its credentials file), or None."""
+        return None
+
+    async def refresh_record(self, rec: dict) -> dict:
+        raise LoginError(self.name, "this login cannot be refreshed")
+
+    async def complete(self, rec: dict) -> dict:
+        """After a login or refresh: derive what inference needs (keys, base URLs)."""
+        return rec
+
+    def auth_headers(self, token: str) -> List[Tuple[str, str]]:
+        return [("authorization", "Bearer " + token)]
+
+    def bearer(self, rec: dict) -> str:
+        return rec["access_token"]
+
+    def expires_at(self, rec: dict) -> float:
+        return float(rec.get("expires_at") or 0)
+
+    def device_flow(self, sleep=asyncio.sleep) -> DeviceFlow:
+        raise ProxyError(400, "invalid_request_error", "provider %r has no device login; %s" % (
+            self.name, self.login_hint or "log in with its own tool"), code="no_device_login")
+
+    # -- shared machinery ------------------------------------------------------
+
+    def valid(self, rec: Optional[dict], margin: float = 0.0) -> bool:
+        if not rec or not rec.get("access_token"):
+            return False
+        exp = self.expires_at(rec)
+        return exp == 0 or exp - margin > self.clock()
+
+    async def load(self):
+        stored = (await self.store.read()).get(self.name)
+        external = await asyncio.get_running_loop().run_in_executor(None, self.load_external)
+        candidates = [r for r in (stored, external) if r and r.get("access_token")]
+        self.record = max(candidates, key=self.expires_at) if candidates else None
+
+    async def token(self) -> str:
+        rec = self.record
+        if not rec:
+            raise LoginError(self.name, "not logged in", "not_logged_in")
+        if not self.valid(rec, REFRESH_MARGIN_S):
+            await self.refresh()
+            rec = self.record
+        return self.bearer(rec)
+
+    async def refresh(self, force: bool = False, seen: Optional[str] = None):
+        """Refresh unless a peer already did (another request, or another worker that
+        rotated the token on disk while we waited for the lock)."""
+        before = seen if seen is not None else (self.record or {}).get("access_token")
+        async with self.lock:
+            disk = (await self.store.read()).get(self.name)
+            if disk and disk.get("access_token") and disk.get("access_token") != (self.record or {}).get("access_token") \
+                    and self.expires_at(disk) >= self.expires_at(self.record or {}):
+                self.record = disk
+            rec = self.record
+            if rec and rec.get("access_token") != before and self.valid(rec, REFRESH_MARGIN_S):
+                return                                   # refreshed meanwhile
+            if not force and self.valid(rec, REFRESH_MARGIN_S):
+                return
+            if not rec or not rec.get("refresh_token") and not self.can_refresh_without_token():
+                raise LoginError(self.name, "the login expired and has no refresh token", "not_logged_in")
+            try:
+                new = await self.refresh_record(rec)
+                await self.store.update(self.name, new)   # single-use refresh tokens: persist first
+                new = await self.complete(new)
+                await self.store.update(self.name, new)
+            except LoginError as e:
+                self.last_error = e.message
+                log.error("provider %s: refresh failed: %s", self.name, e.message)
+                raise
+            except ProxyError as e:
+                self.last_error = e.message
+                log.error("provider %s: refresh failed: %s", self.name, e.message)
+                raise ProxyError(503, "upstream_auth_error", "provider %r: token refresh failed: %s" %
+                                 (self.name, e.message), code="refresh_failed")
+            self.record = new
+            self.last_error = None
+            self.last_refresh = self.clock()
+            self.refreshes += 1
+            log.info("provider %s: token refreshed (%s), valid for %.0f s", self.name,
+                     fingerprint(new.get("access_token")), self.expires_at(new) - self.clock())
+
+    def can_refresh_without_token(self) -> bool:
+        return False
+
+    async def on_unauthorized(self, token: str):
+        """The upstream refused `token`: refresh once (unless a peer already has)."""
+        await self.refresh(force=True, seen=self._access_for(token))
+
+    def _access_for(self, bearer: str) -> Optional[str]:
+        rec = self.record or {}
+        return rec.get("access_token") if self.bearer(rec) == bearer else bearer
+
+    def next_refresh_in(self) -> float:
+        rec = self.record
+        if not rec or not self.expires_at(rec):
+            return 3600.0
+        return max(1.0, self.expires_at(rec) - REFRESH_MARGIN_S - self.rand() * REFRESH_JITTER_S - self.clock())
+
+    async def run_refresher(self, sleep=asyncio.sleep):
+        """Background task: refresh ahead of expiry; on failure retry, and say so."""
+        while True:
+            await sleep(self.next_refresh_in() if not self.last_error else REFRESH_RETRY_S)
+            if not self.record:
+                continue
+            try:
+                await self.refresh(force=True)
+            except ProxyError:
+                pass                                      # logged and shown on /auth/status
+
+    async def login_done(self, token_response: dict):
+        rec = self.record_from_token(token_response)
+        await self.store.update(self.name, rec)
+        rec = await self.complete(rec)
+        await self.store.update(self.name, rec)
+        self.record = rec
+        self.last_error = None
+        self.last_refresh = self.clock()
+        log.info("provider %s: logged in (%s)", self.name, fingerprint(rec.get("access_token")))
+
+    def record_from_token(self, doc: dict) -> dict:
+        rec = {k: doc.get(k) for k in ("access_token", "refresh_token", "token_type", "scope") if doc.get(k)}
+        if doc.get("expires_in"):
+            rec["expires_at"] = self.clock() + float(doc["expires_in"])
+        else:
+            exp = jwt_claims(doc.get("access_token", "")).get("exp")
+            rec["expires_at"] = float(exp) if isinstance(exp, (int, float)) else 0
+        for k, v in doc.items():
+            if k not in rec and k not in ("expires_in", "access_token", "refresh_token") and isinstance(v, (str, int, float)):
+                rec[k] = v
+        return rec
+
+    async def logout(self):
+        await self.store.update(self.name, None)
+        self.record = None
+
+    def status(self) -> dict:
+        rec = self.record
+        doc: Dict[str, Any] = {"kind": self.kind, "logged_in": bool(rec and rec.get("access_token"))}
+        if rec:
+            exp = self.expires_at(rec)
+            doc["expires_in_s"] = round(exp - self.clock()) if exp else None
+            doc["token"] = fingerprint(rec.get("access_token"))
+            doc["valid"] = self.valid(rec)
+        doc["refreshes"] = self.refreshes
+        if self.last_refresh:
+            doc["last_refresh_ago_s"] = round(self.clock() - self.last_refresh)
+        if self.last_error:
+            doc["error"] = self.last_error
+        if self.flow_task is not None and not self.flow_task.done():
+            doc["login"] = "waiting for approval"
+        elif self.flow_error:
+            doc["login"] = "failed: " + self.flow_error
+        return doc
+
+
+class NousCredential(Credential):
+    """Nous Research Portal: device login; the access token is the inference bearer under
+    the inference:invoke scope (a JWT), else a short-lived agent key is minted with it."""
+
+    kind = "nous"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        s = self.settings
+        s.setdefault("portal_url", os.environ.get("NOUS_PORTAL_URL") or "https://portal.nousresearch.com")
+        s.setdefault("client_id", "hermes-cli")
+        s.setdefault("scope", "inference:invoke")
+        s.setdefault("refresh_style", "header")   # current portal; "form" for older deployments
+
+    def portal(self, path: str) -> str:
+        return self.settings["portal_url"].rstrip("/") + path
+
+    def device_flow(self, sleep=asyncio.sleep) -> DeviceFlow:
+        s = self.settings
+        return DeviceFlow(self.client, s.get("device_url") or self.portal("/api/oauth/device/code"),
+                          s.get("token_url") or self.portal("/api/oauth/token"), s["client_id"], s["scope"],
+                          clock=self.clock, sleep=sleep)
+
+    async def refresh_record(self, rec: dict) -> dict:
+        s = self.settings
+        fields = {"grant_type": "refresh_token", "client_id": s["client_id"]}
+        headers = []
+        if s["refresh_style"] in ("header", "both"):
+            headers.append(("x-nous-refresh-token", rec["refresh_token"]))
+        if s["refresh_style"] in ("form", "both"):
+            fields["refresh_token"] = rec["refresh_token"]
+        status, _, doc = await post_form(self.client, s.get("token_url") or self.portal("/api/oauth/token"),
+                                         fields, headers)
+        if status == 200 and isinstance(doc, dict) and doc.get("access_token"):
+            new = self.record_from_token(doc)
+            new.setdefault("refresh_token", rec["refresh_token"])
+            return new
+        error = doc.get("error") if isinstance(doc, dict) else None
+        if error in ("invalid_grant", "refresh_token_reused", "invalid_token") or status == 401:
+            raise LoginError(self.name, "the portal refused the refresh token (%s)" % (error or status), error or "invalid_grant")
+        raise ProxyError(502, "upstream_error", "refresh answered HTTP %d %s" % (status, error or ""), code="refresh_failed")
+
+    def _invoke_jwt(self, access: str) -> bool:
+        claims = jwt_claims(access)
+        scope = claims.get("scope") or claims.get("scp") or ""
+        scopes = scope.split() if isinstance(scope, str) else list(scope)
+        return "inference:invoke" in scopes
+
+    async def complete(self, rec: dict) -> dict:
+        rec = dict(rec)
+        base = rec.get("inference_base_url")
+        if base and not self._allowed_base(base):
+            log.warning("provider %s: ignoring inference_base_url %s (not https on an allowed host)", self.name, base)
+            rec.pop("inference_base_url")
+        if self._invoke_jwt(rec.get("access_token", "")) or self.settings.get("credential") == "access_token":
+            rec.pop("agent_key", None)
+            return rec
+        return await self._mint(rec)
+
+    async def _mint(self, rec: dict) -> dict:
+        url = self.settings.get("agent_key_url") or self.portal("/api/oauth/agent-key")
+        resp = await self.client.request("POST", url, [("authorization", "Bearer " + rec["access_token"]),
+                                                       ("content-type", "application/json"),
+                                                       ("accept-encoding", "identity")],
+                                         _jbytes({"min_ttl_seconds": 300}), CONNECT_TIMEOUT_S, 30.0)
+        data = await resp.read(MAX_ERROR_BODY)
+        if resp.status != 200:
+            raise ProxyError(502, "upstream_error", "minting an agent key answered HTTP %d" % resp.status,
+                             code="agent_key_failed")
+        doc = json.loads(data)
+        key_exp = doc.get("expires_at")
+        if isinstance(key_exp, str):
+            try:
+                key_exp = datetime.datetime.fromisoformat(key_exp.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                key_exp = None
+        if not isinstance(key_exp, (int, float)):
+            key_exp = self.clock() + float(doc.get("expires_in") or 3600)
+        rec["agent_key"] = {"api_key": doc["api_key"], "expires_at": float(key_exp), "key_id": doc.get("key_id")}
+        base = doc.get("inference_base_url")
+        if base and self._allowed_base(base):
+            rec["inference_base_url"] = base
+        return rec
+
+    def _allowed_base(self, url: str) -> bool:
+        try:
+            scheme, host, _, _ = split_url(url)
+        except ValueError:
+            return False
+        allowed = self.settings.get("allowed_hosts") or ["nousresearch.com"]
+        return scheme == "https" and any(host == h or host.endswith("." + h) for h in allowed)
+
+    def bearer(self, rec: dict) -> str:
+        key = rec.get("agent_key")
+        return key["api_key"] if key else rec["access_token"]
+
+    def expires_at(self, rec: dict) -> float:
+        exp = float(rec.get("expires_at") or 0)
+        key = rec.get("agent_key")
+        if key and key.get("expires_at"):
+            exp = min(exp, float(key["expires_at"])) if exp else float(key["expires_at"])
+        return exp
+
+    def can_refresh_without_token(self) -> bool:
+        return False
+
+    async def refresh(self, force: bool = False, seen: Optional[str] = None):
+        rec = self.record
+        access_ok = rec and (not rec.get("expires_at") or float(rec["expires_at"]) - REFRESH_MARGIN_S > self.clock())
+        if rec and rec.get("agent_key") and access_ok and not force:
+            async with self.lock:           # only the agent key expires: mint a new one
+                if not self.valid(self.record, REFRESH_MARGIN_S):
+                    new = await self._mint(self.record)
+                    await self.store.update(self.name, new)
+                    self.record = new
+                    self.refreshes += 1
+            return
+        await super().refresh(force, seen)
+
+
+class FileLoginCredential(Credential):
+    """A login owned by another tool (its credentials file). Refreshed tokens are kept in
+    our store; the other tool's file is rewritten only with "write_back": true."""
+
+    default_file = ""
+    token_url = ""
+    client_id = ""
+
+    def file_path(self) -> str:
+        return os.path.expanduser(self.settings.get("credentials_file") or self.default_file)
+
+    def read_file(self) -> Optional[dict]:
+        try:
+            with open(self.file_path(), "rb") as f:
+                return json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+
+    def load_external(self) -> Optional[dict]:
+        doc = self.read_file()
+        return self.parse_file(doc) if isinstance(doc, dict) else None
+
+    def parse_file(self, doc: dict) -> Optional[dict]:
+        raise NotImplementedError
+
+    async def refresh_record(self, rec: dict) -> dict:
+        fields = {"grant_type": "refresh_token", "refresh_token": rec["refresh_token"],
+                  "client_id": self.settings.get("client_id") or self.client_id}
+        fields.update(self.refresh_extra())
+        status, _, doc = await post_form(self.client, self.settings.get("token_url") or self.token_url, fields,
+                                         json_body=self.refresh_json)
+        if status == 200 and isinstance(doc, dict) and doc.get("access_token"):
+            new = dict(rec)
+            new.update(self.record_from_token(doc))
+            new.setdefault("refresh_token", rec["refresh_token"])
+            if self.settings.get("write_back"):
+                await asyncio.get_running_loop().run_in_executor(None, self.write_back, new)
+            return new
+        error = doc.get("error") if isinstance(doc, dict) else None
+        if status in (400, 401) or error == "invalid_grant":
+            raise LoginError(self.name, "the refresh token was refused (%s)" % (error or status), error or "invalid_grant")
+        raise ProxyError(502, "upstream_error", "refresh answered HTTP %d" % status, code="refresh_failed")
+
+    refresh_json = False
+
+    def refresh_extra(self) -> dict:
+        return {}
+
+    def write_back(self, rec: dict):
+        raise NotImplementedError
+
+
+class QwenCredential(FileLoginCredential):
+    kind = "qwen-oauth"
+    default_file = "~/.qwen/oauth_creds.json"
+    token_url = "https://chat.qwen.ai/api/v1/oauth2/token"
+    client_id = "f0304373b74a44d2b584a3fb70ca9e56"
+
+    def parse_file(self, doc):
+        if not doc.get("access_token"):
+            return None
+        return {"access_token": doc["access_token"], "refresh_token": doc.get("refresh_token"),
+                "expires_at": (doc.get("expiry_date") or 0) / 1000.0, "resource_url": doc.get("resource_url")}
+
+    def device_flow(self, sleep=asyncio.sleep) -> DeviceFlow:
+        s = self.settings
+        return DeviceFlow(self.client, s.get("device_url") or "https://chat.qwen.ai/api/v1/oauth2/device/code",
+                          s.get("token_url") or self.token_url, s.get("client_id") or self.client_id,
+                          s.get("scope") or "openid profile email model.completion", pkce=True,
+                          headers=[("x-request-id", secrets.token_hex(16))], clock=self.clock, sleep=sleep)
+
+    def write_back(self, rec: dict):
+        doc = self.read_file() or {}
+        doc.update(access_token=rec["access_token"], refresh_token=rec.get("refresh_token"),
+                   expiry_date=int(self.expires_at(rec) * 1000), resource_url=rec.get("resource_url"))
+        write_file_atomic(self.file_path(), _jbytes(doc))
+
+    def base_url(self) -> Optional[str]:
+        res = (self.record or {}).get("resource_url")
+        if not res:
+            return None
+        url = res if "://" in res else "https://" + res
+        return url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1")
+
+
+class GeminiCLICredential(FileLoginCredential):
+    kind = "gemini-oauth"
+    default_file = "~/.gemini/oauth_creds.json"
+    token_url = "https://oauth2.googleapis.com/token"
+    client_id = "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com"
+    login_hint = "run `gemini` once and choose 'Login with Google'"
+
+    def parse_file(self, doc):
+        if not doc.get("access_token") and not doc.get("refresh_token"):
+            return None
+        return {"access_token": doc.get("access_token") or "", "refresh_token": doc.get("refresh_token"),
+                "expires_at": (doc.get("expiry_date") or 0) / 1000.0}
+
+    def refresh_extra(self) -> dict:
+        # the Gemini CLI's installed-app secret, published in its source (not a secret)
+        return {"client_secret": self.settings.get("client_secret") or "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"}
+
+    def can_refresh_without_token(self) -> bool:
+        return False
+
+    def write_back(self, rec: dict):
+        doc = self.read_file() or {}
+        doc.update(access_token=rec["access_token"], expiry_date=int(self.expires_at(rec) * 1000))
+        write_file_atomic(self.file_path(), _jbytes(doc))
+
+    async def complete(self, rec: dict) -> dict:
+        rec = dict(rec)
+        if not rec.get("project"):
+            rec["project"] = self.settings.get("project") or os.environ.get("GOOGLE_CLOUD_PROJECT") or \
+                await self.discover_project(rec["access_token"])
+        return rec
+
+    async def discover_project(self, access: str) -> str:
+        """loadCodeAssist, then onboardUser (a long-running operation) when the account has no tier yet."""
+        base = self.settings.get("code_assist_url") or "https://cloudcode-pa.googleapis.com/v1internal"
+        meta = {"ideType": "IDE_UNSPECIFIED", "platform": "PLATFORM_UNSPECIFIED", "pluginType": "GEMINI"}
+        hdrs = [("authorization", "Bearer " + access)]
+        status, _, doc = await post_form(self.client, base + ":loadCodeAssist", {"metadata": meta}, hdrs, json_body=True)
+        if status != 200 or not isinstance(doc, dict):
+            raise ProxyError(502, "upstream_error", "loadCodeAssist answered HTTP %d" % status, code="code_assist_failed")
+        if doc.get("currentTier") and doc.get("cloudaicompanionProject"):
+            return doc["cloudaicompanionProject"]
+        tier = next((t.get("id") for t in doc.get("allowedTiers") or [] if t.get("isDefault")), "free-tier")
+        for _ in range(12):
+            status, _, op = await post_form(self.client, base + ":onboardUser", {"tierId": tier, "metadata": meta},
+                                            hdrs, json_body=True)
+            if isinstance(op, dict) and op.get("done"):
+                project = ((op.get("response") or {}).get("cloudaicompanionProject") or {}).get("id")
+                if project:
+                    return project
+                break
+            await asyncio.sleep(5)
+        raise ProxyError(502, "upstream_error", "Code Assist onboarding gave no project; set GOOGLE_CLOUD_PROJECT",
+                         code="code_assist_failed")
+
+
+class CodexCredential(FileLoginCredential):
+    kind = "codex-oauth"
+    token_url = "https://auth.openai.com/oauth/token"
+    client_id = "app_EMoamEEZ73f0CkXaXp7hrann"
+    refresh_json = True
+    login_hint = "run `codex login` first"
+
+    def file_path(self) -> str:
+        return os.path.expanduser(self.settings.get("credentials_file") or
+                                  os.path.join(os.environ.get("CODEX_HOME") or "~/.codex", "auth.json"))
+
+    def parse_file(self, doc):
+        t = doc.get("tokens") or {}
+        if not t.get("access_token"):
+            return None
+        exp = jwt_claims(t["access_token"]).get("exp") or 0
+        return {"access_token": t["access_token"], "refresh_token": t.get("refresh_token"),
+                "id_token": t.get("id_token"), "account_id": t.get("account_id"), "expires_at": float(exp)}
+
+    def refresh_extra(self) -> dict:
+        return {"scope": "openid profile email"}
+
+    def record_from_token(self, doc: dict) -> dict:
+        rec = super().record_from_token(doc)
+        if doc.get("id_token"):
+            rec["id_token"] = doc["id_token"]
+        return rec
+
+    def write_back(self, rec: dict):
+        doc = self.read_file() or {}
+        tokens = dict(doc.get("tokens") or {})
+        tokens.update({k: rec[k] for k in ("access_token", "refresh_token", "id_token") if rec.get(k)})
+        doc["tokens"] = tokens
+        doc["last_refresh"] = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        write_file_atomic(self.file_path(), _jbytes(doc))
+
+    def account_id(self) -> Optional[str]:
+        rec = self.record or {}
+        if rec.get("account_id"):
+            return rec["account_id"]
+        claims = jwt_claims(rec.get("access_token", "")).get("https://api.openai.com/auth") or {}
+        return claims.get("chatgpt_account_id")
+
+    def auth_headers(self, token: str) -> List[Tuple[str, str]]:
+        hdrs = [("authorization", "Bearer " + token), ("openai-beta", "responses=experimental"),
+                ("originator", self.settings.get("originator") or "codex_cli_rs"),
+                ("session_id", self.settings.setdefault("session_id", secrets.token_hex(16)))]
+        acct = self.account_id()
+        if acct:
+            hdrs.append(("chatgpt-account-id", acct))
+        return hdrs
+
+
+class ClaudeCredential(FileLoginCredential):
+    kind = "claude-oauth"
+    token_url = "https://platform.claude.com/v1/oauth/token"
+    client_id = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+    refresh_json = True
+    login_hint = "run `claude` and log in with a Claude subscription first"
+    SYSTEM_LINE = "You are Claude Code, Anthropic's official CLI for Claude."
+
+    def file_path(self) -> str:
+        return os.path.expanduser(self.settings.get("credentials_file") or os.path.join(
+            os.environ.get("CLAUDE_CONFIG_DIR") or "~/.claude", ".credentials.json"))
+
+    def parse_file(self, doc):
+        o = doc.get("claudeAiOauth") or {}
+        if not o.get("accessToken"):
+            return None
+        return {"access_token": o["accessToken"], "refresh_token": o.get("refreshToken"),
+                "expires_at": (o.get("expiresAt") or 0) / 1000.0}
+
+    def write_back(self, rec: dict):
+        doc = self.read_file() or {}
+        o = dict(doc.get("claudeAiOauth") or {})
+        o.update(accessToken=rec["access_token"], refreshToken=rec.get("refresh_token"),
+                 expiresAt=int(self.expires_at(rec) * 1000))
+        doc["claudeAiOauth"] = o
+        write_file_atomic(self.file_path(), _jbytes(doc))
+
+    def auth_headers(self, token: str) -> List[Tuple[str, str]]:
+        return [("authorization", "Bearer " + token),
+                ("anthropic-beta", self.settings.get("beta") or "claude-code-20250219,oauth-2025-04-20"),
+                ("user-agent", "claude-cli/2.1.0 (external, cli)"), ("x-app", "cli")]
+
+
+CREDENTIALS = {"nous": NousCredential, "qwen-oauth": QwenCredential, "gemini-oauth": GeminiCLICredential,
+               "codex-oauth": CodexCredential, "claude-oauth": ClaudeCredential}
+# auth kind -> (wire format, default base URL)
+OAUTH_DEFAULTS = {"nous": ("openai", "https://inference-api.nousresearch.com/v1"),
+                  "qwen-oauth": ("openai", "https://portal.qwen.ai/v1"),
+                  "gemini-oauth": ("gemini", "https://cloudcode-pa.googleapis.com/v1internal"),
+                  "codex-oauth": ("openai-responses", "https://chatgpt.com/backend-api/codex"),
+                  "claude-oauth": ("anthropic", "https://api.anthropic.com/v1")}
+
+
 # 9. routing ##################################################################
 # Client model name -> (provider, upstream model). Order: forced override,
 # exact alias, configured prefix, implicit "<provider>/" prefix, a provider's
@@ -4406,13 +5235,46 @@ def _check_url(url: str, where: str):
         raise ConfigError("%s: must be an http(s) URL" % where)
 
 
+_OAUTH_SETTINGS = {"portal_url", "device_url", "token_url", "client_id", "scope", "refresh_style", "credential",
+                   "agent_key_url", "allowed_hosts", "credentials_file", "write_back", "client_secret", "project",
+                   "code_assist_url", "originator", "beta"}
+
+
+def oauth_provider(name: str, auth: str, env) -> ProviderConfig:
+    """A provider for a subscription login with its defaults (format, base URL, tags)."""
+    kind, base = OAUTH_DEFAULTS[auth]
+    if auth == "nous":
+        base = env.get("NOUS_INFERENCE_URL") or base
+    options: Dict[str, Any] = {"auth": auth, "oauth": {}}
+    if auth == "nous":
+        options["tags"] = ["product=llmproxy"]
+    return ProviderConfig(name=name, kind=kind, base_url=base, options=options, source="login " + auth)
+
+
 def _load_provider(name: str, r: _Reader) -> ProviderConfig:
-    default_kind = KNOWN_PROVIDERS[name][0] if name in KNOWN_PROVIDERS else "openai"
+    auth = r.get("auth", str, name if name in CREDENTIALS else None)
+    if auth is not None and auth not in CREDENTIALS:
+        raise ConfigError("%s: must be one of %s" % (r.key("auth"), ", ".join(CREDENTIALS)))
+    base_default = oauth_provider(name, auth, r.env) if auth else None
+    default_kind = base_default.kind if auth else KNOWN_PROVIDERS[name][0] if name in KNOWN_PROVIDERS else "openai"
     kind = r.get("format", str, default_kind)
     if kind not in PROVIDER_FORMATS:
         raise ConfigError("%s: must be one of %s" % (r.key("format"), ", ".join(PROVIDER_FORMATS)))
     pc = ProviderConfig(name=name, kind=kind)
     pc.base_url = r.get("base_url", str, "")
+    if auth:
+        pc.options.update(base_default.options)
+        pc.options["base_url_fixed"] = bool(pc.base_url)
+        pc.base_url = pc.base_url or base_default.base_url
+        settings = r.get("oauth", dict, {})
+        for k in settings:
+            if k not in _OAUTH_SETTINGS:
+                raise ConfigError("%s.%s: unknown key" % (r.key("oauth"), k))
+        pc.options["oauth"] = {k: r.expand(v) for k, v in settings.items()}
+        if "tags" in r.obj:
+            pc.options["tags"] = r.strings("tags")
+    elif "oauth" in r.obj or "tags" in r.obj:
+        raise ConfigError("%s: oauth and tags need \"auth\"" % r.key("auth"))
     if kind != "mock":
         if not pc.base_url and name in KNOWN_PROVIDERS and KNOWN_PROVIDERS[name][0] == kind:
             pc.base_url = KNOWN_PROVIDERS[name][2]
@@ -4514,6 +5376,10 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
                 base = base.rstrip("/") + version     # ANTHROPIC_BASE_URL etc. usually omit the version
             keys = [k.strip() for k in env[key_var].split(",") if k.strip()]
             cfg.providers[name] = ProviderConfig(name=name, kind=kind, base_url=base, keys=keys, source="env " + key_var)
+        # device logins made with `llmproxy.py login NAME` need no config
+        for name in sorted(TokenStore(os.path.join(cfg.data_dir, "oauth_tokens.json")).read_sync()):
+            if name in ("nous", "qwen-oauth") and name not in cfg.providers:
+                cfg.providers[name] = oauth_provider(name, name, env)
     if not cfg.providers:
         cfg.providers["mock"] = ProviderConfig(name="mock", kind="mock", models=["mock"], source="built-in")
         cfg.notes.append("no provider configured: serving the built-in mock provider (set OPENAI_API_KEY, "
@@ -4683,6 +5549,14 @@ class App:
         self.router = Router(self.providers, config.aliases, config.prefixes, config.default, config.force)
         store = os.path.join(config.data_dir, "keys.json") if config.data_dir else None
         self.keys = ProxyKeys(store, config.keys, config.admin_keys)
+        self.tokens = TokenStore(os.path.join(config.data_dir, "oauth_tokens.json") if config.data_dir else None)
+        self.credentials: Dict[str, Credential] = {}
+        for name, prov in self.providers.items():
+            if prov.auth:
+                cred = CREDENTIALS[prov.auth](name, dict(prov.options.get("oauth") or {}), self.tokens, self.client,
+                                              clock=wall)
+                prov.credential = self.credentials[name] = cred
+        self.tasks: set = set()
         self.mock = MockProvider(wall)
         self.usage = UsageMeter()
         self.started = wall()
@@ -4705,10 +5579,32 @@ class App:
             "/v1/responses": {"POST": (self.handle_responses, CLIENT)},
             "/v1/responses/input_tokens": {"POST": (self.handle_responses_tokens, CLIENT)},
             "/admin/keys": {"GET": (self.handle_keys_list, ADMIN), "POST": (self.handle_keys_create, ADMIN)},
+            "/auth/device-code": {"POST": (self.handle_device_code, ADMIN)},
+            "/auth/poll": {"POST": (self.handle_auth_poll, ADMIN)},
+            "/auth/status": {"GET": (self.handle_auth_status, ADMIN)},
         }
         gemini = {"GET": (self.handle_model, CLIENT), "POST": (self.handle_gemini, CLIENT)}
         self.prefix_routes = [("/v1beta/models/", gemini), ("/v1/models/", gemini),
                               ("/admin/keys/", {"DELETE": (self.handle_keys_revoke, ADMIN)})]
+
+    async def start(self):
+        """Load subscription logins and start their background refreshers."""
+        for cred in self.credentials.values():
+            await cred.load()
+            self.spawn(cred.run_refresher())
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def stop(self):
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=CLOSE_TIMEOUT_S)
+        self.close()
 
     def close(self):
         self.client.close()
@@ -4807,16 +5703,24 @@ class App:
         """Send with key rotation: a 429 cools the key and retries on the next one at once,
         401/403 disables it. Returns the first reply that is not a key failure."""
         ring = prov.keyring
+        cred = prov.credential
         last = ""
+        retried = False
         while True:
             k = ring.acquire() if ring.keys else None
             if ring.keys and k is None:
                 raise self._keys_exhausted(prov, last)
-            info["upkey"] = redact(k.key) if k else None
+            key = k.key if k else (await cred.token() if cred is not None else None)
+            info["upkey"] = redact(k.key) if k else (fingerprint(key) if cred is not None else None)
             t0 = time.perf_counter()
-            resp = await self.client.request(method, url, prov.request_headers(k.key if k else None, stream, extra),
+            resp = await self.client.request(method, url, prov.request_headers(key, stream, extra),
                                              body, prov.connect_timeout, prov.read_timeout)
             info["upstream_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            if cred is not None and resp.status == 401 and not retried:
+                await resp.read(MAX_ERROR_BODY)       # a refused token: refresh once, retry once
+                retried = True
+                await cred.on_unauthorized(key)
+                continue
             if k is None or resp.status not in (401, 403, 429):
                 return resp
             try:
@@ -4879,7 +5783,10 @@ class App:
         """Same format on both sides: forward the client's bytes (model rewritten if routed)."""
         info = request.info
         info["via"] = "pass"
-        if upstream_model == client_model or "model" not in body:
+        if prov.tags or prov.auth:
+            raw = _jbytes(prov.prepare_body(dict(body, model=upstream_model) if "model" in body else body,
+                                            upstream_model))
+        elif upstream_model == client_model or "model" not in body:
             raw = request.body
         else:
             raw = _jbytes(dict(body, model=upstream_model))
@@ -4910,7 +5817,7 @@ class App:
         info = request.info
         info["model"] = creq.model
         info["provider"] = prov.name
-        if prov.kind == fmt.name:
+        if prov.kind == fmt.name and prov.passthrough_ok:
             url = prov.chat_url(route.model, creq.stream)
             if fmt is Gemini and creq.stream and not sse:
                 url = url.split("?", 1)[0]
@@ -4942,15 +5849,21 @@ class App:
             else:
                 reply = self.mock.chat(up_body, upstream_model)
         else:
-            url = prov.chat_url(upstream_model, creq.stream)
-            upstream = await self.send_upstream(prov, "POST", url, _jbytes(up_body), creq.stream, info)
+            stream_up = creq.stream or prov.force_stream
+            url = prov.chat_url(upstream_model, stream_up)
+            up_body = prov.prepare_body(up_body, upstream_model)
+            upstream = await self.send_upstream(prov, "POST", url, _jbytes(up_body), stream_up, info)
             if upstream.status >= 400:
                 data = await upstream.read(MAX_ERROR_BODY)
                 err = upstream_error(upstream.status, upstream.content_type, data)
                 err.headers = [h for h in relay_headers(upstream.headers) if h[0] == "retry-after"]
                 raise err
-            if creq.stream and upstream.content_type == "text/event-stream":
+            if upstream.content_type == "text/event-stream" and creq.stream:
                 pieces = upstream.iter_body()
+            elif upstream.content_type == "text/event-stream":      # a stream-only back-end, gathered
+                cresp = collect_events(await self._decode_all(upstream, fmt_out))
+                info["usage"] = cresp.usage
+                return json_response(200, fmt.render_response(cresp, creq, options), [("x-llmproxy-provider", prov.name)])
             else:
                 reply = self._json_reply(await upstream.read())
         hdrs = [("x-llmproxy-provider", prov.name)]
@@ -4965,6 +5878,27 @@ class App:
         if fmt is OpenAIResponses and creq.store is not False:
             self.remember(out, history)
         return json_response(200, out, hdrs)
+
+    @staticmethod
+    async def _decode_all(upstream: UpstreamResponse, fmt) -> list:
+        sse = SSEDecoder()
+        dec = fmt.stream_decoder()
+        events: list = []
+        size = 0
+        agen = upstream.iter_body()
+        try:
+            async for piece in agen:
+                size += len(piece)
+                if size > MAX_UPSTREAM_BODY:
+                    raise UpstreamError(502, "upstream stream larger than %d bytes" % MAX_UPSTREAM_BODY,
+                                        "upstream_too_large")
+                for ev in sse.feed(piece):
+                    events.extend(dec.feed(ev))
+        finally:
+            await agen.aclose()
+        for ev in sse.close():
+            events.extend(dec.feed(ev))
+        return events + dec.close()
 
     @staticmethod
     def _json_reply(data: bytes) -> dict:
@@ -5166,6 +6100,10 @@ class App:
             providers[name] = {"format": prov.kind, "base_url": prov.base_url or None, "keys": snap}
             if snap and all(k["state"] != "ok" for k in snap):
                 doc["status"] = "degraded"
+        for name, cred in self.credentials.items():
+            providers[name]["auth"] = cred.status()
+            if not cred.valid(cred.record) or cred.last_error:
+                doc["status"] = "degraded"
         doc["providers"] = providers
         doc["upstream_connections_opened"] = self.client.connects
         doc["usage"] = self.usage.snapshot()
@@ -5229,6 +6167,51 @@ class App:
         route = self.router.resolve(mid)
         fmt = Gemini if prefix == "/v1beta/models/" else client_format(request.path, request.headers)
         return json_response(200, self.model_object(fmt, mid, route.provider.name))
+
+    def _credential(self, request: Request) -> Credential:
+        body = request.json() if request.body.strip() else {}
+        name = body.get("provider") if isinstance(body, dict) else None
+        if name is None and len(self.credentials) == 1:
+            name = next(iter(self.credentials))
+        cred = self.credentials.get(name)
+        if cred is None:
+            raise ProxyError(404, "not_found_error", "no subscription provider %r (configured: %s)" % (
+                name, ", ".join(self.credentials) or "none"), code="unknown_provider", param="provider")
+        return cred
+
+    async def handle_device_code(self, request: Request):
+        """Start a device login; the proxy polls in the background until it completes."""
+        cred = self._credential(request)
+        if cred.flow_task is not None and not cred.flow_task.done():
+            cred.flow_task.cancel()
+        flow = cred.device_flow()
+        codes = await flow.start()
+        cred.flow, cred.flow_error = flow, None
+
+        async def finish():
+            try:
+                await cred.login_done(await flow.poll())
+            except ProxyError as e:
+                cred.flow_error = e.message
+                log.warning("provider %s: device login failed: %s", cred.name, e.message)
+        cred.flow_task = self.spawn(finish())
+        log.info("provider %s: device login started; waiting for approval", cred.name)
+        return json_response(200, dict(codes, provider=cred.name))
+
+    async def handle_auth_poll(self, request: Request):
+        """Wait (up to timeout_s, default 300) for a device login started with /auth/device-code."""
+        cred = self._credential(request)
+        body = request.json() if request.body.strip() else {}
+        timeout = body.get("timeout_s", 300) if isinstance(body, dict) else 300
+        if cred.flow_task is None:
+            raise ProxyError(400, "invalid_request_error", "no login in progress; POST /auth/device-code first",
+                             code="no_login")
+        if not cred.flow_task.done():
+            await asyncio.wait((cred.flow_task,), timeout=max(0.0, min(float(timeout), 900.0)))
+        return json_response(200, dict(cred.status(), provider=cred.name))
+
+    async def handle_auth_status(self, request: Request):
+        return json_response(200, {"providers": {name: cred.status() for name, cred in self.credentials.items()}})
 
     async def handle_keys_list(self, request: Request):
         return json_response(200, {"keys": [e.public() for e in self.keys.entries]})
@@ -5339,6 +6322,13 @@ def build_parser() -> argparse.ArgumentParser:
     rv = ks.add_parser("revoke", parents=[common], help="revoke a stored key by id")
     rv.add_argument("id")
     sub.add_parser("check", parents=[common], help="validate the config and probe every provider key")
+    login = sub.add_parser("login", parents=[common], help="log in to a subscription provider (device code)")
+    login.add_argument("provider", help="nous, qwen-oauth, or a configured provider with \"auth\"")
+    logout = sub.add_parser("logout", parents=[common], help="forget a subscription login")
+    logout.add_argument("provider")
+    auth = sub.add_parser("auth", parents=[common], help="subscription logins")
+    auth_sub = auth.add_subparsers(dest="auth_command", metavar="ACTION")
+    auth_sub.add_parser("status", parents=[common], help="show every login and when it expires")
     return parser
 
 
@@ -5398,8 +6388,72 @@ async def run_check(config: Config) -> int:
     return 0 if not bad else 1
 
 
+def make_credential(config: Config, name: str, client: "HTTPClient") -> Credential:
+    store = TokenStore(os.path.join(config.data_dir, "oauth_tokens.json"))
+    pc = config.providers.get(name)
+    if pc is not None and pc.options.get("auth"):
+        return CREDENTIALS[pc.options["auth"]](name, dict(pc.options.get("oauth") or {}), store, client)
+    if name in CREDENTIALS:
+        return CREDENTIALS[name](name, {}, store, client)
+    raise ProxyError(404, "not_found_error", "no subscription provider %r: use one of %s or a configured provider "
+                     "with \"auth\"" % (name, ", ".join(CREDENTIALS)))
+
+
+async def run_login(config: Config, name: str) -> int:
+    client = HTTPClient()
+    try:
+        cred = make_credential(config, name, client)
+        flow = cred.device_flow()
+        codes = await flow.start()
+        print("To log in to %s, open:\n\n    %s\n\nand enter the code:  %s\n" % (
+            name, codes.get("verification_uri"), codes.get("user_code")))
+        if codes.get("verification_uri_complete"):
+            print("(or open %s directly)" % codes["verification_uri_complete"])
+        print("Waiting for approval (the code expires in %d s)..." % int(codes.get("expires_in") or 900))
+        sys.stdout.flush()
+        await cred.login_done(await flow.poll())
+        print("Logged in to %s. The token is stored in %s (0600)." % (name, cred.store.path))
+        return 0
+    except ProxyError as e:
+        print("llmproxy: login failed: %s" % e.message, file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+async def run_auth_status(config: Config) -> int:
+    client = HTTPClient()
+    names = [n for n, pc in config.providers.items() if pc.options.get("auth")]
+    names += [n for n in TokenStore(os.path.join(config.data_dir, "oauth_tokens.json")).read_sync()
+              if n not in names and n in CREDENTIALS]
+    rows = [["PROVIDER", "KIND", "LOGGED IN", "EXPIRES IN", "TOKEN"]]
+    try:
+        for name in names:
+            cred = make_credential(config, name, client)
+            await cred.load()
+            st = cred.status()
+            exp = st.get("expires_in_s")
+            rows.append([name, cred.kind, "yes" if st["logged_in"] else "no",
+                         "-" if exp is None else ("expired" if exp <= 0 else "%d s" % exp), st.get("token", "-")])
+    finally:
+        client.close()
+    if len(rows) == 1:
+        print("no subscription logins (try: python3 llmproxy.py login nous)")
+    else:
+        _print_table(rows)
+    return 0
+
+
+async def run_logout(config: Config, name: str) -> int:
+    cred = make_credential(config, name, HTTPClient())
+    await cred.logout()
+    print("logged out of %s" % name)
+    return 0
+
+
 async def serve(config: Config, ready: Optional[Callable[[int], None]] = None) -> int:
     app = App(config)
+    await app.start()
     made = app.keys.ensure_initial() if config.auth_enabled else []
     server = HTTPServer(app, ServerLimits(config.max_body_bytes, config.head_timeout_s, config.body_timeout_s,
                                           config.keepalive_timeout_s))
@@ -5407,12 +6461,14 @@ async def serve(config: Config, ready: Optional[Callable[[int], None]] = None) -
         await server.start(config.host, config.port)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
+        await app.stop()
         return 1
     port = server.port
     loop_problem = app.self_loop(config.host, port)
     if loop_problem:
         log.error("config error: %s", loop_problem)
         await server.shutdown(0)
+        await app.stop()
         return 2
     shown = "[%s]" % config.host if ":" in config.host else config.host
     print("llmproxy %s listening on http://%s:%d" % (__version__, shown, port))
@@ -5440,7 +6496,7 @@ async def serve(config: Config, ready: Optional[Callable[[int], None]] = None) -
     await stop.wait()
     log.info("shutting down: %d request(s) in flight, grace %.0f s", server.busy, config.shutdown_grace_s)
     await server.shutdown(config.shutdown_grace_s)
-    app.close()
+    await app.stop()
     return 0
 
 
@@ -5461,6 +6517,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return run_keys(config, args)
         if command == "check":
             return asyncio.run(run_check(config))
+        if command == "login":
+            return asyncio.run(run_login(config, args.provider))
+        if command == "logout":
+            return asyncio.run(run_logout(config, args.provider))
+        if command == "auth":
+            return asyncio.run(run_auth_status(config))
         return asyncio.run(serve(config))
     except KeyboardInterrupt:
         return 0
