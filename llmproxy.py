@@ -4498,7 +4498,16 @@ class Credential:
         if not self.valid(rec, REFRESH_MARGIN_S):
             await self.refresh()
             rec = self.record
+        if self.incomplete(rec):                  # e.g. a login read from another tool's file
+            async with self.lock:
+                if self.incomplete(self.record):
+                    self.record = await self.complete(self.record)
+                    await self.store.update(self.name, self.record)
+            rec = self.record
         return self.bearer(rec)
+
+    def incomplete(self, rec: dict) -> bool:
+        return False
 
     async def refresh(self, force: bool = False, seen: Optional[str] = None):
         """Refresh unless a peer already did (another request, or another worker that
@@ -4840,6 +4849,9 @@ class GeminiCLICredential(FileLoginCredential):
         doc = self.read_file() or {}
         doc.update(access_token=rec["access_token"], expiry_date=int(self.expires_at(rec) * 1000))
         write_file_atomic(self.file_path(), _jbytes(doc))
+
+    def incomplete(self, rec: dict) -> bool:
+        return not rec.get("project")
 
     async def complete(self, rec: dict) -> dict:
         rec = dict(rec)
@@ -5783,6 +5795,8 @@ class App:
         """Same format on both sides: forward the client's bytes (model rewritten if routed)."""
         info = request.info
         info["via"] = "pass"
+        if prov.credential is not None:
+            await prov.credential.token()
         if prov.tags or prov.auth:
             raw = _jbytes(prov.prepare_body(dict(body, model=upstream_model) if "model" in body else body,
                                             upstream_model))
@@ -5851,6 +5865,8 @@ class App:
         else:
             stream_up = creq.stream or prov.force_stream
             url = prov.chat_url(upstream_model, stream_up)
+            if prov.credential is not None:
+                await prov.credential.token()     # logged in and complete before the body is built
             up_body = prov.prepare_body(up_body, upstream_model)
             upstream = await self.send_upstream(prov, "POST", url, _jbytes(up_body), stream_up, info)
             if upstream.status >= 400:

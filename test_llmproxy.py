@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import unittest
+import urllib.parse
 
 import llmproxy as lp
 
@@ -2232,6 +2233,474 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual(sent["reasoning_effort"], "high")
         text, calls, end = client_reply("anthropic", data, True)
         self.assertEqual((calls[0][1], end), ("get_weather", "tool_use"))
+
+
+# 8b. OAuth and subscription back-ends ########################################
+
+def read_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def make_jwt(claims: dict) -> str:
+    import base64
+
+    def enc(obj):
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+    return "%s.%s.sig" % (enc({"alg": "none"}), enc(claims))
+
+
+class FakePortal:
+    """A scripted Nous-style portal (device codes, tokens, agent keys) and inference API."""
+
+    def __init__(self, clock, device_script=("ok",), jwt=True, ttl=3600):
+        self.clock = clock
+        self.device_script = list(device_script)
+        self.jwt = jwt
+        self.ttl = ttl
+        self.n = 0
+        self.valid_access = set()
+        self.live_refresh = set()
+        self.refresh_calls = 0
+        self.refresh_gate = None
+        self.refresh_error = None
+        self.reject_next_inference = False
+        self.inference = []
+        self.agent_keys = 0
+
+    def issue(self):
+        self.n += 1
+        access = make_jwt({"scope": "inference:invoke", "exp": int(self.clock() + self.ttl), "n": self.n}) \
+            if self.jwt else "opaque-access-%d-xxxxxxxx" % self.n
+        refresh = "refresh-token-%d-secret" % self.n
+        self.valid_access.add(access)
+        self.live_refresh.add(refresh)
+        return {"access_token": access, "refresh_token": refresh, "token_type": "Bearer", "expires_in": self.ttl,
+                "scope": "inference:invoke"}
+
+    async def handler(self, req, w):
+        path = req["path"]
+        form = dict(urllib.parse.parse_qsl(req["body"].decode()))
+        if path == "/api/oauth/device/code":
+            reply_json(w, 200, {"device_code": "dev-code-1", "user_code": "BCDF-GHJK",
+                                "verification_uri": "https://portal.test/device",
+                                "verification_uri_complete": "https://portal.test/device?code=BCDF-GHJK",
+                                "expires_in": 600, "interval": 0})
+        elif path == "/api/oauth/token" and form.get("grant_type") == lp.DEVICE_GRANT:
+            step = self.device_script.pop(0) if self.device_script else "ok"
+            if step == "ok":
+                reply_json(w, 200, self.issue())
+            else:
+                reply_json(w, 400, {"error": step})
+        elif path == "/api/oauth/token" and form.get("grant_type") == "refresh_token":
+            self.refresh_calls += 1
+            if self.refresh_gate is not None:
+                await self.refresh_gate.wait()
+            token = req["headers"].get("x-nous-refresh-token") or form.get("refresh_token")
+            if self.refresh_error:
+                reply_json(w, 400, {"error": self.refresh_error})
+            elif token not in self.live_refresh:
+                reply_json(w, 400, {"error": "refresh_token_reused"})
+            else:
+                self.live_refresh.discard(token)           # single use
+                reply_json(w, 200, self.issue())
+        elif path == "/api/oauth/agent-key":
+            self.agent_keys += 1
+            key = "agent-key-%d-xxxxxxxxxxxx" % self.agent_keys
+            self.valid_access.add(key)
+            reply_json(w, 200, {"api_key": key, "key_id": "k%d" % self.agent_keys, "expires_in": 1800, "reused": False})
+        elif path.startswith("/v1/"):
+            auth = req["headers"].get("authorization", "")[7:]
+            self.inference.append(req)
+            if self.reject_next_inference or auth not in self.valid_access:
+                self.reject_next_inference = False
+                reply_json(w, 401, {"error": {"message": "invalid token"}})
+            else:
+                reply_json(w, 200, CHAT_OK)
+        else:
+            reply_json(w, 404, {"error": "nope"})
+
+
+class OAuthCase(ProxyCase):
+    async def start_portal(self, **kw):
+        if getattr(self, "client", None):
+            self.client.close()
+        self.wall = FakeClock(1_700_000_000.0)
+        self.portal = FakePortal(self.wall, **kw)
+        self.up = await FakeUpstream(self.portal.handler).start()
+        self.portal_url = "http://127.0.0.1:%d" % self.up.port
+        self.store = lp.TokenStore(os.path.join(self.tmp.name, "oauth_tokens.json"))
+        self.client = lp.HTTPClient()
+
+    async def asyncTearDown(self):
+        if getattr(self, "client", None):
+            self.client.close()
+        await super().asyncTearDown()
+
+    def cred(self, cls=None, **settings):
+        settings.setdefault("portal_url", self.portal_url)
+        return (cls or lp.NousCredential)("nous", settings, self.store, self.client, clock=self.wall, rand=lambda: 0.5)
+
+    async def logged_in(self, **settings):
+        cred = self.cred(**settings)
+        await cred.login_done(self.portal.issue())
+        return cred
+
+    def nous_config(self, **extra):
+        cfg = {"env_providers": False, "auth": {"keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]},
+               "providers": {"nous": {"base_url": self.portal_url + "/v1", "oauth": {"portal_url": self.portal_url}}}}
+        cfg["providers"]["nous"].update(extra)
+        return cfg
+
+    async def start_proxy(self, cfg):
+        path = os.path.join(self.tmp.name, "config.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        self.config = lp.load_config(path, {}, {"data_dir": self.tmp.name})
+        self.app = lp.App(self.config, clock=FakeClock(), wall=self.wall)
+        for cred in self.app.credentials.values():
+            await cred.load()
+        self.server = lp.HTTPServer(self.app)
+        await self.server.start("127.0.0.1", 0)
+        self.port = self.server.port
+
+
+class TestDeviceFlow(OAuthCase):
+    async def flow(self, script):
+        await self.start_portal(device_script=script)
+        waits = []
+
+        async def fake_sleep(s):
+            waits.append(s)
+            self.wall.t += s
+        flow = lp.DeviceFlow(self.client, self.portal_url + "/api/oauth/device/code",
+                             self.portal_url + "/api/oauth/token", "hermes-cli", "inference:invoke",
+                             clock=self.wall, sleep=fake_sleep)
+        codes = await flow.start()
+        flow.interval = 5.0                                  # as if the portal had said 5
+        return flow, codes, waits
+
+    async def test_pending_then_slow_down_then_success(self):
+        flow, codes, waits = await self.flow(["authorization_pending", "slow_down", "authorization_pending", "ok"])
+        self.assertEqual((codes["user_code"], codes["verification_uri_complete"]),
+                         ("BCDF-GHJK", "https://portal.test/device?code=BCDF-GHJK"))
+        token = await flow.poll()
+        self.assertTrue(token["access_token"])
+        self.assertEqual(waits, [5.0, 5.0, 10.0, 10.0])      # slow_down adds 5 s for good
+
+    async def test_denied_and_expired(self):
+        for script, code in ((["access_denied"], "access_denied"), (["expired_token"], "expired_token"),
+                             (["invalid_client"], "invalid_client")):
+            flow, _, _ = await self.flow(script)
+            with self.assertRaises(lp.ProxyError) as cm:
+                await flow.poll()
+            self.assertEqual(cm.exception.code, code)
+            await self.up.close()
+        flow, _, _ = await self.flow(["authorization_pending"] * 500)
+        with self.assertRaises(lp.ProxyError) as cm:
+            await flow.poll()                                # 600 s pass on the fake clock
+        self.assertEqual(cm.exception.code, "expired_token")
+
+    async def test_pkce_sent_when_wanted(self):
+        await self.start_portal()
+        flow = lp.DeviceFlow(self.client, self.portal_url + "/api/oauth/device/code",
+                             self.portal_url + "/api/oauth/token", "cid", pkce=True, clock=self.wall)
+        await flow.start()
+        sent = dict(urllib.parse.parse_qsl(self.up.requests[-1]["body"].decode()))
+        self.assertEqual(sent["code_challenge_method"], "S256")
+        self.assertEqual(len(sent["code_challenge"]), 43)
+        await flow.poll()
+        sent = dict(urllib.parse.parse_qsl(self.up.requests[-1]["body"].decode()))
+        self.assertEqual(len(sent["code_verifier"]), 43)
+
+
+class TestCredentials(OAuthCase):
+    async def test_refresh_before_expiry_rotates_and_persists(self):
+        await self.start_portal()
+        cred = await self.logged_in()
+        first = cred.record["access_token"]
+        self.assertEqual(await cred.token(), first)           # still fresh: no refresh
+        self.assertEqual(self.portal.refresh_calls, 0)
+        self.wall.t += 3600 - 100                              # inside the 120 s margin
+        second = await cred.token()
+        self.assertNotEqual(second, first)
+        self.assertEqual(self.portal.refresh_calls, 1)
+        on_disk = self.store.read_sync()["nous"]
+        self.assertEqual(on_disk["access_token"], second)
+        self.assertEqual(on_disk["refresh_token"], "refresh-token-2-secret")
+        self.assertEqual(stat.S_IMODE(os.stat(self.store.path).st_mode), 0o600)
+
+    async def test_concurrent_requests_share_one_refresh(self):
+        await self.start_portal()
+        cred = await self.logged_in()
+        self.wall.t += 3600
+        self.portal.refresh_gate = asyncio.Event()
+        waiters = [asyncio.ensure_future(cred.token()) for _ in range(5)]
+        while self.portal.refresh_calls == 0:
+            await asyncio.sleep(0)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        self.portal.refresh_gate.set()
+        tokens = await asyncio.gather(*waiters)
+        self.assertEqual(len(set(tokens)), 1)
+        self.assertEqual(self.portal.refresh_calls, 1)
+
+    async def test_restart_uses_persisted_tokens(self):
+        await self.start_portal()
+        cred = await self.logged_in()
+        again = self.cred()
+        await again.load()
+        self.assertEqual(await again.token(), cred.record["access_token"])
+
+    async def test_peer_rotation_on_disk_is_picked_up(self):
+        await self.start_portal()
+        cred = await self.logged_in()
+        other = self.cred()
+        await other.load()
+        self.wall.t += 3600
+        await other.token()                                   # "another worker" refreshed and saved
+        self.assertEqual(await cred.token(), other.record["access_token"])
+        self.assertEqual(self.portal.refresh_calls, 1)        # the used refresh token is never replayed
+
+    async def test_agent_key_path_for_the_older_scope(self):
+        await self.start_portal(jwt=False)
+        cred = await self.logged_in()
+        self.assertEqual(await cred.token(), "agent-key-1-xxxxxxxxxxxx")
+        self.wall.t += 1800                                   # the agent key expires first: mint again
+        self.assertEqual(await cred.token(), "agent-key-2-xxxxxxxxxxxx")
+        self.assertEqual(self.portal.refresh_calls, 0)
+
+    async def test_background_refresher_refreshes_ahead(self):
+        await self.start_portal()
+        cred = await self.logged_in()
+        sleeps = []
+
+        async def fake_sleep(s):
+            sleeps.append(s)
+            self.wall.t += s
+            if len(sleeps) > 1:
+                raise asyncio.CancelledError
+        with self.assertRaises(asyncio.CancelledError):
+            await cred.run_refresher(fake_sleep)
+        self.assertEqual(sleeps[0], 3600 - lp.REFRESH_MARGIN_S - 0.5 * lp.REFRESH_JITTER_S)
+        self.assertEqual(self.portal.refresh_calls, 1)
+
+    async def test_crash_during_token_write_keeps_the_previous_file(self):
+        await self.start_portal()
+        await self.logged_in()
+        before = read_text(self.store.path)
+        script = ("import os, signal, sys; sys.path.insert(0, %r); import llmproxy as lp\n"
+                  "real = os.replace\n"
+                  "def die(a, b): os.kill(os.getpid(), signal.SIGKILL)\n"
+                  "os.replace = die\n"
+                  "lp.TokenStore(%r).update_sync('nous', {'access_token': 'half-written'})\n") % (HERE, self.store.path)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script)
+        self.assertEqual(await proc.wait(), -signal.SIGKILL)
+        self.assertEqual(read_text(self.store.path), before)
+        self.assertEqual(self.store.read_sync()["nous"]["refresh_token"], "refresh-token-1-secret")
+
+
+class TestSubscriptionProxy(OAuthCase):
+    async def test_request_with_tags_401_refresh_retry_and_status(self):
+        await self.start_portal()
+        await self.logged_in()
+        await self.start_proxy(self.nous_config())
+        stream = io.StringIO()
+        lp.setup_logging("debug", "text", stream)
+        try:
+            status, _, data = await self.call("POST", "/v1/messages", {"model": "Hermes-4-70B", "max_tokens": 50,
+                                                                        "messages": [{"role": "user", "content": "hi"}]})
+            self.assertEqual(status, 200, data)
+            sent = json.loads(self.portal.inference[-1]["body"])
+            self.assertEqual(sent["tags"], ["product=llmproxy"])
+            self.portal.reject_next_inference = True          # the token was revoked upstream
+            status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+            self.assertEqual(status, 200)
+            self.assertEqual(self.portal.refresh_calls, 1)
+            self.assertEqual(len(self.portal.inference), 3)
+            status, _, data = await self.call("GET", "/auth/status", key=ADMIN_KEY)
+            st = json.loads(data)["providers"]["nous"]
+            self.assertEqual((st["logged_in"], st["valid"], st["refreshes"]), (True, True, 1))
+        finally:
+            lp.log.handlers[:] = [logging.NullHandler()]
+        text = stream.getvalue()
+        rec = self.store.read_sync()["nous"]
+        for secret in (rec["access_token"], rec["refresh_token"], "refresh-token-1-secret"):
+            self.assertNotIn(secret, text)
+        self.assertIn(lp.fingerprint(rec["access_token"]), text)
+
+    async def test_refresh_failure_is_visible_and_answered_in_the_clients_format(self):
+        await self.start_portal()
+        await self.logged_in()
+        await self.start_proxy(self.nous_config())
+        self.portal.refresh_error = "invalid_grant"
+        self.wall.t += 3600
+        status, _, data = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 5,
+                                                                    "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 503)
+        err = json.loads(data)
+        self.assertEqual(err["type"], "error")
+        self.assertIn("llmproxy.py login nous", err["error"]["message"])
+        _, _, data = await self.call("GET", "/health")
+        doc = json.loads(data)
+        self.assertEqual(doc["status"], "degraded")
+        self.assertIn("invalid_grant", doc["providers"]["nous"]["auth"]["error"])
+
+    async def test_not_logged_in_says_how(self):
+        await self.start_portal()
+        await self.start_proxy(self.nous_config())
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 503)
+        self.assertIn("not logged in", json.loads(data)["error"]["message"])
+
+    async def test_device_login_over_http_then_claude_code_request(self):
+        await self.start_portal(device_script=["authorization_pending", "ok"])
+        await self.start_proxy(self.nous_config())
+        status, _, data = await self.call("POST", "/auth/device-code", {"provider": "nous"})
+        self.assertEqual(status, 403)                          # admin only
+        status, _, data = await self.call("POST", "/auth/device-code", {"provider": "nous"}, key=ADMIN_KEY)
+        self.assertEqual((status, json.loads(data)["user_code"]), (200, "BCDF-GHJK"))
+        status, _, data = await self.call("POST", "/auth/poll", {"provider": "nous", "timeout_s": 10}, key=ADMIN_KEY)
+        self.assertTrue(json.loads(data)["logged_in"])
+        status, _, data = await self.call("POST", "/v1/messages?beta=true", {
+            "model": "claude-opus-4-8", "max_tokens": 100, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 200)
+        self.assertIn(b"message_stop", data)
+
+    async def test_cli_login_then_zero_config_serving(self):
+        await self.start_portal()
+        env = {"NOUS_PORTAL_URL": self.portal_url, "NOUS_INFERENCE_URL": self.portal_url + "/v1"}
+
+        def login():
+            out = io.StringIO()
+            old = dict(os.environ)
+            os.environ.update(env)
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+                    return lp.main(["login", "nous", "--data-dir", self.tmp.name]), out.getvalue()
+            finally:
+                os.environ.clear()
+                os.environ.update(old)
+        code, out = await asyncio.get_running_loop().run_in_executor(None, login)
+        self.assertEqual(code, 0, out)
+        self.assertIn("BCDF-GHJK", out)
+        self.assertIn("https://portal.test/device", out)
+        cfg = lp.load_config(None, env, {"data_dir": self.tmp.name})
+        self.assertEqual((cfg.default, cfg.providers["nous"].base_url), ("nous", self.portal_url + "/v1"))
+
+
+class TestReusedLogins(OAuthCase):
+    def write(self, name, doc):
+        path = os.path.join(self.tmp.name, name)
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        return path
+
+    async def start_login_proxy(self, auth, creds_file, back_url, **oauth):
+        cfg = {"env_providers": False, "auth": {"keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]},
+               "providers": {"sub": {"auth": auth, "oauth": dict(oauth, credentials_file=creds_file,
+                                                                 token_url=self.portal_url + "/api/oauth/token")}}}
+        if back_url:
+            cfg["providers"]["sub"]["base_url"] = back_url
+        await self.start_proxy(cfg)
+
+    async def test_claude_login_headers_and_system_line(self):
+        await self.start_portal()
+        seen = []
+
+        async def handler(req, w):
+            seen.append(req)
+            reply_json(w, 200, {"id": "msg_1", "type": "message", "role": "assistant", "model": "c", "content": [
+                {"type": "text", "text": "ok"}], "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}})
+        back = await FakeUpstream(handler).start()
+        try:
+            path = self.write("claude.json", {"claudeAiOauth": {"accessToken": "sk-ant-oat01-abcdefghijkl",
+                                                                "refreshToken": "r", "expiresAt": (self.wall.t + 9999) * 1000}})
+            await self.start_login_proxy("claude-oauth", path, "http://127.0.0.1:%d/v1" % back.port)
+            status, _, data = await self.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 10,
+                                                                        "system": "mine", "messages": [{"role": "user", "content": "hi"}]})
+            self.assertEqual(status, 200, data)
+            h, body = seen[0]["headers"], json.loads(seen[0]["body"])
+            self.assertEqual(h["authorization"], "Bearer sk-ant-oat01-abcdefghijkl")
+            self.assertNotIn("x-api-key", h)
+            self.assertIn("oauth-2025-04-20", h["anthropic-beta"])
+            self.assertEqual(body["system"][0]["text"], lp.ClaudeCredential.SYSTEM_LINE)
+            self.assertEqual(body["system"][1]["text"], "mine")
+        finally:
+            await back.close()
+
+    async def test_codex_login_streams_upstream_for_a_plain_request(self):
+        await self.start_portal()
+        seen = []
+
+        async def handler(req, w):
+            seen.append(req)
+            sse_head(w)
+            sse_chunk(w, UP_REPLIES[("openai-responses", 2, True)])
+            w.write(b"0\r\n\r\n")
+        back = await FakeUpstream(handler).start()
+        try:
+            access = make_jwt({"exp": int(self.wall.t + 9999), "https://api.openai.com/auth": {"chatgpt_account_id": "acct-1"}})
+            path = self.write("auth.json", {"tokens": {"access_token": access, "refresh_token": "r", "id_token": "i"}})
+            await self.start_login_proxy("codex-oauth", path, "http://127.0.0.1:%d/backend-api/codex" % back.port)
+            status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "gpt-5", "max_tokens": 9,
+                                                                                "messages": [{"role": "user", "content": "hi"}]})
+            self.assertEqual(status, 200, data)
+            self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "Sunny in Paris")
+            h, body = seen[0]["headers"], json.loads(seen[0]["body"])
+            self.assertEqual((seen[0]["path"], h["chatgpt-account-id"]), ("/backend-api/codex/responses", "acct-1"))
+            self.assertEqual((body["store"], body["stream"]), (False, True))
+            self.assertNotIn("max_output_tokens", body)
+            self.assertTrue(body["instructions"])
+        finally:
+            await back.close()
+
+    async def test_qwen_login_uses_resource_url_and_refreshes_without_writing_back(self):
+        await self.start_portal()
+        back = await FakeUpstream(lambda req, w: self.portal.handler(req, w)).start()
+        try:
+            path = self.write("qwen.json", {"access_token": "expired-access", "refresh_token": "refresh-token-0-secret",
+                                            "expiry_date": (self.wall.t - 10) * 1000,
+                                            "resource_url": "127.0.0.1:%d" % back.port})
+            self.portal.live_refresh.add("refresh-token-0-secret")
+            before = read_text(path)
+            await self.start_login_proxy("qwen-oauth", path, None)
+            cred = self.app.credentials["sub"]
+            self.assertEqual(self.app.providers["sub"].current_base(), "https://127.0.0.1:%d/v1" % back.port)
+            token = await cred.token()
+            self.assertEqual(token, self.store.read_sync()["sub"]["access_token"])
+            self.assertEqual(read_text(path), before)             # the other tool's file is left alone
+        finally:
+            await back.close()
+
+    async def test_gemini_login_wraps_requests_for_code_assist(self):
+        await self.start_portal()
+        seen = []
+
+        async def handler(req, w):
+            seen.append(req)
+            if req["path"].endswith(":loadCodeAssist"):
+                reply_json(w, 200, {"currentTier": {"id": "free-tier"}, "cloudaicompanionProject": "proj-42"})
+            else:
+                reply_json(w, 200, {"response": json.loads(UP_REPLIES[("gemini", 2, False)]), "traceId": "t"})
+        back = await FakeUpstream(handler).start()
+        try:
+            path = self.write("gemini.json", {"access_token": "ya29.access-token-x", "refresh_token": "r",
+                                              "expiry_date": (self.wall.t + 9999) * 1000})
+            base = "http://127.0.0.1:%d/v1internal" % back.port
+            await self.start_login_proxy("gemini-oauth", path, base, code_assist_url=base)
+            status, _, data = await self.call("POST", "/v1beta/models/gemini-2.5-pro:generateContent",
+                                              {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+            self.assertEqual(status, 200, data)
+            self.assertEqual(json.loads(data)["candidates"][0]["content"]["parts"][0]["text"], "Sunny in Paris")
+            gen = [r for r in seen if r["path"].endswith(":generateContent")][0]
+            body = json.loads(gen["body"])
+            self.assertEqual((body["model"], body["project"]), ("gemini-2.5-pro", "proj-42"))
+            self.assertIn("contents", body["request"])
+            self.assertEqual(gen["headers"]["authorization"], "Bearer ya29.access-token-x")
+        finally:
+            await back.close()
 
 
 class TestServerHardening(ProxyCase):
