@@ -4514,40 +4514,47 @@ class Credential:
         rotated the token on disk while we waited for the lock)."""
         before = seen if seen is not None else (self.record or {}).get("access_token")
         async with self.lock:
-            disk = (await self.store.read()).get(self.name)
-            if disk and disk.get("access_token") and disk.get("access_token") != (self.record or {}).get("access_token") \
-                    and self.expires_at(disk) >= self.expires_at(self.record or {}):
-                self.record = disk
-            rec = self.record
-            if rec and rec.get("access_token") != before and self.valid(rec, REFRESH_MARGIN_S):
-                return                                   # refreshed meanwhile
-            if not force and self.valid(rec, REFRESH_MARGIN_S):
-                return
-            if not rec or not rec.get("refresh_token") and not self.can_refresh_without_token():
-                raise LoginError(self.name, "the login expired and has no refresh token", "not_logged_in")
+            loop = asyncio.get_running_loop()
+            fd = await loop.run_in_executor(None, _lock_file, "%s.%s.refresh" % (self.store.path, self.name)) \
+                if self.store.path else None        # one refresh across worker processes too
             try:
-                new = await self.refresh_record(rec)
-                await self.store.update(self.name, new)   # single-use refresh tokens: persist first
-                new = await self.complete(new)
-                await self.store.update(self.name, new)
-            except LoginError as e:
-                self.last_error = e.message
-                log.error("provider %s: refresh failed: %s", self.name, e.message)
-                raise
-            except ProxyError as e:
-                self.last_error = e.message
-                log.error("provider %s: refresh failed: %s", self.name, e.message)
-                raise ProxyError(503, "upstream_auth_error", "provider %r: token refresh failed: %s" %
-                                 (self.name, e.message), code="refresh_failed")
-            self.record = new
-            self.last_error = None
-            self.last_refresh = self.clock()
-            self.refreshes += 1
-            log.info("provider %s: token refreshed (%s), valid for %.0f s", self.name,
-                     fingerprint(new.get("access_token")), self.expires_at(new) - self.clock())
+                await self._refresh_locked(force, before)
+            finally:
+                if fd is not None:
+                    _unlock_file(fd)
 
-    def can_refresh_without_token(self) -> bool:
-        return False
+    async def _refresh_locked(self, force: bool, before: Optional[str]):
+        disk = (await self.store.read()).get(self.name)
+        if disk and disk.get("access_token") and disk.get("access_token") != (self.record or {}).get("access_token") \
+                and self.expires_at(disk) >= self.expires_at(self.record or {}):
+            self.record = disk
+        rec = self.record
+        if rec and rec.get("access_token") != before and self.valid(rec, REFRESH_MARGIN_S):
+            return                                   # refreshed meanwhile
+        if not force and self.valid(rec, REFRESH_MARGIN_S):
+            return
+        if not rec or not rec.get("refresh_token"):
+            raise LoginError(self.name, "the login expired and has no refresh token", "not_logged_in")
+        try:
+            new = await self.refresh_record(rec)
+            await self.store.update(self.name, new)   # single-use refresh tokens: persist first
+            new = await self.complete(new)
+            await self.store.update(self.name, new)
+        except LoginError as e:
+            self.last_error = e.message
+            log.error("provider %s: refresh failed: %s", self.name, e.message)
+            raise
+        except ProxyError as e:
+            self.last_error = e.message
+            log.error("provider %s: refresh failed: %s", self.name, e.message)
+            raise ProxyError(503, "upstream_auth_error", "provider %r: token refresh failed: %s" %
+                             (self.name, e.message), code="refresh_failed")
+        self.record = new
+        self.last_error = None
+        self.last_refresh = self.clock()
+        self.refreshes += 1
+        log.info("provider %s: token refreshed (%s), valid for %.0f s", self.name,
+                 fingerprint(new.get("access_token")), self.expires_at(new) - self.clock())
 
     async def on_unauthorized(self, token: str):
         """The upstream refused `token`: refresh once (unless a peer already has)."""
@@ -4723,9 +4730,6 @@ class NousCredential(Credential):
             exp = min(exp, float(key["expires_at"])) if exp else float(key["expires_at"])
         return exp
 
-    def can_refresh_without_token(self) -> bool:
-        return False
-
     async def refresh(self, force: bool = False, seen: Optional[str] = None):
         rec = self.record
         access_ok = rec and (not rec.get("expires_at") or float(rec["expires_at"]) - REFRESH_MARGIN_S > self.clock())
@@ -4841,9 +4845,6 @@ class GeminiCLICredential(FileLoginCredential):
     def refresh_extra(self) -> dict:
         # the Gemini CLI's installed-app secret, published in its source (not a secret)
         return {"client_secret": self.settings.get("client_secret") or "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"}
-
-    def can_refresh_without_token(self) -> bool:
-        return False
 
     def write_back(self, rec: dict):
         doc = self.read_file() or {}
@@ -6090,7 +6091,7 @@ class App:
         route = self.router.resolve(creq.model)
         prov = route.provider
         request.info.update(model=creq.model, provider=prov.name)
-        if prov.kind == fmt.name:
+        if prov.kind == fmt.name and prov.passthrough_ok:
             url = prov.url("/models/%s%s" % (route.model, endpoint)) if fmt is Gemini else prov.url(endpoint)
             return await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, False)
         request.info["via"] = "estimate"

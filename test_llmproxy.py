@@ -2462,6 +2462,22 @@ class TestCredentials(OAuthCase):
         self.assertEqual(await cred.token(), other.record["access_token"])
         self.assertEqual(self.portal.refresh_calls, 1)        # the used refresh token is never replayed
 
+    async def test_two_workers_refresh_once(self):
+        """Two credentials with their own in-process locks (two worker processes) refresh the
+        same single-use token at once: the file lock lets exactly one call the portal."""
+        await self.start_portal()
+        a = await self.logged_in()
+        b = self.cred()
+        await b.load()
+        self.wall.t += 3600
+        self.portal.refresh_gate = asyncio.Event()
+        ta, tb = asyncio.ensure_future(a.token()), asyncio.ensure_future(b.token())
+        while self.portal.refresh_calls == 0:
+            await asyncio.sleep(0.001)
+        self.portal.refresh_gate.set()
+        self.assertEqual(len(set(await asyncio.gather(ta, tb))), 1)
+        self.assertEqual(self.portal.refresh_calls, 1)
+
     async def test_agent_key_path_for_the_older_scope(self):
         await self.start_portal(jwt=False)
         cred = await self.logged_in()
