@@ -2237,6 +2237,15 @@ class TestHubBehaviour(ProxyCase):
 
 # 8b. OAuth and subscription back-ends ########################################
 
+async def until(condition, timeout=3.0):
+    """Wait, bounded, for a condition another task makes true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within %.1f s" % timeout)
+        await asyncio.sleep(0.001)
+
+
 def read_text(path):
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -2436,8 +2445,7 @@ class TestCredentials(OAuthCase):
         self.wall.t += 3600
         self.portal.refresh_gate = asyncio.Event()
         waiters = [asyncio.ensure_future(cred.token()) for _ in range(5)]
-        while self.portal.refresh_calls == 0:
-            await asyncio.sleep(0)
+        await until(lambda: self.portal.refresh_calls > 0)
         for _ in range(20):
             await asyncio.sleep(0)
         self.portal.refresh_gate.set()
@@ -2472,8 +2480,7 @@ class TestCredentials(OAuthCase):
         self.wall.t += 3600
         self.portal.refresh_gate = asyncio.Event()
         ta, tb = asyncio.ensure_future(a.token()), asyncio.ensure_future(b.token())
-        while self.portal.refresh_calls == 0:
-            await asyncio.sleep(0.001)
+        await until(lambda: self.portal.refresh_calls > 0)
         self.portal.refresh_gate.set()
         self.assertEqual(len(set(await asyncio.gather(ta, tb))), 1)
         self.assertEqual(self.portal.refresh_calls, 1)
