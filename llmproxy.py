@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
@@ -908,13 +908,15 @@ class UpstreamResponse:
     """Status and headers of an upstream reply; the body is read with iter_body()
     or read(). Exactly one of them must run to the end, or close() be called."""
 
-    def __init__(self, client, conn: UpstreamConn, head: ResponseHead, framing, read_timeout: float):
+    def __init__(self, client, conn: UpstreamConn, head: ResponseHead, framing, read_timeout: float,
+                 deadline: Optional[float] = None):
         self.client = client
         self.conn = conn
         self.status = head.status
         self.headers = head.headers
         self.framing = framing
-        self.read_timeout = read_timeout
+        self.read_timeout = read_timeout          # longest silence between body bytes
+        self.deadline = deadline                  # monotonic time the whole reply must be done by
         self.keep = "close" not in head.headers.tokens("connection") and head.version == "HTTP/1.1"
         self.finished = False
         enc = head.headers.get("content-encoding", "").strip().lower()
@@ -936,7 +938,12 @@ class UpstreamResponse:
             while kind != "none":
                 if kind == "length" and remaining <= 0:
                     break
-                timer.arm(self.read_timeout)
+                wait = self.read_timeout
+                if self.deadline is not None:
+                    wait = min(wait, self.deadline - time.monotonic())
+                    if wait <= 0:
+                        raise UpstreamError(504, "upstream reply exceeded the total time limit", "upstream_timeout")
+                timer.arm(wait)
                 try:
                     data = await reader.read(min(READ_CHUNK, remaining) if kind == "length" else READ_CHUNK)
                 except (ConnectionError, OSError):
@@ -944,7 +951,7 @@ class UpstreamResponse:
                 finally:
                     timer.disarm()
                 if timer.fired:
-                    raise UpstreamError(504, "upstream sent nothing for %.0f s" % self.read_timeout, "upstream_timeout")
+                    raise UpstreamError(504, "upstream sent nothing for %.1f s" % wait, "upstream_timeout")
                 if not data:
                     if kind == "close":
                         self.keep = False
@@ -1098,8 +1105,8 @@ class HTTPClient:
             raise
 
     async def request(self, method: str, url: str, headers: List[Tuple[str, str]], body: bytes = b"",
-                      connect_timeout: float = CONNECT_TIMEOUT_S,
-                      read_timeout: float = READ_TIMEOUT_S) -> UpstreamResponse:
+                      connect_timeout: float = CONNECT_TIMEOUT_S, read_timeout: float = READ_TIMEOUT_S,
+                      idle_timeout: Optional[float] = None, total_timeout: Optional[float] = None) -> UpstreamResponse:
         """Send a request, return once the response head arrived.
 
         A reused pooled connection that dies before any response byte is retried once
@@ -1162,7 +1169,8 @@ class HTTPClient:
             except FramingError as e:
                 conn.abort()
                 raise UpstreamError(502, "upstream %s: %s" % (host, e), "upstream_framing")
-            return UpstreamResponse(self, conn, head, framing, read_timeout)
+            deadline = time.monotonic() + total_timeout if total_timeout else None
+            return UpstreamResponse(self, conn, head, framing, idle_timeout or read_timeout, deadline)
         raise AssertionError("unreachable")
 
 
@@ -4089,10 +4097,11 @@ class ProxyKeys:
 
 
 class UpstreamKey:
-    __slots__ = ("key", "cooldown_until", "disabled", "reason", "uses", "failures")
+    __slots__ = ("key", "cooldown_until", "model_until", "disabled", "reason", "uses", "failures")
 
     def __init__(self, key: str):
         self.key = key
+        self.model_until: Dict[str, float] = {}      # model -> cooled until (a per-model 429)
         self.cooldown_until = 0.0
         self.disabled = False
         self.reason = ""
@@ -4110,7 +4119,11 @@ class KeyRing:
         self.clock = clock
         self._next = 0
 
-    def acquire(self) -> Optional[UpstreamKey]:
+    @staticmethod
+    def _until(k: UpstreamKey, model: Optional[str]) -> float:
+        return max(k.cooldown_until, k.model_until.get(model, 0.0)) if model else k.cooldown_until
+
+    def acquire(self, model: Optional[str] = None) -> Optional[UpstreamKey]:
         if not self.keys:
             return None
         now = self.clock()
@@ -4119,16 +4132,20 @@ class KeyRing:
         for i in range(n):
             idx = (start + i) % n
             k = self.keys[idx]
-            if not k.disabled and k.cooldown_until <= now:
+            if not k.disabled and self._until(k, model) <= now:
                 self._next = (idx + 1) % n
                 k.uses += 1
                 return k
         return None
 
-    def cool(self, k: UpstreamKey, seconds: float):
-        """Cool a key; a second 429 never shortens an earlier, later deadline."""
+    def cool(self, k: UpstreamKey, seconds: float, model: Optional[str] = None):
+        """Cool a key (for one model, or all); a second 429 never shortens a later deadline."""
         seconds = min(max(seconds, 0.0), MAX_COOLDOWN_S)
-        k.cooldown_until = max(k.cooldown_until, self.clock() + seconds)
+        until = self.clock() + seconds
+        if model:
+            k.model_until[model] = max(k.model_until.get(model, 0.0), until)
+        else:
+            k.cooldown_until = max(k.cooldown_until, until)
         k.failures += 1
         k.reason = "rate limited"
 
@@ -4137,10 +4154,10 @@ class KeyRing:
         k.failures += 1
         k.reason = reason
 
-    def retry_in(self) -> Optional[float]:
+    def retry_in(self, model: Optional[str] = None) -> Optional[float]:
         """Seconds until the soonest cooling key is usable; None when all are disabled."""
         now = self.clock()
-        waits = [max(0.0, k.cooldown_until - now) for k in self.keys if not k.disabled]
+        waits = [max(0.0, self._until(k, model) - now) for k in self.keys if not k.disabled]
         return min(waits) if waits else None
 
     def snapshot(self) -> List[dict]:
@@ -4149,6 +4166,9 @@ class KeyRing:
         for k in self.keys:
             state = "disabled" if k.disabled else ("cooling" if k.cooldown_until > now else "ok")
             item = {"key": redact(k.key), "state": state, "uses": k.uses, "failures": k.failures}
+            models = {m: round(u - now, 1) for m, u in k.model_until.items() if u > now}
+            if models:
+                item["models_cooling_s"] = models
             if state == "cooling":
                 item["retry_in_s"] = round(k.cooldown_until - now, 1)
             if k.reason and state != "ok":
@@ -4995,13 +5015,29 @@ class Route:
 
 
 class Router:
+    """aliases map a name to one target or an ordered failover list; fallbacks append
+    further targets after any route whose first provider has them."""
+
     def __init__(self, providers: Dict[str, Provider], aliases=None, prefixes=None,
-                 default: Optional[str] = None, force=None):
+                 default: Optional[str] = None, force=None, fallbacks=None):
         self.providers = providers
-        self.aliases: Dict[str, Tuple[str, Optional[str]]] = dict(aliases or {})
+        self.aliases: Dict[str, List[Tuple[str, Optional[str]]]] = {
+            k: (v if isinstance(v, list) else [v]) for k, v in (aliases or {}).items()}
         self.prefixes = sorted((prefixes or {}).items(), key=lambda kv: -len(kv[0]))
         self.default = default
         self.force: Optional[Tuple[str, Optional[str]]] = force
+        self.fallbacks: Dict[str, List[Tuple[str, Optional[str]]]] = dict(fallbacks or {})
+
+    def chain(self, model: str) -> List[Route]:
+        """The targets to try for `model`, in order."""
+        p = self.providers
+        hit = self.aliases.get(model) if not self.force else None
+        routes = [Route(p[name], m or model) for name, m in hit] if hit else [self.resolve(model)]
+        for name, m in self.fallbacks.get(routes[0].provider.name, []):
+            route = Route(p[name], m or routes[0].model)
+            if all((r.provider.name, r.model) != (route.provider.name, route.model) for r in routes):
+                routes.append(route)
+        return routes
 
     def resolve(self, model: str) -> Route:
         p = self.providers
@@ -5010,7 +5046,7 @@ class Router:
             return Route(p[name], m or model)
         hit = self.aliases.get(model)
         if hit:
-            return Route(p[hit[0]], hit[1] or model)
+            return Route(p[hit[0][0]], hit[0][1] or model)
         for prefix, name in self.prefixes:
             if model.startswith(prefix) and len(model) > len(prefix):
                 return Route(p[name], model[len(prefix):])
@@ -5027,11 +5063,145 @@ class Router:
 
     def listed(self) -> List[Tuple[str, str]]:
         """(model id, owner) pairs a client can send: aliases, then declared models."""
-        out = [(alias, target[0]) for alias, target in self.aliases.items()]
+        out = [(alias, targets[0][0]) for alias, targets in self.aliases.items()]
         for prov in self.providers.values():
             for m in prov.models:
                 out.append((m if prov.name == self.default else "%s/%s" % (prov.name, m), prov.name))
         return out
+
+
+class Breaker:
+    """Per-provider circuit breaker: after `threshold` consecutive failures the provider is
+    skipped for `cooloff` seconds, then one probe request is let through (half-open);
+    its success closes the breaker, its failure opens it again."""
+
+    def __init__(self, threshold: int, cooloff: float, clock=time.monotonic):
+        self.threshold = threshold
+        self.cooloff = cooloff
+        self.clock = clock
+        self.failures = 0
+        self.open_until = 0.0
+        self.probing = False
+
+    @property
+    def state(self) -> str:
+        if self.threshold <= 0 or self.failures < self.threshold:
+            return "closed"
+        return "open" if self.clock() < self.open_until else "half-open"
+
+    def allow(self) -> bool:
+        st = self.state
+        if st == "closed":
+            return True
+        if st == "half-open" and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def success(self):
+        self.failures = 0
+        self.probing = False
+
+    def failure(self):
+        self.failures += 1
+        self.probing = False
+        if self.threshold and self.failures >= self.threshold:
+            self.open_until = self.clock() + self.cooloff
+
+    def retry_in(self) -> float:
+        return max(0.0, self.open_until - self.clock())
+
+    def snapshot(self) -> dict:
+        doc = {"state": self.state, "consecutive_failures": self.failures}
+        if self.state == "open":
+            doc["retry_in_s"] = round(self.retry_in(), 1)
+        return doc
+
+
+class RateLimiter:
+    """Requests and tokens per minute per client key (sliding 60 s window)."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self, rpm: int, tpm: int, clock=time.monotonic):
+        self.rpm = rpm
+        self.tpm = tpm
+        self.clock = clock
+        self.hits: Dict[str, "deque"] = {}
+
+    def _window(self, client: str):
+        q = self.hits.setdefault(client, deque())
+        horizon = self.clock() - self.WINDOW_S
+        while q and q[0][0] <= horizon:
+            q.popleft()
+        return q
+
+    def check(self, client: str):
+        """Count one request, or raise 429 with Retry-After for the window's oldest entry."""
+        if not (self.rpm or self.tpm):
+            return
+        q = self._window(client)
+        now = self.clock()
+        over = None
+        if self.rpm and len(q) >= self.rpm:
+            over = "requests per minute (%d)" % self.rpm
+        elif self.tpm and sum(t for _, t in q) >= self.tpm:
+            over = "tokens per minute (%d)" % self.tpm
+        if over:
+            wait = max(1, int(math.ceil(q[0][0] + self.WINDOW_S - now)))
+            raise ProxyError(429, "rate_limit_error", "rate limit of this proxy key exceeded: %s; retry in %d s"
+                             % (over, wait), code="rate_limit_exceeded", headers=[("retry-after", str(wait))])
+        q.append([now, 0])
+
+    def add_tokens(self, client: str, tokens: int):
+        q = self.hits.get(client)
+        if q and tokens:
+            q[-1][1] += tokens
+
+
+class Slots:
+    """At most `limit` concurrent requests to one provider; the rest wait in line up to
+    `timeout` seconds, then get 429 with Retry-After."""
+
+    def __init__(self, limit: int, timeout: float):
+        self.limit = limit
+        self.timeout = timeout
+        self.busy = 0
+        self.waiters: "deque" = deque()
+
+    async def acquire(self, name: str) -> Callable[[], None]:
+        if self.limit <= 0:
+            return lambda: None
+        if self.busy >= self.limit:
+            fut = asyncio.get_running_loop().create_future()
+            self.waiters.append(fut)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+            except asyncio.TimeoutError:
+                if fut.done() and not fut.cancelled():      # handed a slot as time ran out
+                    self._release()
+                else:
+                    fut.cancel()
+                raise ProxyError(429, "rate_limit_error", "provider %r is at its concurrency limit (%d); "
+                                 "retry shortly" % (name, self.limit), code="provider_busy",
+                                 headers=[("retry-after", "1")])
+        else:
+            self.busy += 1
+        released = []
+
+        def release():
+            if not released:
+                released.append(1)
+                self._release()
+        return release
+
+    def _release(self):
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)          # the slot passes straight to the next in line
+                return
+        self.busy -= 1
 
 
 # 10. usage and logs ##########################################################
@@ -5094,6 +5264,9 @@ class ConfigError(Exception):
     pass
 
 
+FAILOVER_CONDITIONS = ("connect", "timeout", "429", "5xx", "context_length")
+
+
 _ENV_REF_RE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?\Z")
 
 
@@ -5130,7 +5303,20 @@ class Config:
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     providers: Dict[str, ProviderConfig] = dataclasses.field(default_factory=dict)
-    aliases: Dict[str, Tuple[str, Optional[str]]] = dataclasses.field(default_factory=dict)
+    aliases: Dict[str, List[Tuple[str, Optional[str]]]] = dataclasses.field(default_factory=dict)
+    fallbacks: Dict[str, List[Tuple[str, Optional[str]]]] = dataclasses.field(default_factory=dict)
+    failover_on: frozenset = frozenset()
+    retry_attempts: int = 2
+    retry_backoff_s: float = 0.5
+    retry_max_backoff_s: float = 8.0
+    key_wait_s: float = 10.0
+    request_budget_s: float = 3600.0
+    breaker_failures: int = 5
+    breaker_cooloff_s: float = 30.0
+    client_rpm: int = 0
+    client_tpm: int = 0
+    workers: int = 1
+    source: Optional[str] = None
     prefixes: Dict[str, str] = dataclasses.field(default_factory=dict)
     default: Optional[str] = None
     force: Optional[Tuple[str, Optional[str]]] = None
@@ -5302,7 +5488,7 @@ def _load_provider(name: str, r: _Reader) -> ProviderConfig:
         raise ConfigError("%s: must be \"round_robin\" or \"fill_first\"" % r.key("strategy"))
     pc.cooldown_s = r.positive("cooldown_s", DEFAULT_COOLDOWN_S)
     pc.connect_timeout_s = r.positive("connect_timeout_s", CONNECT_TIMEOUT_S)
-    pc.read_timeout_s = r.positive("read_timeout_s", READ_TIMEOUT_S)
+    pc.read_timeout_s = r.positive("first_byte_timeout_s", r.positive("read_timeout_s", READ_TIMEOUT_S))
     hdrs = r.get("headers", dict, {})
     for k, v in hdrs.items():
         v = r.expand(v)
@@ -5310,6 +5496,22 @@ def _load_provider(name: str, r: _Reader) -> ProviderConfig:
             raise ConfigError("%s.%s: must be a valid header name with a string value" % (r.key("headers"), k))
         pc.headers.append((k.lower(), v))
     pc.models = r.strings("models")
+    pc.options["idle_timeout_s"] = r.positive("idle_timeout_s", pc.read_timeout_s)
+    pc.options["total_timeout_s"] = r.positive("total_timeout_s", 3600.0)
+    pc.options["max_concurrency"] = int(r.get("max_concurrency", int, 0))
+    pc.options["queue_timeout_s"] = r.positive("queue_timeout_s", 30.0)
+    scope = r.get("cooldown_scope", str, "model")
+    if scope not in ("model", "key"):
+        raise ConfigError("%s: must be \"model\" or \"key\"" % r.key("cooldown_scope"))
+    pc.options["cooldown_scope"] = scope
+    windows = {}
+    for model, lim in r.get("model_limits", dict, {}).items():
+        where = "%s.%s" % (r.key("model_limits"), model)
+        if not isinstance(lim, dict) or not all(isinstance(lim.get(k, 1), int) and lim.get(k, 1) > 0
+                                                for k in ("context", "max_output")) or set(lim) - {"context", "max_output"}:
+            raise ConfigError("%s: must be {\"context\": tokens, \"max_output\": tokens}" % where)
+        windows[model] = (lim.get("context"), lim.get("max_output"))
+    pc.options["model_limits"] = windows
     thinking = r.get("thinking", str, "keep")
     if thinking not in ("keep", "drop"):
         raise ConfigError("%s: must be \"keep\" or \"drop\"" % r.key("thinking"))
@@ -5371,7 +5573,24 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
     cfg.body_timeout_s = lim.positive("body_timeout_s", BODY_TIMEOUT_S)
     cfg.keepalive_timeout_s = lim.positive("keepalive_timeout_s", KEEPALIVE_TIMEOUT_S)
     cfg.shutdown_grace_s = lim.positive("shutdown_grace_s", SHUTDOWN_GRACE_S)
+    cfg.client_rpm = int(lim.get("client_rpm", int, 0))
+    cfg.client_tpm = int(lim.get("client_tpm", int, 0))
     lim.finish()
+
+    rs = r.sub("resilience")
+    cfg.retry_attempts = int(rs.get("retry_attempts", int, 2))
+    cfg.retry_backoff_s = rs.positive("retry_backoff_s", 0.5)
+    cfg.retry_max_backoff_s = rs.positive("retry_max_backoff_s", 8.0)
+    cfg.key_wait_s = rs.get("key_wait_s", float, 10.0)
+    cfg.request_budget_s = rs.positive("request_budget_s", 3600.0)
+    cfg.breaker_failures = int(rs.get("breaker_failures", int, 5))
+    cfg.breaker_cooloff_s = rs.positive("breaker_cooloff_s", 30.0)
+    if cfg.retry_attempts < 0 or cfg.breaker_failures < 0 or cfg.key_wait_s < 0:
+        raise ConfigError("resilience: counts and waits must not be negative")
+    rs.finish()
+    cfg.workers = int(r.get("workers", int, 1))
+    if not 1 <= cfg.workers <= 256:
+        raise ConfigError("workers: must be between 1 and 256")
 
     pr = r.sub("providers")
     for name in pr.obj:
@@ -5400,7 +5619,25 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
 
     rt = r.sub("routing")
     for alias, target in rt.get("aliases", dict, {}).items():
-        cfg.aliases[alias] = _parse_target(target, "routing.aliases.%s" % alias, cfg.providers)
+        where = "routing.aliases.%s" % alias
+        if isinstance(target, list):
+            if not target:
+                raise ConfigError("%s: an empty list" % where)
+            cfg.aliases[alias] = [_parse_target(t, "%s[%d]" % (where, i), cfg.providers) for i, t in enumerate(target)]
+        else:
+            cfg.aliases[alias] = [_parse_target(target, where, cfg.providers)]
+    for prov, targets in rt.get("fallbacks", dict, {}).items():
+        if prov not in cfg.providers:
+            raise ConfigError("routing.fallbacks.%s: unknown provider" % prov)
+        if not isinstance(targets, list):
+            raise ConfigError("routing.fallbacks.%s: must be a list of \"provider:model\"" % prov)
+        cfg.fallbacks[prov] = [_parse_target(t, "routing.fallbacks.%s[%d]" % (prov, i), cfg.providers)
+                               for i, t in enumerate(targets)]
+    fo = rt.get("failover_on", list, list(FAILOVER_CONDITIONS))
+    for c in fo:
+        if c not in FAILOVER_CONDITIONS:
+            raise ConfigError("routing.failover_on: %r is not one of %s" % (c, ", ".join(FAILOVER_CONDITIONS)))
+    cfg.failover_on = frozenset(fo)
     for prefix, prov in rt.get("prefixes", dict, {}).items():
         if prov not in cfg.providers:
             raise ConfigError("routing.prefixes.%s: unknown provider %r" % (prefix, prov))
@@ -5520,6 +5757,60 @@ def upstream_error(status: int, content_type: str, body: bytes) -> ProxyError:
     return ProxyError(status, kind, _error_message(body) or "upstream error", code=str(code) if code else None)
 
 
+class UpstreamReply(ProxyError):
+    """An upstream error reply in the client's own format, relayed as it is unless the
+    failover chain moves on."""
+
+    def __init__(self, response: Response, message: str):
+        super().__init__(response.status, "upstream_error", message or "upstream error")
+        self.response = response
+        self.headers = [h for h in response.headers if h[0] == "retry-after"]
+
+
+_CONTEXT_RE = re.compile(r"context.{0,20}(length|window)|too long|maximum.{0,20}tokens|token count.{0,40}exceeds",
+                         re.I)
+
+
+def failover_condition(err: ProxyError) -> Optional[str]:
+    """Which routing.failover_on condition an error meets, or None (the request's fault)."""
+    code = err.code or ""
+    if code in ("connect_failed", "connect_timeout", "upstream_disconnected"):
+        return "connect"
+    if code == "upstream_timeout" or err.status == 504:
+        return "timeout"
+    if err.status == 429:
+        return "429"
+    if err.status >= 500:
+        return "5xx"
+    if err.status in (400, 413) and (code == "context_length_exceeded" or _CONTEXT_RE.search(err.message or "")):
+        return "context_length"
+    return None
+
+
+def context_message(fmt, used: int, context: int) -> str:
+    """The words each vendor uses for a context overflow (agents match on them to compact)."""
+    if fmt is AnthropicMessages:
+        return "prompt is too long: %d tokens > %d maximum" % (used, context)
+    if fmt is Gemini:
+        return "The input token count (%d) exceeds the maximum number of tokens allowed (%d)." % (used, context)
+    return ("This model's maximum context length is %d tokens. However, your messages resulted in %d tokens. "
+            "Please reduce the length of the messages." % (context, used))
+
+
+def set_max_tokens(fmt, body: dict, n: int) -> dict:
+    """A client body with its output cap lowered to n, in that format's own field."""
+    body = dict(body)
+    if fmt is Gemini:
+        body["generationConfig"] = dict(body.get("generationConfig") or {}, maxOutputTokens=n)
+    elif fmt is OpenAIResponses:
+        body["max_output_tokens"] = n
+    elif fmt is OpenAIChat and "max_completion_tokens" in body:
+        body["max_completion_tokens"] = n
+    else:
+        body["max_tokens"] = n
+    return body
+
+
 async def _with_keepalive(agen, interval: float):
     """Yield agen's items, and None whenever `interval` seconds pass without one."""
     nxt = None
@@ -5549,17 +5840,26 @@ async def _with_keepalive(agen, interval: float):
 
 class App:
     def __init__(self, config: Config, client: Optional[HTTPClient] = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 sleep=asyncio.sleep, rand: Optional[Callable[[], float]] = None):
         self.config = config
         self.client = client or HTTPClient()
         self.clock = clock
         self.wall = wall
+        self.sleep = sleep
+        self.rand = rand or secrets.SystemRandom().random
         self.providers: Dict[str, Provider] = {}
         for name, pc in config.providers.items():
             ring = KeyRing(pc.keys, pc.strategy, clock)
             self.providers[name] = Provider(name, pc.kind, pc.base_url, ring, pc.headers, pc.models,
                                             pc.connect_timeout_s, pc.read_timeout_s, pc.cooldown_s, pc.options)
-        self.router = Router(self.providers, config.aliases, config.prefixes, config.default, config.force)
+        self.router = Router(self.providers, config.aliases, config.prefixes, config.default, config.force,
+                             config.fallbacks)
+        self.breakers = {n: Breaker(config.breaker_failures, config.breaker_cooloff_s, clock) for n in self.providers}
+        self.slots = {n: Slots(p.options.get("max_concurrency", 0), p.options.get("queue_timeout_s", 30.0))
+                      for n, p in self.providers.items()}
+        workers = max(1, config.workers)           # limits are shared out between worker processes
+        self.limiter = RateLimiter(-(-config.client_rpm // workers), -(-config.client_tpm // workers), clock)
         store = os.path.join(config.data_dir, "keys.json") if config.data_dir else None
         self.keys = ProxyKeys(store, config.keys, config.admin_keys)
         self.tokens = TokenStore(os.path.join(config.data_dir, "oauth_tokens.json") if config.data_dir else None)
@@ -5690,19 +5990,27 @@ class App:
     async def handle(self, request: Request):
         handler, entry = request.match
         request.info["client"] = entry.redacted if entry else None
+        if entry is not None and handler.__name__ not in ("handle_health", "handle_models"):
+            self.limiter.check(entry.id)
+            request.info["client_id"] = entry.id
         return await handler(request)
 
     def log_request(self, request: Request, status: int, t_first: Optional[float], sent: int, ok: bool):
         info = request.info
         now = time.perf_counter()
+        for done in info.pop("on_done", ()):
+            done()
         usage = info.get("usage")
         tin = tout = None
         if isinstance(usage, Usage):
             tin, tout = usage.input, usage.output
+            if info.get("client_id"):
+                self.limiter.add_tokens(info["client_id"], tin + tout)
         if info.get("provider"):
             self.usage.record(info.get("client") or "-", info["provider"], info.get("model") or "-", tin, tout)
         fields = {"status": status, "key": info.get("client"), "model": info.get("model"),
                   "provider": info.get("provider"), "upkey": info.get("upkey"), "via": info.get("via"),
+                  "failover": ",".join(info["failover"]) if info.get("failover") else None,
                   "ttfb_ms": round((t_first - request.t_start) * 1000, 1) if t_first else None,
                   "total_ms": round((now - request.t_start) * 1000, 1),
                   "tokens_in": tin, "tokens_out": tout, "bytes": sent,
@@ -5711,23 +6019,36 @@ class App:
 
     # -- upstream ------------------------------------------------------------
 
-    async def send_upstream(self, prov: Provider, method: str, url: str, body: bytes,
-                            stream: bool, info: dict, extra=()) -> UpstreamResponse:
-        """Send with key rotation: a 429 cools the key and retries on the next one at once,
-        401/403 disables it. Returns the first reply that is not a key failure."""
+    async def send_upstream(self, prov: Provider, method: str, url: str, body: bytes, stream: bool, info: dict,
+                            extra=(), may_wait: bool = False, deadline: Optional[float] = None,
+                            model: Optional[str] = None) -> UpstreamResponse:
+        """Send with key rotation: a 429 cools the key (for this model, or whole) and retries
+        on the next one at once, 401/403 disables it. When every key cools, wait for the
+        soonest (up to resilience.key_wait_s and the request's budget) if `may_wait`.
+        Returns the first reply that is not a key failure."""
         ring = prov.keyring
         cred = prov.credential
+        scope = model if prov.options.get("cooldown_scope", "model") == "model" else None
         last = ""
         retried = False
+        waited = 0.0
         while True:
-            k = ring.acquire() if ring.keys else None
+            k = ring.acquire(scope) if ring.keys else None
             if ring.keys and k is None:
-                raise self._keys_exhausted(prov, last)
+                wait = ring.retry_in(scope)
+                if may_wait and wait is not None and waited + wait <= self.config.key_wait_s and \
+                        (deadline is None or self.clock() + wait < deadline):
+                    waited += wait
+                    log.info("provider %s: every key is cooling; waiting %.1f s for the soonest", prov.name, wait)
+                    await self.sleep(wait)
+                    continue
+                raise self._keys_exhausted(prov, last, scope)
             key = k.key if k else (await cred.token() if cred is not None else None)
             info["upkey"] = redact(k.key) if k else (fingerprint(key) if cred is not None else None)
             t0 = time.perf_counter()
             resp = await self.client.request(method, url, prov.request_headers(key, stream, extra),
-                                             body, prov.connect_timeout, prov.read_timeout)
+                                             body, prov.connect_timeout, prov.read_timeout,
+                                             prov.options.get("idle_timeout_s"), prov.options.get("total_timeout_s"))
             info["upstream_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if cred is not None and resp.status == 401 and not retried:
                 await resp.read(MAX_ERROR_BODY)       # a refused token: refresh once, retry once
@@ -5743,7 +6064,7 @@ class App:
             last = _error_message(detail)
             if resp.status == 429:
                 wait = parse_reset_time(resp.headers, self.wall())
-                ring.cool(k, prov.cooldown_s if wait is None else wait)
+                ring.cool(k, prov.cooldown_s if wait is None else wait, scope)
                 log.warning("provider %s key %s rate limited (%s); cooling %.0f s", prov.name, redact(k.key),
                             last or "429", k.cooldown_until - self.clock())
             else:
@@ -5751,8 +6072,8 @@ class App:
                 log.warning("provider %s key %s rejected with HTTP %d; disabled until reload", prov.name,
                             redact(k.key), resp.status)
 
-    def _keys_exhausted(self, prov: Provider, last: str) -> ProxyError:
-        wait = prov.keyring.retry_in()
+    def _keys_exhausted(self, prov: Provider, last: str, model: Optional[str] = None) -> ProxyError:
+        wait = prov.keyring.retry_in(model)
         detail = " (last upstream message: %s)" % last[:200] if last else ""
         if wait is None:
             return ProxyError(502, "upstream_error", "every upstream key of provider %r was rejected (401/403)%s; "
@@ -5768,7 +6089,7 @@ class App:
         if err is not None:
             err.headers = [h for h in hdrs if h[0] in ("retry-after", "x-llmproxy-provider")]
             raise err
-        return Response(upstream.status, hdrs, data)
+        raise UpstreamReply(Response(upstream.status, hdrs, data), _error_message(data))
 
     async def relay_stream(self, upstream: UpstreamResponse, info: dict, fmt=None):
         """Forward upstream bytes as they arrive; keep a short tail to read usage from."""
@@ -5792,7 +6113,8 @@ class App:
             info["usage"] = fmt.parse_usage(sniff_usage(b"".join(tail), _usage_key(fmt)))
 
     async def passthrough(self, request: Request, fmt, prov: Provider, url: str, body: dict, client_model: str,
-                          upstream_model: str, stream: bool):
+                          upstream_model: str, stream: bool, may_wait: bool = True, deadline: Optional[float] = None,
+                          rewritten: bool = False):
         """Same format on both sides: forward the client's bytes (model rewritten if routed)."""
         info = request.info
         info["via"] = "pass"
@@ -5801,7 +6123,7 @@ class App:
         if prov.tags or prov.auth:
             raw = _jbytes(prov.prepare_body(dict(body, model=upstream_model) if "model" in body else body,
                                             upstream_model))
-        elif upstream_model == client_model or "model" not in body:
+        elif (upstream_model == client_model or "model" not in body) and not rewritten:
             raw = request.body
         else:
             raw = _jbytes(dict(body, model=upstream_model))
@@ -5810,7 +6132,8 @@ class App:
             for name in ("anthropic-version", "anthropic-beta"):
                 if request.headers.get(name):
                     extra.append((name, request.headers.get(name)))
-        upstream = await self.send_upstream(prov, "POST", url, raw, stream, info, extra)
+        upstream = await self.send_upstream(prov, "POST", url, raw, stream, info, extra, may_wait=may_wait,
+                                            deadline=deadline, model=upstream_model)
         hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
         if upstream.status >= 400:
             return await self.relay_error(upstream, hdrs)
@@ -5824,29 +6147,128 @@ class App:
     # -- the hub ---------------------------------------------------------------
 
     async def serve_chat(self, request: Request, fmt, body: dict, creq: ChatRequest, sse: bool = True):
-        """Route a parsed chat request; pass through or translate."""
+        """Route a parsed chat request down its failover chain. A target that fails before
+        any byte reached the client (connect error, timeout, 429, 5xx, context overflow;
+        see routing.failover_on) hands over to the next; the last one also retries
+        transient failures with backoff. Once bytes are out there is no switching."""
         if not creq.model:
             raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
-        route = self.router.resolve(creq.model)
-        prov = route.provider
         info = request.info
         info["model"] = creq.model
-        info["provider"] = prov.name
-        if prov.kind == fmt.name and prov.passthrough_ok:
-            url = prov.chat_url(route.model, creq.stream)
-            if fmt is Gemini and creq.stream and not sse:
-                url = url.split("?", 1)[0]
-            return await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, creq.stream)
-        if prov.kind == "mock" and fmt is OpenAIChat:
-            return self.serve_mock("/chat/completions", body, route.model, creq.stream, info)
-        return await self.translate(request, fmt, prov, route.model, creq, sse)
-
-    async def translate(self, request: Request, fmt, prov: Provider, upstream_model: str, creq: ChatRequest,
-                        sse: bool):
-        info = request.info
-        info["via"] = "%s>%s" % (fmt.name, prov.kind)
         if fmt is OpenAIResponses:
             self.apply_previous_response(creq)
+        chain = self.router.chain(creq.model)
+        deadline = self.clock() + self.config.request_budget_s
+        last_error: Optional[ProxyError] = None
+        for i, route in enumerate(chain):
+            prov = route.provider
+            final = i == len(chain) - 1
+            breaker = self.breakers[prov.name]
+            if not breaker.allow():
+                wait = max(1, int(math.ceil(breaker.retry_in())))
+                last_error = ProxyError(503, "api_error", "provider %r is unavailable (circuit open after repeated "
+                                        "failures); retry in %d s" % (prov.name, wait), code="provider_unavailable",
+                                        headers=[("retry-after", str(wait))])
+                continue
+            attempt = 0
+            while True:
+                try:
+                    resp = await self.attempt(request, fmt, body, creq, route, sse, final, deadline)
+                except ProxyError as e:
+                    condition = failover_condition(e)
+                    if condition in ("connect", "timeout", "5xx"):
+                        breaker.failure()
+                    elif condition is None:
+                        breaker.success()        # the request's own fault: the provider is fine
+                    last_error = e
+                    retry_wait = self._retry_wait(e, attempt, deadline) if final and condition in (
+                        "connect", "timeout", "5xx") else None
+                    if retry_wait is not None:
+                        attempt += 1
+                        log.warning("provider %s failed (%s); retry %d in %.1f s", prov.name, e.code or e.status,
+                                    attempt, retry_wait)
+                        await self.sleep(retry_wait)
+                        continue
+                    if not final and condition in self.config.failover_on:
+                        log.warning("provider %s failed (%s: %s); failing over to %s", prov.name, condition,
+                                    e.message[:120], chain[i + 1].provider.name)
+                        info.setdefault("failover", []).append(prov.name)
+                        break
+                    if isinstance(e, UpstreamReply):
+                        return e.response
+                    raise
+                breaker.success()
+                info["provider"] = prov.name
+                return resp
+        raise last_error
+
+    def _retry_wait(self, err: ProxyError, attempt: int, deadline: float) -> Optional[float]:
+        """Exponential backoff with full jitter, or the upstream's Retry-After; None when
+        the attempts or the request's time budget are spent."""
+        if attempt >= self.config.retry_attempts:
+            return None
+        hinted = next((float(v) for k, v in err.headers if k == "retry-after" and v.isdigit()), None)
+        base = min(self.config.retry_max_backoff_s, self.config.retry_backoff_s * (2 ** attempt))
+        wait = hinted if hinted is not None else base * (0.5 + 0.5 * self.rand())
+        if self.clock() + wait > deadline:
+            return None
+        return wait
+
+    def check_context(self, fmt, prov: Provider, model: str, creq: ChatRequest) -> Optional[int]:
+        """Refuse, before any upstream call, a request that cannot fit the model's context
+        window; -> the max_tokens to send when it must be lowered to fit, else None."""
+        limits = prov.options.get("model_limits", {}).get(model)
+        if not limits:
+            return None
+        context, max_output = limits
+        wanted = creq.max_tokens
+        if max_output and wanted and wanted > max_output:
+            wanted = max_output
+        if context:
+            used = estimate_tokens(creq)
+            if used >= context or (context - used) < 16:
+                raise ProxyError(400, "invalid_request_error", context_message(fmt, used, context),
+                                 code="context_length_exceeded", param="messages")
+            if wanted and used + wanted > context:
+                wanted = context - used
+        return wanted if wanted != creq.max_tokens else None
+
+    async def attempt(self, request: Request, fmt, body: dict, creq: ChatRequest, route: Route, sse: bool,
+                      final: bool, deadline: float):
+        """One target: pass through when the formats match, else translate."""
+        prov = route.provider
+        info = request.info
+        info["provider"] = prov.name
+        max_tokens = self.check_context(fmt, prov, route.model, creq)
+        release = await self.slots[prov.name].acquire(prov.name)
+        try:
+            if prov.kind == "mock" and fmt is OpenAIChat:
+                resp = self.serve_mock("/chat/completions", body, route.model, creq.stream, info)
+            elif prov.kind == fmt.name and prov.passthrough_ok:
+                url = prov.chat_url(route.model, creq.stream)
+                if fmt is Gemini and creq.stream and not sse:
+                    url = url.split("?", 1)[0]
+                if max_tokens:
+                    body = set_max_tokens(fmt, body, max_tokens)
+                resp = await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, creq.stream,
+                                              may_wait=final, deadline=deadline, rewritten=bool(max_tokens))
+            else:
+                saved = creq.max_tokens
+                creq.max_tokens = max_tokens or saved
+                try:
+                    resp = await self.translate(request, fmt, prov, route.model, creq, sse, final, deadline)
+                finally:
+                    creq.max_tokens = saved
+        except BaseException:
+            release()
+            raise
+        info.setdefault("on_done", []).append(release)
+        return resp
+
+    async def translate(self, request: Request, fmt, prov: Provider, upstream_model: str, creq: ChatRequest,
+                        sse: bool, may_wait: bool = True, deadline: Optional[float] = None):
+        info = request.info
+        info["via"] = "%s>%s" % (fmt.name, prov.kind)
         history = list(creq.messages)
         fmt_out = prov.format
         client_model = creq.model
@@ -5869,7 +6291,8 @@ class App:
             if prov.credential is not None:
                 await prov.credential.token()     # logged in and complete before the body is built
             up_body = prov.prepare_body(up_body, upstream_model)
-            upstream = await self.send_upstream(prov, "POST", url, _jbytes(up_body), stream_up, info)
+            upstream = await self.send_upstream(prov, "POST", url, _jbytes(up_body), stream_up, info,
+                                                may_wait=may_wait, deadline=deadline, model=upstream_model)
             if upstream.status >= 400:
                 data = await upstream.read(MAX_ERROR_BODY)
                 err = upstream_error(upstream.status, upstream.content_type, data)
@@ -6114,8 +6537,9 @@ class App:
         providers = {}
         for name, prov in self.providers.items():
             snap = prov.keyring.snapshot()
-            providers[name] = {"format": prov.kind, "base_url": prov.base_url or None, "keys": snap}
-            if snap and all(k["state"] != "ok" for k in snap):
+            providers[name] = {"format": prov.kind, "base_url": prov.base_url or None, "keys": snap,
+                               "breaker": self.breakers[name].snapshot()}
+            if (snap and all(k["state"] != "ok" for k in snap)) or self.breakers[name].state != "closed":
                 doc["status"] = "degraded"
         for name, cred in self.credentials.items():
             providers[name]["auth"] = cred.status()

@@ -263,7 +263,12 @@ class ProxyCase(unittest.IsolatedAsyncioTestCase):
             json.dump(cfg, f)
         self.config = lp.load_config(path, {}, {"data_dir": os.path.join(self.tmp.name, "data")})
         self.clock = clock or FakeClock()
-        self.app = lp.App(self.config, clock=self.clock)
+        self.sleeps = []
+
+        async def fake_sleep(seconds):       # the proxy's backoff and waits, on the fake clock
+            self.sleeps.append(seconds)
+            self.clock.t += seconds
+        self.app = lp.App(self.config, clock=self.clock, sleep=fake_sleep, rand=lambda: 0.5)
         self.server = lp.HTTPServer(self.app, limits or lp.ServerLimits())
         await self.server.start("127.0.0.1", 0)
         self.port = self.server.port
@@ -764,7 +769,7 @@ class TestConfig(unittest.TestCase):
                               "ANTHROPIC_API_KEY": "ak", "GEMINI_API_KEY": "gk"}, {})
         self.assertEqual(cfg.providers["openai"].keys, ["sk-a", "sk-b"])
         self.assertEqual((cfg.providers["anthropic"].kind, cfg.providers["gemini"].kind), ("anthropic", "gemini"))
-        self.assertEqual(cfg.aliases["claude"], ("anthropic", "claude-sonnet-4-5"))
+        self.assertEqual(cfg.aliases["claude"], [("anthropic", "claude-sonnet-4-5")])
 
 
 # 12. app, end to end #########################################################
@@ -951,7 +956,7 @@ class TestRotation(ProxyCase):
         self.assertEqual((status, json.loads(data)), (200, CHAT_OK))
         self.assertEqual([r["headers"]["authorization"][-4:] for r in self.up.requests], ["AAAA", "BBBB"])
         ring = self.app.providers["up"].keyring
-        self.assertEqual(ring.keys[0].cooldown_until, self.clock.t + 17)
+        self.assertEqual(ring.keys[0].model_until["m"], self.clock.t + 17)    # cooled for this model
         # the cooling key is skipped for the next request
         await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
         self.assertEqual(self.up.requests[-1]["headers"]["authorization"][-4:], "BBBB")
