@@ -73,6 +73,7 @@ HEAD_TIMEOUT_S = 10.0               # whole request head must arrive in this tim
 BODY_TIMEOUT_S = 30.0               # longest silence while a request body arrives -> 408
 KEEPALIVE_TIMEOUT_S = 75.0          # idle keep-alive connection (nginx keepalive_timeout default)
 SHUTDOWN_GRACE_S = 10.0             # in-flight streams get this long after SIGTERM
+WATCH_AFTER_S = 0.1                 # an exchange longer than this gets a client-disconnect watcher
 CLOSE_TIMEOUT_S = 2.0               # wait_closed() can hang on TLS (cpython#83939)
 CONNECT_TIMEOUT_S = 10.0            # TCP + TLS handshake to an upstream
 READ_TIMEOUT_S = 600.0              # first byte and gaps between bytes: reasoning models think for minutes
@@ -523,10 +524,11 @@ class ServerLimits:
 
 
 class _Conn:
-    __slots__ = ("reader", "writer", "transport", "idle", "timed_out", "peer", "task")
+    __slots__ = ("reader", "writer", "transport", "idle", "timed_out", "peer", "task", "stash")
 
     def __init__(self, reader, writer):
         self.task = asyncio.current_task()
+        self.stash = b""                       # bytes of the next request read while watching
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
@@ -607,6 +609,8 @@ class HTTPServer:
                 timer = loop.call_later(timeout, self._on_head_timeout, conn, first)
                 try:
                     raw = await reader.readuntil(b"\r\n\r\n")
+                    if conn.stash:
+                        raw, conn.stash = conn.stash + raw, b""
                 except asyncio.LimitOverrunError:
                     timer.cancel()
                     await self._send_error(conn, None, ProxyError(
@@ -703,6 +707,37 @@ class HTTPServer:
         if conn.timed_out:
             return False
         request = Request(head, body, conn.peer, match)
+        keep = head.keep_alive and reusable and not self.closing
+        exchange = asyncio.ensure_future(self._exchange(conn, head, request, keep))
+        done, _ = await asyncio.wait((exchange,), timeout=WATCH_AFTER_S)
+        if done:
+            return exchange.result()
+        # A long exchange (a model thinking, a stream): watch for the client leaving, so
+        # the upstream request is cancelled at once and no tokens are spent for nobody.
+        watcher = asyncio.ensure_future(conn.reader.read(1))
+        await asyncio.wait((exchange, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not watcher.done():
+            watcher.cancel()
+            await asyncio.wait((watcher,))
+            return exchange.result()
+        try:
+            early = watcher.result()
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            early = b""
+        if early:                                # pipelined bytes of the next request: keep them
+            conn.stash = early
+            await asyncio.wait((exchange,))
+            return exchange.result()
+        if not exchange.done():
+            request.info["error"] = "client_disconnected"
+            exchange.cancel()
+            await asyncio.wait((exchange,))
+            log.info("client went away during %s %s; upstream request cancelled", head.method, head.path)
+            self.app.log_request(request, 499, None, 0, False)
+            return False
+        return exchange.result()
+
+    async def _exchange(self, conn: _Conn, head: RequestHead, request: Request, keep: bool) -> bool:
         try:
             resp = await self.app.handle(request)
         except ProxyError as e:
@@ -712,9 +747,7 @@ class HTTPServer:
         except Exception as e:
             log.exception("handler failed for %s %s", head.method, head.path)
             resp = self.app.error_response(ProxyError(500, "server_error", "internal error: %s" % type(e).__name__), head)
-        keep = head.keep_alive and reusable and not self.closing
-        keep = await self._write(conn, head, request, resp, keep)
-        return keep
+        return await self._write(conn, head, request, resp, keep)
 
     async def _send_error(self, conn: _Conn, head: Optional[RequestHead], err: ProxyError, keep: bool):
         await self._write(conn, head, None, self.app.error_response(err, head), keep)
@@ -5223,6 +5256,60 @@ class UsageMeter:
                 for (c, p, m), r in sorted(self.totals.items())]
 
 
+class SharedState:
+    """State worker processes share through sqlite3 (WAL) in the data directory: upstream
+    key cooldowns and disabled keys, and usage totals. Writes go through an executor;
+    each worker folds in the others' changes every SYNC_S seconds, so a 429 seen by one
+    worker reaches the others within that time. Rate limits and circuit breakers stay
+    per worker (rate limits are divided by the worker count)."""
+
+    SYNC_S = 1.0
+
+    def __init__(self, path: str):
+        import sqlite3                      # only multi-worker serving needs it
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self.db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS cooldown (provider TEXT, key TEXT, model TEXT, until REAL, "
+                        "disabled INTEGER, reason TEXT, PRIMARY KEY (provider, key, model))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS usage (client TEXT, provider TEXT, model TEXT, requests INTEGER, "
+                        "tokens_in INTEGER, tokens_out INTEGER, PRIMARY KEY (client, provider, model))")
+        self.lock = __import__("threading").Lock()
+
+    def put_cooldown(self, provider: str, key: str, model: str, until_wall: float, disabled: bool, reason: str):
+        with self.lock:
+            self.db.execute("INSERT INTO cooldown VALUES (?,?,?,?,?,?) ON CONFLICT (provider, key, model) DO UPDATE "
+                            "SET until = max(until, excluded.until), disabled = max(disabled, excluded.disabled), "
+                            "reason = excluded.reason", (provider, fingerprint(key), model, until_wall, int(disabled), reason))
+
+    def cooldowns(self, now_wall: float) -> list:
+        with self.lock:
+            return self.db.execute("SELECT provider, key, model, until, disabled, reason FROM cooldown "
+                                   "WHERE until > ? OR disabled = 1", (now_wall,)).fetchall()
+
+    def add_usage(self, rows: List[Tuple[str, str, str, int, int, int]]):
+        with self.lock:
+            self.db.executemany("INSERT INTO usage VALUES (?,?,?,?,?,?) ON CONFLICT (client, provider, model) DO UPDATE "
+                                "SET requests = requests + excluded.requests, tokens_in = tokens_in + excluded.tokens_in, "
+                                "tokens_out = tokens_out + excluded.tokens_out", rows)
+
+    def usage(self) -> List[dict]:
+        with self.lock:
+            rows = self.db.execute("SELECT client, provider, model, requests, tokens_in, tokens_out FROM usage "
+                                   "ORDER BY client, provider, model").fetchall()
+        return [{"client": c, "provider": p, "model": m, "requests": r, "tokens_in": i, "tokens_out": o}
+                for c, p, m, r, i, o in rows]
+
+    def clear_disabled(self):
+        with self.lock:
+            self.db.execute("UPDATE cooldown SET disabled = 0")
+
+    def close(self):
+        with self.lock:
+            self.db.close()
+
+
 _CTL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -5870,6 +5957,11 @@ class App:
                                               clock=wall)
                 prov.credential = self.credentials[name] = cred
         self.tasks: set = set()
+        self.shared = SharedState(os.path.join(config.data_dir, "state.sqlite3")) \
+            if config.workers > 1 and config.data_dir else None
+        self.usage_pending: Dict[Tuple[str, str, str], List[int]] = {}
+        self.reloader: Optional[Callable] = None      # set by serve(): re-reads the config
+        self.sync_task: Optional[asyncio.Task] = None
         self.mock = MockProvider(wall)
         self.usage = UsageMeter()
         self.started = wall()
@@ -5895,16 +5987,56 @@ class App:
             "/auth/device-code": {"POST": (self.handle_device_code, ADMIN)},
             "/auth/poll": {"POST": (self.handle_auth_poll, ADMIN)},
             "/auth/status": {"GET": (self.handle_auth_status, ADMIN)},
+            "/admin/reload": {"POST": (self.handle_reload, ADMIN)},
         }
         gemini = {"GET": (self.handle_model, CLIENT), "POST": (self.handle_gemini, CLIENT)}
         self.prefix_routes = [("/v1beta/models/", gemini), ("/v1/models/", gemini),
                               ("/admin/keys/", {"DELETE": (self.handle_keys_revoke, ADMIN)})]
 
     async def start(self):
-        """Load subscription logins and start their background refreshers."""
+        """Load subscription logins and start their background refreshers (and, with
+        several workers, the shared-state sync)."""
         for cred in self.credentials.values():
             await cred.load()
-            self.spawn(cred.run_refresher())
+            cred.task = self.spawn(cred.run_refresher())
+        if self.shared is not None:
+            self.sync_task = self.spawn(self.run_shared_sync())
+
+    async def run_shared_sync(self):
+        while True:
+            await asyncio.sleep(SharedState.SYNC_S)
+            try:
+                await self.sync_shared()
+            except Exception as e:          # a locked or broken database must not stop serving
+                log.warning("shared state sync failed: %s", e)
+
+    async def sync_shared(self):
+        """Push local usage, pull every worker's key cooldowns."""
+        loop = asyncio.get_running_loop()
+        if self.usage_pending:
+            rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in self.usage_pending.items()]
+            self.usage_pending = {}
+            await loop.run_in_executor(None, self.shared.add_usage, rows)
+        rows = await loop.run_in_executor(None, self.shared.cooldowns, self.wall())
+        offset = self.clock() - self.wall()
+        for provider, key_fp, model, until, disabled, reason in rows:
+            prov = self.providers.get(provider)
+            k = next((k for k in prov.keyring.keys if fingerprint(k.key) == key_fp), None) if prov else None
+            if k is None:
+                continue
+            if disabled and not k.disabled:
+                k.disabled, k.reason = True, reason
+            if model:
+                k.model_until[model] = max(k.model_until.get(model, 0.0), until + offset)
+            else:
+                k.cooldown_until = max(k.cooldown_until, until + offset)
+
+    def share_key(self, prov: Provider, k: UpstreamKey, model: Optional[str]):
+        if self.shared is None:
+            return
+        until = (k.model_until.get(model, 0.0) if model else k.cooldown_until) - self.clock() + self.wall()
+        self.spawn(asyncio.get_running_loop().run_in_executor(
+            None, self.shared.put_cooldown, prov.name, k.key, model or "", until, k.disabled, k.reason))
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -5917,7 +6049,59 @@ class App:
             task.cancel()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=CLOSE_TIMEOUT_S)
+        if self.shared is not None:
+            if self.usage_pending:
+                rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in self.usage_pending.items()]
+                self.shared.add_usage(rows)
+            self.shared.close()
         self.close()
+
+    async def reload(self, config: Config) -> "App":
+        """A new App for a new config that keeps what must survive: usage, stored Responses
+        conversations, key cooldowns (disabled keys come back), breakers, rate windows,
+        concurrency slots and logins that did not change. In-flight requests finish on
+        the old App, which shares the connection pool."""
+        new = App(config, self.client, self.clock, self.wall, self.sleep, self.rand)
+        new.usage, new.responses, new.usage_pending = self.usage, self.responses, self.usage_pending
+        new.limiter.hits = self.limiter.hits
+        new.reloader = self.reloader
+        if new.shared is not None:
+            new.shared.close()
+            new.shared = self.shared
+            self.shared.clear_disabled()
+        for name, prov in new.providers.items():
+            old = self.providers.get(name)
+            if old is None:
+                continue
+            states = {k.key: k for k in old.keyring.keys}
+            for k in prov.keyring.keys:
+                was = states.get(k.key)
+                if was is not None:
+                    k.cooldown_until, k.model_until, k.uses = was.cooldown_until, dict(was.model_until), was.uses
+            if name in self.breakers:
+                new.breakers[name] = self.breakers[name]
+            if old.options.get("max_concurrency") == prov.options.get("max_concurrency"):
+                new.slots[name] = self.slots[name]
+            cred = self.credentials.get(name)
+            if cred is not None and prov.auth == old.auth and prov.options.get("oauth") == old.options.get("oauth"):
+                prov.credential = new.credentials[name] = cred
+        kept = set(new.credentials.values())
+        for cred in self.credentials.values():          # logins that went away stop refreshing
+            if cred not in kept:
+                for task in (cred.task, cred.flow_task):
+                    if task is not None:
+                        task.cancel()
+        if self.sync_task is not None:
+            self.sync_task.cancel()
+        new.tasks |= self.tasks                          # kept refreshers and login polls live on
+        self.tasks = set()
+        for cred in new.credentials.values():
+            if cred not in self.credentials.values():
+                await cred.load()
+                cred.task = new.spawn(cred.run_refresher())
+        if new.shared is not None:
+            new.sync_task = new.spawn(new.run_shared_sync())
+        return new
 
     def close(self):
         self.client.close()
@@ -6008,6 +6192,12 @@ class App:
                 self.limiter.add_tokens(info["client_id"], tin + tout)
         if info.get("provider"):
             self.usage.record(info.get("client") or "-", info["provider"], info.get("model") or "-", tin, tout)
+            if self.shared is not None:
+                row = self.usage_pending.setdefault((info.get("client") or "-", info["provider"],
+                                                     info.get("model") or "-"), [0, 0, 0])
+                row[0] += 1
+                row[1] += tin or 0
+                row[2] += tout or 0
         fields = {"status": status, "key": info.get("client"), "model": info.get("model"),
                   "provider": info.get("provider"), "upkey": info.get("upkey"), "via": info.get("via"),
                   "failover": ",".join(info["failover"]) if info.get("failover") else None,
@@ -6065,10 +6255,12 @@ class App:
             if resp.status == 429:
                 wait = parse_reset_time(resp.headers, self.wall())
                 ring.cool(k, prov.cooldown_s if wait is None else wait, scope)
+                self.share_key(prov, k, scope)
                 log.warning("provider %s key %s rate limited (%s); cooling %.0f s", prov.name, redact(k.key),
                             last or "429", k.cooldown_until - self.clock())
             else:
                 ring.disable(k, "HTTP %d: %s" % (resp.status, last[:120]))
+                self.share_key(prov, k, None)
                 log.warning("provider %s key %s rejected with HTTP %d; disabled until reload", prov.name,
                             redact(k.key), resp.status)
 
@@ -6547,7 +6739,11 @@ class App:
                 doc["status"] = "degraded"
         doc["providers"] = providers
         doc["upstream_connections_opened"] = self.client.connects
-        doc["usage"] = self.usage.snapshot()
+        if self.shared is not None:
+            doc["usage"] = await asyncio.get_running_loop().run_in_executor(None, self.shared.usage)
+            doc["usage_scope"] = "all workers (synced every %.0f s)" % SharedState.SYNC_S
+        else:
+            doc["usage"] = self.usage.snapshot()
         return json_response(200, doc)
 
     async def upstream_models(self, prov: Provider) -> List[str]:
@@ -6654,6 +6850,16 @@ class App:
     async def handle_auth_status(self, request: Request):
         return json_response(200, {"providers": {name: cred.status() for name, cred in self.credentials.items()}})
 
+    async def handle_reload(self, request: Request):
+        if self.reloader is None:
+            raise ProxyError(501, "invalid_request_error", "this server was started without a config to reload")
+        try:
+            new = await self.reloader()
+        except ConfigError as e:
+            raise ProxyError(400, "invalid_request_error", "config refused, the old one stays: %s" % e,
+                             code="bad_config")
+        return json_response(200, {"reloaded": True, "providers": list(new.providers)})
+
     async def handle_keys_list(self, request: Request):
         return json_response(200, {"keys": [e.public() for e in self.keys.entries]})
 
@@ -6745,6 +6951,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $LLMPROXY_DATA_DIR or ~/.local/share/llmproxy)")
     common.add_argument("--log-level", default=S, choices=["debug", "info", "warning", "error"])
     common.add_argument("--log-format", default=S, choices=["text", "json"])
+    common.add_argument("--workers", "-w", type=int, default=S, metavar="N",
+                        help="serving processes sharing the port (default 1)")
     parser = argparse.ArgumentParser(
         prog="llmproxy.py", parents=[common],
         description="One-file LLM API proxy: OpenAI-compatible front door, key rotation, routing.",
@@ -6892,14 +7100,35 @@ async def run_logout(config: Config, name: str) -> int:
     return 0
 
 
-async def serve(config: Config, ready: Optional[Callable[[int], None]] = None) -> int:
+def print_banner(config: Config, port: int, providers: Dict[str, Any], made, keys_path: str, workers: int = 1):
+    shown = "[%s]" % config.host if ":" in config.host else config.host
+    print("llmproxy %s listening on http://%s:%d%s" % (__version__, shown, port,
+                                                      " (%d workers)" % workers if workers > 1 else ""))
+    for name, pc in providers.items():
+        n = len(pc.keys)
+        auth = pc.options.get("auth")
+        print("  provider %-12s %s (%s)%s" % (name, pc.base_url or "in-process",
+                                             "login " + auth if auth else "%d key%s" % (n, "" if n == 1 else "s"),
+                                             "  [default]" if name == config.default else ""))
+    for note in config.notes:
+        print("  note: " + note)
+    if not config.auth_enabled:
+        print("  auth: OFF (loopback only)")
+    for label, key in made:
+        print("  new %s (shown once, stored as a digest in %s): %s" % (label, keys_path, key))
+    sys.stdout.flush()
+
+
+async def serve(config: Config, ready: Optional[Callable[[int], None]] = None, sock=None,
+                reload_args: Optional[Tuple[Optional[str], dict]] = None, announce: bool = True) -> int:
+    """Run one serving process until SIGINT/SIGTERM; SIGHUP reloads the config."""
     app = App(config)
     await app.start()
-    made = app.keys.ensure_initial() if config.auth_enabled else []
+    made = app.keys.ensure_initial() if config.auth_enabled and announce else []
     server = HTTPServer(app, ServerLimits(config.max_body_bytes, config.head_timeout_s, config.body_timeout_s,
                                           config.keepalive_timeout_s))
     try:
-        await server.start(config.host, config.port)
+        await server.start(config.host, config.port, sock=sock)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
         await app.stop()
@@ -6911,34 +7140,106 @@ async def serve(config: Config, ready: Optional[Callable[[int], None]] = None) -
         await server.shutdown(0)
         await app.stop()
         return 2
-    shown = "[%s]" % config.host if ":" in config.host else config.host
-    print("llmproxy %s listening on http://%s:%d" % (__version__, shown, port))
-    for name, prov in app.providers.items():
-        where = prov.base_url or "in-process"
-        print("  provider %-12s %s (%d key%s)%s" % (name, where, len(prov.keyring.keys),
-                                                   "" if len(prov.keyring.keys) == 1 else "s",
-                                                   "  [default]" if name == config.default else ""))
-    for note in config.notes:
-        print("  note: " + note)
-    if not config.auth_enabled:
-        print("  auth: OFF (loopback only)")
-    for label, key in made:
-        print("  new %s (shown once, stored as a digest in %s): %s" % (label, app.keys.path, key))
-    sys.stdout.flush()
+    if announce:
+        print_banner(config, port, config.providers, made, app.keys.path)
     if ready:
         ready(port)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+
+    async def reload() -> App:
+        path, overrides = reload_args or (None, {})
+        cfg = await loop.run_in_executor(None, load_config, path, os.environ, overrides)
+        cfg.workers = config.workers
+        if (cfg.host, cfg.port) != (config.host, config.port):
+            log.warning("reload: host and port changes take effect only after a restart")
+        new = await server.app.reload(cfg)
+        server.app = new
+        log.info("config reloaded: providers %s", ", ".join(new.providers))
+        return new
+
+    async def reload_on_signal():
         try:
-            loop.add_signal_handler(sig, stop.set)
+            await reload()
+        except ConfigError as e:
+            log.error("reload refused, the old config stays: %s", e)
+    app.reloader = reload
+    stop = asyncio.Event()
+    for sig, action in ((signal.SIGINT, stop.set), (signal.SIGTERM, stop.set),
+                        (getattr(signal, "SIGHUP", None), lambda: server.app.spawn(reload_on_signal()))):
+        if sig is None:
+            continue
+        try:
+            loop.add_signal_handler(sig, action)
         except (NotImplementedError, RuntimeError):     # not on this platform / not the main thread
             pass
     await stop.wait()
     log.info("shutting down: %d request(s) in flight, grace %.0f s", server.busy, config.shutdown_grace_s)
     await server.shutdown(config.shutdown_grace_s)
-    await app.stop()
+    await server.app.stop()
     return 0
+
+
+def run_workers(config: Config, reload_args) -> int:
+    """Fork config.workers serving processes on one port: each its own SO_REUSEPORT socket
+    where the platform has it (the kernel spreads connections), else one shared socket."""
+    keys = ProxyKeys(os.path.join(config.data_dir, "keys.json"), config.keys, config.admin_keys)
+    made = keys.ensure_initial() if config.auth_enabled else []
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    reuseport = hasattr(socket, "SO_REUSEPORT")
+
+    def make_socket():
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return sock
+    SharedState(os.path.join(config.data_dir, "state.sqlite3")).close()   # created once, before the workers race
+    base = make_socket()
+    base.bind((config.host, config.port))
+    port = base.getsockname()[1]
+    config.port = port
+    if not reuseport:
+        base.listen(1024)
+    print_banner(config, port, config.providers, made, keys.path, config.workers)
+    children = []
+    for _ in range(config.workers):
+        pid = os.fork()
+        if pid == 0:                                     # a worker
+            code = 1
+            try:
+                if reuseport:
+                    sock = make_socket()
+                    sock.bind((config.host, port))
+                    sock.listen(1024)
+                    base.close()
+                else:
+                    sock = base
+                sock.setblocking(False)
+                code = asyncio.run(serve(config, sock=sock, reload_args=reload_args, announce=False))
+            except BaseException:
+                log.exception("worker failed")
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum, frame):
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+            except ProcessLookupError:
+                pass
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, forward)
+    worst = 0
+    while children:
+        pid, status = os.wait()
+        if pid in children:
+            children.remove(pid)
+            code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8
+            worst = max(worst, abs(code))
+    base.close()
+    return worst
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -6948,6 +7249,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "log_format": getattr(args, "log_format", None)}
     try:
         config = load_config(getattr(args, "config", None), os.environ, overrides)
+        if getattr(args, "workers", None) is not None:
+            if not 1 <= args.workers <= 256:
+                raise ConfigError("--workers: must be between 1 and 256")
+            config.workers = args.workers
     except ConfigError as e:
         print("llmproxy: config error: %s" % e, file=sys.stderr)
         return 2
@@ -6964,7 +7269,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return asyncio.run(run_logout(config, args.provider))
         if command == "auth":
             return asyncio.run(run_auth_status(config))
-        return asyncio.run(serve(config))
+        reload_args = (getattr(args, "config", None), overrides)
+        if config.workers > 1 and hasattr(os, "fork"):
+            return run_workers(config, reload_args)
+        return asyncio.run(serve(config, reload_args=reload_args))
     except KeyboardInterrupt:
         return 0
     except OSError as e:
