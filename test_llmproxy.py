@@ -98,7 +98,8 @@ class FakeUpstream:
                         k, _, v = line.partition(":")
                         headers[k.strip().lower()] = v.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
-                req = {"method": method, "path": target, "headers": headers, "body": body, "conn": cid}
+                req = {"method": method, "path": target, "headers": headers, "body": body, "conn": cid,
+                       "reader": reader}
                 self.requests.append(req)
                 try:
                     keep = await self.handler(req, writer)
@@ -2729,6 +2730,297 @@ class TestReusedLogins(OAuthCase):
             self.assertEqual(gen["headers"]["authorization"], "Bearer ya29.access-token-x")
         finally:
             await back.close()
+
+
+class TestResilience(ProxyCase):
+    """Failover, retries, breakers, limits, context checks, cancellation, reload, workers."""
+
+    async def two_upstreams(self, handler_a, handler_b=multi_upstream, fmt_a="openai", fmt_b="anthropic", **extra):
+        self.up = await FakeUpstream(handler_b).start()
+        self.up_a = await FakeUpstream(handler_a).start()
+        self.addAsyncCleanup(self.up_a.close)
+        cfg = {"env_providers": False, "auth": {"keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]},
+               "providers": {"a": {"format": fmt_a, "base_url": "http://127.0.0.1:%d/v1" % self.up_a.port, "keys": ["sk-a-key-0000001"]},
+                             "b": {"format": fmt_b, "base_url": "http://127.0.0.1:%d/v1" % self.up.port, "keys": ["sk-b-key-0000002"]}},
+               "routing": {"aliases": {"smart": ["a:model-a", "b:up-model"]}, "default": "a"}}
+        for k, v in extra.items():
+            cfg[k] = v
+        return await self.start(config=cfg)
+
+    async def test_failover_from_a_500ing_provider_to_another_format_streaming(self):
+        async def broken(req, w):
+            reply_json(w, 500, {"error": {"message": "boom", "type": "server_error"}})
+        await self.two_upstreams(broken)
+        p, body = client_request("anthropic", 1, True)
+        body["model"] = "smart"
+        status, headers, data = await self.call("POST", p, body)
+        self.assertEqual(status, 200, data)
+        self.assertEqual(headers["x-llmproxy-provider"], "b")
+        text, calls, end = client_reply("anthropic", data, True)
+        self.assertEqual((calls[0][1], end), ("get_weather", "tool_use"))
+        self.assertEqual(len(self.up_a.requests), 1)               # failed over at once, no retry there
+        self.assertEqual(self.app.breakers["a"].failures, 1)
+
+    async def test_no_failover_after_the_first_byte(self):
+        async def drops(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0] + STREAM_EVENTS[1])
+            await w.drain()
+            return False
+        await self.two_upstreams(drops)
+        status, _, data = await self.call("POST", "/v1/messages", {"model": "smart", "max_tokens": 9, "stream": True,
+                                                                    "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual(status, 200)
+        self.assertEqual(lp.SSEDecoder().feed(data)[-1].event, "error")
+        self.assertEqual(len(self.up.requests), 0)                 # b never saw it
+
+    async def test_retry_after_is_respected_on_the_last_target(self):
+        calls = []
+
+        async def flaky(req, w):
+            calls.append(1)
+            if len(calls) == 1:
+                reply_json(w, 503, {"error": {"message": "busy"}}, headers=[("retry-after", "7")])
+            else:
+                reply_json(w, 200, CHAT_OK)
+        await self.start(flaky)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.sleeps, [7.0])                       # the fake clock moved, the wall did not
+
+    async def test_backoff_is_bounded_and_then_the_error_is_relayed(self):
+        async def down(req, w):
+            reply_json(w, 502, {"error": {"message": "bad gateway"}})
+        await self.start(down)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual((status, json.loads(data)["error"]["message"]), (502, "bad gateway"))
+        self.assertEqual(self.sleeps, [0.375, 0.75])               # 0.5 * 2^n * (0.5 + 0.5 * rand)
+        self.assertEqual(len(self.up.requests), 3)
+
+    async def test_400_never_cools_a_key_or_trips_the_breaker(self):
+        async def bad(req, w):
+            reply_json(w, 400, {"error": {"message": "bad param"}})
+        await self.two_upstreams(bad)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "smart", "messages": []})
+        self.assertEqual(status, 400)
+        self.assertEqual((self.app.breakers["a"].failures, len(self.up.requests)), (0, 0))
+        self.assertEqual(self.app.providers["a"].keyring.snapshot()[0]["state"], "ok")
+
+    async def test_breaker_opens_then_half_opens(self):
+        async def broken(req, w):
+            reply_json(w, 500, {"error": {"message": "boom"}})
+        await self.two_upstreams(broken, resilience={"breaker_failures": 2, "breaker_cooloff_s": 30})
+        body = {"model": "smart", "max_tokens": 9, "messages": [{"role": "user", "content": "x"}]}
+        for _ in range(2):
+            await self.call("POST", "/v1/messages", body)
+        self.assertEqual(self.app.breakers["a"].state, "open")
+        await self.call("POST", "/v1/messages", body)
+        self.assertEqual(len(self.up_a.requests), 2)               # skipped while open
+        _, _, data = await self.call("GET", "/health")
+        self.assertEqual(json.loads(data)["providers"]["a"]["breaker"]["state"], "open")
+        self.clock.t += 30
+        self.assertEqual(self.app.breakers["a"].state, "half-open")
+        await self.call("POST", "/v1/messages", body)
+        self.assertEqual(len(self.up_a.requests), 3)               # one probe
+        self.assertEqual(self.app.breakers["a"].state, "open")     # it failed: open again
+
+    async def test_rate_limiter_429_in_each_client_format(self):
+        self.up = await FakeUpstream(multi_upstream).start()
+        cfg = base_config(self.up.port, limits={"client_rpm": 1})
+        await self.start(config=cfg)
+        cases = {"openai": ("/v1/chat/completions", lambda d: d["error"]["type"] == "rate_limit_error"),
+                 "anthropic": ("/v1/messages", lambda d: d["error"]["type"] == "rate_limit_error" and d["type"] == "error"),
+                 "openai-responses": ("/v1/responses", lambda d: d["error"]["code"] == "rate_limit_exceeded"),
+                 "gemini": ("/v1beta/models/m:generateContent", lambda d: d["error"]["status"] == "RESOURCE_EXHAUSTED")}
+        first = True
+        for fmt, (path, check) in cases.items():
+            p, body = client_request(fmt, 1, False)
+            status, headers, data = await self.call("POST", p, body)
+            if first:
+                self.assertEqual(status, 200)
+                first = False
+                status, headers, data = await self.call("POST", p, body)
+            with self.subTest(fmt):
+                self.assertEqual(status, 429)
+                self.assertTrue(int(headers["retry-after"]) >= 1)
+                self.assertTrue(check(json.loads(data)), data)
+        self.clock.t += 60
+        status, _, _ = await self.call("POST", "/v1/chat/completions", client_request("openai", 1, False)[1])
+        self.assertEqual(status, 200)
+
+    async def test_context_overflow_refused_without_an_upstream_call(self):
+        self.up = await FakeUpstream(multi_upstream).start()
+        cfg = base_config(self.up.port)
+        cfg["providers"]["up"]["model_limits"] = {"up-model": {"context": 200, "max_output": 100}}
+        await self.start(config=cfg)
+        long = {"role": "user", "content": "word " * 400}
+        status, _, data = await self.call("POST", "/v1/messages", {"model": "up-model", "max_tokens": 50,
+                                                                    "messages": [long]})
+        self.assertEqual(status, 400)
+        self.assertIn("prompt is too long", json.loads(data)["error"]["message"])
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "up-model", "messages": [long]})
+        self.assertEqual(json.loads(data)["error"]["code"], "context_length_exceeded")
+        self.assertEqual(self.up.requests, [])
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "up-model", "max_tokens": 5000,
+                                                                         "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(self.up.requests[-1]["body"])["max_tokens"], 100)   # clamped to fit
+
+    async def test_client_disconnect_closes_the_upstream_within_a_second(self):
+        closed = asyncio.Event()
+        seen = asyncio.Event()
+
+        async def thinking(req, w):
+            seen.set()
+            data = await req["reader"].read(1)          # nothing comes until the proxy hangs up
+            if not data:
+                closed.set()
+            return False
+        await self.start(thinking)
+        c = await self.conn()
+        c.send("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
+        await asyncio.wait_for(seen.wait(), 2)
+        t0 = time.monotonic()
+        c.close()
+        await asyncio.wait_for(closed.wait(), 1.0)
+        self.assertLess(time.monotonic() - t0, 1.0)
+
+    async def test_waits_for_the_soonest_key_instead_of_failing(self):
+        calls = []
+
+        async def once(req, w):
+            calls.append(1)
+            if len(calls) == 1:
+                reply_json(w, 429, {"error": {"message": "slow"}}, headers=[("retry-after", "3")])
+            else:
+                reply_json(w, 200, CHAT_OK)
+        self.up = await FakeUpstream(once).start()
+        cfg = base_config(self.up.port)
+        cfg["providers"]["up"]["keys"] = UP_KEYS[:1]
+        await self.start(config=cfg)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.sleeps, [3.0])
+
+    async def test_provider_concurrency_cap_queues_then_429s(self):
+        gate = asyncio.Event()
+
+        async def slow(req, w):
+            await gate.wait()
+            reply_json(w, 200, CHAT_OK)
+        self.up = await FakeUpstream(slow).start()
+        cfg = base_config(self.up.port)
+        cfg["providers"]["up"].update(max_concurrency=1, queue_timeout_s=0.05)
+        await self.start(config=cfg)
+        first = asyncio.ensure_future(self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []}))
+        await until(lambda: len(self.up.requests) == 1)
+        status, headers, data = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 5,
+                                                                          "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual((status, headers["retry-after"], json.loads(data)["type"]), (429, "1", "error"))
+        gate.set()
+        self.assertEqual((await first)[0], 200)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 200)                              # the slot was given back
+
+    async def test_total_timeout_ends_a_dripping_stream(self):
+        async def drip(req, w):
+            sse_head(w)
+            for _ in range(100):
+                sse_chunk(w, STREAM_EVENTS[1])
+                await w.drain()
+                await asyncio.sleep(0.05)
+            return False
+        self.up = await FakeUpstream(drip).start()
+        cfg = base_config(self.up.port)
+        cfg["providers"]["up"]["total_timeout_s"] = 0.3
+        await self.start(config=cfg)
+        t0 = time.monotonic()
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
+        self.assertLess(time.monotonic() - t0, 2)
+        self.assertEqual(json.loads(lp.SSEDecoder().feed(data)[-1].data)["error"]["code"], "upstream_timeout")
+
+    async def test_reload_under_a_running_stream(self):
+        gate = asyncio.Event()
+
+        async def handler(req, w):
+            if b'"stream": true' in req["body"]:
+                sse_head(w)
+                sse_chunk(w, STREAM_EVENTS[0])
+                await gate.wait()
+                for ev in STREAM_EVENTS[1:]:
+                    sse_chunk(w, ev)
+                w.write(b"0\r\n\r\n")
+            else:
+                reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        path = os.path.join(self.tmp.name, "config.json")
+
+        async def reloader():
+            new = await self.server.app.reload(lp.load_config(path, {}, {"data_dir": os.path.join(self.tmp.name, "data")}))
+            self.server.app = new
+            return new
+        self.app.reloader = reloader
+        c = await self.conn()
+        c.send("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
+        await c.read_head()
+        chunks = c.read_chunks()
+        await chunks.__anext__()
+        cfg = base_config(self.up.port)
+        cfg["routing"]["aliases"]["newname"] = "up:real-model"
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        status, _, data = await self.call("POST", "/admin/reload", key=ADMIN_KEY)
+        self.assertEqual(status, 200, data)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "newname", "messages": []})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(self.up.requests[-1]["body"])["model"], "real-model")
+        gate.set()
+        rest = b""
+        async for piece in chunks:
+            rest += piece
+        self.assertTrue(rest.endswith(b"data: [DONE]\n\n"))         # the old stream finished
+        with open(path, "w") as f:
+            f.write('{"providers": {"x": {}}}')
+        status, _, data = await self.call("POST", "/admin/reload", key=ADMIN_KEY)
+        self.assertEqual((status, json.loads(data)["error"]["code"]), (400, "bad_config"))
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "newname", "messages": []})
+        self.assertEqual(status, 200)                               # the old config stays
+        self.app = self.server.app
+
+    async def test_two_workers_share_one_keys_cooldown(self):
+        async def handler(req, w):
+            if req["headers"]["authorization"].endswith("AAAA"):
+                reply_json(w, 429, {"error": {"message": "slow"}}, headers=[("retry-after", "100")])
+            else:
+                reply_json(w, 200, CHAT_OK)
+        self.up = await FakeUpstream(handler).start()
+        path = os.path.join(self.tmp.name, "config.json")
+        with open(path, "w") as f:
+            json.dump(dict(base_config(self.up.port), workers=2), f)
+        data_dir = os.path.join(self.tmp.name, "data")
+        apps = [lp.App(lp.load_config(path, {}, {"data_dir": data_dir}), clock=FakeClock()) for _ in range(2)]
+        servers = [lp.HTTPServer(a) for a in apps]
+        try:
+            for srv in servers:
+                await srv.start("127.0.0.1", 0)
+            c = await ClientConn.open(servers[0].port)
+            self.conns.append(c)
+            await c.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+            await asyncio.gather(*apps[0].tasks)                   # the cooldown write landed
+            await apps[1].sync_shared()
+            n = len(self.up.requests)
+            c2 = await ClientConn.open(servers[1].port)
+            self.conns.append(c2)
+            status, _, _ = await c2.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+            self.assertEqual(status, 200)
+            self.assertEqual([r["headers"]["authorization"][-4:] for r in self.up.requests[n:]], ["BBBB"])
+            await apps[0].sync_shared()
+            _, _, data = await c2.request("GET", "/health")
+            self.assertEqual(sum(u["requests"] for u in json.loads(data)["usage"]), 1)   # worker 0's, synced
+        finally:
+            for srv, a in zip(servers, apps):
+                await srv.shutdown(0)
+                await a.stop()
 
 
 class TestServerHardening(ProxyCase):
