@@ -187,6 +187,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 s per measurement instead of 3")
     ap.add_argument("--events", type=int, default=100, help="events per streamed reply")
     ap.add_argument("--json", metavar="FILE", help="write the figures here too")
+    ap.add_argument("--workers", type=int, default=1, help="proxy worker processes (pinning is then off)")
+    ap.add_argument("--only", default="", help="comma-separated scenarios, e.g. chat_c16,stream_c32")
     args = ap.parse_args()
     seconds = 1.0 if args.quick else 3.0
     up_port, px_port = free_port(), free_port()
@@ -199,10 +201,11 @@ def main():
     env = dict(os.environ, LLMPROXY_API_KEYS=KEY, LLMPROXY_ADMIN_KEYS=KEY + "-admin")
     up = subprocess.Popen([sys.executable, __file__, "_upstream", str(up_port), str(args.events)], preexec_fn=pin(1))
     t_start = time.perf_counter()
+    pinning = args.workers == 1
     px = subprocess.Popen([sys.executable, os.path.join(HERE, "llmproxy.py"), "--config", cfg_path,
-                           "--port", str(px_port), "--data-dir", tmp], env=env, preexec_fn=pin(0),
-                          stdout=subprocess.DEVNULL)
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+                           "--port", str(px_port), "--data-dir", tmp, "--workers", str(args.workers)], env=env,
+                          preexec_fn=pin(0) if pinning else None, stdout=subprocess.DEVNULL)
+    if pinning and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {1})
     rows = []
     figures = {}
@@ -211,8 +214,11 @@ def main():
         wait_port(px_port)
         startup = time.perf_counter() - t_start
         idle = rss_mb(px.pid)
+        only = set(filter(None, args.only.split(",")))
         for label, stream, conns in [("chat", False, 1), ("chat", False, 16), ("chat", False, 64),
                                      ("stream", True, 1), ("stream", True, 32)]:
+            if only and "%s_c%d" % (label, conns) not in only:
+                continue
             direct = asyncio.run(load(up_port, conns, seconds, stream))
             proxied = asyncio.run(load(px_port, conns, seconds, stream))
             key = "%s_c%d" % (label, conns)

@@ -542,6 +542,43 @@ _CLOSE_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r
               b"content-length: %d\r\n\r\n%s" % (len(_BODY_408), _BODY_408))
 
 
+class _Watch:
+    """Reads one byte from an idle client connection while its request is served: EOF
+    means the client left (the serving task is cancelled); data is a pipelined request
+    (kept in conn.stash)."""
+    __slots__ = ("conn", "task", "reader_task", "gone")
+
+    def __init__(self, conn: _Conn, task):
+        self.conn = conn
+        self.task = task
+        self.reader_task = None
+        self.gone = False
+
+    def start(self):
+        self.reader_task = asyncio.ensure_future(self.conn.reader.read(1))
+        self.reader_task.add_done_callback(self._done)
+
+    def _done(self, fut):
+        if fut.cancelled():
+            return
+        try:
+            data = fut.result()
+        except (ConnectionError, OSError):
+            data = b""
+        if data:
+            self.conn.stash = data
+        else:
+            self.gone = True
+            self.task.cancel()
+
+    async def stop(self):
+        """Stop watching; the pending read must be gone before the next request is read."""
+        if self.reader_task is not None and not self.reader_task.done():
+            self.reader_task.remove_done_callback(self._done)
+            self.reader_task.cancel()
+            await asyncio.wait((self.reader_task,))
+
+
 class HTTPServer:
     def __init__(self, app, limits: Optional[ServerLimits] = None):
         self.app = app
@@ -708,34 +745,26 @@ class HTTPServer:
             return False
         request = Request(head, body, conn.peer, match)
         keep = head.keep_alive and reusable and not self.closing
-        exchange = asyncio.ensure_future(self._exchange(conn, head, request, keep))
-        done, _ = await asyncio.wait((exchange,), timeout=WATCH_AFTER_S)
-        if done:
-            return exchange.result()
-        # A long exchange (a model thinking, a stream): watch for the client leaving, so
-        # the upstream request is cancelled at once and no tokens are spent for nobody.
-        watcher = asyncio.ensure_future(conn.reader.read(1))
-        await asyncio.wait((exchange, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not watcher.done():
-            watcher.cancel()
-            await asyncio.wait((watcher,))
-            return exchange.result()
+        # A long exchange (a model thinking, a stream) gets a watcher for the client leaving,
+        # so the upstream request is cancelled at once and no tokens are spent for nobody.
+        # Short ones cost only this timer.
+        task = asyncio.current_task()
+        watch = _Watch(conn, task)
+        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch.start)
         try:
-            early = watcher.result()
-        except (ConnectionError, OSError, asyncio.CancelledError):
-            early = b""
-        if early:                                # pipelined bytes of the next request: keep them
-            conn.stash = early
-            await asyncio.wait((exchange,))
-            return exchange.result()
-        if not exchange.done():
+            return await self._exchange(conn, head, request, keep)
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+            if hasattr(task, "uncancel"):
+                task.uncancel()
             request.info["error"] = "client_disconnected"
-            exchange.cancel()
-            await asyncio.wait((exchange,))
             log.info("client went away during %s %s; upstream request cancelled", head.method, head.path)
             self.app.log_request(request, 499, None, 0, False)
             return False
-        return exchange.result()
+        finally:
+            timer.cancel()
+            await watch.stop()
 
     async def _exchange(self, conn: _Conn, head: RequestHead, request: Request, keep: bool) -> bool:
         try:
@@ -6338,18 +6367,30 @@ class App:
 
     # -- the hub ---------------------------------------------------------------
 
-    async def serve_chat(self, request: Request, fmt, body: dict, creq: ChatRequest, sse: bool = True):
-        """Route a parsed chat request down its failover chain. A target that fails before
-        any byte reached the client (connect error, timeout, 429, 5xx, context overflow;
-        see routing.failover_on) hands over to the next; the last one also retries
-        transient failures with backoff. Once bytes are out there is no switching."""
-        if not creq.model:
+    async def serve_chat(self, request: Request, fmt, body: dict, parse: Callable[[], ChatRequest],
+                         model, stream: bool, sse: bool = True):
+        """Route a chat request down its failover chain. A target that fails before any
+        byte reached the client (connect error, timeout, 429, 5xx, context overflow; see
+        routing.failover_on) hands over to the next; the last one also retries transient
+        failures with backoff. Once bytes are out there is no switching. The canonical
+        form is built only when a target needs it (pass-through never does)."""
+        if not isinstance(model, str) or not model:
             raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
         info = request.info
-        info["model"] = creq.model
-        if fmt is OpenAIResponses:
-            self.apply_previous_response(creq)
-        chain = self.router.chain(creq.model)
+        info["model"] = model
+        cache: List[ChatRequest] = []
+
+        def canonical() -> ChatRequest:
+            if not cache:
+                creq = parse()
+                creq.model, creq.stream = model, stream
+                if fmt is OpenAIResponses:
+                    self.apply_previous_response(creq)
+                cache.append(creq)
+            return cache[0]
+        if fmt is OpenAIResponses and body.get("previous_response_id"):
+            canonical()                      # an unknown id is refused before any upstream call
+        chain = self.router.chain(model)
         deadline = self.clock() + self.config.request_budget_s
         last_error: Optional[ProxyError] = None
         for i, route in enumerate(chain):
@@ -6365,7 +6406,8 @@ class App:
             attempt = 0
             while True:
                 try:
-                    resp = await self.attempt(request, fmt, body, creq, route, sse, final, deadline)
+                    resp = await self.attempt(request, fmt, body, canonical, model, stream, route, sse, final,
+                                              deadline)
                 except ProxyError as e:
                     condition = failover_condition(e)
                     if condition in ("connect", "timeout", "5xx"):
@@ -6406,12 +6448,13 @@ class App:
             return None
         return wait
 
-    def check_context(self, fmt, prov: Provider, model: str, creq: ChatRequest) -> Optional[int]:
+    def check_context(self, fmt, prov: Provider, model: str, canonical: Callable[[], ChatRequest]) -> Optional[int]:
         """Refuse, before any upstream call, a request that cannot fit the model's context
         window; -> the max_tokens to send when it must be lowered to fit, else None."""
         limits = prov.options.get("model_limits", {}).get(model)
         if not limits:
             return None
+        creq = canonical()
         context, max_output = limits
         wanted = creq.max_tokens
         if max_output and wanted and wanted > max_output:
@@ -6425,26 +6468,27 @@ class App:
                 wanted = context - used
         return wanted if wanted != creq.max_tokens else None
 
-    async def attempt(self, request: Request, fmt, body: dict, creq: ChatRequest, route: Route, sse: bool,
-                      final: bool, deadline: float):
+    async def attempt(self, request: Request, fmt, body: dict, canonical: Callable[[], ChatRequest], model: str,
+                      stream: bool, route: Route, sse: bool, final: bool, deadline: float):
         """One target: pass through when the formats match, else translate."""
         prov = route.provider
         info = request.info
         info["provider"] = prov.name
-        max_tokens = self.check_context(fmt, prov, route.model, creq)
+        max_tokens = self.check_context(fmt, prov, route.model, canonical)
         release = await self.slots[prov.name].acquire(prov.name)
         try:
             if prov.kind == "mock" and fmt is OpenAIChat:
-                resp = self.serve_mock("/chat/completions", body, route.model, creq.stream, info)
+                resp = self.serve_mock("/chat/completions", body, route.model, stream, info)
             elif prov.kind == fmt.name and prov.passthrough_ok:
-                url = prov.chat_url(route.model, creq.stream)
-                if fmt is Gemini and creq.stream and not sse:
+                url = prov.chat_url(route.model, stream)
+                if fmt is Gemini and stream and not sse:
                     url = url.split("?", 1)[0]
                 if max_tokens:
                     body = set_max_tokens(fmt, body, max_tokens)
-                resp = await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, creq.stream,
+                resp = await self.passthrough(request, fmt, prov, url, body, model, route.model, stream,
                                               may_wait=final, deadline=deadline, rewritten=bool(max_tokens))
             else:
+                creq = canonical()
                 saved = creq.max_tokens
                 creq.max_tokens = max_tokens or saved
                 try:
@@ -6625,7 +6669,8 @@ class App:
 
     async def handle_chat(self, request: Request):
         body = self._body(request)
-        return await self.serve_chat(request, OpenAIChat, body, OpenAIChat.parse_request(body))
+        return await self.serve_chat(request, OpenAIChat, body, lambda: OpenAIChat.parse_request(body),
+                                     body.get("model"), body.get("stream") is True)
 
     async def handle_completions(self, request: Request):
         return await self.forward(request, "/completions")
@@ -6663,11 +6708,13 @@ class App:
         body = self._body(request)
         if not isinstance(body.get("max_tokens"), int):
             raise ProxyError(400, "invalid_request_error", "max_tokens: Field required", param="max_tokens")
-        return await self.serve_chat(request, AnthropicMessages, body, AnthropicMessages.parse_request(body))
+        return await self.serve_chat(request, AnthropicMessages, body, lambda: AnthropicMessages.parse_request(body),
+                                     body.get("model"), body.get("stream") is True)
 
     async def handle_responses(self, request: Request):
         body = self._body(request)
-        return await self.serve_chat(request, OpenAIResponses, body, OpenAIResponses.parse_request(body))
+        return await self.serve_chat(request, OpenAIResponses, body, lambda: OpenAIResponses.parse_request(body),
+                                     body.get("model"), body.get("stream") is True)
 
     def _gemini_target(self, request: Request) -> Tuple[str, str]:
         prefix = "/v1beta/models/" if request.path.startswith("/v1beta/") else "/v1/models/"
@@ -6685,10 +6732,9 @@ class App:
                 body.get("generateContentRequest") or body, model), ":countTokens")
         if action not in ("generateContent", "streamGenerateContent"):
             raise ProxyError(404, "not_found_error", "unsupported action %r" % action, code="unknown_url")
-        creq = Gemini.parse_request(body, model)
-        creq.stream = action == "streamGenerateContent"
         sse = request.query_param("alt") == "sse"
-        return await self.serve_chat(request, Gemini, body, creq, sse=sse)
+        return await self.serve_chat(request, Gemini, body, lambda: Gemini.parse_request(body, model), model,
+                                     action == "streamGenerateContent", sse=sse)
 
     async def handle_count_tokens(self, request: Request):
         body = self._body(request)

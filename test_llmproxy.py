@@ -2885,6 +2885,20 @@ class TestResilience(ProxyCase):
         await asyncio.wait_for(closed.wait(), 1.0)
         self.assertLess(time.monotonic() - t0, 1.0)
 
+    async def test_keep_alive_after_a_watched_slow_exchange(self):
+        gate = asyncio.Event()
+
+        async def slow(req, w):
+            if not gate.is_set():
+                await asyncio.sleep(lp.WATCH_AFTER_S * 3)      # long enough for the watcher to start
+                gate.set()
+            reply_json(w, 200, CHAT_OK)
+        await self.start(slow)
+        c = await self.conn()
+        for _ in range(2):                                      # the same connection, twice
+            status, _, data = await c.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+            self.assertEqual((status, json.loads(data)), (200, CHAT_OK))
+
     async def test_waits_for_the_soonest_key_instead_of_failing(self):
         calls = []
 
