@@ -7234,7 +7234,9 @@ def run_workers(config: Config, reload_args) -> int:
     reuseport = hasattr(socket, "SO_REUSEPORT")
 
     def make_socket():
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only when
+        # the listener says TCP, and Nagle + delayed ACKs cost ~40 ms a stream
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
