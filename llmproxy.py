@@ -6285,8 +6285,9 @@ class App:
                 wait = parse_reset_time(resp.headers, self.wall())
                 ring.cool(k, prov.cooldown_s if wait is None else wait, scope)
                 self.share_key(prov, k, scope)
-                log.warning("provider %s key %s rate limited (%s); cooling %.0f s", prov.name, redact(k.key),
-                            last or "429", k.cooldown_until - self.clock())
+                log.warning("provider %s key %s rate limited%s (%s); cooling %.0f s", prov.name, redact(k.key),
+                            " for " + scope if scope else "", last or "429",
+                            KeyRing._until(k, scope) - self.clock())
             else:
                 ring.disable(k, "HTTP %d: %s" % (resp.status, last[:120]))
                 self.share_key(prov, k, None)
