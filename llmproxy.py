@@ -1027,6 +1027,8 @@ class UpstreamResponse:
                         pieces = dec.feed(data)
                     except FramingError as e:
                         raise UpstreamError(502, "upstream sent a malformed chunked body: %s" % e, "upstream_framing")
+                    if len(pieces) > 1:            # what arrived together goes on together: one write
+                        pieces = (b"".join(pieces),)
                 else:
                     pieces = (data,)
                 for piece in pieces:
