@@ -5365,6 +5365,55 @@ class JSONLogFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
 
+class AccessLog:
+    """The one line per request, formatted directly (no LogRecord) and written once per
+    event-loop turn however many requests ended in it. Lines match the log formatters."""
+
+    def __init__(self):
+        self.lines: List[str] = []
+        self.stream = None
+        self._sec = -1
+        self._stamp = ""
+
+    def emit(self, message: str, fields: dict):
+        if not log.isEnabledFor(logging.INFO):
+            return
+        handler = log.handlers[0] if len(log.handlers) == 1 else None
+        if not isinstance(handler, logging.StreamHandler) or \
+                not isinstance(handler.formatter, (TextLogFormatter, JSONLogFormatter)):
+            log.info(message, extra={"fields": fields})      # someone else's handlers: the slow path
+            return
+        now = time.time()
+        if isinstance(handler.formatter, JSONLogFormatter):
+            doc = {"ts": round(now, 3), "level": "info", "msg": message}
+            doc.update(fields)
+            line = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+        else:
+            sec = int(now)
+            if sec != self._sec:
+                self._sec, self._stamp = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(sec))
+            line = "%s INFO %s %s" % (self._stamp, message, " ".join(
+                "%s=%s" % (k, v if type(v) is not str else _CTL_RE.sub("?", v)) for k, v in fields.items()
+                if v is not None))
+        if not self.lines:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                self.stream = handler.stream
+            except RuntimeError:                                  # no loop: write now
+                handler.stream.write(line + "\n")
+                return
+        self.lines.append(line)
+
+    def flush(self):
+        lines, self.lines = self.lines, []
+        if lines and self.stream is not None:
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
 def setup_logging(level: str = "info", fmt: str = "text", stream=None):
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONLogFormatter() if fmt == "json" else TextLogFormatter())
@@ -5991,6 +6040,7 @@ class App:
         self.shared = SharedState(os.path.join(config.data_dir, "state.sqlite3")) \
             if config.workers > 1 and config.data_dir else None
         self.usage_pending: Dict[Tuple[str, str, str], List[int]] = {}
+        self.access = AccessLog()
         self.reloader: Optional[Callable] = None      # set by serve(): re-reads the config
         self.sync_task: Optional[asyncio.Task] = None
         self.mock = MockProvider(wall)
@@ -6076,6 +6126,7 @@ class App:
         return task
 
     async def stop(self):
+        self.access.flush()
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
@@ -6236,7 +6287,7 @@ class App:
                   "total_ms": round((now - request.t_start) * 1000, 1),
                   "tokens_in": tin, "tokens_out": tout, "bytes": sent,
                   "error": info.get("error") or (None if ok else "client_disconnected")}
-        log.info("%s %s", request.method, request.path, extra={"fields": fields})
+        self.access.emit("%s %s" % (request.method, request.path), fields)
 
     # -- upstream ------------------------------------------------------------
 
