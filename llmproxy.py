@@ -51,6 +51,7 @@ import tempfile
 import time
 import zlib
 from collections import OrderedDict, deque
+from functools import lru_cache, partial
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
@@ -73,6 +74,7 @@ HEAD_TIMEOUT_S = 10.0               # whole request head must arrive in this tim
 BODY_TIMEOUT_S = 30.0               # longest silence while a request body arrives -> 408
 KEEPALIVE_TIMEOUT_S = 75.0          # idle keep-alive connection (nginx keepalive_timeout default)
 SHUTDOWN_GRACE_S = 10.0             # in-flight streams get this long after SIGTERM
+TICK_S = 0.05                       # resolution of hot-path timeouts (see Ticker)
 WATCH_AFTER_S = 0.1                 # an exchange longer than this gets a client-disconnect watcher
 CLOSE_TIMEOUT_S = 2.0               # wait_closed() can hang on TLS (cpython#83939)
 CONNECT_TIMEOUT_S = 10.0            # TCP + TLS handshake to an upstream
@@ -437,6 +439,37 @@ def parse_response_framing(head: ResponseHead, method: str) -> Tuple[str, int]:
 # The app object provides precheck(head), handle(request, match),
 # error_response(err, head) and log_request(request, status, ...).
 
+class Ticker:
+    """Coarse timeouts for the hot path. A loop timer per read costs a heap push and a
+    cancel; a deadline here costs a dict write, and one loop timer serves them all.
+    Deadlines fire within TICK_S of their time."""
+    __slots__ = ("items", "handle")
+
+    def __init__(self):
+        self.items: Dict[Any, Tuple[float, Callable[[], None]]] = {}
+        self.handle = None
+
+    def add(self, key, delay: float, callback: Callable[[], None]):
+        self.items[key] = (time.monotonic() + delay, callback)
+        if self.handle is None:
+            self.handle = asyncio.get_running_loop().call_later(min(delay, TICK_S), self._tick)
+
+    def remove(self, key):
+        self.items.pop(key, None)
+
+    def _tick(self):
+        self.handle = None
+        now = time.monotonic()
+        due = [k for k, (deadline, _) in self.items.items() if deadline <= now]
+        for k in due:
+            item = self.items.pop(k, None)
+            if item is not None:
+                item[1]()
+        if self.items:
+            soonest = min(deadline for deadline, _ in self.items.values())
+            self.handle = asyncio.get_running_loop().call_later(max(0.0, min(soonest - now, TICK_S)), self._tick)
+
+
 class Request:
     __slots__ = ("method", "path", "query", "headers", "body", "version", "peer",
                  "match", "t_start", "info", "_json")
@@ -588,6 +621,7 @@ class HTTPServer:
         self.closing = False
         self.server = None
         self.dates = _DateCache()
+        self.ticker = Ticker()
         self._idle_event = asyncio.Event()
 
     async def start(self, host: str, port: int, sock=None):
@@ -637,19 +671,18 @@ class HTTPServer:
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         conn = _Conn(reader, writer)
         self.connections.add(conn)
-        loop = asyncio.get_running_loop()
         try:
             first = True
             while not self.closing:
                 conn.idle = True
                 timeout = self.limits.head_timeout if first else self.limits.keepalive_timeout
-                timer = loop.call_later(timeout, self._on_head_timeout, conn, first)
+                self.ticker.add(conn, timeout, partial(self._on_head_timeout, conn, first))
                 try:
                     raw = await reader.readuntil(b"\r\n\r\n")
                     if conn.stash:
                         raw, conn.stash = conn.stash + raw, b""
                 except asyncio.LimitOverrunError:
-                    timer.cancel()
+                    self.ticker.remove(conn)
                     await self._send_error(conn, None, ProxyError(
                         431, "invalid_request_error", "request head larger than %d bytes" % MAX_HEAD_BYTES,
                         close=True), keep=False)
@@ -657,7 +690,7 @@ class HTTPServer:
                 except (asyncio.IncompleteReadError, ConnectionError, OSError):
                     break
                 finally:
-                    timer.cancel()
+                    self.ticker.remove(conn)
                 if conn.timed_out:
                     break
                 if not raw.strip(b"\r\n"):
@@ -685,24 +718,23 @@ class HTTPServer:
         """-> (body, reusable). A chunked body followed by pipelined bytes is not
         reusable: the bytes cannot be pushed back into the reader."""
         kind, length = framing
-        loop = asyncio.get_running_loop()
         reader = conn.reader
         if kind == "length":
             if not length:
                 return b"", True
-            timer = loop.call_later(self.limits.body_timeout, self._on_head_timeout, conn, True)
+            self.ticker.add(conn, self.limits.body_timeout, partial(self._on_head_timeout, conn, True))
             try:
                 return await reader.readexactly(length), True
             finally:
-                timer.cancel()
+                self.ticker.remove(conn)
         dec = ChunkedDecoder(self.limits.max_body)
         parts = []
         while not dec.done:
-            timer = loop.call_later(self.limits.body_timeout, self._on_head_timeout, conn, True)
+            self.ticker.add(conn, self.limits.body_timeout, partial(self._on_head_timeout, conn, True))
             try:
                 data = await reader.read(READ_CHUNK)
             finally:
-                timer.cancel()
+                self.ticker.remove(conn)
             if not data:
                 raise asyncio.IncompleteReadError(b"", None)
             try:
@@ -750,7 +782,7 @@ class HTTPServer:
         # Short ones cost only this timer.
         task = asyncio.current_task()
         watch = _Watch(conn, task)
-        timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch.start)
+        self.ticker.add(watch, WATCH_AFTER_S, watch.start)
         try:
             return await self._exchange(conn, head, request, keep)
         except asyncio.CancelledError:
@@ -763,7 +795,7 @@ class HTTPServer:
             self.app.log_request(request, 499, None, 0, False)
             return False
         finally:
-            timer.cancel()
+            self.ticker.remove(watch)
             await watch.stop()
 
     async def _exchange(self, conn: _Conn, head: RequestHead, request: Request, keep: bool) -> bool:
@@ -916,8 +948,9 @@ class ProxySettings:
         return url if "://" in url else "http://" + url
 
 
+@lru_cache(maxsize=1024)
 def split_url(url: str) -> Tuple[str, str, int, str]:
-    """-> (scheme, host, port, target)."""
+    """-> (scheme, host, port, target). Cached: the same few upstream URLs, every request."""
     u = urlsplit(url)
     if u.scheme not in ("http", "https") or not u.hostname:
         raise ValueError("not an http(s) URL: %r" % url)
@@ -928,22 +961,18 @@ def split_url(url: str) -> Tuple[str, str, int, str]:
 
 class _Timer:
     """An idle-gap timer that aborts a transport when it fires."""
-    __slots__ = ("handle", "fired", "transport")
+    __slots__ = ("ticker", "fired", "transport")
 
-    def __init__(self, transport):
-        self.handle = None
+    def __init__(self, ticker: Ticker, transport):
+        self.ticker = ticker
         self.fired = False
         self.transport = transport
 
     def arm(self, seconds: float):
-        if self.handle is not None:
-            self.handle.cancel()
-        self.handle = asyncio.get_running_loop().call_later(seconds, self._fire)
+        self.ticker.add(self, seconds, self._fire)
 
     def disarm(self):
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
+        self.ticker.remove(self)
 
     def _fire(self):
         self.fired = True
@@ -992,7 +1021,7 @@ class UpstreamResponse:
         """Yield body bytes as they arrive, decoded from chunked/gzip framing."""
         conn = self.conn
         reader = conn.reader
-        timer = _Timer(conn.writer.transport)
+        timer = _Timer(self.client.ticker, conn.writer.transport)
         kind, remaining = self.framing
         dec = ChunkedDecoder() if kind == "chunked" else None
         zdec = self.decoder
@@ -1080,6 +1109,7 @@ class HTTPClient:
         self._tls = tls
         self.pool: Dict[Tuple[str, str, int], List[UpstreamConn]] = {}
         self.connects = 0          # new connections opened (tests and /health read it)
+        self.ticker = Ticker()
 
     @property
     def tls(self) -> ssl.SSLContext:
@@ -1196,7 +1226,7 @@ class HTTPClient:
             if body or method in ("POST", "PUT", "PATCH"):
                 hdrs.append(("content-length", str(len(body))))
             data = render_head(("%s %s HTTP/1.1\r\n" % (method, line_target)).encode("latin-1"), hdrs)
-            timer = _Timer(conn.writer.transport)
+            timer = _Timer(self.ticker, conn.writer.transport)
             try:
                 conn.writer.write(data + body if len(body) < 65536 else data)
                 if len(body) >= 65536:
