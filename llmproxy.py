@@ -1528,12 +1528,16 @@ class ChatResponse:
     created: int = 0
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))   # built once, not per call
+_jstr = json.encoder.encode_basestring       # a str as a JSON string literal (C speed)
+
+
 def _jdump(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(obj)
 
 
 def _jbytes(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 def parse_arguments(text: str) -> dict:
@@ -1992,11 +1996,20 @@ class OpenAIChatEncoder:
         self.tool_count = 0
         self.started = False
         self.ended = False
+        self._prefix: Optional[str] = None
 
     def _chunk(self, delta: dict, finish=None) -> bytes:
         return b"data: " + _jbytes({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                     "model": self.model, "choices": [{"index": 0, "delta": delta,
                                                                       "logprobs": None, "finish_reason": finish}]}) + b"\n\n"
+
+    def _text_chunk(self, field: str, text: str) -> bytes:
+        """The per-token frame from a template: the same JSON as _chunk, built without a dict."""
+        if self._prefix is None:
+            self._prefix = '{"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,' \
+                '"choices":[{"index":0,"delta":{"' % (_jstr(self.id), self.created, _jstr(self.model))
+        return ('data: %s%s":%s},"logprobs":null,"finish_reason":null}]}\n\n' % (
+            self._prefix, field, _jstr(text))).encode("utf-8")
 
     def feed(self, ev) -> List[bytes]:
         kind = ev[0]
@@ -2007,10 +2020,10 @@ class OpenAIChatEncoder:
             self.started = True
             out.append(self._chunk({"role": "assistant", "content": ""}))
         if kind == "text":
-            out.append(self._chunk({"content": ev[1]}))
+            out.append(self._text_chunk("content", ev[1]))
         elif kind == "thinking":
             if not self.drop_thinking:
-                out.append(self._chunk({"reasoning_content": ev[1]}))
+                out.append(self._text_chunk("reasoning_content", ev[1]))
         elif kind == "tool_start":
             self.tool_count += 1
             out.append(self._chunk({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
@@ -2494,6 +2507,11 @@ class AnthropicEncoder:
     def _delta(self, delta: dict) -> bytes:
         return self._ev("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
 
+    def _text_delta(self, kind: str, field: str, text: str) -> bytes:
+        """A text, thinking or input_json delta from a template (the hot path of a stream)."""
+        return ('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":'
+                '{"type":"%s","%s":%s}}\n\n' % (self.index, kind, field, _jstr(text))).encode("utf-8")
+
     def feed(self, ev) -> List[bytes]:
         if self.ended:
             return []
@@ -2508,13 +2526,13 @@ class AnthropicEncoder:
                 return out
             if self.open is None or self.open[0] != "text":
                 out.extend(self._open_block("text", {"type": "text", "text": ""}))
-            out.append(self._delta({"type": "text_delta", "text": ev[1]}))
+            out.append(self._text_delta("text_delta", "text", ev[1]))
         elif kind == "thinking":
             if self.drop_thinking or not ev[1]:
                 return out
             if self.open is None or self.open[0] != "thinking" or self.signed:
                 out.extend(self._open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""}))
-            out.append(self._delta({"type": "thinking_delta", "thinking": ev[1]}))
+            out.append(self._text_delta("thinking_delta", "thinking", ev[1]))
         elif kind == "signature":
             if self.open is not None and self.open[0] == "thinking" and ev[2] == "anthropic":
                 out.append(self._delta({"type": "signature_delta", "signature": ev[1]}))
@@ -2530,7 +2548,7 @@ class AnthropicEncoder:
                 out.append(self._delta({"type": "input_json_delta", "partial_json": frag}))
         elif kind == "tool_args":
             if self.open is not None and self.open == ("tool", ev[1]):
-                out.append(self._delta({"type": "input_json_delta", "partial_json": ev[2]}))
+                out.append(self._text_delta("input_json_delta", "partial_json", ev[2]))
             else:
                 log.warning("anthropic stream: arguments for tool %d arrived after its block closed; dropped", ev[1])
         elif kind == "finish":
@@ -2972,6 +2990,14 @@ class ResponsesEncoder:
         self.seq += 1
         return b"event: " + t.encode() + b"\ndata: " + _jbytes(obj) + b"\n\n"
 
+    def _delta_ev(self, t: str, item_id: str, idx: int, extra: str, delta: str) -> bytes:
+        """A delta event from a template; `extra` is pre-rendered JSON members."""
+        frame = 'event: %s\ndata: {"type":"%s","sequence_number":%d,"item_id":%s,"output_index":%d,%s"delta":%s%s}\n\n' % (
+            t, t, self.seq, _jstr(item_id), idx, extra, _jstr(delta),
+            ',"logprobs":[]' if t == "response.output_text.delta" else "")
+        self.seq += 1
+        return frame.encode("utf-8")
+
     def _resp(self, status: str, usage=None, error=None, incomplete=None) -> dict:
         return OpenAIResponses.response_object(self.rid, self.req, status, list(self.output), usage, self.created,
                                                self.model, error, incomplete)
@@ -3054,8 +3080,7 @@ class ResponsesEncoder:
                                             "role": "assistant", "content": []}))
                 idx = len(self.output)
             self.buf.append(ev[1])
-            out.append(self._ev("response.output_text.delta", {"item_id": self.cur["id"], "output_index": idx,
-                                                               "content_index": 0, "delta": ev[1], "logprobs": []}))
+            out.append(self._delta_ev("response.output_text.delta", self.cur["id"], idx, '"content_index":0,', ev[1]))
         elif kind == "thinking":
             if self.drop_thinking or not ev[1]:
                 return out
@@ -3063,9 +3088,8 @@ class ResponsesEncoder:
                 out.extend(self._open_item({"type": "reasoning", "id": new_id("rs_"), "summary": []}))
                 idx = len(self.output)
             self.buf.append(ev[1])
-            out.append(self._ev("response.reasoning_summary_text.delta", {"item_id": self.cur["id"],
-                                                                          "output_index": idx, "summary_index": 0,
-                                                                          "delta": ev[1]}))
+            out.append(self._delta_ev("response.reasoning_summary_text.delta", self.cur["id"], idx,
+                                      '"summary_index":0,', ev[1]))
         elif kind == "signature":
             if self.cur is not None and self.cur["type"] == "reasoning" and ev[2] == "openai-responses":
                 self.sig = ev[1]
@@ -3077,8 +3101,8 @@ class ResponsesEncoder:
             if self.cur is not None and self.tool_index == ev[1]:
                 self.buf.append(ev[2])
                 if self.cur["type"] == "function_call":
-                    out.append(self._ev("response.function_call_arguments.delta",
-                                        {"item_id": self.cur["id"], "output_index": idx, "delta": ev[2]}))
+                    out.append(self._delta_ev("response.function_call_arguments.delta", self.cur["id"], idx, "",
+                                              ev[2]))
             else:
                 log.warning("responses stream: arguments for tool %d arrived after its item closed; dropped", ev[1])
         elif kind == "finish":
