@@ -31,8 +31,6 @@ import asyncio
 import base64
 import codecs
 import dataclasses
-import datetime
-import email.utils
 import hashlib
 import hmac
 import http
@@ -538,6 +536,30 @@ def json_response(status: int, obj: Any, headers: Optional[List[Tuple[str, str]]
     return Response(status, [("content-type", "application/json")] + (headers or []), body)
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(ts: float) -> str:
+    """RFC 9110 §5.6.7 IMF-fixdate, locale-independent (email.utils would cost 0.7 MB)."""
+    t = time.gmtime(ts)
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (_DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+                                                    t.tm_hour, t.tm_min, t.tm_sec)
+
+
+def parse_iso_time(text: str) -> float:
+    """RFC 3339 / ISO 8601 timestamp -> epoch seconds (ValueError when it is not one)."""
+    import datetime                     # rare paths only
+    when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def iso_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 class _DateCache:
     """RFC 9110 §6.6.1 Date header, formatted at most once a second."""
     __slots__ = ("sec", "value")
@@ -550,7 +572,7 @@ class _DateCache:
         now = int(time.time())
         if now != self.sec:
             self.sec = now
-            self.value = email.utils.formatdate(now, usegmt=True)
+            self.value = http_date(now)
         return self.value
 
 
@@ -4338,6 +4360,7 @@ def parse_reset_time(headers: Headers, now: float) -> Optional[float]:
         if ra.isdigit():
             return float(ra)
         try:
+            import email.utils          # an HTTP-date Retry-After is rare: import it only then
             when = email.utils.parsedate_to_datetime(ra)
             return max(0.0, when.timestamp() - now)
         except (TypeError, ValueError, IndexError):
@@ -4368,7 +4391,7 @@ def parse_reset_time(headers: Headers, now: float) -> Optional[float]:
     for s in stamps:
         if s:
             try:
-                waits.append(datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() - now)
+                waits.append(parse_iso_time(s) - now)
             except ValueError:
                 pass
     if waits:
@@ -4847,7 +4870,7 @@ class NousCredential(Credential):
         key_exp = doc.get("expires_at")
         if isinstance(key_exp, str):
             try:
-                key_exp = datetime.datetime.fromisoformat(key_exp.replace("Z", "+00:00")).timestamp()
+                key_exp = parse_iso_time(key_exp)
             except ValueError:
                 key_exp = None
         if not isinstance(key_exp, (int, float)):
@@ -5065,7 +5088,7 @@ class CodexCredential(FileLoginCredential):
         tokens = dict(doc.get("tokens") or {})
         tokens.update({k: rec[k] for k in ("access_token", "refresh_token", "id_token") if rec.get(k)})
         doc["tokens"] = tokens
-        doc["last_refresh"] = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+        doc["last_refresh"] = iso_time(time.time())
         write_file_atomic(self.file_path(), _jbytes(doc))
 
     def account_id(self) -> Optional[str]:
@@ -6944,8 +6967,7 @@ class App:
 
     def model_object(self, fmt, mid: str, owner: str) -> dict:
         if fmt is AnthropicMessages:
-            created = datetime.datetime.fromtimestamp(int(self.started), datetime.timezone.utc)
-            return {"type": "model", "id": mid, "display_name": mid, "created_at": created.isoformat().replace("+00:00", "Z")}
+            return {"type": "model", "id": mid, "display_name": mid, "created_at": iso_time(self.started)}
         if fmt is Gemini:
             return {"name": "models/" + mid, "displayName": mid, "description": "served by %s via llmproxy" % owner,
                     "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}

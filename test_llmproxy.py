@@ -374,6 +374,12 @@ class TestHTTPWire(unittest.TestCase):
         with self.assertRaises(lp.FramingError):
             lp.ChunkedDecoder(max_bytes=4).feed(b"5\r\nhello\r\n")
 
+    def test_http_date_matches_the_stdlib(self):
+        import email.utils
+        for t in (0, 951782400, 1700000000.7, 4102444800):
+            self.assertEqual(lp.http_date(t), email.utils.formatdate(int(t), usegmt=True))
+        self.assertEqual(lp.parse_iso_time(lp.iso_time(1700000000)), 1700000000)
+
     def test_render_head_refuses_injection(self):
         with self.assertRaises(ValueError):
             lp.render_response_head(200, [("x", "a\r\nset-cookie: evil")])
