@@ -31,6 +31,7 @@ import asyncio
 import base64
 import codecs
 import dataclasses
+import fnmatch
 import hashlib
 import hmac
 import http
@@ -96,6 +97,7 @@ USAGE_TAIL_BYTES = 16 * 1024        # usage rides in the last events of a stream
 WRITE_HIGH_WATER = 64 * 1024        # drain() only when the transport buffer is above this
 READ_CHUNK = 64 * 1024
 MODELS_CACHE_S = 300.0              # upstream model lists are cached this long
+CAPTURE_PART_BYTES = 1024 * 1024    # each captured body or stream is cut here (noted in the record)
 DEFAULT_PORT = 8787
 
 
@@ -867,7 +869,10 @@ class HTTPServer:
         t_first = None
         ok = True
         try:
+            tee = request.info.get("cap_out") if request is not None else None
             if isinstance(resp, Response):
+                if tee is not None:
+                    tee.append(resp.body[:CAPTURE_PART_BYTES])
                 data = self._head_bytes(head, resp, keep, [("content-length", str(len(resp.body)))])
                 t_first = time.perf_counter()
                 if is_head or not resp.body:
@@ -884,6 +889,8 @@ class HTTPServer:
                 chunked = head is not None and head.version == "HTTP/1.1"
                 if not chunked:
                     keep = False
+                if tee is not None:
+                    request.info["cap_out_stream"] = True
                 framing = [("transfer-encoding", "chunked")] if chunked else []
                 agen = resp.chunks
                 try:
@@ -897,6 +904,8 @@ class HTTPServer:
                                 ok = False
                                 break
                             writer.write(render_chunk(piece) if chunked else piece)
+                            if tee is not None and sent < CAPTURE_PART_BYTES:
+                                tee.append(piece)
                             sent += len(piece)
                             if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
                                 await writer.drain()
@@ -3934,10 +3943,9 @@ class Provider:
                 hdrs.append(("x-goog-api-key", key))
         elif key:
             hdrs.append(("authorization", "Bearer " + key))
+        override += self.headers             # configured identity headers win (User-Agent, X-Title, ...)
         names = {k for k, _ in override}
-        hdrs = [h for h in hdrs if h[0] not in names] + override
-        hdrs.extend(self.headers)
-        return hdrs
+        return [h for h in hdrs if h[0] not in names] + override
 
 
 def _words(text: str) -> int:
@@ -5354,6 +5362,730 @@ class Slots:
         self.busy -= 1
 
 
+# 9b. guardrails ##############################################################
+# Stages of one pipeline over the canonical model (they never see wire formats):
+# request stages edit the ChatRequest (or answer it: in-chat commands); response
+# stages are filters over canonical stream events, and a whole response is run
+# through the same filters as the events a stream of it would give. The order
+# is PIPELINE_ORDER, in one place. Every stage has an on/off switch in config.
+
+PIPELINE_ORDER = ("commands", "rewrite", "redact", "tool_repair", "json_repair", "loop_detection",
+                  "dangerous_commands")
+SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "x-session-id", "conversation_id",
+                   "x-conversation-id", "openai-conversation-id")
+SESSIONS_MAX = 1024                 # sessions with a sticky model/back-end kept (least recent dropped)
+
+
+def _close_json(text: str) -> str:
+    """Close the strings and brackets a truncated JSON text left open."""
+    stack = []
+    in_str = False
+    esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]" and stack:
+            stack.pop()
+    out = text
+    if in_str:
+        out += '"'
+    out = re.sub(r"[,:\s]+$", "", out) if not in_str else out
+    if stack and stack[-1] == "}" and re.search(r'[{,]\s*"[^"]*"$', out):
+        out += ": null"              # a key with no value
+    return out + "".join(reversed(stack))
+
+
+_FENCE_RE = re.compile(r"^\s*```[A-Za-z0-9_-]*\s*\n?(.*?)\n?\s*```\s*$", re.S)
+_PY_LITERALS = {"True": "true", "False": "false", "None": "null"}
+
+
+def _normalize_json(text: str) -> str:
+    """Single-quoted strings, bare keys, Python literals and trailing commas -> JSON."""
+    out = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "\"'":                                   # a string: copy it, re-quoted as JSON
+            quote = ch
+            j = i + 1
+            buf = []
+            while j < n and text[j] != quote:
+                if text[j] == "\\" and j + 1 < n:
+                    nxt = text[j + 1]
+                    buf.append("\\'" if nxt == "'" and quote == "'" else text[j:j + 2])
+                    j += 2
+                    continue
+                buf.append('\\"' if text[j] == '"' and quote == "'" else text[j])
+                j += 1
+            body = "".join(buf).replace("\\'", "'")
+            out.append('"' + body + '"')
+            i = j + 1
+        elif ch.isalpha() or ch == "_":                   # a bare word: key or literal
+            j = i
+            while j < n and (text[j].isalnum() or text[j] in "_-$"):
+                j += 1
+            word = text[i:j]
+            k = j
+            while k < n and text[k] in " \t\r\n":
+                k += 1
+            if k < n and text[k] == ":":
+                out.append('"%s"' % word)
+            else:
+                out.append(_PY_LITERALS.get(word, word))
+            i = j
+        elif ch == ",":                                   # drop a comma before a closing bracket
+            k = i + 1
+            while k < n and text[k] in " \t\r\n":
+                k += 1
+            if k >= n or text[k] not in "}]":
+                out.append(ch)
+            i += 1
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def repair_json(text: str) -> Tuple[Any, bool]:
+    """-> (value, repaired) for text that should be JSON: code fences, trailing commas,
+    single quotes, unquoted keys, Python literals and truncation are fixed. Raises
+    ValueError when nothing sensible is left."""
+    try:
+        return json.loads(text), False
+    except ValueError:
+        pass
+    s = text.strip()
+    m = _FENCE_RE.match(s)
+    if m:
+        s = m.group(1).strip()
+    start = min([p for p in (s.find("{"), s.find("[")) if p >= 0] or [-1])
+    if start < 0:
+        raise ValueError("no JSON object or array in the text")
+    s = s[start:]
+    for candidate in (s, _normalize_json(s)):
+        for attempt in (candidate, _close_json(candidate)):
+            try:
+                value, end = json.JSONDecoder().raw_decode(attempt)
+                return value, True
+            except ValueError:
+                continue
+    raise ValueError("the text cannot be repaired into JSON")
+
+
+# Tool calls written as text by open models: (start marker, end marker) pairs.
+_TEXT_CALL_MARKERS = (("<tool_call>", "</tool_call>"), ("<function_call>", "</function_call>"),
+                      ("[TOOL_CALLS]", None), ("```json", "```"), ("```", "```"))
+_FUNCTION_TAG_RE = re.compile(r"<function=([A-Za-z0-9_.:-]+)>(.*?)</function>", re.S)
+
+
+def parse_text_calls(block: str, tools: Dict[str, Any]) -> Optional[List[Tuple[str, str]]]:
+    """A text block -> [(tool name, arguments JSON)] when it is a call of offered tools."""
+    m = _FUNCTION_TAG_RE.search(block)
+    if m and m.group(1) in tools:
+        try:
+            args, _ = repair_json(m.group(2).strip() or "{}")
+        except ValueError:
+            return None
+        return [(m.group(1), _jdump(args if isinstance(args, dict) else {}))]
+    body = block
+    for start, end in _TEXT_CALL_MARKERS:
+        if body.lstrip().startswith(start):
+            body = body.lstrip()[len(start):]
+            if end and body.rstrip().endswith(end):
+                body = body.rstrip()[:-len(end)]
+            break
+    try:
+        value, _ = repair_json(body.strip())
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        fn = item.get("function") if isinstance(item.get("function"), dict) else item
+        name = fn.get("name") or item.get("tool") or item.get("tool_name")
+        args = fn.get("arguments", fn.get("parameters", fn.get("args", fn.get("input", {}))))
+        if isinstance(args, str):
+            try:
+                args, _ = repair_json(args)
+            except ValueError:
+                return None
+        if name not in tools or not isinstance(args, dict):
+            return None
+        calls.append((name, _jdump(args)))
+    return calls or None
+
+
+SECRET_PATTERNS = [
+    ("private-key", r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]+?-----END [A-Z ]*PRIVATE KEY-----"),
+    ("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+    ("api-key", r"\bsk-(?:proj-|ant-(?:api|oat|ort)\d*-|or-v1-)?[A-Za-z0-9_-]{20,}"),
+    ("google-key", r"\bAIza[0-9A-Za-z_-]{35}"),
+    ("github-token", r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})"),
+    ("aws-key-id", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+    ("aws-secret", r"(?i:aws_secret_access_key)\s*[=:]\s*[A-Za-z0-9/+=]{40}"),
+    ("slack-token", r"\bxox[baprs]-[A-Za-z0-9-]{10,}"),
+    ("llmproxy-key", r"\bllmp-(?:admin-)?[A-Za-z0-9_-]{30,}"),
+]
+
+
+class Redactor:
+    """Masks secrets: common key shapes plus literal strings (the proxy's own upstream keys)."""
+
+    def __init__(self, literals=(), extra_patterns=()):
+        parts = ["(?P<%s>%s)" % (name.replace("-", "_") + str(i), rx)
+                 for i, (name, rx) in enumerate(list(SECRET_PATTERNS) + list(extra_patterns))]
+        lits = sorted({s for s in literals if s and len(s) >= 8}, key=len, reverse=True)
+        if lits:
+            parts.insert(0, "(?P<configured_key>%s)" % "|".join(re.escape(s) for s in lits))
+        self.regex = re.compile("|".join(parts))
+
+    def __call__(self, text: str) -> str:
+        if not text:
+            return text
+        return self.regex.sub(self._mask, text)
+
+    @staticmethod
+    def _mask(m) -> str:
+        kind = re.sub(r"\d+$", "", m.lastgroup or "secret").replace("_", "-")
+        return "[REDACTED:%s]" % kind
+
+
+DEFAULT_DANGER_RULES = [
+    ("recursive delete of /, ~ or everything here",
+     r"\brm\s+(?:-\S+\s+)*-\S*[rR]\S*\s+(?:-\S+\s+)*(?:--no-preserve-root\s+)?(?:/|/\*|~/?|\$HOME/?|\*|\.\.?/?)(?:\s|$|[;&|)])"),
+    ("force push to a protected branch",
+     r"\bgit\s+push\b(?=[^;&|]*\s(?:--force(?:-with-lease)?|-f)\b)(?=[^;&|]*\b(?:main|master|production|prod|release)\b)"),
+    ("force push to a protected branch", r"\bgit\s+push\b[^;&|]*\s\+(?:main|master|production|release)\b"),
+    ("hard reset discards work", r"\bgit\s+reset\b[^;&|]*--hard\b"),
+    ("filesystem format", r"\bmkfs(?:\.\w+)?\b"),
+    ("raw write to a device", r"\bdd\b[^;&|]*\bof=/dev/"),
+    ("raw write to a device", r">\s*/dev/(?:sd|nvme|hd|xvd|vd)\w*"),
+    ("fork bomb", r":\s*\(\s*\)\s*\{\s*:\s*\|\s*:\s*&\s*\}\s*;\s*:"),
+    ("world-writable root", r"\bchmod\s+(?:-\S+\s+)*-\S*R\S*\s+(?:-\S+\s+)*0?777\s+(?:/|~|\$HOME)(?:\s|$|[;&|])"),
+    ("piping a download into a shell", r"\b(?:curl|wget)\b[^|;&]*\|\s*(?:sudo\s+)?(?:ba|z|da|k)?sh\b"),
+]
+
+
+def _strings(value) -> List[str]:
+    """Every string in a tool-argument value; arrays of strings also joined (argv forms)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        out = [" ".join(v for v in value if isinstance(v, str))] if all(isinstance(v, str) for v in value) else []
+        for v in value:
+            out.extend(_strings(v))
+        return out
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    return []
+
+
+class StageContext:
+    """What stages know about one exchange."""
+    __slots__ = ("session", "tools", "json_mode", "history", "notes", "model")
+
+    def __init__(self, session: str, creq: ChatRequest):
+        self.session = session
+        self.tools = {t.name: t for t in creq.tools}
+        self.json_mode = bool(creq.response_format)
+        self.history = creq.messages
+        self.notes: List[str] = []
+        self.model = creq.model
+
+
+class EventFilter:
+    """A response stage: canonical events in, canonical events out. "finish" and "error"
+    pass through every filter, which flushes what it held before them."""
+
+    def feed(self, ev) -> list:
+        return [ev]
+
+
+class FilterChain:
+    """Runs events through the filters in order and keeps tool indexes contiguous from 0
+    in order of appearance (filters may drop or invent calls; OpenAI clients need it)."""
+
+    def __init__(self, filters: List[EventFilter]):
+        self.filters = filters
+        self.index: Dict[Any, int] = {}
+
+    def feed(self, ev) -> list:
+        events = [ev]
+        for f in self.filters:
+            events = [out for e in events for out in f.feed(e)]
+        for i, e in enumerate(events):
+            if e[0] == "tool_start":
+                self.index[e[1]] = len(self.index)
+                events[i] = (e[0], self.index[e[1]]) + e[2:]
+            elif e[0] == "tool_args":
+                events[i] = (e[0], self.index.get(e[1], e[1]), e[2])
+        return events
+
+    def run(self, events) -> list:
+        return [out for ev in events for out in self.feed(ev)]
+
+
+class HeldCalls(EventFilter):
+    """Base for filters that need whole tool calls: a call's start and argument deltas are
+    held until the call ends (another call, text, or the finish), then `judge` decides:
+    -> events to emit instead (the call as is, repaired, or replaced by text)."""
+
+    def __init__(self):
+        self.held: Optional[list] = None          # [start event, [argument fragments]]
+        self.replaced = 0
+        self.kept = 0
+
+    def judge(self, start, args: str) -> list:
+        return [start, ("tool_args", start[1], args)]
+
+    def release(self) -> list:
+        if self.held is None:
+            return []
+        start, frags = self.held
+        self.held = None
+        out = self.judge(start, "".join(frags))
+        if any(e[0] == "tool_start" for e in out):
+            self.kept += 1
+        else:
+            self.replaced += 1
+        return out
+
+    def feed(self, ev) -> list:
+        kind = ev[0]
+        if kind == "tool_args" and self.held is not None and ev[1] == self.held[0][1]:
+            self.held[1].append(ev[2])
+            return []
+        out = self.release() if kind != "tool_args" else []
+        if kind == "tool_start":
+            self.held = [ev, []]
+            return out
+        if kind == "finish" and self.replaced and not self.kept and ev[1] == "tool_use":
+            ev = ("finish", "end", ev[2])       # every call was replaced by text: the turn just ends
+        out.append(ev)
+        return out
+
+
+class ToolRepairFilter(HeldCalls):
+    """Tool calls written as text become real calls when the request offered tools; invalid
+    argument JSON is repaired, or replaced by a message the agent can act on."""
+
+    MARKERS = ("<tool_call>", "<function_call>", "<function=", "[TOOL_CALLS]", "```")
+
+    def __init__(self, ctx: StageContext):
+        super().__init__()
+        self.ctx = ctx
+        self.pending = ""
+        self.block: Optional[str] = None         # the marker of an open block
+        self.invented = 0
+        self.repaired = 0
+
+    def judge(self, start, args: str) -> list:
+        try:
+            value, fixed = repair_json(args or "{}")
+        except ValueError:
+            value, fixed = None, True
+        if not isinstance(value, dict):
+            log.info("tool repair: arguments of %s are not repairable JSON; told the agent", start[3])
+            return [("text", "\n[llmproxy] The model called `%s` with arguments that are not valid JSON, so the "
+                             "call was not made: %s\n" % (start[3], args[:500]))]
+        if fixed:
+            self.repaired += 1
+            log.info("tool repair: repaired the JSON arguments of %s", start[3])
+            return [start, ("tool_args", start[1], _jdump(value))]
+        return [start, ("tool_args", start[1], args)]
+
+    def _end_of_block(self, text: str) -> int:
+        """-> the end of the complete block at the start of `text`, or -1."""
+        marker = self.block
+        if marker in ("<tool_call>", "<function_call>"):
+            close = marker.replace("<", "</")
+            i = text.find(close)
+            return i + len(close) if i >= 0 else -1
+        if marker == "<function=":
+            i = text.find("</function>")
+            return i + len("</function>") if i >= 0 else -1
+        if marker == "```":
+            nl = text.find("\n")
+            i = text.find("```", max(nl, 3)) if nl >= 0 else -1
+            return i + 3 if i >= 0 else -1
+        rest = text[len(marker):].lstrip()
+        try:
+            _, end = json.JSONDecoder().raw_decode(rest)
+        except ValueError:
+            return -1
+        return len(text) - len(rest) + end
+
+    def _scan(self) -> list:
+        out = []
+        while self.pending:
+            if self.block is None:
+                hits = [(self.pending.find(m), m) for m in self.MARKERS if m in self.pending]
+                if not hits:
+                    keep = max((k for m in self.MARKERS for k in range(1, len(m))
+                                if self.pending.endswith(m[:k])), default=0)
+                    cut = len(self.pending) - keep
+                    if cut:
+                        out.append(("text", self.pending[:cut]))
+                    self.pending = self.pending[cut:]
+                    return out
+                pos, marker = min(hits)
+                if pos:
+                    out.append(("text", self.pending[:pos]))
+                self.pending = self.pending[pos:]
+                self.block = marker
+            end = self._end_of_block(self.pending)
+            if end < 0:
+                return out
+            block, self.pending = self.pending[:end], self.pending[end:]
+            self.block = None
+            out.extend(self._calls_or_text(block))
+        return out
+
+    def _calls_or_text(self, block: str) -> list:
+        calls = parse_text_calls(block, self.ctx.tools)
+        if not calls:
+            return [("text", block)]
+        out = []
+        for name, args in calls:
+            key = ("text-call", self.invented)
+            self.invented += 1
+            out += [("tool_start", key, "call_" + secrets.token_hex(12), name, None, None), ("tool_args", key, args)]
+        log.info("tool repair: %d tool call(s) written as text became real calls", len(calls))
+        return out
+
+    def feed(self, ev) -> list:
+        kind = ev[0]
+        if kind == "text":
+            self.pending += ev[1]
+            return [o for e in self._scan() for o in super().feed(e)]
+        out = []
+        if kind in ("finish", "error", "tool_start") and self.pending:
+            rest, self.pending, self.block = self.pending, "", None
+            out += self._calls_or_text(rest) if kind != "error" else [("text", rest)]
+        if kind == "finish" and (self.invented or self.kept) and ev[1] == "end":
+            ev = ("finish", "tool_use", ev[2])
+        return [o for e in out + [ev] for o in super().feed(e)]
+
+
+class JSONRepairFilter(EventFilter):
+    """A response_format JSON answer is held and repaired before it goes out."""
+
+    def __init__(self):
+        self.text: List[str] = []
+
+    def feed(self, ev) -> list:
+        if ev[0] == "text":
+            self.text.append(ev[1])
+            return []
+        if ev[0] not in ("finish", "error") or not self.text:
+            return [ev]
+        text = "".join(self.text)
+        self.text = []
+        try:
+            value, fixed = repair_json(text)
+            if fixed:
+                log.info("json repair: repaired a JSON answer (%d chars)", len(text))
+                text = _jdump(value)
+        except ValueError:
+            log.info("json repair: the answer is not repairable JSON; passed on as it is")
+        return [("text", text), ev]
+
+
+def _call_key(name: str, args: str) -> Tuple[str, str]:
+    try:
+        return name, json.dumps(json.loads(args or "{}"), sort_keys=True)
+    except ValueError:
+        return name, args
+
+
+class LoopFilter(HeldCalls):
+    """The same tool call N times in a row (this reply and the history), or the same text
+    chunk repeating within the reply: warn, cut, or steer with a note to the agent."""
+
+    def __init__(self, ctx: StageContext, max_repeats: int, text_repeats: int, action: str):
+        super().__init__()
+        self.max_repeats = max_repeats
+        self.text_repeats = text_repeats
+        self.action = action
+        self.previous = self._trailing_calls(ctx.history)
+        self.text = ""
+        self.checked = 0
+        self.cut = False
+
+    @staticmethod
+    def _trailing_calls(history: List[Message]) -> List[Tuple[str, str]]:
+        """The identical calls the conversation ends with (most recent last)."""
+        calls: List[Tuple[str, str]] = []
+        for m in reversed(history):
+            if m.role != "assistant":
+                continue
+            mine = [_call_key(p.name, p.arguments) for p in m.parts if p.type == "tool_call"]
+            if len(mine) != 1 or (calls and mine[0] != calls[0]):
+                break
+            calls.insert(0, mine[0])
+        return calls
+
+    def judge(self, start, args: str) -> list:
+        key = _call_key(start[3], args)
+        run = len(self.previous) + 1 if self.previous and self.previous[-1] == key else 1
+        if run < self.max_repeats:
+            return [start, ("tool_args", start[1], args)]
+        log.warning("loop detection: %s called %d times in a row with the same arguments (%s)",
+                    start[3], run, self.action)
+        if self.action == "warn":
+            return [start, ("tool_args", start[1], args)]
+        if self.action == "cut":
+            return [("text", "\n[llmproxy] Stopped a loop: `%s` was called %d times in a row with the same "
+                             "arguments.\n" % (start[3], run))]
+        return [("text", "\n[llmproxy] You have called `%s` with exactly these arguments %d times in a row and got "
+                         "the same result each time; calling it again will not change anything. Stop and try a "
+                         "different approach, or explain what is blocking you.\n" % (start[3], run))]
+
+    def feed(self, ev) -> list:
+        if self.cut:
+            return [ev] if ev[0] in ("finish", "error") else []
+        if ev[0] == "text" and self.text_repeats:
+            self.text += ev[1]
+            if len(self.text) - self.checked >= 200:
+                self.checked = len(self.text)
+                if self._repeating():
+                    log.warning("loop detection: the reply repeats itself (%s)", self.action)
+                    if self.action != "warn":
+                        self.cut = True
+                        return [("text", ev[1]), ("text", "\n[llmproxy] The reply was cut because it kept "
+                                                          "repeating the same text.\n")]
+        return super().feed(ev)
+
+    def _repeating(self) -> bool:
+        tail = self.text[-6000:]
+        n = self.text_repeats
+        return re.search(r"(.{20,300}?)(?:\s*\1){%d,}\s*$" % (n - 1), tail, re.S) is not None
+
+
+class DangerFilter(HeldCalls):
+    """Tool calls that would run destructive shell commands are not passed to the client;
+    the model is told why, so it can choose another way."""
+
+    def __init__(self, rules: List[Tuple[str, "re.Pattern"]], allow: List["re.Pattern"]):
+        super().__init__()
+        self.rules = rules
+        self.allow = allow
+
+    def check(self, args: str) -> Optional[Tuple[str, str]]:
+        try:
+            value = json.loads(args or "{}")
+        except ValueError:
+            value = args
+        for text in _strings(value):
+            if any(a.search(text) for a in self.allow):
+                continue
+            for name, rx in self.rules:
+                if rx.search(text):
+                    return name, text
+        return None
+
+    def judge(self, start, args: str) -> list:
+        hit = self.check(args)
+        if hit is None:
+            return [start, ("tool_args", start[1], args)]
+        rule, command = hit
+        log.warning("dangerous command blocked in a %s call (%s)", start[3], rule)
+        return [("text", "\n[llmproxy] A `%s` call was blocked and not run: `%s` matches the safety rule \"%s\". "
+                         "Choose a safer way to reach the goal (narrower paths, a new branch, a dry run), or ask "
+                         "the user to run it themselves.\n" % (start[3], command[:300], rule))]
+
+
+class ReplyRewrite(EventFilter):
+    """REPLACE on every text delta; PREPEND before the first text; APPEND before the finish."""
+
+    def __init__(self, rules: list):
+        self.rules = rules
+        self.started = False
+
+    def feed(self, ev) -> list:
+        out = []
+        if ev[0] == "text":
+            text = ev[1]
+            if not self.started:
+                self.started = True
+                text = "".join(r["with"] for r in self.rules if r["action"] == "prepend") + text
+            for r in self.rules:
+                if r["action"] == "replace":
+                    text = r["pattern"].sub(r["with"].replace("\\", "\\\\"), text)
+            return [("text", text)] if text else []
+        if ev[0] == "finish":
+            tail = "".join(r["with"] for r in self.rules if r["action"] == "append")
+            if tail:
+                out.append(("text", tail))
+        out.append(ev)
+        return out
+
+
+class Pipeline:
+    """The guardrails of one config, in PIPELINE_ORDER. Request stages run once per request
+    on the canonical form; response stages become a FilterChain per upstream attempt."""
+
+    HELP = ("llmproxy commands (put them in your message):\n"
+            "  {p}model(NAME)          use model NAME for the rest of this session\n"
+            "  {p}backend(PROVIDER)    send this session's requests to PROVIDER\n"
+            "  {p}oneoff(PROVIDER:MODEL) use PROVIDER:MODEL for the next request only\n"
+            "  {p}status               show this session's settings\n"
+            "  {p}help                 this text\n"
+            "{p}model() or {p}backend() with nothing inside goes back to the default.")
+
+    def __init__(self, settings: dict, literals=()):
+        self.s = settings
+        cmd = settings.get("commands", {})
+        self.commands = cmd.get("enabled", True)
+        self.prefix = cmd.get("prefix", "!/")
+        self.prefix_bytes = self.prefix.encode()
+        self.command_re = re.compile(re.escape(self.prefix) + r"(model|backend|oneoff|help|status)(?:\(([^)\n]*)\))?")
+        self.redact_prompts = settings.get("redact", {}).get("enabled", False)
+        self.redactor = Redactor(literals, settings.get("redact", {}).get("patterns", ()))
+        self.rewrite = settings.get("rewrite", [])
+        self.system_prompts = settings.get("system_prompts", {})
+        danger = settings.get("dangerous_commands", {})
+        self.danger_rules = [(n, re.compile(rx, re.I)) for n, rx in
+                             (DEFAULT_DANGER_RULES if danger.get("use_defaults", True) else [])] + \
+            [(r.get("name") or r["pattern"], re.compile(r["pattern"], re.I)) for r in danger.get("rules", [])]
+        self.danger_allow = [re.compile(rx, re.I) for rx in danger.get("allow", [])]
+
+    def on(self, stage: str, model: str) -> bool:
+        conf = self.s.get(stage) or {}
+        if not conf.get("enabled"):
+            return False
+        globs = conf.get("models")
+        return not globs or any(fnmatch.fnmatchcase(model, g) for g in globs)
+
+    def _rules(self, target: str, model: str) -> list:
+        return [r for r in self.rewrite if r["target"] == target and
+                (not r.get("models") or any(fnmatch.fnmatchcase(model, g) for g in r["models"]))]
+
+    def request_active(self, body: bytes, model: str) -> bool:
+        """Whether the canonical request must be built for the request stages (cheap)."""
+        return bool((self.commands and self.prefix_bytes in body) or self.redact_prompts or
+                    self._rules("system", model) or self._rules("user", model) or
+                    any(fnmatch.fnmatchcase(model, g) for g in self.system_prompts))
+
+    def response_active(self, model: str) -> bool:
+        return any(self.on(s, model) for s in ("tool_repair", "json_repair", "loop_detection", "dangerous_commands")) \
+            or bool(self._rules("reply", model))
+
+    # -- request stages -------------------------------------------------------
+
+    def run_commands(self, creq: ChatRequest, session: dict, providers) -> Optional[str]:
+        """In-chat commands in the last user message: applied to `session`, removed from
+        the text. -> the proxy's own answer when the message held nothing else."""
+        last = next((m for m in reversed(creq.messages) if m.role == "user"), None)
+        if last is None or not self.commands:
+            return None
+        replies = []
+        found = False
+        for p in last.parts:
+            if p.type != "text" or self.prefix not in p.text:
+                continue
+            for m in self.command_re.finditer(p.text):
+                found = True
+                replies.append(self._command(m.group(1), (m.group(2) or "").strip(), session, providers))
+            p.text = self.command_re.sub("", p.text)
+        if not found:
+            return None
+        last.parts = [p for p in last.parts if p.type != "text" or p.text.strip()]
+        if last.parts:
+            return None                      # the rest of the message goes on to the model
+        return "\n".join(replies)
+
+    def _command(self, name: str, arg: str, session: dict, providers) -> str:
+        if name == "help":
+            return self.HELP.format(p=self.prefix)
+        if name == "status":
+            return "session: model %s, back-end %s, next request %s; providers: %s" % (
+                session.get("model") or "(as sent)", session.get("backend") or "(routed)",
+                session.get("oneoff") or "(routed)", ", ".join(providers))
+        if name == "model":
+            session["model"] = arg or None
+            return "Model for this session: %s." % (arg or "as the client sends it")
+        if name == "backend":
+            if arg and arg not in providers:
+                return "No provider %r (there are: %s)." % (arg, ", ".join(providers))
+            session["backend"] = arg or None
+            return "Back-end for this session: %s." % (arg or "as routed")
+        prov, sep, model = arg.partition(":")
+        if not sep or prov not in providers or not model:
+            return "oneoff needs PROVIDER:MODEL with a provider of: %s." % ", ".join(providers)
+        session["oneoff"] = (prov, model)
+        return "The next request goes to %s:%s." % (prov, model)
+
+    def rewrite_request(self, creq: ChatRequest, model: str):
+        for glob, text in self.system_prompts.items():
+            if fnmatch.fnmatchcase(model, glob):
+                creq.system = [text]
+                break
+        for r in self._rules("system", model):
+            creq.system = [self._apply(r, "\n\n".join(creq.system))]
+        rules = self._rules("user", model)
+        if rules:
+            for m in creq.messages:
+                if m.role == "user":
+                    for p in m.parts:
+                        if p.type == "text":
+                            for r in rules:
+                                p.text = self._apply(r, p.text)
+
+    @staticmethod
+    def _apply(rule: dict, text: str) -> str:
+        if rule["action"] == "prepend":
+            return rule["with"] + text
+        if rule["action"] == "append":
+            return text + rule["with"]
+        return rule["pattern"].sub(rule["with"].replace("\\", "\\\\"), text)
+
+    def redact_request(self, creq: ChatRequest):
+        r = self.redactor
+        creq.system = [r(s) for s in creq.system]
+        for m in creq.messages:
+            stack = list(m.parts)
+            while stack:
+                p = stack.pop()
+                if p.type in ("text", "thinking") and not p.signature:
+                    p.text = r(p.text)
+                elif p.type == "tool_call":
+                    p.arguments = r(p.arguments)
+                elif p.type == "tool_result":
+                    stack.extend(p.content)
+
+    # -- response stages --------------------------------------------------------
+
+    def filters(self, ctx: StageContext) -> Optional[FilterChain]:
+        model = ctx.model
+        chain: List[EventFilter] = []
+        if self.on("tool_repair", model) and ctx.tools:
+            chain.append(ToolRepairFilter(ctx))
+        if self.on("json_repair", model) and ctx.json_mode:
+            chain.append(JSONRepairFilter())
+        if self.on("loop_detection", model):
+            conf = self.s["loop_detection"]
+            chain.append(LoopFilter(ctx, conf.get("max_repeats", 4), conf.get("text_repeats", 8),
+                                    conf.get("action", "steer")))
+        if self.on("dangerous_commands", model):
+            chain.append(DangerFilter(self.danger_rules, self.danger_allow))
+        rules = self._rules("reply", model)
+        if rules:
+            chain.append(ReplyRewrite(rules))
+        return FilterChain(chain) if chain else None
+
+
 # 10. usage and logs ##########################################################
 # One log line per request with the fields operators grep for; never a secret
 # (keys appear as their last four characters). UsageMeter totals tokens.
@@ -5449,6 +6181,83 @@ class JSONLogFormatter(logging.Formatter):
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+
+class WireCapture:
+    """JSON lines of each exchange as the client sent and received it and as the upstream
+    got and gave it (streams as their events), secrets redacted. Rotates at max_bytes,
+    keeping max_files older files (.1 newest). Writes run in an executor."""
+
+    def __init__(self, path: str, max_bytes: int, max_files: int, redactor: Redactor):
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.redact = redactor
+        self.lines: List[str] = []
+        self.writing = False
+
+    @staticmethod
+    def body(data: bytes, stream: bool) -> Any:
+        cut = len(data) > CAPTURE_PART_BYTES
+        data = data[:CAPTURE_PART_BYTES]
+        if stream:
+            events = SSEDecoder().feed(data)
+            out: Any = [{"event": e.event, "data": e.data} if e.event != "message" else {"data": e.data}
+                        for e in events]
+        else:
+            text = data.decode("utf-8", "replace")
+            try:
+                out = json.loads(text)
+            except ValueError:
+                out = text
+        return {"truncated": True, "body": out} if cut else out
+
+    def headers(self, items) -> dict:
+        return {k: ("[REDACTED]" if k in ("authorization", "x-api-key", "x-goog-api-key", "proxy-authorization",
+                                          "x-nous-refresh-token", "cookie") else v) for k, v in items}
+
+    def record(self, doc: dict):
+        line = self.redact(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
+        self.lines.append(line)
+        if not self.writing:
+            self.writing = True
+            asyncio.get_running_loop().run_in_executor(None, self._write).add_done_callback(self._done)
+
+    def _done(self, fut):
+        self.writing = False
+        if fut.exception() is not None:
+            log.error("wire capture: cannot write %s: %s", self.path, fut.exception())
+        if self.lines:                       # more came in while writing
+            self.writing = True
+            asyncio.get_running_loop().run_in_executor(None, self._write).add_done_callback(self._done)
+
+    def _write(self):
+        lines, self.lines = self.lines, []
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+        try:
+            size = os.path.getsize(self.path)
+        except OSError:
+            size = 0
+        if size and size + len(data) > self.max_bytes:
+            self._rotate()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def _rotate(self):
+        for i in range(self.max_files - 1, 0, -1):
+            if os.path.exists("%s.%d" % (self.path, i)):
+                os.replace("%s.%d" % (self.path, i), "%s.%d" % (self.path, i + 1))
+        os.replace(self.path, self.path + ".1")
+        extra = "%s.%d" % (self.path, self.max_files + 1)
+        if os.path.exists(extra):
+            os.unlink(extra)
+
+    def flush_sync(self):
+        if self.lines:
+            self._write()
 
 
 class AccessLog:
@@ -5570,6 +6379,10 @@ class Config:
     client_tpm: int = 0
     workers: int = 1
     source: Optional[str] = None
+    guardrails: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    capture_file: Optional[str] = None
+    capture_max_bytes: int = 50 * 1024 * 1024
+    capture_max_files: int = 5
     prefixes: Dict[str, str] = dataclasses.field(default_factory=dict)
     default: Optional[str] = None
     force: Optional[Tuple[str, Optional[str]]] = None
@@ -5778,6 +6591,84 @@ def _load_provider(name: str, r: _Reader) -> ProviderConfig:
     return pc
 
 
+def _regex(pattern, where: str) -> "re.Pattern":
+    if not isinstance(pattern, str):
+        raise ConfigError("%s: must be a regular expression string" % where)
+    try:
+        return re.compile(pattern, re.I)
+    except re.error as e:
+        raise ConfigError("%s: not a valid regular expression: %s" % (where, e))
+
+
+def _load_guardrails(g: _Reader) -> Dict[str, Any]:
+    """guardrails.* -> plain settings for Pipeline (regexes checked here, so errors name the key)."""
+    out: Dict[str, Any] = {}
+    c = g.sub("commands")
+    out["commands"] = {"enabled": c.get("enabled", bool, True), "prefix": c.get("prefix", str, "!/")}
+    if not out["commands"]["prefix"]:
+        raise ConfigError("guardrails.commands.prefix: must not be empty")
+    c.finish()
+    for stage, extra in (("tool_repair", ()), ("json_repair", ()),
+                         ("loop_detection", ("max_repeats", "text_repeats", "action")),
+                         ("dangerous_commands", ("use_defaults", "rules", "allow"))):
+        st = g.sub(stage)
+        conf: Dict[str, Any] = {"enabled": st.get("enabled", bool, False), "models": st.strings("models")}
+        if stage == "loop_detection":
+            conf["max_repeats"] = int(st.get("max_repeats", int, 4))
+            conf["text_repeats"] = int(st.get("text_repeats", int, 8))
+            conf["action"] = st.get("action", str, "steer")
+            if conf["action"] not in ("warn", "cut", "steer"):
+                raise ConfigError("guardrails.loop_detection.action: must be warn, cut or steer")
+            if conf["max_repeats"] < 2:
+                raise ConfigError("guardrails.loop_detection.max_repeats: must be at least 2")
+        if stage == "dangerous_commands":
+            conf["use_defaults"] = st.get("use_defaults", bool, True)
+            conf["rules"] = []
+            for i, rule in enumerate(st.get("rules", list, [])):
+                where = "guardrails.dangerous_commands.rules[%d]" % i
+                rule = {"pattern": rule} if isinstance(rule, str) else rule
+                if not isinstance(rule, dict):
+                    raise ConfigError("%s: must be a regex or {\"name\", \"pattern\"}" % where)
+                _regex(rule.get("pattern"), where + ".pattern")
+                conf["rules"].append({"name": str(rule.get("name") or rule["pattern"]), "pattern": rule["pattern"]})
+            conf["allow"] = st.strings("allow")
+            for i, rx in enumerate(conf["allow"]):
+                _regex(rx, "guardrails.dangerous_commands.allow[%d]" % i)
+        st.finish()
+        out[stage] = conf
+    rd = g.sub("redact")
+    out["redact"] = {"enabled": rd.get("enabled", bool, False), "patterns": []}
+    for name, rx in rd.get("patterns", dict, {}).items():
+        _regex(rx, "guardrails.redact.patterns.%s" % name)
+        out["redact"]["patterns"].append((re.sub(r"[^A-Za-z0-9_]", "_", name), rx))
+    rd.finish()
+    out["rewrite"] = []
+    for i, rule in enumerate(g.get("rewrite", list, [])):
+        where = "guardrails.rewrite[%d]" % i
+        if not isinstance(rule, dict):
+            raise ConfigError("%s: must be an object" % where)
+        rr = _Reader(rule, where, g.env)
+        target, action = rr.get("target", str, ""), rr.get("action", str, "")
+        if target not in ("system", "user", "reply"):
+            raise ConfigError("%s.target: must be system, user or reply" % where)
+        if action not in ("replace", "prepend", "append"):
+            raise ConfigError("%s.action: must be replace, prepend or append" % where)
+        match = rr.get("match", str, "")
+        if action == "replace" and not match:
+            raise ConfigError("%s.match: required for replace" % where)
+        pattern = _regex(match, where + ".match") if rr.get("regex", bool, False) else re.compile(re.escape(match))
+        out["rewrite"].append({"target": target, "action": action, "pattern": pattern,
+                               "with": rr.get("with", str, ""), "models": rr.strings("models")})
+        rr.finish()
+    out["system_prompts"] = {}
+    for glob, text in g.get("system_prompts", dict, {}).items():
+        if not isinstance(text, str):
+            raise ConfigError("guardrails.system_prompts.%s: must be a string" % glob)
+        out["system_prompts"][glob] = text
+    g.finish()
+    return out
+
+
 def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] = None) -> Config:
     env = os.environ if env is None else env
     doc: dict = {}
@@ -5870,6 +6761,13 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
         cfg.notes.append("no provider configured: serving the built-in mock provider (set OPENAI_API_KEY, "
                          "OPENROUTER_API_KEY or a config file for real models)")
 
+    cfg.guardrails = _load_guardrails(r.sub("guardrails"))
+    cap = r.sub("capture")
+    cfg.capture_file = cap.get("file", str, None)
+    cfg.capture_max_bytes = int(cap.positive("max_bytes", 50 * 1024 * 1024))
+    cfg.capture_max_files = int(cap.positive("max_files", 5))
+    cap.finish()
+
     rt = r.sub("routing")
     for alias, target in rt.get("aliases", dict, {}).items():
         where = "routing.aliases.%s" % alias
@@ -5951,6 +6849,19 @@ def client_key(head_or_req) -> Optional[str]:
         if values:
             return values[0]
     return None
+
+
+def session_id(request) -> str:
+    """A client session: the session header the client sends (Claude Code, Codex), else
+    its proxy key, else its address."""
+    for name in SESSION_HEADERS:
+        value = request.headers.get(name)
+        if value:
+            return "h:" + value[:200]
+    entry = request.match[1] if request.match else None
+    if entry is not None:
+        return "k:" + entry.id
+    return "ip:%s" % (request.peer[0] if request.peer else "-")
 
 
 def client_format(path: str, headers: Headers):
@@ -6127,6 +7038,11 @@ class App:
             if config.workers > 1 and config.data_dir else None
         self.usage_pending: Dict[Tuple[str, str, str], List[int]] = {}
         self.access = AccessLog()
+        literals = [k for pc in config.providers.values() for k in pc.keys]
+        self.pipeline = Pipeline(config.guardrails, literals)
+        self.sessions: "OrderedDict[str, dict]" = OrderedDict()
+        self.capture = WireCapture(config.capture_file, config.capture_max_bytes, config.capture_max_files,
+                                   self.pipeline.redactor) if config.capture_file else None
         self.reloader: Optional[Callable] = None      # set by serve(): re-reads the config
         self.sync_task: Optional[asyncio.Task] = None
         self.mock = MockProvider(wall)
@@ -6213,6 +7129,8 @@ class App:
 
     async def stop(self):
         self.access.flush()
+        if self.capture is not None:
+            self.capture.flush_sync()
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
@@ -6342,6 +7260,8 @@ class App:
     async def handle(self, request: Request):
         handler, entry = request.match
         request.info["client"] = entry.redacted if entry else None
+        if self.capture is not None:
+            request.info["cap_out"] = []           # the server tees what it sends into this
         if entry is not None and handler.__name__ not in ("handle_health", "handle_models"):
             self.limiter.check(entry.id)
             request.info["client_id"] = entry.id
@@ -6374,6 +7294,26 @@ class App:
                   "tokens_in": tin, "tokens_out": tout, "bytes": sent,
                   "error": info.get("error") or (None if ok else "client_disconnected")}
         self.access.emit("%s %s" % (request.method, request.path), fields)
+        if self.capture is not None and "cap_out" in info:
+            self.record_capture(request, status, fields)
+
+    def record_capture(self, request: Request, status: int, fields: dict):
+        cap = self.capture
+        info = request.info
+        out_stream = info.get("cap_out_stream", False)
+        doc: Dict[str, Any] = {"ts": round(self.wall(), 3), "method": request.method, "path": request.path,
+                               "status": status, "model": info.get("model"), "provider": info.get("provider"),
+                               "client_request": {"headers": cap.headers(request.headers),
+                                                  "body": cap.body(request.body, False)}}
+        if info.get("cap_up_req"):
+            doc["upstream_request"] = info["cap_up_req"]
+        if info.get("cap_up"):
+            data, stream = info["cap_up"]
+            doc["upstream_response"] = {"status": info.get("cap_up_status"), "stream": stream,
+                                        "body": cap.body(data, stream)}
+        doc["client_response"] = {"status": status, "stream": out_stream,
+                                  "body": cap.body(b"".join(info["cap_out"]), out_stream)}
+        cap.record(doc)
 
     # -- upstream ------------------------------------------------------------
 
@@ -6404,9 +7344,13 @@ class App:
             key = k.key if k else (await cred.token() if cred is not None else None)
             info["upkey"] = redact(k.key) if k else (fingerprint(key) if cred is not None else None)
             t0 = time.perf_counter()
-            resp = await self.client.request(method, url, prov.request_headers(key, stream, extra),
-                                             body, prov.connect_timeout, prov.read_timeout,
+            headers = prov.request_headers(key, stream, extra)
+            if self.capture is not None:
+                info["cap_up_req"] = {"url": url, "headers": self.capture.headers(headers),
+                                      "body": WireCapture.body(body, False)}
+            resp = await self.client.request(method, url, headers, body, prov.connect_timeout, prov.read_timeout,
                                              prov.options.get("idle_timeout_s"), prov.options.get("total_timeout_s"))
+            info["cap_up_status"] = resp.status
             info["upstream_ms"] = round((time.perf_counter() - t0) * 1000, 1)
             if cred is not None and resp.status == 401 and not retried:
                 await resp.read(MAX_ERROR_BODY)       # a refused token: refresh once, retry once
@@ -6461,6 +7405,8 @@ class App:
         try:
             async for piece in agen:
                 yield piece
+                if self.capture is not None:
+                    self.capture_upstream(info, piece, True)
                 tail.append(piece)
                 tail_len += len(piece)
                 while tail_len - len(tail[0]) >= USAGE_TAIL_BYTES:
@@ -6502,6 +7448,7 @@ class App:
         if stream and (ctype == "text/event-stream" or fmt is Gemini):
             return StreamResponse(upstream.status, hdrs + SSE_HEADERS[1:], self.relay_stream(upstream, info, fmt))
         data = await upstream.read()
+        self.capture_upstream(info, data, False)
         info["usage"] = fmt.parse_usage(sniff_usage(data, _usage_key(fmt)))
         return Response(upstream.status, hdrs, data)
 
@@ -6530,7 +7477,41 @@ class App:
             return cache[0]
         if fmt is OpenAIResponses and body.get("previous_response_id"):
             canonical()                      # an unknown id is refused before any upstream call
-        chain = self.router.chain(model)
+        # guardrails: request stages, session routing, and whether replies pass the filters
+        pipe = self.pipeline
+        session_key = session_id(request)
+        session = self.sessions.get(session_key)
+        hub = False
+        if pipe.request_active(request.body, model):
+            creq = canonical()
+            if pipe.commands and pipe.prefix_bytes in request.body:
+                session = self.session(session_key)
+                reply = pipe.run_commands(creq, session, list(self.providers))
+                if reply is not None:
+                    return self.direct_reply(request, fmt, creq, reply, sse)
+            pipe.rewrite_request(creq, model)
+            if pipe.redact_prompts:
+                pipe.redact_request(creq)
+            hub = True                       # the request was rewritten: render it from canonical form
+        chain = None
+        if session:
+            self.sessions.move_to_end(session_key)
+            if session.get("oneoff"):
+                prov_name, oneoff_model = session.pop("oneoff")
+                chain = [Route(self.providers[prov_name], oneoff_model)]
+            else:
+                model = session.get("model") or model
+                if session.get("backend"):
+                    chain = [Route(self.providers[session["backend"]], model)]
+            info["model"] = model
+            if cache:
+                cache[0].model = model
+        ctx = None
+        if pipe.response_active(model):
+            ctx = StageContext(session_key, canonical())
+            ctx.model = model
+            hub = True
+        chain = chain or self.router.chain(model)
         deadline = self.clock() + self.config.request_budget_s
         last_error: Optional[ProxyError] = None
         for i, route in enumerate(chain):
@@ -6547,7 +7528,7 @@ class App:
             while True:
                 try:
                     resp = await self.attempt(request, fmt, body, canonical, model, stream, route, sse, final,
-                                              deadline)
+                                              deadline, hub, ctx)
                 except ProxyError as e:
                     condition = failover_condition(e)
                     if condition in ("connect", "timeout", "5xx"):
@@ -6609,17 +7590,19 @@ class App:
         return wanted if wanted != creq.max_tokens else None
 
     async def attempt(self, request: Request, fmt, body: dict, canonical: Callable[[], ChatRequest], model: str,
-                      stream: bool, route: Route, sse: bool, final: bool, deadline: float):
-        """One target: pass through when the formats match, else translate."""
+                      stream: bool, route: Route, sse: bool, final: bool, deadline: float, hub: bool = False,
+                      ctx: Optional[StageContext] = None):
+        """One target: pass through when the formats match (and no guardrail needs the
+        canonical form), else translate."""
         prov = route.provider
         info = request.info
         info["provider"] = prov.name
         max_tokens = self.check_context(fmt, prov, route.model, canonical)
         release = await self.slots[prov.name].acquire(prov.name)
         try:
-            if prov.kind == "mock" and fmt is OpenAIChat:
+            if prov.kind == "mock" and fmt is OpenAIChat and not hub:
                 resp = self.serve_mock("/chat/completions", body, route.model, stream, info)
-            elif prov.kind == fmt.name and prov.passthrough_ok:
+            elif prov.kind == fmt.name and prov.passthrough_ok and not hub:
                 url = prov.chat_url(route.model, stream)
                 if fmt is Gemini and stream and not sse:
                     url = url.split("?", 1)[0]
@@ -6632,7 +7615,8 @@ class App:
                 saved = creq.max_tokens
                 creq.max_tokens = max_tokens or saved
                 try:
-                    resp = await self.translate(request, fmt, prov, route.model, creq, sse, final, deadline)
+                    resp = await self.translate(request, fmt, prov, route.model, creq, sse, final, deadline,
+                                                self.pipeline.filters(ctx) if ctx is not None else None)
                 finally:
                     creq.max_tokens = saved
         except BaseException:
@@ -6642,7 +7626,8 @@ class App:
         return resp
 
     async def translate(self, request: Request, fmt, prov: Provider, upstream_model: str, creq: ChatRequest,
-                        sse: bool, may_wait: bool = True, deadline: Optional[float] = None):
+                        sse: bool, may_wait: bool = True, deadline: Optional[float] = None,
+                        filters: Optional[FilterChain] = None):
         info = request.info
         info["via"] = "%s>%s" % (fmt.name, prov.kind)
         history = list(creq.messages)
@@ -6677,18 +7662,24 @@ class App:
             if upstream.content_type == "text/event-stream" and creq.stream:
                 pieces = upstream.iter_body()
             elif upstream.content_type == "text/event-stream":      # a stream-only back-end, gathered
-                cresp = collect_events(await self._decode_all(upstream, fmt_out))
+                events = await self._decode_all(upstream, fmt_out)
+                cresp = collect_events(filters.run(events) if filters else events)
                 info["usage"] = cresp.usage
                 return json_response(200, fmt.render_response(cresp, creq, options), [("x-llmproxy-provider", prov.name)])
             else:
-                reply = self._json_reply(await upstream.read())
+                data = await upstream.read()
+                self.capture_upstream(info, data, False)
+                reply = self._json_reply(data)
         hdrs = [("x-llmproxy-provider", prov.name)]
         if creq.stream:
             events = None if reply is None else response_events(fmt_out.parse_response(reply))
             encoder = fmt.stream_encoder(creq, options)
             return StreamResponse(200, stream_headers(fmt, sse) + hdrs,
-                                  self.translate_stream(pieces, fmt_out.stream_decoder(), encoder, info, events))
+                                  self.translate_stream(pieces, fmt_out.stream_decoder(), encoder, info, events,
+                                                        filters))
         cresp = fmt_out.parse_response(reply)
+        if filters is not None:
+            cresp = collect_events(filters.run(response_events(cresp)))
         info["usage"] = cresp.usage
         out = fmt.render_response(cresp, creq, options)
         if fmt is OpenAIResponses and creq.store is not False:
@@ -6726,15 +7717,20 @@ class App:
             raise UpstreamError(502, "upstream reply is not a JSON object", "upstream_not_json")
         return obj
 
-    async def translate_stream(self, pieces, decoder, encoder, info: dict, events=None):
-        """One upstream piece in, its translated frames out (joined into one write)."""
+    async def translate_stream(self, pieces, decoder, encoder, info: dict, events=None,
+                               filters: Optional[FilterChain] = None):
+        """One upstream piece in, its translated frames out (joined into one write);
+        guardrail filters, when any, sit between the decoder and the encoder."""
 
         def emit(ev) -> List[bytes]:
-            if ev[0] == "finish":
-                info["usage"] = ev[2]
-            elif ev[0] == "error":
-                info["error"] = ev[1].code or ev[1].kind
-            return encoder.feed(ev)
+            out = []
+            for ev in (filters.feed(ev) if filters is not None else (ev,)):
+                if ev[0] == "finish":
+                    info["usage"] = ev[2]
+                elif ev[0] == "error":
+                    info["error"] = ev[1].code or ev[1].kind
+                out.extend(encoder.feed(ev))
+            return out
         try:
             if events is not None:
                 yield b"".join(f for ev in events for f in emit(ev))
@@ -6748,6 +7744,8 @@ class App:
                             if ka:
                                 yield ka
                             continue
+                        if self.capture is not None:
+                            self.capture_upstream(info, piece, True)
                         out = [f for sev in sse.feed(piece) for ev in decoder.feed(sev) for f in emit(ev)]
                         if out:
                             yield b"".join(out)
@@ -6765,6 +7763,33 @@ class App:
         tail = encoder.close()
         if tail:
             yield b"".join(tail)
+
+    def session(self, key: str) -> dict:
+        state = self.sessions.get(key)
+        if state is None:
+            state = self.sessions[key] = {}
+            while len(self.sessions) > SESSIONS_MAX:
+                self.sessions.popitem(last=False)
+        return state
+
+    def direct_reply(self, request: Request, fmt, creq: ChatRequest, text: str, sse: bool):
+        """The proxy's own answer (to an in-chat command) in the client's format."""
+        request.info.update(provider="llmproxy", via="command")
+        resp = ChatResponse(new_id("msg_"), creq.model, [Part("text", text=text)], "end", usage=Usage(),
+                            created=int(self.wall()))
+        hdrs = [("x-llmproxy-provider", "llmproxy")]
+        if creq.stream:
+            encoder = fmt.stream_encoder(creq, {"sse": sse})
+            return StreamResponse(200, stream_headers(fmt, sse) + hdrs,
+                                  self.translate_stream(None, None, encoder, request.info, response_events(resp)))
+        return json_response(200, fmt.render_response(resp, creq), hdrs)
+
+    def capture_upstream(self, info: dict, data: bytes, stream: bool):
+        if self.capture is None:
+            return
+        cap = info.setdefault("cap_up", [b"", stream])
+        if len(cap[0]) < CAPTURE_PART_BYTES:
+            cap[0] += data[:CAPTURE_PART_BYTES - len(cap[0])]
 
     def apply_previous_response(self, creq: ChatRequest):
         rid = creq.previous_response_id
@@ -7138,6 +8163,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-format", default=S, choices=["text", "json"])
     common.add_argument("--workers", "-w", type=int, default=S, metavar="N",
                         help="serving processes sharing the port (default 1)")
+    common.add_argument("--capture-file", default=S, metavar="FILE",
+                        help="record every exchange (client and upstream side) as JSON lines, secrets redacted")
+    common.add_argument("--capture-max-bytes", type=int, default=S, metavar="N",
+                        help="rotate the capture file at this size (default 50 MiB)")
+    common.add_argument("--capture-max-files", type=int, default=S, metavar="N",
+                        help="rotated capture files kept (default 5)")
     parser = argparse.ArgumentParser(
         prog="llmproxy.py", parents=[common],
         description="One-file LLM API proxy: OpenAI-compatible front door, key rotation, routing.",
@@ -7449,6 +8480,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "log_format": getattr(args, "log_format", None)}
     try:
         config = load_config(getattr(args, "config", None), os.environ, overrides)
+        for flag in ("capture_file", "capture_max_bytes", "capture_max_files"):
+            if getattr(args, flag, None) is not None:
+                value = getattr(args, flag)
+                if flag != "capture_file" and value < 1:
+                    raise ConfigError("--%s: must be at least 1" % flag.replace("_", "-"))
+                setattr(config, flag, value)
         if getattr(args, "workers", None) is not None:
             if not 1 <= args.workers <= 256:
                 raise ConfigError("--workers: must be between 1 and 256")
