@@ -5768,14 +5768,14 @@ class ToolRepairFilter(HeldCalls):
         kind = ev[0]
         if kind == "text":
             self.pending += ev[1]
-            return [o for e in self._scan() for o in super().feed(e)]
+            return [o for e in self._scan() for o in HeldCalls.feed(self, e)]
         out = []
         if kind in ("finish", "error", "tool_start") and self.pending:
             rest, self.pending, self.block = self.pending, "", None
             out += self._calls_or_text(rest) if kind != "error" else [("text", rest)]
-        if kind == "finish" and (self.invented or self.kept) and ev[1] == "end":
+        if kind == "finish" and self.invented and ev[1] == "end":
             ev = ("finish", "tool_use", ev[2])
-        return [o for e in out + [ev] for o in super().feed(e)]
+        return [o for e in out + [ev] for o in HeldCalls.feed(self, e)]
 
 
 class JSONRepairFilter(EventFilter):
@@ -7149,6 +7149,9 @@ class App:
         the old App, which shares the connection pool."""
         new = App(config, self.client, self.clock, self.wall, self.sleep, self.rand)
         new.usage, new.responses, new.usage_pending = self.usage, self.responses, self.usage_pending
+        new.sessions = self.sessions
+        if self.capture is not None:
+            self.capture.flush_sync()
         new.limiter.hits = self.limiter.hits
         new.reloader = self.reloader
         if new.shared is not None:
@@ -7430,7 +7433,7 @@ class App:
         if prov.tags or prov.auth:
             raw = _jbytes(prov.prepare_body(dict(body, model=upstream_model) if "model" in body else body,
                                             upstream_model))
-        elif (upstream_model == client_model or "model" not in body) and not rewritten:
+        elif (body.get("model") == upstream_model or "model" not in body) and not rewritten:
             raw = request.body
         else:
             raw = _jbytes(dict(body, model=upstream_model))
