@@ -296,6 +296,9 @@ def main():
     ap.add_argument("--json", metavar="FILE", help="write the figures here too")
     ap.add_argument("--workers", type=int, default=1, help="proxy worker processes (pinning is then off)")
     ap.add_argument("--only", default="", help="comma-separated scenario keys, e.g. chat_c16,stream_c32")
+    ap.add_argument("--guardrails", action="store_true",
+                    help="run the proxy with every guardrail stage on (repair, loops, dangerous commands, "
+                         "redaction, a reply rewrite), to price the pipeline")
     args = ap.parse_args()
     seconds = 1.0 if args.quick else 3.0
     up_port, slow_port, px_port = free_port(), free_port(), free_port()
@@ -304,6 +307,11 @@ def main():
            "providers": {"up": {"base_url": "http://127.0.0.1:%d/v1" % up_port},
                          "slow": {"base_url": "http://127.0.0.1:%d/v1" % slow_port}},
            "routing": {"default": "up", "aliases": {"slow": "slow:bench"}}}
+    if args.guardrails:
+        cfg["guardrails"] = {"tool_repair": {"enabled": True}, "json_repair": {"enabled": True},
+                             "loop_detection": {"enabled": True}, "dangerous_commands": {"enabled": True},
+                             "redact": {"enabled": True},
+                             "rewrite": [{"target": "reply", "action": "replace", "match": "zzz", "with": "z"}]}
     cfg_path = os.path.join(tmp, "bench.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)

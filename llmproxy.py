@@ -5623,7 +5623,7 @@ class FilterChain:
     def feed(self, ev) -> list:
         events = [ev]
         for f in self.filters:
-            events = [out for e in events for out in f.feed(e)]
+            events = f.feed(events[0]) if len(events) == 1 else [out for e in events for out in f.feed(e)]
         for i, e in enumerate(events):
             if e[0] == "tool_start":
                 self.index[e[1]] = len(self.index)
@@ -5663,6 +5663,8 @@ class HeldCalls(EventFilter):
 
     def feed(self, ev) -> list:
         kind = ev[0]
+        if self.held is None and kind == "text":
+            return [ev]
         if kind == "tool_args" and self.held is not None and ev[1] == self.held[0][1]:
             self.held[1].append(ev[2])
             return []
@@ -5819,8 +5821,9 @@ class LoopFilter(HeldCalls):
         self.text_repeats = text_repeats
         self.action = action
         self.previous = self._trailing_calls(ctx.history)
-        self.text = ""
-        self.checked = 0
+        self.text = ""                          # the reply's tail, long enough for the check
+        self.limit = 300 * max(text_repeats, 1)
+        self.since = 0
         self.cut = False
 
     @staticmethod
@@ -5856,9 +5859,10 @@ class LoopFilter(HeldCalls):
         if self.cut:
             return [ev] if ev[0] in ("finish", "error") else []
         if ev[0] == "text" and self.text_repeats:
-            self.text += ev[1]
-            if len(self.text) - self.checked >= 200:
-                self.checked = len(self.text)
+            self.text = (self.text + ev[1])[-self.limit:]
+            self.since += len(ev[1])
+            if self.since >= 200:
+                self.since = 0
                 if self._repeating():
                     log.warning("loop detection: the reply repeats itself (%s)", self.action)
                     if self.action != "warn":
@@ -5868,9 +5872,15 @@ class LoopFilter(HeldCalls):
         return super().feed(ev)
 
     def _repeating(self) -> bool:
-        tail = self.text[-6000:]
+        """Whether the reply ends in one chunk of 20-300 characters repeated text_repeats
+        times (slice compares, no backtracking regex: this runs on the stream's hot path)."""
         n = self.text_repeats
-        return re.search(r"(.{20,300}?)(?:\s*\1){%d,}\s*$" % (n - 1), tail, re.S) is not None
+        tail = self.text[-300 * n:]
+        for size in range(20, min(301, len(tail) // n + 1)):
+            last = tail[-size:]
+            if tail[-2 * size:-size] == last and all(tail[-(k + 1) * size:-k * size] == last for k in range(2, n)):
+                return True
+        return False
 
 
 class DangerFilter(HeldCalls):
@@ -5922,7 +5932,9 @@ class ReplyRewrite(EventFilter):
                 text = "".join(r["with"] for r in self.rules if r["action"] == "prepend") + text
             for r in self.rules:
                 if r["action"] == "replace":
-                    text = r["pattern"].sub(r["with"].replace("\\", "\\\\"), text)
+                    literal = r.get("literal")
+                    text = text.replace(literal, r["with"]) if literal else \
+                        r["pattern"].sub(r["with"].replace("\\", "\\\\"), text)
             return [("text", text)] if text else []
         if ev[0] == "finish":
             tail = "".join(r["with"] for r in self.rules if r["action"] == "append")
@@ -6658,6 +6670,7 @@ def _load_guardrails(g: _Reader) -> Dict[str, Any]:
             raise ConfigError("%s.match: required for replace" % where)
         pattern = _regex(match, where + ".match") if rr.get("regex", bool, False) else re.compile(re.escape(match))
         out["rewrite"].append({"target": target, "action": action, "pattern": pattern,
+                               "literal": None if rr.obj.get("regex") else match,
                                "with": rr.get("with", str, ""), "models": rr.strings("models")})
         rr.finish()
     out["system_prompts"] = {}
