@@ -6207,6 +6207,7 @@ class WireCapture:
         self.redact = redactor
         self.lines: List[str] = []
         self.writing = False
+        self.future = None
 
     @staticmethod
     def body(data: bytes, stream: bool) -> Any:
@@ -6232,16 +6233,26 @@ class WireCapture:
         line = self.redact(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
         self.lines.append(line)
         if not self.writing:
-            self.writing = True
-            asyncio.get_running_loop().run_in_executor(None, self._write).add_done_callback(self._done)
+            self._start()
+
+    def _start(self):
+        self.writing = True
+        self.future = asyncio.get_running_loop().run_in_executor(None, self._write)
+        self.future.add_done_callback(self._done)
 
     def _done(self, fut):
         self.writing = False
         if fut.exception() is not None:
             log.error("wire capture: cannot write %s: %s", self.path, fut.exception())
         if self.lines:                       # more came in while writing
-            self.writing = True
-            asyncio.get_running_loop().run_in_executor(None, self._write).add_done_callback(self._done)
+            self._start()
+
+    async def close(self):
+        """Wait for the write under way, then write what is left."""
+        while self.writing and self.future is not None:
+            await asyncio.wait((self.future,))
+            await asyncio.sleep(0)           # let _done run (it may start the next write)
+        self.flush_sync()
 
     def _write(self):
         lines, self.lines = self.lines, []
@@ -7143,7 +7154,7 @@ class App:
     async def stop(self):
         self.access.flush()
         if self.capture is not None:
-            self.capture.flush_sync()
+            await self.capture.close()
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
