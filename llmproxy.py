@@ -1638,6 +1638,20 @@ def budget_effort(budget: int) -> str:
     return "xhigh"
 
 
+class WireFormat:
+    """What every format class shares: its stream codecs, set below each format's section."""
+    decoder: Any = None
+    encoder: Any = None
+
+    @classmethod
+    def stream_decoder(cls):
+        return cls.decoder()
+
+    @classmethod
+    def stream_encoder(cls, req: ChatRequest, options: Optional[dict] = None):
+        return cls.encoder(req, options or {})
+
+
 class CanonicalStream:
     """Base for stream decoders: feed(SSEEvent) -> [event]; close() -> [event]."""
     name = ""
@@ -1657,7 +1671,7 @@ _OC_STOP_OUT = {"end": "stop", "max_tokens": "length", "tool_use": "tool_calls",
                 "content_filter": "content_filter"}
 
 
-class OpenAIChat:
+class OpenAIChat(WireFormat):
     name = "openai"
     endpoint = "/chat/completions"
 
@@ -1932,13 +1946,6 @@ class OpenAIChat:
 
     # -- streams ------------------------------------------------------------
 
-    @staticmethod
-    def stream_decoder() -> "OpenAIChatDecoder":
-        return OpenAIChatDecoder()
-
-    @staticmethod
-    def stream_encoder(req: ChatRequest, options: Optional[dict] = None) -> "OpenAIChatEncoder":
-        return OpenAIChatEncoder(req, options or {})
 
 
 CUSTOM_TOOL_SCHEMA = {"type": "object", "properties": {"input": {"type": "string", "description":
@@ -2120,7 +2127,7 @@ def anthropic_id(raw: str) -> str:
         hashlib.sha256(raw.encode()).hexdigest()[:8]
 
 
-class AnthropicMessages:
+class AnthropicMessages(WireFormat):
     name = "anthropic"
     endpoint = "/messages"
 
@@ -2384,13 +2391,6 @@ class AnthropicMessages:
                 "stop_sequence": resp.stop_sequence if stop == "stop_sequence" else None,
                 "usage": cls.render_usage(resp.usage)}
 
-    @staticmethod
-    def stream_decoder() -> "AnthropicDecoder":
-        return AnthropicDecoder()
-
-    @staticmethod
-    def stream_encoder(req: ChatRequest, options: Optional[dict] = None) -> "AnthropicEncoder":
-        return AnthropicEncoder(req, options or {})
 
 
 class AnthropicDecoder(CanonicalStream):
@@ -2605,7 +2605,7 @@ class AnthropicEncoder:
 
 # 6c. OpenAI Responses ########################################################
 
-class OpenAIResponses:
+class OpenAIResponses(WireFormat):
     name = "openai-responses"
     endpoint = "/responses"
 
@@ -2899,13 +2899,6 @@ class OpenAIResponses:
                                    cls.render_usage(resp.usage), resp.created or int(time.time()), resp.model,
                                    incomplete=incomplete)
 
-    @staticmethod
-    def stream_decoder() -> "ResponsesDecoder":
-        return ResponsesDecoder()
-
-    @staticmethod
-    def stream_encoder(req: ChatRequest, options: Optional[dict] = None) -> "ResponsesEncoder":
-        return ResponsesEncoder(req, options or {})
 
 
 class ResponsesDecoder(CanonicalStream):
@@ -3288,7 +3281,7 @@ def gemini_call_id(name: str, turn: int, index: int) -> str:
     return "call_" + hashlib.sha256(("%d:%d:%s" % (turn, index, name)).encode()).hexdigest()[:24]
 
 
-class Gemini:
+class Gemini(WireFormat):
     name = "gemini"
     endpoint = ""           # the model is in the URL: /models/{m}:generateContent
 
@@ -3584,13 +3577,6 @@ class Gemini:
                 "usageMetadata": cls.render_usage(resp.usage), "modelVersion": resp.model or req.model,
                 "responseId": resp.id}
 
-    @staticmethod
-    def stream_decoder() -> "GeminiDecoder":
-        return GeminiDecoder()
-
-    @staticmethod
-    def stream_encoder(req: ChatRequest, options: Optional[dict] = None) -> "GeminiEncoder":
-        return GeminiEncoder(req, options or {})
 
 
 class GeminiDecoder(CanonicalStream):
@@ -3756,6 +3742,10 @@ class GeminiEncoder:
         return []
 
 
+OpenAIChat.decoder, OpenAIChat.encoder = OpenAIChatDecoder, OpenAIChatEncoder
+AnthropicMessages.decoder, AnthropicMessages.encoder = AnthropicDecoder, AnthropicEncoder
+OpenAIResponses.decoder, OpenAIResponses.encoder = ResponsesDecoder, ResponsesEncoder
+Gemini.decoder, Gemini.encoder = GeminiDecoder, GeminiEncoder
 FORMATS = {"openai": OpenAIChat, "anthropic": AnthropicMessages, "openai-responses": OpenAIResponses,
            "gemini": Gemini}
 
