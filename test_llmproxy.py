@@ -143,6 +143,18 @@ STREAM_EVENTS = [
     b"data: [DONE]\n\n",
 ]
 
+def gated_stream(gate: asyncio.Event):
+    """An upstream handler that streams the first event, waits for `gate`, then the rest."""
+    async def handler(req, w):
+        sse_head(w)
+        sse_chunk(w, STREAM_EVENTS[0])
+        await gate.wait()
+        for ev in STREAM_EVENTS[1:]:
+            sse_chunk(w, ev)
+        w.write(b"0\r\n\r\n")
+    return handler
+
+
 CLIENT_KEY = "client-key-0123456789"
 ADMIN_KEY = "admin-key-0123456789"
 UP_KEYS = ["sk-upstream-key-AAAA", "sk-upstream-key-BBBB"]
@@ -2138,14 +2150,7 @@ class TestHubBehaviour(ProxyCase):
 
     async def test_keepalive_during_long_silence(self):
         gate = asyncio.Event()
-
-        async def handler(req, w):
-            sse_head(w)
-            sse_chunk(w, STREAM_EVENTS[0])
-            await gate.wait()
-            for ev in STREAM_EVENTS[1:]:
-                sse_chunk(w, ev)
-            w.write(b"0\r\n\r\n")
+        handler = gated_stream(gate)
         await self.start_back(handler)
         old, lp.KEEPALIVE_S = lp.KEEPALIVE_S, 0.05
         try:
@@ -3586,14 +3591,7 @@ class TestMockEndToEnd(ProxyCase):
 class TestShutdown(ProxyCase):
     async def test_in_flight_stream_finishes_during_shutdown(self):
         gate = asyncio.Event()
-
-        async def handler(req, w):
-            sse_head(w)
-            sse_chunk(w, STREAM_EVENTS[0])
-            await gate.wait()
-            for ev in STREAM_EVENTS[1:]:
-                sse_chunk(w, ev)
-            w.write(b"0\r\n\r\n")
+        handler = gated_stream(gate)
         await self.start(handler)
         idle = await self.conn()
         await idle.request("GET", "/health")
