@@ -1655,6 +1655,17 @@ class WireFormat:
 class CanonicalStream:
     """Base for stream decoders: feed(SSEEvent) -> [event]; close() -> [event]."""
     name = ""
+    done = False
+
+    def parse(self, ev: SSEEvent) -> Optional[dict]:
+        """An event's JSON object, or None (finished, empty, not JSON, not an object)."""
+        if self.done or not ev.data:
+            return None
+        try:
+            d = json.loads(ev.data)
+        except ValueError:
+            return None
+        return d if isinstance(d, dict) else None
 
     def feed(self, ev: SSEEvent) -> list:
         raise NotImplementedError
@@ -2405,13 +2416,8 @@ class AnthropicDecoder(CanonicalStream):
         self.done = False
 
     def feed(self, ev: SSEEvent) -> list:
-        if self.done or not ev.data:
-            return []
-        try:
-            d = json.loads(ev.data)
-        except ValueError:
-            return []
-        if not isinstance(d, dict):
+        d = self.parse(ev)
+        if d is None:
             return []
         t = d.get("type") or ev.event
         if t == "message_start":
@@ -2909,16 +2915,10 @@ class ResponsesDecoder(CanonicalStream):
         self.custom: Dict[str, bool] = {}
         self.done = False
         self.started = False
-        self.saw_reasoning_text = False
 
     def feed(self, ev: SSEEvent) -> list:
-        if self.done or not ev.data:
-            return []
-        try:
-            d = json.loads(ev.data)
-        except ValueError:
-            return []
-        if not isinstance(d, dict):
+        d = self.parse(ev)
+        if d is None:
             return []
         t = d.get("type") or ev.event
         out = []
