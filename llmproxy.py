@@ -7494,7 +7494,16 @@ class App:
             return cache[0]
         if fmt is OpenAIResponses and body.get("previous_response_id"):
             canonical()                      # an unknown id is refused before any upstream call
-        # guardrails: request stages, session routing, and whether replies pass the filters
+        plan = self.apply_guardrails(request, fmt, canonical, cache, model, sse)
+        if isinstance(plan, (Response, StreamResponse)):
+            return plan                      # an in-chat command, answered by the proxy
+        model, chain, hub, ctx = plan
+        return await self.run_chain(request, fmt, body, canonical, model, stream, chain, sse, hub, ctx)
+
+    def apply_guardrails(self, request: Request, fmt, canonical: Callable[[], ChatRequest], cache: list,
+                         model: str, sse: bool):
+        """Request stages and session routing. -> the proxy's own reply to a command, or
+        (model, targets, hub, stage context): hub says the canonical form must be sent."""
         pipe = self.pipeline
         session_key = session_id(request)
         session = self.sessions.get(session_key)
@@ -7513,14 +7522,8 @@ class App:
         chain = None
         if session:
             self.sessions.move_to_end(session_key)
-            if session.get("oneoff"):
-                prov_name, oneoff_model = session.pop("oneoff")
-                chain = [Route(self.providers[prov_name], oneoff_model)]
-            else:
-                model = session.get("model") or model
-                if session.get("backend"):
-                    chain = [Route(self.providers[session["backend"]], model)]
-            info["model"] = model
+            model, chain = self.session_route(session, model)
+            request.info["model"] = model
             if cache:
                 cache[0].model = model
         ctx = None
@@ -7528,7 +7531,22 @@ class App:
             ctx = StageContext(session_key, canonical())
             ctx.model = model
             hub = True
-        chain = chain or self.router.chain(model)
+        return model, chain or self.router.chain(model), hub, ctx
+
+    def session_route(self, session: dict, model: str) -> Tuple[str, Optional[List[Route]]]:
+        """A session's sticky model and back-end, or its one-off target (used up here)."""
+        if session.get("oneoff"):
+            prov_name, oneoff_model = session.pop("oneoff")
+            return oneoff_model, [Route(self.providers[prov_name], oneoff_model)]
+        model = session.get("model") or model
+        if session.get("backend"):
+            return model, [Route(self.providers[session["backend"]], model)]
+        return model, None
+
+    async def run_chain(self, request: Request, fmt, body: dict, canonical, model: str, stream: bool,
+                        chain: List[Route], sse: bool, hub: bool, ctx: Optional[StageContext]):
+        """The failover loop: breakers, retries on the last target, failover before the first byte."""
+        info = request.info
         deadline = self.clock() + self.config.request_budget_s
         last_error: Optional[ProxyError] = None
         for i, route in enumerate(chain):
