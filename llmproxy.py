@@ -6190,10 +6190,14 @@ class WireCapture:
     got and gave it (streams as their events), secrets redacted. Rotates at max_bytes,
     keeping max_files older files (.1 newest). Writes run in an executor."""
 
-    def __init__(self, path: str, max_bytes: int, max_files: int, redactor: Redactor):
+    def __init__(self, path: str, max_bytes: int, max_files: int, redactor: Redactor, interval_s: float = 0,
+                 clock=time.time):
         self.path = path
         self.max_bytes = max_bytes
         self.max_files = max_files
+        self.interval_s = interval_s              # also rotate when the file is this old (0: never)
+        self.clock = clock
+        self.started: Optional[float] = None
         self.redact = redactor
         self.lines: List[str] = []
         self.writing = False
@@ -6251,8 +6255,13 @@ class WireCapture:
             size = os.path.getsize(self.path)
         except OSError:
             size = 0
-        if size and size + len(data) > self.max_bytes:
+        now = self.clock()
+        if self.started is None:
+            self.started = now
+        if size and (size + len(data) > self.max_bytes or
+                     (self.interval_s and now - self.started >= self.interval_s)):
             self._rotate()
+            self.started = now
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.write(fd, data)
@@ -6396,6 +6405,7 @@ class Config:
     capture_file: Optional[str] = None
     capture_max_bytes: int = 50 * 1024 * 1024
     capture_max_files: int = 5
+    capture_interval_s: float = 0.0
     prefixes: Dict[str, str] = dataclasses.field(default_factory=dict)
     default: Optional[str] = None
     force: Optional[Tuple[str, Optional[str]]] = None
@@ -6780,6 +6790,9 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
     cfg.capture_file = cap.get("file", str, None)
     cfg.capture_max_bytes = int(cap.positive("max_bytes", 50 * 1024 * 1024))
     cfg.capture_max_files = int(cap.positive("max_files", 5))
+    cfg.capture_interval_s = cap.get("interval_s", float, 0.0)
+    if cfg.capture_interval_s < 0:
+        raise ConfigError("capture.interval_s: must not be negative")
     cap.finish()
 
     rt = r.sub("routing")
@@ -6949,6 +6962,22 @@ _CONTEXT_RE = re.compile(r"context.{0,20}(length|window)|too long|maximum.{0,20}
                          re.I)
 
 
+def stateless_input(items: list) -> Optional[list]:
+    """Responses input for store:false: item_reference items dropped and reasoning items
+    without their ids (the back-end never stored them). None when nothing changes."""
+    out = []
+    changed = False
+    for it in items:
+        if isinstance(it, dict) and it.get("type") == "item_reference":
+            changed = True
+            continue
+        if isinstance(it, dict) and it.get("type") == "reasoning" and "id" in it:
+            it = {k: v for k, v in it.items() if k != "id"}
+            changed = True
+        out.append(it)
+    return out if changed else None
+
+
 def failover_condition(err: ProxyError) -> Optional[str]:
     """Which routing.failover_on condition an error meets, or None (the request's fault)."""
     code = err.code or ""
@@ -7056,7 +7085,8 @@ class App:
         self.pipeline = Pipeline(config.guardrails, literals)
         self.sessions: "OrderedDict[str, dict]" = OrderedDict()
         self.capture = WireCapture(config.capture_file, config.capture_max_bytes, config.capture_max_files,
-                                   self.pipeline.redactor) if config.capture_file else None
+                                   self.pipeline.redactor, config.capture_interval_s, wall) \
+            if config.capture_file else None
         self.reloader: Optional[Callable] = None      # set by serve(): re-reads the config
         self.sync_task: Optional[asyncio.Task] = None
         self.mock = MockProvider(wall)
@@ -7444,6 +7474,11 @@ class App:
         info["via"] = "pass"
         if prov.credential is not None:
             await prov.credential.token()
+        if fmt is OpenAIResponses and body.get("store") is False and isinstance(body.get("input"), list):
+            cleaned = stateless_input(body["input"])
+            if cleaned is not None:              # item references and stored ids would 404 upstream
+                body = dict(body, input=cleaned)
+                rewritten = True
         if prov.tags or prov.auth:
             raw = _jbytes(prov.prepare_body(dict(body, model=upstream_model) if "model" in body else body,
                                             upstream_model))
@@ -8204,6 +8239,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rotate the capture file at this size (default 50 MiB)")
     common.add_argument("--capture-max-files", type=int, default=S, metavar="N",
                         help="rotated capture files kept (default 5)")
+    common.add_argument("--capture-interval", type=float, default=S, metavar="SECONDS", dest="capture_interval_s",
+                        help="also rotate the capture file this often (default: by size only)")
     parser = argparse.ArgumentParser(
         prog="llmproxy.py", parents=[common],
         description="One-file LLM API proxy: OpenAI-compatible front door, key rotation, routing.",
@@ -8515,10 +8552,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "log_format": getattr(args, "log_format", None)}
     try:
         config = load_config(getattr(args, "config", None), os.environ, overrides)
-        for flag in ("capture_file", "capture_max_bytes", "capture_max_files"):
+        for flag in ("capture_file", "capture_max_bytes", "capture_max_files", "capture_interval_s"):
             if getattr(args, flag, None) is not None:
                 value = getattr(args, flag)
-                if flag != "capture_file" and value < 1:
+                if flag != "capture_file" and value < (0 if flag == "capture_interval_s" else 1):
                     raise ConfigError("--%s: must be at least 1" % flag.replace("_", "-"))
                 setattr(config, flag, value)
         if getattr(args, "workers", None) is not None:

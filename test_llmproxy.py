@@ -2172,6 +2172,20 @@ class TestHubBehaviour(ProxyCase):
         self.assertIn("ping", names)
         self.assertEqual(names[-1], "message_stop")
 
+    async def test_store_false_drops_what_a_responses_back_end_cannot_resolve(self):
+        async def handler(req, w):
+            reply_json(w, 200, json.loads(UP_REPLIES[("openai-responses", 2, False)]))
+        await self.start_back(handler, "openai-responses")
+        items = [{"type": "item_reference", "id": "msg_old"},
+                 {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "ENC"},
+                 {"type": "message", "role": "user", "content": "hi"}, {"type": "local_shell_call_output", "id": "x"}]
+        status, _, _ = await self.call("POST", "/v1/responses", {"model": "m", "store": False, "input": items})
+        self.assertEqual(status, 200)
+        sent = json.loads(self.up.requests[-1]["body"])["input"]
+        self.assertEqual(sent, [{"type": "reasoning", "summary": [], "encrypted_content": "ENC"},
+                                {"type": "message", "role": "user", "content": "hi"},
+                                {"type": "local_shell_call_output", "id": "x"}])   # unknown types pass through
+
     async def test_model_list_shape_follows_the_client(self):
         async def handler(req, w):
             reply_json(w, 200, {"object": "list", "data": [{"id": "up-a"}]})
@@ -3376,6 +3390,18 @@ class TestGuardrailsEndToEnd(ProxyCase):
         record = json.loads(read_text(cap).splitlines()[-1])
         self.assertEqual(record["upstream_response"]["body"][-1], {"data": "[DONE]"})
         self.assertTrue(record["client_response"]["stream"])
+
+    async def test_capture_rotates_by_interval(self):
+        clock = FakeClock(1000.0)
+        path = os.path.join(self.tmp.name, "timed.jsonl")
+        cap = lp.WireCapture(path, 10 ** 9, 3, lp.Redactor(), interval_s=60, clock=clock)
+        for step in range(3):
+            cap.record({"n": step})
+            await cap.close()
+            clock.t += 61
+        files = sorted(f for f in os.listdir(self.tmp.name) if f.startswith("timed.jsonl"))
+        self.assertEqual(files, ["timed.jsonl", "timed.jsonl.1", "timed.jsonl.2"])
+        self.assertEqual(json.loads(read_text(path)), {"n": 2})
 
     async def test_rewrite_rules_and_identity_headers(self):
         async def handler(req, w):
