@@ -1545,6 +1545,7 @@ class ChatRequest:
     include_usage: bool = False          # OpenAI client asked for the usage chunk
     store: Optional[bool] = None
     previous_response_id: Optional[str] = None
+    history_applied: bool = False        # previous_response_id already expanded by the proxy
     custom_tools: List[str] = dataclasses.field(default_factory=list)   # names declared custom by the client
 
 
@@ -7523,12 +7524,8 @@ class App:
             if not cache:
                 creq = parse()
                 creq.model, creq.stream = model, stream
-                if fmt is OpenAIResponses:
-                    self.apply_previous_response(creq)
                 cache.append(creq)
             return cache[0]
-        if fmt is OpenAIResponses and body.get("previous_response_id"):
-            canonical()                      # an unknown id is refused before any upstream call
         plan = self.apply_guardrails(request, fmt, canonical, cache, model, sse)
         if isinstance(plan, (Response, StreamResponse)):
             return plan                      # an in-chat command, answered by the proxy
@@ -7700,6 +7697,8 @@ class App:
                         filters: Optional[FilterChain] = None):
         info = request.info
         info["via"] = "%s>%s" % (fmt.name, prov.kind)
+        if fmt is OpenAIResponses:
+            self.apply_previous_response(creq)   # a stateless back-end: the proxy keeps the history
         history = list(creq.messages)
         fmt_out = prov.format
         client_model = creq.model
@@ -7863,7 +7862,7 @@ class App:
 
     def apply_previous_response(self, creq: ChatRequest):
         rid = creq.previous_response_id
-        if not rid:
+        if not rid or creq.history_applied:
             return
         past = self.responses.get(rid)
         if past is None:
@@ -7871,6 +7870,7 @@ class App:
                              param="previous_response_id", code="previous_response_not_found")
         self.responses.move_to_end(rid)
         creq.messages = merge_messages(past + creq.messages)
+        creq.history_applied = True              # once, whatever the failover does
 
     def remember(self, final: dict, history: List[Message]):
         """Keep a Responses conversation so a later previous_response_id can continue it."""

@@ -2172,6 +2172,15 @@ class TestHubBehaviour(ProxyCase):
         self.assertIn("ping", names)
         self.assertEqual(names[-1], "message_stop")
 
+    async def test_previous_response_id_is_the_responses_back_ends_business(self):
+        async def handler(req, w):
+            reply_json(w, 200, json.loads(UP_REPLIES[("openai-responses", 2, False)]))
+        await self.start_back(handler, "openai-responses")
+        status, _, data = await self.call("POST", "/v1/responses", {"model": "m", "input": "next",
+                                                                     "previous_response_id": "resp_upstream_owned"})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(json.loads(self.up.requests[-1]["body"])["previous_response_id"], "resp_upstream_owned")
+
     async def test_store_false_drops_what_a_responses_back_end_cannot_resolve(self):
         async def handler(req, w):
             reply_json(w, 200, json.loads(UP_REPLIES[("openai-responses", 2, False)]))
