@@ -11,14 +11,17 @@ Sections (each uses only names from the sections above it; 12-13 wire it all):
    3. HTTP server   HTTPServer.serve_connection: keep-alive loop, limits, timeouts, streaming
    4. HTTP client   TLS context, proxy settings, connection pool, streaming request()
    5. SSE           SSEDecoder (WHATWG rules), render_sse, usage sniffing
-   6. formats       OpenAI wire helpers: error bodies, usage
+   6. formats       the canonical model (ChatRequest, Part, events) and the hub:
+                    6a OpenAI Chat, 6b Anthropic Messages, 6c OpenAI Responses, 6d Gemini
    7. providers     Provider, KNOWN_PROVIDERS, the built-in mock provider
-   8. auth          atomic files, ProxyKeys (client keys), KeyRing (upstream rotation)
-   9. routing       Router: forced override, aliases, prefixes, default
-  10. usage/logs    UsageMeter, log formatting
+   8. auth          atomic files, ProxyKeys (client keys), KeyRing (upstream rotation);
+                    8b OAuth device flow, token store, refreshing subscription logins
+   9. routing       Router (failover chains), Breaker, RateLimiter, Slots;
+                    9b guardrails: repair engine, stages, Pipeline
+  10. usage/logs    UsageMeter, SharedState (workers), WireCapture, AccessLog
   11. config        load_config() -> Config, ConfigError
-  12. app           App: routes and handlers
-  13. CLI           main(argv): serve, keys, check
+  12. app           App: routes, pass-through and translation, failover, handlers
+  13. CLI           main(argv): serve (workers, reload), keys, check, login, logout, auth
 """
 
 # 0. header ###################################################################
@@ -138,8 +141,6 @@ _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
 _OUT_HEADER_BAD = re.compile(r"[\r\n\x00]")
 
 STATUS_LINES = {int(s): ("HTTP/1.1 %d %s\r\n" % (s, s.phrase)).encode("latin-1") for s in http.HTTPStatus}
-HOP_BY_HOP = frozenset(["connection", "keep-alive", "proxy-connection", "te", "trailer",
-                        "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"])
 
 
 class Headers:
@@ -1691,9 +1692,7 @@ class OpenAIChat(WireFormat):
 
     @staticmethod
     def render_error(err: ProxyError) -> dict:
-        kind = err.kind
-        if kind in ("upstream_error", "api_error") and err.status >= 500:
-            kind = "server_error" if kind == "api_error" else kind
+        kind = "server_error" if err.kind == "api_error" else err.kind
         return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
 
     @classmethod
@@ -5358,10 +5357,12 @@ class Slots:
 # request stages edit the ChatRequest (or answer it: in-chat commands); response
 # stages are filters over canonical stream events, and a whole response is run
 # through the same filters as the events a stream of it would give. The order
-# is PIPELINE_ORDER, in one place. Every stage has an on/off switch in config.
+# is PIPELINE_ORDER (REQUEST_STAGES then RESPONSE_STAGES), in one place; every
+# stage has an on/off switch in config.
 
-PIPELINE_ORDER = ("commands", "rewrite", "redact", "tool_repair", "json_repair", "loop_detection",
-                  "dangerous_commands")
+REQUEST_STAGES = ("commands", "rewrite", "redact")
+RESPONSE_STAGES = ("tool_repair", "json_repair", "loop_detection", "dangerous_commands", "reply_rewrite")
+PIPELINE_ORDER = REQUEST_STAGES + RESPONSE_STAGES
 SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "x-session-id", "conversation_id",
                    "x-conversation-id", "openai-conversation-id")
 SESSIONS_MAX = 1024                 # sessions with a sticky model/back-end kept (least recent dropped)
@@ -5681,7 +5682,6 @@ class ToolRepairFilter(HeldCalls):
         self.pending = ""
         self.block: Optional[str] = None         # the marker of an open block
         self.invented = 0
-        self.repaired = 0
 
     def judge(self, start, args: str) -> list:
         try:
@@ -5693,7 +5693,6 @@ class ToolRepairFilter(HeldCalls):
             return [("text", "\n[llmproxy] The model called `%s` with arguments that are not valid JSON, so the "
                              "call was not made: %s\n" % (start[3], args[:500]))]
         if fixed:
-            self.repaired += 1
             log.info("tool repair: repaired the JSON arguments of %s", start[3])
             return [start, ("tool_args", start[1], _jdump(value))]
         return [start, ("tool_args", start[1], args)]
@@ -6071,21 +6070,21 @@ class Pipeline:
     # -- response stages --------------------------------------------------------
 
     def filters(self, ctx: StageContext) -> Optional[FilterChain]:
+        """The response stages that apply to this exchange, in RESPONSE_STAGES order."""
         model = ctx.model
-        chain: List[EventFilter] = []
-        if self.on("tool_repair", model) and ctx.tools:
-            chain.append(ToolRepairFilter(ctx))
-        if self.on("json_repair", model) and ctx.json_mode:
-            chain.append(JSONRepairFilter())
-        if self.on("loop_detection", model):
+
+        def loop():
             conf = self.s["loop_detection"]
-            chain.append(LoopFilter(ctx, conf.get("max_repeats", 4), conf.get("text_repeats", 8),
-                                    conf.get("action", "steer")))
-        if self.on("dangerous_commands", model):
-            chain.append(DangerFilter(self.danger_rules, self.danger_allow))
-        rules = self._rules("reply", model)
-        if rules:
-            chain.append(ReplyRewrite(rules))
+            return LoopFilter(ctx, conf.get("max_repeats", 4), conf.get("text_repeats", 8), conf.get("action", "steer"))
+        makers = {
+            "tool_repair": lambda: ToolRepairFilter(ctx) if self.on("tool_repair", model) and ctx.tools else None,
+            "json_repair": lambda: JSONRepairFilter() if self.on("json_repair", model) and ctx.json_mode else None,
+            "loop_detection": lambda: loop() if self.on("loop_detection", model) else None,
+            "dangerous_commands": lambda: DangerFilter(self.danger_rules, self.danger_allow)
+            if self.on("dangerous_commands", model) else None,
+            "reply_rewrite": lambda: ReplyRewrite(self._rules("reply", model)) if self._rules("reply", model) else None,
+        }
+        chain = [f for f in (makers[name]() for name in RESPONSE_STAGES) if f is not None]
         return FilterChain(chain) if chain else None
 
 
@@ -7542,14 +7541,16 @@ class App:
         hub = False
         if pipe.request_active(request.body, model):
             creq = canonical()
-            if pipe.commands and pipe.prefix_bytes in request.body:
-                session = self.session(session_key)
-                reply = pipe.run_commands(creq, session, list(self.providers))
-                if reply is not None:
-                    return self.direct_reply(request, fmt, creq, reply, sse)
-            pipe.rewrite_request(creq, model)
-            if pipe.redact_prompts:
-                pipe.redact_request(creq)
+            for stage in REQUEST_STAGES:
+                if stage == "commands" and pipe.commands and pipe.prefix_bytes in request.body:
+                    session = self.session(session_key)
+                    reply = pipe.run_commands(creq, session, list(self.providers))
+                    if reply is not None:
+                        return self.direct_reply(request, fmt, creq, reply, sse)
+                elif stage == "rewrite":
+                    pipe.rewrite_request(creq, model)
+                elif stage == "redact" and pipe.redact_prompts:
+                    pipe.redact_request(creq)
             hub = True                       # the request was rewritten: render it from canonical form
         chain = None
         if session:
