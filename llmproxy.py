@@ -193,22 +193,27 @@ def _bad(message: str, status: int = 400) -> ProxyError:
     return ProxyError(status, "invalid_request_error", message, close=True)
 
 
+_FIELD_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\Z", re.S)
+_BAD_VALUE_STR_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def parse_header_lines(lines: List[bytes]) -> Headers:
     """Field lines (no CRLF) -> Headers. Strict: obs-fold, space before the colon,
     non-token names and control characters are refused (RFC 9112 §5.1-5.2, §11.2)."""
     if len(lines) > MAX_HEADERS:
         raise ProxyError(431, "invalid_request_error", "too many header fields", close=True)
     items = []
+    match = _FIELD_RE.match
     for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            raise _bad("obsolete line folding is not accepted")
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN_RE.match(name):
+        m = match(line.decode("latin-1"))
+        if m is None:
+            if line[:1] in (b" ", b"\t"):
+                raise _bad("obsolete line folding is not accepted")
             raise _bad("invalid header field name")
-        value = value.strip(b" \t")
-        if _BAD_VALUE_RE.search(value):
+        name, value = m.groups()
+        if _BAD_VALUE_STR_RE.search(value):
             raise _bad("control character in header field value")
-        items.append((name.decode("ascii").lower(), value.decode("latin-1")))
+        items.append((name.lower(), value))
     return Headers(items)
 
 
@@ -381,11 +386,11 @@ def check_header_value(value: str) -> str:
 
 
 def render_head(first_line: bytes, headers: List[Tuple[str, str]]) -> bytes:
-    parts = [first_line]
-    for name, value in headers:
-        parts.append(("%s: %s\r\n" % (name, check_header_value(value))).encode("latin-1"))
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    text = "".join(["%s: %s\r\n" % (name, value) for name, value in headers])
+    if _OUT_HEADER_BAD.search("".join([v for _, v in headers])):     # one scan for all the values
+        for _, value in headers:
+            check_header_value(value)
+    return first_line + text.encode("latin-1") + b"\r\n"
 
 
 def render_response_head(status: int, headers: List[Tuple[str, str]]) -> bytes:
