@@ -241,8 +241,14 @@ def parse_request_head(data: bytes) -> RequestHead:
             raise ProxyError(505, "invalid_request_error", "HTTP version not supported", close=True)
         raise _bad("malformed HTTP version")
     headers = parse_header_lines(lines[1:])
-    hosts = headers.get_all("host")
-    if version == b"HTTP/1.1" and len(hosts) != 1:
+    hosts = 0
+    conn: List[str] = []
+    for k, v in headers.items:                       # one pass for what the head itself needs
+        if k == "host":
+            hosts += 1
+        elif k == "connection":
+            conn.extend(t.strip().lower() for t in v.split(","))
+    if version == b"HTTP/1.1" and hosts != 1:
         raise _bad("HTTP/1.1 request needs exactly one Host header")
     target_s = target.decode("latin-1")
     if target_s.startswith(("http://", "https://")):          # absolute-form (RFC 9112 §3.2.2)
@@ -252,7 +258,6 @@ def parse_request_head(data: bytes) -> RequestHead:
     elif not (target_s.startswith("/") or (target_s == "*" and method == b"OPTIONS")):
         raise _bad("request target must be origin-form")
     path, _, query = target_s.partition("?")
-    conn = headers.tokens("connection")
     if version == b"HTTP/1.1":
         keep_alive = "close" not in conn
     else:
@@ -267,9 +272,16 @@ def parse_body_framing(headers: Headers, version: str = "HTTP/1.1") -> Tuple[str
     Ambiguous framing is a smuggling vector: Transfer-Encoding with Content-Length,
     differing Content-Lengths, TE on HTTP/1.0 and any coding but plain chunked are refused.
     """
-    te = headers.tokens("transfer-encoding")
-    cl_values = headers.get_all("content-length")
-    if te or "transfer-encoding" in headers:
+    te: List[str] = []
+    te_seen = False
+    cl_values: List[str] = []
+    for k, v in headers.items:
+        if k == "transfer-encoding":
+            te_seen = True
+            te.extend(t.strip().lower() for t in v.split(",") if t.strip())
+        elif k == "content-length":
+            cl_values.append(v)
+    if te_seen:
         if cl_values:
             raise _bad("both Transfer-Encoding and Content-Length present")
         if version == "HTTP/1.0":
@@ -5967,6 +5979,10 @@ class Pipeline:
                              (DEFAULT_DANGER_RULES if danger.get("use_defaults", True) else [])] + \
             [(r.get("name") or r["pattern"], re.compile(r["pattern"], re.I)) for r in danger.get("rules", [])]
         self.danger_allow = [re.compile(rx, re.I) for rx in danger.get("allow", [])]
+        # what can be ruled out once, not per request
+        self.may_rewrite = bool(self.system_prompts or any(r["target"] in ("system", "user") for r in self.rewrite))
+        self.may_filter = any((settings.get(st) or {}).get("enabled") for st in RESPONSE_STAGES) or \
+            any(r["target"] == "reply" for r in self.rewrite)
 
     def on(self, stage: str, model: str) -> bool:
         conf = self.s.get(stage) or {}
@@ -5982,12 +5998,12 @@ class Pipeline:
     def request_active(self, body: bytes, model: str) -> bool:
         """Whether the canonical request must be built for the request stages (cheap)."""
         return bool((self.commands and self.prefix_bytes in body) or self.redact_prompts or
-                    self._rules("system", model) or self._rules("user", model) or
-                    any(fnmatch.fnmatchcase(model, g) for g in self.system_prompts))
+                    (self.may_rewrite and (self._rules("system", model) or self._rules("user", model) or
+                                           any(fnmatch.fnmatchcase(model, g) for g in self.system_prompts))))
 
     def response_active(self, model: str) -> bool:
-        return any(self.on(s, model) for s in ("tool_repair", "json_repair", "loop_detection", "dangerous_commands")) \
-            or bool(self._rules("reply", model))
+        return self.may_filter and (any(self.on(s, model) for s in RESPONSE_STAGES[:-1]) or
+                                    bool(self._rules("reply", model)))
 
     # -- request stages -------------------------------------------------------
 
@@ -6314,9 +6330,13 @@ class AccessLog:
             sec = int(now)
             if sec != self._sec:
                 self._sec, self._stamp = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(sec))
-            line = "%s INFO %s %s" % (self._stamp, message, " ".join(
-                "%s=%s" % (k, v if type(v) is not str else _CTL_RE.sub("?", v)) for k, v in fields.items()
-                if v is not None))
+            parts = [self._stamp, "INFO", message]
+            for k, v in fields.items():
+                if v is not None:
+                    if type(v) is str and not v.isprintable():
+                        v = _CTL_RE.sub("?", v)
+                    parts.append("%s=%s" % (k, v))
+            line = " ".join(parts)
         if not self.lines:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
@@ -7541,8 +7561,9 @@ class App:
         """Request stages and session routing. -> the proxy's own reply to a command, or
         (model, targets, hub, stage context): hub says the canonical form must be sent."""
         pipe = self.pipeline
-        session_key = session_id(request)
-        session = self.sessions.get(session_key)
+        session_key = session_id(request) if self.sessions or pipe.may_filter or \
+            (pipe.commands and pipe.prefix_bytes in request.body) else ""
+        session = self.sessions.get(session_key) if self.sessions else None
         hub = False
         if pipe.request_active(request.body, model):
             creq = canonical()
