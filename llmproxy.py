@@ -7435,7 +7435,7 @@ class App:
                 detail = await resp.read(MAX_ERROR_BODY)
             except UpstreamError:
                 detail = b""
-            last = _error_message(detail)
+            last = self.pipeline.redactor(_error_message(detail))      # an upstream may echo the key
             if resp.status == 429:
                 wait = parse_reset_time(resp.headers, self.wall())
                 ring.cool(k, prov.cooldown_s if wait is None else wait, scope)
@@ -7461,12 +7461,18 @@ class App:
 
     async def relay_error(self, upstream: UpstreamResponse, hdrs) -> Response:
         """Same-format errors go back as they came; a non-JSON page becomes a clean error."""
-        data = await upstream.read(MAX_ERROR_BODY)
+        data = self.scrub(await upstream.read(MAX_ERROR_BODY))
         err = parse_upstream_error(upstream.status, upstream.content_type, data)
         if err is not None:
             err.headers = [h for h in hdrs if h[0] in ("retry-after", "x-llmproxy-provider")]
             raise err
         raise UpstreamReply(Response(upstream.status, hdrs, data), _error_message(data))
+
+    def scrub(self, data: bytes) -> bytes:
+        """An upstream error body with any secret it echoes (our upstream keys first) masked."""
+        text = data.decode("utf-8", "replace")
+        clean = self.pipeline.redactor(text)
+        return data if clean == text else clean.encode("utf-8")
 
     async def relay_stream(self, upstream: UpstreamResponse, info: dict, fmt=None):
         """Forward upstream bytes as they arrive; keep a short tail to read usage from."""
@@ -7751,7 +7757,7 @@ class App:
             upstream = await self.send_upstream(prov, "POST", url, _jbytes(up_body), stream_up, info,
                                                 may_wait=may_wait, deadline=deadline, model=upstream_model)
             if upstream.status >= 400:
-                data = await upstream.read(MAX_ERROR_BODY)
+                data = self.scrub(await upstream.read(MAX_ERROR_BODY))
                 err = upstream_error(upstream.status, upstream.content_type, data)
                 err.headers = [h for h in relay_headers(upstream.headers) if h[0] == "retry-after"]
                 raise err

@@ -1062,6 +1062,19 @@ class TestUpstreamFailures(ProxyCase):
         self.assertIn("503 Service Temporarily Unavailable", err["message"])
         self.assertEqual(err["type"], "upstream_error")
 
+    async def test_upstream_errors_never_echo_our_keys(self):
+        async def handler(req, w):
+            key = req["headers"]["authorization"][7:]
+            reply_json(w, 400, {"error": {"message": "bad request for key %s" % key}})
+        await self.start(handler)
+        for path, body in (("/v1/chat/completions", {"model": "m", "messages": []}),
+                           ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})):
+            status, _, data = await self.call("POST", path, body)
+            self.assertEqual(status, 400)
+            for key in UP_KEYS:
+                self.assertNotIn(key, data.decode())
+            self.assertIn("REDACTED", data.decode())
+
     async def test_json_upstream_error_relayed_as_is(self):
         body = {"error": {"message": "bad temperature", "type": "invalid_request_error", "param": "temperature"}}
 
