@@ -5166,6 +5166,23 @@ OAUTH_DEFAULTS = {"nous": ("openai", "https://inference-api.nousresearch.com/v1"
                   "claude-oauth": ("anthropic", "https://api.anthropic.com/v1")}
 
 
+_RETRY_IN_RE = re.compile(r"(?:try again|retry)(?: after| in)\s+((?:\d+(?:\.\d+)?\s*(?:ms|h|m|s)\s*)+)", re.I)
+_RETRY_DELAY_RE = re.compile(r'"retryDelay"\s*:\s*"(\d+(?:\.\d+)?)s"')
+
+
+def parse_reset_body(body: bytes) -> Optional[float]:
+    """Seconds to wait, from a 429 body: Google's RetryInfo retryDelay ("34.4s") or the
+    "try again in 20s" / "retry after 1m30s" many vendors put in the message."""
+    text = body[:MAX_ERROR_BODY].decode("utf-8", "replace")
+    m = _RETRY_DELAY_RE.search(text)
+    if m:
+        return float(m.group(1))
+    m = _RETRY_IN_RE.search(text)
+    if m:
+        return parse_duration(m.group(1).replace(" ", ""))
+    return None
+
+
 # 9. routing ##################################################################
 # Client model name -> (provider, upstream model). Order: forced override,
 # exact alias, configured prefix, implicit "<provider>/" prefix, a provider's
@@ -7438,6 +7455,8 @@ class App:
             last = self.pipeline.redactor(_error_message(detail))      # an upstream may echo the key
             if resp.status == 429:
                 wait = parse_reset_time(resp.headers, self.wall())
+                if wait is None:
+                    wait = parse_reset_body(detail)
                 ring.cool(k, prov.cooldown_s if wait is None else wait, scope)
                 self.share_key(prov, k, scope)
                 log.warning("provider %s key %s rate limited%s (%s); cooling %.0f s", prov.name, redact(k.key),

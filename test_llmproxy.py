@@ -24,6 +24,7 @@ import urllib.parse
 import llmproxy as lp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES_DIR = os.path.join(HERE, "fixtures")
 lp.log.addHandler(logging.NullHandler())     # tests that read the log install their own handler
 lp.log.propagate = False
 
@@ -625,6 +626,24 @@ class TestProxyKeys(unittest.TestCase):
         self.assertEqual(lp.redact(None), "-")
 
 
+class TestResetBodies(unittest.TestCase):
+    def test_reset_hints_in_429_bodies(self):
+        with open(os.path.join(FIXTURES_DIR, "gemini", "error_429_resource_exhausted_retry_info.json")) as f:
+            gemini = json.dumps(json.load(f)["body"]).encode()
+        cases = [(gemini, 34.4),
+                 (b'{"error":{"message":"Rate limit reached for gpt-4o. Please try again in 20s."}}', 20),
+                 (b'{"error":{"message":"Please try again in 1m30s"}}', 90),
+                 (b'{"error":{"message":"retry after 250ms"}}', 0.25),
+                 (b'{"error":{"message":"Provider returned error"}}', None)]
+        for body, want in cases:
+            with self.subTest(body[:40]):
+                got = lp.parse_reset_body(body)
+                if want is None:
+                    self.assertIsNone(got)
+                else:
+                    self.assertAlmostEqual(got, want)
+
+
 class TestKeyRing(unittest.TestCase):
     def test_round_robin_and_fill_first(self):
         clock = FakeClock()
@@ -984,6 +1003,18 @@ class TestRotation(ProxyCase):
         status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
         self.assertEqual(status, 200)
         self.assertEqual([r["headers"]["authorization"][-4:] for r in self.up.requests[-2:]], ["AAAA", "BBBB"])
+
+    async def test_429_body_hint_sets_the_cooldown(self):
+        async def handler(req, w):
+            if req["headers"]["authorization"].endswith("AAAA"):
+                reply_json(w, 429, {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "34.4s"}]}})
+            else:
+                reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 200)
+        self.assertAlmostEqual(self.app.providers["up"].keyring.keys[0].model_until["m"], self.clock.t + 34.4)
 
     async def test_all_keys_cooling_gives_429_with_retry_after(self):
         async def handler(req, w):
