@@ -8358,6 +8358,16 @@ async def run_check(config: Config) -> int:
             if pc.kind == "mock":
                 rows.append([name, "-", "ok", "built-in mock"])
                 continue
+            if pc.options.get("auth"):               # a subscription login: its state, not a key probe
+                cred = make_credential(config, name, client)
+                await cred.load()
+                st = cred.status()
+                ok = bool(st["logged_in"] and (st.get("valid") or cred.record.get("refresh_token")))
+                bad += not ok
+                rows.append([name, st.get("token", "-"), "ok" if ok else "FAIL",
+                             "logged in (%s)" % pc.options["auth"] if ok else
+                             "not logged in: python3 llmproxy.py login %s" % name])
+                continue
             prov = Provider(name, pc.kind, pc.base_url, None, pc.headers, connect_timeout=pc.connect_timeout_s,
                             read_timeout=min(pc.read_timeout_s, 30.0))
             for key in pc.keys or [None]:
