@@ -2654,6 +2654,20 @@ class TestSubscriptionProxy(OAuthCase):
         self.assertEqual(doc["status"], "degraded")
         self.assertIn("invalid_grant", doc["providers"]["nous"]["auth"]["error"])
 
+    async def test_check_reports_the_login(self):
+        await self.start_portal()
+        cfg = lp.load_config(None, {}, {"data_dir": self.tmp.name})
+        cfg.providers = {"nous": lp.oauth_provider("nous", "nous", {})}
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(await lp.run_check(cfg), 1)
+        self.assertIn("login nous", out.getvalue())
+        await self.logged_in()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(await lp.run_check(cfg), 0)
+        self.assertIn("logged in (nous)", out.getvalue())
+
     async def test_not_logged_in_says_how(self):
         await self.start_portal()
         await self.start_proxy(self.nous_config())
