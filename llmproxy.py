@@ -100,6 +100,7 @@ USAGE_TAIL_BYTES = 16 * 1024        # usage rides in the last events of a stream
 WRITE_HIGH_WATER = 64 * 1024        # drain() only when the transport buffer is above this
 READ_CHUNK = 64 * 1024
 MODELS_CACHE_S = 300.0              # upstream model lists are cached this long
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # an image URL fetched for a back-end that takes only bytes (Gemini's inline cap)
 CAPTURE_PART_BYTES = 1024 * 1024    # each captured body or stream is cut here (noted in the record)
 DEFAULT_PORT = 8787
 
@@ -6647,6 +6648,10 @@ def _load_provider(name: str, r: _Reader) -> ProviderConfig:
     if thinking not in ("keep", "drop"):
         raise ConfigError("%s: must be \"keep\" or \"drop\"" % r.key("thinking"))
     pc.options["thinking"] = thinking
+    fetch = r.get("fetch_images", str, "public")
+    if fetch not in ("public", "all", "off"):
+        raise ConfigError("%s: must be public, all or off" % r.key("fetch_images"))
+    pc.options["fetch_images"] = fetch
     field = r.get("max_tokens_field", str, None)
     if field is not None:
         if field not in ("max_tokens", "max_completion_tokens"):
@@ -7753,6 +7758,8 @@ class App:
             self.apply_previous_response(creq)   # a stateless back-end: the proxy keeps the history
         history = list(creq.messages)
         fmt_out = prov.format
+        if fmt_out is Gemini and prov.options.get("fetch_images", "public") != "off":
+            await self.inline_images(creq, prov.options.get("fetch_images", "public") == "all")
         client_model = creq.model
         creq.model = upstream_model
         up_body = fmt_out.render_request(creq, prov.options)
@@ -7806,6 +7813,33 @@ class App:
         if fmt is OpenAIResponses and creq.store is not False:
             self.remember(out, history)
         return json_response(200, out, hdrs)
+
+    async def inline_images(self, creq: ChatRequest, private_ok: bool = False):
+        """Fetch image URLs into inline data (at most MAX_IMAGE_BYTES each); an image that
+        cannot be fetched stays a URL, which the Gemini renderer mentions as text. Hosts
+        that resolve to private, loopback or link-local addresses are not fetched unless
+        the provider says "fetch_images": "all" (no requests into the proxy's network)."""
+        stack = [p for m in creq.messages for p in m.parts]
+        for p in stack:
+            if p.type == "tool_result":
+                stack.extend(p.content)
+            elif p.type == "image" and p.url.startswith(("http://", "https://")) and not p.data:
+                try:
+                    if not private_ok and not await public_host(p.url):
+                        raise UpstreamError(403, "the host is not public", "image_fetch")
+                    resp = await self.client.request("GET", p.url, [("accept", "image/*"), ("accept-encoding", "identity"),
+                                                                    ("user-agent", "llmproxy/" + __version__)],
+                                                     b"", CONNECT_TIMEOUT_S, 30.0)
+                    data = await resp.read(MAX_IMAGE_BYTES)
+                    ctype = resp.content_type
+                    if resp.status != 200 or not ctype.startswith("image/"):
+                        raise UpstreamError(502, "HTTP %d %s" % (resp.status, ctype), "image_fetch")
+                except (ProxyError, ValueError) as e:
+                    log.info("image %.80s could not be fetched for Gemini (%s); sent as a link", p.url,
+                             getattr(e, "message", e))
+                    continue
+                p.data, p.media_type = base64.b64encode(data).decode("ascii"), ctype
+                p.url = ""
 
     @staticmethod
     async def _decode_all(upstream: UpstreamResponse, fmt) -> list:
@@ -8222,6 +8256,20 @@ class App:
             if p == port and h.lower() in local:
                 return "provider %r base_url %s points at this proxy itself (request loop)" % (prov.name, prov.base_url)
         return None
+
+
+async def public_host(url: str) -> bool:
+    """Whether every address the URL's host resolves to is a public one."""
+    try:
+        _, host, port, _ = split_url(url)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError):
+        return False
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast:
+            return False
+    return bool(infos)
 
 
 def response_events(resp: ChatResponse) -> list:

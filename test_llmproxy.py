@@ -2239,6 +2239,32 @@ class TestHubBehaviour(ProxyCase):
                                 {"type": "message", "role": "user", "content": "hi"},
                                 {"type": "local_shell_call_output", "id": "x"}])   # unknown types pass through
 
+    async def test_image_urls_are_fetched_for_gemini(self):
+        png = b"\x89PNG\r\n\x1a\nfakeimage"
+
+        async def handler(req, w):
+            if req["path"] == "/img.png":
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: %d\r\n\r\n%s" % (len(png), png))
+            elif req["path"] == "/missing.png":
+                reply_json(w, 404, {"error": "no"})
+            else:
+                reply_json(w, 200, json.loads(UP_REPLIES[("gemini", 2, False)]))
+        await self.start_back(handler, "gemini")
+        base = "http://127.0.0.1:%d" % self.up.port
+        body = {"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": base + "/img.png"}},
+            {"type": "image_url", "image_url": {"url": base + "/missing.png"}}]}]}
+        status, _, _ = await self.call("POST", "/v1/chat/completions", body)
+        parts = json.loads(self.up.requests[-1]["body"])["contents"][0]["parts"]
+        self.assertEqual(parts[1], {"text": "[image: %s/img.png]" % base})     # loopback: not fetched by default
+        self.app.providers["up"].options["fetch_images"] = "all"
+        status, _, _ = await self.call("POST", "/v1/chat/completions", body)
+        self.assertEqual(status, 200)
+        parts = json.loads(self.up.requests[-1]["body"])["contents"][0]["parts"]
+        import base64
+        self.assertEqual(parts[1], {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}})
+        self.assertEqual(parts[2], {"text": "[image: %s/missing.png]" % base})
+
     async def test_model_list_shape_follows_the_client(self):
         async def handler(req, w):
             reply_json(w, 200, {"object": "list", "data": [{"id": "up-a"}]})
