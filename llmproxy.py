@@ -1510,7 +1510,7 @@ class Usage:
 
 @dataclasses.dataclass
 class Part:
-    """One piece of a message. type: text | image | tool_call | tool_result | thinking | redacted."""
+    """One piece of a message. type: text | image | document | tool_call | tool_result | thinking | redacted."""
     type: str
     text: str = ""                       # text, thinking
     id: str = ""                         # tool_call / tool_result id, reasoning item id
@@ -1622,6 +1622,20 @@ def image_part(url: str) -> Part:
 
 def image_url(p: Part) -> str:
     return p.url or "data:%s;base64,%s" % (p.media_type or "image/png", p.data)
+
+
+def document_part(data_or_url: str, filename: str = "") -> Part:
+    """A file (PDF, text, ...) from a data URL, a bare base64 string or a URL."""
+    d = parse_data_url(data_or_url)
+    if d:
+        return Part("document", media_type=d[0], data=d[1], name=filename)
+    if data_or_url.startswith(("http://", "https://")):
+        return Part("document", url=data_or_url, name=filename)
+    return Part("document", media_type="application/pdf", data=data_or_url, name=filename)
+
+
+def document_url(p: Part) -> str:
+    return p.url or "data:%s;base64,%s" % (p.media_type or "application/pdf", p.data)
 
 
 def text_of(parts: List[Part]) -> str:
@@ -1759,6 +1773,8 @@ class OpenAIChat(WireFormat):
                     out.append(image_part(url))
             elif t == "refusal" and c.get("refusal"):
                 out.append(Part("text", text=c["refusal"]))
+            elif t == "file" and isinstance(c.get("file"), dict) and c["file"].get("file_data"):
+                out.append(document_part(c["file"]["file_data"], c["file"].get("filename") or ""))
             else:
                 drop_field("openai", "content type %s" % t)
         return out
@@ -1857,6 +1873,9 @@ class OpenAIChat(WireFormat):
                 out.append({"type": "text", "text": p.text})
             elif p.type == "image":
                 out.append({"type": "image_url", "image_url": {"url": image_url(p)}})
+            elif p.type == "document":
+                out.append({"type": "file", "file": {"filename": p.name or "document", "file_data": document_url(p)}}
+                           if p.data else {"type": "text", "text": "[document: %s]" % p.url})
         return out
 
     @classmethod
@@ -1890,7 +1909,7 @@ class OpenAIChat(WireFormat):
                     images = [c for c in p.content if c.type == "image"]
                     if images:          # tool messages are text-only: images follow as a user message
                         rest.extend(images)
-                elif p.type in ("text", "image"):
+                elif p.type in ("text", "image", "document"):
                     rest.append(p)
             if rest:
                 msgs.append({"role": "user", "content": cls._render_content(rest)})
@@ -2215,6 +2234,15 @@ class AnthropicMessages(WireFormat):
                                 origin="" if foreign else "anthropic"))
             elif t == "redacted_thinking":
                 out.append(Part("redacted", data=b.get("data", ""), origin="anthropic"))
+            elif t == "document":
+                src = b.get("source") or {}
+                if src.get("type") == "base64":
+                    out.append(Part("document", media_type=src.get("media_type", "application/pdf"),
+                                    data=src.get("data", ""), name=b.get("title") or ""))
+                elif src.get("type") == "url":
+                    out.append(Part("document", url=src.get("url", ""), name=b.get("title") or ""))
+                elif src.get("type") == "text" and src.get("data"):
+                    out.append(Part("text", text=src["data"]))
             else:
                 drop_field("anthropic", "block type %s" % t)
         return out
@@ -2287,6 +2315,14 @@ class AnthropicMessages(WireFormat):
         return req
 
     @staticmethod
+    def _render_document(p: Part) -> dict:
+        block: Dict[str, Any] = {"type": "document", "source": {"type": "url", "url": p.url} if p.url else {
+            "type": "base64", "media_type": p.media_type or "application/pdf", "data": p.data}}
+        if p.name:
+            block["title"] = p.name
+        return block
+
+    @staticmethod
     def _render_image(p: Part) -> dict:
         if p.url:
             return {"type": "image", "source": {"type": "url", "url": p.url}}
@@ -2312,6 +2348,8 @@ class AnthropicMessages(WireFormat):
                         rest.append({"type": "text", "text": p.text})
                     elif p.type == "image":
                         rest.append(cls._render_image(p))
+                    elif p.type == "document":
+                        rest.append(cls._render_document(p))
                 blocks = results + rest          # tool results first (API rule)
             else:
                 for p in m.parts:
@@ -2677,6 +2715,8 @@ class OpenAIResponses(WireFormat):
                     url = url.get("url")
                 if isinstance(url, str):
                     out.append(image_part(url))
+            elif t == "input_file" and (c.get("file_data") or c.get("file_url")):
+                out.append(document_part(c.get("file_data") or c["file_url"], c.get("filename") or ""))
             else:
                 drop_field("openai-responses", "content type %s" % t)
         return out
@@ -2789,11 +2829,14 @@ class OpenAIResponses(WireFormat):
                 if texts:
                     ctype = "output_text" if m.role == "assistant" else "input_text"
                     content = [{"type": ctype, "text": p.text} if p.type == "text"
-                               else {"type": "input_image", "image_url": image_url(p)} for p in texts]
+                               else {"type": "input_image", "image_url": image_url(p)} if p.type == "image"
+                               else dict({"type": "input_file", "filename": p.name or "document"},
+                                         **({"file_url": p.url} if p.url else {"file_data": document_url(p)}))
+                               for p in texts]
                     items.append({"type": "message", "role": m.role, "content": content})
                     texts.clear()
             for p in m.parts:
-                if p.type in ("text", "image"):
+                if p.type in ("text", "image", "document"):
                     texts.append(p)
                     continue
                 flush()
@@ -3385,7 +3428,8 @@ class Gemini(WireFormat):
                     if p["text"] or sig:
                         parts.append(Part("text", text=p["text"]))
                 elif inline:
-                    parts.append(Part("image", media_type=inline.get("mimeType") or inline.get("mime_type", ""),
+                    mime = inline.get("mimeType") or inline.get("mime_type", "")
+                    parts.append(Part("image" if mime.startswith("image/") else "document", media_type=mime,
                                       data=inline.get("data", "")))
                 elif fdata:
                     parts.append(Part("image", url=fdata.get("fileUri") or fdata.get("file_uri", ""),
@@ -3442,12 +3486,12 @@ class Gemini(WireFormat):
         for p in m.parts:
             if p.type == "text" and p.text:
                 out.append({"text": p.text})
-            elif p.type == "image":
+            elif p.type in ("image", "document"):
                 if p.data:
                     out.append({"inlineData": {"mimeType": p.media_type or "image/png", "data": p.data}})
                 else:
-                    log.info("gemini: image URL %.60s cannot be sent inline; passed as text", p.url)
-                    out.append({"text": "[image: %s]" % p.url})
+                    log.info("gemini: %s URL %.60s cannot be sent inline; passed as text", p.type, p.url)
+                    out.append({"text": "[%s: %s]" % (p.type, p.url)})
             elif p.type == "tool_call":
                 names[p.id] = p.name
                 part: Dict[str, Any] = {"functionCall": {"name": p.name, "args": parse_arguments(p.arguments),
@@ -6968,7 +7012,7 @@ def estimate_tokens(req: ChatRequest) -> int:
     images = 0
     stack = [p for m in req.messages for p in m.parts]
     for p in stack:
-        if p.type == "image":
+        if p.type in ("image", "document"):
             images += 1
         elif p.type == "tool_result":
             stack.extend(p.content)

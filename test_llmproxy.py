@@ -1799,7 +1799,8 @@ def sample_request():
         tool_choice="auto",
         messages=[
             lp.Message("user", [lp.Part("text", text="Weather in Paris and Rome?"),
-                                lp.Part("image", media_type="image/png", data="iVBORw0KGgo=")]),
+                                lp.Part("image", media_type="image/png", data="iVBORw0KGgo="),
+                                lp.Part("document", media_type="application/pdf", data="JVBERi0xLjQK", name="plan.pdf")]),
             lp.Message("assistant", [lp.Part("text", text="Checking."),
                                      lp.Part("tool_call", id="call_1", name="get_weather", arguments='{"city":"Paris"}'),
                                      lp.Part("tool_call", id="call_2", name="get_weather", arguments='{"city":"Rome"}')]),
@@ -1818,6 +1819,8 @@ def essence(req):
                 out.append((m.role, "text", p.text))
             elif p.type == "image":
                 out.append((m.role, "image", p.data))
+            elif p.type == "document":
+                out.append((m.role, "document", p.media_type, p.data))
             elif p.type == "tool_call":
                 out.append((m.role, "call", p.id, p.name, json.loads(p.arguments)))
             elif p.type == "tool_result":
