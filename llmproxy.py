@@ -6784,35 +6784,8 @@ def _load_guardrails(g: _Reader) -> Dict[str, Any]:
     return out
 
 
-def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] = None) -> Config:
-    env = os.environ if env is None else env
-    doc: dict = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                doc = json.loads(f.read().decode("utf-8"))
-        except OSError as e:
-            raise ConfigError("%s: cannot read: %s" % (path, e.strerror))
-        except ValueError as e:
-            raise ConfigError("%s: invalid JSON: %s" % (path, e))
-    r = _Reader(doc, "", env)
-    cfg = Config()
-    cfg.host = r.get("host", str, cfg.host)
-    cfg.port = r.get("port", int, cfg.port)
-    cfg.data_dir = r.get("data_dir", str, "") or default_data_dir(env)
-    cfg.log_level = r.get("log_level", str, cfg.log_level)
-    cfg.log_format = r.get("log_format", str, cfg.log_format)
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            setattr(cfg, k, v)
-    cfg.data_dir = os.path.expanduser(cfg.data_dir)
-    if not 0 <= cfg.port <= 65535:
-        raise ConfigError("port: must be between 0 and 65535")
-    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError("log_level: must be debug, info, warning or error")
-    if cfg.log_format not in ("text", "json"):
-        raise ConfigError("log_format: must be text or json")
-
+def _load_serving(r: _Reader, cfg: Config, env):
+    """auth, cors, limits, resilience and workers."""
     a = r.sub("auth")
     cfg.auth_enabled = a.get("enabled", bool, True)
     cfg.keys = a.strings("keys") + [k.strip() for k in env.get("LLMPROXY_API_KEYS", "").split(",") if k.strip()]
@@ -6851,6 +6824,9 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
     if not 1 <= cfg.workers <= 256:
         raise ConfigError("workers: must be between 1 and 256")
 
+
+def _load_providers(r: _Reader, cfg: Config, env):
+    """configured providers, the environment's, stored logins, else the mock."""
     pr = r.sub("providers")
     for name in pr.obj:
         if not re.match(r"[A-Za-z0-9_.-]{1,64}\Z", name):
@@ -6876,16 +6852,9 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
         cfg.notes.append("no provider configured: serving the built-in mock provider (set OPENAI_API_KEY, "
                          "OPENROUTER_API_KEY or a config file for real models)")
 
-    cfg.guardrails = _load_guardrails(r.sub("guardrails"))
-    cap = r.sub("capture")
-    cfg.capture_file = cap.get("file", str, None)
-    cfg.capture_max_bytes = int(cap.positive("max_bytes", 50 * 1024 * 1024))
-    cfg.capture_max_files = int(cap.positive("max_files", 5))
-    cfg.capture_interval_s = cap.get("interval_s", float, 0.0)
-    if cfg.capture_interval_s < 0:
-        raise ConfigError("capture.interval_s: must not be negative")
-    cap.finish()
 
+def _load_routing(r: _Reader, cfg: Config, env):
+    """aliases (failover chains), fallbacks, failover conditions, prefixes, default, force."""
     rt = r.sub("routing")
     for alias, target in rt.get("aliases", dict, {}).items():
         where = "routing.aliases.%s" % alias
@@ -6921,7 +6890,51 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
     if force:
         cfg.force = _parse_target(force, "routing.force", cfg.providers)
     rt.finish()
-    r.get("$schema", str)
+
+
+def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] = None) -> Config:
+    env = os.environ if env is None else env
+    doc: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read().decode("utf-8"))
+        except OSError as e:
+            raise ConfigError("%s: cannot read: %s" % (path, e.strerror))
+        except ValueError as e:
+            raise ConfigError("%s: invalid JSON: %s" % (path, e))
+    r = _Reader(doc, "", env)
+    cfg = Config()
+    cfg.host = r.get("host", str, cfg.host)
+    cfg.port = r.get("port", int, cfg.port)
+    cfg.data_dir = r.get("data_dir", str, "") or default_data_dir(env)
+    cfg.log_level = r.get("log_level", str, cfg.log_level)
+    cfg.log_format = r.get("log_format", str, cfg.log_format)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            setattr(cfg, k, v)
+    cfg.data_dir = os.path.expanduser(cfg.data_dir)
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError("port: must be between 0 and 65535")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level: must be debug, info, warning or error")
+    if cfg.log_format not in ("text", "json"):
+        raise ConfigError("log_format: must be text or json")
+
+    _load_serving(r, cfg, env)
+    _load_providers(r, cfg, env)
+    cfg.guardrails = _load_guardrails(r.sub("guardrails"))
+    cap = r.sub("capture")
+    cfg.capture_file = cap.get("file", str, None)
+    cfg.capture_max_bytes = int(cap.positive("max_bytes", 50 * 1024 * 1024))
+    cfg.capture_max_files = int(cap.positive("max_files", 5))
+    cfg.capture_interval_s = cap.get("interval_s", float, 0.0)
+    if cfg.capture_interval_s < 0:
+        raise ConfigError("capture.interval_s: must not be negative")
+    cap.finish()
+
+    _load_routing(r, cfg, env)
+    r.get("$schema", str)                        # an editor's schema hint is allowed
     r.finish()
     return cfg
 
