@@ -552,9 +552,20 @@ class StreamResponse:
         self.chunks = chunks
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))   # built once, not per call
+_jstr = json.encoder.encode_basestring       # a str as a JSON string literal (C speed)
+
+
+def _jdump(obj) -> str:
+    return _ENCODER.encode(obj)
+
+
+def _jbytes(obj) -> bytes:
+    return _ENCODER.encode(obj).encode("utf-8")
+
+
 def json_response(status: int, obj: Any, headers: Optional[List[Tuple[str, str]]] = None) -> Response:
-    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return Response(status, [("content-type", "application/json")] + (headers or []), body)
+    return Response(status, [("content-type", "application/json")] + (headers or []), _jbytes(obj))
 
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -1577,18 +1588,6 @@ class ChatResponse:
     stop_sequence: Optional[str] = None
     usage: Usage = dataclasses.field(default_factory=Usage)
     created: int = 0
-
-
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))   # built once, not per call
-_jstr = json.encoder.encode_basestring       # a str as a JSON string literal (C speed)
-
-
-def _jdump(obj) -> str:
-    return _ENCODER.encode(obj)
-
-
-def _jbytes(obj) -> bytes:
-    return _ENCODER.encode(obj).encode("utf-8")
 
 
 def parse_arguments(text: str) -> dict:
@@ -3013,7 +3012,7 @@ class ResponsesDecoder(CanonicalStream):
         elif t == "response.custom_tool_call_input.delta":
             idx = self._tool(d)
             if idx is not None and d.get("delta"):
-                out.append(("tool_args", idx, json.dumps(d["delta"], ensure_ascii=False)[1:-1]))
+                out.append(("tool_args", idx, _jstr(d["delta"])[1:-1]))
         elif t == "response.output_item.done":
             item = d.get("item") or {}
             if item.get("type") == "reasoning" and item.get("encrypted_content"):
@@ -6265,7 +6264,7 @@ class JSONLogFormatter(logging.Formatter):
         doc.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+        return _jdump(doc)
 
 
 class WireCapture:
@@ -6307,7 +6306,7 @@ class WireCapture:
                                           "x-nous-refresh-token", "cookie") else v) for k, v in items}
 
     def record(self, doc: dict):
-        line = self.redact(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
+        line = self.redact(_jdump(doc))
         self.lines.append(line)
         if not self.writing:
             self._start()
@@ -6387,7 +6386,7 @@ class AccessLog:
         if isinstance(handler.formatter, JSONLogFormatter):
             doc = {"ts": round(now, 3), "level": "info", "msg": message}
             doc.update(fields)
-            line = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+            line = _jdump(doc)
         else:
             sec = int(now)
             if sec != self._sec:
