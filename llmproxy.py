@@ -1495,6 +1495,7 @@ _ERROR_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_erro
                          404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                          413: "invalid_request_error", 429: "rate_limit_error"}
 UNSIGNED = "llmproxy-unsigned"      # signature we give thinking that no provider signed
+CARRIED = "llmproxy:"               # encrypted_content prefix carrying another vendor's signature
 STOP_REASONS = ("end", "max_tokens", "tool_use", "stop_sequence", "content_filter")
 
 
@@ -1588,6 +1589,12 @@ class ChatResponse:
     stop_sequence: Optional[str] = None
     usage: Usage = dataclasses.field(default_factory=Usage)
     created: int = 0
+
+
+def carry_signature(signature: str, origin: str) -> str:
+    """Responses clients keep reasoning only as encrypted_content: another vendor's signature
+    rides there under a marker, so it comes back to its vendor on the next turn."""
+    return signature if origin == "openai-responses" else "%s%s:%s" % (CARRIED, origin, signature)
 
 
 def parse_arguments(text: str) -> dict:
@@ -2228,9 +2235,11 @@ class AnthropicMessages(WireFormat):
                                 is_error=bool(b.get("is_error"))))
             elif t == "thinking":
                 sig = b.get("signature") or ""
-                foreign = not sig or sig == UNSIGNED
-                out.append(Part("thinking", text=b.get("thinking", ""), signature="" if foreign else sig,
-                                origin="" if foreign else "anthropic"))
+                if sig == UNSIGNED:              # ours: reasoning an OpenAI-compatible back-end produced
+                    out.append(Part("thinking", text=b.get("thinking", ""), origin="openai"))
+                else:
+                    out.append(Part("thinking", text=b.get("thinking", ""), signature=sig,
+                                    origin="anthropic" if sig else ""))
             elif t == "redacted_thinking":
                 out.append(Part("redacted", data=b.get("data", ""), origin="anthropic"))
             elif t == "document":
@@ -2752,10 +2761,12 @@ class OpenAIResponses(WireFormat):
             elif t == "reasoning":
                 summary = "\n\n".join(s.get("text", "") for s in it.get("summary") or [] if isinstance(s, dict))
                 enc = it.get("encrypted_content") or ""
+                origin = "openai-responses" if enc else ""
+                if enc.startswith(CARRIED):       # a signature we carried for another vendor
+                    origin, _, enc = enc[len(CARRIED):].partition(":")
                 if summary or enc:
                     req.messages.append(Message("assistant", [Part(
-                        "thinking", text=summary, id=it.get("id") or "", signature=enc,
-                        origin="openai-responses" if enc else "")]))
+                        "thinking", text=summary, id=it.get("id") or "", signature=enc, origin=origin)]))
             elif t == "item_reference":
                 log.info("openai-responses: item_reference %s cannot be resolved here; dropped", it.get("id"))
             else:
@@ -2925,8 +2936,8 @@ class OpenAIResponses(WireFormat):
             if p.type == "thinking" and not drop_thinking:
                 item = {"type": "reasoning", "id": p.id or new_id("rs_"),
                         "summary": [{"type": "summary_text", "text": p.text}] if p.text else []}
-                if p.origin == "openai-responses" and p.signature:
-                    item["encrypted_content"] = p.signature
+                if p.signature:
+                    item["encrypted_content"] = carry_signature(p.signature, p.origin)
                 items.append(item)
             elif p.type == "tool_call":
                 items.append(OpenAIResponses.call_item(p.id, p.name, p.arguments, req, "completed"))
@@ -3175,8 +3186,8 @@ class ResponsesEncoder:
             out.append(self._delta_ev("response.reasoning_summary_text.delta", self.cur["id"], idx,
                                       '"summary_index":0,', ev[1]))
         elif kind == "signature":
-            if self.cur is not None and self.cur["type"] == "reasoning" and ev[2] == "openai-responses":
-                self.sig = ev[1]
+            if self.cur is not None and self.cur["type"] == "reasoning":
+                self.sig = carry_signature(ev[1], ev[2])
         elif kind == "tool_start":
             item = OpenAIResponses.call_item(ev[2], ev[3], "", self.req, "in_progress")
             out.extend(self._open_item(item))

@@ -1990,6 +1990,35 @@ class TestFailureClasses(unittest.TestCase):
         out = lp.OpenAIChat.render_request(lp.OpenAIChat.parse_request(body))
         self.assertEqual(out["messages"][1]["reasoning_content"], "think")
 
+    def test_unsigned_thinking_replayed_by_an_anthropic_client_goes_back_as_reasoning_content(self):
+        body = {"model": "m", "max_tokens": 100, "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": lp.UNSIGNED},
+                                              {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]}
+        out = lp.OpenAIChat.render_request(lp.AnthropicMessages.parse_request(body))
+        self.assertEqual(out["messages"][1]["reasoning_content"], "plan")
+
+    def test_anthropic_signature_survives_a_responses_client_round_trip(self):
+        raw = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"c","usage":{"input_tokens":1}}}\n\n'
+               b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":""}}\n\n'
+               b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hmm"}}\n\n'
+               b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"SIG123"}}\n\n'
+               b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+               b'event: content_block_start\ndata: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":"f","input":{}}}\n\n'
+               b'event: content_block_stop\ndata: {"type":"content_block_stop","index":1}\n\n'
+               b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":5}}\n\n'
+               b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+        frames = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("openai-responses", decode_stream("anthropic", [raw])))]
+        output = frames[-1]["response"]["output"]
+        self.assertEqual(output[0]["encrypted_content"], "llmproxy:anthropic:SIG123")
+        replay = lp.OpenAIResponses.parse_request({"model": "m", "input": [
+            {"type": "message", "role": "user", "content": "q"}, output[0], output[1],
+            {"type": "function_call_output", "call_id": output[1]["call_id"], "output": "ok"}]})
+        sent = lp.AnthropicMessages.render_request(replay)
+        self.assertEqual(sent["messages"][1]["content"][0], {"type": "thinking", "thinking": "hmm", "signature": "SIG123"})
+        self.assertNotIn("SIG123", json.dumps(lp.OpenAIResponses.render_request(replay)))   # never to OpenAI
+
     def test_gemini_thought_signature_kept_and_returned(self):
         reply = {"candidates": [{"content": {"role": "model", "parts": [
             {"functionCall": {"name": "f", "args": {"x": 1}}, "thoughtSignature": "TS=="}]}, "finishReason": "STOP"}]}
