@@ -6964,6 +6964,7 @@ SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-con
                ("x-accel-buffering", "no")]
 KEEPALIVE_S = 15.0                 # silence (a model thinking) longer than this gets a keep-alive frame
 RESPONSES_STORE_MAX = 128          # previous_response_id entries kept in memory (whole conversations)
+SIGNATURES_MAX = 4096              # tool-call thought signatures kept for clients that cannot carry them
 IMAGE_TOKENS = 1600                # count_tokens estimate per image (Anthropic: ~1,600 for 1092x1092)
 
 
@@ -7208,6 +7209,7 @@ class App:
         self.started = wall()
         self.models_cache: Dict[str, Tuple[float, List[str]]] = {}
         self.responses: "OrderedDict[str, List[Message]]" = OrderedDict()
+        self.signatures: "OrderedDict[str, Tuple[str, str]]" = OrderedDict()   # call id -> (origin, signature)
         self.cors_any = "*" in config.cors_origins
         self.cors = frozenset(config.cors_origins)
         chat = {"POST": (self.handle_chat, CLIENT)}
@@ -7825,6 +7827,8 @@ class App:
             self.apply_previous_response(creq)   # a stateless back-end: the proxy keeps the history
         history = list(creq.messages)
         fmt_out = prov.format
+        if fmt_out is Gemini:
+            self.restore_signatures(creq)
         if fmt_out is Gemini and prov.options.get("fetch_images", "public") != "off":
             await self.inline_images(creq, prov.options.get("fetch_images", "public") == "all")
         client_model = creq.model
@@ -7875,6 +7879,9 @@ class App:
         cresp = fmt_out.parse_response(reply)
         if filters is not None:
             cresp = collect_events(filters.run(response_events(cresp)))
+        for p in cresp.parts:
+            if p.type == "tool_call" and p.signature and p.origin == "gemini":
+                self.keep_signature(p.id, p.origin, p.signature)
         info["usage"] = cresp.usage
         out = fmt.render_response(cresp, creq, options)
         if fmt is OpenAIResponses and creq.store is not False:
@@ -7947,6 +7954,8 @@ class App:
         def emit(ev) -> List[bytes]:
             out = []
             for ev in (filters.feed(ev) if filters is not None else (ev,)):
+                if ev[0] == "tool_start" and ev[4] and ev[5] == "gemini":
+                    self.keep_signature(ev[2], ev[5], ev[4])
                 if ev[0] == "finish":
                     info["usage"] = ev[2]
                 elif ev[0] == "error":
@@ -8012,6 +8021,19 @@ class App:
         cap = info.setdefault("cap_up", [b"", stream])
         if len(cap[0]) < CAPTURE_PART_BYTES:
             cap[0] += data[:CAPTURE_PART_BYTES - len(cap[0])]
+
+    def keep_signature(self, call_id: str, origin: str, signature: str):
+        """Gemini's thoughtSignature for a call, for clients whose format has no place for it."""
+        self.signatures[call_id] = self.signatures[anthropic_id(call_id)] = (origin, signature)
+        while len(self.signatures) > SIGNATURES_MAX:
+            self.signatures.popitem(last=False)
+
+    def restore_signatures(self, creq: ChatRequest):
+        """Give replayed tool calls back the signatures their client could not keep."""
+        for m in creq.messages:
+            for p in m.parts:
+                if p.type == "tool_call" and not p.signature and p.id in self.signatures:
+                    p.origin, p.signature = self.signatures[p.id]
 
     def apply_previous_response(self, creq: ChatRequest):
         rid = creq.previous_response_id

@@ -2297,6 +2297,23 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual(parts[1], {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}})
         self.assertEqual(parts[2], {"text": "[image: %s/missing.png]" % base})
 
+    async def test_gemini_thought_signatures_survive_clients_that_cannot_carry_them(self):
+        self.up = await FakeUpstream(multi_upstream).start()
+        cfg = base_config(self.up.port)
+        cfg["providers"]["up"].update(format="gemini", base_url="http://127.0.0.1:%d/v1beta" % self.up.port)
+        await self.start(config=cfg)
+        for front, stream in (("openai", False), ("anthropic", True)):
+            with self.subTest(front):
+                p, body = client_request(front, 1, stream)
+                _, _, data = await self.call("POST", p, body)
+                call = client_reply(front, data, stream)[1][0]
+                self.assertIsNone(call[3])                      # the client never saw the signature
+                p, body = client_request(front, 2, stream, call)
+                await self.call("POST", p, body)
+                sent = json.loads(self.up.requests[-1]["body"])
+                fc = [part for c in sent["contents"] for part in c["parts"] if "functionCall" in part][0]
+                self.assertEqual(fc["thoughtSignature"], "c2lnLWdlbWluaQ==")
+
     async def test_model_list_shape_follows_the_client(self):
         async def handler(req, w):
             reply_json(w, 200, {"object": "list", "data": [{"id": "up-a"}]})
