@@ -7078,15 +7078,16 @@ _CONTEXT_RE = re.compile(r"context.{0,20}(length|window)|too long|maximum.{0,20}
 
 
 def stateless_input(items: list) -> Optional[list]:
-    """Responses input for store:false: item_reference items dropped and reasoning items
-    without their ids (the back-end never stored them). None when nothing changes."""
+    """Responses input for store:false: item_reference items dropped and replayed items
+    without their ids (the back-end never stored them, and answers 404 for them). None
+    when nothing changes."""
     out = []
     changed = False
     for it in items:
         if isinstance(it, dict) and it.get("type") == "item_reference":
             changed = True
             continue
-        if isinstance(it, dict) and it.get("type") == "reasoning" and "id" in it:
+        if isinstance(it, dict) and "id" in it:
             it = {k: v for k, v in it.items() if k != "id"}
             changed = True
         out.append(it)

@@ -2269,7 +2269,7 @@ class TestHubBehaviour(ProxyCase):
         sent = json.loads(self.up.requests[-1]["body"])["input"]
         self.assertEqual(sent, [{"type": "reasoning", "summary": [], "encrypted_content": "ENC"},
                                 {"type": "message", "role": "user", "content": "hi"},
-                                {"type": "local_shell_call_output", "id": "x"}])   # unknown types pass through
+                                {"type": "local_shell_call_output"}])   # unknown types pass through, without ids
 
     async def test_image_urls_are_fetched_for_gemini(self):
         png = b"\x89PNG\r\n\x1a\nfakeimage"
