@@ -716,7 +716,9 @@ class HTTPServer:
                 break
         for c in list(self.connections):
             c.transport.abort()
-        tasks = [c.task for c in self.connections if c.task is not None]
+        tasks = [c.task for c in self.connections if c.task is not None and not c.task.done()]
+        for task in tasks:                       # one still waiting on its upstream: stop it (and the upstream)
+            task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
         if self.server is not None:

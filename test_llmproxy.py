@@ -3756,6 +3756,30 @@ class TestMockEndToEnd(ProxyCase):
         self.assertEqual(finish[-1], "tool_calls")
 
 
+class TestShutdownStuck(ProxyCase):
+    async def test_grace_runs_out_and_the_stuck_upstream_is_closed(self):
+        closed = asyncio.Event()
+
+        async def stuck(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0])
+            await w.drain()
+            if not await req["reader"].read(1):          # nothing more, until the proxy hangs up
+                closed.set()
+            return False
+        await self.start(stuck)
+        c = await self.conn()
+        c.send("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
+        await c.read_head()
+        await c.read_chunks().__anext__()
+        t0 = time.monotonic()
+        await asyncio.wait_for(self.server.shutdown(0.1), 5)
+        await asyncio.wait_for(closed.wait(), 2)
+        self.assertLess(time.monotonic() - t0, 3)
+        self.server = None
+        self.app.close()
+
+
 class TestShutdown(ProxyCase):
     async def test_in_flight_stream_finishes_during_shutdown(self):
         gate = asyncio.Event()
