@@ -55,7 +55,7 @@ import zlib
 from collections import OrderedDict, deque
 from functools import lru_cache, partial
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 __version__ = "0.1.0"
 
@@ -140,6 +140,7 @@ _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
 _HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
 _OUT_HEADER_BAD = re.compile(r"[\r\n\x00]")
+_BAD_TARGET_STR_RE = re.compile(r"[\x00-\x20\x7f]")
 
 STATUS_LINES = {int(s): ("HTTP/1.1 %d %s\r\n" % (s, s.phrase)).encode("latin-1") for s in http.HTTPStatus}
 
@@ -1277,6 +1278,8 @@ class HTTPClient:
 
         A reused pooled connection that dies before any response byte is retried once
         on a fresh one (RFC 9112 §9.3.1 heuristic); other failures raise UpstreamError."""
+        if _BAD_TARGET_STR_RE.search(url):          # no request-line injection, whatever built the URL
+            raise UpstreamError(502, "refused an upstream URL with spaces or control characters", "bad_url")
         scheme, host, port, target = split_url(url)
         origin = (scheme, host, port)
         default_port = 443 if scheme == "https" else 80
@@ -3966,7 +3969,8 @@ class Provider:
         if self.auth == "gemini-oauth":          # Code Assist: the model rides in the envelope
             return base + (":streamGenerateContent?alt=sse" if stream else ":generateContent")
         if self.kind == "gemini":
-            return "%s/models/%s:%s" % (base, model, "streamGenerateContent?alt=sse" if stream else "generateContent")
+            return "%s/models/%s:%s" % (base, quote(model, safe=""),
+                                        "streamGenerateContent?alt=sse" if stream else "generateContent")
         return base + self.format.endpoint
 
     def prepare_body(self, body: dict, model: str) -> dict:
@@ -8166,7 +8170,8 @@ class App:
         prov = route.provider
         request.info.update(model=creq.model, provider=prov.name)
         if prov.kind == fmt.name and prov.passthrough_ok:
-            url = prov.url("/models/%s%s" % (route.model, endpoint)) if fmt is Gemini else prov.url(endpoint)
+            url = prov.url("/models/%s%s" % (quote(route.model, safe=""), endpoint)) if fmt is Gemini \
+                else prov.url(endpoint)
             return await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, False)
         request.info["via"] = "estimate"
         if fmt is OpenAIResponses and creq.previous_response_id:

@@ -2314,6 +2314,22 @@ class TestHubBehaviour(ProxyCase):
                 fc = [part for c in sent["contents"] for part in c["parts"] if "functionCall" in part][0]
                 self.assertEqual(fc["thoughtSignature"], "c2lnLWdlbWluaQ==")
 
+    async def test_model_names_cannot_inject_into_upstream_urls(self):
+        async def handler(req, w):
+            reply_json(w, 200, json.loads(UP_REPLIES[("gemini", 2, False)]))
+        await self.start_back(handler, "gemini")
+        evil = "m:generateContent HTTP/1.1\r\nX-Evil: 1\r\n\r\nGET /admin"
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": evil, "messages": [
+            {"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 200)
+        seen = self.up.requests[-1]
+        self.assertNotIn("x-evil", seen["headers"])
+        self.assertTrue(seen["path"].startswith("/v1beta/models/m%3AgenerateContent%20HTTP%2F1.1%0D%0A"))
+        client = lp.HTTPClient()
+        with self.assertRaises(lp.UpstreamError):
+            await client.request("GET", "http://127.0.0.1:%d/a b" % self.up.port, [])
+        client.close()
+
     async def test_model_list_shape_follows_the_client(self):
         async def handler(req, w):
             reply_json(w, 200, {"object": "list", "data": [{"id": "up-a"}]})
