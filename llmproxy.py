@@ -520,7 +520,7 @@ class Request:
         if self._json is None:
             try:
                 self._json = json.loads(self.body)
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 raise ProxyError(400, "invalid_request_error", "request body is not valid JSON: %s" % e)
         return self._json
 
@@ -1708,7 +1708,7 @@ class CanonicalStream:
             return None
         try:
             d = json.loads(ev.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return d if isinstance(d, dict) else None
 
@@ -2029,7 +2029,7 @@ class OpenAIChatDecoder(CanonicalStream):
             return self._finish()
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return []
         if not isinstance(chunk, dict):
             return []
@@ -3674,7 +3674,7 @@ class GeminiDecoder(CanonicalStream):
             return []
         try:
             d = json.loads(ev.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return []
         if isinstance(d, list):               # a JSON-array stream flattened into one event
             return [e for item in d for e in self.feed_obj(item)]
@@ -7947,7 +7947,7 @@ class App:
     def _json_reply(data: bytes) -> dict:
         try:
             obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise UpstreamError(502, "upstream reply is not JSON", "upstream_not_json")
         if not isinstance(obj, dict):
             raise UpstreamError(502, "upstream reply is not a JSON object", "upstream_not_json")

@@ -3693,6 +3693,8 @@ class TestServerHardening(ProxyCase):
             c.writer.write(junk)
             c.writer.write_eof()
             await asyncio.wait_for(c.reader.read(), 3)
+        status, _, body = await self.call("POST", "/v1/chat/completions", b"[" * 100000 + b"]" * 100000)
+        self.assertEqual(status, 400)                   # too deep for the parser: the client's fault
         status, _, body = await self.call("POST", "/v1/chat/completions", b"{not json")
         self.assertEqual((status, json.loads(body)["error"]["type"]), (400, "invalid_request_error"))
         status, _, body = await self.call("POST", "/v1/chat/completions", {"messages": []})
