@@ -1504,16 +1504,21 @@ CARRIED = "llmproxy:"               # encrypted_content prefix carrying another 
 STOP_REASONS = ("end", "max_tokens", "tool_use", "stop_sequence", "content_filter")
 
 
+def _count(v) -> int:
+    """A token count from upstream JSON: an int, or 0 for anything else."""
+    return v if type(v) is int else 0
+
+
 class Usage:
     """Token counts. input includes cached reads and cache writes; output includes reasoning."""
     __slots__ = ("input", "output", "cached", "cache_write", "reasoning")
 
     def __init__(self, input=0, output=0, cached=0, cache_write=0, reasoning=0):
-        self.input = input or 0
-        self.output = output or 0
-        self.cached = cached or 0
-        self.cache_write = cache_write or 0
-        self.reasoning = reasoning or 0
+        self.input = _count(input)
+        self.output = _count(output)
+        self.cached = _count(cached)
+        self.cache_write = _count(cache_write)
+        self.reasoning = _count(reasoning)
 
     def as_tuple(self):
         return (self.input, self.output, self.cached, self.cache_write, self.reasoning)
@@ -1683,6 +1688,69 @@ def budget_effort(budget: int) -> str:
     return "xhigh"
 
 
+def _check_part(p: Part, where: str):
+    for field in ("text", "id", "name", "arguments", "media_type", "data", "url", "signature", "origin"):
+        if not isinstance(getattr(p, field), str):
+            raise ProxyError(400, "invalid_request_error", "%s: '%s' must be a string" % (where, field))
+    for i, c in enumerate(p.content):
+        _check_part(c, "%s.content[%d]" % (where, i))
+
+
+def validate_request(req: ChatRequest) -> ChatRequest:
+    """What a parser built from client JSON has the types the renderers rely on, or the
+    client hears which field is wrong (a 400, never a 500 from deep inside a renderer)."""
+    def bad(where: str, what: str):
+        raise ProxyError(400, "invalid_request_error", "%s: must be %s" % (where, what), param=where.split("[")[0])
+    if not isinstance(req.model, str):
+        bad("model", "a string")
+    if not all(isinstance(x, str) for x in req.system):
+        bad("system", "text")
+    for i, m in enumerate(req.messages):
+        for j, p in enumerate(m.parts):
+            _check_part(p, "messages[%d].content[%d]" % (i, j))
+    for i, t in enumerate(req.tools):
+        if not isinstance(t.name, str) or not isinstance(t.description, str):
+            bad("tools[%d]" % i, "a tool with a string name and description")
+        if not isinstance(t.parameters, dict):
+            bad("tools[%d].parameters" % i, "a JSON Schema object")
+    if not all(isinstance(x, str) for x in req.stop):
+        bad("stop", "strings")
+    for name in ("max_tokens", "top_k", "seed", "reasoning_budget"):
+        v = getattr(req, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            bad(name, "an integer")
+    for name in ("temperature", "top_p"):
+        v = getattr(req, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            bad(name, "a number")
+    tc = req.tool_choice
+    if not (tc is None or isinstance(tc, str) or (isinstance(tc, tuple) and isinstance(tc[1], str))):
+        bad("tool_choice", "auto, none, required or a named tool")
+    rf = req.response_format
+    if rf is not None and (not isinstance(rf, dict) or not isinstance(rf.get("schema", {}) or {}, dict)):
+        bad("response_format", "an object with a JSON Schema")
+    for name in ("reasoning_effort", "user", "previous_response_id"):
+        v = getattr(req, name)
+        if v is not None and not isinstance(v, str):
+            bad(name, "a string")
+    return req
+
+
+def checked(parse):
+    """A request parser whose input is a client's JSON: a wrongly typed field anywhere is
+    the client's error (400 in its own format), and the result is type-checked."""
+    def wrapper(*args, **kwargs):
+        try:
+            req = parse(*args, **kwargs)
+        except ProxyError:
+            raise
+        except (TypeError, AttributeError, KeyError, ValueError, IndexError) as e:
+            raise ProxyError(400, "invalid_request_error", "malformed request: a field has the wrong type (%s)" % e)
+        return validate_request(req)
+    wrapper.__doc__ = parse.__doc__
+    return wrapper
+
+
 class WireFormat:
     """What every format class shares: its stream codecs, set below each format's section."""
     decoder: Any = None
@@ -1791,6 +1859,7 @@ class OpenAIChat(WireFormat):
         return out
 
     @classmethod
+    @checked
     def parse_request(cls, body: dict) -> ChatRequest:
         req = ChatRequest(model=body.get("model") or "")
         msgs = body.get("messages")
@@ -2203,9 +2272,9 @@ class AnthropicMessages(WireFormat):
     def parse_usage(u) -> Optional[Usage]:
         if not isinstance(u, dict):
             return None
-        read = u.get("cache_read_input_tokens") or 0
-        write = u.get("cache_creation_input_tokens") or 0
-        return Usage((u.get("input_tokens") or 0) + read + write, u.get("output_tokens") or 0, read, write)
+        read = _count(u.get("cache_read_input_tokens"))
+        write = _count(u.get("cache_creation_input_tokens"))
+        return Usage(_count(u.get("input_tokens")) + read + write, u.get("output_tokens"), read, write)
 
     @staticmethod
     def render_usage(u: Usage) -> dict:
@@ -2261,6 +2330,7 @@ class AnthropicMessages(WireFormat):
         return out
 
     @classmethod
+    @checked
     def parse_request(cls, body: dict) -> ChatRequest:
         req = ChatRequest(model=body.get("model") or "")
         system = body.get("system")
@@ -2551,9 +2621,9 @@ class AnthropicDecoder(CanonicalStream):
 
     @staticmethod
     def parse_usage_full(u: dict, old: Usage) -> Usage:
-        read = u.get("cache_read_input_tokens", old.cached) or 0
-        write = u.get("cache_creation_input_tokens", old.cache_write) or 0
-        return Usage((u.get("input_tokens") or 0) + read + write, u.get("output_tokens") or 0, read, write)
+        read = _count(u.get("cache_read_input_tokens", old.cached))
+        write = _count(u.get("cache_creation_input_tokens", old.cache_write))
+        return Usage(_count(u.get("input_tokens")) + read + write, u.get("output_tokens"), read, write)
 
     def close(self) -> list:
         if self.done:
@@ -2778,6 +2848,7 @@ class OpenAIResponses(WireFormat):
                 log.info("openai-responses: input item type %s has no equivalent here; dropped", t)
 
     @classmethod
+    @checked
     def parse_request(cls, body: dict) -> ChatRequest:
         req = ChatRequest(model=body.get("model") or "")
         if isinstance(body.get("instructions"), str) and body["instructions"]:
@@ -3262,7 +3333,10 @@ def gemini_schema(schema, defs=None, seen=()) -> dict:
     if not isinstance(schema, dict):
         return {"type": "STRING"}
     if defs is None:
-        defs = dict(schema.get("$defs") or {}, **(schema.get("definitions") or {}))
+        defs = {}
+        for key in ("definitions", "$defs"):
+            if isinstance(schema.get(key), dict):
+                defs.update(schema[key])
     ref = schema.get("$ref")
     if isinstance(ref, str):
         name = ref.rsplit("/", 1)[-1]
@@ -3271,13 +3345,14 @@ def gemini_schema(schema, defs=None, seen=()) -> dict:
         merged = dict(defs[name], **{k: v for k, v in schema.items() if k != "$ref"})
         return gemini_schema(merged, defs, seen + (name,))
     s = dict(schema)
-    for sub in s.pop("allOf", None) or []:          # merged raw, then cleaned as one schema
+    all_of = s.pop("allOf", None)
+    for sub in all_of if isinstance(all_of, list) else []:     # merged raw, then cleaned as one schema
         if isinstance(sub, dict):
             for k, v in sub.items():
-                if k == "properties":
-                    s["properties"] = dict(s.get("properties") or {}, **v)
-                elif k == "required":
-                    s["required"] = list(s.get("required") or []) + v
+                if k == "properties" and isinstance(v, dict):
+                    s["properties"] = dict(s["properties"] if isinstance(s.get("properties"), dict) else {}, **v)
+                elif k == "required" and isinstance(v, list):
+                    s["required"] = list(s["required"] if isinstance(s.get("required"), list) else []) + v
                 else:
                     s.setdefault(k, v)
     out: Dict[str, Any] = {}
@@ -3314,7 +3389,8 @@ def gemini_schema(schema, defs=None, seen=()) -> dict:
             out["type"] = "STRING"            # Gemini enums are strings only
     if isinstance(s.get("properties"), dict):
         out["properties"] = {k: gemini_schema(v, defs, seen) for k, v in s["properties"].items()}
-        req = [r for r in s.get("required") or [] if r in out["properties"]]
+        required = s.get("required") if isinstance(s.get("required"), list) else []
+        req = [r for r in required if isinstance(r, str) and r in out["properties"]]
         if req:
             out["required"] = list(dict.fromkeys(req))
     if "items" in s:
@@ -3374,9 +3450,9 @@ class Gemini(WireFormat):
     def parse_usage(u) -> Optional[Usage]:
         if not isinstance(u, dict):
             return None
-        thoughts = u.get("thoughtsTokenCount") or 0
-        return Usage(u.get("promptTokenCount") or 0, (u.get("candidatesTokenCount") or 0) + thoughts,
-                     u.get("cachedContentTokenCount") or 0, 0, thoughts)
+        thoughts = _count(u.get("thoughtsTokenCount"))
+        return Usage(u.get("promptTokenCount"), _count(u.get("candidatesTokenCount")) + thoughts,
+                     u.get("cachedContentTokenCount"), 0, thoughts)
 
     @staticmethod
     def render_usage(u: Usage) -> dict:
@@ -3391,6 +3467,7 @@ class Gemini(WireFormat):
     # -- requests -----------------------------------------------------------
 
     @classmethod
+    @checked
     def parse_request(cls, body: dict, model: str = "") -> ChatRequest:
         req = ChatRequest(model=model or body.get("model") or "")
         si = body.get("systemInstruction") or body.get("system_instruction")
@@ -6964,6 +7041,17 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
 # canonical model, render for the back-end, translate the reply back.
 
 PUBLIC, CLIENT, ADMIN = 0, 1, 2
+UPSTREAM_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, ValueError, IndexError)
+# which fields of a canonical event must be strings before an encoder may see it
+_EVENT_STRINGS = {"start": (1, 2), "text": (1,), "thinking": (1,), "tool_start": (2, 3), "tool_args": (2,),
+                  "signature": (1,), "redacted": (1,)}
+
+
+def check_event(ev: tuple):
+    """A decoder's event has the string fields the filters and encoders rely on."""
+    for i in _EVENT_STRINGS.get(ev[0], ()):
+        if not isinstance(ev[i], str):
+            raise TypeError("a %s event carries %s where a string belongs" % (ev[0], type(ev[i]).__name__))
 RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai-processing-ms",
                            "openai-version", "retry-after", "x-openrouter-request-id"])
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
@@ -7878,12 +7966,12 @@ class App:
                 reply = self._json_reply(data)
         hdrs = [("x-llmproxy-provider", prov.name)]
         if creq.stream:
-            events = None if reply is None else response_events(fmt_out.parse_response(reply))
+            events = None if reply is None else response_events(self.parse_reply(fmt_out, reply))
             encoder = fmt.stream_encoder(creq, options)
             return StreamResponse(200, stream_headers(fmt, sse) + hdrs,
                                   self.translate_stream(pieces, fmt_out.stream_decoder(), encoder, info, events,
                                                         filters))
-        cresp = fmt_out.parse_response(reply)
+        cresp = self.parse_reply(fmt_out, reply)
         if filters is not None:
             cresp = collect_events(filters.run(response_events(cresp)))
         for p in cresp.parts:
@@ -7935,13 +8023,39 @@ class App:
                 if size > MAX_UPSTREAM_BODY:
                     raise UpstreamError(502, "upstream stream larger than %d bytes" % MAX_UPSTREAM_BODY,
                                         "upstream_too_large")
-                for ev in sse.feed(piece):
-                    events.extend(dec.feed(ev))
+                try:
+                    for ev in sse.feed(piece):
+                        events.extend(dec.feed(ev))
+                except UPSTREAM_SHAPE_ERRORS as e:
+                    raise UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e,
+                                        "upstream_malformed")
         finally:
             await agen.aclose()
-        for ev in sse.close():
-            events.extend(dec.feed(ev))
-        return events + dec.close()
+        try:
+            for ev in sse.close():
+                events.extend(dec.feed(ev))
+            events += dec.close()
+            for ev in events:
+                check_event(ev)
+            return events
+        except UPSTREAM_SHAPE_ERRORS as e:
+            raise UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e, "upstream_malformed")
+
+    @staticmethod
+    def parse_reply(fmt, reply: dict) -> ChatResponse:
+        """An upstream reply in canonical form; an unexpected shape is the upstream's fault."""
+        try:
+            resp = fmt.parse_response(reply)
+            if not isinstance(resp.id, str) or not isinstance(resp.model, str):
+                raise TypeError("'id' and 'model' must be strings")
+            for i, p in enumerate(resp.parts):
+                _check_part(p, "content[%d]" % i)
+            return resp
+        except UpstreamError:
+            raise
+        except UPSTREAM_SHAPE_ERRORS + (ProxyError,) as e:
+            raise UpstreamError(502, "upstream reply has an unexpected shape (%s)"
+                                % (e.message if isinstance(e, ProxyError) else e), "upstream_malformed")
 
     @staticmethod
     def _json_reply(data: bytes) -> dict:
@@ -7959,6 +8073,7 @@ class App:
         guardrail filters, when any, sit between the decoder and the encoder."""
 
         def emit(ev) -> List[bytes]:
+            check_event(ev)
             out = []
             for ev in (filters.feed(ev) if filters is not None else (ev,)):
                 if ev[0] == "tool_start" and ev[4] and ev[5] == "gemini":
@@ -7993,7 +8108,9 @@ class App:
                         yield b"".join(out)
                 finally:
                     await source.aclose()
-        except ProxyError as e:
+        except UPSTREAM_SHAPE_ERRORS + (ProxyError,) as e:
+            if not isinstance(e, ProxyError):      # an event of an unexpected shape: the upstream's fault
+                e = UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e, "upstream_malformed")
             log.warning("translated stream failed: %s", e.message)
             out = emit(("error", e))
             if out:

@@ -6,11 +6,13 @@ Pure sections are tested on bytes and dicts; behaviour end to end over
 
 import asyncio
 import contextlib
+import copy
 import http.client
 import io
 import json
 import logging
 import os
+import random
 import re
 import signal
 import stat
@@ -1831,6 +1833,126 @@ def essence(req):
 def reparse(fmt, body):
     cls = lp.FORMATS[fmt]
     return cls.parse_request(body, "m") if fmt == "gemini" else cls.parse_request(body)
+
+
+class TestMalformedShapes(unittest.TestCase):
+    """JSON of the right syntax but the wrong shape (a number where a string belongs, a list
+    where an object belongs) is the sender's fault: a 400 for a client, a 502 or an error
+    event for an upstream -- never a crash deep inside a renderer. Seeded, so repeatable."""
+
+    JUNK = [None, 1, -5, 2.5, "x", "", [], {}, True, [None], {"a": None}, [1, "a"], {"type": "text"}]
+
+    def mutate(self, rng, obj):
+        obj = copy.deepcopy(obj)
+        paths, todo = [], [((), obj)]
+        while todo:
+            path, cur = todo.pop()
+            if path:
+                paths.append(path)
+            items = cur.items() if isinstance(cur, dict) else enumerate(cur) if isinstance(cur, list) else ()
+            todo.extend((path + (k,), v) for k, v in items)
+        paths.sort(key=repr)
+        for _ in range(rng.randint(1, 3)):
+            if not paths:
+                break
+            path = rng.choice(paths)
+            cur = obj
+            try:
+                for k in path[:-1]:
+                    cur = cur[k]
+                cur[path[-1]] = copy.deepcopy(rng.choice(self.JUNK))
+            except (KeyError, IndexError, TypeError):
+                pass           # an earlier mutation replaced a parent
+        return obj
+
+    def test_client_requests_of_the_wrong_shape_are_400(self):
+        rng = random.Random(7)
+        call = ("call_1", "get_weather", {"city": "Paris"}, None)
+        for fmt in ALL_FORMATS:
+            cls = lp.FORMATS[fmt]
+            for turn in (1, 2):
+                _, base = client_request(fmt, turn, False, call if turn == 2 else None)
+                for i in range(60):
+                    body = self.mutate(rng, base)
+                    try:
+                        req = cls.parse_request(body, "m") if fmt == "gemini" else cls.parse_request(body)
+                    except lp.ProxyError as e:
+                        self.assertEqual(e.status, 400, (fmt, body))
+                        continue
+                    with self.subTest(fmt=fmt, turn=turn, i=i):
+                        for target in ALL_FORMATS:
+                            json.dumps(lp.FORMATS[target].render_request(req))
+                        lp.estimate_tokens(req)
+
+    def test_upstream_replies_of_the_wrong_shape_are_502(self):
+        rng = random.Random(11)
+        for name, fmt, doc in load_fixtures("response"):
+            if doc["status"] != 200:
+                continue
+            for i in range(40):
+                body = self.mutate(rng, doc["body"])
+                try:
+                    resp = lp.App.parse_reply(lp.FORMATS[fmt], body)
+                except lp.UpstreamError as e:
+                    self.assertEqual(e.status, 502, name)
+                    continue
+                with self.subTest(name, i=i):
+                    for target in ALL_FORMATS:
+                        json.dumps(lp.FORMATS[target].render_response(resp, lp.ChatRequest(model="m")))
+
+    def test_numeric_reply_id_is_502_not_a_crash(self):
+        body = {"id": 12, "object": "chat.completion", "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+        with self.assertRaises(lp.UpstreamError) as cm:
+            lp.App.parse_reply(lp.FORMATS["openai"], body)
+        self.assertEqual(cm.exception.status, 502)
+
+    def run_stream(self, pieces, fmt, target):
+        app = lp.App.__new__(lp.App)
+        app.capture = None
+
+        async def source():
+            for p in pieces:
+                yield p
+
+        async def collect():
+            enc = lp.FORMATS[target].stream_encoder(lp.ChatRequest(model="m"))
+            return b"".join([c async for c in app.translate_stream(source(), lp.FORMATS[fmt].stream_decoder(),
+                                                                   enc, {})])
+        return asyncio.run(collect())
+
+    def test_stream_text_that_is_not_a_string_ends_in_an_error_event(self):
+        pieces = [b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"ok "}}]}\n\n',
+                  b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"reasoning":{"x":1}}}]}\n\n',
+                  b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"tool_calls":'
+                  b'[{"index":0,"id":"t","function":{"name":7,"arguments":"{}"}}]}}]}\n\n',
+                  b"data: [DONE]\n\n"]
+        for target in ALL_FORMATS:
+            with self.subTest(target):
+                out = self.run_stream(pieces, "openai", target).decode()
+                self.assertIn("ok ", out)
+                self.assertIn("unexpected shape", out)
+
+    def test_upstream_streams_of_the_wrong_shape_end_cleanly(self):
+        rng = random.Random(13)
+        for name, fmt, doc in load_fixtures("stream"):
+            if doc.get("stream_framing") == "json-array":
+                continue
+            events = lp.SSEDecoder().feed(doc["sse"].encode("utf-8"))
+            for i in range(8):
+                pieces = []
+                for ev in events:
+                    data = ev.data
+                    if rng.random() < 0.3:
+                        try:
+                            data = json.dumps(self.mutate(rng, json.loads(data)))
+                        except ValueError:
+                            pass
+                    head = "event: %s\n" % ev.event if ev.event else ""
+                    pieces.append((head + "data: " + data.replace("\n", "") + "\n\n").encode("utf-8"))
+                for target in ALL_FORMATS:
+                    with self.subTest(name, i=i, target=target):
+                        self.assertIsInstance(self.run_stream(pieces, fmt, target), bytes)
 
 
 class TestHubRequests(unittest.TestCase):
