@@ -102,6 +102,7 @@ READ_CHUNK = 64 * 1024
 MODELS_CACHE_S = 300.0              # upstream model lists are cached this long
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # an image URL fetched for a back-end that takes only bytes (Gemini's inline cap)
 CAPTURE_PART_BYTES = 1024 * 1024    # each captured body or stream is cut here (noted in the record)
+REWRITE_HOLD = 200                  # reply characters a streamed regex REPLACE may hold back
 DEFAULT_PORT = 8787
 
 
@@ -6079,25 +6080,69 @@ class DangerFilter(HeldCalls):
 
 
 class ReplyRewrite(EventFilter):
-    """REPLACE on every text delta; PREPEND before the first text; APPEND before the finish."""
+    """REPLACE over the reply text as one string, even when a match is split across stream
+    pieces; PREPEND before the first text; APPEND before the finish. The end of the text that
+    could still start a match is held back until the next piece decides it: for a literal,
+    the longest tail that begins it; for a regex, the tail after the last newline, at most
+    REWRITE_HOLD characters (a longer or multi-line regex match split across pieces can be missed)."""
 
     def __init__(self, rules: list):
         self.rules = rules
+        self.replace = [r for r in rules if r["action"] == "replace"]
         self.started = False
+        self.pending = ""
+
+    def _hold(self, text: str) -> int:
+        """Where the part of text that must wait for more begins."""
+        cut = len(text)
+        for r in self.replace:
+            literal = r.get("literal")
+            if literal:
+                for k in range(min(len(literal) - 1, len(text)), 0, -1):
+                    if literal.startswith(text[-k:]):
+                        cut = min(cut, len(text) - k)
+                        break
+            else:
+                cut = min(cut, max(text.rfind("\n") + 1, len(text) - REWRITE_HOLD))
+        moved = True
+        while moved:                       # never cut through a match that is already whole
+            moved = False
+            for r in self.replace:
+                for m in r["pattern"].finditer(text, 0, len(text)):
+                    if m.start() >= cut:
+                        break
+                    if m.end() > cut:
+                        cut, moved = m.start(), True
+                        break
+        return cut
+
+    def _apply(self, text: str) -> str:
+        for r in self.replace:
+            literal = r.get("literal")
+            text = text.replace(literal, r["with"]) if literal else \
+                r["pattern"].sub(r["with"].replace("\\", "\\\\"), text)
+        return text
+
+    def _flush(self) -> list:
+        text, self.pending = self._apply(self.pending), ""
+        return [("text", text)] if text else []
 
     def feed(self, ev) -> list:
         out = []
         if ev[0] == "text":
-            text = ev[1]
             if not self.started:
                 self.started = True
-                text = "".join(r["with"] for r in self.rules if r["action"] == "prepend") + text
-            for r in self.rules:
-                if r["action"] == "replace":
-                    literal = r.get("literal")
-                    text = text.replace(literal, r["with"]) if literal else \
-                        r["pattern"].sub(r["with"].replace("\\", "\\\\"), text)
-            return [("text", text)] if text else []
+                head = "".join(r["with"] for r in self.rules if r["action"] == "prepend")
+                if head:
+                    out.append(("text", head))
+            if not self.replace:
+                return out + [ev]
+            text = self.pending + ev[1]
+            cut = self._hold(text)
+            self.pending = text[cut:]
+            ready = self._apply(text[:cut])
+            return out + [("text", ready)] if ready else out
+        out = self._flush()
         if ev[0] == "finish":
             tail = "".join(r["with"] for r in self.rules if r["action"] == "append")
             if tail:

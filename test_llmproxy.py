@@ -3417,6 +3417,28 @@ class TestGuardrailStages(unittest.TestCase):
                 self.assertEqual(calls[0][1:], ("get_weather", {"city": "Paris"}))
                 self.assertEqual(stop, "tool_use")
 
+    def test_reply_replace_finds_matches_split_across_pieces(self):
+        rules = [{"action": "replace", "pattern": re.compile(re.escape("foo bar")), "literal": "foo bar", "with": "Q"},
+                 {"action": "replace", "pattern": re.compile(r"key-\d+"), "literal": None, "with": "[k]"},
+                 {"action": "replace", "pattern": re.compile(re.escape("aa")), "literal": "aa", "with": "b"}]
+        text = "x foo bar, key-123\nfoo foo bar aaa key-9 foo ba"
+        whole = "x Q, [k]\nfoo Q ba [k] foo ba"
+        rng = random.Random(5)
+        for trial in range(200):
+            cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 6)))
+            pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+            f = lp.ReplyRewrite(rules)
+            out = [e for p in pieces for e in f.feed(("text", p))] + f.feed(("finish", "end", None))
+            with self.subTest(pieces=pieces):
+                self.assertEqual("".join(e[1] for e in out if e[0] == "text"), whole)
+                self.assertEqual(out[-1][0], "finish")
+
+    def test_reply_replace_holds_back_only_what_could_still_match(self):
+        f = lp.ReplyRewrite([{"action": "replace", "pattern": re.compile("secret"), "literal": "secret", "with": "*"}])
+        self.assertEqual(f.feed(("text", "my sec")), [("text", "my ")])    # "sec" may begin "secret"
+        self.assertEqual(f.feed(("text", "ond try")), [("text", "second try")])
+        self.assertEqual(f.feed(("tool_start", 0, "c", "t", None, None))[0][0], "tool_start")
+
     def test_plain_code_blocks_are_left_alone(self):
         chain = pipe(tool_repair={}).filters(guard_ctx())
         text = "Here:\n```python\nprint('hi')\n```\nDone."
