@@ -774,7 +774,10 @@ class HTTPServer:
                 if not keep:
                     break
         except asyncio.CancelledError:
-            raise
+            if not self.closing:
+                raise
+            # shutdown cut this connection: end quietly (asyncio before 3.12 logs a
+            # cancelled connection task as an unhandled error)
         except Exception:       # one connection's failure never reaches the server
             log.exception("connection handler failed")
         finally:

@@ -4061,9 +4061,15 @@ class TestZeroConfigProcess(unittest.TestCase):
                 self.assertEqual(r.status, 200)
                 self.assertIn('"content":"ping "', body)
                 self.assertTrue(body.endswith("data: [DONE]\n\n"))
+                idle = http.client.HTTPConnection("127.0.0.1", port, timeout=5)   # kept open across SIGTERM
+                idle.request("GET", "/health")
+                self.assertEqual(idle.getresponse().read()[:1], b"{")
                 proc.send_signal(signal.SIGTERM)
                 self.assertEqual(proc.wait(10), 0)
-                self.assertIn("status=200", proc.stderr.read())
+                idle.close()
+                err = proc.stderr.read()
+                self.assertIn("status=200", err)
+                self.assertNotIn("Traceback", err)           # idle connections end quietly
             finally:
                 if proc.poll() is None:
                     proc.kill()
