@@ -7361,6 +7361,7 @@ class App:
         models = {"GET": (self.handle_models, CLIENT)}
         self.routes: Dict[str, Dict[str, Tuple[Callable, int]]] = {
             "/health": {"GET": (self.handle_health, PUBLIC)},
+            "/": {"GET": (self.handle_health, PUBLIC)},        # clients probe the base URL (HEAD /)
             "/v1/models": models, "/models": models, "/anthropic/v1/models": models, "/v1beta/models": models,
             "/v1/chat/completions": chat, "/chat/completions": chat,
             "/v1/completions": {"POST": (self.handle_completions, CLIENT)},

@@ -902,10 +902,13 @@ class TestPassThrough(ProxyCase):
             conn.request("HEAD", "/health")
             r2 = conn.getresponse()
             out += (r2.status, r2.read())
+            conn.request("HEAD", "/")                   # Claude Code probes its base URL
+            r3 = conn.getresponse()
+            out += (r3.status, r3.read())
             conn.close()
             return out
         result = await asyncio.get_running_loop().run_in_executor(None, blocking)
-        self.assertEqual(result, (200, CHAT_OK, 200, b""))
+        self.assertEqual(result, (200, CHAT_OK, 200, b"", 200, b""))
 
 
 class TestStreaming(ProxyCase):
@@ -2513,8 +2516,8 @@ class TestHubBehaviour(ProxyCase):
     async def test_claude_code_shapes_accepted(self):
         self.up = await FakeUpstream(multi_upstream).start()
         await self.start(config=base_config(self.up.port))
-        status, _, _ = await self.call("HEAD", "/")
-        self.assertEqual(status, 404)
+        status, _, _ = await self.call("HEAD", "/")         # its reachability probe
+        self.assertEqual(status, 200)
         body = {"model": "claude-opus-4-8", "max_tokens": 64000, "stream": True,
                 "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
                 "context_management": {"edits": []},
