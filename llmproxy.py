@@ -784,17 +784,17 @@ class HTTPServer:
             self.connections.discard(conn)
             conn.transport.close()
 
-    async def _read_body(self, conn: _Conn, framing: Tuple[str, int]) -> Tuple[bytes, bool]:
-        """-> (body, reusable). A chunked body followed by pipelined bytes is not
-        reusable: the bytes cannot be pushed back into the reader."""
+    async def _read_body(self, conn: _Conn, framing: Tuple[str, int]) -> bytes:
+        """The request body. A chunked body is read piece by piece (size lines, data,
+        trailers) so that not one byte of a pipelined request behind it is consumed."""
         kind, length = framing
         reader = conn.reader
         if kind == "length":
             if not length:
-                return b"", True
+                return b""
             self.ticker.add(conn, self.limits.body_timeout, partial(self._on_head_timeout, conn, True))
             try:
-                return await reader.readexactly(length), True
+                return await reader.readexactly(length)
             finally:
                 self.ticker.remove(conn)
         dec = ChunkedDecoder(self.limits.max_body)
@@ -802,17 +802,22 @@ class HTTPServer:
         while not dec.done:
             self.ticker.add(conn, self.limits.body_timeout, partial(self._on_head_timeout, conn, True))
             try:
-                data = await reader.read(READ_CHUNK)
+                if dec.state == 1:
+                    data = await reader.readexactly(min(dec.remaining, READ_CHUNK))
+                elif dec.state == 2:
+                    data = await reader.readexactly(2)
+                else:
+                    data = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError:
+                raise ProxyError(400, "invalid_request_error", "chunked body: chunk line too long", close=True)
             finally:
                 self.ticker.remove(conn)
-            if not data:
-                raise asyncio.IncompleteReadError(b"", None)
             try:
                 parts.extend(dec.feed(data))
             except FramingError as e:
                 status = 413 if str(e) == "body too large" else 400
                 raise ProxyError(status, "invalid_request_error", "chunked body: %s" % e, close=True)
-        return b"".join(parts), not dec.tail
+        return b"".join(parts)
 
     async def _serve_one(self, conn: _Conn, raw: bytes) -> bool:
         try:
@@ -837,7 +842,7 @@ class HTTPServer:
         if has_body and head.version == "HTTP/1.1" and "100-continue" in head.headers.tokens("expect"):
             conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            body, reusable = await self._read_body(conn, framing)
+            body = await self._read_body(conn, framing)
         except ProxyError as e:
             await self._send_error(conn, head, e, keep=False)
             return False
@@ -846,7 +851,7 @@ class HTTPServer:
         if conn.timed_out:
             return False
         request = Request(head, body, conn.peer, match)
-        keep = head.keep_alive and reusable and not self.closing
+        keep = head.keep_alive and not self.closing
         # A long exchange (a model thinking, a stream) gets a watcher for the client leaving,
         # so the upstream request is cancelled at once and no tokens are spent for nobody.
         # Short ones cost only this timer.

@@ -3787,6 +3787,23 @@ class TestServerHardening(ProxyCase):
         self.assertEqual(status, 200)
         self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "hi there")
 
+    async def test_chunked_body_then_pipelined_request_both_answered(self):
+        await self.start(config={"env_providers": False, "auth": {"keys": [CLIENT_KEY]}})
+        c = await self.conn()
+        body = json.dumps({"model": "mock", "messages": [{"role": "user", "content": "first one"}]}).encode()
+        auth = b"Authorization: Bearer " + CLIENT_KEY.encode()
+        c.writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n" + auth
+                       + b"\r\nTransfer-Encoding: chunked\r\n\r\n%x;ext=1\r\n%s\r\n%x\r\n%s\r\n0\r\nX-Sum: 1\r\n\r\n"
+                       % (10, body[:10], len(body) - 10, body[10:])
+                       + b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, data = await c.read_response()
+        self.assertEqual(status, 200)
+        self.assertNotEqual(headers.get("connection"), "close")
+        self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "first one")
+        status, _, data = await c.read_response()          # the pipelined request, on the same connection
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(data)["status"], "ok")
+
     async def test_head_too_large_431(self):
         await self.start(port=9)
         status, _, _, c = await self.raw(b"GET /health HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
