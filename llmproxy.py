@@ -2816,12 +2816,17 @@ class OpenAIResponses(WireFormat):
     @classmethod
     def parse_items(cls, items: list, req: ChatRequest):
         """Input items -> req.system / req.messages."""
-        for it in items:
+        for i, it in enumerate(items):
             if not isinstance(it, dict):
-                continue
+                raise ProxyError(400, "invalid_request_error", "input[%d]: must be an object" % i, param="input")
             t = it.get("type") or ("message" if "role" in it else None)
+            if t is not None and not isinstance(t, str):
+                raise ProxyError(400, "invalid_request_error", "input[%d].type: must be a string" % i, param="input")
             if t == "message":
                 role = it.get("role")
+                if role not in ("system", "developer", "user", "assistant"):
+                    raise ProxyError(400, "invalid_request_error", "input[%d].role: must be one of 'user', "
+                                     "'assistant', 'system' or 'developer'" % i, param="input")
                 parts = cls._content(it.get("content"))
                 if role in ("system", "developer"):
                     text = text_of(parts)
@@ -3492,7 +3497,11 @@ class Gemini(WireFormat):
         pending: List[Tuple[str, str]] = []      # (id, name) of the last model turn's calls
         for turn, c in enumerate(contents):
             if not isinstance(c, dict):
-                continue
+                raise ProxyError(400, "invalid_request_error", "contents[%d]: must be an object" % turn,
+                                 param="contents")
+            if c.get("role") not in (None, "", "user", "model", "function", "tool"):
+                raise ProxyError(400, "invalid_request_error", "contents[%d].role: please use a valid role: "
+                                 "user, model" % turn, param="contents")
             role = "assistant" if c.get("role") == "model" else "user"
             parts: List[Part] = []
             if role == "assistant":
@@ -7110,6 +7119,8 @@ RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
                ("x-accel-buffering", "no")]
 KEEPALIVE_S = 15.0                 # silence (a model thinking) longer than this gets a keep-alive frame
+_CONVERSATION_FIELD = {"openai": "messages", "anthropic": "messages", "openai-responses": "input",
+                       "gemini": "contents"}
 RESPONSES_STORE_MAX = 128          # previous_response_id entries kept in memory (whole conversations)
 SIGNATURES_MAX = 4096              # tool-call thought signatures kept for clients that cannot carry them
 IMAGE_TOKENS = 1600                # count_tokens estimate per image (Anthropic: ~1,600 for 1092x1092)
@@ -7795,6 +7806,10 @@ class App:
         def canonical() -> ChatRequest:
             if not cache:
                 creq = parse()
+                if not any(m.parts for m in creq.messages) and not creq.system and not creq.previous_response_id:
+                    field = _CONVERSATION_FIELD.get(fmt.name, "messages")
+                    raise ProxyError(400, "invalid_request_error", "'%s' holds no message to answer" % field,
+                                     param=field)
                 creq.model, creq.stream = model, stream
                 cache.append(creq)
             return cache[0]

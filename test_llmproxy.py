@@ -2320,6 +2320,35 @@ class TestHubBehaviour(ProxyCase):
             cfg["providers"]["up"]["base_url"] = "http://127.0.0.1:%d/v1beta" % self.up.port
         return await self.start(config=cfg)
 
+    async def test_translated_request_with_nothing_to_answer_is_400_and_not_sent(self):
+        await self.start_back(multi_upstream, back="anthropic")
+        cases = [("/v1/responses", {"model": "m", "input": [{"type": "message", "role": "user", "content": []}]},
+                  "input"),
+                 ("/v1/chat/completions", {"model": "m", "messages": []}, "messages"),
+                 ("/v1beta/models/m:generateContent", {"contents": []}, "contents")]
+        for path, body, field in cases:
+            with self.subTest(path):
+                status, _, data = await self.call("POST", path, body)
+                self.assertEqual(status, 400)
+                self.assertIn("'%s' holds no message" % field, data.decode())
+        self.assertEqual(self.up.requests, [])
+
+    async def test_bad_roles_and_items_are_400_in_the_clients_shape(self):
+        await self.start_back(multi_upstream, back="anthropic")
+        status, _, data = await self.call("POST", "/v1/responses", {"model": "m", "input": [
+            {"type": "message", "role": ["user"], "content": "hi"}]})
+        self.assertEqual(status, 400)
+        self.assertIn("input[0].role", json.loads(data)["error"]["message"])
+        status, _, data = await self.call("POST", "/v1/responses", {"model": "m", "input": ["hi", 5]})
+        self.assertEqual(status, 400)
+        self.assertIn("input[0]: must be an object", json.loads(data)["error"]["message"])
+        status, _, data = await self.call("POST", "/v1beta/models/m:generateContent", {"contents": [
+            {"role": "assistant", "parts": [{"text": "hi"}]}]})
+        self.assertEqual(status, 400)
+        self.assertEqual(json.loads(data)["error"]["status"], "INVALID_ARGUMENT")
+        self.assertIn("contents[0].role", json.loads(data)["error"]["message"])
+        self.assertEqual(self.up.requests, [])
+
     async def test_upstream_429_becomes_the_clients_error_shape(self):
         async def handler(req, w):
             reply_json(w, 429, {"error": {"message": "slow down", "type": "rate_limit_error"}}, headers=[("retry-after", "9")])
