@@ -2349,6 +2349,33 @@ class TestHubBehaviour(ProxyCase):
         self.assertIn("contents[0].role", json.loads(data)["error"]["message"])
         self.assertEqual(self.up.requests, [])
 
+    async def test_wrong_shape_requests_never_500_on_any_back_end(self):
+        rng = random.Random(17)
+        shapes = TestMalformedShapes()
+        call = ("call_1", "get_weather", {"city": "Paris"}, None)
+        for back in ALL_FORMATS:
+            await self.start_back(multi_upstream, back=back)
+            for fmt in ALL_FORMATS:
+                for i in range(6):
+                    stream, turn = rng.random() < 0.5, rng.choice((1, 2))
+                    path, body = client_request(fmt, turn, stream, call if turn == 2 else None)
+                    body = shapes.mutate(rng, body)
+                    status, _, data = await self.call("POST", path, body)
+                    with self.subTest(back=back, fmt=fmt, i=i):
+                        self.assertIn(status, (200, 400), data[:300])
+                        if status == 400:
+                            err = json.loads(data)
+                            if fmt == "anthropic":
+                                self.assertEqual(err["type"], "error")
+                            elif fmt == "gemini":
+                                self.assertEqual(err["error"]["status"], "INVALID_ARGUMENT")
+                            else:
+                                self.assertIsInstance(err["error"]["message"], str)
+            await self.server.shutdown(0)
+            self.app.close()
+            await self.up.close()
+            self.server = self.up = None
+
     async def test_upstream_429_becomes_the_clients_error_shape(self):
         async def handler(req, w):
             reply_json(w, 429, {"error": {"message": "slow down", "type": "rate_limit_error"}}, headers=[("retry-after", "9")])
