@@ -8251,9 +8251,7 @@ class App:
 
     async def forward(self, request: Request, endpoint: str, stream_ok: bool = True):
         """Completions and embeddings: OpenAI-compatible back-ends only, bytes passed through."""
-        body = request.json()
-        if not isinstance(body, dict):
-            raise ProxyError(400, "invalid_request_error", "request body must be a JSON object")
+        body = self._body(request)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
@@ -8286,6 +8284,8 @@ class App:
         body = request.json()
         if not isinstance(body, dict):
             raise ProxyError(400, "invalid_request_error", "request body must be a JSON object")
+        if not isinstance(body.get("stream"), (bool, type(None))):   # 1 or "yes" must not quietly mean "no"
+            raise ProxyError(400, "invalid_request_error", "'stream' must be a boolean", param="stream")
         return body
 
     def serve_mock(self, endpoint: str, body: dict, model: str, stream: bool, info: dict):

@@ -2333,6 +2333,19 @@ class TestHubBehaviour(ProxyCase):
                 self.assertIn("'%s' holds no message" % field, data.decode())
         self.assertEqual(self.up.requests, [])
 
+    async def test_stream_flag_that_is_not_a_boolean_is_400(self):
+        await self.start_back(multi_upstream)
+        for path, body in (("/v1/chat/completions", {"model": "m", "stream": 1, "messages": [
+                                {"role": "user", "content": "x"}]}),
+                           ("/v1/messages", {"model": "m", "max_tokens": 5, "stream": "yes", "messages": [
+                                {"role": "user", "content": "x"}]}),
+                           ("/v1/responses", {"model": "m", "stream": "true", "input": "x"})):
+            with self.subTest(path):
+                status, _, data = await self.call("POST", path, body)
+                self.assertEqual(status, 400)
+                self.assertIn("'stream' must be a boolean", data.decode())
+        self.assertEqual(self.up.requests, [])
+
     async def test_bad_roles_and_items_are_400_in_the_clients_shape(self):
         await self.start_back(multi_upstream, back="anthropic")
         status, _, data = await self.call("POST", "/v1/responses", {"model": "m", "input": [
