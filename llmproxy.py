@@ -7601,15 +7601,18 @@ class App:
             tin, tout = usage.input, usage.output
             if info.get("client_id"):
                 self.limiter.add_tokens(info["client_id"], tin + tout)
+        model = info.get("model")
+        upstream_model = info.get("upstream_model") or model     # what the back-end ran (and bills)
         if info.get("provider"):
-            self.usage.record(info.get("client") or "-", info["provider"], info.get("model") or "-", tin, tout)
+            self.usage.record(info.get("client") or "-", info["provider"], upstream_model or "-", tin, tout)
             if self.shared is not None:
                 row = self.usage_pending.setdefault((info.get("client") or "-", info["provider"],
-                                                     info.get("model") or "-"), [0, 0, 0])
+                                                     upstream_model or "-"), [0, 0, 0])
                 row[0] += 1
                 row[1] += tin or 0
                 row[2] += tout or 0
-        fields = {"status": status, "key": info.get("client"), "model": info.get("model"),
+        fields = {"status": status, "key": info.get("client"), "model": model,
+                  "upstream_model": upstream_model if upstream_model != model else None,
                   "provider": info.get("provider"), "upkey": info.get("upkey"), "via": info.get("via"),
                   "failover": ",".join(info["failover"]) if info.get("failover") else None,
                   "ttfb_ms": round((t_first - request.t_start) * 1000, 1) if t_first else None,
@@ -7954,6 +7957,7 @@ class App:
         prov = route.provider
         info = request.info
         info["provider"] = prov.name
+        info["upstream_model"] = route.model
         max_tokens = self.check_context(fmt, prov, route.model, canonical)
         release = await self.slots[prov.name].acquire(prov.name)
         try:
@@ -8260,6 +8264,7 @@ class App:
         info = request.info
         info["model"] = model
         info["provider"] = prov.name
+        info["upstream_model"] = route.model
         stream = stream_ok and body.get("stream") is True
         if prov.kind == "mock":
             return self.serve_mock(endpoint, body, route.model, stream, info)

@@ -1242,6 +1242,8 @@ class TestClientFeatures(ProxyCase):
         lines = [json.loads(l) for l in stream.getvalue().splitlines()]
         chat = next(l for l in lines if l["msg"] == "POST /v1/chat/completions")
         self.assertEqual((chat["status"], chat["model"], chat["provider"]), (200, "fast", "up"))
+        self.assertEqual(chat["upstream_model"], "real-model")          # the alias's target
+        self.assertEqual([(u["model"], u["tokens_in"]) for u in self.app.usage.snapshot()], [("real-model", 11)])
         self.assertEqual((chat["key"], chat["upkey"], chat["tokens_in"], chat["tokens_out"]),
                          ("...6789", "...AAAA", 11, 7))
         self.assertIn("ttfb_ms", chat)
