@@ -7755,8 +7755,9 @@ class App:
 
     async def passthrough(self, request: Request, fmt, prov: Provider, url: str, body: dict, client_model: str,
                           upstream_model: str, stream: bool, may_wait: bool = True, deadline: Optional[float] = None,
-                          rewritten: bool = False):
-        """Same format on both sides: forward the client's bytes (model rewritten if routed)."""
+                          rewritten: bool = False, raw_body: Optional[bytes] = None):
+        """Same format on both sides: forward the client's bytes (model rewritten if routed;
+        raw_body, when given, is sent as it is)."""
         info = request.info
         info["via"] = "pass"
         if prov.credential is not None:
@@ -7766,7 +7767,9 @@ class App:
             if cleaned is not None:              # item references and stored ids would 404 upstream
                 body = dict(body, input=cleaned)
                 rewritten = True
-        if prov.tags or prov.auth:
+        if raw_body is not None:
+            raw = raw_body
+        elif prov.tags or prov.auth:
             raw = _jbytes(prov.prepare_body(dict(body, model=upstream_model) if "model" in body else body,
                                             upstream_model))
         elif (body.get("model") == upstream_model or "model" not in body) and not rewritten:
@@ -8022,10 +8025,7 @@ class App:
             upstream = await self.send_upstream(prov, "POST", url, _jbytes(up_body), stream_up, info,
                                                 may_wait=may_wait, deadline=deadline, model=upstream_model)
             if upstream.status >= 400:
-                data = self.scrub(await upstream.read(MAX_ERROR_BODY))
-                err = upstream_error(upstream.status, upstream.content_type, data)
-                err.headers = [h for h in relay_headers(upstream.headers) if h[0] == "retry-after"]
-                raise err
+                raise await self.upstream_failure(upstream)
             if upstream.content_type == "text/event-stream" and creq.stream:
                 pieces = upstream.iter_body()
             elif upstream.content_type == "text/event-stream":      # a stream-only back-end, gathered
@@ -8129,6 +8129,14 @@ class App:
         except UPSTREAM_SHAPE_ERRORS + (ProxyError,) as e:
             raise UpstreamError(502, "upstream reply has an unexpected shape (%s)"
                                 % (e.message if isinstance(e, ProxyError) else e), "upstream_malformed")
+
+    async def upstream_failure(self, upstream: UpstreamResponse) -> ProxyError:
+        """An upstream error reply as the error to give the client (secrets scrubbed,
+        Retry-After kept)."""
+        data = self.scrub(await upstream.read(MAX_ERROR_BODY))
+        err = upstream_error(upstream.status, upstream.content_type, data)
+        err.headers = [h for h in relay_headers(upstream.headers) if h[0] == "retry-after"]
+        return err
 
     @staticmethod
     def _json_reply(data: bytes) -> dict:
@@ -8338,11 +8346,74 @@ class App:
         if action == "countTokens":
             return await self.count_tokens(request, Gemini, body, Gemini.parse_request(
                 body.get("generateContentRequest") or body, model), ":countTokens")
+        if action in ("embedContent", "batchEmbedContents"):
+            return await self.gemini_embed(request, model, action, body)
         if action not in ("generateContent", "streamGenerateContent"):
             raise ProxyError(404, "not_found_error", "unsupported action %r" % action, code="unknown_url")
         sse = request.query_param("alt") == "sse"
         return await self.serve_chat(request, Gemini, body, lambda: Gemini.parse_request(body, model), model,
                                      action == "streamGenerateContent", sse=sse)
+
+    async def gemini_embed(self, request: Request, model: str, action: str, body: dict):
+        """Gemini embedContent / batchEmbedContents: passed through to a Gemini back-end,
+        turned into one /embeddings call for an OpenAI-compatible one (text parts only)."""
+        batch = action == "batchEmbedContents"
+        items = body.get("requests") if batch else [body]
+        field = "requests" if batch else "content"
+        if not isinstance(items, list) or not items or not all(isinstance(x, dict) for x in items):
+            raise ProxyError(400, "invalid_request_error", "'requests' must be a non-empty array of objects",
+                             param=field)
+        route = self.router.resolve(model)
+        prov = route.provider
+        info = request.info
+        info.update(model=model, provider=prov.name, upstream_model=route.model)
+        if prov.kind == "gemini" and prov.passthrough_ok:
+            raw = None
+            if batch and route.model != model:      # each request names the model; it must match the URL
+                raw = _jbytes(dict(body, requests=[dict(x, model="models/" + route.model) for x in items]))
+            url = prov.url("/models/%s:%s" % (quote(route.model, safe=""), action))
+            return await self.passthrough(request, Gemini, prov, url, body, model, route.model, False, raw_body=raw)
+        if prov.kind not in ("openai", "mock"):
+            raise ProxyError(400, "invalid_request_error", "embeddings need an OpenAI-compatible or Gemini "
+                             "back-end; %r routes to a %s provider" % (model, prov.kind), param="model")
+        texts, dims = [], None
+        for i, it in enumerate(items):
+            where = "requests[%d].content" % i if batch else "content"
+            parts = it.get("content", {}).get("parts") if isinstance(it.get("content"), dict) else None
+            if not isinstance(parts, list):
+                raise ProxyError(400, "invalid_request_error", "%s.parts is required" % where, param=field)
+            text = "".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
+            if not text:
+                raise ProxyError(400, "invalid_request_error", "%s has no text to embed" % where, param=field)
+            texts.append(text)
+            d = it.get("outputDimensionality")
+            if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+                raise ProxyError(400, "invalid_request_error", "outputDimensionality must be a positive integer",
+                                 param=field)
+            dims = d or dims
+        up_body: Dict[str, Any] = {"model": route.model or model, "input": texts}
+        if dims:
+            up_body["dimensions"] = dims
+        info["via"] = "gemini>" + prov.kind
+        if prov.kind == "mock":
+            reply = self.mock.embeddings(up_body, route.model or model)
+        else:
+            upstream = await self.send_upstream(prov, "POST", prov.url("/embeddings"), _jbytes(up_body), False, info,
+                                                model=route.model)
+            if upstream.status >= 400:
+                raise await self.upstream_failure(upstream)
+            reply = self._json_reply(await upstream.read())
+        rows = reply.get("data")
+        if not isinstance(rows, list) or len(rows) != len(texts) or not all(
+                isinstance(r, dict) and isinstance(r.get("embedding"), list) for r in rows):
+            raise UpstreamError(502, "upstream embeddings reply has an unexpected shape", "upstream_malformed")
+        rows = sorted(rows, key=lambda r: r.get("index") if isinstance(r.get("index"), int) else 0)
+        usage = reply.get("usage")
+        if isinstance(usage, dict):
+            info["usage"] = Usage(_count(usage.get("prompt_tokens")), 0)
+        vectors = [{"values": r["embedding"]} for r in rows]
+        out = {"embeddings": vectors} if batch else {"embedding": vectors[0]}
+        return json_response(200, out, [("x-llmproxy-provider", prov.name)])
 
     async def handle_count_tokens(self, request: Request):
         body = self._body(request)

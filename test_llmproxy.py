@@ -2335,6 +2335,40 @@ class TestHubBehaviour(ProxyCase):
                 self.assertIn("'%s' holds no message" % field, data.decode())
         self.assertEqual(self.up.requests, [])
 
+    async def test_gemini_embeddings_on_an_openai_back_end(self):
+        async def handler(req, w):
+            body = json.loads(req["body"])
+            reply_json(w, 200, {"object": "list", "model": body["model"], "usage": {"prompt_tokens": 5, "total_tokens": 5},
+                                "data": [{"object": "embedding", "index": i, "embedding": [float(i), 0.5]}
+                                         for i in reversed(range(len(body["input"])))]})
+        await self.start_back(handler)
+        status, _, data = await self.call("POST", "/v1beta/models/fast:batchEmbedContents", {"requests": [
+            {"model": "models/fast", "content": {"parts": [{"text": "hello "}, {"text": "world"}]},
+             "outputDimensionality": 2},
+            {"model": "models/fast", "content": {"parts": [{"text": "second"}]}}]})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(json.loads(data), {"embeddings": [{"values": [0.0, 0.5]}, {"values": [1.0, 0.5]}]})
+        sent = json.loads(self.up.requests[0]["body"])
+        self.assertEqual((self.up.requests[0]["path"], sent),
+                         ("/v1/embeddings", {"model": "real-model", "input": ["hello world", "second"], "dimensions": 2}))
+        status, _, data = await self.call("POST", "/v1beta/models/m:embedContent",
+                                          {"content": {"parts": [{"text": "one"}]}})
+        self.assertEqual(json.loads(data), {"embedding": {"values": [0.0, 0.5]}})
+        status, _, data = await self.call("POST", "/v1beta/models/m:embedContent", {"content": {"parts": []}})
+        self.assertEqual((status, json.loads(data)["error"]["status"]), (400, "INVALID_ARGUMENT"))
+        self.assertEqual(len(self.up.requests), 2)
+
+    async def test_gemini_embeddings_pass_through_with_the_routed_model(self):
+        async def handler(req, w):
+            reply_json(w, 200, {"embeddings": [{"values": [0.25]}]})
+        await self.start_back(handler, back="gemini")
+        body = {"requests": [{"model": "models/fast", "content": {"parts": [{"text": "x"}]}, "taskType": "RETRIEVAL_QUERY"}]}
+        status, _, data = await self.call("POST", "/v1beta/models/fast:batchEmbedContents", body)
+        self.assertEqual((status, json.loads(data)), (200, {"embeddings": [{"values": [0.25]}]}))
+        up = self.up.requests[0]
+        self.assertTrue(up["path"].startswith("/v1beta/models/real-model:batchEmbedContents"), up["path"])
+        self.assertEqual(json.loads(up["body"])["requests"][0], dict(body["requests"][0], model="models/real-model"))
+
     async def test_stream_flag_that_is_not_a_boolean_is_400(self):
         await self.start_back(multi_upstream)
         for path, body in (("/v1/chat/completions", {"model": "m", "stream": 1, "messages": [
