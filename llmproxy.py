@@ -48,6 +48,7 @@ import secrets
 import signal
 import socket
 import ssl
+import struct
 import sys
 import tempfile
 import time
@@ -4139,6 +4140,14 @@ def _schema_example(schema) -> Any:
     return {"integer": 1, "number": 1, "boolean": True, "array": [], "null": None}.get(t, "mock")
 
 
+def encode_embedding(values: list, encoding: str):
+    """An embedding as OpenAI returns it: a list of floats, or for encoding_format base64
+    the little-endian float32 bytes in base64 (the OpenAI SDK asks for that by default)."""
+    if encoding != "base64":
+        return values
+    return base64.b64encode(struct.pack("<%df" % len(values), *values)).decode("ascii")
+
+
 class MockProvider:
     """Deterministic OpenAI-shaped replies: the last user message echoed back (word by
     word when streaming), or a tool call when tools are offered and the prompt names a
@@ -4233,6 +4242,7 @@ class MockProvider:
                 "usage": {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n}}
 
     def embeddings(self, body: dict, model: str) -> dict:
+        encoding = body.get("encoding_format") or "float"
         inputs = body.get("input")
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
@@ -4252,7 +4262,8 @@ class MockProvider:
                 counter += 1
             vec = [(b - 127.5) / 127.5 for b in raw[:dims]]
             norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-            data.append({"object": "embedding", "index": i, "embedding": [round(v / norm, 6) for v in vec]})
+            data.append({"object": "embedding", "index": i,
+                         "embedding": encode_embedding([round(v / norm, 6) for v in vec], encoding)})
         return {"object": "list", "data": data, "model": model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
@@ -8276,10 +8287,52 @@ class App:
         stream = stream_ok and body.get("stream") is True
         if prov.kind == "mock":
             return self.serve_mock(endpoint, body, route.model, stream, info)
+        if prov.kind == "gemini" and endpoint == "/embeddings" and prov.passthrough_ok:
+            return await self.embeddings_on_gemini(body, prov, route.model or model, info)
         if prov.kind != "openai":
             raise ProxyError(400, "invalid_request_error", "%s is served only by OpenAI-compatible providers; "
                              "%r routes to a %s provider" % (endpoint, model, prov.kind), param="model")
         return await self.passthrough(request, OpenAIChat, prov, prov.url(endpoint), body, model, route.model, stream)
+
+    async def embeddings_on_gemini(self, body: dict, prov: Provider, model: str, info: dict):
+        """OpenAI /embeddings on a Gemini back-end: one batchEmbedContents call (text inputs only)."""
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) and x for x in inputs):
+            raise ProxyError(400, "invalid_request_error", "'input' must be a non-empty string or array of "
+                             "strings for a Gemini back-end (token arrays cannot be sent there)", param="input")
+        dims = body.get("dimensions")
+        if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+            raise ProxyError(400, "invalid_request_error", "'dimensions' must be a positive integer", param="dimensions")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise ProxyError(400, "invalid_request_error", "'encoding_format' must be float or base64",
+                             param="encoding_format")
+        requests = []
+        for text in inputs:
+            r: Dict[str, Any] = {"model": "models/" + model, "content": {"parts": [{"text": text}]}}
+            if dims:
+                r["outputDimensionality"] = dims
+            requests.append(r)
+        info["via"] = "openai>gemini"
+        if prov.credential is not None:
+            await prov.credential.token()
+        url = prov.url("/models/%s:batchEmbedContents" % quote(model, safe=""))
+        upstream = await self.send_upstream(prov, "POST", url, _jbytes({"requests": requests}), False, info,
+                                            model=model)
+        if upstream.status >= 400:
+            raise await self.upstream_failure(upstream)
+        rows = self._json_reply(await upstream.read()).get("embeddings")
+        if not isinstance(rows, list) or len(rows) != len(inputs) or not all(
+                isinstance(r, dict) and isinstance(r.get("values"), list) for r in rows):
+            raise UpstreamError(502, "upstream embeddings reply has an unexpected shape", "upstream_malformed")
+        tokens = sum(max(1, (len(t) + 3) // 4) for t in inputs)     # Gemini reports none: estimated
+        info["usage"] = Usage(tokens, 0)
+        data = [{"object": "embedding", "index": i, "embedding": encode_embedding(r["values"], encoding)}
+                for i, r in enumerate(rows)]
+        return json_response(200, {"object": "list", "data": data, "model": model,
+                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                             [("x-llmproxy-provider", prov.name)])
 
     async def handle_chat(self, request: Request):
         body = self._body(request)

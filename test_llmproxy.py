@@ -5,6 +5,7 @@ Pure sections are tested on bytes and dicts; behaviour end to end over
 """
 
 import asyncio
+import base64
 import contextlib
 import copy
 import http.client
@@ -16,6 +17,7 @@ import random
 import re
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -2356,6 +2358,30 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual(json.loads(data), {"embedding": {"values": [0.0, 0.5]}})
         status, _, data = await self.call("POST", "/v1beta/models/m:embedContent", {"content": {"parts": []}})
         self.assertEqual((status, json.loads(data)["error"]["status"]), (400, "INVALID_ARGUMENT"))
+        self.assertEqual(len(self.up.requests), 2)
+
+    async def test_openai_embeddings_on_a_gemini_back_end(self):
+        async def handler(req, w):
+            n = len(json.loads(req["body"])["requests"])
+            reply_json(w, 200, {"embeddings": [{"values": [0.5 * i, -1.0]} for i in range(n)]})
+        await self.start_back(handler, back="gemini")
+        status, _, data = await self.call("POST", "/v1/embeddings", {"model": "fast", "input": ["ab", "cdef"],
+                                                                     "dimensions": 2})
+        self.assertEqual(status, 200, data)
+        reply = json.loads(data)
+        self.assertEqual([d["embedding"] for d in reply["data"]], [[0.0, -1.0], [0.5, -1.0]])
+        self.assertEqual([d["index"] for d in reply["data"]], [0, 1])
+        up = self.up.requests[0]
+        self.assertTrue(up["path"].startswith("/v1beta/models/real-model:batchEmbedContents"), up["path"])
+        self.assertEqual(json.loads(up["body"])["requests"][1], {
+            "model": "models/real-model", "content": {"parts": [{"text": "cdef"}]}, "outputDimensionality": 2})
+        status, _, data = await self.call("POST", "/v1/embeddings", {"model": "m", "input": "x",
+                                                                     "encoding_format": "base64"})
+        packed = base64.b64decode(json.loads(data)["data"][0]["embedding"])
+        self.assertEqual(list(struct.unpack("<2f", packed)), [0.0, -1.0])
+        status, _, data = await self.call("POST", "/v1/embeddings", {"model": "m", "input": [[1, 2, 3]]})
+        self.assertEqual(status, 400)
+        self.assertEqual(json.loads(data)["error"]["param"], "input")
         self.assertEqual(len(self.up.requests), 2)
 
     async def test_gemini_embeddings_pass_through_with_the_routed_model(self):
