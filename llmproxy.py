@@ -8427,8 +8427,9 @@ class App:
             url = prov.url("/models/%s:%s" % (quote(route.model, safe=""), action))
             return await self.passthrough(request, Gemini, prov, url, body, model, route.model, False, raw_body=raw)
         if prov.kind not in ("openai", "mock"):
-            raise ProxyError(400, "invalid_request_error", "embeddings need an OpenAI-compatible or Gemini "
-                             "back-end; %r routes to a %s provider" % (model, prov.kind), param="model")
+            raise ProxyError(400, "invalid_request_error", "%r routes to provider %s, which cannot serve "
+                             "embeddings (an OpenAI-compatible or Gemini API-key back-end can)" % (model, prov.name),
+                             param="model")
         texts, dims = [], None
         for i, it in enumerate(items):
             where = "requests[%d].content" % i if batch else "content"
