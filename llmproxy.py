@@ -7120,11 +7120,20 @@ _EVENT_STRINGS = {"start": (1, 2), "text": (1,), "thinking": (1,), "tool_start":
                   "signature": (1,), "redacted": (1,)}
 
 
-def check_event(ev: tuple):
-    """A decoder's event has the string fields the filters and encoders rely on."""
+_EVENT_IDS = {"start": (1, 2), "tool_start": (2,)}     # ids and model names: a number is taken as its text
+
+
+def check_event(ev: tuple) -> tuple:
+    """A decoder's event with the string fields the filters and encoders rely on (a
+    numeric id or model name, which some servers send, becomes text)."""
     for i in _EVENT_STRINGS.get(ev[0], ()):
-        if not isinstance(ev[i], str):
-            raise TypeError("a %s event carries %s where a string belongs" % (ev[0], type(ev[i]).__name__))
+        v = ev[i]
+        if not isinstance(v, str):
+            if i in _EVENT_IDS.get(ev[0], ()) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                ev = ev[:i] + (str(v),) + ev[i + 1:]
+                continue
+            raise TypeError("a %s event carries %s where a string belongs" % (ev[0], type(v).__name__))
+    return ev
 RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai-processing-ms",
                            "openai-version", "retry-after", "x-openrouter-request-id"])
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
@@ -8119,9 +8128,7 @@ class App:
             for ev in sse.close():
                 events.extend(dec.feed(ev))
             events += dec.close()
-            for ev in events:
-                check_event(ev)
-            return events
+            return [check_event(ev) for ev in events]
         except UPSTREAM_SHAPE_ERRORS as e:
             raise UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e, "upstream_malformed")
 
@@ -8130,8 +8137,12 @@ class App:
         """An upstream reply in canonical form; an unexpected shape is the upstream's fault."""
         try:
             resp = fmt.parse_response(reply)
-            if not isinstance(resp.id, str) or not isinstance(resp.model, str):
-                raise TypeError("'id' and 'model' must be strings")
+            for name in ("id", "model"):          # a numeric id or model name is taken as its text
+                v = getattr(resp, name)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    setattr(resp, name, str(v))
+                elif not isinstance(v, str):
+                    raise TypeError("'%s' must be a string" % name)
             for i, p in enumerate(resp.parts):
                 _check_part(p, "content[%d]" % i)
             return resp
@@ -8165,7 +8176,7 @@ class App:
         guardrail filters, when any, sit between the decoder and the encoder."""
 
         def emit(ev) -> List[bytes]:
-            check_event(ev)
+            ev = check_event(ev)
             out = []
             for ev in (filters.feed(ev) if filters is not None else (ev,)):
                 if ev[0] == "tool_start" and ev[4] and ev[5] == "gemini":

@@ -1907,12 +1907,26 @@ class TestMalformedShapes(unittest.TestCase):
                     for target in ALL_FORMATS:
                         json.dumps(lp.FORMATS[target].render_response(resp, lp.ChatRequest(model="m")))
 
-    def test_numeric_reply_id_is_502_not_a_crash(self):
+    def test_numeric_reply_id_is_text_and_an_object_id_is_502(self):
         body = {"id": 12, "object": "chat.completion", "model": "m", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+        resp = lp.App.parse_reply(lp.FORMATS["openai"], body)         # some local servers number their replies
+        for target in ALL_FORMATS:
+            json.dumps(lp.FORMATS[target].render_response(resp, lp.ChatRequest(model="m")))
+        self.assertEqual(resp.id, "12")
         with self.assertRaises(lp.UpstreamError) as cm:
-            lp.App.parse_reply(lp.FORMATS["openai"], body)
+            lp.App.parse_reply(lp.FORMATS["openai"], dict(body, id={"n": 12}))
         self.assertEqual(cm.exception.status, 502)
+
+    def test_numeric_stream_id_is_text(self):
+        pieces = [b'data: {"id":7,"model":"m","choices":[{"index":0,"delta":{"content":"fine"}}]}\n\n',
+                  b'data: {"id":7,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+                  b"data: [DONE]\n\n"]
+        for target in ALL_FORMATS:
+            with self.subTest(target):
+                out = self.run_stream(pieces, "openai", target).decode()
+                self.assertIn("fine", out)
+                self.assertNotIn("unexpected shape", out)
 
     def run_stream(self, pieces, fmt, target):
         app = lp.App.__new__(lp.App)
