@@ -8144,6 +8144,8 @@ class App:
                 elif not isinstance(v, str):
                     raise TypeError("'%s' must be a string" % name)
             for i, p in enumerate(resp.parts):
+                if isinstance(p.id, (int, float)) and not isinstance(p.id, bool):
+                    p.id = str(p.id)
                 _check_part(p, "content[%d]" % i)
             return resp
         except UpstreamError:

@@ -1914,6 +1914,9 @@ class TestMalformedShapes(unittest.TestCase):
         for target in ALL_FORMATS:
             json.dumps(lp.FORMATS[target].render_response(resp, lp.ChatRequest(model="m")))
         self.assertEqual(resp.id, "12")
+        call = {"id": 3, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        body["choices"][0]["message"]["tool_calls"] = [call]
+        self.assertEqual(lp.App.parse_reply(lp.FORMATS["openai"], body).parts[-1].id, "3")
         with self.assertRaises(lp.UpstreamError) as cm:
             lp.App.parse_reply(lp.FORMATS["openai"], dict(body, id={"n": 12}))
         self.assertEqual(cm.exception.status, 502)
