@@ -1514,6 +1514,25 @@ CARRIED = "llmproxy:"               # encrypted_content prefix carrying another 
 STOP_REASONS = ("end", "max_tokens", "tool_use", "stop_sequence", "content_filter")
 
 
+# which fields of a canonical event must be strings before an encoder may see it
+_EVENT_STRINGS = {"start": (1, 2), "text": (1,), "thinking": (1,), "tool_start": (2, 3), "tool_args": (2,),
+                  "signature": (1,), "redacted": (1,)}
+_EVENT_IDS = {"start": (1, 2), "tool_start": (2,)}     # ids and model names: a number is taken as its text
+
+
+def check_event(ev: tuple) -> tuple:
+    """A decoder's event with the string fields the filters and encoders rely on (a
+    numeric id or model name, which some servers send, becomes text)."""
+    for i in _EVENT_STRINGS.get(ev[0], ()):
+        v = ev[i]
+        if not isinstance(v, str):
+            if i in _EVENT_IDS.get(ev[0], ()) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                ev = ev[:i] + (str(v),) + ev[i + 1:]
+                continue
+            raise TypeError("a %s event carries %s where a string belongs" % (ev[0], type(v).__name__))
+    return ev
+
+
 def _count(v) -> int:
     """A token count from upstream JSON: an int, or 0 for anything else."""
     return v if type(v) is int else 0
@@ -1805,6 +1824,14 @@ _OC_STOP_OUT = {"end": "stop", "max_tokens": "length", "tool_use": "tool_calls",
                 "content_filter": "content_filter"}
 
 
+def encode_embedding(values: list, encoding: str):
+    """An embedding as OpenAI returns it: a list of floats, or for encoding_format base64
+    the little-endian float32 bytes in base64 (the OpenAI SDK asks for that by default)."""
+    if encoding != "base64":
+        return values
+    return base64.b64encode(struct.pack("<%df" % len(values), *values)).decode("ascii")
+
+
 class OpenAIChat(WireFormat):
     name = "openai"
     endpoint = "/chat/completions"
@@ -2081,6 +2108,50 @@ class OpenAIChat(WireFormat):
                 "choices": [{"index": 0, "message": msg, "logprobs": None,
                              "finish_reason": "tool_calls" if calls else _OC_STOP_OUT.get(resp.stop, "stop")}],
                 "usage": cls.render_usage(resp.usage)}
+
+    # -- embeddings (texts and vectors are the canonical form) ----------------
+
+    @staticmethod
+    def parse_embeddings(body: dict) -> Tuple[List[str], Optional[int], str]:
+        """-> (texts, dimensions, encoding_format); only string inputs can cross formats."""
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) and x for x in inputs):
+            raise ProxyError(400, "invalid_request_error", "'input' must be a non-empty string or array of "
+                             "strings for this back-end (token arrays cannot be sent there)", param="input")
+        dims = body.get("dimensions")
+        if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+            raise ProxyError(400, "invalid_request_error", "'dimensions' must be a positive integer", param="dimensions")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise ProxyError(400, "invalid_request_error", "'encoding_format' must be float or base64",
+                             param="encoding_format")
+        return inputs, dims, encoding
+
+    @staticmethod
+    def render_embeddings_request(model: str, texts: List[str], dims: Optional[int]) -> dict:
+        body: Dict[str, Any] = {"model": model, "input": texts}
+        if dims:
+            body["dimensions"] = dims
+        return body
+
+    @staticmethod
+    def parse_embeddings_reply(body: dict, n: int) -> Tuple[List[list], int]:
+        """-> (vectors in input order, prompt tokens)."""
+        rows = body.get("data")
+        if not isinstance(rows, list) or len(rows) != n or not all(
+                isinstance(r, dict) and isinstance(r.get("embedding"), list) for r in rows):
+            raise UpstreamError(502, "upstream embeddings reply has an unexpected shape", "upstream_malformed")
+        rows = sorted(rows, key=lambda r: r.get("index") if isinstance(r.get("index"), int) else 0)
+        usage = body.get("usage")
+        return [r["embedding"] for r in rows], _count(usage.get("prompt_tokens")) if isinstance(usage, dict) else 0
+
+    @staticmethod
+    def render_embeddings_reply(model: str, vectors: List[list], tokens: int, encoding: str) -> dict:
+        data = [{"object": "embedding", "index": i, "embedding": encode_embedding(v, encoding)}
+                for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     # -- streams ------------------------------------------------------------
 
@@ -3750,6 +3821,65 @@ class Gemini(WireFormat):
                 "usageMetadata": cls.render_usage(resp.usage), "modelVersion": resp.model or req.model,
                 "responseId": resp.id}
 
+    # -- embeddings (texts and vectors are the canonical form) ----------------
+
+    @staticmethod
+    def embed_items(body: dict, batch: bool) -> List[dict]:
+        """The EmbedContentRequests of an embedContent (one) or batchEmbedContents body."""
+        items = body.get("requests") if batch else [body]
+        if not isinstance(items, list) or not items or not all(isinstance(x, dict) for x in items):
+            raise ProxyError(400, "invalid_request_error", "'requests' must be a non-empty array of objects",
+                             param="requests")
+        return items
+
+    @classmethod
+    def parse_embed_request(cls, body: dict, batch: bool) -> Tuple[List[str], Optional[int]]:
+        """-> (texts, outputDimensionality); only text parts can cross formats."""
+        texts, dims = [], None
+        for i, it in enumerate(cls.embed_items(body, batch)):
+            where = "requests[%d].content" % i if batch else "content"
+            parts = it["content"].get("parts") if isinstance(it.get("content"), dict) else None
+            if not isinstance(parts, list):
+                raise ProxyError(400, "invalid_request_error", "%s.parts is required" % where, param=where)
+            text = "".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
+            if not text:
+                raise ProxyError(400, "invalid_request_error", "%s has no text to embed" % where, param=where)
+            texts.append(text)
+            d = it.get("outputDimensionality")
+            if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+                raise ProxyError(400, "invalid_request_error", "outputDimensionality must be a positive integer",
+                                 param=where)
+            dims = d or dims
+        return texts, dims
+
+    @staticmethod
+    def render_embed_request(model: str, texts: List[str], dims: Optional[int]) -> dict:
+        """A batchEmbedContents body."""
+        requests = []
+        for text in texts:
+            r: Dict[str, Any] = {"model": "models/" + model, "content": {"parts": [{"text": text}]}}
+            if dims:
+                r["outputDimensionality"] = dims
+            requests.append(r)
+        return {"requests": requests}
+
+    @classmethod
+    def route_embed_batch(cls, body: dict, model: str) -> dict:
+        """A batchEmbedContents body for another model: each request names it, matching the URL."""
+        return dict(body, requests=[dict(x, model="models/" + model) for x in cls.embed_items(body, True)])
+
+    @staticmethod
+    def parse_embed_reply(body: dict, n: int) -> List[list]:
+        rows = body.get("embeddings")
+        if not isinstance(rows, list) or len(rows) != n or not all(
+                isinstance(r, dict) and isinstance(r.get("values"), list) for r in rows):
+            raise UpstreamError(502, "upstream embeddings reply has an unexpected shape", "upstream_malformed")
+        return [r["values"] for r in rows]
+
+    @staticmethod
+    def render_embed_reply(vectors: List[list], batch: bool) -> dict:
+        return {"embeddings": [{"values": v} for v in vectors]} if batch else {"embedding": {"values": vectors[0]}}
+
 
 
 class GeminiDecoder(CanonicalStream):
@@ -4140,14 +4270,6 @@ def _schema_example(schema) -> Any:
     return {"integer": 1, "number": 1, "boolean": True, "array": [], "null": None}.get(t, "mock")
 
 
-def encode_embedding(values: list, encoding: str):
-    """An embedding as OpenAI returns it: a list of floats, or for encoding_format base64
-    the little-endian float32 bytes in base64 (the OpenAI SDK asks for that by default)."""
-    if encoding != "base64":
-        return values
-    return base64.b64encode(struct.pack("<%df" % len(values), *values)).decode("ascii")
-
-
 class MockProvider:
     """Deterministic OpenAI-shaped replies: the last user message echoed back (word by
     word when streaming), or a tool call when tools are offered and the prompt names a
@@ -4250,9 +4372,9 @@ class MockProvider:
             raise ProxyError(400, "invalid_request_error", "'input' must be a string or a non-empty array", param="input")
         dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) else 16
         dims = max(1, min(dims, 4096))
-        data = []
+        vectors = []
         tokens = 0
-        for i, item in enumerate(inputs):
+        for item in inputs:
             text = item if isinstance(item, str) else json.dumps(item)
             tokens += max(1, _words(text))
             raw = b""
@@ -4262,10 +4384,8 @@ class MockProvider:
                 counter += 1
             vec = [(b - 127.5) / 127.5 for b in raw[:dims]]
             norm = math.sqrt(sum(v * v for v in vec)) or 1.0
-            data.append({"object": "embedding", "index": i,
-                         "embedding": encode_embedding([round(v / norm, 6) for v in vec], encoding)})
-        return {"object": "list", "data": data, "model": model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            vectors.append([round(v / norm, 6) for v in vec])
+        return OpenAIChat.render_embeddings_reply(model, vectors, tokens, encoding)
 
 
 # 8. auth #####################################################################
@@ -7115,25 +7235,6 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
 
 PUBLIC, CLIENT, ADMIN = 0, 1, 2
 UPSTREAM_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, ValueError, IndexError)
-# which fields of a canonical event must be strings before an encoder may see it
-_EVENT_STRINGS = {"start": (1, 2), "text": (1,), "thinking": (1,), "tool_start": (2, 3), "tool_args": (2,),
-                  "signature": (1,), "redacted": (1,)}
-
-
-_EVENT_IDS = {"start": (1, 2), "tool_start": (2,)}     # ids and model names: a number is taken as its text
-
-
-def check_event(ev: tuple) -> tuple:
-    """A decoder's event with the string fields the filters and encoders rely on (a
-    numeric id or model name, which some servers send, becomes text)."""
-    for i in _EVENT_STRINGS.get(ev[0], ()):
-        v = ev[i]
-        if not isinstance(v, str):
-            if i in _EVENT_IDS.get(ev[0], ()) and isinstance(v, (int, float)) and not isinstance(v, bool):
-                ev = ev[:i] + (str(v),) + ev[i + 1:]
-                continue
-            raise TypeError("a %s event carries %s where a string belongs" % (ev[0], type(v).__name__))
-    return ev
 RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai-processing-ms",
                            "openai-version", "retry-after", "x-openrouter-request-id"])
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
@@ -8309,42 +8410,19 @@ class App:
 
     async def embeddings_on_gemini(self, body: dict, prov: Provider, model: str, info: dict):
         """OpenAI /embeddings on a Gemini back-end: one batchEmbedContents call (text inputs only)."""
-        inputs = body.get("input")
-        inputs = [inputs] if isinstance(inputs, str) else inputs
-        if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) and x for x in inputs):
-            raise ProxyError(400, "invalid_request_error", "'input' must be a non-empty string or array of "
-                             "strings for a Gemini back-end (token arrays cannot be sent there)", param="input")
-        dims = body.get("dimensions")
-        if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
-            raise ProxyError(400, "invalid_request_error", "'dimensions' must be a positive integer", param="dimensions")
-        encoding = body.get("encoding_format") or "float"
-        if encoding not in ("float", "base64"):
-            raise ProxyError(400, "invalid_request_error", "'encoding_format' must be float or base64",
-                             param="encoding_format")
-        requests = []
-        for text in inputs:
-            r: Dict[str, Any] = {"model": "models/" + model, "content": {"parts": [{"text": text}]}}
-            if dims:
-                r["outputDimensionality"] = dims
-            requests.append(r)
+        texts, dims, encoding = OpenAIChat.parse_embeddings(body)
         info["via"] = "openai>gemini"
         if prov.credential is not None:
             await prov.credential.token()
         url = prov.url("/models/%s:batchEmbedContents" % quote(model, safe=""))
-        upstream = await self.send_upstream(prov, "POST", url, _jbytes({"requests": requests}), False, info,
-                                            model=model)
+        upstream = await self.send_upstream(prov, "POST", url, _jbytes(Gemini.render_embed_request(model, texts, dims)),
+                                            False, info, model=model)
         if upstream.status >= 400:
             raise await self.upstream_failure(upstream)
-        rows = self._json_reply(await upstream.read()).get("embeddings")
-        if not isinstance(rows, list) or len(rows) != len(inputs) or not all(
-                isinstance(r, dict) and isinstance(r.get("values"), list) for r in rows):
-            raise UpstreamError(502, "upstream embeddings reply has an unexpected shape", "upstream_malformed")
-        tokens = sum(max(1, (len(t) + 3) // 4) for t in inputs)     # Gemini reports none: estimated
+        vectors = Gemini.parse_embed_reply(self._json_reply(await upstream.read()), len(texts))
+        tokens = sum(max(1, (len(t) + 3) // 4) for t in texts)     # Gemini reports none: estimated
         info["usage"] = Usage(tokens, 0)
-        data = [{"object": "embedding", "index": i, "embedding": encode_embedding(r["values"], encoding)}
-                for i, r in enumerate(rows)]
-        return json_response(200, {"object": "list", "data": data, "model": model,
-                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+        return json_response(200, OpenAIChat.render_embeddings_reply(model, vectors, tokens, encoding),
                              [("x-llmproxy-provider", prov.name)])
 
     async def handle_chat(self, request: Request):
@@ -8424,43 +8502,21 @@ class App:
         """Gemini embedContent / batchEmbedContents: passed through to a Gemini back-end,
         turned into one /embeddings call for an OpenAI-compatible one (text parts only)."""
         batch = action == "batchEmbedContents"
-        items = body.get("requests") if batch else [body]
-        field = "requests" if batch else "content"
-        if not isinstance(items, list) or not items or not all(isinstance(x, dict) for x in items):
-            raise ProxyError(400, "invalid_request_error", "'requests' must be a non-empty array of objects",
-                             param=field)
+        Gemini.embed_items(body, batch)
         route = self.router.resolve(model)
         prov = route.provider
         info = request.info
         info.update(model=model, provider=prov.name, upstream_model=route.model)
         if prov.kind == "gemini" and prov.passthrough_ok:
-            raw = None
-            if batch and route.model != model:      # each request names the model; it must match the URL
-                raw = _jbytes(dict(body, requests=[dict(x, model="models/" + route.model) for x in items]))
+            raw = _jbytes(Gemini.route_embed_batch(body, route.model)) if batch and route.model != model else None
             url = prov.url("/models/%s:%s" % (quote(route.model, safe=""), action))
             return await self.passthrough(request, Gemini, prov, url, body, model, route.model, False, raw_body=raw)
         if prov.kind not in ("openai", "mock"):
             raise ProxyError(400, "invalid_request_error", "%r routes to provider %s, which cannot serve "
                              "embeddings (an OpenAI-compatible or Gemini API-key back-end can)" % (model, prov.name),
                              param="model")
-        texts, dims = [], None
-        for i, it in enumerate(items):
-            where = "requests[%d].content" % i if batch else "content"
-            parts = it.get("content", {}).get("parts") if isinstance(it.get("content"), dict) else None
-            if not isinstance(parts, list):
-                raise ProxyError(400, "invalid_request_error", "%s.parts is required" % where, param=field)
-            text = "".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
-            if not text:
-                raise ProxyError(400, "invalid_request_error", "%s has no text to embed" % where, param=field)
-            texts.append(text)
-            d = it.get("outputDimensionality")
-            if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
-                raise ProxyError(400, "invalid_request_error", "outputDimensionality must be a positive integer",
-                                 param=field)
-            dims = d or dims
-        up_body: Dict[str, Any] = {"model": route.model or model, "input": texts}
-        if dims:
-            up_body["dimensions"] = dims
+        texts, dims = Gemini.parse_embed_request(body, batch)
+        up_body = OpenAIChat.render_embeddings_request(route.model or model, texts, dims)
         info["via"] = "gemini>" + prov.kind
         if prov.kind == "mock":
             reply = self.mock.embeddings(up_body, route.model or model)
@@ -8470,17 +8526,9 @@ class App:
             if upstream.status >= 400:
                 raise await self.upstream_failure(upstream)
             reply = self._json_reply(await upstream.read())
-        rows = reply.get("data")
-        if not isinstance(rows, list) or len(rows) != len(texts) or not all(
-                isinstance(r, dict) and isinstance(r.get("embedding"), list) for r in rows):
-            raise UpstreamError(502, "upstream embeddings reply has an unexpected shape", "upstream_malformed")
-        rows = sorted(rows, key=lambda r: r.get("index") if isinstance(r.get("index"), int) else 0)
-        usage = reply.get("usage")
-        if isinstance(usage, dict):
-            info["usage"] = Usage(_count(usage.get("prompt_tokens")), 0)
-        vectors = [{"values": r["embedding"]} for r in rows]
-        out = {"embeddings": vectors} if batch else {"embedding": vectors[0]}
-        return json_response(200, out, [("x-llmproxy-provider", prov.name)])
+        vectors, tokens = OpenAIChat.parse_embeddings_reply(reply, len(texts))
+        info["usage"] = Usage(tokens, 0)
+        return json_response(200, Gemini.render_embed_reply(vectors, batch), [("x-llmproxy-provider", prov.name)])
 
     async def handle_count_tokens(self, request: Request):
         body = self._body(request)
