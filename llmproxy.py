@@ -366,11 +366,14 @@ class ChunkedDecoder:
                     self.total += size
                     if self.total > self.max_bytes:
                         raise FramingError("body too large")
-                    if size:
+                    if not size:
+                        self.state = 3
+                    elif n - pos >= size + 2 and buf[pos + size:pos + size + 2] == b"\r\n":
+                        out.append(buf[pos:pos + size])      # the whole chunk is here: one step
+                        pos += size + 2
+                    else:
                         self.remaining = size
                         self.state = 1
-                    else:
-                        self.state = 3
                 else:
                     if not line:
                         self.state = 4
