@@ -6240,6 +6240,7 @@ class ReplyRewrite(EventFilter):
     def __init__(self, rules: list):
         self.rules = rules
         self.replace = [r for r in rules if r["action"] == "replace"]
+        self.max_hold = max([4 * REWRITE_HOLD] + [len(r.get("literal") or "") for r in self.replace])
         self.started = False
         self.pending = ""
 
@@ -6255,17 +6256,18 @@ class ReplyRewrite(EventFilter):
                         break
             else:
                 cut = min(cut, max(text.rfind("\n") + 1, len(text) - REWRITE_HOLD))
+        floor = len(text) - self.max_hold      # what is held stays bounded, whatever the pattern
         moved = True
         while moved:                       # never cut through a match that is already whole
             moved = False
             for r in self.replace:
-                for m in r["pattern"].finditer(text, 0, len(text)):
+                for m in r["pattern"].finditer(text, max(0, floor), len(text)):
                     if m.start() >= cut:
                         break
                     if m.end() > cut:
                         cut, moved = m.start(), True
                         break
-        return cut
+        return max(cut, floor)
 
     def _apply(self, text: str) -> str:
         for r in self.replace:

@@ -3584,6 +3584,16 @@ class TestGuardrailStages(unittest.TestCase):
                 self.assertEqual("".join(e[1] for e in out if e[0] == "text"), whole)
                 self.assertEqual(out[-1][0], "finish")
 
+    def test_reply_replace_holds_a_bounded_tail_for_greedy_patterns(self):
+        f = lp.ReplyRewrite([{"action": "replace", "pattern": re.compile("a.*"), "literal": None, "with": "!"}])
+        out = []
+        for _ in range(1000):                       # 10,000 characters, no newline
+            out += f.feed(("text", "a bcdefghi "))
+            self.assertLessEqual(len(f.pending), f.max_hold + 11)
+        out += f.feed(("finish", "end", None))
+        self.assertTrue(any(e[0] == "text" for e in out[:-1]))
+        self.assertEqual(out[-1][0], "finish")
+
     def test_reply_replace_holds_back_only_what_could_still_match(self):
         f = lp.ReplyRewrite([{"action": "replace", "pattern": re.compile("secret"), "literal": "secret", "with": "*"}])
         self.assertEqual(f.feed(("text", "my sec")), [("text", "my ")])    # "sec" may begin "secret"
