@@ -2305,6 +2305,14 @@ class TestFailureClasses(unittest.TestCase):
                 "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]})
         self.assertGreaterEqual(lp.estimate_tokens(more) - lp.estimate_tokens(base), 100 + lp.IMAGE_TOKENS)
 
+    def test_count_tokens_weighs_cjk_text_near_one_token_a_character(self):
+        def count(text):
+            return lp.estimate_tokens(lp.AnthropicMessages.parse_request(
+                {"model": "m", "messages": [{"role": "user", "content": text}]}))
+        self.assertEqual(count("a" * 400) - count(""), 100)            # ASCII: 4 characters a token
+        self.assertEqual(count("\u4f60\u597d" * 200) - count(""), 500)    # 400 CJK characters
+        self.assertEqual(count("\ud800x") - count(""), 2)               # a lone surrogate does not raise
+
     def test_anthropic_tool_ids_sanitized_consistently(self):
         body = {"model": "m", "messages": [
             {"role": "user", "content": "q"},
