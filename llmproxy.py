@@ -5495,6 +5495,8 @@ class Router:
         self.providers = providers
         self.aliases: Dict[str, List[Tuple[str, Optional[str]]]] = {
             k: (v if isinstance(v, list) else [v]) for k, v in (aliases or {}).items()}
+        # aliases whose name is a glob ("claude-*haiku*") are tried, in order, after exact names
+        self.patterns = [(k, v) for k, v in self.aliases.items() if any(c in k for c in "*?[")]
         self.prefixes = sorted((prefixes or {}).items(), key=lambda kv: -len(kv[0]))
         self.default = default
         self.force: Optional[Tuple[str, Optional[str]]] = force
@@ -5503,7 +5505,7 @@ class Router:
     def chain(self, model: str) -> List[Route]:
         """The targets to try for `model`, in order."""
         p = self.providers
-        hit = self.aliases.get(model) if not self.force else None
+        hit = self.alias(model) if not self.force else None
         routes = [Route(p[name], m or model) for name, m in hit] if hit else [self.resolve(model)]
         for name, m in self.fallbacks.get(routes[0].provider.name, []):
             route = Route(p[name], m or routes[0].model)
@@ -5516,7 +5518,7 @@ class Router:
         if self.force:
             name, m = self.force
             return Route(p[name], m or model)
-        hit = self.aliases.get(model)
+        hit = self.alias(model)
         if hit:
             return Route(p[hit[0][0]], hit[0][1] or model)
         for prefix, name in self.prefixes:
@@ -5533,9 +5535,16 @@ class Router:
         raise ProxyError(404, "invalid_request_error", "model %r is not routable: no alias, prefix or default "
                          "provider matches it" % model, code="model_not_found", param="model")
 
+    def alias(self, model: str) -> Optional[List[Tuple[str, Optional[str]]]]:
+        hit = self.aliases.get(model)
+        if hit is None:
+            hit = next((targets for pattern, targets in self.patterns if fnmatch.fnmatchcase(model, pattern)), None)
+        return hit
+
     def listed(self) -> List[Tuple[str, str]]:
         """(model id, owner) pairs a client can send: aliases, then declared models."""
-        out = [(alias, targets[0][0]) for alias, targets in self.aliases.items()]
+        out = [(alias, targets[0][0]) for alias, targets in self.aliases.items()
+               if not any(c in alias for c in "*?[")]
         for prov in self.providers.values():
             for m in prov.models:
                 out.append((m if prov.name == self.default else "%s/%s" % (prov.name, m), prov.name))

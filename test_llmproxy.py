@@ -740,6 +740,20 @@ class TestRouter(unittest.TestCase):
                 route = r.resolve(model)
                 self.assertEqual((route.provider.name, route.model), (prov, upstream))
 
+    def test_glob_aliases_after_exact_names_in_order(self):
+        p = self.providers()
+        r = lp.Router(p, aliases={"claude-*haiku*": ("local", "small"), "claude-*": [("openrouter", "big"), ("local", None)],
+                                  "claude-exact": ("openai", "x")}, default="openai")
+        cases = [("claude-haiku-4-5", "local", "small"), ("claude-sonnet-4-5", "openrouter", "big"),
+                 ("claude-exact", "openai", "x"), ("gpt-4o", "openai", "gpt-4o")]
+        for model, prov, upstream in cases:
+            with self.subTest(model):
+                route = r.resolve(model)
+                self.assertEqual((route.provider.name, route.model), (prov, upstream))
+        self.assertEqual([(x.provider.name, x.model) for x in r.chain("claude-opus-4")],
+                         [("openrouter", "big"), ("local", "claude-opus-4")])
+        self.assertEqual([m for m, _ in r.listed()], ["claude-exact", "local/llama3:8b"])   # patterns are no ids
+
     def test_force_and_no_default(self):
         p = self.providers()
         forced = lp.Router(p, aliases={"fast": ("local", None)}, default="openai", force=("openrouter", "m/x"))
