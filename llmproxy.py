@@ -6475,9 +6475,38 @@ class Pipeline:
 # One log line per request with the fields operators grep for; never a secret
 # (keys appear as their last four characters). UsageMeter totals tokens.
 
+def _prom_value(v) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(int(v))
+
+
+def render_metrics(families: List[Tuple[str, str, str, list]]) -> bytes:
+    """Prometheus text exposition (format 0.0.4): (name, type, help, samples), each sample
+    (labels, value) or, for a summary's parts, (labels, value, "_count" or "_sum")."""
+    def esc(v: str) -> str:
+        return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    lines = []
+    for name, kind, text, samples in families:
+        lines.append("# HELP %s %s" % (name, text))
+        lines.append("# TYPE %s %s" % (name, kind))
+        for sample in samples:
+            labels, value = sample[0], sample[1]
+            label_text = ",".join('%s="%s"' % (k, esc(v)) for k, v in labels.items())
+            lines.append("%s%s%s %s" % (name, sample[2] if len(sample) > 2 else "",
+                                        "{%s}" % label_text if label_text else "", _prom_value(value)))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
 class UsageMeter:
     def __init__(self):
         self.totals: Dict[Tuple[str, str, str], List[int]] = {}
+        self.answered: Dict[Tuple[str, int], List[float]] = {}    # (provider, status) -> [count, seconds]
+
+    def answer(self, provider: str, status: int, seconds: float):
+        row = self.answered.get((provider, status))
+        if row is None:
+            row = self.answered[(provider, status)] = [0, 0.0]
+        row[0] += 1
+        row[1] += seconds
 
     def record(self, client: str, provider: str, model: str, tin: Optional[int], tout: Optional[int]):
         row = self.totals.setdefault((client, provider, model), [0, 0, 0])
@@ -7520,6 +7549,7 @@ class App:
         self.routes: Dict[str, Dict[str, Tuple[Callable, int]]] = {
             "/health": {"GET": (self.handle_health, PUBLIC)},
             "/": {"GET": (self.handle_health, PUBLIC)},        # clients probe the base URL (HEAD /)
+            "/metrics": {"GET": (self.handle_metrics, CLIENT)},
             "/v1/models": models, "/models": models, "/anthropic/v1/models": models, "/v1beta/models": models,
             "/v1/chat/completions": chat, "/chat/completions": chat,
             "/v1/completions": {"POST": (self.handle_completions, CLIENT)},
@@ -7753,6 +7783,7 @@ class App:
                 row[0] += 1
                 row[1] += tin or 0
                 row[2] += tout or 0
+        self.usage.answer(info.get("provider") or "-", status, now - request.t_start)
         fields = {"status": status, "key": info.get("client"), "model": model,
                   "upstream_model": upstream_model if upstream_model != model else None,
                   "provider": info.get("provider"), "upkey": info.get("upkey"), "via": info.get("via"),
@@ -8607,6 +8638,38 @@ class App:
         else:
             doc["usage"] = self.usage.snapshot()
         return json_response(200, doc)
+
+    async def handle_metrics(self, request: Request):
+        """The /health figures for Prometheus (this worker's, except usage, which is shared)."""
+        if self.shared is not None:
+            usage = await asyncio.get_running_loop().run_in_executor(None, self.shared.usage)
+        else:
+            usage = self.usage.snapshot()
+        answered = sorted(self.usage.answered.items())
+        keys = {}
+        for name, prov in self.providers.items():
+            for k in prov.keyring.snapshot():
+                keys[(name, k["state"])] = keys.get((name, k["state"]), 0) + 1
+        families = [
+            ("llmproxy_uptime_seconds", "gauge", "Seconds since start", [({}, round(self.wall() - self.started, 3))]),
+            ("llmproxy_responses_total", "counter", "Requests answered, by provider and HTTP status",
+             [({"provider": p, "status": str(st)}, row[0]) for (p, st), row in answered]),
+            ("llmproxy_response_seconds", "summary", "Time to answer requests in full, by provider",
+             [({"provider": p}, sum(row[i] for (q, _), row in answered if q == p), suffix)
+              for p in sorted({p for (p, _), _ in answered}) for suffix, i in (("_count", 0), ("_sum", 1))]),
+            ("llmproxy_requests_total", "counter", "Upstream requests by client key, provider and model",
+             [({"client": u["client"], "provider": u["provider"], "model": u["model"]}, u["requests"]) for u in usage]),
+            ("llmproxy_tokens_total", "counter", "Tokens by client key, provider, model and direction",
+             [({"client": u["client"], "provider": u["provider"], "model": u["model"], "direction": d},
+               u["tokens_" + d]) for u in usage for d in ("in", "out")]),
+            ("llmproxy_upstream_keys", "gauge", "Upstream keys by provider and state",
+             [({"provider": p, "state": st}, n) for (p, st), n in sorted(keys.items())]),
+            ("llmproxy_breaker_open", "gauge", "1 while a provider's circuit breaker is open or half-open",
+             [({"provider": name}, int(b.state != "closed")) for name, b in sorted(self.breakers.items())]),
+            ("llmproxy_upstream_connections_opened_total", "counter", "Upstream connections opened",
+             [({}, self.client.connects)]),
+        ]
+        return Response(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], render_metrics(families))
 
     async def upstream_models(self, prov: Provider) -> List[str]:
         """The provider's own model list (GET /models), cached; [] when it fails."""

@@ -1244,6 +1244,25 @@ class TestClientFeatures(ProxyCase):
             await proxy_server.wait_closed()
             await tls_server.wait_closed()
 
+    async def test_metrics_in_prometheus_text_format(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        await self.call("POST", "/v1/chat/completions", {"model": "fast", "messages": []})
+        status, headers, data = await self.call("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"].startswith("text/plain; version=0.0.4"))
+        text = data.decode()
+        for line in text.splitlines():
+            self.assertRegex(line, r'^(# (HELP|TYPE) [a-z_]+ .+|[a-z_]+(\{([a-z_]+="[^"\\]*",?)*\})? -?[0-9.e+]+)$')
+        self.assertIn('llmproxy_responses_total{provider="up",status="200"} 1', text)
+        self.assertIn('llmproxy_tokens_total{client="...6789",provider="up",model="real-model",direction="in"} 11', text)
+        self.assertIn('llmproxy_upstream_keys{provider="up",state="ok"} 2', text)
+        self.assertIn('llmproxy_breaker_open{provider="up"} 0', text)
+        self.assertNotIn(CLIENT_KEY, text)
+        status, _, _ = await self.call("GET", "/metrics", key="wrong-key-zzzzzzzzzz")
+        self.assertEqual(status, 401)
+
     async def test_request_log_line_has_fields_and_no_secrets(self):
         async def handler(req, w):
             reply_json(w, 200, CHAT_OK)
