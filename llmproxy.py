@@ -1784,9 +1784,28 @@ def checked(parse):
 
 
 class WireFormat:
-    """What every format class shares: its stream codecs, set below each format's section."""
+    """What every format class shares: its stream codecs, set below each format's section,
+    and, where the API has a token-count endpoint, how to ask it."""
     decoder: Any = None
     encoder: Any = None
+    count_endpoint: Optional[str] = None      # the token-count endpoint, if the API has one
+    count_fields: Tuple[str, ...] = ()        # the request fields it takes
+
+    @classmethod
+    def count_path(cls, model: str) -> Optional[str]:
+        """The token-count endpoint under the provider's base URL; None: the API has none."""
+        return cls.count_endpoint
+
+    @classmethod
+    def render_count_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
+        return {k: v for k, v in cls.render_request(req, options).items() if k in cls.count_fields}
+
+    @staticmethod
+    def parse_count_reply(body: dict) -> int:
+        n = body.get("input_tokens")
+        if type(n) is not int:
+            raise UpstreamError(502, "upstream token count has an unexpected shape", "upstream_malformed")
+        return n
 
     @classmethod
     def stream_decoder(cls):
@@ -2342,6 +2361,8 @@ def anthropic_id(raw: str) -> str:
 class AnthropicMessages(WireFormat):
     name = "anthropic"
     endpoint = "/messages"
+    count_endpoint = "/messages/count_tokens"
+    count_fields = ("model", "messages", "system", "tools", "tool_choice", "thinking")
 
     @staticmethod
     def render_error(err: ProxyError) -> dict:
@@ -2590,6 +2611,7 @@ class AnthropicMessages(WireFormat):
                 return not has_tool or m["content"][0]["type"] in ("thinking", "redacted_thinking")
         return True
 
+
     # -- responses ----------------------------------------------------------
 
     @classmethod
@@ -2837,6 +2859,9 @@ class AnthropicEncoder:
 class OpenAIResponses(WireFormat):
     name = "openai-responses"
     endpoint = "/responses"
+    count_endpoint = "/responses/input_tokens"
+    count_fields = ("model", "input", "instructions", "tools", "tool_choice", "reasoning", "text",
+                    "parallel_tool_calls", "truncation")
 
     @staticmethod
     def render_error(err: ProxyError) -> dict:
@@ -3059,6 +3084,7 @@ class OpenAIResponses(WireFormat):
         if req.stream:
             body["stream"] = True
         return body
+
 
     # -- responses ----------------------------------------------------------
 
@@ -3744,6 +3770,21 @@ class Gemini(WireFormat):
         if gc:
             body["generationConfig"] = gc
         return body
+
+    @classmethod
+    def count_path(cls, model: str) -> Optional[str]:
+        return "/models/%s:countTokens" % quote(model, safe="")
+
+    @classmethod
+    def render_count_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
+        return {"generateContentRequest": dict(cls.render_request(req, options), model="models/" + req.model)}
+
+    @staticmethod
+    def parse_count_reply(body: dict) -> int:
+        n = body.get("totalTokens")
+        if type(n) is not int:
+            raise UpstreamError(502, "upstream token count has an unexpected shape", "upstream_malformed")
+        return n
 
     # -- responses ----------------------------------------------------------
 
@@ -8602,15 +8643,40 @@ class App:
             url = prov.url("/models/%s%s" % (quote(route.model, safe=""), endpoint)) if fmt is Gemini \
                 else prov.url(endpoint)
             return await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, False)
-        request.info["via"] = "estimate"
         if fmt is OpenAIResponses and creq.previous_response_id:
             self.apply_previous_response(creq)
-        n = estimate_tokens(creq)
+        n = await self.count_upstream(request, prov, route.model, creq) if prov.passthrough_ok else None
+        if n is None:
+            request.info["via"] = "estimate"
+            n = estimate_tokens(creq)
         if fmt is Gemini:
             return json_response(200, {"totalTokens": n})
         if fmt is OpenAIResponses:
             return json_response(200, {"object": "response.input_tokens", "input_tokens": n})
         return json_response(200, {"input_tokens": n})
+
+    async def count_upstream(self, request: Request, prov: Provider, model: str, creq: ChatRequest) -> Optional[int]:
+        """The back-end's own count of a request in another format, when its API has a count
+        endpoint; None (and the caller estimates) when it has none or the call fails."""
+        fmt_out = prov.format
+        path = fmt_out.count_path(model)
+        if path is None:
+            return None
+        client_model, creq.model = creq.model, model
+        try:
+            body = fmt_out.render_count_request(creq, prov.options)
+        finally:
+            creq.model = client_model
+        info = request.info
+        info["via"] = "count:%s" % prov.kind
+        try:
+            upstream = await self.send_upstream(prov, "POST", prov.url(path), _jbytes(body), False, info, model=model)
+            if upstream.status >= 400:
+                raise await self.upstream_failure(upstream)
+            return fmt_out.parse_count_reply(self._json_reply(await upstream.read()))
+        except ProxyError as e:
+            log.info("token count from %s failed (%s); estimating instead", prov.name, e.message[:120])
+            return None
 
     # -- models, health, admin -----------------------------------------------
 

@@ -2658,20 +2658,49 @@ class TestHubBehaviour(ProxyCase):
         _, _, data = await self.call("GET", "/v1beta/models/fast")
         self.assertEqual(json.loads(data)["name"], "models/fast")
 
-    async def test_count_tokens_forwarded_to_anthropic_else_local(self):
+    async def test_count_tokens_asks_a_back_end_that_can_count(self):
         async def handler(req, w):
             reply_json(w, 200, {"input_tokens": 4242})
         await self.start_back(handler, "anthropic")
         body = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
-        _, _, data = await self.call("POST", "/v1/messages/count_tokens", body)
+        _, _, data = await self.call("POST", "/v1/messages/count_tokens", body)        # same format: forwarded
         self.assertEqual(json.loads(data), {"input_tokens": 4242})
-        self.assertEqual(self.up.requests[-1]["path"], "/v1/messages/count_tokens")
-        n = len(self.up.requests)
         _, _, data = await self.call("POST", "/v1/responses/input_tokens", {"model": "m", "input": "hello"})
+        self.assertEqual(json.loads(data)["input_tokens"], 4242)                        # translated and asked
+        _, _, data = await self.call("POST", "/v1beta/models/m:countTokens", {"contents": [{"parts": [{"text": "hi"}]}]})
+        self.assertEqual(json.loads(data)["totalTokens"], 4242)
+        self.assertEqual([r["path"] for r in self.up.requests], ["/v1/messages/count_tokens"] * 3)
+        sent = json.loads(self.up.requests[1]["body"])
+        self.assertEqual((sent["model"], sent["messages"][0]["role"]), ("m", "user"))
+        self.assertNotIn("max_tokens", sent)                  # count_tokens refuses fields it does not take
+
+    async def test_count_tokens_on_a_gemini_back_end_and_fallback(self):
+        async def handler(req, w):
+            if b'"fail"' in req["body"]:
+                reply_json(w, 500, {"error": {"message": "down"}})
+            else:
+                reply_json(w, 200, {"totalTokens": 77})
+        await self.start_back(handler, "gemini")
+        _, _, data = await self.call("POST", "/v1/messages/count_tokens", {"model": "fast", "messages": [
+            {"role": "user", "content": "hello"}]})
+        self.assertEqual(json.loads(data), {"input_tokens": 77})
+        up = self.up.requests[0]
+        self.assertTrue(up["path"].startswith("/v1beta/models/real-model:countTokens"), up["path"])
+        self.assertEqual(json.loads(up["body"])["generateContentRequest"]["model"], "models/real-model")
+        status, _, data = await self.call("POST", "/v1/messages/count_tokens", {"model": "m", "messages": [
+            {"role": "user", "content": "fail"}]})
+        self.assertEqual(status, 200)                          # the back-end failed: a local estimate
+        self.assertGreater(json.loads(data)["input_tokens"], 0)
+        self.assertNotEqual(json.loads(data)["input_tokens"], 77)
+
+    async def test_count_tokens_estimated_for_an_openai_back_end(self):
+        await self.start_back(multi_upstream)
+        _, _, data = await self.call("POST", "/v1/messages/count_tokens", {"model": "m", "messages": [
+            {"role": "user", "content": "hello"}]})
         self.assertGreater(json.loads(data)["input_tokens"], 0)
         _, _, data = await self.call("POST", "/v1beta/models/m:countTokens", {"contents": [{"parts": [{"text": "hi"}]}]})
         self.assertGreater(json.loads(data)["totalTokens"], 0)
-        self.assertEqual(len(self.up.requests), n)            # estimates spend no upstream call
+        self.assertEqual(self.up.requests, [])                 # estimates spend no upstream call
 
     async def test_previous_response_id_on_a_stateless_back_end(self):
         async def handler(req, w):
