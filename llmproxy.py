@@ -8638,7 +8638,7 @@ class App:
         (no upstream call, no rate limit spent)."""
         route = self.router.resolve(creq.model)
         prov = route.provider
-        request.info.update(model=creq.model, provider=prov.name)
+        request.info.update(model=creq.model, provider=prov.name, upstream_model=route.model)
         if prov.kind == fmt.name and prov.passthrough_ok:
             url = prov.url("/models/%s%s" % (quote(route.model, safe=""), endpoint)) if fmt is Gemini \
                 else prov.url(endpoint)
