@@ -4308,8 +4308,8 @@ def _schema_example(schema) -> Any:
     if isinstance(t, list):
         t = next((x for x in t if x != "null"), "string")
     if t == "object":
-        props = schema.get("properties") or {}
-        req = schema.get("required") or list(props)
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        req = schema.get("required") if isinstance(schema.get("required"), list) else list(props)
         return {k: _schema_example(props.get(k)) for k in req if isinstance(k, str)}
     return {"integer": 1, "number": 1, "boolean": True, "array": [], "null": None}.get(t, "mock")
 

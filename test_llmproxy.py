@@ -531,6 +531,13 @@ class TestMock(unittest.TestCase):
                                                                   {"type": "text", "text": "b"}]}]}, "m")
         self.assertEqual(parts["choices"][0]["message"]["content"], "a b")
 
+    def test_tool_schema_of_the_wrong_shape_still_gets_a_call(self):
+        m = lp.MockProvider(lambda: 5)
+        for params in ({"type": "object", "properties": "x"}, {"type": "object", "required": "city"}):
+            tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
+            r = m.chat({"messages": [{"role": "user", "content": "use f"}], "tools": tools}, "m")
+            self.assertEqual(r["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{}")
+
     def test_tool_call_when_asked(self):
         m = lp.MockProvider(lambda: 5)
         r = m.chat({"messages": [{"role": "user", "content": "use get_weather for Paris"}], "tools": self.TOOLS}, "m")
