@@ -8539,19 +8539,26 @@ class App:
         return body
 
     def serve_mock(self, endpoint: str, body: dict, model: str, stream: bool, info: dict):
+        """The built-in mock model on a client's raw OpenAI body (checked like any chat request
+        first; what it still cannot read is the client's 400, never a 500)."""
         info["via"] = "mock"
-        if endpoint == "/chat/completions":
-            if not isinstance(body.get("messages"), list) or not body["messages"]:
-                raise ProxyError(400, "invalid_request_error", "'messages' must be a non-empty array", param="messages")
-            if stream:
-                frames = self.mock.chat_stream(body, model)
-                info["usage"] = OpenAIChat.parse_usage(sniff_usage(b"".join(frames[-3:])))
-                return StreamResponse(200, SSE_HEADERS + [("x-llmproxy-provider", "mock")], _iterate(frames))
-            reply = self.mock.chat(body, model)
-        elif endpoint == "/completions":
-            reply = self.mock.completion(body, model)
-        else:
-            reply = self.mock.embeddings(body, model)
+        try:
+            if endpoint == "/chat/completions":
+                if not isinstance(body.get("messages"), list) or not body["messages"]:
+                    raise ProxyError(400, "invalid_request_error", "'messages' must be a non-empty array",
+                                     param="messages")
+                OpenAIChat.parse_request(body)
+                if stream:
+                    frames = self.mock.chat_stream(body, model)
+                    info["usage"] = OpenAIChat.parse_usage(sniff_usage(b"".join(frames[-3:])))
+                    return StreamResponse(200, SSE_HEADERS + [("x-llmproxy-provider", "mock")], _iterate(frames))
+                reply = self.mock.chat(body, model)
+            elif endpoint == "/completions":
+                reply = self.mock.completion(body, model)
+            else:
+                reply = self.mock.embeddings(body, model)
+        except UPSTREAM_SHAPE_ERRORS as e:
+            raise ProxyError(400, "invalid_request_error", "the mock model cannot read this request (%s)" % e)
         info["usage"] = OpenAIChat.parse_usage(reply.get("usage"))
         return json_response(200, reply, [("x-llmproxy-provider", "mock")])
 

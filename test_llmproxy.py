@@ -4173,6 +4173,16 @@ class TestMockEndToEnd(ProxyCase):
         self.assertEqual(finish[-1], "tool_calls")
 
 
+    async def test_wrong_shape_requests_to_the_mock_are_400(self):
+        await self.start(config={"env_providers": False, "auth": {"keys": [CLIENT_KEY]}})
+        msgs = [{"role": "user", "content": "use the tool"}]
+        for extra in ({"tools": True}, {"messages": [{"role": 2.5, "content": "x"}]}, {"stream": True, "tools": -5}):
+            with self.subTest(extra):
+                status, _, data = await self.call("POST", "/v1/chat/completions", dict({"model": "m", "messages": msgs},
+                                                                                       **extra))
+                self.assertEqual(status, 400, data)
+                self.assertEqual(json.loads(data)["error"]["type"], "invalid_request_error")
+
 class TestShutdownStuck(ProxyCase):
     async def test_grace_runs_out_and_the_stuck_upstream_is_closed(self):
         closed = asyncio.Event()
