@@ -4414,7 +4414,8 @@ class MockProvider:
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs:
             raise ProxyError(400, "invalid_request_error", "'input' must be a string or a non-empty array", param="input")
-        dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) else 16
+        dims = body.get("dimensions")
+        dims = dims if isinstance(dims, int) and not isinstance(dims, bool) else 16
         dims = max(1, min(dims, 4096))
         vectors = []
         tokens = 0
