@@ -8653,7 +8653,9 @@ class App:
             return await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, False)
         if fmt is OpenAIResponses and creq.previous_response_id:
             self.apply_previous_response(creq)
-        n = await self.count_upstream(request, prov, route.model, creq) if prov.passthrough_ok else None
+        # subscription logins are left alone: their endpoints want bodies shaped for chat only
+        n = await self.count_upstream(request, prov, route.model, creq) \
+            if prov.passthrough_ok and prov.credential is None and not prov.tags else None
         if n is None:
             request.info["via"] = "estimate"
             n = estimate_tokens(creq)
