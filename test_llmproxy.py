@@ -1882,35 +1882,38 @@ def reparse(fmt, body):
     return cls.parse_request(body, "m") if fmt == "gemini" else cls.parse_request(body)
 
 
+WRONG_SHAPES = [None, 1, -5, 2.5, "x", "", [], {}, True, [None], {"a": None}, [1, "a"], {"type": "text"}]
+
+
+def mutate_json(rng, obj):
+    """A copy of obj with 1-3 values somewhere inside replaced by a value of another shape."""
+    obj = copy.deepcopy(obj)
+    paths, todo = [], [((), obj)]
+    while todo:
+        path, cur = todo.pop()
+        if path:
+            paths.append(path)
+        items = cur.items() if isinstance(cur, dict) else enumerate(cur) if isinstance(cur, list) else ()
+        todo.extend((path + (k,), v) for k, v in items)
+    paths.sort(key=repr)
+    for _ in range(rng.randint(1, 3)):
+        if not paths:
+            break
+        path = rng.choice(paths)
+        cur = obj
+        try:
+            for k in path[:-1]:
+                cur = cur[k]
+            cur[path[-1]] = copy.deepcopy(rng.choice(WRONG_SHAPES))
+        except (KeyError, IndexError, TypeError):
+            pass           # an earlier mutation replaced a parent
+    return obj
+
+
 class TestMalformedShapes(unittest.TestCase):
     """JSON of the right syntax but the wrong shape (a number where a string belongs, a list
     where an object belongs) is the sender's fault: a 400 for a client, a 502 or an error
     event for an upstream -- never a crash deep inside a renderer. Seeded, so repeatable."""
-
-    JUNK = [None, 1, -5, 2.5, "x", "", [], {}, True, [None], {"a": None}, [1, "a"], {"type": "text"}]
-
-    def mutate(self, rng, obj):
-        obj = copy.deepcopy(obj)
-        paths, todo = [], [((), obj)]
-        while todo:
-            path, cur = todo.pop()
-            if path:
-                paths.append(path)
-            items = cur.items() if isinstance(cur, dict) else enumerate(cur) if isinstance(cur, list) else ()
-            todo.extend((path + (k,), v) for k, v in items)
-        paths.sort(key=repr)
-        for _ in range(rng.randint(1, 3)):
-            if not paths:
-                break
-            path = rng.choice(paths)
-            cur = obj
-            try:
-                for k in path[:-1]:
-                    cur = cur[k]
-                cur[path[-1]] = copy.deepcopy(rng.choice(self.JUNK))
-            except (KeyError, IndexError, TypeError):
-                pass           # an earlier mutation replaced a parent
-        return obj
 
     def test_client_requests_of_the_wrong_shape_are_400(self):
         rng = random.Random(7)
@@ -1920,7 +1923,7 @@ class TestMalformedShapes(unittest.TestCase):
             for turn in (1, 2):
                 _, base = client_request(fmt, turn, False, call if turn == 2 else None)
                 for i in range(60):
-                    body = self.mutate(rng, base)
+                    body = mutate_json(rng, base)
                     try:
                         req = cls.parse_request(body, "m") if fmt == "gemini" else cls.parse_request(body)
                     except lp.ProxyError as e:
@@ -1937,7 +1940,7 @@ class TestMalformedShapes(unittest.TestCase):
             if doc["status"] != 200:
                 continue
             for i in range(40):
-                body = self.mutate(rng, doc["body"])
+                body = mutate_json(rng, doc["body"])
                 try:
                     resp = lp.App.parse_reply(lp.FORMATS[fmt], body)
                 except lp.UpstreamError as e:
@@ -2009,7 +2012,7 @@ class TestMalformedShapes(unittest.TestCase):
                     data = ev.data
                     if rng.random() < 0.3:
                         try:
-                            data = json.dumps(self.mutate(rng, json.loads(data)))
+                            data = json.dumps(mutate_json(rng, json.loads(data)))
                         except ValueError:
                             pass
                     head = "event: %s\n" % ev.event if ev.event else ""
@@ -2491,7 +2494,6 @@ class TestHubBehaviour(ProxyCase):
 
     async def test_wrong_shape_requests_never_500_on_any_back_end(self):
         rng = random.Random(17)
-        shapes = TestMalformedShapes()
         call = ("call_1", "get_weather", {"city": "Paris"}, None)
         for back in ALL_FORMATS:
             await self.start_back(multi_upstream, back=back)
@@ -2499,7 +2501,7 @@ class TestHubBehaviour(ProxyCase):
                 for i in range(6):
                     stream, turn = rng.random() < 0.5, rng.choice((1, 2))
                     path, body = client_request(fmt, turn, stream, call if turn == 2 else None)
-                    body = shapes.mutate(rng, body)
+                    body = mutate_json(rng, body)
                     status, _, data = await self.call("POST", path, body)
                     with self.subTest(back=back, fmt=fmt, i=i):
                         self.assertIn(status, (200, 400), data[:300])
