@@ -1420,6 +1420,14 @@ UP_REPLIES = {
 TOOL_RESULT_MARKERS = (b'"tool_result"', b'"role": "tool"', b'"role":"tool"', b'"function_call_output"', b'"functionResponse"')
 
 
+async def drops_mid_stream(req, w):
+    """A fake upstream that starts a stream and hangs up in the middle of it."""
+    sse_head(w)
+    sse_chunk(w, STREAM_EVENTS[0] + STREAM_EVENTS[1])
+    await w.drain()
+    return False
+
+
 async def multi_upstream(req, w):
     """One fake upstream speaking all four back-end APIs."""
     path, body = req["path"], req["body"]
@@ -2531,12 +2539,7 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual(json.loads(data)["error"]["status"], "RESOURCE_EXHAUSTED")
 
     async def test_mid_stream_drop_reaches_anthropic_and_responses_clients_as_errors(self):
-        async def handler(req, w):
-            sse_head(w)
-            sse_chunk(w, STREAM_EVENTS[0] + STREAM_EVENTS[1])
-            await w.drain()
-            return False
-        await self.start_back(handler)
+        await self.start_back(drops_mid_stream)
         _, _, data = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "stream": True,
                                                                "messages": [{"role": "user", "content": "x"}]})
         events = lp.SSEDecoder().feed(data)
@@ -3298,12 +3301,7 @@ class TestResilience(ProxyCase):
         self.assertEqual(self.app.breakers["a"].failures, 1)
 
     async def test_no_failover_after_the_first_byte(self):
-        async def drops(req, w):
-            sse_head(w)
-            sse_chunk(w, STREAM_EVENTS[0] + STREAM_EVENTS[1])
-            await w.drain()
-            return False
-        await self.two_upstreams(drops)
+        await self.two_upstreams(drops_mid_stream)
         status, _, data = await self.call("POST", "/v1/messages", {"model": "smart", "max_tokens": 9, "stream": True,
                                                                     "messages": [{"role": "user", "content": "x"}]})
         self.assertEqual(status, 200)
