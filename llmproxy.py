@@ -1578,6 +1578,7 @@ class Part:
     signature: str = ""                  # thinking signature / encrypted reasoning / thoughtSignature
     origin: str = ""                     # the format that produced signature or data
     custom: bool = False                 # a Responses custom tool call (single string input)
+    cache: Optional[dict] = None         # a prompt-cache breakpoint after this part (Anthropic cache_control)
 
 
 @dataclasses.dataclass
@@ -1592,6 +1593,7 @@ class Tool:
     description: str = ""
     parameters: dict = dataclasses.field(default_factory=lambda: {"type": "object", "properties": {}})
     custom: bool = False                 # Responses custom tool: one string argument "input"
+    cache: Optional[dict] = None         # a prompt-cache breakpoint after this tool
 
 
 @dataclasses.dataclass
@@ -1620,6 +1622,7 @@ class ChatRequest:
     previous_response_id: Optional[str] = None
     history_applied: bool = False        # previous_response_id already expanded by the proxy
     custom_tools: List[str] = dataclasses.field(default_factory=list)   # names declared custom by the client
+    system_cache: Optional[dict] = None  # a prompt-cache breakpoint after the system prompt
 
 
 @dataclasses.dataclass
@@ -1703,6 +1706,20 @@ def merge_messages(messages: List[Message]) -> List[Message]:
         else:
             out.append(Message(m.role, list(m.parts)))
     return out
+
+
+def cache_mark(block) -> Optional[dict]:
+    """A content block's prompt-cache breakpoint ({"type": "ephemeral", "ttl"?}), if it has one."""
+    cc = block.get("cache_control") if isinstance(block, dict) else None
+    return cc if isinstance(cc, dict) and cc.get("type") == "ephemeral" else None
+
+
+def _with_cache(block: dict, source) -> dict:
+    """block with the prompt-cache breakpoint of source (a Part, Tool or the mark itself), if any."""
+    mark = source if isinstance(source, dict) else getattr(source, "cache", None)
+    if mark:
+        block["cache_control"] = mark
+    return block
 
 
 def drop_field(fmt: str, name: str):
@@ -1901,21 +1918,29 @@ class OpenAIChat(WireFormat):
         for c in content or []:
             if not isinstance(c, dict):
                 continue
-            t = c.get("type")
-            if t in ("text", "input_text", "output_text") and isinstance(c.get("text"), str):
-                out.append(Part("text", text=c["text"]))
-            elif t == "image_url":
-                iu = c.get("image_url")
-                url = iu.get("url") if isinstance(iu, dict) else iu
-                if isinstance(url, str):
-                    out.append(image_part(url))
-            elif t == "refusal" and c.get("refusal"):
-                out.append(Part("text", text=c["refusal"]))
-            elif t == "file" and isinstance(c.get("file"), dict) and c["file"].get("file_data"):
-                out.append(document_part(c["file"]["file_data"], c["file"].get("filename") or ""))
-            else:
-                drop_field("openai", "content type %s" % t)
+            before = len(out)
+            OpenAIChat._content_part(c, out)
+            if len(out) > before and cache_mark(c):       # OpenRouter-style prompt-cache breakpoints
+                out[-1].cache = cache_mark(c)
         return out
+
+    @staticmethod
+    def _content_part(c: dict, out: List[Part]):
+        """One content part -> the canonical part it holds, appended to out."""
+        t = c.get("type")
+        if t in ("text", "input_text", "output_text") and isinstance(c.get("text"), str):
+            out.append(Part("text", text=c["text"]))
+        elif t == "image_url":
+            iu = c.get("image_url")
+            url = iu.get("url") if isinstance(iu, dict) else iu
+            if isinstance(url, str):
+                out.append(image_part(url))
+        elif t == "refusal" and c.get("refusal"):
+            out.append(Part("text", text=c["refusal"]))
+        elif t == "file" and isinstance(c.get("file"), dict) and c["file"].get("file_data"):
+            out.append(document_part(c["file"]["file_data"], c["file"].get("filename") or ""))
+        else:
+            drop_field("openai", "content type %s" % t)
 
     @classmethod
     @checked
@@ -1929,9 +1954,11 @@ class OpenAIChat(WireFormat):
                 raise ProxyError(400, "invalid_request_error", "each message must be an object", param="messages")
             role = m.get("role")
             if role in ("system", "developer"):
-                text = text_of(cls._content_parts(m.get("content")))
+                parts = cls._content_parts(m.get("content"))
+                text = text_of(parts)
                 if text:
                     req.system.append(text)
+                req.system_cache = next((p.cache for p in reversed(parts) if p.cache), req.system_cache)
             elif role == "user":
                 req.messages.append(Message("user", cls._content_parts(m.get("content"))))
             elif role == "assistant":
@@ -1952,7 +1979,9 @@ class OpenAIChat(WireFormat):
             elif role in ("tool", "function"):
                 content = cls._content_parts(m.get("content"))
                 req.messages.append(Message("user", [Part("tool_result", id=m.get("tool_call_id") or "call_legacy",
-                                                          name=m.get("name") or "", content=content)]))
+                                                          name=m.get("name") or "", content=content,
+                                                          cache=cache_mark(m) or next((c.cache for c in content
+                                                                                       if c.cache), None))]))
             else:
                 raise ProxyError(400, "invalid_request_error", "unknown message role %r" % role, param="messages")
         req.messages = merge_messages(req.messages)
@@ -2003,8 +2032,11 @@ class OpenAIChat(WireFormat):
         return req
 
     @staticmethod
-    def _render_content(parts: List[Part]):
-        if all(p.type == "text" for p in parts):
+    def _render_content(parts: List[Part], cache: bool = False):
+        """Message content: a string when it is all text (and carries no cache breakpoint
+        to keep), else content parts; cache: keep breakpoints as cache_control (OpenRouter)."""
+        cache = cache and any(p.cache for p in parts)
+        if all(p.type == "text" for p in parts) and not cache:
             return "".join(p.text for p in parts)
         out = []
         for p in parts:
@@ -2015,14 +2047,21 @@ class OpenAIChat(WireFormat):
             elif p.type == "document":
                 out.append({"type": "file", "file": {"filename": p.name or "document", "file_data": document_url(p)}}
                            if p.data else {"type": "text", "text": "[document: %s]" % p.url})
+            else:
+                continue
+            if cache:
+                _with_cache(out[-1], p)
         return out
 
     @classmethod
     def render_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
         options = options or {}
+        cache = bool(options.get("cache_control"))
         msgs: List[dict] = []
         if req.system:
-            msgs.append({"role": "system", "content": "\n\n".join(req.system)})
+            text = "\n\n".join(req.system)
+            msgs.append({"role": "system", "content": [_with_cache({"type": "text", "text": text}, req.system_cache)]
+                         if cache and req.system_cache else text})
         for m in req.messages:
             if m.role == "assistant":
                 out: Dict[str, Any] = {"role": "assistant"}
@@ -2044,14 +2083,15 @@ class OpenAIChat(WireFormat):
                     text = text_of(p.content)
                     if p.is_error:
                         text = "Error: " + text
-                    msgs.append({"role": "tool", "tool_call_id": p.id, "content": text})
+                    tool_msg = {"role": "tool", "tool_call_id": p.id, "content": text}
+                    msgs.append(_with_cache(tool_msg, p) if cache else tool_msg)   # OpenRouter: on the message
                     images = [c for c in p.content if c.type == "image"]
                     if images:          # tool messages are text-only: images follow as a user message
                         rest.extend(images)
                 elif p.type in ("text", "image", "document"):
                     rest.append(p)
             if rest:
-                msgs.append({"role": "user", "content": cls._render_content(rest)})
+                msgs.append({"role": "user", "content": cls._render_content(rest, cache)})
         body: Dict[str, Any] = {"model": req.model, "messages": msgs}
         if req.tools:
             body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
@@ -2397,42 +2437,50 @@ class AnthropicMessages(WireFormat):
             if not isinstance(b, dict):
                 continue
             t = b.get("type")
-            if t == "text":
-                if b.get("text"):
-                    out.append(Part("text", text=b["text"]))
-            elif t == "image":
-                src = b.get("source") or {}
-                if src.get("type") == "base64":
-                    out.append(Part("image", media_type=src.get("media_type", ""), data=src.get("data", "")))
-                elif src.get("type") == "url":
-                    out.append(Part("image", url=src.get("url", "")))
-            elif t in ("tool_use", "server_tool_use"):
-                out.append(Part("tool_call", id=b.get("id") or new_id("toolu_"), name=b.get("name", ""),
-                                arguments=_jdump(b.get("input") or {})))
-            elif t == "tool_result":
-                out.append(Part("tool_result", id=b.get("tool_use_id", ""), content=cls._blocks(b.get("content"), role),
-                                is_error=bool(b.get("is_error"))))
-            elif t == "thinking":
-                sig = b.get("signature") or ""
-                if sig == UNSIGNED:              # ours: reasoning an OpenAI-compatible back-end produced
-                    out.append(Part("thinking", text=b.get("thinking", ""), origin="openai"))
-                else:
-                    out.append(Part("thinking", text=b.get("thinking", ""), signature=sig,
-                                    origin="anthropic" if sig else ""))
-            elif t == "redacted_thinking":
-                out.append(Part("redacted", data=b.get("data", ""), origin="anthropic"))
-            elif t == "document":
-                src = b.get("source") or {}
-                if src.get("type") == "base64":
-                    out.append(Part("document", media_type=src.get("media_type", "application/pdf"),
-                                    data=src.get("data", ""), name=b.get("title") or ""))
-                elif src.get("type") == "url":
-                    out.append(Part("document", url=src.get("url", ""), name=b.get("title") or ""))
-                elif src.get("type") == "text" and src.get("data"):
-                    out.append(Part("text", text=src["data"]))
-            else:
-                drop_field("anthropic", "block type %s" % t)
+            before = len(out)
+            cls._block(b, t, role, out)
+            if len(out) > before and cache_mark(b):
+                out[-1].cache = cache_mark(b)
         return out
+
+    @classmethod
+    def _block(cls, b: dict, t, role: str, out: List[Part]):
+        """One content block -> the parts it holds, appended to out."""
+        if t == "text":
+            if b.get("text"):
+                out.append(Part("text", text=b["text"]))
+        elif t == "image":
+            src = b.get("source") or {}
+            if src.get("type") == "base64":
+                out.append(Part("image", media_type=src.get("media_type", ""), data=src.get("data", "")))
+            elif src.get("type") == "url":
+                out.append(Part("image", url=src.get("url", "")))
+        elif t in ("tool_use", "server_tool_use"):
+            out.append(Part("tool_call", id=b.get("id") or new_id("toolu_"), name=b.get("name", ""),
+                            arguments=_jdump(b.get("input") or {})))
+        elif t == "tool_result":
+            out.append(Part("tool_result", id=b.get("tool_use_id", ""), content=cls._blocks(b.get("content"), role),
+                            is_error=bool(b.get("is_error"))))
+        elif t == "thinking":
+            sig = b.get("signature") or ""
+            if sig == UNSIGNED:              # ours: reasoning an OpenAI-compatible back-end produced
+                out.append(Part("thinking", text=b.get("thinking", ""), origin="openai"))
+            else:
+                out.append(Part("thinking", text=b.get("thinking", ""), signature=sig,
+                                origin="anthropic" if sig else ""))
+        elif t == "redacted_thinking":
+            out.append(Part("redacted", data=b.get("data", ""), origin="anthropic"))
+        elif t == "document":
+            src = b.get("source") or {}
+            if src.get("type") == "base64":
+                out.append(Part("document", media_type=src.get("media_type", "application/pdf"),
+                                data=src.get("data", ""), name=b.get("title") or ""))
+            elif src.get("type") == "url":
+                out.append(Part("document", url=src.get("url", ""), name=b.get("title") or ""))
+            elif src.get("type") == "text" and src.get("data"):
+                out.append(Part("text", text=src["data"]))
+        else:
+            drop_field("anthropic", "block type %s" % t)
 
     @classmethod
     @checked
@@ -2445,6 +2493,7 @@ class AnthropicMessages(WireFormat):
             text = "".join(b.get("text", "") for b in system if isinstance(b, dict))
             if text:
                 req.system.append(text)
+            req.system_cache = next((cache_mark(b) for b in reversed(system) if cache_mark(b)), None)
         msgs = body.get("messages")
         if not isinstance(msgs, list):
             raise ProxyError(400, "invalid_request_error", "messages: field required", param="messages")
@@ -2468,7 +2517,8 @@ class AnthropicMessages(WireFormat):
             if t.get("type") not in (None, "custom") or "input_schema" not in t:
                 log.info("anthropic: server tool %s cannot run on this back-end; dropped", t.get("type") or t.get("name"))
                 continue
-            req.tools.append(Tool(t.get("name", ""), t.get("description") or "", t.get("input_schema") or {}))
+            req.tools.append(Tool(t.get("name", ""), t.get("description") or "", t.get("input_schema") or {},
+                                  cache=cache_mark(t)))
         tc = body.get("tool_choice")
         if isinstance(tc, dict):
             req.tool_choice = {"auto": "auto", "any": "required", "none": "none"}.get(tc.get("type")) or \
@@ -2531,13 +2581,13 @@ class AnthropicMessages(WireFormat):
                         block = {"type": "tool_result", "tool_use_id": anthropic_id(p.id), "content": content}
                         if p.is_error:
                             block["is_error"] = True
-                        results.append(block)
+                        results.append(_with_cache(block, p))
                     elif p.type == "text" and p.text:
-                        rest.append({"type": "text", "text": p.text})
+                        rest.append(_with_cache({"type": "text", "text": p.text}, p))
                     elif p.type == "image":
-                        rest.append(cls._render_image(p))
+                        rest.append(_with_cache(cls._render_image(p), p))
                     elif p.type == "document":
-                        rest.append(cls._render_document(p))
+                        rest.append(_with_cache(cls._render_document(p), p))
                 blocks = results + rest          # tool results first (API rule)
             else:
                 for p in m.parts:
@@ -2546,10 +2596,10 @@ class AnthropicMessages(WireFormat):
                     elif p.type == "redacted" and p.origin == "anthropic":
                         blocks.append({"type": "redacted_thinking", "data": p.data})
                     elif p.type == "text" and p.text:
-                        blocks.append({"type": "text", "text": p.text})
+                        blocks.append(_with_cache({"type": "text", "text": p.text}, p))
                     elif p.type == "tool_call":
-                        blocks.append({"type": "tool_use", "id": anthropic_id(p.id), "name": p.name,
-                                       "input": parse_arguments(p.arguments)})
+                        blocks.append(_with_cache({"type": "tool_use", "id": anthropic_id(p.id), "name": p.name,
+                                                   "input": parse_arguments(p.arguments)}, p))
             if blocks:
                 msgs.append({"role": m.role, "content": blocks})
         max_tokens = req.max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS
@@ -2559,11 +2609,13 @@ class AnthropicMessages(WireFormat):
                 break
         body: Dict[str, Any] = {"model": req.model, "max_tokens": max_tokens, "messages": msgs}
         if req.system:
-            body["system"] = "\n\n".join(req.system)
+            body["system"] = [_with_cache({"type": "text", "text": "\n\n".join(req.system)}, req.system_cache)] \
+                if req.system_cache else "\n\n".join(req.system)
         if req.tools:
-            body["tools"] = [{"name": t.name, "description": t.description,
-                              "input_schema": dict(t.parameters, type="object") if isinstance(t.parameters, dict)
-                              else {"type": "object"}} for t in req.tools]
+            body["tools"] = [_with_cache({"name": t.name, "description": t.description,
+                                          "input_schema": dict(t.parameters, type="object")
+                                          if isinstance(t.parameters, dict) else {"type": "object"}}, t)
+                             for t in req.tools]
             tc: Optional[dict] = None
             if isinstance(req.tool_choice, tuple):
                 tc = {"type": "tool", "name": req.tool_choice[1]}
@@ -4200,6 +4252,8 @@ class Provider:
         self.read_timeout = read_timeout
         self.cooldown_s = cooldown_s
         self.options = dict(options or {})
+        if "cache_control" not in self.options:         # OpenRouter takes Anthropic-style cache breakpoints
+            self.options["cache_control"] = "openrouter.ai" in self.base_url
         if "max_tokens_field" not in self.options:      # OpenAI's reasoning models refuse max_tokens
             self.options["max_tokens_field"] = "max_completion_tokens" if "api.openai.com" in self.base_url \
                 else "max_tokens"
@@ -7063,6 +7117,9 @@ def _load_provider(name: str, r: _Reader) -> ProviderConfig:
     if thinking not in ("keep", "drop"):
         raise ConfigError("%s: must be \"keep\" or \"drop\"" % r.key("thinking"))
     pc.options["thinking"] = thinking
+    cache = r.get("cache_control", bool, None)          # default: on for OpenRouter (see Provider)
+    if cache is not None:
+        pc.options["cache_control"] = cache
     fetch = r.get("fetch_images", str, "public")
     if fetch not in ("public", "all", "off"):
         raise ConfigError("%s: must be public, all or off" % r.key("fetch_images"))

@@ -2356,6 +2356,54 @@ class TestFailureClasses(unittest.TestCase):
                 "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]})
         self.assertGreaterEqual(lp.estimate_tokens(more) - lp.estimate_tokens(base), 100 + lp.IMAGE_TOKENS)
 
+    CACHED_ANTHROPIC = {"model": "m", "max_tokens": 100,
+                        "system": [{"type": "text", "text": "You are an agent."},
+                                   {"type": "text", "text": "Long rules.", "cache_control": {"type": "ephemeral"}}],
+                        "tools": [{"name": "t", "input_schema": {"type": "object"},
+                                   "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+                        "messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                                     {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "t",
+                                                                        "input": {}}]},
+                                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                                   "content": "out",
+                                                                   "cache_control": {"type": "ephemeral"}},
+                                                                  {"type": "text", "text": "go on",
+                                                                   "cache_control": {"type": "ephemeral"}}]}]}
+
+    def test_cache_breakpoints_survive_the_anthropic_hub_round_trip(self):
+        req = lp.AnthropicMessages.parse_request(self.CACHED_ANTHROPIC)
+        out = lp.AnthropicMessages.render_request(req)
+        self.assertEqual(out["system"][-1]["cache_control"], {"type": "ephemeral"})
+        self.assertEqual(out["tools"][0]["cache_control"], {"type": "ephemeral", "ttl": "1h"})
+        last = out["messages"][-1]["content"]
+        self.assertEqual([b.get("cache_control") for b in last], [{"type": "ephemeral"}] * 2)
+        self.assertNotIn("cache_control", out["messages"][0]["content"][0])
+
+    def test_cache_breakpoints_reach_openrouter_and_not_openai(self):
+        req = lp.AnthropicMessages.parse_request(self.CACHED_ANTHROPIC)
+        router = lp.Provider("or", "openai", "https://openrouter.ai/api/v1", lp.KeyRing([]))
+        plain = lp.Provider("oa", "openai", "https://api.openai.com/v1", lp.KeyRing([]))
+        body = lp.OpenAIChat.render_request(req, router.options)
+        msgs = body["messages"]
+        self.assertEqual(msgs[0]["content"], [{"type": "text", "text": "You are an agent.Long rules.",
+                                               "cache_control": {"type": "ephemeral"}}])
+        tool_msg = next(m for m in msgs if m["role"] == "tool")
+        self.assertEqual((tool_msg["content"], tool_msg["cache_control"]), ("out", {"type": "ephemeral"}))
+        self.assertEqual(msgs[-1]["content"], [{"type": "text", "text": "go on", "cache_control": {"type": "ephemeral"}}])
+        self.assertNotIn("cache_control", json.dumps(lp.OpenAIChat.render_request(req, plain.options)))
+        with tempfile.TemporaryDirectory() as d:                # and the config can turn it on elsewhere
+            path = os.path.join(d, "c.json")
+            with open(path, "w") as f:
+                json.dump({"env_providers": False, "providers": {"vllm": {
+                    "base_url": "http://127.0.0.1:9/v1", "cache_control": True}}}, f)
+            cfg = lp.load_config(path, {}, {"data_dir": d})
+            self.assertIs(cfg.providers["vllm"].options["cache_control"], True)
+        back = lp.OpenAIChat.parse_request(body)            # an OpenRouter-style client, on to Anthropic
+        again = lp.AnthropicMessages.render_request(back)
+        self.assertEqual(again["system"][-1]["cache_control"], {"type": "ephemeral"})
+        self.assertEqual([b.get("cache_control") for b in again["messages"][-1]["content"]],
+                         [{"type": "ephemeral"}] * 2)
+
     def test_count_tokens_weighs_cjk_text_near_one_token_a_character(self):
         def count(text):
             return lp.estimate_tokens(lp.AnthropicMessages.parse_request(
