@@ -2490,7 +2490,8 @@ class AnthropicMessages(WireFormat):
         if isinstance(system, str) and system:
             req.system.append(system)
         elif isinstance(system, list):
-            text = "".join(b.get("text", "") for b in system if isinstance(b, dict))
+            text = "\n\n".join(b["text"] for b in system            # blocks, not glued mid-sentence
+                                 if isinstance(b, dict) and isinstance(b.get("text"), str) and b["text"])
             if text:
                 req.system.append(text)
             req.system_cache = next((cache_mark(b) for b in reversed(system) if cache_mark(b)), None)

@@ -2385,7 +2385,7 @@ class TestFailureClasses(unittest.TestCase):
         plain = lp.Provider("oa", "openai", "https://api.openai.com/v1", lp.KeyRing([]))
         body = lp.OpenAIChat.render_request(req, router.options)
         msgs = body["messages"]
-        self.assertEqual(msgs[0]["content"], [{"type": "text", "text": "You are an agent.Long rules.",
+        self.assertEqual(msgs[0]["content"], [{"type": "text", "text": "You are an agent.\n\nLong rules.",
                                                "cache_control": {"type": "ephemeral"}}])
         tool_msg = next(m for m in msgs if m["role"] == "tool")
         self.assertEqual((tool_msg["content"], tool_msg["cache_control"]), ("out", {"type": "ephemeral"}))
