@@ -1722,6 +1722,30 @@ def _with_cache(block: dict, source) -> dict:
     return block
 
 
+EPHEMERAL = {"type": "ephemeral"}
+
+
+def add_cache_marks(req: ChatRequest) -> bool:
+    """Prompt-cache breakpoints for a request whose client set none (OpenAI and Gemini
+    clients expect caching to just happen): after the system prompt (or the tools) and after
+    the conversation so far. -> whether any were added."""
+    if req.system_cache or any(t.cache for t in req.tools) or \
+            any(p.cache for m in req.messages for p in m.parts):
+        return False
+    added = False
+    if req.system:
+        req.system_cache, added = dict(EPHEMERAL), True
+    elif req.tools:
+        req.tools[-1].cache, added = dict(EPHEMERAL), True
+    for m in reversed(req.messages):
+        last = next((p for p in reversed(m.parts) if p.type in ("text", "image", "document", "tool_result")
+                     or (p.type == "tool_call" and m.role == "assistant")), None)
+        if last is not None:
+            last.cache, added = dict(EPHEMERAL), True
+            break
+    return added
+
+
 def drop_field(fmt: str, name: str):
     log.debug("%s: field %r has no equivalent here; dropped", fmt, name)
 
@@ -7121,6 +7145,7 @@ def _load_provider(name: str, r: _Reader) -> ProviderConfig:
     cache = r.get("cache_control", bool, None)          # default: on for OpenRouter (see Provider)
     if cache is not None:
         pc.options["cache_control"] = cache
+    pc.options["auto_cache"] = r.get("auto_cache", bool, True)
     fetch = r.get("fetch_images", str, "public")
     if fetch not in ("public", "all", "off"):
         raise ConfigError("%s: must be public, all or off" % r.key("fetch_images"))
@@ -8275,6 +8300,8 @@ class App:
             self.restore_signatures(creq)
         if fmt_out is Gemini and prov.options.get("fetch_images", "public") != "off":
             await self.inline_images(creq, prov.options.get("fetch_images", "public") == "all")
+        if fmt_out is AnthropicMessages and fmt is not AnthropicMessages and prov.options.get("auto_cache", True):
+            add_cache_marks(creq)               # Anthropic caches only where asked; other clients never ask
         client_model = creq.model
         creq.model = upstream_model
         up_body = fmt_out.render_request(creq, prov.options)

@@ -1656,7 +1656,9 @@ class TestHubEndToEnd(ProxyCase):
                         if back == "anthropic":
                             results = [b for m in sent["messages"] for b in m["content"] if b["type"] == "tool_result"]
                             self.assertEqual(len(results), 1)
-                            self.assertNotIn(b"cache_control", turn2["body"]) if front != "anthropic" else None
+                            if front != "anthropic":        # automatic breakpoints: system and the last block
+                                self.assertEqual(turn2["body"].count(b"cache_control"), 2)
+                                self.assertIn("cache_control", results[0])
                         elif back == "gemini":
                             frs = [p["functionResponse"] for c in sent["contents"] for p in c["parts"] if "functionResponse" in p]
                             self.assertEqual(frs[0]["name"], "get_weather")
@@ -2379,6 +2381,20 @@ class TestFailureClasses(unittest.TestCase):
         self.assertEqual([b.get("cache_control") for b in last], [{"type": "ephemeral"}] * 2)
         self.assertNotIn("cache_control", out["messages"][0]["content"][0])
 
+    def test_automatic_cache_breakpoints_only_where_the_client_set_none(self):
+        req = lp.OpenAIChat.parse_request({"model": "m", "messages": [
+            {"role": "system", "content": "rules"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"}, {"role": "user", "content": [
+                {"type": "text", "text": "more"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]})
+        self.assertTrue(lp.add_cache_marks(req))
+        out = lp.AnthropicMessages.render_request(req)
+        self.assertEqual(out["system"][0]["cache_control"], {"type": "ephemeral"})
+        marked = [(i, b["type"]) for i, m in enumerate(out["messages"]) for b in m["content"] if "cache_control" in b]
+        self.assertEqual(marked, [(2, "image")])
+        self.assertFalse(lp.add_cache_marks(req))                   # already marked: left as it is
+        own = lp.AnthropicMessages.parse_request(self.CACHED_ANTHROPIC)
+        self.assertFalse(lp.add_cache_marks(own))
+
     def test_cache_breakpoints_reach_openrouter_and_not_openai(self):
         req = lp.AnthropicMessages.parse_request(self.CACHED_ANTHROPIC)
         router = lp.Provider("or", "openai", "https://openrouter.ai/api/v1", lp.KeyRing([]))
@@ -2518,6 +2534,21 @@ class TestHubBehaviour(ProxyCase):
         up = self.up.requests[0]
         self.assertTrue(up["path"].startswith("/v1beta/models/real-model:batchEmbedContents"), up["path"])
         self.assertEqual(json.loads(up["body"])["requests"][0], dict(body["requests"][0], model="models/real-model"))
+
+    async def test_automatic_cache_breakpoints_can_be_turned_off(self):
+        for auto in (True, False):
+            self.up = await FakeUpstream(multi_upstream).start()
+            cfg = base_config(self.up.port)
+            cfg["providers"]["up"].update(format="anthropic", auto_cache=auto)
+            await self.start(config=cfg)
+            status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": [
+                {"role": "system", "content": "rules"}, {"role": "user", "content": "hi"}]})
+            self.assertEqual(status, 200)
+            self.assertEqual(self.up.requests[-1]["body"].count(b"cache_control"), 2 if auto else 0)
+            await self.server.shutdown(0)
+            self.app.close()
+            await self.up.close()
+            self.server = self.up = None
 
     async def test_stream_flag_that_is_not_a_boolean_is_400(self):
         await self.start_back(multi_upstream)
