@@ -6371,6 +6371,9 @@ class ReplyRewrite(EventFilter):
         self.rules = rules
         self.replace = [r for r in rules if r["action"] == "replace"]
         self.max_hold = max([4 * REWRITE_HOLD] + [len(r.get("literal") or "") for r in self.replace])
+        # literal rules only: a piece holding none of their first characters passes untouched
+        self.firsts = "".join(sorted({r["literal"][0] for r in self.replace})) \
+            if self.replace and all(r.get("literal") for r in self.replace) else None
         self.started = False
         self.pending = ""
 
@@ -6379,13 +6382,16 @@ class ReplyRewrite(EventFilter):
         cut = len(text)
         for r in self.replace:
             literal = r.get("literal")
-            if literal:
-                for k in range(min(len(literal) - 1, len(text)), 0, -1):
-                    if literal.startswith(text[-k:]):
-                        cut = min(cut, len(text) - k)
-                        break
+            if literal:                         # the earliest tail position that begins the literal
+                i = text.find(literal[0], max(0, len(text) - len(literal) + 1))
+                while i != -1 and not literal.startswith(text[i:]):
+                    i = text.find(literal[0], i + 1)
+                if i != -1:
+                    cut = min(cut, i)
             else:
                 cut = min(cut, max(text.rfind("\n") + 1, len(text) - REWRITE_HOLD))
+        if cut == len(text):
+            return cut                          # nothing held back: no match can straddle the end
         floor = len(text) - self.max_hold      # what is held stays bounded, whatever the pattern
         moved = True
         while moved:                       # never cut through a match that is already whole
@@ -6402,8 +6408,11 @@ class ReplyRewrite(EventFilter):
     def _apply(self, text: str) -> str:
         for r in self.replace:
             literal = r.get("literal")
-            text = text.replace(literal, r["with"]) if literal else \
-                r["pattern"].sub(r["with"].replace("\\", "\\\\"), text)
+            if literal:
+                if literal in text:
+                    text = text.replace(literal, r["with"])
+                continue
+            text = r["pattern"].sub(r["with"].replace("\\", "\\\\"), text)
         return text
 
     def _flush(self) -> list:
@@ -6418,7 +6427,8 @@ class ReplyRewrite(EventFilter):
                 head = "".join(r["with"] for r in self.rules if r["action"] == "prepend")
                 if head:
                     out.append(("text", head))
-            if not self.replace:
+            if not self.replace or (self.firsts is not None and not self.pending
+                                    and not any(c in ev[1] for c in self.firsts)):
                 return out + [ev]
             text = self.pending + ev[1]
             cut = self._hold(text)
