@@ -8310,7 +8310,8 @@ class App:
             self.restore_signatures(creq)
         if fmt_out is Gemini and prov.options.get("fetch_images", "public") != "off":
             await self.inline_images(creq, prov.options.get("fetch_images", "public") == "all")
-        if fmt_out is AnthropicMessages and fmt is not AnthropicMessages and prov.options.get("auto_cache", True):
+        if fmt is not AnthropicMessages and prov.options.get("auto_cache", True) and \
+                (fmt_out is AnthropicMessages or (fmt_out is OpenAIChat and prov.options.get("cache_control"))):
             add_cache_marks(creq)               # Anthropic caches only where asked; other clients never ask
         client_model = creq.model
         creq.model = upstream_model

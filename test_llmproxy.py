@@ -2545,6 +2545,15 @@ class TestHubBehaviour(ProxyCase):
                 {"role": "system", "content": "rules"}, {"role": "user", "content": "hi"}]})
             self.assertEqual(status, 200)
             self.assertEqual(self.up.requests[-1]["body"].count(b"cache_control"), 2 if auto else 0)
+            if auto:                            # and OpenRouter-style back-ends, for clients of other formats
+                self.app.providers["up"].kind = "openai"
+                self.app.providers["up"].options["cache_control"] = True
+                status, _, _ = await self.call("POST", "/v1/responses", {"model": "m", "instructions": "rules",
+                                                                         "input": "hi"})
+                self.assertEqual(status, 200)
+                sent = json.loads(self.up.requests[-1]["body"])
+                self.assertEqual((self.up.requests[-1]["path"], sent["messages"][0]["content"][0]["cache_control"]),
+                                 ("/v1/chat/completions", {"type": "ephemeral"}))
             await self.server.shutdown(0)
             self.app.close()
             await self.up.close()
