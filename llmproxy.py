@@ -1750,6 +1750,20 @@ def drop_field(fmt: str, name: str):
     log.debug("%s: field %r has no equivalent here; dropped", fmt, name)
 
 
+_TOLD: set = set()
+
+
+def drop_tool(fmt: str, kind) -> None:
+    """A server-side tool the back-end cannot run: said once per process and kind (agents
+    send the same tools with every request), then only at debug level."""
+    key = (fmt, str(kind)[:80])
+    if key in _TOLD or len(_TOLD) >= 1024:
+        log.debug("%s: built-in tool %s dropped", fmt, key[1])
+        return
+    _TOLD.add(key)
+    log.info("%s: built-in tool %s cannot run on this back-end; dropped (said once)", fmt, key[1])
+
+
 # effort <-> thinking budget (hermes-agent's table), Gemini levels
 EFFORT_BUDGET = {"minimal": 1024, "low": 4000, "medium": 8000, "high": 16000, "xhigh": 32000, "max": 32000}
 
@@ -2540,7 +2554,7 @@ class AnthropicMessages(WireFormat):
             if not isinstance(t, dict):
                 continue
             if t.get("type") not in (None, "custom") or "input_schema" not in t:
-                log.info("anthropic: server tool %s cannot run on this back-end; dropped", t.get("type") or t.get("name"))
+                drop_tool("anthropic", t.get("type") or t.get("name"))
                 continue
             req.tools.append(Tool(t.get("name", ""), t.get("description") or "", t.get("input_schema") or {},
                                   cache=cache_mark(t)))
@@ -3094,7 +3108,7 @@ class OpenAIResponses(WireFormat):
             elif kind == "namespace":               # Codex groups tools; flatten them
                 OpenAIResponses._parse_tools(t.get("tools") or [], req)
             else:
-                log.info("openai-responses: built-in tool %s cannot run on this back-end; dropped", kind)
+                drop_tool("openai-responses", kind)
 
     @classmethod
     def render_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
@@ -3729,7 +3743,7 @@ class Gemini(WireFormat):
                 continue
             decls = t.get("functionDeclarations") or t.get("function_declarations")
             if not decls:
-                log.info("gemini: built-in tool %s cannot run on this back-end; dropped", list(t)[:1])
+                drop_tool("gemini", list(t)[:1])
                 continue
             for fd in decls:
                 params = fd.get("parametersJsonSchema") or fd.get("parameters_json_schema")

@@ -2372,6 +2372,15 @@ class TestFailureClasses(unittest.TestCase):
                                                                   {"type": "text", "text": "go on",
                                                                    "cache_control": {"type": "ephemeral"}}]}]}
 
+    def test_a_dropped_server_tool_is_reported_once(self):
+        lp._TOLD.discard(("openai-responses", "web_search_test"))
+        body = {"model": "m", "input": "hi", "tools": [{"type": "web_search_test"}]}
+        with self.assertLogs(lp.log, "DEBUG") as logs:
+            for _ in range(3):
+                self.assertEqual(lp.OpenAIResponses.parse_request(body).tools, [])
+        said = [r for r in logs.records if "web_search_test" in r.getMessage()]
+        self.assertEqual([r.levelname for r in said], ["INFO", "DEBUG", "DEBUG"])
+
     def test_cache_breakpoints_survive_the_anthropic_hub_round_trip(self):
         req = lp.AnthropicMessages.parse_request(self.CACHED_ANTHROPIC)
         out = lp.AnthropicMessages.render_request(req)
