@@ -1845,6 +1845,7 @@ class WireFormat:
     encoder: Any = None
     count_endpoint: Optional[str] = None      # the token-count endpoint, if the API has one
     count_fields: Tuple[str, ...] = ()        # the request fields it takes
+    count_reply_field = "input_tokens"        # where its reply holds the count
 
     @classmethod
     def count_path(cls, model: str) -> Optional[str]:
@@ -1855,9 +1856,9 @@ class WireFormat:
     def render_count_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
         return {k: v for k, v in cls.render_request(req, options).items() if k in cls.count_fields}
 
-    @staticmethod
-    def parse_count_reply(body: dict) -> int:
-        n = body.get("input_tokens")
+    @classmethod
+    def parse_count_reply(cls, body: dict) -> int:
+        n = body.get(cls.count_reply_field)
         if type(n) is not int:
             raise UpstreamError(502, "upstream token count has an unexpected shape", "upstream_malformed")
         return n
@@ -3641,6 +3642,7 @@ def gemini_call_id(name: str, turn: int, index: int) -> str:
 
 class Gemini(WireFormat):
     name = "gemini"
+    count_reply_field = "totalTokens"
     endpoint = ""           # the model is in the URL: /models/{m}:generateContent
 
     @staticmethod
@@ -3869,13 +3871,6 @@ class Gemini(WireFormat):
     @classmethod
     def render_count_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
         return {"generateContentRequest": dict(cls.render_request(req, options), model="models/" + req.model)}
-
-    @staticmethod
-    def parse_count_reply(body: dict) -> int:
-        n = body.get("totalTokens")
-        if type(n) is not int:
-            raise UpstreamError(502, "upstream token count has an unexpected shape", "upstream_malformed")
-        return n
 
     # -- responses ----------------------------------------------------------
 

@@ -3262,6 +3262,17 @@ class TestReusedLogins(OAuthCase):
             json.dump(doc, f)
         return path
 
+    async def recording_back(self, reply):
+        """A fake subscription back-end answering with reply(req, w); -> (it, the requests it saw)."""
+        seen = []
+
+        async def handler(req, w):
+            seen.append(req)
+            return await reply(req, w)
+        back = await FakeUpstream(handler).start()
+        self.addAsyncCleanup(back.close)
+        return back, seen
+
     async def start_login_proxy(self, auth, creds_file, back_url, **oauth):
         cfg = {"env_providers": False, "auth": {"keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]},
                "providers": {"sub": {"auth": auth, "oauth": dict(oauth, credentials_file=creds_file,
@@ -3272,54 +3283,44 @@ class TestReusedLogins(OAuthCase):
 
     async def test_claude_login_headers_and_system_line(self):
         await self.start_portal()
-        seen = []
 
         async def handler(req, w):
-            seen.append(req)
             reply_json(w, 200, {"id": "msg_1", "type": "message", "role": "assistant", "model": "c", "content": [
                 {"type": "text", "text": "ok"}], "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}})
-        back = await FakeUpstream(handler).start()
-        try:
-            path = self.write("claude.json", {"claudeAiOauth": {"accessToken": "sk-ant-oat01-abcdefghijkl",
-                                                                "refreshToken": "r", "expiresAt": (self.wall.t + 9999) * 1000}})
-            await self.start_login_proxy("claude-oauth", path, "http://127.0.0.1:%d/v1" % back.port)
-            status, _, data = await self.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 10,
-                                                                        "system": "mine", "messages": [{"role": "user", "content": "hi"}]})
-            self.assertEqual(status, 200, data)
-            h, body = seen[0]["headers"], json.loads(seen[0]["body"])
-            self.assertEqual(h["authorization"], "Bearer sk-ant-oat01-abcdefghijkl")
-            self.assertNotIn("x-api-key", h)
-            self.assertIn("oauth-2025-04-20", h["anthropic-beta"])
-            self.assertEqual(body["system"][0]["text"], lp.ClaudeCredential.SYSTEM_LINE)
-            self.assertEqual(body["system"][1]["text"], "mine")
-        finally:
-            await back.close()
+        back, seen = await self.recording_back(handler)
+        path = self.write("claude.json", {"claudeAiOauth": {"accessToken": "sk-ant-oat01-abcdefghijkl",
+                                                            "refreshToken": "r", "expiresAt": (self.wall.t + 9999) * 1000}})
+        await self.start_login_proxy("claude-oauth", path, "http://127.0.0.1:%d/v1" % back.port)
+        status, _, data = await self.call("POST", "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 10,
+                                                                    "system": "mine", "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 200, data)
+        h, body = seen[0]["headers"], json.loads(seen[0]["body"])
+        self.assertEqual(h["authorization"], "Bearer sk-ant-oat01-abcdefghijkl")
+        self.assertNotIn("x-api-key", h)
+        self.assertIn("oauth-2025-04-20", h["anthropic-beta"])
+        self.assertEqual(body["system"][0]["text"], lp.ClaudeCredential.SYSTEM_LINE)
+        self.assertEqual(body["system"][1]["text"], "mine")
 
     async def test_codex_login_streams_upstream_for_a_plain_request(self):
         await self.start_portal()
-        seen = []
 
         async def handler(req, w):
-            seen.append(req)
             sse_head(w)
             sse_chunk(w, UP_REPLIES[("openai-responses", 2, True)])
             w.write(b"0\r\n\r\n")
-        back = await FakeUpstream(handler).start()
-        try:
-            access = make_jwt({"exp": int(self.wall.t + 9999), "https://api.openai.com/auth": {"chatgpt_account_id": "acct-1"}})
-            path = self.write("auth.json", {"tokens": {"access_token": access, "refresh_token": "r", "id_token": "i"}})
-            await self.start_login_proxy("codex-oauth", path, "http://127.0.0.1:%d/backend-api/codex" % back.port)
-            status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "gpt-5", "max_tokens": 9,
-                                                                                "messages": [{"role": "user", "content": "hi"}]})
-            self.assertEqual(status, 200, data)
-            self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "Sunny in Paris")
-            h, body = seen[0]["headers"], json.loads(seen[0]["body"])
-            self.assertEqual((seen[0]["path"], h["chatgpt-account-id"]), ("/backend-api/codex/responses", "acct-1"))
-            self.assertEqual((body["store"], body["stream"]), (False, True))
-            self.assertNotIn("max_output_tokens", body)
-            self.assertTrue(body["instructions"])
-        finally:
-            await back.close()
+        back, seen = await self.recording_back(handler)
+        access = make_jwt({"exp": int(self.wall.t + 9999), "https://api.openai.com/auth": {"chatgpt_account_id": "acct-1"}})
+        path = self.write("auth.json", {"tokens": {"access_token": access, "refresh_token": "r", "id_token": "i"}})
+        await self.start_login_proxy("codex-oauth", path, "http://127.0.0.1:%d/backend-api/codex" % back.port)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "gpt-5", "max_tokens": 9,
+                                                                            "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(json.loads(data)["choices"][0]["message"]["content"], "Sunny in Paris")
+        h, body = seen[0]["headers"], json.loads(seen[0]["body"])
+        self.assertEqual((seen[0]["path"], h["chatgpt-account-id"]), ("/backend-api/codex/responses", "acct-1"))
+        self.assertEqual((body["store"], body["stream"]), (False, True))
+        self.assertNotIn("max_output_tokens", body)
+        self.assertTrue(body["instructions"])
 
     async def test_qwen_login_uses_resource_url_and_refreshes_without_writing_back(self):
         await self.start_portal()
@@ -3341,31 +3342,26 @@ class TestReusedLogins(OAuthCase):
 
     async def test_gemini_login_wraps_requests_for_code_assist(self):
         await self.start_portal()
-        seen = []
 
         async def handler(req, w):
-            seen.append(req)
             if req["path"].endswith(":loadCodeAssist"):
                 reply_json(w, 200, {"currentTier": {"id": "free-tier"}, "cloudaicompanionProject": "proj-42"})
             else:
                 reply_json(w, 200, {"response": json.loads(UP_REPLIES[("gemini", 2, False)]), "traceId": "t"})
-        back = await FakeUpstream(handler).start()
-        try:
-            path = self.write("gemini.json", {"access_token": "ya29.access-token-x", "refresh_token": "r",
-                                              "expiry_date": (self.wall.t + 9999) * 1000})
-            base = "http://127.0.0.1:%d/v1internal" % back.port
-            await self.start_login_proxy("gemini-oauth", path, base, code_assist_url=base)
-            status, _, data = await self.call("POST", "/v1beta/models/gemini-2.5-pro:generateContent",
-                                              {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
-            self.assertEqual(status, 200, data)
-            self.assertEqual(json.loads(data)["candidates"][0]["content"]["parts"][0]["text"], "Sunny in Paris")
-            gen = [r for r in seen if r["path"].endswith(":generateContent")][0]
-            body = json.loads(gen["body"])
-            self.assertEqual((body["model"], body["project"]), ("gemini-2.5-pro", "proj-42"))
-            self.assertIn("contents", body["request"])
-            self.assertEqual(gen["headers"]["authorization"], "Bearer ya29.access-token-x")
-        finally:
-            await back.close()
+        back, seen = await self.recording_back(handler)
+        path = self.write("gemini.json", {"access_token": "ya29.access-token-x", "refresh_token": "r",
+                                          "expiry_date": (self.wall.t + 9999) * 1000})
+        base = "http://127.0.0.1:%d/v1internal" % back.port
+        await self.start_login_proxy("gemini-oauth", path, base, code_assist_url=base)
+        status, _, data = await self.call("POST", "/v1beta/models/gemini-2.5-pro:generateContent",
+                                          {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(json.loads(data)["candidates"][0]["content"]["parts"][0]["text"], "Sunny in Paris")
+        gen = [r for r in seen if r["path"].endswith(":generateContent")][0]
+        body = json.loads(gen["body"])
+        self.assertEqual((body["model"], body["project"]), ("gemini-2.5-pro", "proj-42"))
+        self.assertIn("contents", body["request"])
+        self.assertEqual(gen["headers"]["authorization"], "Bearer ya29.access-token-x")
 
 
 class TestResilience(ProxyCase):
