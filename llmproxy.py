@@ -1714,6 +1714,22 @@ def cache_mark(block) -> Optional[dict]:
     return cc if isinstance(cc, dict) and cc.get("type") == "ephemeral" else None
 
 
+def parse_content(content, one: Callable[[dict, List[Part]], None]) -> List[Part]:
+    """Message content as parts: a plain string, or blocks each turned into parts by
+    one(block, out); a block's cache_control marks the part it made."""
+    if isinstance(content, str):
+        return [Part("text", text=content)] if content else []
+    out: List[Part] = []
+    for c in content if isinstance(content, list) else ():
+        if not isinstance(c, dict):
+            continue
+        before = len(out)
+        one(c, out)
+        if len(out) > before and cache_mark(c):
+            out[-1].cache = cache_mark(c)
+    return out
+
+
 def _with_cache(block: dict, source) -> dict:
     """block with the prompt-cache breakpoint of source (a Part, Tool or the mark itself), if any."""
     mark = source if isinstance(source, dict) else getattr(source, "cache", None)
@@ -1951,17 +1967,7 @@ class OpenAIChat(WireFormat):
 
     @staticmethod
     def _content_parts(content) -> List[Part]:
-        if isinstance(content, str):
-            return [Part("text", text=content)] if content else []
-        out = []
-        for c in content or []:
-            if not isinstance(c, dict):
-                continue
-            before = len(out)
-            OpenAIChat._content_part(c, out)
-            if len(out) > before and cache_mark(c):       # OpenRouter-style prompt-cache breakpoints
-                out[-1].cache = cache_mark(c)
-        return out
+        return parse_content(content, OpenAIChat._content_part)     # marks: OpenRouter-style breakpoints
 
     @staticmethod
     def _content_part(c: dict, out: List[Part]):
@@ -2469,22 +2475,12 @@ class AnthropicMessages(WireFormat):
 
     @classmethod
     def _blocks(cls, content, role: str) -> List[Part]:
-        if isinstance(content, str):
-            return [Part("text", text=content)] if content else []
-        out = []
-        for b in content or []:
-            if not isinstance(b, dict):
-                continue
-            t = b.get("type")
-            before = len(out)
-            cls._block(b, t, role, out)
-            if len(out) > before and cache_mark(b):
-                out[-1].cache = cache_mark(b)
-        return out
+        return parse_content(content, lambda b, out: cls._block(b, role, out))
 
     @classmethod
-    def _block(cls, b: dict, t, role: str, out: List[Part]):
+    def _block(cls, b: dict, role: str, out: List[Part]):
         """One content block -> the parts it holds, appended to out."""
+        t = b.get("type")
         if t == "text":
             if b.get("text"):
                 out.append(Part("text", text=b["text"]))
@@ -2982,28 +2978,25 @@ class OpenAIResponses(WireFormat):
 
     @staticmethod
     def _content(content) -> List[Part]:
-        if isinstance(content, str):
-            return [Part("text", text=content)] if content else []
-        out = []
-        for c in content or []:
-            if not isinstance(c, dict):
-                continue
-            t = c.get("type")
-            if t in ("input_text", "output_text", "text", "summary_text") and c.get("text"):
-                out.append(Part("text", text=c["text"]))
-            elif t == "refusal" and c.get("refusal"):
-                out.append(Part("text", text=c["refusal"]))
-            elif t == "input_image":
-                url = c.get("image_url")
-                if isinstance(url, dict):
-                    url = url.get("url")
-                if isinstance(url, str):
-                    out.append(image_part(url))
-            elif t == "input_file" and (c.get("file_data") or c.get("file_url")):
-                out.append(document_part(c.get("file_data") or c["file_url"], c.get("filename") or ""))
-            else:
-                drop_field("openai-responses", "content type %s" % t)
-        return out
+        return parse_content(content, OpenAIResponses._content_part)
+
+    @staticmethod
+    def _content_part(c: dict, out: List[Part]):
+        t = c.get("type")
+        if t in ("input_text", "output_text", "text", "summary_text") and c.get("text"):
+            out.append(Part("text", text=c["text"]))
+        elif t == "refusal" and c.get("refusal"):
+            out.append(Part("text", text=c["refusal"]))
+        elif t == "input_image":
+            url = c.get("image_url")
+            if isinstance(url, dict):
+                url = url.get("url")
+            if isinstance(url, str):
+                out.append(image_part(url))
+        elif t == "input_file" and (c.get("file_data") or c.get("file_url")):
+            out.append(document_part(c.get("file_data") or c["file_url"], c.get("filename") or ""))
+        else:
+            drop_field("openai-responses", "content type %s" % t)
 
     @classmethod
     def parse_items(cls, items: list, req: ChatRequest):
