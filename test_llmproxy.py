@@ -1420,6 +1420,19 @@ UP_REPLIES = {
 TOOL_RESULT_MARKERS = (b'"tool_result"', b'"role": "tool"', b'"role":"tool"', b'"function_call_output"', b'"functionResponse"')
 
 
+def fails_once(status, retry_after):
+    """A fake upstream whose first answer is `status` with Retry-After, then CHAT_OK."""
+    calls = []
+
+    async def handler(req, w):
+        calls.append(1)
+        if len(calls) == 1:
+            reply_json(w, status, {"error": {"message": "not now"}}, headers=[("retry-after", retry_after)])
+        else:
+            reply_json(w, 200, CHAT_OK)
+    return handler
+
+
 async def drops_mid_stream(req, w):
     """A fake upstream that starts a stream and hangs up in the middle of it."""
     sse_head(w)
@@ -3402,15 +3415,7 @@ class TestResilience(ProxyCase):
         self.assertEqual(len(self.up.requests), 0)                 # b never saw it
 
     async def test_retry_after_is_respected_on_the_last_target(self):
-        calls = []
-
-        async def flaky(req, w):
-            calls.append(1)
-            if len(calls) == 1:
-                reply_json(w, 503, {"error": {"message": "busy"}}, headers=[("retry-after", "7")])
-            else:
-                reply_json(w, 200, CHAT_OK)
-        await self.start(flaky)
+        await self.start(fails_once(503, "7"))
         status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
         self.assertEqual(status, 200)
         self.assertEqual(self.sleeps, [7.0])                       # the fake clock moved, the wall did not
@@ -3527,15 +3532,7 @@ class TestResilience(ProxyCase):
             self.assertEqual((status, json.loads(data)), (200, CHAT_OK))
 
     async def test_waits_for_the_soonest_key_instead_of_failing(self):
-        calls = []
-
-        async def once(req, w):
-            calls.append(1)
-            if len(calls) == 1:
-                reply_json(w, 429, {"error": {"message": "slow"}}, headers=[("retry-after", "3")])
-            else:
-                reply_json(w, 200, CHAT_OK)
-        self.up = await FakeUpstream(once).start()
+        self.up = await FakeUpstream(fails_once(429, "3")).start()
         cfg = base_config(self.up.port)
         cfg["providers"]["up"]["keys"] = UP_KEYS[:1]
         await self.start(config=cfg)
