@@ -95,6 +95,7 @@ POOL_IDLE_S = 30.0                  # many upstreams drop idle keep-alive socket
 POOL_MAX_IDLE = 64                  # idle connections kept per origin
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed upstream reply is read whole; cap it
 MAX_ERROR_BODY = 1024 * 1024        # upstream error bodies are read whole to be relayed or cleaned
+MAX_INTERIM = 8                     # 1xx heads skipped before a final one (RFC 9110 §15.2 allows several); more -> 502
 DEFAULT_COOLDOWN_S = 60.0           # a 429 without any reset hint cools the key this long
 MAX_COOLDOWN_S = 24 * 3600.0        # never believe a reset hint further away than a day
 USAGE_TAIL_BYTES = 16 * 1024        # usage rides in the last events of a stream; keep this much
@@ -1065,6 +1066,41 @@ class _Timer:
         self.transport.abort()
 
 
+def _leftover(reader) -> bool:
+    """True when bytes sit unread in a StreamReader: a reply framed wrongly, stray bytes after a
+    body, or a second response. Such a connection is never reused (it would hand them to the next
+    client). StreamReader keeps them in `_buffer` on every Python from 3.8 to 3.13."""
+    return bool(getattr(reader, "_buffer", b""))
+
+
+def _socket_quiet(writer) -> bool:
+    """Peek at an idle pooled socket without blocking: False when the peer closed it or sent
+    anything while it sat idle (the event loop may not have noticed yet). The transport's socket
+    is non-blocking, so an empty receive queue raises BlockingIOError."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        probe = socket.socket(fileno=sock.fileno())
+    except (OSError, ValueError):
+        return False
+    try:
+        probe.recv(1, socket.MSG_PEEK)
+        return False                    # b"" (EOF) or stray bytes: either way not reusable
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.detach()
+
+
+def _replayable(method: str, headers: List[Tuple[str, str]]) -> bool:
+    """Safe to send twice: an idempotent method, or a request carrying an idempotency key."""
+    return method in ("GET", "HEAD", "OPTIONS") or any(
+        k in ("idempotency-key", "x-idempotency-key") for k, _ in headers)
+
+
 class UpstreamConn:
     __slots__ = ("reader", "writer", "origin", "reused", "idle_since", "via_proxy", "proxy_auth")
 
@@ -1164,7 +1200,7 @@ class UpstreamResponse:
                     yield rest
             self.finished = True
         finally:
-            if self.finished and self.keep:
+            if self.finished and self.keep and not _leftover(reader):
                 self.client.release(conn)
             else:
                 conn.abort()
@@ -1204,7 +1240,7 @@ class HTTPClient:
         return self._tls
 
     def release(self, conn: UpstreamConn):
-        if conn.writer.transport.is_closing() or conn.reader.at_eof():
+        if conn.writer.transport.is_closing() or conn.reader.at_eof() or _leftover(conn.reader):
             conn.abort()
             return
         idle = self.pool.setdefault(conn.origin, [])
@@ -1220,7 +1256,8 @@ class HTTPClient:
         while idle:
             conn = idle.pop()
             if (now - conn.idle_since > POOL_IDLE_S or conn.reader.at_eof()
-                    or conn.writer.transport.is_closing() or conn.reader.exception() is not None):
+                    or conn.writer.transport.is_closing() or conn.reader.exception() is not None
+                    or _leftover(conn.reader) or not _socket_quiet(conn.writer)):
                 conn.abort()
                 continue
             conn.reused = True
@@ -1321,11 +1358,19 @@ class HTTPClient:
                     conn.writer.write(body)
                 timer.arm(read_timeout)
                 await conn.writer.drain()
+                interim = 0
                 while True:
                     raw = await conn.reader.readuntil(b"\r\n\r\n")
                     head = parse_response_head(raw)
-                    if head.status >= 200 or head.status == 101:
+                    if head.status >= 200:
                         break
+                    # 1xx heads are hop-by-hop and never relayed (RFC 9110 §15.2). We never ask
+                    # to upgrade, so a 101 means the bytes after it are not HTTP at all.
+                    if head.status == 101:
+                        raise FramingError("upstream switched protocols (101) without being asked")
+                    interim += 1
+                    if interim > MAX_INTERIM:
+                        raise FramingError("more than %d interim (1xx) responses" % MAX_INTERIM)
                 timer.disarm()
             except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                     FramingError) as e:
@@ -1334,9 +1379,14 @@ class HTTPClient:
                 if timer.fired:
                     raise UpstreamError(504, "upstream %s sent no response within %.0f s" % (host, read_timeout),
                                         "upstream_timeout")
-                if isinstance(e, asyncio.IncompleteReadError) and conn.reused and not e.partial and attempt == 0:
-                    continue
-                if isinstance(e, (ConnectionError, OSError)) and conn.reused and attempt == 0:
+                # A reused connection that dies before any reply byte was most likely closed idle
+                # by the upstream; but the request may also have reached it, so only a request that
+                # is safe to repeat is sent again (RFC 9110 §9.2.2, as Go's net/http does). A POST
+                # is never re-sent: that could bill it twice. Stale sockets are caught before use
+                # (_socket_quiet), which leaves only a narrow race.
+                stale = (isinstance(e, asyncio.IncompleteReadError) and not e.partial) or \
+                    isinstance(e, (ConnectionError, OSError))
+                if stale and conn.reused and attempt == 0 and _replayable(method, headers):
                     continue
                 if isinstance(e, FramingError):
                     raise UpstreamError(502, "upstream %s sent a malformed response: %s" % (host, e), "upstream_framing")
@@ -7560,6 +7610,16 @@ def stateless_input(items: list) -> Optional[list]:
     return out if changed else None
 
 
+# The request left in full but no answer came back: the upstream may have run (and billed) it.
+_MAYBE_PROCESSED = frozenset(("upstream_disconnected", "upstream_timeout", "upstream_incomplete"))
+
+
+def maybe_processed(err: ProxyError) -> bool:
+    """True when the upstream may have acted on the request although no answer came: it is
+    then never re-sent to the same target (a failover the config asks for is logged)."""
+    return (err.code or "") in _MAYBE_PROCESSED
+
+
 def failover_condition(err: ProxyError) -> Optional[str]:
     """Which routing.failover_on condition an error meets, or None (the request's fault)."""
     code = err.code or ""
@@ -8210,7 +8270,7 @@ class App:
                         breaker.success()        # the request's own fault: the provider is fine
                     last_error = e
                     retry_wait = self._retry_wait(e, attempt, deadline) if final and condition in (
-                        "connect", "timeout", "5xx") else None
+                        "connect", "timeout", "5xx") and not maybe_processed(e) else None
                     if retry_wait is not None:
                         attempt += 1
                         log.warning("provider %s failed (%s); retry %d in %.1f s", prov.name, e.code or e.status,

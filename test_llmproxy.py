@@ -892,6 +892,75 @@ class TestPassThrough(ProxyCase):
             self.assertEqual(status, 200)
         self.assertEqual(len(self.up.requests), 2)
 
+    async def test_stray_bytes_after_a_body_never_reach_the_next_client(self):
+        second = dict(CHAT_OK, id="chatcmpl-OTHER", choices=[{"index": 0, "message": {
+            "role": "assistant", "content": "someone else's answer"}, "finish_reason": "stop"}])
+
+        async def handler(req, w):
+            reply_json(w, 200, dict(CHAT_OK, id="for-" + json.loads(req["body"])["user"]))
+            if req["conn"] == 0:                 # a broken gateway: a second response nobody asked for
+                reply_json(w, 200, second)
+        await self.start(handler)
+        c = await self.conn()
+        for who in ("alice", "bob", "carol"):
+            status, _, data = await c.request("POST", "/v1/chat/completions",
+                                              {"model": "m", "messages": [], "user": who})
+            self.assertEqual((status, json.loads(data)["id"]), (200, "for-" + who))
+        self.assertEqual(self.up.connections, 2)       # the polluted connection was closed, not pooled
+
+    async def test_bytes_arriving_on_an_idle_pooled_connection_close_it(self):
+        sent = asyncio.Event()
+
+        async def handler(req, w):
+            reply_json(w, 200, dict(CHAT_OK, id="for-" + json.loads(req["body"])["user"]))
+            if req["conn"] == 0:
+                await sent.wait()                # after the proxy pooled the connection
+                reply_json(w, 200, dict(CHAT_OK, id="late-stray"))
+        await self.start(handler)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": [], "user": "a"})
+        self.assertEqual(json.loads(data)["id"], "for-a")
+        sent.set()
+        for _ in range(3):                       # let the upstream write its stray reply
+            await asyncio.sleep(0)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": [], "user": "b"})
+        self.assertEqual((status, json.loads(data)["id"]), (200, "for-b"))
+        self.assertEqual(self.up.connections, 2)
+
+    async def test_interim_responses_are_not_relayed_and_101_is_refused(self):
+        async def handler(req, w):
+            if json.loads(req["body"])["user"] == "continue":
+                w.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n")
+                reply_json(w, 200, CHAT_OK)
+                return
+            w.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\x81\x05hello")
+            return False
+        await self.start(handler)
+        c = await self.conn()
+        status, headers, data = await c.request("POST", "/v1/chat/completions",
+                                                {"model": "m", "messages": [], "user": "continue"})
+        self.assertEqual((status, json.loads(data)), (200, CHAT_OK))
+        self.assertNotIn("link", headers)
+        status, _, data = await c.request("POST", "/v1/chat/completions", {"model": "m", "messages": [], "user": "up"})
+        self.assertEqual(status, 502)
+        self.assertIn("101", json.loads(data)["error"]["message"])
+        status, _, data = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "x"}], "metadata": {"user_id": "up"}})
+        self.assertEqual((status, json.loads(data)["type"]), (502, "error"))     # the client's own shape
+
+    async def test_a_post_that_may_have_reached_the_upstream_is_not_sent_twice(self):
+        async def handler(req, w):
+            if len(self.up.requests) == 1:
+                reply_json(w, 200, CHAT_OK)
+                return
+            return False                         # reads the request, then drops the connection unanswered
+        await self.start(handler)
+        c = await self.conn()
+        status, _, _ = await c.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 200)
+        status, _, data = await c.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 502)
+        self.assertEqual(len(self.up.requests), 2)       # not re-sent on a fresh connection
+
     async def test_embeddings_completions_models(self):
         async def handler(req, w):
             if req["path"] == "/v1/models":
