@@ -95,9 +95,12 @@ POOL_IDLE_S = 30.0                  # many upstreams drop idle keep-alive socket
 POOL_MAX_IDLE = 64                  # idle connections kept per origin
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed upstream reply is read whole; cap it
 MAX_ERROR_BODY = 1024 * 1024        # upstream error bodies are read whole to be relayed or cleaned
+MAX_UPSTREAM_HEAD = 64 * 1024      # an upstream response head (the StreamReader limit); over -> 502
 MAX_INTERIM = 8                     # 1xx heads skipped before a final one (RFC 9110 §15.2 allows several); more -> 502
 DEFAULT_COOLDOWN_S = 60.0           # a 429 without any reset hint cools the key this long
 MAX_COOLDOWN_S = 24 * 3600.0        # never believe a reset hint further away than a day
+MAX_SSE_LINE = 32 * 1024 * 1024    # one event-stream line (a streamed image is a few MB of base64); over -> error event
+MAX_SSE_EVENT = 32 * 1024 * 1024   # the data of one event, all its lines together
 USAGE_TAIL_BYTES = 16 * 1024        # usage rides in the last events of a stream; keep this much
 WRITE_HIGH_WATER = 64 * 1024        # drain() only when the transport buffer is above this
 READ_CHUNK = 64 * 1024
@@ -1277,7 +1280,7 @@ class HTTPClient:
         self.connects += 1
         if proxy is None:
             r, w = await asyncio.wait_for(asyncio.open_connection(
-                host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None), timeout)
+                host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None, limit=MAX_UPSTREAM_HEAD), timeout)
             return UpstreamConn(r, w, origin)
         pu = urlsplit(proxy)
         p_host, p_port = pu.hostname, pu.port or 8080
@@ -1286,11 +1289,11 @@ class HTTPClient:
             cred = "%s:%s" % (unquote(pu.username), unquote(pu.password or ""))
             auth = "Basic " + base64.b64encode(cred.encode("utf-8")).decode("ascii")
         if ssl_ctx is None:
-            r, w = await asyncio.wait_for(asyncio.open_connection(p_host, p_port), timeout)
+            r, w = await asyncio.wait_for(asyncio.open_connection(p_host, p_port, limit=MAX_UPSTREAM_HEAD), timeout)
             return UpstreamConn(r, w, origin, via_proxy=True, proxy_auth=auth)
         sock = await asyncio.wait_for(self._tunnel(p_host, p_port, host, port, auth), timeout)
         r, w = await asyncio.wait_for(asyncio.open_connection(
-            sock=sock, ssl=ssl_ctx, server_hostname=host), timeout)
+            sock=sock, ssl=ssl_ctx, server_hostname=host, limit=MAX_UPSTREAM_HEAD), timeout)
         return UpstreamConn(r, w, origin)
 
     async def _tunnel(self, p_host, p_port, host, port, auth) -> socket.socket:
@@ -1376,6 +1379,9 @@ class HTTPClient:
                     FramingError) as e:
                 timer.disarm()
                 conn.abort()
+                if isinstance(e, asyncio.LimitOverrunError):
+                    raise UpstreamError(502, "upstream %s sent a response head over %d bytes" % (host, MAX_UPSTREAM_HEAD),
+                                        "upstream_framing")
                 if timer.fired:
                     raise UpstreamError(504, "upstream %s sent no response within %.0f s" % (host, read_timeout),
                                         "upstream_timeout")
@@ -1434,11 +1440,21 @@ _LINE_END_RE = re.compile(r"\r\n|\r|\n")
 
 class SSEDecoder:
     """feed(bytes) -> [SSEEvent]; close() flushes a final unterminated event
-    (the spec drops it; a client should be lenient)."""
+    (the spec drops it; a client should be lenient).
 
-    def __init__(self):
+    Linear in its input: a line arriving in many small pieces is collected in a list
+    and joined once, when its end arrives. A line longer than max_line or an event
+    whose data passes max_event characters raises UpstreamError (the stream ends with
+    the client's error event), so an upstream cannot make the proxy buffer without end."""
+
+    def __init__(self, max_line: int = MAX_SSE_LINE, max_event: int = MAX_SSE_EVENT):
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._buf = ""
+        self._pending: List[str] = []       # pieces of an unfinished line, beyond _buf
+        self._pending_len = 0
+        self._data_len = 0
+        self.max_line = max_line
+        self.max_event = max_event
         self._started = False
         self._data: List[str] = []
         self._event = ""
@@ -1451,6 +1467,9 @@ class SSEDecoder:
     def close(self) -> List[SSEEvent]:
         text = self._utf8.decode(b"", True)
         out = self._feed_text(text)
+        if self._pending:
+            self._buf += "".join(self._pending)
+            self._pending, self._pending_len = [], 0
         if self._buf:                       # unterminated last line
             rest, self._buf = self._buf, ""
             out.extend(self._lines([rest.rstrip("\r")]))
@@ -1461,6 +1480,16 @@ class SSEDecoder:
     def _feed_text(self, text: str) -> List[SSEEvent]:
         if not text:
             return []
+        if "\n" not in text and "\r" not in text and not self._buf.endswith("\r"):
+            self._pending.append(text)      # still inside one line: no rescan of what came before
+            self._pending_len += len(text)
+            if self._pending_len + len(self._buf) > self.max_line:
+                raise UpstreamError(502, "upstream sent an event-stream line over %d characters"
+                                    % self.max_line, "upstream_too_large")
+            return []
+        if self._pending:
+            text = "".join(self._pending) + text
+            self._pending, self._pending_len = [], 0
         buf = self._buf + text if self._buf else text
         if not self._started:
             self._started = True
@@ -1471,6 +1500,9 @@ class SSEDecoder:
         if not rest and buf.endswith("\r"):
             # a CR at the very end may be the first half of CRLF: keep it pending
             rest = lines.pop() + "\r"
+        if len(rest) > self.max_line:
+            raise UpstreamError(502, "upstream sent an event-stream line over %d characters" % self.max_line,
+                                "upstream_too_large")
         self._buf = rest
         return self._lines(lines)
 
@@ -1481,6 +1513,7 @@ class SSEDecoder:
                 if self._data:
                     out.append(SSEEvent("\n".join(self._data), self._event or "message", self._last_id, self._retry))
                 self._data = []
+                self._data_len = 0
                 self._event = ""
                 self._retry = None
                 continue
@@ -1490,6 +1523,10 @@ class SSEDecoder:
             if sep and value[:1] == " ":
                 value = value[1:]
             if name == "data":
+                self._data_len += len(value) + 1
+                if self._data_len > self.max_event or len(line) > self.max_line:
+                    raise UpstreamError(502, "upstream sent an event over %d characters" % self.max_event,
+                                        "upstream_too_large")
                 self._data.append(value)
             elif name == "event":
                 self._event = value

@@ -487,6 +487,32 @@ class TestSSE(unittest.TestCase):
         self.assertEqual(frame, b"event: x\nid: 1\ndata: a\ndata: b\ndata: c\n\n")
         self.assertEqual(self.decode([frame]), [lp.SSEEvent("a\nb\nc", "x", "1")])
 
+    def test_a_long_line_in_small_pieces_is_not_rescanned(self):
+        d = lp.SSEDecoder()
+        line = b"data: " + b"x" * 50000
+        for i in range(len(line)):
+            self.assertEqual(d.feed(line[i:i + 1]), [])
+        self.assertEqual(d._buf, "")                      # pieces wait in a list, joined once at the line end
+        self.assertEqual(len(d._pending), len(line))
+        self.assertEqual(d.feed(b"\n\n"), [lp.SSEEvent("x" * 50000)])
+        self.assertEqual((d._pending, d._buf), ([], ""))
+
+    def test_line_and_event_caps(self):
+        for pieces in ([b"data: " + b"y" * 200], [b"data: ", b"y" * 100, b"y" * 100],
+                       [b"data: " + b"y" * 200 + b"\n"]):
+            with self.subTest(pieces=len(pieces)), self.assertRaises(lp.UpstreamError) as cm:
+                d = lp.SSEDecoder(max_line=100, max_event=1000)
+                for p in pieces:
+                    d.feed(p)
+            self.assertEqual(cm.exception.code, "upstream_too_large")
+        d = lp.SSEDecoder(max_line=100, max_event=150)
+        d.feed(b"data: " + b"z" * 80 + b"\n")
+        with self.assertRaises(lp.UpstreamError):
+            d.feed(b"data: " + b"z" * 80 + b"\n")           # two lines of one event pass the event cap
+        d = lp.SSEDecoder(max_line=100, max_event=150)
+        ok = d.feed(b"data: " + b"z" * 80 + b"\n\ndata: " + b"z" * 80 + b"\n\n")
+        self.assertEqual(len(ok), 2)                            # the cap is per event
+
     def test_sniff_usage(self):
         tail = b"".join(STREAM_EVENTS)
         self.assertEqual(lp.sniff_usage(tail)["completion_tokens"], 2)
@@ -946,6 +972,15 @@ class TestPassThrough(ProxyCase):
         status, _, data = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": [
             {"role": "user", "content": "x"}], "metadata": {"user_id": "up"}})
         self.assertEqual((status, json.loads(data)["type"]), (502, "error"))     # the client's own shape
+
+    async def test_an_oversized_upstream_head_is_a_502(self):
+        async def handler(req, w):
+            w.write(b"HTTP/1.1 200 OK\r\n" + b"x-filler: " + b"a" * (lp.MAX_UPSTREAM_HEAD + 10) + b"\r\n\r\n")
+            return False
+        await self.start(handler)
+        status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 502)
+        self.assertIn("response head over", json.loads(data)["error"]["message"])
 
     async def test_a_post_that_may_have_reached_the_upstream_is_not_sent_twice(self):
         async def handler(req, w):
