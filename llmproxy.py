@@ -144,6 +144,11 @@ _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # CTLs except HTAB (RFC 9110 §5.5)
 _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
 _HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+OWS = " \t"                 # optional whitespace (RFC 9110 §5.6.3): SP and HTAB only, never str.strip()'s
+# chunk-ext (RFC 9112 §7.1.1): ; name [= token / quoted-string], BWS around; nothing else on the line
+_CHUNK_EXT_RE = re.compile(rb'(?:[ \t]*;[ \t]*[!#$%&\'*+\-.^_`|~0-9A-Za-z]+(?:[ \t]*=[ \t]*(?:'
+                           rb'[!#$%&\'*+\-.^_`|~0-9A-Za-z]+|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t !-~\x80-\xff])*"))?)*\Z')
+_TRAILER_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}\Z")
 _OUT_HEADER_BAD = re.compile(r"[\r\n\x00]")
 _BAD_TARGET_STR_RE = re.compile(r"[\x00-\x20\x7f]")
@@ -171,7 +176,7 @@ class Headers:
         """Comma-separated list values of every field `name`, lowercased."""
         out = []
         for v in self.get_all(name):
-            out.extend(t.strip().lower() for t in v.split(",") if t.strip())
+            out.extend(t.strip(OWS).lower() for t in v.split(",") if t.strip(OWS))
         return out
 
     def __contains__(self, name: str) -> bool:
@@ -255,7 +260,7 @@ def parse_request_head(data: bytes) -> RequestHead:
         if k == "host":
             hosts += 1
         elif k == "connection":
-            conn.extend(t.strip().lower() for t in v.split(","))
+            conn.extend(t.strip(OWS).lower() for t in v.split(","))
     if version == b"HTTP/1.1" and hosts != 1:
         raise _bad("HTTP/1.1 request needs exactly one Host header")
     target_s = target.decode("latin-1")
@@ -286,7 +291,7 @@ def parse_body_framing(headers: Headers, version: str = "HTTP/1.1") -> Tuple[str
     for k, v in headers.items:
         if k == "transfer-encoding":
             te_seen = True
-            te.extend(t.strip().lower() for t in v.split(",") if t.strip())
+            te.extend(t.strip(OWS).lower() for t in v.split(",") if t.strip(OWS))
         elif k == "content-length":
             cl_values.append(v)
     if te_seen:
@@ -304,7 +309,7 @@ def parse_body_framing(headers: Headers, version: str = "HTTP/1.1") -> Tuple[str
     lengths = set()
     for v in cl_values:
         for item in v.split(","):
-            item = item.strip()
+            item = item.strip(OWS)
             if not _DIGITS_RE.match(item):
                 raise _bad("invalid Content-Length")
             lengths.add(int(item))
@@ -314,10 +319,13 @@ def parse_body_framing(headers: Headers, version: str = "HTTP/1.1") -> Tuple[str
 
 
 def parse_chunk_size(line: bytes) -> int:
-    """`hex-size [BWS ; ext]` without CRLF -> size. Extensions are ignored (RFC 9112 §7.1.1)."""
-    size = line.split(b";", 1)[0].rstrip(b" \t")
+    """`hex-size [BWS ; ext]` without CRLF -> size. Extensions are checked, then ignored (RFC 9112 §7.1.1)."""
+    size, semi, ext = line.partition(b";")
+    size = size.rstrip(b" \t")
     if not _HEX_RE.match(size):
         raise FramingError("invalid chunk size")
+    if semi and not _CHUNK_EXT_RE.match(semi + ext):
+        raise FramingError("invalid chunk extension")
     return int(size, 16)
 
 
@@ -383,7 +391,7 @@ class ChunkedDecoder:
                         self.state = 4
                         continue
                     self.trailer_bytes += len(line) + 2
-                    if self.trailer_bytes > MAX_TRAILER_BYTES or b":" not in line:
+                    if self.trailer_bytes > MAX_TRAILER_BYTES or b":" not in line or _TRAILER_BAD_RE.search(line):
                         raise FramingError("invalid trailer section")
             elif st == 2:
                 if n - pos < 2:
@@ -462,7 +470,7 @@ def parse_response_framing(head: ResponseHead, method: str) -> Tuple[str, int]:
         return ("chunked", 0) if te[-1] == "chunked" else ("close", 0)
     cl = head.headers.get_all("content-length")
     if cl:
-        values = {v.strip() for item in cl for v in item.split(",")}
+        values = {v.strip(OWS) for item in cl for v in item.split(",")}
         if len(values) != 1 or not _DIGITS_RE.match(next(iter(values))):
             raise FramingError("invalid Content-Length from upstream")
         return ("length", int(values.pop()))
@@ -528,9 +536,18 @@ class Request:
     def json(self) -> Any:
         if self._json is None:
             try:
-                self._json = json.loads(self.body)
-            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                text = self.body.decode("utf-8")
+                self._json = _DECODER.decode(text)
+            except UnicodeDecodeError:
+                raise ProxyError(400, "invalid_request_error", "request body is not valid UTF-8 JSON")
+            except (ValueError, RecursionError) as e:
                 raise ProxyError(400, "invalid_request_error", "request body is not valid JSON: %s" % e)
+            # A \uD800-\uDFFF escape may leave a lone surrogate, which no back-end can take
+            # (it has no UTF-8 form): refuse it here rather than fail later with a 500.
+            if _SURROGATE_ESCAPE_RE.search(text) and _LONE_SURROGATE_RE.search(_ENCODER.encode(self._json)):
+                self._json = None
+                raise ProxyError(400, "invalid_request_error", "request body holds a lone UTF-16 surrogate "
+                                 "escape (\\uD800-\\uDFFF without its pair), which is not a character")
         return self._json
 
     def query_param(self, name: str) -> Optional[str]:
@@ -564,6 +581,33 @@ class StreamResponse:
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))   # built once, not per call
 _jstr = json.encoder.encode_basestring       # a str as a JSON string literal (C speed)
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _no_constant(name: str):
+    raise ValueError("%s is not a JSON value (RFC 8259 §6)" % name)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def parse_json(data) -> Any:
+    """Strict JSON (RFC 8259): bytes must be UTF-8 and bare NaN/Infinity are refused, so
+    they are never forwarded. Raises ValueError (UnicodeDecodeError is one)."""
+    if not isinstance(data, str):
+        data = bytes(data).decode("utf-8")
+    return _DECODER.decode(data)
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 of text that may hold lone surrogates (an upstream split a surrogate pair over two
+    deltas): those become \\uXXXX escapes, valid inside the JSON strings where they occur, and a
+    client that joins the deltas gets its character back."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE_RE.sub(lambda m: "\\u%04x" % ord(m.group()), text).encode("utf-8")
 
 
 def _jdump(obj) -> str:
@@ -571,7 +615,7 @@ def _jdump(obj) -> str:
 
 
 def _jbytes(obj) -> bytes:
-    return _ENCODER.encode(obj).encode("utf-8")
+    return _utf8(_ENCODER.encode(obj))
 
 
 def json_response(status: int, obj: Any, headers: Optional[List[Tuple[str, str]]] = None) -> Response:
@@ -1551,7 +1595,7 @@ def render_sse(data, event: Optional[str] = None, id: Optional[str] = None) -> b
     for line in _LINE_END_RE.split(data):
         parts.append("data: %s\n" % line)
     parts.append("\n")
-    return "".join(parts).encode("utf-8")
+    return _utf8("".join(parts))
 
 
 def sniff_usage(data: bytes, key: bytes = b'"usage"') -> Optional[dict]:
@@ -1985,7 +2029,7 @@ class CanonicalStream:
         if self.done or not ev.data:
             return None
         try:
-            d = json.loads(ev.data)
+            d = parse_json(ev.data)
         except (ValueError, RecursionError):
             return None
         return d if isinstance(d, dict) else None
@@ -2372,7 +2416,7 @@ class OpenAIChatDecoder(CanonicalStream):
         if data == "[DONE]":
             return self._finish()
         try:
-            chunk = json.loads(data)
+            chunk = parse_json(data)
         except (ValueError, RecursionError):
             return []
         if not isinstance(chunk, dict):
@@ -2449,8 +2493,8 @@ class OpenAIChatEncoder:
         if self._prefix is None:
             self._prefix = '{"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,' \
                 '"choices":[{"index":0,"delta":{"' % (_jstr(self.id), self.created, _jstr(self.model))
-        return ('data: %s%s":%s},"logprobs":null,"finish_reason":null}]}\n\n' % (
-            self._prefix, field, _jstr(text))).encode("utf-8")
+        return _utf8('data: %s%s":%s},"logprobs":null,"finish_reason":null}]}\n\n' % (
+            self._prefix, field, _jstr(text)))
 
     def feed(self, ev) -> List[bytes]:
         kind = ev[0]
@@ -2966,8 +3010,8 @@ class AnthropicEncoder:
 
     def _text_delta(self, kind: str, field: str, text: str) -> bytes:
         """A text, thinking or input_json delta from a template (the hot path of a stream)."""
-        return ('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":'
-                '{"type":"%s","%s":%s}}\n\n' % (self.index, kind, field, _jstr(text))).encode("utf-8")
+        return _utf8('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":'
+                     '{"type":"%s","%s":%s}}\n\n' % (self.index, kind, field, _jstr(text)))
 
     def feed(self, ev) -> List[bytes]:
         if self.ended:
@@ -3454,7 +3498,7 @@ class ResponsesEncoder:
             t, t, self.seq, _jstr(item_id), idx, extra, _jstr(delta),
             ',"logprobs":[]' if t == "response.output_text.delta" else "")
         self.seq += 1
-        return frame.encode("utf-8")
+        return _utf8(frame)
 
     def _resp(self, status: str, usage=None, error=None, incomplete=None) -> dict:
         return OpenAIResponses.response_object(self.rid, self.req, status, list(self.output), usage, self.created,
@@ -4109,7 +4153,7 @@ class GeminiDecoder(CanonicalStream):
         if self.done or not ev.data:
             return []
         try:
-            d = json.loads(ev.data)
+            d = parse_json(ev.data)
         except (ValueError, RecursionError):
             return []
         if isinstance(d, list):               # a JSON-array stream flattened into one event
@@ -8555,7 +8599,7 @@ class App:
     @staticmethod
     def _json_reply(data: bytes) -> dict:
         try:
-            obj = json.loads(data)
+            obj = parse_json(data)
         except (ValueError, RecursionError):
             raise UpstreamError(502, "upstream reply is not JSON", "upstream_not_json")
         if not isinstance(obj, dict):

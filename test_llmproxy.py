@@ -392,6 +392,32 @@ class TestHTTPWire(unittest.TestCase):
         with self.assertRaises(lp.FramingError):
             lp.ChunkedDecoder(max_bytes=4).feed(b"5\r\nhello\r\n")
 
+    def test_chunk_extensions_are_validated(self):
+        for line in (b"5", b"5;a", b"5;a=b", b"5 ; a = b ; c", b'5;a="q\\"x y"', b'5;a="\x85"'):
+            with self.subTest(line=line):
+                self.assertEqual(lp.parse_chunk_size(line), 5)
+        for line in (b"5;", b"5;a\x00", b"5;a=b c", b"5;\x7f", b"5;a\rb", b"5;a\nb", b'5;a="open',
+                     b"5;a=\x85", b"5;=b", b"5;a=b;"):
+            with self.subTest(line=line), self.assertRaises(lp.FramingError):
+                lp.parse_chunk_size(line)
+        with self.assertRaises(lp.FramingError):        # control characters in a trailer line
+            lp.ChunkedDecoder().feed(b"0\r\nX-T: a\x01b\r\n\r\n")
+
+    def test_only_sp_and_htab_are_trimmed_from_field_values(self):
+        for name, value in (("content-length", "5\xa0"), ("content-length", "\x855"),
+                            ("transfer-encoding", "chunked\x85"), ("transfer-encoding", "\xa0chunked")):
+            with self.subTest(name=name, value=value), self.assertRaises(lp.ProxyError) as cm:
+                h = lp.parse_request_head(head("POST / HTTP/1.1", "Host: a", "%s: %s" % (name, value)))
+                lp.parse_body_framing(h.headers)
+            self.assertEqual(cm.exception.status, 400)
+        h = lp.parse_request_head(head("POST / HTTP/1.1", "Host: a", "Content-Length: \t7 \t",
+                                       "Connection: \xa0close"))
+        self.assertEqual(lp.parse_body_framing(h.headers), ("length", 7))
+        self.assertTrue(h.keep_alive)                  # "\xa0close" is not the token close
+        up = lp.parse_response_head(b"HTTP/1.1 200 OK\r\ncontent-length: 3\xa0\r\n\r\n")
+        with self.assertRaises(lp.FramingError):
+            lp.parse_response_framing(up, "GET")
+
     def test_http_date_matches_the_stdlib(self):
         import email.utils
         for t in (0, 951782400, 1700000000.7, 4102444800):
@@ -4158,6 +4184,76 @@ class TestGuardrailsEndToEnd(ProxyCase):
         self.assertEqual(body["messages"][0], {"role": "system", "content": "You are terse."})
         self.assertEqual(body["messages"][1]["content"], "hi (answer in French)")
         self.assertEqual((sent["headers"]["user-agent"], sent["headers"]["x-title"]), ("my-agent/1.0", "My App"))
+
+
+CLIENT_SHAPES = [  # (path, body builder(text), how the client's own error shape is recognised)
+    ("/v1/chat/completions", lambda t: {"model": "fast", "messages": [{"role": "user", "content": t}]},
+     lambda d: "message" in d["error"] and "type" in d["error"]),
+    ("/v1/messages", lambda t: {"model": "fast", "max_tokens": 5, "messages": [{"role": "user", "content": t}]},
+     lambda d: d["type"] == "error" and "message" in d["error"]),
+    ("/v1/responses", lambda t: {"model": "fast", "input": t},
+     lambda d: "message" in d["error"]),
+    ("/v1beta/models/fast:generateContent", lambda t: {"contents": [{"role": "user", "parts": [{"text": t}]}]},
+     lambda d: d["error"]["status"] == "INVALID_ARGUMENT"),
+]
+
+
+class TestHostileJSON(ProxyCase):
+    async def test_lone_surrogates_and_bare_constants_are_a_400_in_each_clients_format(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        bad = ['"\\ud800"', '"ab\\udfffcd"', '"\\ude00\\ud83d"', "NaN", "Infinity", "-Infinity"]
+        for path, build, shaped in CLIENT_SHAPES:
+            for text in bad:
+                raw = json.dumps(build("PLACEHOLDER")).replace('"PLACEHOLDER"', text).encode()
+                with self.subTest(path=path, text=text):
+                    c = await self.conn()
+                    c.send("POST", path, raw)
+                    status, _, data = await c.read_response()
+                    self.assertEqual(status, 400)
+                    self.assertTrue(shaped(json.loads(data)), data)
+            raw = json.dumps(build("PLACEHOLDER")).replace('"PLACEHOLDER"', '"ok \\ud83d\\ude00"').encode()
+            c = await self.conn()
+            c.send("POST", path, raw)
+            status, _, data = await c.read_response()
+            self.assertEqual(status, 200, data)               # a real pair is a character
+        self.assertEqual(len(self.up.requests), len(CLIENT_SHAPES))
+        c = await self.conn()
+        c.send("POST", "/v1/chat/completions", b'{"model":"m","messages":[],"x":"\xed\xa0\x80"}')   # raw CESU bytes
+        status, _, _ = await c.read_response()
+        self.assertEqual(status, 400)
+
+    async def test_a_surrogate_pair_split_over_two_upstream_deltas_reaches_the_client(self):
+        events = [b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud83d"}}]}\n\n',
+                  b'data: {"choices":[{"index":0,"delta":{"content":"\\ude00b"}}]}\n\n',
+                  b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n', b"data: [DONE]\n\n"]
+
+        async def handler(req, w):
+            sse_head(w)
+            for ev in events:
+                sse_chunk(w, ev)
+            w.write(b"0\r\n\r\n")
+        await self.start(handler)
+        status, _, data = await self.call("POST", "/v1/messages", {"model": "fast", "max_tokens": 5, "stream": True,
+                                                                    "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual(status, 200)
+        text = ""
+        for ev in lp.SSEDecoder().feed(data):
+            d = json.loads(ev.data)
+            if d["type"] == "content_block_delta":
+                text += d["delta"]["text"]
+        # a JavaScript client joins UTF-16 code units; do the same
+        self.assertEqual(text.encode("utf-16-le", "surrogatepass").decode("utf-16-le"), "a\U0001F600b")
+
+    async def test_nan_from_an_upstream_is_malformed_not_forwarded(self):
+        async def handler(req, w):
+            reply_json(w, 200, None, raw=json.dumps(CHAT_OK).replace("11", "NaN").encode())
+        await self.start(handler)
+        status, _, data = await self.call("POST", "/v1/messages", {"model": "fast", "max_tokens": 5,
+                                                                    "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual(status, 502)
+        self.assertNotIn(b"NaN", data)
 
 
 class TestServerHardening(ProxyCase):
