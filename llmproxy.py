@@ -105,6 +105,8 @@ USAGE_TAIL_BYTES = 16 * 1024        # usage rides in the last events of a stream
 WRITE_HIGH_WATER = 64 * 1024        # drain() only when the transport buffer is above this
 READ_CHUNK = 64 * 1024
 MODELS_CACHE_S = 300.0              # upstream model lists are cached this long
+MAX_METRIC_MODELS = 500             # distinct model labels in usage and /metrics; more fold into "(other)"
+MAX_LABEL_CHARS = 200               # a longer model name is no real model: it counts as "(other)"
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # an image URL fetched for a back-end that takes only bytes (Gemini's inline cap)
 CAPTURE_PART_BYTES = 1024 * 1024    # each captured body or stream is cut here (noted in the record)
 REWRITE_HOLD = 200                  # reply characters a streamed regex REPLACE may hold back
@@ -6761,9 +6763,27 @@ def render_metrics(families: List[Tuple[str, str, str, list]]) -> bytes:
 
 
 class UsageMeter:
-    def __init__(self):
+    """Requests and tokens by (client key, provider, model), answers by (provider, status).
+    Model names can come from clients (pass-through forwards any name), so they are labels
+    of bounded length and number: past max_models distinct names, new ones count as
+    OTHER_MODEL (a client spraying names cannot grow /metrics or memory without end)."""
+
+    OTHER_MODEL = "(other)"
+
+    def __init__(self, max_models: int = MAX_METRIC_MODELS):
         self.totals: Dict[Tuple[str, str, str], List[int]] = {}
         self.answered: Dict[Tuple[str, int], List[float]] = {}    # (provider, status) -> [count, seconds]
+        self.models: set = set()
+        self.max_models = max_models
+
+    def label(self, model: str) -> str:
+        """The model name as a metric label."""
+        if model in self.models:
+            return model
+        if len(self.models) >= self.max_models or len(model) > MAX_LABEL_CHARS:
+            return self.OTHER_MODEL
+        self.models.add(model)
+        return model
 
     def answer(self, provider: str, status: int, seconds: float):
         row = self.answered.get((provider, status))
@@ -6837,15 +6857,52 @@ class SharedState:
             self.db.close()
 
 
-_CTL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Log lines carry client- and upstream-controlled text (model names, paths, error messages).
+# C0/C1 controls, DEL and Unicode line separators are escaped (an ANSI/OSC sequence cannot
+# reach a terminal, a line break cannot forge another line, also for splitlines() readers),
+# a text field with a space or quote is quoted (it cannot forge another field), and a field
+# is cut at MAX_LOG_FIELD characters.
+_LOG_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_JSON_LOG_UNSAFE_RE = re.compile("[\x7f-\x9f\u2028\u2029]")     # what a JSON encoder leaves raw
+MAX_LOG_FIELD = 300                 # characters of one logged value (a model name, a path)
+
+
+def _esc_char(m) -> str:
+    c = ord(m.group())
+    return "\\x%02x" % c if c < 256 else "\\u%04x" % c
+
+
+def log_safe(text: str) -> str:
+    """Text for a log line: control characters as \\xNN escapes."""
+    return text if text.isprintable() else _LOG_UNSAFE_RE.sub(_esc_char, text)
+
+
+def log_field(value) -> str:
+    """One key=value field's value: bounded, escaped, quoted when it holds a space or quote."""
+    v = value if type(value) is str else str(value)
+    if len(v) > MAX_LOG_FIELD:
+        v = v[:MAX_LOG_FIELD] + "..."
+    if " " in v or '"' in v or not v:
+        v = '"%s"' % v.replace("\\", "\\\\").replace('"', '\\"')
+    return v if v.isprintable() else _LOG_UNSAFE_RE.sub(_esc_char, v)
+
+
+def log_json(doc: dict) -> str:
+    """A JSON log line with nothing in it that a line reader could take for a line break."""
+    for k, v in doc.items():
+        if type(v) is str and len(v) > MAX_LOG_FIELD and k != "exc":
+            doc[k] = v[:MAX_LOG_FIELD] + "..."
+    line = _jdump(doc)
+    return line if line.isprintable() else _JSON_LOG_UNSAFE_RE.sub(
+        lambda m: "\\u%04x" % ord(m.group()), line)
 
 
 class TextLogFormatter(logging.Formatter):
     def format(self, record):
-        msg = record.getMessage()
+        msg = log_safe(record.getMessage())
         fields = getattr(record, "fields", None)
         if fields:
-            msg += " " + " ".join("%s=%s" % (k, _CTL_RE.sub("?", str(v))) for k, v in fields.items() if v is not None)
+            msg += " " + " ".join("%s=%s" % (k, log_field(v)) for k, v in fields.items() if v is not None)
         line = "%s %s %s" % (self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), record.levelname, msg)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -6858,7 +6915,7 @@ class JSONLogFormatter(logging.Formatter):
         doc.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return _jdump(doc)
+        return log_json(doc)
 
 
 class WireCapture:
@@ -6980,17 +7037,15 @@ class AccessLog:
         if isinstance(handler.formatter, JSONLogFormatter):
             doc = {"ts": round(now, 3), "level": "info", "msg": message}
             doc.update(fields)
-            line = _jdump(doc)
+            line = log_json(doc)
         else:
             sec = int(now)
             if sec != self._sec:
                 self._sec, self._stamp = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(sec))
-            parts = [self._stamp, "INFO", message]
+            parts = [self._stamp, "INFO", log_safe(message)]
             for k, v in fields.items():
                 if v is not None:
-                    if type(v) is str and not v.isprintable():
-                        v = _CTL_RE.sub("?", v)
-                    parts.append("%s=%s" % (k, v))
+                    parts.append("%s=%s" % (k, log_field(v) if type(v) is str else v))
             line = " ".join(parts)
         if not self.lines:
             try:
@@ -8054,10 +8109,10 @@ class App:
         model = info.get("model")
         upstream_model = info.get("upstream_model") or model     # what the back-end ran (and bills)
         if info.get("provider"):
-            self.usage.record(info.get("client") or "-", info["provider"], upstream_model or "-", tin, tout)
+            label = self.usage.label(upstream_model or "-")
+            self.usage.record(info.get("client") or "-", info["provider"], label, tin, tout)
             if self.shared is not None:
-                row = self.usage_pending.setdefault((info.get("client") or "-", info["provider"],
-                                                     upstream_model or "-"), [0, 0, 0])
+                row = self.usage_pending.setdefault((info.get("client") or "-", info["provider"], label), [0, 0, 0])
                 row[0] += 1
                 row[1] += tin or 0
                 row[2] += tout or 0
@@ -8070,7 +8125,7 @@ class App:
                   "total_ms": round((now - request.t_start) * 1000, 1),
                   "tokens_in": tin, "tokens_out": tout, "bytes": sent,
                   "error": info.get("error") or (None if ok else "client_disconnected")}
-        self.access.emit("%s %s" % (request.method, request.path), fields)
+        self.access.emit("%s %s" % (request.method, request.path[:MAX_LOG_FIELD]), fields)
         if self.capture is not None and "cap_out" in info:
             self.record_capture(request, status, fields)
 

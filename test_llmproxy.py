@@ -1425,6 +1425,53 @@ class TestClientFeatures(ProxyCase):
         for secret in [CLIENT_KEY, "wrong-key-zzzzzzzzzz"] + UP_KEYS:
             self.assertNotIn(secret, text)
 
+    async def test_hostile_model_names_cannot_forge_log_lines_or_fields(self):
+        async def handler(req, w):
+            reply_json(w, 502, {"error": {"message": "bad\x1b[2J\nINFO forged line\u2028x"}})
+        await self.start(handler)
+        hostile = "m\x1b]0;owned\x07\r\nFAKE status=200 key=admin\x85\u2028\x9b31m" + "z" * 5000
+        for fmt in ("text", "json"):
+            stream = io.StringIO()
+            lp.setup_logging("info", fmt, stream)
+            try:
+                await self.call("POST", "/v1/chat/completions", {"model": hostile, "messages": []})
+                await self.call("GET", "/v1/models/" + "p" * 9000)
+            finally:
+                lp.log.handlers[:] = [logging.NullHandler()]
+            text = stream.getvalue()
+            with self.subTest(fmt=fmt):
+                lines = text.splitlines()          # splitlines also breaks at \x85, \u2028, \x1c-\x1e
+                self.assertEqual(len(lines), len(text.rstrip("\n").split("\n")))
+                for ch in "\x1b\x07\r\x85\u2028\x9b":
+                    self.assertNotIn(ch, text)
+                self.assertFalse(any(l.startswith("INFO forged") or " FAKE " in l.split("model=", 1)[0] for l in lines))
+                self.assertTrue(all(len(l) < 2000 for l in lines), max(len(l) for l in lines))
+                if fmt == "text":
+                    chat = next(l for l in lines if "POST /v1/chat/completions" in l)
+                    self.assertIn('model="m\\x1b]0;owned\\x07\\x0d\\x0aFAKE status=200', chat)
+                    keys = re.findall(r' ([a-z_]+)=(?:"(?:[^"\\]|\\.)*"|[^ "]+)', chat)
+                    self.assertEqual(keys.count("status"), 1)
+                    self.assertEqual(keys.count("key"), 1)
+                else:
+                    chat = next(json.loads(l) for l in lines if "POST /v1/chat" in l)
+                    self.assertEqual(chat["model"], hostile[:lp.MAX_LOG_FIELD] + "...")
+
+    async def test_client_model_names_are_bounded_metric_labels(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        self.app.usage.max_models = 3
+        c = await self.conn()
+        for name in ["m1", "m2", "m1", "m3", "m4", "m5", "x" * 300]:
+            status, _, _ = await c.request("POST", "/v1/chat/completions", {"model": name, "messages": []})
+            self.assertEqual(status, 200)
+        rows = {u["model"]: u["requests"] for u in self.app.usage.snapshot()}
+        self.assertEqual(rows, {"m1": 2, "m2": 1, "m3": 1, "(other)": 3})
+        status, _, data = await self.call("GET", "/metrics", key=ADMIN_KEY)
+        self.assertEqual(status, 200)
+        self.assertNotIn(b"m4", data)
+        self.assertIn(b'model="(other)"', data)
+
     async def test_check_probes_every_key(self):
         async def handler(req, w):
             if req["headers"].get("authorization", "").endswith("AAAA"):
