@@ -84,6 +84,10 @@ MAX_CHUNK_LINE = 4096               # chunk-size line incl. extensions (RFC 9112
 MAX_TRAILER_BYTES = 16 * 1024       # trailers are read and dropped; bound what we read
 HEAD_TIMEOUT_S = 10.0               # whole request head must arrive in this time (slowloris) -> 408
 BODY_TIMEOUT_S = 30.0               # longest silence while a request body arrives -> 408
+BODY_TOTAL_S = 300.0                # a whole request body (50 MB at ~170 kB/s); a trickle past it -> 408
+MAX_CONNECTIONS = 4096              # open client connections (further capped by the fd limit) -> 503 + close
+MAX_CONNECTIONS_PER_IP = 512        # one address (all local agents share 127.0.0.1: generous) -> 503 + close
+FD_RESERVE = 64                     # descriptors kept free for upstreams, files and logs
 KEEPALIVE_TIMEOUT_S = 75.0          # idle keep-alive connection (nginx keepalive_timeout default)
 SHUTDOWN_GRACE_S = 10.0             # in-flight streams get this long after SIGTERM
 TICK_S = 0.05                       # resolution of hot-path timeouts (see Ticker)
@@ -101,6 +105,7 @@ DEFAULT_COOLDOWN_S = 60.0           # a 429 without any reset hint cools the key
 MAX_COOLDOWN_S = 24 * 3600.0        # never believe a reset hint further away than a day
 MAX_SSE_LINE = 32 * 1024 * 1024    # one event-stream line (a streamed image is a few MB of base64); over -> error event
 MAX_SSE_EVENT = 32 * 1024 * 1024   # the data of one event, all its lines together
+MAX_HELD_EVENT = 1024 * 1024        # pass-through holds a cut event back until its end, up to this much
 USAGE_TAIL_BYTES = 16 * 1024        # usage rides in the last events of a stream; keep this much
 WRITE_HIGH_WATER = 64 * 1024        # drain() only when the transport buffer is above this
 READ_CHUNK = 64 * 1024
@@ -664,15 +669,40 @@ class _DateCache:
         return self.value
 
 
+def fd_capacity() -> int:
+    """Client connections the process can hold: each may need a second descriptor for its
+    upstream, and FD_RESERVE stay free. The soft RLIMIT_NOFILE is raised to the hard one
+    first (as Go's runtime does), since 1024 is a common soft default."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+            if target > soft:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                    soft = target
+                except (ValueError, OSError):
+                    pass
+        return max(16, (soft - FD_RESERVE) // 2)
+    except (ImportError, ValueError, OSError):      # Windows has no resource module
+        return MAX_CONNECTIONS
+
+
 class ServerLimits:
-    __slots__ = ("max_body", "head_timeout", "body_timeout", "keepalive_timeout")
+    __slots__ = ("max_body", "head_timeout", "body_timeout", "keepalive_timeout", "body_total",
+                 "max_connections", "max_per_ip")
 
     def __init__(self, max_body=MAX_BODY_BYTES, head_timeout=HEAD_TIMEOUT_S,
-                 body_timeout=BODY_TIMEOUT_S, keepalive_timeout=KEEPALIVE_TIMEOUT_S):
+                 body_timeout=BODY_TIMEOUT_S, keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+                 body_total=BODY_TOTAL_S, max_connections=MAX_CONNECTIONS, max_per_ip=MAX_CONNECTIONS_PER_IP):
         self.max_body = max_body
-        self.head_timeout = head_timeout
-        self.body_timeout = body_timeout
+        self.head_timeout = head_timeout            # the whole head, blank lines before it included
+        self.body_timeout = body_timeout            # longest silence while the body arrives
+        self.body_total = body_total                # the whole body
         self.keepalive_timeout = keepalive_timeout
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
 
 
 class _Conn:
@@ -692,6 +722,12 @@ class _Conn:
 _BODY_408 = b'{"error":{"message":"request head or body too slow","type":"invalid_request_error","code":null}}'
 _CLOSE_408 = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
               b"content-length: %d\r\n\r\n%s" % (len(_BODY_408), _BODY_408))
+# Over the connection caps there is no request yet to learn the client's format from: the
+# OpenAI shape, which every SDK at least shows, and Retry-After.
+_BODY_503 = (b'{"error":{"message":"too many open connections to the proxy; retry shortly",'
+             b'"type":"overloaded_error","code":"too_many_connections"}}')
+_CLOSE_503 = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%s" % (len(_BODY_503), _BODY_503))
 
 
 class _Watch:
@@ -742,6 +778,10 @@ class HTTPServer:
         self.dates = _DateCache()
         self.ticker = Ticker()
         self._idle_event = asyncio.Event()
+        self.per_ip: Dict[str, int] = {}
+        self.refused = 0                 # connections turned away by the caps (/health shows it)
+        self._refused_logged = -1e9
+        self.max_connections = min(self.limits.max_connections, fd_capacity())
 
     async def start(self, host: str, port: int, sock=None):
         if sock is not None:
@@ -789,15 +829,40 @@ class HTTPServer:
             conn.transport.write(_CLOSE_408)
         conn.transport.close()
 
+    def _refuse(self, writer, ip: str):
+        """Over a connection cap: 503 and close at once, one log line a minute."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged > 60:
+            self._refused_logged = now
+            log.warning("refusing connections: %d open (cap %d), %d from %s (cap %d); %d refused so far",
+                        len(self.connections), self.max_connections, self.per_ip.get(ip, 0), log_safe(ip),
+                        self.limits.max_per_ip, self.refused)
+        try:
+            writer.write(_CLOSE_503)
+        except (OSError, RuntimeError):
+            pass
+        writer.transport.close()
+
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        peer = writer.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) and peer else ""
+        if len(self.connections) >= self.max_connections or self.per_ip.get(ip, 0) >= self.limits.max_per_ip:
+            self._refuse(writer, ip)
+            return
         conn = _Conn(reader, writer)
         self.connections.add(conn)
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         try:
             first = True
+            head_deadline = None
             while not self.closing:
                 conn.idle = True
-                timeout = self.limits.head_timeout if first else self.limits.keepalive_timeout
-                self.ticker.add(conn, timeout, partial(self._on_head_timeout, conn, first))
+                if head_deadline is None:         # blank lines before a head do not restart its clock
+                    head_deadline = time.monotonic() + (
+                        self.limits.head_timeout if first else self.limits.keepalive_timeout)
+                self.ticker.add(conn, max(0.0, head_deadline - time.monotonic()),
+                                partial(self._on_head_timeout, conn, first))
                 try:
                     raw = await reader.readuntil(b"\r\n\r\n")
                     if conn.stash:
@@ -818,6 +883,7 @@ class HTTPServer:
                     continue          # empty lines between requests (RFC 9112 §2.2)
                 conn.idle = False
                 first = False
+                head_deadline = None
                 self.busy += 1
                 try:
                     keep = await self._serve_one(conn, raw)
@@ -836,6 +902,11 @@ class HTTPServer:
             log.exception("connection handler failed")
         finally:
             self.connections.discard(conn)
+            left = self.per_ip.get(ip, 1) - 1
+            if left:
+                self.per_ip[ip] = left
+            else:
+                self.per_ip.pop(ip, None)
             conn.transport.close()
 
     async def _read_body(self, conn: _Conn, framing: Tuple[str, int]) -> bytes:
@@ -843,18 +914,31 @@ class HTTPServer:
         trailers) so that not one byte of a pipelined request behind it is consumed."""
         kind, length = framing
         reader = conn.reader
+        on_timeout = partial(self._on_head_timeout, conn, True)
+        deadline = time.monotonic() + self.limits.body_total
         if kind == "length":
             if not length:
                 return b""
-            self.ticker.add(conn, self.limits.body_timeout, partial(self._on_head_timeout, conn, True))
-            try:
+            if length <= READ_CHUNK and len(reader._buffer) >= length:     # all here: the common case
                 return await reader.readexactly(length)
-            finally:
-                self.ticker.remove(conn)
+            parts = []
+            remaining = length
+            while remaining:                  # body_timeout is the longest silence, body_total the whole
+                self.ticker.add(conn, min(self.limits.body_timeout, max(0.0, deadline - time.monotonic())),
+                                on_timeout)
+                try:
+                    data = await reader.read(min(remaining, READ_CHUNK))
+                finally:
+                    self.ticker.remove(conn)
+                if not data:
+                    raise asyncio.IncompleteReadError(b"".join(parts), length)
+                parts.append(data)
+                remaining -= len(data)
+            return b"".join(parts)
         dec = ChunkedDecoder(self.limits.max_body)
         parts = []
         while not dec.done:
-            self.ticker.add(conn, self.limits.body_timeout, partial(self._on_head_timeout, conn, True))
+            self.ticker.add(conn, min(self.limits.body_timeout, max(0.0, deadline - time.monotonic())), on_timeout)
             try:
                 if dec.state == 1:
                     data = await reader.readexactly(min(dec.remaining, READ_CHUNK))
@@ -7120,6 +7204,9 @@ class Config:
     head_timeout_s: float = HEAD_TIMEOUT_S
     body_timeout_s: float = BODY_TIMEOUT_S
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+    body_total_timeout_s: float = BODY_TOTAL_S
+    max_connections: int = MAX_CONNECTIONS
+    max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     providers: Dict[str, ProviderConfig] = dataclasses.field(default_factory=dict)
     aliases: Dict[str, List[Tuple[str, Optional[str]]]] = dataclasses.field(default_factory=dict)
@@ -7456,6 +7543,9 @@ def _load_serving(r: _Reader, cfg: Config, env):
     cfg.head_timeout_s = lim.positive("head_timeout_s", HEAD_TIMEOUT_S)
     cfg.body_timeout_s = lim.positive("body_timeout_s", BODY_TIMEOUT_S)
     cfg.keepalive_timeout_s = lim.positive("keepalive_timeout_s", KEEPALIVE_TIMEOUT_S)
+    cfg.body_total_timeout_s = lim.positive("body_total_timeout_s", BODY_TOTAL_S)
+    cfg.max_connections = int(lim.positive("max_connections", MAX_CONNECTIONS))
+    cfg.max_connections_per_ip = int(lim.positive("max_connections_per_ip", MAX_CONNECTIONS_PER_IP))
     cfg.shutdown_grace_s = lim.positive("shutdown_grace_s", SHUTDOWN_GRACE_S)
     cfg.client_rpm = int(lim.get("client_rpm", int, 0))
     cfg.client_tpm = int(lim.get("client_tpm", int, 0))
@@ -8242,8 +8332,24 @@ class App:
         tail: List[bytes] = []
         tail_len = 0
         agen = upstream.iter_body()
+        # An event cut in half is held back until its blank line arrives: if the upstream
+        # fails mid-event, the client gets the error event on a clean boundary instead of
+        # half an event glued to it (which no SSE client can read).
+        sse = upstream.content_type == "text/event-stream"
+        held = b""
         try:
             async for piece in agen:
+                if sse:
+                    if held:
+                        piece, held = held + piece, b""
+                    if not piece.endswith(b"\n\n") and not piece.endswith(b"\r\r"):
+                        cut = max(piece.rfind(b"\n\n") + 2, piece.rfind(b"\r\r") + 2)
+                        if cut < 2:
+                            cut = 0
+                        if len(piece) - cut < MAX_HELD_EVENT:
+                            piece, held = piece[:cut], piece[cut:]
+                        if not piece:
+                            continue
                 yield piece
                 if self.capture is not None:
                     self.capture_upstream(info, piece, True)
@@ -8251,6 +8357,9 @@ class App:
                 tail_len += len(piece)
                 while tail_len - len(tail[0]) >= USAGE_TAIL_BYTES:
                     tail_len -= len(tail.pop(0))
+            if held:
+                yield held
+                tail.append(held)
         except UpstreamError as e:
             info["error"] = e.code
             log.warning("upstream stream failed: %s", e.message)
@@ -9457,14 +9566,29 @@ def print_banner(config: Config, port: int, providers: Dict[str, Any], made, key
     sys.stdout.flush()
 
 
+def _loop_exception_handler(loop, context):
+    """asyncio reports an accept() that ran out of descriptors with a traceback and retries
+    a second later; say it in one line instead (the connection caps keep it rare)."""
+    if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+        now = time.monotonic()
+        if now - getattr(_loop_exception_handler, "last", -1e9) > 60:
+            _loop_exception_handler.last = now
+            log.warning("out of file descriptors (%s): new connections wait; lower limits.max_connections "
+                        "or raise the process's open-file limit", context.get("exception"))
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve(config: Config, ready: Optional[Callable[[int], None]] = None, sock=None,
                 reload_args: Optional[Tuple[Optional[str], dict]] = None, announce: bool = True) -> int:
     """Run one serving process until SIGINT/SIGTERM; SIGHUP reloads the config."""
+    asyncio.get_running_loop().set_exception_handler(_loop_exception_handler)
     app = App(config)
     await app.start()
     made = app.keys.ensure_initial() if config.auth_enabled and announce else []
     server = HTTPServer(app, ServerLimits(config.max_body_bytes, config.head_timeout_s, config.body_timeout_s,
-                                          config.keepalive_timeout_s))
+                                          config.keepalive_timeout_s, config.body_total_timeout_s,
+                                          config.max_connections, config.max_connections_per_ip))
     try:
         await server.start(config.host, config.port, sock=sock)
     except OSError as e:

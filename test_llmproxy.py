@@ -1112,6 +1112,23 @@ class TestStreaming(ProxyCase):
         self.assertEqual(err["code"], "upstream_incomplete")
         self.assertNotIn("[DONE]", body.decode())
 
+    async def test_an_event_cut_in_half_is_held_back_and_the_error_event_is_readable(self):
+        async def handler(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0] + STREAM_EVENTS[1][:30])      # one whole event, then half of one
+            await w.drain()
+            sse_chunk(w, STREAM_EVENTS[1][30:50])
+            await w.drain()
+            return False                    # and the upstream is gone
+        await self.start(handler)
+        for fmt_path, body in (("/v1/chat/completions", {"model": "m", "stream": True, "messages": []}),):
+            status, _, data = await self.call("POST", fmt_path, body)
+            self.assertEqual(status, 200)
+            events = lp.SSEDecoder().feed(data)
+            self.assertEqual([json.loads(e.data).get("error", {}).get("code") for e in events],
+                             [None, "upstream_incomplete"])           # every event parses; no half one
+        self.assertEqual(lp.SSEDecoder().feed(data)[0].data, STREAM_EVENTS[0][6:-2].decode())
+
     async def test_client_disconnect_aborts_upstream(self):
         gate = asyncio.Event()
         upstream_gone = asyncio.Event()
@@ -4330,6 +4347,75 @@ class TestServerHardening(ProxyCase):
                 self.assertTrue(await c.closed())
         status, _, _ = await self.call("GET", "/health")      # still serving
         self.assertEqual(status, 200)
+
+    async def test_connection_caps_answer_503_and_close(self):
+        for limits in (lp.ServerLimits(max_per_ip=2), lp.ServerLimits(max_connections=2)):
+            with self.subTest(per_ip=limits.max_per_ip):
+                await self.start(port=9, limits=limits)
+                held = [await self.conn(), await self.conn()]
+                for c in held:                         # both are being served
+                    status, _, _ = await c.request("GET", "/health")
+                    self.assertEqual(status, 200)
+                over = await self.conn()
+                status, headers, body = await over.read_response()
+                self.assertEqual((status, headers["connection"], headers["retry-after"]), (503, "close", "1"))
+                self.assertEqual(json.loads(body)["error"]["code"], "too_many_connections")
+                self.assertTrue(await over.closed())
+                self.assertEqual(self.server.refused, 1)
+                held[0].close()
+                for _ in range(50):                    # the server notices the close
+                    if len(self.server.connections) < 2:
+                        break
+                    await asyncio.sleep(0.01)
+                status, _, _ = await (await self.conn()).request("GET", "/health")
+                self.assertEqual(status, 200)
+                await self.server.shutdown(0)
+                self.app.close()
+                self.server = None
+
+    async def test_blank_lines_do_not_restart_the_head_deadline(self):
+        await self.start(port=9, limits=lp.ServerLimits(head_timeout=0.3))
+        c = await self.conn()
+        t0 = time.monotonic()
+        closed_at = None
+        while time.monotonic() - t0 < 2.0:
+            try:
+                c.writer.write(b"\r\n\r\n")
+                await c.writer.drain()
+                data = await asyncio.wait_for(c.reader.read(1000), 0.05)
+            except asyncio.TimeoutError:
+                continue
+            except ConnectionError:
+                data = b""
+            closed_at = time.monotonic() - t0
+            if not data or b"408" in data:
+                break
+        self.assertIsNotNone(closed_at)
+        self.assertLess(closed_at, 1.0)
+
+    async def test_body_timeout_is_the_longest_silence_and_body_total_caps_it(self):
+        await self.start(config={"env_providers": False, "auth": {"keys": [CLIENT_KEY]}},
+                         limits=lp.ServerLimits(body_timeout=0.25, body_total=0.8))
+        body = json.dumps({"model": "mock", "messages": [{"role": "user", "content": "slow and steady"}]}).encode()
+
+        async def trickle(c, data, upto, pause):
+            c.writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+                           + CLIENT_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(data))
+            for i in range(0, upto, 10):
+                c.writer.write(data[i:i + 10])
+                await asyncio.sleep(pause)
+        c = await self.conn()
+        await trickle(c, body, 60, 0.06)            # 0.4 s in all, never 0.25 s silent
+        c.writer.write(body[60:])
+        status, _, data = await c.read_response()
+        self.assertEqual(status, 200, data)
+        c2 = await self.conn()
+        task = asyncio.ensure_future(trickle(c2, body * 20, len(body) * 20, 0.05))
+        try:
+            status, _, _ = await c2.read_response()
+        finally:
+            task.cancel()
+        self.assertEqual(status, 408)               # steady, but past the total
 
     async def test_oversize_body_413_without_reading(self):
         await self.start(port=9, limits=lp.ServerLimits(max_body=1000))
