@@ -102,7 +102,8 @@ MAX_ERROR_BODY = 1024 * 1024        # upstream error bodies are read whole to be
 MAX_UPSTREAM_HEAD = 64 * 1024      # an upstream response head (the StreamReader limit); over -> 502
 MAX_INTERIM = 8                     # 1xx heads skipped before a final one (RFC 9110 §15.2 allows several); more -> 502
 DEFAULT_COOLDOWN_S = 60.0           # a 429 without any reset hint cools the key this long
-MAX_COOLDOWN_S = 24 * 3600.0        # never believe a reset hint further away than a day
+MAX_COOLDOWN_S = 1800.0             # a reset hint is believed up to 30 min, then the key is probed again
+                                    # (quota "resets" days away are often wrong; configurable)
 MAX_SSE_LINE = 32 * 1024 * 1024    # one event-stream line (a streamed image is a few MB of base64); over -> error event
 MAX_SSE_EVENT = 32 * 1024 * 1024   # the data of one event, all its lines together
 MAX_HELD_EVENT = 1024 * 1024        # pass-through holds a cut event back until its end, up to this much
@@ -578,9 +579,10 @@ class StreamResponse:
 
     `chunks` must be an async generator: it is aclose()d when the client goes
     away, which is where it releases upstream resources."""
-    __slots__ = ("status", "headers", "chunks")
+    __slots__ = ("status", "headers", "chunks", "spliceable")
 
     def __init__(self, status: int, headers: List[Tuple[str, str]], chunks):
+        self.spliceable = False           # nothing but keep-alives sent yet: another back-end may take over
         self.status = status
         self.headers = headers
         self.chunks = chunks
@@ -4907,10 +4909,12 @@ class KeyRing:
     """A provider's upstream keys. round_robin spreads load; fill_first uses the
     first available key until it cools. Disabled keys stay off until reload."""
 
-    def __init__(self, keys, strategy: str = "round_robin", clock: Callable[[], float] = time.monotonic):
+    def __init__(self, keys, strategy: str = "round_robin", clock: Callable[[], float] = time.monotonic,
+                 max_cooldown: float = MAX_COOLDOWN_S):
         self.keys = [UpstreamKey(k) for k in keys]
         self.strategy = strategy
         self.clock = clock
+        self.max_cooldown = max_cooldown      # the longest a reset hint is believed; then a probe
         self._next = 0
 
     @staticmethod
@@ -4934,7 +4938,7 @@ class KeyRing:
 
     def cool(self, k: UpstreamKey, seconds: float, model: Optional[str] = None):
         """Cool a key (for one model, or all); a second 429 never shortens a later deadline."""
-        seconds = min(max(seconds, 0.0), MAX_COOLDOWN_S)
+        seconds = min(max(seconds, 0.0), self.max_cooldown)
         until = self.clock() + seconds
         if model:
             k.model_until[model] = max(k.model_until.get(model, 0.0), until)
@@ -4942,6 +4946,28 @@ class KeyRing:
             k.cooldown_until = max(k.cooldown_until, until)
         k.failures += 1
         k.reason = "rate limited"
+
+    def succeeded(self, k: UpstreamKey, model: Optional[str] = None) -> bool:
+        """A key answered: whatever cooldown it still had (a worker's, a stale hint) is over.
+        True when there was something to clear."""
+        had = bool(k.reason) or k.cooldown_until > 0 or (model is not None and model in k.model_until)
+        if had:
+            k.cooldown_until = 0.0
+            if model is not None:
+                k.model_until.pop(model, None)
+            if not k.model_until:
+                k.reason = ""
+        return had
+
+    def reset(self) -> int:
+        """Clear every cooldown and disabled key (POST /admin/cooldowns/reset); -> keys touched."""
+        n = 0
+        for k in self.keys:
+            if k.disabled or k.cooldown_until > 0 or k.model_until:
+                n += 1
+            k.disabled, k.cooldown_until, k.reason = False, 0.0, ""
+            k.model_until.clear()
+        return n
 
     def disable(self, k: UpstreamKey, reason: str):
         k.disabled = True
@@ -5932,6 +5958,11 @@ class Breaker:
     def retry_in(self) -> float:
         return max(0.0, self.open_until - self.clock())
 
+    def reset(self):
+        self.failures = 0
+        self.probing = False
+        self.open_until = 0.0
+
     def snapshot(self) -> dict:
         doc = {"state": self.state, "consecutive_failures": self.failures}
         if self.state == "open":
@@ -6906,6 +6937,7 @@ class SharedState:
                         "disabled INTEGER, reason TEXT, PRIMARY KEY (provider, key, model))")
         self.db.execute("CREATE TABLE IF NOT EXISTS usage (client TEXT, provider TEXT, model TEXT, requests INTEGER, "
                         "tokens_in INTEGER, tokens_out INTEGER, PRIMARY KEY (client, provider, model))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value REAL)")
         self.lock = __import__("threading").Lock()
 
     def put_cooldown(self, provider: str, key: str, model: str, until_wall: float, disabled: bool, reason: str):
@@ -6935,6 +6967,23 @@ class SharedState:
     def clear_disabled(self):
         with self.lock:
             self.db.execute("UPDATE cooldown SET disabled = 0")
+
+    def clear_cooldown(self, provider: str, key: str, model: str):
+        """A key answered again: its shared cooldown (for that model, and key-wide) goes."""
+        with self.lock:
+            self.db.execute("DELETE FROM cooldown WHERE provider = ? AND key = ? AND model IN (?, '') AND "
+                            "disabled = 0", (provider, fingerprint(key), model))
+
+    def reset_cooldowns(self, now_wall: float):
+        """Every cooldown gone, and a reset mark the other workers apply to their own state."""
+        with self.lock:
+            self.db.execute("DELETE FROM cooldown")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('cooldowns_reset', ?)", (now_wall,))
+
+    def last_reset(self) -> float:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM meta WHERE name = 'cooldowns_reset'").fetchone()
+        return float(row[0]) if row else 0.0
 
     def close(self):
         with self.lock:
@@ -7216,6 +7265,7 @@ class Config:
     retry_backoff_s: float = 0.5
     retry_max_backoff_s: float = 8.0
     key_wait_s: float = 10.0
+    max_cooldown_s: float = MAX_COOLDOWN_S
     request_budget_s: float = 3600.0
     breaker_failures: int = 5
     breaker_cooloff_s: float = 30.0
@@ -7556,6 +7606,7 @@ def _load_serving(r: _Reader, cfg: Config, env):
     cfg.retry_backoff_s = rs.positive("retry_backoff_s", 0.5)
     cfg.retry_max_backoff_s = rs.positive("retry_max_backoff_s", 8.0)
     cfg.key_wait_s = rs.get("key_wait_s", float, 10.0)
+    cfg.max_cooldown_s = rs.positive("max_cooldown_s", MAX_COOLDOWN_S)
     cfg.request_budget_s = rs.positive("request_budget_s", 3600.0)
     cfg.breaker_failures = int(rs.get("breaker_failures", int, 5))
     cfg.breaker_cooloff_s = rs.positive("breaker_cooloff_s", 30.0)
@@ -7696,6 +7747,28 @@ RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
                ("x-accel-buffering", "no")]
 KEEPALIVE_S = 15.0                 # silence (a model thinking) longer than this gets a keep-alive frame
+FIRST_OUTPUT_HOLD_S = 1.0          # a translated stream's head waits this long for real output (a failure
+                                   # in it fails over like any error); after it the head goes out
+FIRST_KEEPALIVE_S = 1.0            # before the first output, a keep-alive every second (idle timers of
+                                   # clients and middle boxes never see a long silence)
+_OUTPUT_EVENTS = frozenset(("text", "thinking", "tool_start", "tool_args", "redacted", "finish"))
+
+
+def first_outcome(events) -> Optional[tuple]:
+    """The first event that is real output or an error, or None (only opening events so far)."""
+    for ev in events:
+        if ev[0] in _OUTPUT_EVENTS or ev[0] == "error":
+            return ev
+    return None
+
+
+class NoOutputYet(Exception):
+    """A stream failed before any real output reached the client (only keep-alives did):
+    the failover chain may still hand the request to its next back-end."""
+
+    def __init__(self, err: ProxyError):
+        super().__init__(err.message)
+        self.err = err
 _CONVERSATION_FIELD = {"openai": "messages", "anthropic": "messages", "openai-responses": "input",
                        "gemini": "contents"}
 RESPONSES_STORE_MAX = 128          # previous_response_id entries kept in memory (whole conversations)
@@ -7886,31 +7959,44 @@ def set_max_tokens(fmt, body: dict, n: int) -> dict:
     return body
 
 
-async def _with_keepalive(agen, interval: float):
-    """Yield agen's items, and None whenever `interval` seconds pass without one."""
-    nxt = None
-    try:
-        while True:
-            if nxt is None:
-                nxt = asyncio.ensure_future(agen.__anext__())
-            done, _ = await asyncio.wait((nxt,), timeout=interval)
-            if not done:
-                yield None
-                continue
-            task, nxt = nxt, None
+class _Peek:
+    """Reads an async iterator with a timeout; a read that timed out stays in flight and is
+    the next one's result, so nothing is lost."""
+    __slots__ = ("agen", "nxt")
+    TIMEOUT = object()
+
+    def __init__(self, agen):
+        self.agen = agen
+        self.nxt = None
+
+    async def next(self, timeout: float):
+        """The next item, or TIMEOUT; StopAsyncIteration at the end."""
+        if self.nxt is None:
+            self.nxt = asyncio.ensure_future(self.agen.__anext__())
+        done, _ = await asyncio.wait((self.nxt,), timeout=max(0.0, timeout))
+        if not done:
+            return self.TIMEOUT
+        task, self.nxt = self.nxt, None
+        return task.result()
+
+    async def aclose(self):
+        if self.nxt is not None:
+            self.nxt.cancel()
             try:
-                item = task.result()
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        if nxt is not None:
-            nxt.cancel()
-            try:
-                await nxt
+                await self.nxt
             except BaseException:          # the cancelled read; its error no longer matters
                 pass
-        await agen.aclose()
+            self.nxt = None
+        await self.agen.aclose()
+
+
+class _Primed:
+    """A stream read up to its first real output (or FIRST_OUTPUT_HOLD_S): the events so far,
+    and the reader, SSE decoder and format decoder to go on with."""
+    __slots__ = ("peek", "sse", "decoder", "events", "ended")
+
+    def __init__(self, peek, sse, decoder, events, ended):
+        self.peek, self.sse, self.decoder, self.events, self.ended = peek, sse, decoder, events, ended
 
 
 class App:
@@ -7925,7 +8011,7 @@ class App:
         self.rand = rand or secrets.SystemRandom().random
         self.providers: Dict[str, Provider] = {}
         for name, pc in config.providers.items():
-            ring = KeyRing(pc.keys, pc.strategy, clock)
+            ring = KeyRing(pc.keys, pc.strategy, clock, config.max_cooldown_s)
             self.providers[name] = Provider(name, pc.kind, pc.base_url, ring, pc.headers, pc.models,
                                             pc.connect_timeout_s, pc.read_timeout_s, pc.cooldown_s, pc.options)
         self.router = Router(self.providers, config.aliases, config.prefixes, config.default, config.force,
@@ -7948,6 +8034,7 @@ class App:
         self.shared = SharedState(os.path.join(config.data_dir, "state.sqlite3")) \
             if config.workers > 1 and config.data_dir else None
         self.usage_pending: Dict[Tuple[str, str, str], List[int]] = {}
+        self.seen_reset = 0.0                 # the newest shared cooldown reset applied here
         self.access = AccessLog()
         literals = [k for pc in config.providers.values() for k in pc.keys]
         self.pipeline = Pipeline(config.guardrails, literals)
@@ -7986,6 +8073,7 @@ class App:
             "/auth/poll": {"POST": (self.handle_auth_poll, ADMIN)},
             "/auth/status": {"GET": (self.handle_auth_status, ADMIN)},
             "/admin/reload": {"POST": (self.handle_reload, ADMIN)},
+            "/admin/cooldowns/reset": {"POST": (self.handle_cooldowns_reset, ADMIN)},
         }
         gemini = {"GET": (self.handle_model, CLIENT), "POST": (self.handle_gemini, CLIENT)}
         self.prefix_routes = [("/v1beta/models/", gemini), ("/v1/models/", gemini),
@@ -8015,6 +8103,14 @@ class App:
             rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in self.usage_pending.items()]
             self.usage_pending = {}
             await loop.run_in_executor(None, self.shared.add_usage, rows)
+        reset_at = await loop.run_in_executor(None, self.shared.last_reset)
+        if reset_at > self.seen_reset:            # another worker's POST /admin/cooldowns/reset
+            if self.seen_reset:
+                for prov in self.providers.values():
+                    prov.keyring.reset()
+                for breaker in self.breakers.values():
+                    breaker.reset()
+            self.seen_reset = reset_at
         rows = await loop.run_in_executor(None, self.shared.cooldowns, self.wall())
         offset = self.clock() - self.wall()
         for provider, key_fp, model, until, disabled, reason in rows:
@@ -8029,12 +8125,25 @@ class App:
             else:
                 k.cooldown_until = max(k.cooldown_until, until + offset)
 
-    def share_key(self, prov: Provider, k: UpstreamKey, model: Optional[str]):
+    def share_key(self, prov: Provider, k: UpstreamKey, model: Optional[str], cleared: bool = False):
         if self.shared is None:
             return
+        loop = asyncio.get_running_loop()
+        if cleared:
+            self.spawn(loop.run_in_executor(None, self.shared.clear_cooldown, prov.name, k.key, model or ""))
+            return
         until = (k.model_until.get(model, 0.0) if model else k.cooldown_until) - self.clock() + self.wall()
-        self.spawn(asyncio.get_running_loop().run_in_executor(
+        self.spawn(loop.run_in_executor(
             None, self.shared.put_cooldown, prov.name, k.key, model or "", until, k.disabled, k.reason))
+
+    def reset_cooldowns(self) -> int:
+        """Every provider's key and model cooldowns, disabled keys and open breakers cleared."""
+        n = sum(prov.keyring.reset() for prov in self.providers.values())
+        for breaker in self.breakers.values():
+            breaker.reset()
+        if self.shared is not None:
+            self.spawn(asyncio.get_running_loop().run_in_executor(None, self.shared.reset_cooldowns, self.wall()))
+        return n
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -8065,6 +8174,7 @@ class App:
         new = App(config, self.client, self.clock, self.wall, self.sleep, self.rand)
         new.usage, new.responses, new.usage_pending = self.usage, self.responses, self.usage_pending
         new.sessions = self.sessions
+        new.seen_reset = self.seen_reset
         if self.capture is not None:
             self.capture.flush_sync()
         new.limiter.hits = self.limiter.hits
@@ -8280,6 +8390,11 @@ class App:
                 await cred.on_unauthorized(key)
                 continue
             if k is None or resp.status not in (401, 403, 429):
+                if k is not None and resp.status < 400 and (k.reason or k.model_until or k.cooldown_until):
+                    if ring.succeeded(k, scope):
+                        log.info("provider %s key %s answered again; its cooldown is cleared", prov.name,
+                                 redact(k.key))
+                        self.share_key(prov, k, scope, cleared=True)
                 return resp
             try:
                 detail = await resp.read(MAX_ERROR_BODY)
@@ -8308,8 +8423,11 @@ class App:
             return ProxyError(502, "upstream_error", "every upstream key of provider %r was rejected (401/403)%s; "
                               "fix the keys and reload" % (prov.name, detail), code="upstream_keys_rejected")
         secs = max(1, int(math.ceil(wait)))
-        return ProxyError(429, "rate_limit_error", "all upstream keys of provider %r are rate limited; retry in %d s%s"
-                          % (prov.name, secs, detail), code="rate_limit_exceeded", headers=[("retry-after", str(secs))])
+        scope = " for model %r" % model if model else ""
+        return ProxyError(429, "rate_limit_error", "every upstream key of provider %r is rate limited%s by the "
+                          "upstream (its 429 said when it resets); retry in %d s%s"
+                          % (prov.name, scope, secs, detail), code="rate_limit_exceeded",
+                          headers=[("retry-after", str(secs))])
 
     async def relay_error(self, upstream: UpstreamResponse, hdrs) -> Response:
         """Same-format errors go back as they came; a non-JSON page becomes a clean error."""
@@ -8532,8 +8650,47 @@ class App:
                     raise
                 breaker.success()
                 info["provider"] = prov.name
+                if not final and isinstance(resp, StreamResponse) and resp.spliceable:
+                    resp.chunks = self.splice_stream(resp.chunks, request, fmt, body, canonical, model, stream,
+                                                     chain[i + 1:], sse, hub, ctx, prov)
                 return resp
         raise last_error
+
+    async def splice_stream(self, chunks, request: Request, fmt, body: dict, canonical, model: str, stream: bool,
+                            rest: List[Route], sse: bool, hub: bool, ctx: Optional[StageContext], prov: Provider):
+        """A stream that has sent only keep-alives, continued by the rest of the chain when its
+        back-end fails before any output (the client cannot tell: the opening events were held)."""
+        try:
+            async for piece in chunks:
+                yield piece
+            return
+        except NoOutputYet as e:
+            err = e.err
+        finally:
+            await chunks.aclose()
+        condition = failover_condition(err)
+        if condition in ("connect", "timeout", "5xx"):
+            self.breakers[prov.name].failure()
+        if condition not in self.config.failover_on:
+            request.info["error"] = err.code or err.kind
+            yield fmt.render_stream_error(err)
+            return
+        log.warning("provider %s failed before any output (%s: %s); failing over to %s", prov.name, condition,
+                    err.message[:120], rest[0].provider.name)
+        request.info.setdefault("failover", []).append(prov.name)
+        try:
+            resp = await self.run_chain(request, fmt, body, canonical, model, stream, rest, sse, hub, ctx)
+        except ProxyError as e2:
+            request.info["error"] = e2.code or e2.kind
+            yield fmt.render_stream_error(e2)
+            return
+        if isinstance(resp, StreamResponse):
+            async for piece in resp.chunks:
+                yield piece
+        else:                                   # an upstream error reply relayed as it came
+            request.info["error"] = "upstream_error"
+            yield fmt.render_stream_error(ProxyError(resp.status, "upstream_error", _error_message(resp.body)
+                                                     or "upstream error"))
 
     def _retry_wait(self, err: ProxyError, attempt: int, deadline: float) -> Optional[float]:
         """Exponential backoff with full jitter, or the upstream's Retry-After; None when
@@ -8658,10 +8815,14 @@ class App:
         hdrs = [("x-llmproxy-provider", prov.name)]
         if creq.stream:
             events = None if reply is None else response_events(self.parse_reply(fmt_out, reply))
+            primed = None if pieces is None else await self.prime_stream(pieces, fmt_out.stream_decoder(), info)
             encoder = fmt.stream_encoder(creq, options)
-            return StreamResponse(200, stream_headers(fmt, sse) + hdrs,
-                                  self.translate_stream(pieces, fmt_out.stream_decoder(), encoder, info, events,
-                                                        filters))
+            can_fail_over = primed is not None and not may_wait and first_outcome(primed.events) is None
+            resp = StreamResponse(200, stream_headers(fmt, sse) + hdrs,
+                                  self.translate_stream(None, None, encoder, info, events, filters, primed,
+                                                        can_fail_over))
+            resp.spliceable = can_fail_over
+            return resp
         cresp = self.parse_reply(fmt_out, reply)
         if filters is not None:
             cresp = collect_events(filters.run(response_events(cresp)))
@@ -8770,10 +8931,49 @@ class App:
             raise UpstreamError(502, "upstream reply is not a JSON object", "upstream_not_json")
         return obj
 
+    async def prime_stream(self, pieces, decoder, info: dict) -> _Primed:
+        """Read an upstream stream until its first real output, its end, or FIRST_OUTPUT_HOLD_S.
+        An error (an error event, a dropped connection, a malformed event) before any output
+        is raised here, before the client has been answered, so the chain can fail over."""
+        peek = _Peek(pieces)
+        sse = SSEDecoder()
+        events: list = []
+        ended = False
+        until = time.monotonic() + FIRST_OUTPUT_HOLD_S
+        try:
+            try:
+                while first_outcome(events) is None:
+                    item = await peek.next(until - time.monotonic())
+                    if item is _Peek.TIMEOUT:
+                        break
+                    if self.capture is not None:
+                        self.capture_upstream(info, item, True)
+                    for sev in sse.feed(item):
+                        events.extend(check_event(ev) for ev in decoder.feed(sev))
+            except StopAsyncIteration:
+                for sev in sse.close():
+                    events.extend(check_event(ev) for ev in decoder.feed(sev))
+                events.extend(check_event(ev) for ev in decoder.close())
+                ended = True
+            except UPSTREAM_SHAPE_ERRORS as e:
+                raise UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e,
+                                    "upstream_malformed")
+            first = first_outcome(events)
+            if first is not None and first[0] == "error":
+                raise first[1]
+        except BaseException:
+            await peek.aclose()
+            raise
+        return _Primed(peek, sse, decoder, events, ended)
+
     async def translate_stream(self, pieces, decoder, encoder, info: dict, events=None,
-                               filters: Optional[FilterChain] = None):
+                               filters: Optional[FilterChain] = None, primed: Optional[_Primed] = None,
+                               can_fail_over: bool = False):
         """One upstream piece in, its translated frames out (joined into one write);
-        guardrail filters, when any, sit between the decoder and the encoder."""
+        guardrail filters, when any, sit between the decoder and the encoder. A primed
+        stream's opening events wait for its first real output, with a keep-alive every
+        FIRST_KEEPALIVE_S meanwhile; with can_fail_over, a failure before that output
+        raises NoOutputYet (nothing but keep-alives was sent) for the chain to take over."""
 
         def emit(ev) -> List[bytes]:
             ev = check_event(ev)
@@ -8787,33 +8987,63 @@ class App:
                     info["error"] = ev[1].code or ev[1].kind
                 out.extend(encoder.feed(ev))
             return out
+        held: list = []                 # opening events waiting for the first real output
+        started = events is not None
         try:
             if events is not None:
                 yield b"".join(f for ev in events for f in emit(ev))
             else:
-                sse = SSEDecoder()
-                source = _with_keepalive(pieces, KEEPALIVE_S)
-                try:
-                    async for piece in source:
-                        if piece is None:
-                            ka = encoder.keepalive()
-                            if ka:
-                                yield ka
-                            continue
-                        if self.capture is not None:
-                            self.capture_upstream(info, piece, True)
-                        out = [f for sev in sse.feed(piece) for ev in decoder.feed(sev) for f in emit(ev)]
-                        if out:
-                            yield b"".join(out)
-                    out = [f for sev in sse.close() for ev in decoder.feed(sev) for f in emit(ev)]
-                    out += [f for ev in decoder.close() for f in emit(ev)]
+                if primed is None:                 # not primed: read from the start
+                    primed = _Primed(_Peek(pieces), SSEDecoder(), decoder, [], False)
+                peek, sse, decoder = primed.peek, primed.sse, primed.decoder
+                held = list(primed.events)
+                started = first_outcome(held) is not None
+                if started:
+                    out, held = [f for ev in held for f in emit(ev)], []
                     if out:
                         yield b"".join(out)
+                try:
+                    while not primed.ended:
+                        try:
+                            piece = await peek.next(KEEPALIVE_S if started else FIRST_KEEPALIVE_S)
+                        except StopAsyncIteration:
+                            new = [ev for sev in sse.close() for ev in decoder.feed(sev)] + decoder.close()
+                            primed.ended = True
+                        else:
+                            if piece is _Peek.TIMEOUT:
+                                ka = encoder.keepalive()
+                                if ka:
+                                    yield ka
+                                continue
+                            if self.capture is not None:
+                                self.capture_upstream(info, piece, True)
+                            new = [ev for sev in sse.feed(piece) for ev in decoder.feed(sev)]
+                        if not started:
+                            held.extend(check_event(ev) for ev in new)
+                            first = first_outcome(held)
+                            if first is None and not primed.ended:
+                                continue
+                            if first is not None and first[0] == "error" and can_fail_over:
+                                raise NoOutputYet(first[1])
+                            started, new, held = True, held, []
+                        out = [f for ev in new for f in emit(ev)]
+                        if out:
+                            yield b"".join(out)
+                    if held:                  # the stream ended with opening events only
+                        out, held = [f for ev in held for f in emit(ev)], []
+                        if out:
+                            yield b"".join(out)
                 finally:
-                    await source.aclose()
+                    await peek.aclose()
         except UPSTREAM_SHAPE_ERRORS + (ProxyError,) as e:
             if not isinstance(e, ProxyError):      # an event of an unexpected shape: the upstream's fault
                 e = UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e, "upstream_malformed")
+            if not started and can_fail_over:
+                raise NoOutputYet(e)
+            if held:                               # the opening events first: a well-formed stream
+                out, held = [f for ev in held for f in emit(ev)], []
+                if out:
+                    yield b"".join(out)
             log.warning("translated stream failed: %s", e.message)
             out = emit(("error", e))
             if out:
@@ -9262,6 +9492,11 @@ class App:
             raise ProxyError(400, "invalid_request_error", "config refused, the old one stays: %s" % e,
                              code="bad_config")
         return json_response(200, {"reloaded": True, "providers": list(new.providers)})
+
+    async def handle_cooldowns_reset(self, request: Request):
+        n = self.reset_cooldowns()
+        log.info("admin cleared every cooldown (%d keys were cooling or disabled)", n)
+        return json_response(200, {"reset": True, "keys": n})
 
     async def handle_keys_list(self, request: Request):
         return json_response(200, {"keys": [e.public() for e in self.keys.entries]})

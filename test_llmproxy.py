@@ -1206,6 +1206,73 @@ class TestRotation(ProxyCase):
         status, headers, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
         self.assertEqual((status, len(self.up.requests)), (429, 2))     # no upstream call while all cool
 
+    async def test_a_reset_hint_days_away_is_capped_and_the_key_probed_after_the_cap(self):
+        async def handler(req, w):
+            if req["headers"]["authorization"].endswith("AAAA") and self.quota_gone:
+                reply_json(w, 429, {"error": {"message": "daily quota exhausted", "type": "rate_limit_error"}},
+                           headers=[("retry-after", str(3 * 86400))])
+            else:
+                reply_json(w, 200, CHAT_OK)
+        self.quota_gone = True
+        cfg = base_config(0)
+        cfg["providers"]["up"]["keys"] = [UP_KEYS[0]]
+        self.up = await FakeUpstream(handler).start()
+        cfg["providers"]["up"]["base_url"] = "http://127.0.0.1:%d/v1" % self.up.port
+        cfg["resilience"] = {"max_cooldown_s": 600, "key_wait_s": 0}
+        await self.start(config=cfg)
+        status, headers, data = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 5,
+                                                                          "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual((status, headers["retry-after"]), (429, "600"))     # three days became the cap
+        err = json.loads(data)["error"]
+        self.assertEqual(err["type"], "rate_limit_error")
+        self.assertIn("model 'm'", err["message"])                           # which limit
+        self.assertIn("retry in 600 s", err["message"])                      # and when
+        self.assertIn("daily quota exhausted", err["message"])
+        k = self.app.providers["up"].keyring.keys[0]
+        self.quota_gone = False                     # the quota really reset early
+        self.clock.t += 600
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 200)                                        # probed after the cap
+        self.assertEqual((k.model_until, k.reason), ({}, ""))                # the first success cleared it
+        self.assertEqual(self.app.providers["up"].keyring.snapshot()[0]["state"], "ok")
+
+    async def test_admin_reset_clears_cooldowns(self):
+        async def handler(req, w):
+            if self.limited:
+                reply_json(w, 429, {"error": {"message": "quota"}}, headers=[("retry-after", "900")])
+            else:
+                reply_json(w, 200, CHAT_OK)
+        self.limited = True
+        await self.start(handler)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 429)
+        self.limited = False
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 429)                                        # still cooling: no upstream call
+        status, _, _ = await self.call("POST", "/admin/cooldowns/reset", b"")
+        self.assertEqual(status, 403)                                        # a client key is not enough
+        status, _, data = await self.call("POST", "/admin/cooldowns/reset", b"", key=ADMIN_KEY)
+        self.assertEqual((status, json.loads(data)["keys"]), (200, 2))
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 200)
+
+    async def test_a_5xx_is_never_reported_as_a_429(self):
+        async def handler(req, w):
+            reply_json(w, 503, {"error": {"message": "overloaded", "type": "server_error"}},
+                       headers=[("retry-after", "5")])
+        cfg = base_config(0)
+        self.up = await FakeUpstream(handler).start()
+        cfg["providers"]["up"]["base_url"] = "http://127.0.0.1:%d/v1" % self.up.port
+        cfg["resilience"] = {"retry_attempts": 1, "breaker_failures": 1}
+        await self.start(config=cfg)
+        for path, build, shaped in CLIENT_SHAPES:
+            for _ in range(2):                       # the second meets the open breaker
+                with self.subTest(path=path):
+                    status, _, data = await self.call("POST", path, build("x"))
+                    self.assertGreaterEqual(status, 500, data)
+                    self.assertNotIn(b"rate_limit", data)
+                    self.assertNotIn(b"RESOURCE_EXHAUSTED", data)
+
     async def test_401_disables_key(self):
         async def handler(req, w):
             if req["headers"]["authorization"].endswith("AAAA"):
@@ -2858,7 +2925,8 @@ class TestHubBehaviour(ProxyCase):
         gate = asyncio.Event()
         handler = gated_stream(gate)
         await self.start_back(handler)
-        old, lp.KEEPALIVE_S = lp.KEEPALIVE_S, 0.05
+        saved = lp.KEEPALIVE_S, lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S
+        lp.KEEPALIVE_S = lp.FIRST_KEEPALIVE_S = lp.FIRST_OUTPUT_HOLD_S = 0.05
         try:
             c = await self.conn()
             c.send("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "stream": True,
@@ -2872,10 +2940,10 @@ class TestHubBehaviour(ProxyCase):
             async for piece in chunks:
                 seen += piece
         finally:
-            lp.KEEPALIVE_S = old
+            lp.KEEPALIVE_S, lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S = saved
         names = [e.event for e in lp.SSEDecoder().feed(seen)]
-        self.assertEqual(names[0], "message_start")
-        self.assertIn("ping", names)
+        self.assertEqual(names[0], "ping")            # keep-alives while the opening events wait for output
+        self.assertEqual([n for n in names if n != "ping"][0], "message_start")
         self.assertEqual(names[-1], "message_stop")
 
     async def test_previous_response_id_is_the_responses_back_ends_business(self):
@@ -3585,6 +3653,53 @@ class TestResilience(ProxyCase):
         for k, v in extra.items():
             cfg[k] = v
         return await self.start(config=cfg)
+
+    async def test_an_error_before_any_output_fails_over_even_after_a_200(self):
+        async def errs_at_once(req, w):                  # 200, then an error event (OpenRouter does this)
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0] + b'data: {"error":{"message":"provider returned error","code":502}}\n\n')
+            w.write(b"0\r\n\r\n")
+        await self.two_upstreams(errs_at_once)
+        p, body = client_request("anthropic", 1, True)
+        body["model"] = "smart"
+        status, headers, data = await self.call("POST", p, body)
+        self.assertEqual((status, headers["x-llmproxy-provider"]), (200, "b"), data)
+        text, calls, end = client_reply("anthropic", data, True)
+        self.assertEqual((calls[0][1], end), ("get_weather", "tool_use"))
+        self.assertNotIn(b"provider returned error", data)
+
+    async def test_a_silent_stream_that_dies_before_output_is_continued_by_the_next_back_end(self):
+        async def silent_then_gone(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0])             # the role chunk: an opening, not output
+            await w.drain()
+            await asyncio.sleep(0.3)                   # thinking... (the client sees keep-alives)
+            return False                               # and the connection drops
+        saved = lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S
+        lp.FIRST_KEEPALIVE_S = lp.FIRST_OUTPUT_HOLD_S = 0.05
+        try:
+            await self.two_upstreams(silent_then_gone)
+            for client, opening in (("anthropic", "message_start"), ("openai-responses", "response.created"),
+                                    ("gemini", None)):
+                p, body = client_request(client, 1, True)
+                if client == "gemini":
+                    p = p.replace("/models/up-model:", "/models/smart:")
+                else:
+                    body["model"] = "smart"
+                with self.subTest(client=client):
+                    status, headers, data = await self.call("POST", p, body)
+                    self.assertEqual((status, headers["x-llmproxy-provider"]), (200, "a"))   # the head went out
+                    self.assertIn(b"keep-alive" if client != "anthropic" else b"event: ping", data)
+                    text, calls, end = client_reply(client, data, True)
+                    self.assertEqual(calls[0][1], "get_weather")                            # b's answer
+                    self.assertNotIn(b"upstream_incomplete", data)
+                    if opening:
+                        names = [e.event for e in lp.SSEDecoder().feed(data)]
+                        self.assertEqual([n for n in names if n != "ping"][0], opening)
+                        self.assertEqual(names.count(opening), 1)
+        finally:
+            lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S = saved
+        self.assertEqual(len(self.up.requests), 3)
 
     async def test_failover_from_a_500ing_provider_to_another_format_streaming(self):
         async def broken(req, w):
