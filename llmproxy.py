@@ -8455,8 +8455,29 @@ class App:
         # half an event glued to it (which no SSE client can read).
         sse = upstream.content_type == "text/event-stream"
         held = b""
+        first = None
+        ended = False
         try:
-            async for piece in agen:
+            if sse:                 # a silence before the first byte (a model thinking) gets keep-alives
+                peek = _Peek(agen)
+                try:
+                    first = await peek.next(FIRST_KEEPALIVE_S)
+                    while first is _Peek.TIMEOUT:
+                        yield b": keep-alive\n\n"        # an SSE comment: every client skips it
+                        first = await peek.next(FIRST_KEEPALIVE_S)
+                except StopAsyncIteration:
+                    ended = True
+                finally:
+                    if peek.nxt is not None:
+                        await peek.aclose()
+            while not ended:
+                if first is not None:
+                    piece, first = first, None
+                else:
+                    try:
+                        piece = await agen.__anext__()
+                    except StopAsyncIteration:
+                        break
                 if sse:
                     if held:
                         piece, held = held + piece, b""

@@ -1129,6 +1129,34 @@ class TestStreaming(ProxyCase):
                              [None, "upstream_incomplete"])           # every event parses; no half one
         self.assertEqual(lp.SSEDecoder().feed(data)[0].data, STREAM_EVENTS[0][6:-2].decode())
 
+    async def test_silence_before_the_first_byte_gets_keepalives_on_pass_through(self):
+        gate = asyncio.Event()
+
+        async def handler(req, w):
+            sse_head(w)
+            await w.drain()
+            await gate.wait()                    # a model thinking before its first byte
+            for ev in STREAM_EVENTS:
+                sse_chunk(w, ev)
+            w.write(b"0\r\n\r\n")
+        await self.start(handler)
+        saved, lp.FIRST_KEEPALIVE_S = lp.FIRST_KEEPALIVE_S, 0.05
+        try:
+            c = await self.conn()
+            c.send("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
+            status, _ = await c.read_head()
+            chunks = c.read_chunks()
+            seen = await chunks.__anext__()
+            self.assertEqual(seen, b": keep-alive\n\n")
+            gate.set()
+            async for piece in chunks:
+                seen += piece
+        finally:
+            lp.FIRST_KEEPALIVE_S = saved
+        self.assertEqual(status, 200)
+        self.assertTrue(seen.endswith(b"".join(STREAM_EVENTS)))
+        self.assertEqual([e.data for e in lp.SSEDecoder().feed(seen)][-1], "[DONE]")
+
     async def test_client_disconnect_aborts_upstream(self):
         gate = asyncio.Event()
         upstream_gone = asyncio.Event()
