@@ -5078,9 +5078,11 @@ def parse_reset_time(headers: Headers, now: float) -> Optional[float]:
 # (with jitter) in the background; one refresh at a time, waiters share it.
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-REFRESH_MARGIN_S = 120.0           # refresh this long before expiry (Nous refreshes 120 s early)
-REFRESH_JITTER_S = 30.0            # plus up to this much, so workers and restarts do not align
-REFRESH_RETRY_S = 30.0             # after a failed background refresh
+REFRESH_MARGIN_S = 120.0           # refresh this long before expiry (Nous refreshes 120 s early)...
+REFRESH_MARGIN_SHARE = 0.25        # ...or after 3/4 of a short token's life, whichever is sooner
+REFRESH_JITTER_S = 30.0            # plus up to this much (at most half the margin), so workers do not align
+REFRESH_RETRY_S = 30.0             # after a failed refresh, doubling per failure...
+REFRESH_RETRY_MAX_S = 600.0        # ...up to this (a down token endpoint is not hammered)
 DEVICE_POLL_MAX_S = 60.0           # polling interval ceiling after slow_down / back-off
 
 
@@ -5291,6 +5293,9 @@ class Credential:
         self.flow: Optional[DeviceFlow] = None
         self.flow_task: Optional[asyncio.Task] = None
         self.flow_error: Optional[str] = None
+        self.failures = 0                      # refreshes failed in a row
+        self.retry_at = 0.0                    # no refresh attempt before this (wall clock)
+        self.changed = asyncio.Event()         # the login appeared, changed or went: reschedule
 
     # -- subclass hooks -------------------------------------------------------
 
@@ -5326,18 +5331,57 @@ class Credential:
         exp = self.expires_at(rec)
         return exp == 0 or exp - margin > self.clock()
 
+    def margin(self, rec: Optional[dict]) -> float:
+        """How long before expiry to refresh: REFRESH_MARGIN_S, or a quarter of the token's
+        lifetime when that is shorter (a 100 s token is refreshed at 75 s, not every second)."""
+        if not rec:
+            return REFRESH_MARGIN_S
+        life = rec.get("lifetime_s")
+        if not isinstance(life, (int, float)) or life <= 0:
+            life = max(0.0, self.expires_at(rec) - self.clock())
+            rec["lifetime_s"] = life             # fixed once, or the margin would shrink with time
+        return min(REFRESH_MARGIN_S, max(1.0, life * REFRESH_MARGIN_SHARE))
+
+    def fresh(self, rec: Optional[dict]) -> bool:
+        return self.valid(rec, self.margin(rec))
+
+    def _failed(self):
+        self.failures += 1
+        self.retry_at = self.clock() + min(REFRESH_RETRY_MAX_S, REFRESH_RETRY_S * 2 ** (self.failures - 1)) \
+            * (0.75 + 0.5 * self.rand())
+
     async def load(self):
         stored = (await self.store.read()).get(self.name)
         external = await asyncio.get_running_loop().run_in_executor(None, self.load_external)
         candidates = [r for r in (stored, external) if r and r.get("access_token")]
         self.record = max(candidates, key=self.expires_at) if candidates else None
+        rec = self.record
+        if rec and rec.get("refresh_pending"):
+            if rec["refresh_pending"] == fingerprint(rec.get("refresh_token")):
+                log.warning("provider %s: the last token refresh was cut off (the proxy stopped while it ran); "
+                            "if the portal had already rotated the refresh token, the next refresh is refused "
+                            "and a new login is needed", self.name)
+            rec.pop("refresh_pending", None)
 
     async def token(self) -> str:
         rec = self.record
         if not rec:
             raise LoginError(self.name, "not logged in", "not_logged_in")
-        if not self.valid(rec, REFRESH_MARGIN_S):
-            await self.refresh()
+        if not self.fresh(rec) and not (self.valid(rec) and self.clock() < self.retry_at):
+            if self.clock() < self.retry_at:      # expired, and the token endpoint is failing: back off
+                raise ProxyError(503, "upstream_auth_error", "provider %r: token refresh failed (%s); the next "
+                                 "attempt in %.0f s" % (self.name, self.last_error or "error",
+                                                        self.retry_at - self.clock()),
+                                 code="refresh_failed", headers=[("retry-after", str(int(math.ceil(
+                                     self.retry_at - self.clock()))))])
+            try:
+                await self.refresh()
+            except ProxyError:
+                if not self.valid(self.record):
+                    raise
+                # the token endpoint is failing but the token has not expired: keep using it
+                log.warning("provider %s: refresh failed; the current token stays in use for %.0f s more",
+                            self.name, self.expires_at(self.record) - self.clock())
             rec = self.record
         if self.incomplete(rec):                  # e.g. a login read from another tool's file
             async with self.lock:
@@ -5370,27 +5414,35 @@ class Credential:
                 and self.expires_at(disk) >= self.expires_at(self.record or {}):
             self.record = disk
         rec = self.record
-        if rec and rec.get("access_token") != before and self.valid(rec, REFRESH_MARGIN_S):
+        if rec and rec.get("access_token") != before and self.fresh(rec):
             return                                   # refreshed meanwhile
-        if not force and self.valid(rec, REFRESH_MARGIN_S):
+        if not force and self.fresh(rec):
             return
         if not rec or not rec.get("refresh_token"):
             raise LoginError(self.name, "the login expired and has no refresh token", "not_logged_in")
         try:
+            # A marker first: if the process dies between the portal rotating a single-use
+            # refresh token and the new one reaching the disk, the next start says so.
+            await self.store.update(self.name, dict(rec, refresh_pending=fingerprint(rec["refresh_token"])))
             new = await self.refresh_record(rec)
+            new.pop("refresh_pending", None)
             await self.store.update(self.name, new)   # single-use refresh tokens: persist first
             new = await self.complete(new)
             await self.store.update(self.name, new)
         except LoginError as e:
             self.last_error = e.message
+            self._failed()
             log.error("provider %s: refresh failed: %s", self.name, e.message)
             raise
         except ProxyError as e:
             self.last_error = e.message
+            self._failed()
             log.error("provider %s: refresh failed: %s", self.name, e.message)
             raise ProxyError(503, "upstream_auth_error", "provider %r: token refresh failed: %s" %
                              (self.name, e.message), code="refresh_failed")
         self.record = new
+        self.failures, self.retry_at = 0, 0.0
+        self.changed.set()
         self.last_error = None
         self.last_refresh = self.clock()
         self.refreshes += 1
@@ -5409,12 +5461,24 @@ class Credential:
         rec = self.record
         if not rec or not self.expires_at(rec):
             return 3600.0
-        return max(1.0, self.expires_at(rec) - REFRESH_MARGIN_S - self.rand() * REFRESH_JITTER_S - self.clock())
+        m = self.margin(rec)
+        return max(1.0, self.expires_at(rec) - m - self.rand() * min(REFRESH_JITTER_S, m / 2) - self.clock())
 
     async def run_refresher(self, sleep=asyncio.sleep):
-        """Background task: refresh ahead of expiry; on failure retry, and say so."""
+        """Background task: refresh ahead of expiry; on failure retry with back-off, and say
+        so. A login that appears or changes (a refresh by a request, a new login) wakes it
+        to reschedule."""
         while True:
-            await sleep(self.next_refresh_in() if not self.last_error else REFRESH_RETRY_S)
+            delay = self.next_refresh_in() if not self.last_error else max(1.0, self.retry_at - self.clock())
+            self.changed.clear()
+            if sleep is asyncio.sleep:
+                try:
+                    await asyncio.wait_for(self.changed.wait(), delay)
+                    continue                              # rescheduled
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await sleep(delay)
             if not self.record:
                 continue
             try:
@@ -5429,16 +5493,23 @@ class Credential:
         await self.store.update(self.name, rec)
         self.record = rec
         self.last_error = None
+        self.failures, self.retry_at = 0, 0.0
         self.last_refresh = self.clock()
+        self.changed.set()
         log.info("provider %s: logged in (%s)", self.name, fingerprint(rec.get("access_token")))
 
     def record_from_token(self, doc: dict) -> dict:
         rec = {k: doc.get(k) for k in ("access_token", "refresh_token", "token_type", "scope") if doc.get(k)}
         if doc.get("expires_in"):
             rec["expires_at"] = self.clock() + float(doc["expires_in"])
+            rec["lifetime_s"] = float(doc["expires_in"])
         else:
-            exp = jwt_claims(doc.get("access_token", "")).get("exp")
+            claims = jwt_claims(doc.get("access_token", ""))
+            exp = claims.get("exp")
             rec["expires_at"] = float(exp) if isinstance(exp, (int, float)) else 0
+            if rec["expires_at"]:
+                iat = claims.get("iat")
+                rec["lifetime_s"] = rec["expires_at"] - (float(iat) if isinstance(iat, (int, float)) else self.clock())
         for k, v in doc.items():
             if k not in rec and k not in ("expires_in", "access_token", "refresh_token") and isinstance(v, (str, int, float)):
                 rec[k] = v
@@ -5447,6 +5518,7 @@ class Credential:
     async def logout(self):
         await self.store.update(self.name, None)
         self.record = None
+        self.changed.set()
 
     def status(self) -> dict:
         rec = self.record
@@ -5573,10 +5645,10 @@ class NousCredential(Credential):
 
     async def refresh(self, force: bool = False, seen: Optional[str] = None):
         rec = self.record
-        access_ok = rec and (not rec.get("expires_at") or float(rec["expires_at"]) - REFRESH_MARGIN_S > self.clock())
+        access_ok = rec and (not rec.get("expires_at") or float(rec["expires_at"]) - self.margin(rec) > self.clock())
         if rec and rec.get("agent_key") and access_ok and not force:
             async with self.lock:           # only the agent key expires: mint a new one
-                if not self.valid(self.record, REFRESH_MARGIN_S):
+                if not self.fresh(self.record):
                     new = await self._mint(self.record)
                     await self.store.update(self.name, new)
                     self.record = new
@@ -8648,13 +8720,14 @@ class App:
                                               deadline, hub, ctx)
                 except ProxyError as e:
                     condition = failover_condition(e)
-                    if condition in ("connect", "timeout", "5xx"):
-                        breaker.failure()
+                    if condition in ("connect", "timeout", "5xx") and e.kind != "upstream_auth_error":
+                        breaker.failure()            # a login that cannot refresh is not the provider failing
                     elif condition is None:
                         breaker.success()        # the request's own fault: the provider is fine
                     last_error = e
                     retry_wait = self._retry_wait(e, attempt, deadline) if final and condition in (
-                        "connect", "timeout", "5xx") and not maybe_processed(e) else None
+                        "connect", "timeout", "5xx") and not maybe_processed(e) and \
+                        e.kind != "upstream_auth_error" else None
                     if retry_wait is not None:
                         attempt += 1
                         log.warning("provider %s failed (%s); retry %d in %.1f s", prov.name, e.code or e.status,

@@ -3384,6 +3384,26 @@ class TestCredentials(OAuthCase):
         self.assertEqual(len(set(tokens)), 1)
         self.assertEqual(self.portal.refresh_calls, 1)
 
+    async def test_a_refresh_cut_off_by_a_crash_is_reported_at_the_next_start(self):
+        await self.start_portal()
+        cred = await self.logged_in()
+        self.wall.t += 3600
+        self.portal.refresh_gate = asyncio.Event()             # the portal is answering...
+        task = asyncio.ensure_future(cred.token())
+        await until(lambda: self.portal.refresh_calls > 0)
+        task.cancel()                                           # ...when the process dies
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self.portal.refresh_gate.set()
+        on_disk = self.store.read_sync()["nous"]
+        self.assertEqual(on_disk["refresh_pending"], lp.fingerprint(on_disk["refresh_token"]))
+        with self.assertLogs(lp.log, "WARNING") as logs:
+            again = self.cred()
+            await again.load()
+        self.assertIn("refresh was cut off", "\n".join(logs.output))
+        self.assertNotIn("refresh_pending", again.record)
+        self.assertNotIn(on_disk["refresh_token"], "\n".join(logs.output))
+
     async def test_restart_uses_persisted_tokens(self):
         await self.start_portal()
         cred = await self.logged_in()
@@ -3439,6 +3459,68 @@ class TestCredentials(OAuthCase):
         self.assertEqual(sleeps[0], 3600 - lp.REFRESH_MARGIN_S - 0.5 * lp.REFRESH_JITTER_S)
         self.assertEqual(self.portal.refresh_calls, 1)
 
+    async def test_a_short_lived_token_is_refreshed_by_its_lifetime_not_every_call(self):
+        await self.start_portal(ttl=100)                      # shorter than the 120 s margin
+        cred = await self.logged_in()
+        first = cred.record["access_token"]
+        for _ in range(5):
+            self.assertEqual(await cred.token(), first)
+        self.assertEqual(self.portal.refresh_calls, 0)
+        self.wall.t += 76                                     # past 3/4 of its life
+        second = await cred.token()
+        self.assertNotEqual(second, first)
+        for _ in range(5):
+            self.assertEqual(await cred.token(), second)
+        self.assertEqual(self.portal.refresh_calls, 1)
+        self.assertEqual(cred.next_refresh_in(), 100 - 25 - 0.5 * 12.5)
+
+    async def test_a_down_token_endpoint_keeps_the_valid_token_and_backs_off(self):
+        await self.start_portal()
+        cred = await self.logged_in()
+        first = cred.record["access_token"]
+        self.portal.refresh_error = "temporarily_unavailable"
+        self.wall.t += 3600 - 100                             # inside the margin, still valid
+        self.assertEqual(await cred.token(), first)           # refresh failed: the token stays in use
+        self.assertEqual(self.portal.refresh_calls, 1)
+        self.assertEqual(await cred.token(), first)           # backing off: no second attempt yet
+        self.assertEqual(self.portal.refresh_calls, 1)
+        self.wall.t += lp.REFRESH_RETRY_S
+        await cred.token()
+        self.assertEqual(self.portal.refresh_calls, 2)
+        self.assertAlmostEqual(cred.retry_at - self.wall.t, 2 * lp.REFRESH_RETRY_S)   # doubled
+        self.wall.t += 100                                    # now it has really expired
+        with self.assertRaises(lp.ProxyError) as cm:
+            await cred.token()
+        self.assertEqual(cm.exception.status, 503)
+        self.portal.refresh_error = None
+        self.wall.t += 10 * lp.REFRESH_RETRY_S
+        self.assertNotEqual(await cred.token(), first)        # back: refreshed, back-off cleared
+        self.assertEqual((cred.failures, cred.retry_at), (0, 0.0))
+
+    async def test_the_background_refresher_reschedules_when_a_login_appears(self):
+        await self.start_portal()
+        cred = self.cred()
+        await cred.load()                                     # not logged in: it would sleep an hour
+        delays = []
+        real = cred.next_refresh_in
+
+        def spy():
+            delays.append(real())
+            return delays[-1]
+        cred.next_refresh_in = spy
+        task = asyncio.ensure_future(cred.run_refresher())
+        try:
+            await until(lambda: len(delays) == 1)
+            self.assertEqual(delays, [3600.0])
+            await cred.login_done(self.portal.issue())
+            await until(lambda: len(delays) == 2)             # woken at once to reschedule
+            self.assertEqual(delays[1], 3600 - lp.REFRESH_MARGIN_S - 0.5 * lp.REFRESH_JITTER_S)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.assertEqual(self.portal.refresh_calls, 0)
+
     async def test_crash_during_token_write_keeps_the_previous_file(self):
         await self.start_portal()
         await self.logged_in()
@@ -3482,6 +3564,21 @@ class TestSubscriptionProxy(OAuthCase):
         for secret in (rec["access_token"], rec["refresh_token"], "refresh-token-1-secret"):
             self.assertNotIn(secret, text)
         self.assertIn(lp.fingerprint(rec["access_token"]), text)
+
+    async def test_refresh_failures_do_not_open_the_providers_breaker(self):
+        await self.start_portal()
+        await self.logged_in()
+        self.wall.t += 4000                                   # expired
+        self.portal.refresh_error = "temporarily_unavailable"
+        await self.start_proxy(self.nous_config())
+        for i in range(8):
+            if i == 4:
+                self.wall.t += lp.REFRESH_RETRY_MAX_S      # past the back-off: it tries again
+            status, _, data = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+            self.assertEqual((status, json.loads(data)["error"]["code"]), (503, "refresh_failed"))
+        self.assertEqual(self.portal.refresh_calls, 2)        # not once per request, nor per retry
+        self.assertEqual(self.app.breakers["nous"].state, "closed")
+        self.assertEqual(self.app.breakers["nous"].failures, 0)
 
     async def test_refresh_failure_is_visible_and_answered_in_the_clients_format(self):
         await self.start_portal()
