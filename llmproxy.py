@@ -4765,6 +4765,30 @@ def write_file_atomic(path: str, data: bytes, mode: int = 0o600):
             os.close(dfd)
 
 
+TEMP_STALE_S = 600.0               # an atomic-write temp file older than this was left by a crash
+
+
+def clean_temp_files(directory: str, now: Optional[float] = None) -> int:
+    """Remove the temp files that write_file_atomic leaves when a process dies between
+    writing and renaming (older than TEMP_STALE_S: a live writer's file is young)."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(".tmp-") and name.endswith(".part"):
+            path = os.path.join(directory, name)
+            try:
+                if now - os.stat(path).st_mtime > TEMP_STALE_S:
+                    os.unlink(path)
+                    removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def redact(secret: Optional[str]) -> str:
     """Last four characters only, and only of secrets long enough to spare them."""
     if not secret:
@@ -7003,6 +7027,10 @@ class SharedState:
         import sqlite3                      # only multi-worker serving needs it
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        # 0600 like every file of ours (key fingerprints, usage); sqlite gives its -wal and
+        # -shm files the database file's permissions
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
         self.db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS cooldown (provider TEXT, key TEXT, model TEXT, until REAL, "
@@ -9912,6 +9940,10 @@ async def serve(config: Config, ready: Optional[Callable[[int], None]] = None, s
                 reload_args: Optional[Tuple[Optional[str], dict]] = None, announce: bool = True) -> int:
     """Run one serving process until SIGINT/SIGTERM; SIGHUP reloads the config."""
     asyncio.get_running_loop().set_exception_handler(_loop_exception_handler)
+    if announce and config.data_dir:
+        n = clean_temp_files(config.data_dir)
+        if n:
+            log.info("removed %d temp file(s) left in %s by an interrupted write", n, config.data_dir)
     app = App(config)
     await app.start()
     made = app.keys.ensure_initial() if config.auth_enabled and announce else []
@@ -9971,6 +10003,11 @@ async def serve(config: Config, ready: Optional[Callable[[int], None]] = None, s
     return 0
 
 
+WORKER_RESTART_S = 0.5             # a crashed worker is restarted after this, doubling with each...
+WORKER_RESTART_MAX_S = 30.0        # ...crash in the last WORKER_CRASH_WINDOW_S, up to this
+WORKER_CRASH_WINDOW_S = 60.0
+
+
 def run_workers(config: Config, reload_args) -> int:
     """Fork config.workers serving processes on one port: each its own SO_REUSEPORT socket
     where the platform has it (the kernel spreads connections), else one shared socket."""
@@ -9988,6 +10025,9 @@ def run_workers(config: Config, reload_args) -> int:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         return sock
     SharedState(os.path.join(config.data_dir, "state.sqlite3")).close()   # created once, before the workers race
+    n = clean_temp_files(config.data_dir)
+    if n:
+        log.info("removed %d temp file(s) left in %s by an interrupted write", n, config.data_dir)
     base = make_socket()
     base.bind((config.host, config.port))
     port = base.getsockname()[1]
@@ -9995,12 +10035,19 @@ def run_workers(config: Config, reload_args) -> int:
     if not reuseport:
         base.listen(1024)
     print_banner(config, port, config.providers, made, keys.path, config.workers)
-    children = []
-    for _ in range(config.workers):
+    children: List[int] = []
+    stopping = []
+
+    def spawn() -> int:
         pid = os.fork()
         if pid == 0:                                     # a worker
             code = 1
             try:
+                # until serve() installs its own handlers: a stop while starting is a clean exit
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, lambda *_: os._exit(0))
+                if hasattr(signal, "SIGHUP"):
+                    signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 if reuseport:
                     sock = make_socket()
                     sock.bind((config.host, port))
@@ -10014,9 +10061,13 @@ def run_workers(config: Config, reload_args) -> int:
                 log.exception("worker failed")
             finally:
                 os._exit(code)
-        children.append(pid)
+        return pid
+    for _ in range(config.workers):
+        children.append(spawn())
 
     def forward(signum, frame):
+        if signum != getattr(signal, "SIGHUP", None):
+            stopping.append(signum)
         for pid in children:
             try:
                 os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -10026,12 +10077,32 @@ def run_workers(config: Config, reload_args) -> int:
         if sig is not None:
             signal.signal(sig, forward)
     worst = 0
+    crashes: deque = deque(maxlen=8)                    # recent crash times, for the back-off
     while children:
-        pid, status = os.wait()
-        if pid in children:
-            children.remove(pid)
-            code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        children.remove(pid)
+        code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8
+        if stopping or code == 2:                       # shutting down, or a config error: no restart
             worst = max(worst, abs(code))
+            if code == 2 and not stopping:
+                forward(signal.SIGTERM, None)
+            continue
+        now = time.monotonic()
+        crashes.append(now)
+        recent = sum(1 for t in crashes if now - t < WORKER_CRASH_WINDOW_S)
+        delay = min(WORKER_RESTART_MAX_S, WORKER_RESTART_S * 2 ** (recent - 1))
+        log.error("worker %d exited (%s); restarting it in %.1f s", pid,
+                  "signal %d" % -code if code < 0 else "code %d" % code, delay)
+        deadline = time.monotonic() + delay
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        if not stopping:
+            children.append(spawn())
     base.close()
     return worst
 

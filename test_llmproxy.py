@@ -5006,5 +5006,85 @@ class TestZeroConfigProcess(unittest.TestCase):
                 proc.stderr.close()
 
 
+def worker_pids(parent: int) -> set:
+    try:
+        with open("/proc/%d/task/%d/children" % (parent, parent)) as f:
+            return {int(p) for p in f.read().split()}
+    except OSError:
+        return set()
+
+
+class TestWorkerProcesses(unittest.TestCase):
+    @unittest.skipUnless(hasattr(os, "fork") and os.path.exists("/proc/self/task"), "needs fork and Linux /proc")
+    def test_a_worker_killed_with_sigkill_is_restarted_and_files_are_private(self):
+        with tempfile.TemporaryDirectory() as d:
+            stale = os.path.join(d, ".tmp-leftover.part")
+            with open(stale, "w") as f:
+                f.write("half a token file")
+            os.utime(stale, (time.time() - 3600, time.time() - 3600))
+            env = {"PATH": os.environ.get("PATH", ""), "LLMPROXY_DATA_DIR": d, "HOME": d, "PYTHONUNBUFFERED": "1",
+                   "LLMPROXY_API_KEYS": CLIENT_KEY}
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmproxy.py"), "--port", "0", "--workers", "2"],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                port = None
+                deadline = time.monotonic() + 10
+                while port is None and time.monotonic() < deadline:
+                    line = proc.stdout.readline()
+                    if not line:
+                        break
+                    if "listening on" in line:
+                        port = int(re.search(r":(\d+)", line.split("listening on", 1)[1]).group(1))
+                self.assertIsNotNone(port)
+
+                def health():
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                    conn.request("GET", "/health")
+                    status = conn.getresponse().status
+                    conn.close()
+                    return status
+                deadline = time.monotonic() + 10
+                while len(worker_pids(proc.pid)) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                before = worker_pids(proc.pid)
+                self.assertEqual(len(before), 2)
+                victim = sorted(before)[0]
+                os.kill(victim, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    now = worker_pids(proc.pid)
+                    if len(now) == 2 and victim not in now:
+                        break
+                    time.sleep(0.05)
+                self.assertEqual(len(worker_pids(proc.pid)), 2)
+                self.assertNotIn(victim, worker_pids(proc.pid))
+                self.assertEqual(health(), 200)
+                self.assertFalse(os.path.exists(stale))                       # cleaned at start
+                db = os.path.join(d, "state.sqlite3")
+                self.assertEqual(stat.S_IMODE(os.stat(db).st_mode), 0o600)
+                proc.send_signal(signal.SIGTERM)
+                self.assertEqual(proc.wait(15), 0)
+                err = proc.stderr.read()
+                self.assertIn("worker %d exited (signal 9); restarting it" % victim, err)
+                self.assertEqual(worker_pids(proc.pid), set())
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()
+                proc.stderr.close()
+
+    def test_only_stale_temp_files_are_removed(self):
+        with tempfile.TemporaryDirectory() as d:
+            old, young, other = (os.path.join(d, n) for n in (".tmp-a.part", ".tmp-b.part", "keys.json"))
+            for path in (old, young, other):
+                with open(path, "w") as f:
+                    f.write("x")
+            os.utime(old, (1000, 1000))
+            os.utime(other, (1000, 1000))
+            self.assertEqual(lp.clean_temp_files(d), 1)
+            self.assertEqual(sorted(os.listdir(d)), [".tmp-b.part", "keys.json"])
+
+
 if __name__ == "__main__":
     unittest.main()
