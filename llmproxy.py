@@ -7400,6 +7400,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def local_authority(value: str) -> bool:
+    """A Host header (host[:port]) naming this machine: localhost (or a *.localhost name,
+    RFC 6761) or a loopback address."""
+    host = value.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host == "localhost" or host.endswith(".localhost") or is_loopback(host)
+
+
+def local_origin(origin: str) -> bool:
+    """An Origin header of a page served from this machine (not "null", not another site)."""
+    scheme, sep, rest = origin.strip().partition("://")
+    return bool(sep) and scheme.lower() in ("http", "https") and "/" not in rest and local_authority(rest)
+
+
 class _Reader:
     """Typed access to one JSON object of the config, naming keys in errors."""
 
@@ -8346,6 +8363,15 @@ class App:
             return ProxyError(405, "invalid_request_error", "%s is not allowed on %s" % (head.method, head.path),
                               code="method_not_allowed", headers=[("allow", allow)])
         handler, level = route
+        if not self.config.auth_enabled:
+            # No keys: only this machine may drive the proxy. A web page could otherwise send
+            # requests to it (with its own Origin) or reach it through DNS rebinding (with its
+            # own host name in Host).
+            host, origin = head.headers.get("host"), head.headers.get("origin")
+            if (host is not None and not local_authority(host)) or (origin is not None and not local_origin(origin)):
+                return ProxyError(403, "permission_error", "authentication is off, so only local clients may "
+                                  "call this proxy (Host and Origin must name this machine); turn auth on to "
+                                  "serve others", code="not_local")
         self.keys.refresh(self.clock())
         entry = self.keys.check(client_key(head))
         if level == PUBLIC or (level == CLIENT and not self.config.auth_enabled):
@@ -9445,6 +9471,15 @@ class App:
 
     # -- models, health, admin -----------------------------------------------
 
+    def visible_usage(self, request: Request, rows: List[dict]) -> List[dict]:
+        """Usage rows the caller may see: all for an admin key (or with auth off, which is
+        local only), else only the caller's own key's."""
+        entry = request.match[1]
+        if not self.config.auth_enabled or (entry is not None and entry.admin):
+            return rows
+        mine = entry.redacted if entry is not None else None
+        return [r for r in rows if r.get("client") == mine]
+
     async def handle_health(self, request: Request):
         doc: Dict[str, Any] = {"status": "ok", "version": __version__,
                                "uptime_s": round(self.wall() - self.started, 1)}
@@ -9468,6 +9503,7 @@ class App:
             doc["usage_scope"] = "all workers (synced every %.0f s)" % SharedState.SYNC_S
         else:
             doc["usage"] = self.usage.snapshot()
+        doc["usage"] = self.visible_usage(request, doc["usage"])
         return json_response(200, doc)
 
     async def handle_metrics(self, request: Request):
@@ -9476,6 +9512,7 @@ class App:
             usage = await asyncio.get_running_loop().run_in_executor(None, self.shared.usage)
         else:
             usage = self.usage.snapshot()
+        usage = self.visible_usage(request, usage)
         answered = sorted(self.usage.answered.items())
         keys = {}
         for name, prov in self.providers.items():

@@ -4816,11 +4816,48 @@ class TestAuth(ProxyCase):
 
     async def test_auth_off_on_loopback(self):
         await self.start(config={"env_providers": False, "auth": {"enabled": False}})
+        local = {"host": "127.0.0.1:%d" % self.port}
         status, _, _ = await self.call("POST", "/v1/chat/completions",
-                                       {"model": "mock", "messages": [{"role": "user", "content": "x"}]}, key=None)
+                                       {"model": "mock", "messages": [{"role": "user", "content": "x"}]}, local, key=None)
         self.assertEqual(status, 200)
-        status, _, _ = await self.call("GET", "/admin/keys", key=None)
+        status, _, _ = await self.call("GET", "/admin/keys", headers=local, key=None)
         self.assertEqual(status, 401)
+
+    async def test_auth_off_refuses_what_a_web_page_could_send(self):
+        await self.start(config={"env_providers": False, "auth": {"enabled": False}})
+        chat = {"model": "mock", "messages": [{"role": "user", "content": "x"}]}
+        for headers in ({"host": "localhost:%d" % self.port}, {"host": "[::1]:8787"}, {"host": "127.0.0.2"},
+                        {"host": "localhost", "origin": "http://localhost:3000"},
+                        {"host": "app.localhost:8787", "origin": "http://127.0.0.1:8787"}):
+            with self.subTest(headers=headers):
+                status, _, _ = await self.call("POST", "/v1/chat/completions", chat, headers, key=None)
+                self.assertEqual(status, 200)
+        for headers in ({"host": "evil.example:%d" % self.port},                    # DNS rebinding
+                        {"host": "127.0.0.1.evil.example"},
+                        {"host": "localhost", "origin": "https://evil.example"},     # a page's fetch()
+                        {"host": "localhost", "origin": "null"},                     # a sandboxed frame
+                        {"host": "localhost", "origin": "http://localhost.evil.example"}):
+            with self.subTest(headers=headers):
+                status, _, data = await self.call("POST", "/v1/messages", {"model": "mock", "max_tokens": 5,
+                                                  "messages": [{"role": "user", "content": "x"}]}, headers, key=None)
+                self.assertEqual(status, 403)
+                self.assertEqual(json.loads(data)["error"]["type"], "permission_error")   # Anthropic's shape
+                self.assertEqual(json.loads(data)["type"], "error")
+
+    async def test_health_and_metrics_show_a_client_only_its_own_usage(self):
+        other = "client-key-other-999999"
+        await self.start(config={"env_providers": False, "auth": {"keys": [CLIENT_KEY, other],
+                                                                  "admin_keys": [ADMIN_KEY]}})
+        chat = {"model": "mock", "messages": [{"role": "user", "content": "x"}]}
+        await self.call("POST", "/v1/chat/completions", chat)
+        await self.call("POST", "/v1/chat/completions", chat, key=other)
+        _, _, data = await self.call("GET", "/health")
+        self.assertEqual([u["client"] for u in json.loads(data)["usage"]], ["...6789"])
+        _, _, data = await self.call("GET", "/health", key=ADMIN_KEY)
+        self.assertEqual(sorted(u["client"] for u in json.loads(data)["usage"]), ["...6789", "...9999"])
+        _, _, data = await self.call("GET", "/metrics", key=other)
+        self.assertIn(b'client="...9999"', data)
+        self.assertNotIn(b"...6789", data)
 
 
 class TestMockEndToEnd(ProxyCase):
