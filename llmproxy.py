@@ -102,6 +102,7 @@ MAX_ERROR_BODY = 1024 * 1024        # upstream error bodies are read whole to be
 MAX_UPSTREAM_HEAD = 64 * 1024      # an upstream response head (the StreamReader limit); over -> 502
 MAX_INTERIM = 8                     # 1xx heads skipped before a final one (RFC 9110 §15.2 allows several); more -> 502
 DEFAULT_COOLDOWN_S = 60.0           # a 429 without any reset hint cools the key this long
+MAX_MODEL_COOLDOWNS = 256          # per-model cooldowns one key keeps (client model names can be anything)
 MAX_COOLDOWN_S = 1800.0             # a reset hint is believed up to 30 min, then the key is probed again
                                     # (quota "resets" days away are often wrong; configurable)
 MAX_SSE_LINE = 32 * 1024 * 1024    # one event-stream line (a streamed image is a few MB of base64); over -> error event
@@ -4966,6 +4967,12 @@ class KeyRing:
         until = self.clock() + seconds
         if model:
             k.model_until[model] = max(k.model_until.get(model, 0.0), until)
+            if len(k.model_until) > MAX_MODEL_COOLDOWNS:      # expired ones first, then the soonest
+                now = self.clock()
+                for m in [m for m, u in k.model_until.items() if u <= now]:
+                    del k.model_until[m]
+                while len(k.model_until) > MAX_MODEL_COOLDOWNS:
+                    del k.model_until[min(k.model_until, key=k.model_until.get)]
         else:
             k.cooldown_until = max(k.cooldown_until, until)
         k.failures += 1
@@ -7888,8 +7895,70 @@ class NoOutputYet(Exception):
         self.err = err
 _CONVERSATION_FIELD = {"openai": "messages", "anthropic": "messages", "openai-responses": "input",
                        "gemini": "contents"}
-RESPONSES_STORE_MAX = 128          # previous_response_id entries kept in memory (whole conversations)
+RESPONSES_STORE_MAX = 128          # previous_response_id entries kept in memory (whole conversations)...
+RESPONSES_STORE_BYTES = 64 * 1024 * 1024   # ...and their size (images included); the oldest go first
+SIGNATURES_BYTES = 16 * 1024 * 1024        # thought signatures are opaque blobs of up to a few kB each
 SIGNATURES_MAX = 4096              # tool-call thought signatures kept for clients that cannot carry them
+
+
+def parts_bytes(parts) -> int:
+    """About how much memory a message's parts hold (the strings that can be large)."""
+    n = 0
+    for p in parts:
+        n += 64 + len(p.text) + len(p.data) + len(p.arguments) + len(p.signature or "") + len(p.url)
+        if p.content:
+            n += parts_bytes(p.content)
+    return n
+
+
+def messages_bytes(messages) -> int:
+    return sum(32 + parts_bytes(m.parts) for m in messages)
+
+
+class BoundedStore:
+    """An LRU map bounded by count and by bytes (sizeof(value) says a value's size): the
+    least recently used entries go first; one value over the whole byte budget is not kept."""
+
+    def __init__(self, max_items: int, max_bytes: int, sizeof: Callable[[Any], int]):
+        self.items: "OrderedDict[str, Tuple[Any, int]]" = OrderedDict()
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.sizeof = sizeof
+        self.bytes = 0
+
+    def get(self, key: str, default=None):
+        hit = self.items.get(key)
+        if hit is None:
+            return default
+        self.items.move_to_end(key)
+        return hit[0]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.items
+
+    def __getitem__(self, key: str):
+        return self.items[key][0]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __setitem__(self, key: str, value):
+        self.put(key, value)
+
+    def put(self, key: str, value) -> bool:
+        """Store value; False when it alone is over the byte budget (then it is not kept)."""
+        size = self.sizeof(value)
+        old = self.items.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        if size > self.max_bytes:
+            return False
+        self.items[key] = (value, size)
+        self.bytes += size
+        while len(self.items) > self.max_items or self.bytes > self.max_bytes:
+            _, (_, dropped) = self.items.popitem(last=False)
+            self.bytes -= dropped
+        return True
 IMAGE_TOKENS = 1600                # count_tokens estimate per image (Anthropic: ~1,600 for 1092x1092)
 
 
@@ -8165,8 +8234,9 @@ class App:
         self.usage = UsageMeter()
         self.started = wall()
         self.models_cache: Dict[str, Tuple[float, List[str]]] = {}
-        self.responses: "OrderedDict[str, List[Message]]" = OrderedDict()
-        self.signatures: "OrderedDict[str, Tuple[str, str]]" = OrderedDict()   # call id -> (origin, signature)
+        self.responses = BoundedStore(RESPONSES_STORE_MAX, RESPONSES_STORE_BYTES, messages_bytes)
+        # call id -> (origin, signature)
+        self.signatures = BoundedStore(SIGNATURES_MAX, SIGNATURES_BYTES, lambda v: 64 + len(v[0]) + len(v[1]))
         self.cors_any = "*" in config.cors_origins
         self.cors = frozenset(config.cors_origins)
         chat = {"POST": (self.handle_chat, CLIENT)}
@@ -9230,8 +9300,6 @@ class App:
     def keep_signature(self, call_id: str, origin: str, signature: str):
         """Gemini's thoughtSignature for a call, for clients whose format has no place for it."""
         self.signatures[call_id] = self.signatures[anthropic_id(call_id)] = (origin, signature)
-        while len(self.signatures) > SIGNATURES_MAX:
-            self.signatures.popitem(last=False)
 
     def restore_signatures(self, creq: ChatRequest):
         """Give replayed tool calls back the signatures their client could not keep."""
@@ -9248,16 +9316,16 @@ class App:
         if past is None:
             raise ProxyError(404, "invalid_request_error", "Previous response with id '%s' not found." % rid,
                              param="previous_response_id", code="previous_response_not_found")
-        self.responses.move_to_end(rid)
         creq.messages = merge_messages(past + creq.messages)
         creq.history_applied = True              # once, whatever the failover does
 
     def remember(self, final: dict, history: List[Message]):
         """Keep a Responses conversation so a later previous_response_id can continue it."""
         parts = OpenAIResponses.parse_output(final.get("output") or [])
-        self.responses[final["id"]] = history + ([Message("assistant", parts)] if parts else [])
-        while len(self.responses) > RESPONSES_STORE_MAX:
-            self.responses.popitem(last=False)
+        if not self.responses.put(final["id"], history + ([Message("assistant", parts)] if parts else [])):
+            log.warning("response %s is larger than the whole Responses store (%d bytes); not kept, so "
+                        "previous_response_id cannot continue it", log_safe(str(final["id"])[:80]),
+                        self.responses.max_bytes)
 
     # -- OpenAI-compatible handlers --------------------------------------------
 

@@ -707,6 +707,28 @@ class TestResetBodies(unittest.TestCase):
                     self.assertAlmostEqual(got, want)
 
 
+class TestBoundedStore(unittest.TestCase):
+    def test_bounded_by_count_and_bytes_least_recent_first(self):
+        store = lp.BoundedStore(3, 100, len)
+        store["a"], store["b"] = "a" * 40, "b" * 40
+        self.assertEqual(store.get("a"), "a" * 40)                # a is now the most recent
+        store["c"] = "c" * 40                                       # 120 bytes: b (least recent) goes
+        self.assertEqual((sorted(store.items), store.bytes), (["a", "c"], 80))
+        self.assertFalse(store.put("z", "z" * 101))                 # alone over the budget: not kept
+        self.assertNotIn("z", store)
+        for key in "defg":
+            store[key] = key
+        self.assertEqual((list(store.items), store.bytes), (["e", "f", "g"], 3))
+        store["e"] = "e" * 10                                       # replacing counts the new size only
+        self.assertEqual(store.bytes, 12)
+
+    def test_responses_store_size_counts_images_and_nested_results(self):
+        m = lp.Message("user", [lp.Part("image", data="x" * 5000),
+                                lp.Part("tool_result", content=[lp.Part("text", text="y" * 3000)])])
+        self.assertGreater(lp.messages_bytes([m]), 8000)
+        self.assertLess(lp.messages_bytes([m]), 8400)
+
+
 class TestKeyRing(unittest.TestCase):
     def test_round_robin_and_fill_first(self):
         clock = FakeClock()
@@ -718,6 +740,16 @@ class TestKeyRing(unittest.TestCase):
         self.assertEqual(ff.acquire().key, "b")
         clock.t += 10
         self.assertEqual(ff.acquire().key, "a")
+
+    def test_per_model_cooldowns_of_a_key_are_bounded(self):
+        clock = FakeClock()
+        ring = lp.KeyRing(["a"], "round_robin", clock)
+        k = ring.keys[0]
+        for i in range(lp.MAX_MODEL_COOLDOWNS + 50):
+            ring.cool(k, 100 + i, "spray-%d" % i)
+        self.assertEqual(len(k.model_until), lp.MAX_MODEL_COOLDOWNS)
+        self.assertIn("spray-%d" % (lp.MAX_MODEL_COOLDOWNS + 49), k.model_until)   # the longest stay
+        self.assertNotIn("spray-0", k.model_until)
 
     def test_cooldown_keeps_later_deadline(self):
         clock = FakeClock()
