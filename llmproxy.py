@@ -56,7 +56,7 @@ import zlib
 from collections import OrderedDict, deque
 from functools import lru_cache, partial
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
-from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urljoin, urlsplit
 
 __version__ = "0.1.0"
 
@@ -114,6 +114,11 @@ READ_CHUNK = 64 * 1024
 MODELS_CACHE_S = 300.0              # upstream model lists are cached this long
 MAX_METRIC_MODELS = 500             # distinct model labels in usage and /metrics; more fold into "(other)"
 MAX_LABEL_CHARS = 200               # a longer model name is no real model: it counts as "(other)"
+MAX_IMAGES_BYTES = 20 * 1024 * 1024  # all images inlined into one request (Gemini's request cap) -> 413
+IMAGE_FETCH_TOTAL_S = 20.0          # one image fetch, connect to last byte
+IMAGES_TOTAL_S = 60.0               # every image fetch of one request together
+IMAGE_FETCH_CONCURRENCY = 8         # image fetches at once in the whole process
+MAX_IMAGE_REDIRECTS = 3
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # an image URL fetched for a back-end that takes only bytes (Gemini's inline cap)
 CAPTURE_PART_BYTES = 1024 * 1024    # each captured body or stream is cut here (noted in the record)
 REWRITE_HOLD = 200                  # reply characters a streamed regex REPLACE may hold back
@@ -1182,6 +1187,34 @@ def split_url(url: str) -> Tuple[str, str, int, str]:
     return u.scheme, u.hostname, port, target
 
 
+# Special-purpose address blocks (IANA IPv4/IPv6 special-purpose registries) that a fetch
+# on a client's behalf must never reach: private, shared (CGN), loopback, link-local,
+# documentation, benchmarking, multicast, reserved, and the IPv6 transition prefixes
+# that embed an IPv4 address (checked as that address, or refused outright).
+_BLOCKED_NETS = [ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/127", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "2002::/16", "3fff::/20",
+    "5f00::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8")]
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def public_address(text: str) -> bool:
+    """True only for a globally routable unicast address. IPv4-mapped, IPv4-compatible and
+    NAT64 IPv6 addresses are judged by the IPv4 address inside them."""
+    try:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    if addr.version == 6:
+        if addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        elif addr in _NAT64 or (int(addr) >> 32 == 0 and int(addr) > 1):      # NAT64, or ::a.b.c.d
+            addr = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return not any(addr in net for net in _BLOCKED_NETS if net.version == addr.version)
+
+
 class _Timer:
     """An idle-gap timer that aborts a transport when it fires."""
     __slots__ = ("ticker", "fired", "transport")
@@ -1407,13 +1440,15 @@ class HTTPClient:
         self.pool.clear()
 
     async def _connect(self, origin, timeout: float) -> UpstreamConn:
-        scheme, host, port = origin
+        scheme, host, port = origin[:3]
+        pinned = origin[3] if len(origin) > 3 else None     # connect to this address, name in Host and SNI
         proxy = self.proxies.proxy_for(scheme, host, port)
         ssl_ctx = self.tls if scheme == "https" else None
         self.connects += 1
         if proxy is None:
             r, w = await asyncio.wait_for(asyncio.open_connection(
-                host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None, limit=MAX_UPSTREAM_HEAD), timeout)
+                pinned or host, port, ssl=ssl_ctx, server_hostname=host if ssl_ctx else None,
+                limit=MAX_UPSTREAM_HEAD), timeout)
             return UpstreamConn(r, w, origin)
         pu = urlsplit(proxy)
         p_host, p_port = pu.hostname, pu.port or 8080
@@ -1459,15 +1494,18 @@ class HTTPClient:
 
     async def request(self, method: str, url: str, headers: List[Tuple[str, str]], body: bytes = b"",
                       connect_timeout: float = CONNECT_TIMEOUT_S, read_timeout: float = READ_TIMEOUT_S,
-                      idle_timeout: Optional[float] = None, total_timeout: Optional[float] = None) -> UpstreamResponse:
+                      idle_timeout: Optional[float] = None, total_timeout: Optional[float] = None,
+                      connect_ip: Optional[str] = None) -> UpstreamResponse:
         """Send a request, return once the response head arrived.
 
         A reused pooled connection that dies before any response byte is retried once
-        on a fresh one (RFC 9112 §9.3.1 heuristic); other failures raise UpstreamError."""
+        on a fresh one if the request is safe to repeat; other failures raise UpstreamError.
+        connect_ip pins the address connected to (the one a caller checked), while Host and
+        TLS SNI keep the URL's name: a second DNS answer cannot redirect the connection."""
         if _BAD_TARGET_STR_RE.search(url):          # no request-line injection, whatever built the URL
             raise UpstreamError(502, "refused an upstream URL with spaces or control characters", "bad_url")
         scheme, host, port, target = split_url(url)
-        origin = (scheme, host, port)
+        origin = (scheme, host, port) if connect_ip is None else (scheme, host, port, connect_ip)
         default_port = 443 if scheme == "https" else 80
         bracketed = "[%s]" % host if ":" in host else host      # IPv6 literal
         host_hdr = bracketed if port == default_port else "%s:%d" % (bracketed, port)
@@ -8188,8 +8226,12 @@ class _Primed:
 class App:
     def __init__(self, config: Config, client: Optional[HTTPClient] = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 sleep=asyncio.sleep, rand: Optional[Callable[[], float]] = None):
+                 sleep=asyncio.sleep, rand: Optional[Callable[[], float]] = None, resolve=None,
+                 address_ok: Optional[Callable[[str], bool]] = None):
         self.config = config
+        self.resolve = resolve or resolve_host            # name -> addresses, for image fetches
+        self.address_ok = address_ok or public_address    # may an image fetch connect there
+        self.image_slots: Optional[asyncio.Semaphore] = None
         self.client = client or HTTPClient()
         self.clock = clock
         self.wall = wall
@@ -8358,7 +8400,8 @@ class App:
         conversations, key cooldowns (disabled keys come back), breakers, rate windows,
         concurrency slots and logins that did not change. In-flight requests finish on
         the old App, which shares the connection pool."""
-        new = App(config, self.client, self.clock, self.wall, self.sleep, self.rand)
+        new = App(config, self.client, self.clock, self.wall, self.sleep, self.rand, self.resolve, self.address_ok)
+        new.image_slots = self.image_slots
         new.usage, new.responses, new.usage_pending = self.usage, self.responses, self.usage_pending
         new.sessions = self.sessions
         new.seen_reset = self.seen_reset
@@ -9054,31 +9097,96 @@ class App:
         return json_response(200, out, hdrs)
 
     async def inline_images(self, creq: ChatRequest, private_ok: bool = False):
-        """Fetch image URLs into inline data (at most MAX_IMAGE_BYTES each); an image that
-        cannot be fetched stays a URL, which the Gemini renderer mentions as text. Hosts
-        that resolve to private, loopback or link-local addresses are not fetched unless
-        the provider says "fetch_images": "all" (no requests into the proxy's network)."""
+        """Fetch image URLs into inline data for a back-end that takes only bytes. Each URL
+        once per request, at most IMAGE_FETCH_CONCURRENCY fetches at a time in the process,
+        MAX_IMAGE_BYTES an image and MAX_IMAGES_BYTES in all (over -> 413), IMAGES_TOTAL_S for
+        all of them. Only public addresses unless the provider says "fetch_images": "all";
+        an image that cannot be fetched stays a URL, which the renderer mentions as text."""
+        parts = []
         stack = [p for m in creq.messages for p in m.parts]
         for p in stack:
             if p.type == "tool_result":
                 stack.extend(p.content)
             elif p.type == "image" and p.url.startswith(("http://", "https://")) and not p.data:
+                parts.append(p)
+        if not parts:
+            return
+        if self.image_slots is None:
+            self.image_slots = asyncio.Semaphore(IMAGE_FETCH_CONCURRENCY)
+        deadline = time.monotonic() + IMAGES_TOTAL_S
+        budget = [MAX_IMAGES_BYTES]
+        results: Dict[str, Any] = {}
+
+        async def one(url: str):
+            async with self.image_slots:
                 try:
-                    if not private_ok and not await public_host(p.url):
-                        raise UpstreamError(403, "the host is not public", "image_fetch")
-                    resp = await self.client.request("GET", p.url, [("accept", "image/*"), ("accept-encoding", "identity"),
-                                                                    ("user-agent", "llmproxy/" + __version__)],
-                                                     b"", CONNECT_TIMEOUT_S, 30.0)
-                    data = await resp.read(MAX_IMAGE_BYTES)
-                    ctype = resp.content_type
-                    if resp.status != 200 or not ctype.startswith("image/"):
-                        raise UpstreamError(502, "HTTP %d %s" % (resp.status, ctype), "image_fetch")
-                except (ProxyError, ValueError) as e:
-                    log.info("image %.80s could not be fetched for Gemini (%s); sent as a link", p.url,
-                             getattr(e, "message", e))
-                    continue
-                p.data, p.media_type = base64.b64encode(data).decode("ascii"), ctype
-                p.url = ""
+                    results[url] = await self.fetch_image(url, private_ok, deadline, budget)
+                except ProxyError as e:
+                    results[url] = e
+        await asyncio.gather(*(one(u) for u in dict.fromkeys(p.url for p in parts)))
+        for p in parts:
+            got = results[p.url]
+            if isinstance(got, ProxyError):
+                if got.status == 413:
+                    raise got
+                log.info("image %s could not be fetched (%s); sent as a link", log_safe(p.url[:80]), got.message)
+                continue
+            p.data, p.media_type = base64.b64encode(got[0]).decode("ascii"), got[1]
+            p.url = ""
+
+    async def fetch_image(self, url: str, private_ok: bool, deadline: float, budget: List[int]) -> Tuple[bytes, str]:
+        """One image: every hop's name resolved once and checked, the connection pinned to the
+        checked address (Host and SNI keep the name), redirects re-checked the same way."""
+        for _ in range(MAX_IMAGE_REDIRECTS + 1):
+            try:
+                scheme, host, port, _ = split_url(url)
+            except ValueError:
+                raise UpstreamError(502, "not an http(s) URL", "image_fetch")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UpstreamError(504, "image fetches took longer than %.0f s" % IMAGES_TOTAL_S, "image_fetch")
+            try:
+                addrs = await asyncio.wait_for(self.resolve(host, port), min(left, CONNECT_TIMEOUT_S))
+            except (OSError, asyncio.TimeoutError) as e:
+                raise UpstreamError(502, "cannot resolve %s (%s)" % (host, e or "timeout"), "image_fetch")
+            if not addrs:
+                raise UpstreamError(502, "cannot resolve %s" % host, "image_fetch")
+            if not private_ok and not all(self.address_ok(a) for a in addrs):
+                raise UpstreamError(403, "%s is not a public address" % host, "image_fetch")
+            via_proxy = self.client.proxies.proxy_for(scheme, host, port) is not None   # the proxy resolves
+            timeout = min(left, IMAGE_FETCH_TOTAL_S)
+            resp = await self.client.request("GET", url, [("accept", "image/*"), ("accept-encoding", "identity"),
+                                                          ("user-agent", "llmproxy/" + __version__)],
+                                             b"", min(timeout, CONNECT_TIMEOUT_S), timeout, None, timeout,
+                                             connect_ip=None if via_proxy else addrs[0])
+            location = resp.headers.get("location")
+            if resp.status in (301, 302, 303, 307, 308) and location:
+                resp.close()
+                url = urljoin(url, location.strip())
+                continue
+            ctype = resp.content_type
+            if resp.status != 200 or not ctype.startswith("image/"):
+                resp.close()
+                raise UpstreamError(502, "HTTP %d %s" % (resp.status, ctype), "image_fetch")
+            pieces, size = [], 0
+            agen = resp.iter_body()
+            try:
+                async for piece in agen:
+                    size += len(piece)
+                    budget[0] -= len(piece)
+                    if size > MAX_IMAGE_BYTES:
+                        raise ProxyError(413, "invalid_request_error", "the image at %s is larger than %d bytes, "
+                                         "the most this back-end takes inline" % (url[:200], MAX_IMAGE_BYTES),
+                                         code="image_too_large", param="messages")
+                    if budget[0] < 0:
+                        raise ProxyError(413, "invalid_request_error", "the images of this request add up to more "
+                                         "than %d bytes, the most this back-end takes inline" % MAX_IMAGES_BYTES,
+                                         code="images_too_large", param="messages")
+                    pieces.append(piece)
+            finally:
+                await agen.aclose()
+            return b"".join(pieces), ctype
+        raise UpstreamError(502, "more than %d redirects" % MAX_IMAGE_REDIRECTS, "image_fetch")
 
     @staticmethod
     async def _decode_all(upstream: UpstreamResponse, fmt) -> list:
@@ -9757,18 +9865,10 @@ class App:
         return None
 
 
-async def public_host(url: str) -> bool:
-    """Whether every address the URL's host resolves to is a public one."""
-    try:
-        _, host, port, _ = split_url(url)
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (ValueError, OSError):
-        return False
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%")[0])
-        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved or addr.is_multicast:
-            return False
-    return bool(infos)
+async def resolve_host(host: str, port: int) -> List[str]:
+    """The addresses a name resolves to (the event loop's resolver, off the loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
 
 
 def response_events(resp: ChatResponse) -> list:

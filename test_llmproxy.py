@@ -35,6 +35,10 @@ lp.log.propagate = False
 
 # helpers #####################################################################
 
+async def _async(value):
+    return value
+
+
 class FakeClock:
     def __init__(self, t=1000.0):
         self.t = t
@@ -3054,6 +3058,132 @@ class TestHubBehaviour(ProxyCase):
         import base64
         self.assertEqual(parts[1], {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}})
         self.assertEqual(parts[2], {"text": "[image: %s/missing.png]" % base})
+
+    async def image_server(self, host, routes):
+        """A tiny image host on `host` (another loopback address plays a public one)."""
+        hits = []
+
+        async def serve(r, w):
+            try:
+                head = await r.readuntil(b"\r\n\r\n")
+                path = head.split(b" ")[1].decode()
+                hits.append(path)
+                await routes.get(path, routes.get("*"))(w)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                w.transport.abort()
+        server = await asyncio.start_server(serve, host, 0)
+        self.addAsyncCleanup(self._close_server, server)
+        return server.sockets[0].getsockname()[1], hits
+
+    @staticmethod
+    async def _close_server(server):
+        server.close()
+        await server.wait_closed()
+
+    @staticmethod
+    def image_reply(data, ctype=b"image/png", extra=b""):
+        async def send(w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s"
+                    % (ctype, len(data), extra, data))
+            await w.drain()
+        return send
+
+    def gemini_parts(self):
+        return json.loads(self.up.requests[-1]["body"])["contents"][0]["parts"]
+
+    async def test_image_fetches_are_pinned_to_the_checked_address_and_redirects_rechecked(self):
+        async def handler(req, w):
+            reply_json(w, 200, json.loads(UP_REPLIES[("gemini", 2, False)]))
+        await self.start_back(handler, "gemini")
+        png = b"\x89PNG\r\n\x1a\npublic-cat"
+
+        async def to_inner(w):
+            w.write(b"HTTP/1.1 302 Found\r\nlocation: http://inner.test:%d/secret.png\r\ncontent-length: 0\r\n\r\n"
+                    % self.up.port)
+        async def to_public(w):
+            w.write(b"HTTP/1.1 301 Moved\r\nlocation: /cat.png\r\ncontent-length: 0\r\n\r\n")
+        port, hits = await self.image_server("127.0.0.2", {"/cat.png": self.image_reply(png),
+                                                             "/to-inner": to_inner, "/to-public": to_public})
+        lookups = []
+
+        async def resolve(host, p):                      # DNS: public first, then rebound to loopback
+            lookups.append(host)
+            if host == "img.test":
+                return ["127.0.0.2"] if lookups.count(host) == 1 else ["127.0.0.1"]
+            return {"inner.test": ["127.0.0.1"], "mapped.test": ["::ffff:127.0.0.1"]}.get(host, [])
+        self.app.resolve = resolve
+        self.app.address_ok = lambda a: a == "127.0.0.2"   # 127.0.0.2 plays the public internet
+        url = "http://img.test:%d" % port
+        body = {"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url + "/cat.png"}},
+            {"type": "image_url", "image_url": {"url": url + "/cat.png"}}]}]}
+        status, _, _ = await self.call("POST", "/v1/chat/completions", body)
+        self.assertEqual(status, 200)
+        inline = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(png).decode()}}
+        self.assertEqual(self.gemini_parts()[1:], [inline, inline])
+        self.assertEqual((hits, lookups), (["/cat.png"], ["img.test"]))     # fetched once, resolved once
+        lookups.clear()
+        lookups.append("img.test")                      # from now on img.test resolves to 127.0.0.1
+        for path, expect in (("/to-public", "inline"), ("/to-inner", "link")):
+            hits.clear()
+            body["messages"][0]["content"][1:] = [{"type": "image_url", "image_url": {"url": "http://127.0.0.2:%d%s"
+                                                                                      % (port, path)}}]
+            self.app.resolve = lambda host, p, r=resolve: r(host, p) if host != "127.0.0.2" else _async(["127.0.0.2"])
+            status, _, _ = await self.call("POST", "/v1/chat/completions", body)
+            self.assertEqual(status, 200)
+            part = self.gemini_parts()[1]
+            self.assertEqual("inlineData" in part, expect == "inline", part)
+        self.assertFalse(any(r["path"] == "/secret.png" for r in self.up.requests))   # never reached inside
+        for name in ("img.test", "mapped.test"):      # rebound name, IPv4-mapped loopback: not fetched
+            body["messages"][0]["content"][1:] = [{"type": "image_url", "image_url": {"url": "http://%s:%d/cat.png"
+                                                                                      % (name, port)}}]
+            self.app.resolve = resolve
+            await self.call("POST", "/v1/chat/completions", body)
+            self.assertIn("text", self.gemini_parts()[1])
+
+    async def test_image_fetches_are_bounded_in_bytes_and_time(self):
+        async def handler(req, w):
+            reply_json(w, 200, json.loads(UP_REPLIES[("gemini", 2, False)]))
+        await self.start_back(handler, "gemini")
+
+        async def trickle(w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: 100000\r\n\r\n")
+            for _ in range(1000):
+                w.write(b"x" * 10)
+                await w.drain()
+                await asyncio.sleep(0.01)
+        port, hits = await self.image_server("127.0.0.2", {"/a.png": self.image_reply(b"a" * 3000),
+                                                             "/b.png": self.image_reply(b"b" * 3000),
+                                                             "/slow.png": trickle})
+        self.app.resolve = lambda host, p: _async(["127.0.0.2"])
+        self.app.address_ok = lambda a: a == "127.0.0.2"
+        saved = lp.MAX_IMAGES_BYTES, lp.MAX_IMAGE_BYTES, lp.IMAGE_FETCH_TOTAL_S
+        lp.MAX_IMAGES_BYTES, lp.MAX_IMAGE_BYTES, lp.IMAGE_FETCH_TOTAL_S = 5000, 4000, 0.3
+        try:
+            def ask(*paths):
+                return {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "compare"}] + [
+                    {"type": "image", "source": {"type": "url", "url": "http://pics.test:%d%s" % (port, p)}}
+                    for p in paths]}]}
+            sent = len(self.up.requests)
+            status, _, data = await self.call("POST", "/v1/messages", ask("/a.png", "/b.png"))
+            self.assertEqual(status, 413, data)                          # 6000 bytes in all > 5000
+            self.assertEqual(json.loads(data)["type"], "error")          # Anthropic's shape
+            self.assertIn("add up to more than 5000 bytes", json.loads(data)["error"]["message"])
+            self.assertEqual(len(self.up.requests), sent)                # nothing went upstream
+            lp.MAX_IMAGE_BYTES = 2000
+            status, _, data = await self.call("POST", "/v1/messages", ask("/a.png"))
+            self.assertEqual(status, 413)
+            self.assertIn("larger than 2000 bytes", json.loads(data)["error"]["message"])
+            t0 = time.monotonic()
+            status, _, _ = await self.call("POST", "/v1/messages", ask("/slow.png"))   # never idle, never done
+            self.assertEqual(status, 200)
+            self.assertLess(time.monotonic() - t0, 3)
+            self.assertIn("text", self.gemini_parts()[1])                # given up on: sent as a link
+        finally:
+            lp.MAX_IMAGES_BYTES, lp.MAX_IMAGE_BYTES, lp.IMAGE_FETCH_TOTAL_S = saved
 
     async def test_gemini_thought_signatures_survive_clients_that_cannot_carry_them(self):
         self.up = await FakeUpstream(multi_upstream).start()
