@@ -564,6 +564,26 @@ class Request:
                                  "escape (\\uD800-\\uDFFF without its pair), which is not a character")
         return self._json
 
+    async def load_json(self):
+        """Parse a big body cooperatively (see parse_json_cooperative); json() then has it."""
+        if self._json is not None:
+            return
+        try:
+            await asyncio.sleep(0)               # each whole-body pass (~1 ms a MB) in a step of its own
+            text = self.body.decode("utf-8")
+            await asyncio.sleep(0)
+            self._json = await parse_json_cooperative(text)
+        except UnicodeDecodeError:
+            raise ProxyError(400, "invalid_request_error", "request body is not valid UTF-8 JSON")
+        except (ValueError, RecursionError) as e:
+            raise ProxyError(400, "invalid_request_error", "request body is not valid JSON: %s" % e)
+        await asyncio.sleep(0)
+        if _SURROGATE_ESCAPE_RE.search(text) and _LONE_SURROGATE_RE.search(_ENCODER.encode(self._json)):
+            self._json = None
+            raise ProxyError(400, "invalid_request_error", "request body holds a lone UTF-16 surrogate "
+                             "escape (\\uD800-\\uDFFF without its pair), which is not a character")
+        await asyncio.sleep(0)
+
     def query_param(self, name: str) -> Optional[str]:
         if not self.query:
             return None
@@ -627,6 +647,95 @@ def _utf8(text: str) -> bytes:
 
 def _jdump(obj) -> str:
     return _ENCODER.encode(obj)
+
+
+# Cooperative JSON for big bodies. json's C scanner and encoder hold the GIL for a whole
+# call (a 20 MB body: ~100 ms), so a worker thread would not help; instead the top-level
+# object and its arrays are taken one member or element at a time, and the loop gets a
+# turn every SLICE_S. Same results and errors as json.loads / _jbytes.
+SLICE_S = 0.005
+_WS_RE = re.compile(r"[ \t\n\r]*")
+
+
+async def _yield_if(started: List[float]):
+    now = time.perf_counter()
+    if now - started[0] > SLICE_S:
+        await asyncio.sleep(0)
+        started[0] = time.perf_counter()
+
+
+async def parse_json_cooperative(text: str) -> Any:
+    """json.loads(text) (strict, as parse_json) that lets other tasks run while it works."""
+    dec, ws, clock = _DECODER.raw_decode, _WS_RE.match, [time.perf_counter()]
+    i = ws(text, 0).end()
+    if text[i:i + 1] != "{":
+        return _DECODER.decode(text)
+    obj: Dict[str, Any] = {}
+    i = ws(text, i + 1).end()
+    if text[i:i + 1] == "}":
+        i += 1
+    else:
+        while True:
+            if text[i:i + 1] != '"':
+                raise ValueError("Expecting property name enclosed in double quotes: char %d" % i)
+            key, i = dec(text, i)
+            i = ws(text, i).end()
+            if text[i:i + 1] != ":":
+                raise ValueError("Expecting ':' delimiter: char %d" % i)
+            i = ws(text, i + 1).end()
+            if text[i:i + 1] == "[":
+                items: list = []
+                i = ws(text, i + 1).end()
+                if text[i:i + 1] == "]":
+                    i += 1
+                else:
+                    while True:
+                        value, i = dec(text, i)
+                        items.append(value)
+                        i = ws(text, i).end()
+                        c = text[i:i + 1]
+                        if c == "]":
+                            i += 1
+                            break
+                        if c != ",":
+                            raise ValueError("Expecting ',' delimiter: char %d" % i)
+                        i = ws(text, i + 1).end()
+                        await _yield_if(clock)
+                obj[key] = items
+            else:
+                obj[key], i = dec(text, i)
+            i = ws(text, i).end()
+            c = text[i:i + 1]
+            if c == "}":
+                i += 1
+                break
+            if c != ",":
+                raise ValueError("Expecting ',' delimiter: char %d" % i)
+            i = ws(text, i + 1).end()
+            await _yield_if(clock)
+    if ws(text, i).end() != len(text):
+        raise ValueError("Extra data: char %d" % i)
+    return obj
+
+
+async def render_json_cooperative(obj: Any) -> bytes:
+    """_jbytes(obj), one top-level member and array element at a time."""
+    if not isinstance(obj, dict):
+        return _jbytes(obj)
+    clock = [time.perf_counter()]
+    out: List[str] = []
+    for n, (key, value) in enumerate(obj.items()):
+        out.append(("," if n else "{") + _jstr(str(key)) + ":")
+        if isinstance(value, list) and value:
+            for m, item in enumerate(value):
+                out.append(("," if m else "[") + _ENCODER.encode(item))
+                await _yield_if(clock)
+            out.append("]")
+        else:
+            out.append(_ENCODER.encode(value))
+            await _yield_if(clock)
+    out.append("}" if obj else "{}")
+    return _utf8("".join(out))
 
 
 def _jbytes(obj) -> bytes:
@@ -6879,9 +6988,13 @@ class Pipeline:
         return [r for r in self.rewrite if r["target"] == target and
                 (not r.get("models") or any(fnmatch.fnmatchcase(model, g) for g in r["models"]))]
 
-    def request_active(self, body: bytes, model: str) -> bool:
+    def has_command(self, body: bytes) -> bool:
+        """Whether a body may hold an in-chat command (one scan of the bytes)."""
+        return bool(self.commands and self.prefix_bytes in body)
+
+    def request_active(self, has_command: bool, model: str) -> bool:
         """Whether the canonical request must be built for the request stages (cheap)."""
-        return bool((self.commands and self.prefix_bytes in body) or self.redact_prompts or
+        return bool(has_command or self.redact_prompts or
                     (self.may_rewrite and (self._rules("system", model) or self._rules("user", model) or
                                            any(fnmatch.fnmatchcase(model, g) for g in self.system_prompts))))
 
@@ -7909,6 +8022,11 @@ RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
                ("x-accel-buffering", "no")]
 KEEPALIVE_S = 15.0                 # silence (a model thinking) longer than this gets a keep-alive frame
+OFFLOOP_BYTES = 256 * 1024         # bodies larger than this (~2 ms of work; a 50 MB body would hold the
+                                   # loop ~0.5 s) have their JSON parsed and written cooperatively, a
+                                   # member at a time. Not in a thread: json's C code holds the GIL
+                                   # for a whole call, and a CPU-bound thread makes every loop step
+                                   # wait for the GIL (measured: worse for other clients, not better).
 FIRST_OUTPUT_HOLD_S = 1.0          # a translated stream's head waits this long for real output (a failure
                                    # in it fails over like any error); after it the head goes out
 FIRST_KEEPALIVE_S = 1.0            # before the first output, a keep-alive every second (idle timers of
@@ -8532,7 +8650,14 @@ class App:
         if entry is not None and handler.__name__ not in ("handle_health", "handle_models"):
             self.limiter.check(entry.id)
             request.info["client_id"] = entry.id
+        if len(request.body) > OFFLOOP_BYTES and request.body[:1] in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):
+            await request.load_json()            # parsed once, sharing the loop; json() then has it
         return await handler(request)
+
+    @staticmethod
+    async def render_json(size: int, obj) -> bytes:
+        return _jbytes(obj) if size <= OFFLOOP_BYTES else await render_json_cooperative(obj)
+
 
     def log_request(self, request: Request, status: int, t_first: Optional[float], sent: int, ok: bool):
         info = request.info
@@ -8768,7 +8893,7 @@ class App:
         elif (body.get("model") == upstream_model or "model" not in body) and not rewritten:
             raw = request.body
         else:
-            raw = _jbytes(dict(body, model=upstream_model))
+            raw = await self.render_json(len(request.body), dict(body, model=upstream_model))
         extra = []
         if fmt is AnthropicMessages:
             for name in ("anthropic-version", "anthropic-beta"):
@@ -8815,6 +8940,8 @@ class App:
         plan = self.apply_guardrails(request, fmt, canonical, cache, model, sse)
         if isinstance(plan, (Response, StreamResponse)):
             return plan                      # an in-chat command, answered by the proxy
+        if len(request.body) > OFFLOOP_BYTES:
+            await asyncio.sleep(0)           # a big body: let others run between the steps
         model, chain, hub, ctx = plan
         return await self.run_chain(request, fmt, body, canonical, model, stream, chain, sse, hub, ctx)
 
@@ -8823,14 +8950,14 @@ class App:
         """Request stages and session routing. -> the proxy's own reply to a command, or
         (model, targets, hub, stage context): hub says the canonical form must be sent."""
         pipe = self.pipeline
-        session_key = session_id(request) if self.sessions or pipe.may_filter or \
-            (pipe.commands and pipe.prefix_bytes in request.body) else ""
+        has_command = pipe.has_command(request.body)
+        session_key = session_id(request) if self.sessions or pipe.may_filter or has_command else ""
         session = self.sessions.get(session_key) if self.sessions else None
         hub = False
-        if pipe.request_active(request.body, model):
+        if pipe.request_active(has_command, model):
             creq = canonical()
             for stage in REQUEST_STAGES:
-                if stage == "commands" and pipe.commands and pipe.prefix_bytes in request.body:
+                if stage == "commands" and has_command:
                     session = self.session(session_key)
                     reply = pipe.run_commands(creq, session, list(self.providers))
                     if reply is not None:
@@ -9009,6 +9136,8 @@ class App:
                                               may_wait=final, deadline=deadline, rewritten=bool(max_tokens))
             else:
                 creq = canonical()
+                if len(request.body) > OFFLOOP_BYTES:
+                    await asyncio.sleep(0)
                 saved = creq.max_tokens
                 creq.max_tokens = max_tokens or saved
                 try:
@@ -9040,8 +9169,13 @@ class App:
             add_cache_marks(creq)               # Anthropic caches only where asked; other clients never ask
         client_model = creq.model
         creq.model = upstream_model
-        up_body = fmt_out.render_request(creq, prov.options)
-        creq.model = client_model
+        size = len(request.body)
+        try:
+            up_body = fmt_out.render_request(creq, prov.options)
+        finally:
+            creq.model = client_model
+        if size > OFFLOOP_BYTES:
+            await asyncio.sleep(0)
         options = dict(prov.options, sse=sse)
         if fmt is OpenAIResponses and creq.store is not False:
             options["on_complete"] = lambda final: self.remember(final, history)
@@ -9058,8 +9192,9 @@ class App:
             if prov.credential is not None:
                 await prov.credential.token()     # logged in and complete before the body is built
             up_body = prov.prepare_body(up_body, upstream_model)
-            upstream = await self.send_upstream(prov, "POST", url, _jbytes(up_body), stream_up, info,
-                                                may_wait=may_wait, deadline=deadline, model=upstream_model)
+            upstream = await self.send_upstream(prov, "POST", url, await self.render_json(size, up_body),
+                                                stream_up, info, may_wait=may_wait, deadline=deadline,
+                                                model=upstream_model)
             if upstream.status >= 400:
                 raise await self.upstream_failure(upstream)
             if upstream.content_type == "text/event-stream" and creq.stream:
@@ -9072,7 +9207,9 @@ class App:
             else:
                 data = await upstream.read()
                 self.capture_upstream(info, data, False)
-                reply = self._json_reply(data)
+                reply = self._json_reply(data) if len(data) <= OFFLOOP_BYTES else \
+                    await self._json_reply_cooperative(data)
+                size = max(size, len(data))
         hdrs = [("x-llmproxy-provider", prov.name)]
         if creq.stream:
             events = None if reply is None else response_events(self.parse_reply(fmt_out, reply))
@@ -9094,7 +9231,7 @@ class App:
         out = fmt.render_response(cresp, creq, options)
         if fmt is OpenAIResponses and creq.store is not False:
             self.remember(out, history)
-        return json_response(200, out, hdrs)
+        return Response(200, [("content-type", "application/json")] + hdrs, await self.render_json(size, out))
 
     async def inline_images(self, creq: ChatRequest, private_ok: bool = False):
         """Fetch image URLs into inline data for a back-end that takes only bytes. Each URL
@@ -9246,6 +9383,16 @@ class App:
         err = upstream_error(upstream.status, upstream.content_type, data)
         err.headers = [h for h in relay_headers(upstream.headers) if h[0] == "retry-after"]
         return err
+
+    @staticmethod
+    async def _json_reply_cooperative(data: bytes) -> dict:
+        try:
+            obj = await parse_json_cooperative(data.decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise UpstreamError(502, "upstream reply is not JSON", "upstream_not_json")
+        if not isinstance(obj, dict):
+            raise UpstreamError(502, "upstream reply is not a JSON object", "upstream_not_json")
+        return obj
 
     @staticmethod
     def _json_reply(data: bytes) -> dict:

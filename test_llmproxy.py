@@ -4722,6 +4722,68 @@ class TestHostileJSON(ProxyCase):
         self.assertNotIn(b"NaN", data)
 
 
+class TestCooperativeJSON(unittest.TestCase):
+    GOOD = ['{}', ' { } ', '[1, 2]', '"x"', '3', '{"a": [], "b": [1, {"c": [2]}], "d": "e"}',
+            '{"a":1,"a":2}', '\n{"messages": [ {"x": "\\u00e9"} , "y" ] ,\t"z": null}\r\n', '{"k": {"n": [1]}}']
+    BAD = ['', '{', '{"a"}', '{"a": 1,}', '{"a": [1,]}', '{"a": [1 2]}', '{"a": 1} x', '{a: 1}', '{"a": NaN}',
+           '{"a": [Infinity]}', '{"a": 1 "b": 2}', '[1] [2]', '{"a": -Infinity}']
+
+    def test_same_values_and_refusals_as_the_strict_parser(self):
+        for text in self.GOOD:
+            with self.subTest(text=text):
+                self.assertEqual(asyncio.run(lp.parse_json_cooperative(text)), json.loads(text))
+        for text in self.BAD:
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                asyncio.run(lp.parse_json_cooperative(text))
+
+    def test_rendering_matches_the_one_shot_encoder(self):
+        for text in self.GOOD + ['{"a": "\\ud83d"}']:
+            obj = json.loads(text)
+            with self.subTest(text=text):
+                self.assertEqual(asyncio.run(lp.render_json_cooperative(obj)), lp._jbytes(obj))
+
+
+class TestLargeBodies(ProxyCase):
+    async def test_a_large_translated_request_does_not_stall_other_clients(self):
+        """Every step the event loop runs while a 20 MB request is parsed, translated and sent
+        stays short, and a client asking for /health meanwhile is answered."""
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        asyncio.get_running_loop().set_debug(False)     # debug mode's per-callback tracebacks would dominate
+        await self.start(handler)
+        turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 2000 + str(i)}
+                 for i in range(2001)]
+        big = json.dumps({"model": "fast", "max_tokens": 10, "messages": turns}).encode()   # ~20 MB
+        steps = []
+        real_run = asyncio.events.Handle._run
+
+        def timed_run(handle):
+            t0 = time.perf_counter()
+            try:
+                return real_run(handle)
+            finally:
+                steps.append((time.perf_counter() - t0, repr(handle)[:160]))
+        ping = await self.conn()
+        heavy = await self.conn()
+        asyncio.events.Handle._run = timed_run
+        try:
+            heavy.send("POST", "/v1/messages", big)
+            reply = asyncio.ensure_future(heavy.read_response())
+            pings = 0
+            while not reply.done():
+                status, _, _ = await ping.request("GET", "/health")
+                self.assertEqual(status, 200)
+                pings += 1
+            status, _, data = await reply
+        finally:
+            asyncio.events.Handle._run = real_run
+        self.assertEqual(status, 200, data[:200])
+        self.assertEqual(len(json.loads(self.up.requests[-1]["body"])["messages"]), 2001)
+        self.assertGreater(pings, 1)
+        longest = max(steps)                     # the proxy's steps, and this test's and the fake's small ones
+        self.assertLess(longest[0], 0.05, "the proxy held the loop %.0f ms in %s" % (longest[0] * 1000, longest[1]))
+
+
 class TestServerHardening(ProxyCase):
     async def raw(self, data: bytes, read_all=True):
         c = await self.conn()
