@@ -4757,12 +4757,15 @@ class TestLargeBodies(ProxyCase):
         steps = []
         real_run = asyncio.events.Handle._run
 
-        def timed_run(handle):
-            t0 = time.perf_counter()
+        def timed_run(handle):               # CPU time of each step: immune to this machine's other load
+            t0 = time.thread_time()
             try:
                 return real_run(handle)
             finally:
-                steps.append((time.perf_counter() - t0, repr(handle)[:160]))
+                steps.append((time.thread_time() - t0, repr(handle)[:160]))
+        t0 = time.thread_time()                  # the yardstick: one parse and one render of the body
+        lp._jbytes(lp.parse_json(big))
+        yardstick = time.thread_time() - t0
         ping = await self.conn()
         heavy = await self.conn()
         asyncio.events.Handle._run = timed_run
@@ -4781,7 +4784,10 @@ class TestLargeBodies(ProxyCase):
         self.assertEqual(len(json.loads(self.up.requests[-1]["body"])["messages"]), 2001)
         self.assertGreater(pings, 1)
         longest = max(steps)                     # the proxy's steps, and this test's and the fake's small ones
-        self.assertLess(longest[0], 0.05, "the proxy held the loop %.0f ms in %s" % (longest[0] * 1000, longest[1]))
+        # before: one step parsed, translated and rendered the whole body (~2.5 yardsticks);
+        # now the longest is one whole-body pass (a copy, a decode or a scan)
+        self.assertLess(longest[0], 0.5 * yardstick, "the proxy held the loop %.0f ms (a parse and a render: "
+                        "%.0f ms) in %s" % (longest[0] * 1000, yardstick * 1000, longest[1]))
 
 
 class TestServerHardening(ProxyCase):
