@@ -10438,7 +10438,7 @@ def run_workers(config: Config, reload_args) -> int:
         if pid not in children:
             continue
         children.remove(pid)
-        code = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status >> 8
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)   # 3.8: no waitstatus_to_exitcode
         if stopping or code == 2:                       # shutting down, or a config error: no restart
             worst = max(worst, abs(code))
             if code == 2 and not stopping:
