@@ -8251,6 +8251,11 @@ def stateless_input(items: list) -> Optional[list]:
     return out if changed else None
 
 
+# 429 bodies that mean the key itself is out of money (OpenAI's insufficient_quota), not one
+# model's rate. Not "exceeded your current quota": Gemini says that of per-model quotas, and
+# OpenAI's plain rate-limit text mentions billing too.
+_KEY_WIDE_429_RE = re.compile(rb"insufficient_quota|credit balance|out of credits", re.I)
+
 # The request left in full but no answer came back: the upstream may have run (and billed) it.
 _MAYBE_PROCESSED = frozenset(("upstream_disconnected", "upstream_timeout", "upstream_incomplete"))
 
@@ -8769,11 +8774,13 @@ class App:
                 wait = parse_reset_time(resp.headers, self.wall())
                 if wait is None:
                     wait = parse_reset_body(detail)
-                ring.cool(k, prov.cooldown_s if wait is None else wait, scope)
-                self.share_key(prov, k, scope)
+                # a spent balance or plan quota is the whole key's, whatever model asked
+                cool_scope = None if _KEY_WIDE_429_RE.search(detail[:4096]) else scope
+                ring.cool(k, prov.cooldown_s if wait is None else wait, cool_scope)
+                self.share_key(prov, k, cool_scope)
                 log.warning("provider %s key %s rate limited%s (%s); cooling %.0f s", prov.name, redact(k.key),
-                            " for " + scope if scope else "", last or "429",
-                            KeyRing._until(k, scope) - self.clock())
+                            " for " + cool_scope if cool_scope else "", last or "429",
+                            KeyRing._until(k, cool_scope) - self.clock())
             else:
                 ring.disable(k, "HTTP %d: %s" % (resp.status, last[:120]))
                 self.share_key(prov, k, None)

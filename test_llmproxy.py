@@ -1300,6 +1300,29 @@ class TestRotation(ProxyCase):
         self.assertEqual((k.model_until, k.reason), ({}, ""))                # the first success cleared it
         self.assertEqual(self.app.providers["up"].keyring.snapshot()[0]["state"], "ok")
 
+    async def test_a_spent_balance_cools_the_whole_key_a_rate_limit_only_the_model(self):
+        async def handler(req, w):
+            model = json.loads(req["body"])["model"]
+            if req["headers"]["authorization"].endswith("AAAA") and model == "m1":
+                reply_json(w, 429, {"error": {"message": "You exceeded your current quota, please check your plan "
+                                              "and billing details.", "type": "insufficient_quota"}})
+            elif req["headers"]["authorization"].endswith("BBBB") and model == "m1":
+                reply_json(w, 429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}},
+                           headers=[("retry-after", "20")])
+            else:
+                reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m1", "messages": []})
+        self.assertEqual(status, 429)
+        a, b = self.app.providers["up"].keyring.keys
+        self.assertGreater(a.cooldown_until, self.clock.t)           # A: out of money, for every model
+        self.assertEqual(a.model_until, {})
+        self.assertEqual((b.cooldown_until, list(b.model_until)), (0.0, ["m1"]))   # B: m1's rate only
+        for _ in range(2):
+            status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m2", "messages": []})
+            self.assertEqual(status, 200)
+        self.assertEqual([r["headers"]["authorization"][-4:] for r in self.up.requests[-2:]], ["BBBB", "BBBB"])
+
     async def test_admin_reset_clears_cooldowns(self):
         async def handler(req, w):
             if self.limited:
