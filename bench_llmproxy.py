@@ -286,7 +286,7 @@ def proxy_cmd(cfg_path, port, data_dir, workers):
 SCENARIOS = [  # (name, client format, stream, connections)
     ("chat", "openai", False, 1), ("chat", "openai", False, 16), ("chat", "openai", False, 64),
     ("stream", "openai", True, 1), ("stream", "openai", True, 32),
-    ("an>oc", "anthropic", False, 16), ("an>oc stream", "anthropic", True, 32),
+    ("an-oc", "anthropic", False, 16), ("an-oc stream", "anthropic", True, 32),
 ]
 
 
@@ -702,7 +702,7 @@ def soak_body(client: str, model: str, stream: bool, prompt: str) -> bytes:
 
 
 PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
-FORM = {"openai": "oc", "anthropic": "an>oc"}
+FORM = {"openai": "oc", "anthropic": "an-oc"}
 
 
 def new_nonce(stats, rng) -> str:

@@ -145,6 +145,26 @@ class ProxyError(Exception):
         self.param = param
 
 
+# Log lines carry client- and upstream-controlled text (model names, paths, error messages).
+# C0/C1 controls, DEL and Unicode line separators are escaped (an ANSI/OSC sequence cannot
+# reach a terminal, a line break cannot forge another line, also for splitlines() readers),
+# a text field with a space or quote is quoted (it cannot forge another field), and a field
+# is cut at MAX_LOG_FIELD characters.
+_LOG_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_JSON_LOG_UNSAFE_RE = re.compile("[\x7f-\x9f\u2028\u2029]")     # what a JSON encoder leaves raw
+MAX_LOG_FIELD = 300                 # characters of one logged value (a model name, a path)
+
+
+def _esc_char(m) -> str:
+    c = ord(m.group())
+    return "\\x%02x" % c if c < 256 else "\\u%04x" % c
+
+
+def log_safe(text: str) -> str:
+    """Text for a log line: control characters as \\xNN escapes."""
+    return text if text.isprintable() else _LOG_UNSAFE_RE.sub(_esc_char, text)
+
+
 class FramingError(ValueError):
     """Bytes that break HTTP/1.1 message framing (RFC 9112 §6-7)."""
 
@@ -155,7 +175,6 @@ class FramingError(ValueError):
 # result or raises ProxyError/FramingError; nothing here touches sockets.
 
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # CTLs except HTAB (RFC 9110 §5.5)
 _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
 _HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 OWS = " \t"                 # optional whitespace (RFC 9110 §5.6.3): SP and HTAB only, never str.strip()'s
@@ -4696,20 +4715,8 @@ class Provider:
         required fields, Claude Code's first system line, the Code Assist envelope."""
         if self.tags:
             body = dict(body, tags=self.tags)
-        if self.auth == "codex-oauth":
-            body = {k: v for k, v in body.items() if k not in ("max_output_tokens", "previous_response_id")}
-            body.update(store=False, stream=True, include=["reasoning.encrypted_content"])
-            body.setdefault("instructions", "You are a helpful assistant.")
-        elif self.auth == "claude-oauth":
-            line = ClaudeCredential.SYSTEM_LINE
-            system = body.get("system") or []
-            blocks = [{"type": "text", "text": system}] if isinstance(system, str) else list(system)
-            if not blocks or blocks[0].get("text") != line:
-                blocks.insert(0, {"type": "text", "text": line})
-            body = dict(body, system=blocks)
-        elif self.auth == "gemini-oauth":
-            body = {"model": model, "project": (self.credential.record or {}).get("project"),
-                    "user_prompt_id": secrets.token_hex(8), "request": body}
+        if self.credential is not None:         # what a subscription back-end needs is the login's fact
+            body = self.credential.prepare_body(body, model)
         return body
 
     def request_headers(self, key: Optional[str], stream: bool, extra=()) -> List[Tuple[str, str]]:
@@ -5497,6 +5504,10 @@ class Credential:
     def expires_at(self, rec: dict) -> float:
         return float(rec.get("expires_at") or 0)
 
+    def prepare_body(self, body: dict, model: str) -> dict:
+        """The upstream body as this login's back-end wants it (most want it as it is)."""
+        return body
+
     def device_flow(self, sleep=asyncio.sleep) -> DeviceFlow:
         raise ProxyError(400, "invalid_request_error", "provider %r has no device login; %s" % (
             self.name, self.login_hint or "log in with its own tool"), code="no_device_login")
@@ -5927,6 +5938,11 @@ class GeminiCLICredential(FileLoginCredential):
     client_id = "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com"
     login_hint = "run `gemini` once and choose 'Login with Google'"
 
+    def prepare_body(self, body: dict, model: str) -> dict:
+        """Code Assist takes the Gemini request inside its own envelope, with the project."""
+        return {"model": model, "project": (self.record or {}).get("project"),
+                "user_prompt_id": secrets.token_hex(8), "request": body}
+
     def parse_file(self, doc):
         if not doc.get("access_token") and not doc.get("refresh_token"):
             return None
@@ -5983,6 +5999,13 @@ class CodexCredential(FileLoginCredential):
     refresh_json = True
     login_hint = "run `codex login` first"
 
+    def prepare_body(self, body: dict, model: str) -> dict:
+        """The ChatGPT back-end insists on streaming, no storage and no output cap."""
+        body = {k: v for k, v in body.items() if k not in ("max_output_tokens", "previous_response_id")}
+        body.update(store=False, stream=True, include=["reasoning.encrypted_content"])
+        body.setdefault("instructions", "You are a helpful assistant.")
+        return body
+
     def file_path(self) -> str:
         return os.path.expanduser(self.settings.get("credentials_file") or
                                   os.path.join(os.environ.get("CODEX_HOME") or "~/.codex", "auth.json"))
@@ -6036,6 +6059,14 @@ class ClaudeCredential(FileLoginCredential):
     refresh_json = True
     login_hint = "run `claude` and log in with a Claude subscription first"
     SYSTEM_LINE = "You are Claude Code, Anthropic's official CLI for Claude."
+
+    def prepare_body(self, body: dict, model: str) -> dict:
+        """A subscription token is accepted for requests that begin as Claude Code's do."""
+        system = body.get("system") or []
+        blocks = [{"type": "text", "text": system}] if isinstance(system, str) else list(system)
+        if not blocks or blocks[0].get("text") != self.SYSTEM_LINE:
+            blocks.insert(0, {"type": "text", "text": self.SYSTEM_LINE})
+        return dict(body, system=blocks)
 
     def file_path(self) -> str:
         return os.path.expanduser(self.settings.get("credentials_file") or os.path.join(
@@ -7246,26 +7277,6 @@ class SharedState:
     def close(self):
         with self.lock:
             self.db.close()
-
-
-# Log lines carry client- and upstream-controlled text (model names, paths, error messages).
-# C0/C1 controls, DEL and Unicode line separators are escaped (an ANSI/OSC sequence cannot
-# reach a terminal, a line break cannot forge another line, also for splitlines() readers),
-# a text field with a space or quote is quoted (it cannot forge another field), and a field
-# is cut at MAX_LOG_FIELD characters.
-_LOG_UNSAFE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_JSON_LOG_UNSAFE_RE = re.compile("[\x7f-\x9f\u2028\u2029]")     # what a JSON encoder leaves raw
-MAX_LOG_FIELD = 300                 # characters of one logged value (a model name, a path)
-
-
-def _esc_char(m) -> str:
-    c = ord(m.group())
-    return "\\x%02x" % c if c < 256 else "\\u%04x" % c
-
-
-def log_safe(text: str) -> str:
-    """Text for a log line: control characters as \\xNN escapes."""
-    return text if text.isprintable() else _LOG_UNSAFE_RE.sub(_esc_char, text)
 
 
 def log_field(value) -> str:

@@ -307,6 +307,34 @@ class ProxyCase(unittest.IsolatedAsyncioTestCase):
         return await c.request(method, path, body, headers, key)
 
 
+# 0. layout ###################################################################
+
+class TestLayout(unittest.TestCase):
+    def test_each_section_uses_only_names_from_the_sections_above_it(self):
+        """The section map holds: a top-level name used in section N (N < 12, the wiring
+        sections may use anything) is defined in section N or above."""
+        import ast
+        src = open(os.path.join(HERE, "llmproxy.py"), encoding="utf-8").read()
+        banners = [(i + 1, int(m.group(1))) for i, line in enumerate(src.splitlines())
+                   for m in [re.match(r"# (\d+)\. .*#{5,}", line)] if m]
+        self.assertEqual([n for _, n in banners], list(range(14)))
+
+        def section(lineno):
+            return max([n for ln, n in banners if ln <= lineno] or [0])
+        tree = ast.parse(src)
+        defined = {}
+        for node in tree.body:
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else \
+                [t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)]
+            for name in names:
+                defined.setdefault(name, section(node.lineno))
+        wrong = sorted({(section(node.lineno), sub.id, defined[sub.id]) for node in tree.body
+                        if section(node.lineno) < 12 for sub in ast.walk(node)
+                        if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load)
+                        and defined.get(sub.id, -1) > section(node.lineno)})
+        self.assertEqual(wrong, [], "(section, name used, section defining it)")
+
+
 # 2. HTTP wire ################################################################
 
 def head(*lines):
