@@ -7035,6 +7035,12 @@ class Pipeline:
 
     # -- request stages -------------------------------------------------------
 
+    def finds_command(self, creq: ChatRequest) -> bool:
+        """Whether the last user message holds an in-chat command."""
+        last = next((m for m in reversed(creq.messages) if m.role == "user"), None)
+        return last is not None and any(p.type == "text" and self.prefix in p.text and self.command_re.search(p.text)
+                                        for p in last.parts)
+
     def run_commands(self, creq: ChatRequest, session: dict, providers) -> Optional[str]:
         """In-chat commands in the last user message: applied to `session`, removed from
         the text. -> the proxy's own answer when the message held nothing else."""
@@ -7078,21 +7084,27 @@ class Pipeline:
         session["oneoff"] = (prov, model)
         return "The next request goes to %s:%s." % (prov, model)
 
-    def rewrite_request(self, creq: ChatRequest, model: str):
+    def rewrite_request(self, creq: ChatRequest, model: str) -> bool:
+        """System prompt and rewrite rules; -> whether any applied to this model."""
+        changed = False
         for glob, text in self.system_prompts.items():
             if fnmatch.fnmatchcase(model, glob):
                 creq.system = [text]
+                changed = True
                 break
         for r in self._rules("system", model):
             creq.system = [self._apply(r, "\n\n".join(creq.system))]
+            changed = True
         rules = self._rules("user", model)
         if rules:
+            changed = True
             for m in creq.messages:
                 if m.role == "user":
                     for p in m.parts:
                         if p.type == "text":
                             for r in rules:
                                 p.text = self._apply(r, p.text)
+        return changed
 
     @staticmethod
     def _apply(rule: dict, text: str) -> str:
@@ -7102,19 +7114,25 @@ class Pipeline:
             return text + rule["with"]
         return rule["pattern"].sub(rule["with"].replace("\\", "\\\\"), text)
 
-    def redact_request(self, creq: ChatRequest):
+    def redact_request(self, creq: ChatRequest) -> bool:
+        """Secrets masked in the prompt; -> whether any was found."""
         r = self.redactor
-        creq.system = [r(s) for s in creq.system]
+        system = [r(s) for s in creq.system]
+        changed = system != creq.system
+        creq.system = system
         for m in creq.messages:
             stack = list(m.parts)
             while stack:
                 p = stack.pop()
                 if p.type in ("text", "thinking") and not p.signature:
-                    p.text = r(p.text)
+                    new = r(p.text)
+                    changed, p.text = changed or new != p.text, new
                 elif p.type == "tool_call":
-                    p.arguments = r(p.arguments)
+                    new = r(p.arguments)
+                    changed, p.arguments = changed or new != p.arguments, new
                 elif p.type == "tool_result":
                     stack.extend(p.content)
+        return changed
 
     # -- response stages --------------------------------------------------------
 
@@ -8975,16 +8993,19 @@ class App:
         if pipe.request_active(has_command, model):
             creq = canonical()
             for stage in REQUEST_STAGES:
-                if stage == "commands" and has_command:
+                # hub: a stage changed the request, so it is rendered from the canonical form; a
+                # body that only holds the prefix bytes somewhere (a "#!/bin/sh" in an agent's
+                # history) stays on the byte pass-through path
+                if stage == "commands" and has_command and pipe.finds_command(creq):
                     session = self.session(session_key)
                     reply = pipe.run_commands(creq, session, list(self.providers))
                     if reply is not None:
                         return self.direct_reply(request, fmt, creq, reply, sse)
+                    hub = True
                 elif stage == "rewrite":
-                    pipe.rewrite_request(creq, model)
+                    hub = pipe.rewrite_request(creq, model) or hub
                 elif stage == "redact" and pipe.redact_prompts:
-                    pipe.redact_request(creq)
-            hub = True                       # the request was rewritten: render it from canonical form
+                    hub = pipe.redact_request(creq) or hub
         chain = None
         if session:
             self.sessions.move_to_end(session_key)

@@ -987,6 +987,23 @@ class TestPassThrough(ProxyCase):
         self.assertEqual(status, 200)
         self.assertEqual(self.up.requests[0]["body"], raw)
 
+    async def test_a_body_that_only_contains_the_command_prefix_stays_byte_identical(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        await self.start(handler)
+        raw = (b'{"model":"gpt-x",  "messages":[{"role":"user","content":"write a script"},'
+               b'{"role":"assistant","content":"#!/bin/bash\\necho hi"},{"role":"user","content":"thanks"}]}')
+        c = await self.conn()
+        c.send("POST", "/v1/chat/completions", raw)
+        status, _, _ = await c.read_response()
+        self.assertEqual(status, 200)
+        self.assertEqual(self.up.requests[0]["body"], raw)        # not re-rendered from the canonical form
+        c.send("POST", "/v1/chat/completions", {"model": "gpt-x", "messages": [
+            {"role": "user", "content": "!/status"}]})
+        status, _, data = await c.read_response()
+        self.assertIn("session: model", json.loads(data)["choices"][0]["message"]["content"])   # still a command
+        self.assertEqual(len(self.up.requests), 1)
+
     async def test_keep_alive_reuses_upstream_connection(self):
         async def handler(req, w):
             reply_json(w, 200, CHAT_OK)
