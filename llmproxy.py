@@ -1838,6 +1838,10 @@ class SSEDecoder:
         return out
 
 
+SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
+               ("x-accel-buffering", "no")]
+
+
 def render_sse(data, event: Optional[str] = None, id: Optional[str] = None) -> bytes:
     """One SSE frame. Payloads with newlines are split over several data lines."""
     if isinstance(data, bytes):
@@ -2273,6 +2277,33 @@ class WireFormat:
     def stream_encoder(cls, req: ChatRequest, options: Optional[dict] = None):
         return cls.encoder(req, options or {})
 
+    # -- facts the app asks of a format (OpenAI's shapes here; formats override) --
+
+    usage_key = b'"usage"'                    # the JSON key a reply's token counts sit under
+
+    @classmethod
+    def stream_headers(cls, sse: bool = True) -> List[Tuple[str, str]]:
+        return list(SSE_HEADERS)
+
+    @classmethod
+    def context_overflow_message(cls, used: int, context: int) -> str:
+        """The vendor's own words for a context overflow (agents match on them to compact)."""
+        return ("This model's maximum context length is %d tokens. However, your messages resulted in %d tokens. "
+                "Please reduce the length of the messages." % (context, used))
+
+    @classmethod
+    def with_max_tokens(cls, body: dict, n: int) -> dict:
+        """A client body with its output cap lowered to n, in this format's own field."""
+        return dict(body, max_tokens=n)
+
+    @classmethod
+    def render_model(cls, mid: str, owner: str, created: float) -> dict:
+        return {"id": mid, "object": "model", "created": int(created), "owned_by": owner}
+
+    @classmethod
+    def render_model_list(cls, models: List[dict]) -> dict:
+        return {"object": "list", "data": models}
+
 
 class CanonicalStream:
     """Base for stream decoders: feed(SSEEvent) -> [event]; close() -> [event]."""
@@ -2315,6 +2346,10 @@ def encode_embedding(values: list, encoding: str):
 class OpenAIChat(WireFormat):
     name = "openai"
     endpoint = "/chat/completions"
+
+    @classmethod
+    def with_max_tokens(cls, body: dict, n: int) -> dict:
+        return dict(body, **{"max_completion_tokens" if "max_completion_tokens" in body else "max_tokens": n})
 
     # -- errors and usage ---------------------------------------------------
 
@@ -2835,6 +2870,20 @@ class AnthropicMessages(WireFormat):
     count_endpoint = "/messages/count_tokens"
     count_fields = ("model", "messages", "system", "tools", "tool_choice", "thinking")
 
+    @classmethod
+    def context_overflow_message(cls, used: int, context: int) -> str:
+        return "prompt is too long: %d tokens > %d maximum" % (used, context)
+
+    @classmethod
+    def render_model(cls, mid: str, owner: str, created: float) -> dict:
+        return {"type": "model", "id": mid, "display_name": mid, "created_at": iso_time(created)}
+
+    @classmethod
+    def render_model_list(cls, models: List[dict]) -> dict:
+        return {"data": models, "has_more": False, "first_id": models[0]["id"] if models else None,
+                "last_id": models[-1]["id"] if models else None}
+
+
     @staticmethod
     def render_error(err: ProxyError) -> dict:
         kind = _AN_ERROR_TYPES.get(err.status) or ("invalid_request_error" if err.status < 500 else "api_error")
@@ -3336,6 +3385,11 @@ class OpenAIResponses(WireFormat):
     count_endpoint = "/responses/input_tokens"
     count_fields = ("model", "input", "instructions", "tools", "tool_choice", "reasoning", "text",
                     "parallel_tool_calls", "truncation")
+
+    @classmethod
+    def with_max_tokens(cls, body: dict, n: int) -> dict:
+        return dict(body, max_output_tokens=n)
+
 
     @staticmethod
     def render_error(err: ProxyError) -> dict:
@@ -4023,6 +4077,31 @@ class Gemini(WireFormat):
     name = "gemini"
     count_reply_field = "totalTokens"
     endpoint = ""           # the model is in the URL: /models/{m}:generateContent
+    usage_key = b'"usageMetadata"'
+
+    @classmethod
+    def stream_headers(cls, sse: bool = True) -> List[Tuple[str, str]]:
+        if not sse:                       # streamGenerateContent without alt=sse: one JSON array
+            return [("content-type", "application/json; charset=utf-8"), ("cache-control", "no-cache")]
+        return list(SSE_HEADERS)
+
+    @classmethod
+    def context_overflow_message(cls, used: int, context: int) -> str:
+        return "The input token count (%d) exceeds the maximum number of tokens allowed (%d)." % (used, context)
+
+    @classmethod
+    def with_max_tokens(cls, body: dict, n: int) -> dict:
+        return dict(body, generationConfig=dict(body.get("generationConfig") or {}, maxOutputTokens=n))
+
+    @classmethod
+    def render_model(cls, mid: str, owner: str, created: float) -> dict:
+        return {"name": "models/" + mid, "displayName": mid, "description": "served by %s via llmproxy" % owner,
+                "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}
+
+    @classmethod
+    def render_model_list(cls, models: List[dict]) -> dict:
+        return {"models": models}
+
 
     @staticmethod
     def render_error(err: ProxyError) -> dict:
@@ -8048,8 +8127,6 @@ PUBLIC, CLIENT, ADMIN = 0, 1, 2
 UPSTREAM_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, ValueError, IndexError)
 RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai-processing-ms",
                            "openai-version", "retry-after", "x-openrouter-request-id"])
-SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache"),
-               ("x-accel-buffering", "no")]
 KEEPALIVE_S = 15.0                 # silence (a model thinking) longer than this gets a keep-alive frame
 OFFLOOP_BYTES = 256 * 1024         # bodies larger than this (~2 ms of work; a 50 MB body would hold the
                                    # loop ~0.5 s) have their JSON parsed and written cooperatively, a
@@ -8201,12 +8278,6 @@ def client_format(path: str, headers: Headers):
     return OpenAIChat
 
 
-def stream_headers(fmt, sse: bool = True) -> List[Tuple[str, str]]:
-    if fmt is Gemini and not sse:
-        return [("content-type", "application/json; charset=utf-8"), ("cache-control", "no-cache")]
-    return list(SSE_HEADERS)
-
-
 def _token_weight(text: str) -> int:
     """Quarter-tokens in text: 1 per ASCII character, 3 per 2-byte UTF-8 character and 5 per
     character of 3 or more bytes (CJK text runs near one token a character, not four)."""
@@ -8309,30 +8380,6 @@ def failover_condition(err: ProxyError) -> Optional[str]:
     if err.status in (400, 413) and (code == "context_length_exceeded" or _CONTEXT_RE.search(err.message or "")):
         return "context_length"
     return None
-
-
-def context_message(fmt, used: int, context: int) -> str:
-    """The words each vendor uses for a context overflow (agents match on them to compact)."""
-    if fmt is AnthropicMessages:
-        return "prompt is too long: %d tokens > %d maximum" % (used, context)
-    if fmt is Gemini:
-        return "The input token count (%d) exceeds the maximum number of tokens allowed (%d)." % (used, context)
-    return ("This model's maximum context length is %d tokens. However, your messages resulted in %d tokens. "
-            "Please reduce the length of the messages." % (context, used))
-
-
-def set_max_tokens(fmt, body: dict, n: int) -> dict:
-    """A client body with its output cap lowered to n, in that format's own field."""
-    body = dict(body)
-    if fmt is Gemini:
-        body["generationConfig"] = dict(body.get("generationConfig") or {}, maxOutputTokens=n)
-    elif fmt is OpenAIResponses:
-        body["max_output_tokens"] = n
-    elif fmt is OpenAIChat and "max_completion_tokens" in body:
-        body["max_completion_tokens"] = n
-    else:
-        body["max_tokens"] = n
-    return body
 
 
 class _Peek:
@@ -8905,7 +8952,7 @@ class App:
             yield fmt.render_stream_error(e)
         finally:
             await agen.aclose()
-            info["usage"] = fmt.parse_usage(sniff_usage(b"".join(tail), _usage_key(fmt)))
+            info["usage"] = fmt.parse_usage(sniff_usage(b"".join(tail), fmt.usage_key))
 
     async def passthrough(self, request: Request, fmt, prov: Provider, url: str, body: dict, client_model: str,
                           upstream_model: str, stream: bool, may_wait: bool = True, deadline: Optional[float] = None,
@@ -8945,7 +8992,7 @@ class App:
             return StreamResponse(upstream.status, hdrs + SSE_HEADERS[1:], self.relay_stream(upstream, info, fmt))
         data = await upstream.read()
         self.capture_upstream(info, data, False)
-        info["usage"] = fmt.parse_usage(sniff_usage(data, _usage_key(fmt)))
+        info["usage"] = fmt.parse_usage(sniff_usage(data, fmt.usage_key))
         return Response(upstream.status, hdrs, data)
 
     # -- the hub ---------------------------------------------------------------
@@ -9145,7 +9192,7 @@ class App:
         if context:
             used = estimate_tokens(creq)
             if used >= context or (context - used) < 16:
-                raise ProxyError(400, "invalid_request_error", context_message(fmt, used, context),
+                raise ProxyError(400, "invalid_request_error", fmt.context_overflow_message(used, context),
                                  code="context_length_exceeded", param="messages")
             if wanted and used + wanted > context:
                 wanted = context - used
@@ -9170,7 +9217,7 @@ class App:
                 if fmt is Gemini and stream and not sse:
                     url = url.split("?", 1)[0]
                 if max_tokens:
-                    body = set_max_tokens(fmt, body, max_tokens)
+                    body = fmt.with_max_tokens(body, max_tokens)
                 resp = await self.passthrough(request, fmt, prov, url, body, model, route.model, stream,
                                               may_wait=final, deadline=deadline, rewritten=bool(max_tokens))
             else:
@@ -9255,7 +9302,7 @@ class App:
             primed = None if pieces is None else await self.prime_stream(pieces, fmt_out.stream_decoder(), info)
             encoder = fmt.stream_encoder(creq, options)
             can_fail_over = primed is not None and not may_wait and first_outcome(primed.events) is None
-            resp = StreamResponse(200, stream_headers(fmt, sse) + hdrs,
+            resp = StreamResponse(200, fmt.stream_headers(sse) + hdrs,
                                   self.translate_stream(None, None, encoder, info, events, filters, primed,
                                                         can_fail_over))
             resp.spliceable = can_fail_over
@@ -9580,7 +9627,7 @@ class App:
         hdrs = [("x-llmproxy-provider", "llmproxy")]
         if creq.stream:
             encoder = fmt.stream_encoder(creq, {"sse": sse})
-            return StreamResponse(200, stream_headers(fmt, sse) + hdrs,
+            return StreamResponse(200, fmt.stream_headers(sse) + hdrs,
                                   self.translate_stream(None, None, encoder, request.info, response_events(resp)))
         return json_response(200, fmt.render_response(resp, creq), hdrs)
 
@@ -9934,30 +9981,17 @@ class App:
                     seen.setdefault(m if prov.name == self.router.default else "%s/%s" % (prov.name, m), prov.name)
         return list(seen.items())
 
-    def model_object(self, fmt, mid: str, owner: str) -> dict:
-        if fmt is AnthropicMessages:
-            return {"type": "model", "id": mid, "display_name": mid, "created_at": iso_time(self.started)}
-        if fmt is Gemini:
-            return {"name": "models/" + mid, "displayName": mid, "description": "served by %s via llmproxy" % owner,
-                    "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}
-        return {"id": mid, "object": "model", "created": int(self.started), "owned_by": owner}
-
     async def handle_models(self, request: Request):
         fmt = client_format(request.path, request.headers)
-        data = [self.model_object(fmt, mid, owner) for mid, owner in await self.model_ids()]
-        if fmt is AnthropicMessages:
-            return json_response(200, {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
-                                       "last_id": data[-1]["id"] if data else None})
-        if fmt is Gemini:
-            return json_response(200, {"models": data})
-        return json_response(200, {"object": "list", "data": data})
+        data = [fmt.render_model(mid, owner, self.started) for mid, owner in await self.model_ids()]
+        return json_response(200, fmt.render_model_list(data))
 
     async def handle_model(self, request: Request):
         prefix = "/v1beta/models/" if request.path.startswith("/v1beta/") else "/v1/models/"
         mid = unquote(request.path[len(prefix):])
         route = self.router.resolve(mid)
         fmt = Gemini if prefix == "/v1beta/models/" else client_format(request.path, request.headers)
-        return json_response(200, self.model_object(fmt, mid, route.provider.name))
+        return json_response(200, fmt.render_model(mid, route.provider.name, self.started))
 
     def _credential(self, request: Request) -> Credential:
         body = request.json() if request.body.strip() else {}
@@ -10079,8 +10113,6 @@ def response_events(resp: ChatResponse) -> list:
     return events
 
 
-def _usage_key(fmt) -> bytes:
-    return b'"usageMetadata"' if fmt is Gemini else b'"usage"'
 
 
 def _error_message(body: bytes) -> str:
