@@ -2280,6 +2280,31 @@ class WireFormat:
     # -- facts the app asks of a format (OpenAI's shapes here; formats override) --
 
     usage_key = b'"usage"'                    # the JSON key a reply's token counts sit under
+    passthrough_headers: Tuple[str, ...] = ()  # client headers a same-format upstream must see
+    streams_json = False                      # streams may come as one JSON array, not SSE
+    keeps_history = False                     # the proxy keeps conversations (previous_response_id)
+    inline_images = False                     # image URLs must be fetched into bytes for it
+    remembers_signatures = False              # its tool calls carry signatures other clients drop
+    sets_cache_marks = False                  # its clients place prompt-cache breakpoints themselves
+
+    @classmethod
+    def takes_cache_marks(cls, options: dict) -> bool:
+        """Whether requests rendered for this back-end carry cache breakpoints."""
+        return False
+
+    @classmethod
+    def prepare_passthrough(cls, body: dict) -> Optional[dict]:
+        """A same-format body changed for the back-end, or None when it goes as it came."""
+        return None
+
+    @classmethod
+    def count_url(cls, prov, model: str, endpoint: str) -> str:
+        """Where a same-format token-count request goes."""
+        return prov.url(endpoint)
+
+    @classmethod
+    def render_count(cls, n: int) -> dict:
+        return {"input_tokens": n}
 
     @classmethod
     def stream_headers(cls, sse: bool = True) -> List[Tuple[str, str]]:
@@ -2350,6 +2375,10 @@ class OpenAIChat(WireFormat):
     @classmethod
     def with_max_tokens(cls, body: dict, n: int) -> dict:
         return dict(body, **{"max_completion_tokens" if "max_completion_tokens" in body else "max_tokens": n})
+
+    @classmethod
+    def takes_cache_marks(cls, options: dict) -> bool:
+        return bool(options.get("cache_control"))       # OpenRouter-style back-ends that say so
 
     # -- errors and usage ---------------------------------------------------
 
@@ -2870,6 +2899,13 @@ class AnthropicMessages(WireFormat):
     count_endpoint = "/messages/count_tokens"
     count_fields = ("model", "messages", "system", "tools", "tool_choice", "thinking")
 
+    passthrough_headers = ("anthropic-version", "anthropic-beta")
+    sets_cache_marks = True
+
+    @classmethod
+    def takes_cache_marks(cls, options: dict) -> bool:
+        return True
+
     @classmethod
     def context_overflow_message(cls, used: int, context: int) -> str:
         return "prompt is too long: %d tokens > %d maximum" % (used, context)
@@ -3379,6 +3415,23 @@ class AnthropicEncoder:
 
 # 6c. OpenAI Responses ########################################################
 
+def stateless_input(items: list) -> Optional[list]:
+    """Responses input for store:false: item_reference items dropped and replayed items
+    without their ids (the back-end never stored them, and answers 404 for them). None
+    when nothing changes."""
+    out = []
+    changed = False
+    for it in items:
+        if isinstance(it, dict) and it.get("type") == "item_reference":
+            changed = True
+            continue
+        if isinstance(it, dict) and "id" in it:
+            it = {k: v for k, v in it.items() if k != "id"}
+            changed = True
+        out.append(it)
+    return out if changed else None
+
+
 class OpenAIResponses(WireFormat):
     name = "openai-responses"
     endpoint = "/responses"
@@ -3386,9 +3439,24 @@ class OpenAIResponses(WireFormat):
     count_fields = ("model", "input", "instructions", "tools", "tool_choice", "reasoning", "text",
                     "parallel_tool_calls", "truncation")
 
+    keeps_history = True
+
     @classmethod
     def with_max_tokens(cls, body: dict, n: int) -> dict:
         return dict(body, max_output_tokens=n)
+
+    @classmethod
+    def prepare_passthrough(cls, body: dict) -> Optional[dict]:
+        """store:false: item references and stored ids would 404 upstream, so they go."""
+        if body.get("store") is False and isinstance(body.get("input"), list):
+            cleaned = stateless_input(body["input"])
+            if cleaned is not None:
+                return dict(body, input=cleaned)
+        return None
+
+    @classmethod
+    def render_count(cls, n: int) -> dict:
+        return {"object": "response.input_tokens", "input_tokens": n}
 
 
     @staticmethod
@@ -4078,6 +4146,17 @@ class Gemini(WireFormat):
     count_reply_field = "totalTokens"
     endpoint = ""           # the model is in the URL: /models/{m}:generateContent
     usage_key = b'"usageMetadata"'
+    streams_json = True
+    inline_images = True
+    remembers_signatures = True
+
+    @classmethod
+    def count_url(cls, prov, model: str, endpoint: str) -> str:
+        return prov.url("/models/%s%s" % (quote(model, safe=""), endpoint))
+
+    @classmethod
+    def render_count(cls, n: int) -> dict:
+        return {"totalTokens": n}
 
     @classmethod
     def stream_headers(cls, sse: bool = True) -> List[Tuple[str, str]]:
@@ -8334,23 +8413,6 @@ _CONTEXT_RE = re.compile(r"context.{0,20}(length|window)|too long|maximum.{0,20}
                          re.I)
 
 
-def stateless_input(items: list) -> Optional[list]:
-    """Responses input for store:false: item_reference items dropped and replayed items
-    without their ids (the back-end never stored them, and answers 404 for them). None
-    when nothing changes."""
-    out = []
-    changed = False
-    for it in items:
-        if isinstance(it, dict) and it.get("type") == "item_reference":
-            changed = True
-            continue
-        if isinstance(it, dict) and "id" in it:
-            it = {k: v for k, v in it.items() if k != "id"}
-            changed = True
-        out.append(it)
-    return out if changed else None
-
-
 # 429 bodies that mean the key itself is out of money (OpenAI's insufficient_quota), not one
 # model's rate. Not "exceeded your current quota": Gemini says that of per-model quotas, and
 # OpenAI's plain rate-limit text mentions billing too.
@@ -8963,11 +9025,9 @@ class App:
         info["via"] = "pass"
         if prov.credential is not None:
             await prov.credential.token()
-        if fmt is OpenAIResponses and body.get("store") is False and isinstance(body.get("input"), list):
-            cleaned = stateless_input(body["input"])
-            if cleaned is not None:              # item references and stored ids would 404 upstream
-                body = dict(body, input=cleaned)
-                rewritten = True
+        prepared = fmt.prepare_passthrough(body)
+        if prepared is not None:
+            body, rewritten = prepared, True
         if raw_body is not None:
             raw = raw_body
         elif prov.tags or prov.auth:
@@ -8977,18 +9037,14 @@ class App:
             raw = request.body
         else:
             raw = await self.render_json(len(request.body), dict(body, model=upstream_model))
-        extra = []
-        if fmt is AnthropicMessages:
-            for name in ("anthropic-version", "anthropic-beta"):
-                if request.headers.get(name):
-                    extra.append((name, request.headers.get(name)))
+        extra = [(name, request.headers.get(name)) for name in fmt.passthrough_headers if request.headers.get(name)]
         upstream = await self.send_upstream(prov, "POST", url, raw, stream, info, extra, may_wait=may_wait,
                                             deadline=deadline, model=upstream_model)
         hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
         if upstream.status >= 400:
             return await self.relay_error(upstream, hdrs)
         ctype = upstream.content_type
-        if stream and (ctype == "text/event-stream" or fmt is Gemini):
+        if stream and (ctype == "text/event-stream" or fmt.streams_json):
             return StreamResponse(upstream.status, hdrs + SSE_HEADERS[1:], self.relay_stream(upstream, info, fmt))
         data = await upstream.read()
         self.capture_upstream(info, data, False)
@@ -9214,8 +9270,8 @@ class App:
                 resp = self.serve_mock("/chat/completions", body, route.model, stream, info)
             elif prov.kind == fmt.name and prov.passthrough_ok and not hub:
                 url = prov.chat_url(route.model, stream)
-                if fmt is Gemini and stream and not sse:
-                    url = url.split("?", 1)[0]
+                if fmt.streams_json and stream and not sse:
+                    url = url.split("?", 1)[0]          # the client asked for the JSON array form
                 if max_tokens:
                     body = fmt.with_max_tokens(body, max_tokens)
                 resp = await self.passthrough(request, fmt, prov, url, body, model, route.model, stream,
@@ -9242,16 +9298,15 @@ class App:
                         filters: Optional[FilterChain] = None):
         info = request.info
         info["via"] = "%s>%s" % (fmt.name, prov.kind)
-        if fmt is OpenAIResponses:
+        if fmt.keeps_history:
             self.apply_previous_response(creq)   # a stateless back-end: the proxy keeps the history
         history = list(creq.messages)
         fmt_out = prov.format
-        if fmt_out is Gemini:
+        if fmt_out.remembers_signatures:
             self.restore_signatures(creq)
-        if fmt_out is Gemini and prov.options.get("fetch_images", "public") != "off":
+        if fmt_out.inline_images and prov.options.get("fetch_images", "public") != "off":
             await self.inline_images(creq, prov.options.get("fetch_images", "public") == "all")
-        if fmt is not AnthropicMessages and prov.options.get("auto_cache", True) and \
-                (fmt_out is AnthropicMessages or (fmt_out is OpenAIChat and prov.options.get("cache_control"))):
+        if not fmt.sets_cache_marks and prov.options.get("auto_cache", True) and fmt_out.takes_cache_marks(prov.options):
             add_cache_marks(creq)               # Anthropic caches only where asked; other clients never ask
         client_model = creq.model
         creq.model = upstream_model
@@ -9263,7 +9318,7 @@ class App:
         if size > OFFLOOP_BYTES:
             await asyncio.sleep(0)
         options = dict(prov.options, sse=sse)
-        if fmt is OpenAIResponses and creq.store is not False:
+        if fmt.keeps_history and creq.store is not False:
             options["on_complete"] = lambda final: self.remember(final, history)
         pieces = None
         reply = None
@@ -9315,7 +9370,7 @@ class App:
                 self.keep_signature(p.id, p.origin, p.signature)
         info["usage"] = cresp.usage
         out = fmt.render_response(cresp, creq, options)
-        if fmt is OpenAIResponses and creq.store is not False:
+        if fmt.keeps_history and creq.store is not False:
             self.remember(out, history)
         return Response(200, [("content-type", "application/json")] + hdrs, await self.render_json(size, out))
 
@@ -9838,10 +9893,9 @@ class App:
         prov = route.provider
         request.info.update(model=creq.model, provider=prov.name, upstream_model=route.model)
         if prov.kind == fmt.name and prov.passthrough_ok:
-            url = prov.url("/models/%s%s" % (quote(route.model, safe=""), endpoint)) if fmt is Gemini \
-                else prov.url(endpoint)
+            url = fmt.count_url(prov, route.model, endpoint)
             return await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, False)
-        if fmt is OpenAIResponses and creq.previous_response_id:
+        if fmt.keeps_history and creq.previous_response_id:
             self.apply_previous_response(creq)
         # subscription logins are left alone: their endpoints want bodies shaped for chat only
         n = await self.count_upstream(request, prov, route.model, creq) \
@@ -9849,11 +9903,7 @@ class App:
         if n is None:
             request.info["via"] = "estimate"
             n = estimate_tokens(creq)
-        if fmt is Gemini:
-            return json_response(200, {"totalTokens": n})
-        if fmt is OpenAIResponses:
-            return json_response(200, {"object": "response.input_tokens", "input_tokens": n})
-        return json_response(200, {"input_tokens": n})
+        return json_response(200, fmt.render_count(n))
 
     async def count_upstream(self, request: Request, prov: Provider, model: str, creq: ChatRequest) -> Optional[int]:
         """The back-end's own count of a request in another format, when its API has a count
