@@ -549,6 +549,34 @@ class Ticker:
             self.handle = asyncio.get_running_loop().call_later(max(0.0, min(soonest - now, TICK_S)), self._tick)
 
 
+class Exchange:
+    """What one request/response exchange did, filled as it goes (like mitmproxy's Flow):
+    the server, the app and the upstream calls write it; the log line, usage and the wire
+    capture read it."""
+    __slots__ = ("client", "client_id", "model", "upstream_model", "provider", "upkey", "via", "failover",
+                 "usage", "error", "upstream_ms", "on_done", "cap_out", "cap_out_stream", "cap_up", "cap_up_req",
+                 "cap_up_status")
+
+    def __init__(self):
+        self.client: Optional[str] = None          # the client key, redacted
+        self.client_id: Optional[str] = None       # its id, for rate limits
+        self.model: Optional[str] = None           # the model the client asked for
+        self.upstream_model: Optional[str] = None  # what the back-end ran (and bills)
+        self.provider: Optional[str] = None        # the provider that answered (or was tried last)
+        self.upkey: Optional[str] = None           # the upstream key used, redacted
+        self.via: Optional[str] = None             # pass, mock, command, estimate, "client>back-end"
+        self.failover: List[str] = []              # providers skipped, in order
+        self.usage = None                          # Usage, once known
+        self.error: Optional[str] = None           # an error code, for the log line
+        self.upstream_ms: Optional[float] = None   # time to the upstream's response head
+        self.on_done: List[Callable[[], None]] = []   # run when the exchange ends (slot releases)
+        self.cap_out: Optional[List[bytes]] = None    # wire capture: what the client got
+        self.cap_out_stream = False
+        self.cap_up: Optional[list] = None            # wire capture: [upstream bytes, stream?]
+        self.cap_up_req: Optional[dict] = None
+        self.cap_up_status: Optional[int] = None
+
+
 class Request:
     __slots__ = ("method", "path", "query", "headers", "body", "version", "peer",
                  "match", "t_start", "info", "_json")
@@ -563,7 +591,7 @@ class Request:
         self.peer = peer
         self.match = match
         self.t_start = time.perf_counter()
-        self.info: Dict[str, Any] = {}      # filled by handlers for the log line
+        self.info = Exchange()              # what the exchange did, for the log line and the usage
         self._json = None
 
     def json(self) -> Any:
@@ -1139,7 +1167,7 @@ class HTTPServer:
                 raise
             if hasattr(task, "uncancel"):
                 task.uncancel()
-            request.info["error"] = "client_disconnected"
+            request.info.error = "client_disconnected"
             log.info("client went away during %s %s; upstream request cancelled", head.method, head.path)
             self.app.log_request(request, 499, None, 0, False)
             return False
@@ -1185,7 +1213,7 @@ class HTTPServer:
         t_first = None
         ok = True
         try:
-            tee = request.info.get("cap_out") if request is not None else None
+            tee = request.info.cap_out if request is not None else None
             if isinstance(resp, Response):
                 if tee is not None:
                     tee.append(resp.body[:CAPTURE_PART_BYTES])
@@ -1206,7 +1234,7 @@ class HTTPServer:
                 if not chunked:
                     keep = False
                 if tee is not None:
-                    request.info["cap_out_stream"] = True
+                    request.info.cap_out_stream = True
                 framing = [("transfer-encoding", "chunked")] if chunked else []
                 agen = resp.chunks
                 try:
@@ -8787,12 +8815,12 @@ class App:
 
     async def handle(self, request: Request):
         handler, entry = request.match
-        request.info["client"] = entry.redacted if entry else None
+        request.info.client = entry.redacted if entry else None
         if self.capture is not None:
-            request.info["cap_out"] = []           # the server tees what it sends into this
+            request.info.cap_out = []           # the server tees what it sends into this
         if entry is not None and handler.__name__ not in ("handle_health", "handle_models"):
             self.limiter.check(entry.id)
-            request.info["client_id"] = entry.id
+            request.info.client_id = entry.id
         if len(request.body) > OFFLOOP_BYTES and request.body[:1] in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):
             await request.load_json()            # parsed once, sharing the loop; json() then has it
         return await handler(request)
@@ -8805,58 +8833,59 @@ class App:
     def log_request(self, request: Request, status: int, t_first: Optional[float], sent: int, ok: bool):
         info = request.info
         now = time.perf_counter()
-        for done in info.pop("on_done", ()):
-            done()
-        usage = info.get("usage")
+        done, info.on_done = info.on_done, []
+        for fn in done:
+            fn()
+        usage = info.usage
         tin = tout = None
         if isinstance(usage, Usage):
             tin, tout = usage.input, usage.output
-            if info.get("client_id"):
-                self.limiter.add_tokens(info["client_id"], tin + tout)
-        model = info.get("model")
-        upstream_model = info.get("upstream_model") or model     # what the back-end ran (and bills)
-        if info.get("provider"):
+            if info.client_id:
+                self.limiter.add_tokens(info.client_id, tin + tout)
+        model = info.model
+        upstream_model = info.upstream_model or model     # what the back-end ran (and bills)
+        if info.provider:
             label = self.usage.label(upstream_model or "-")
-            self.usage.record(info.get("client") or "-", info["provider"], label, tin, tout)
+            self.usage.record(info.client or "-", info.provider, label, tin, tout)
             if self.shared is not None:
-                row = self.usage_pending.setdefault((info.get("client") or "-", info["provider"], label), [0, 0, 0])
+                row = self.usage_pending.setdefault((info.client or "-", info.provider, label), [0, 0, 0])
                 row[0] += 1
                 row[1] += tin or 0
                 row[2] += tout or 0
-        self.usage.answer(info.get("provider") or "-", status, now - request.t_start)
-        fields = {"status": status, "key": info.get("client"), "model": model,
+        self.usage.answer(info.provider or "-", status, now - request.t_start)
+        fields = {"status": status, "key": info.client, "model": model,
                   "upstream_model": upstream_model if upstream_model != model else None,
-                  "provider": info.get("provider"), "upkey": info.get("upkey"), "via": info.get("via"),
-                  "failover": ",".join(info["failover"]) if info.get("failover") else None,
+                  "provider": info.provider, "upkey": info.upkey, "via": info.via,
+                  "failover": ",".join(info.failover) if info.failover else None,
                   "ttfb_ms": round((t_first - request.t_start) * 1000, 1) if t_first else None,
                   "total_ms": round((now - request.t_start) * 1000, 1),
                   "tokens_in": tin, "tokens_out": tout, "bytes": sent,
-                  "error": info.get("error") or (None if ok else "client_disconnected")}
+                  "error": info.error or (None if ok else "client_disconnected")}
         self.access.emit("%s %s" % (request.method, request.path[:MAX_LOG_FIELD]), fields)
-        if self.capture is not None and "cap_out" in info:
+        if self.capture is not None and info.cap_out is not None:
             self.record_capture(request, status, fields)
 
     def record_capture(self, request: Request, status: int, fields: dict):
         cap = self.capture
         info = request.info
-        out_stream = info.get("cap_out_stream", False)
+        out_stream = info.cap_out_stream
         doc: Dict[str, Any] = {"ts": round(self.wall(), 3), "method": request.method, "path": request.path,
-                               "status": status, "model": info.get("model"), "provider": info.get("provider"),
+                               "status": status, "model": info.model, "provider": info.provider,
                                "client_request": {"headers": cap.headers(request.headers),
                                                   "body": cap.body(request.body, False)}}
-        if info.get("cap_up_req"):
-            doc["upstream_request"] = info["cap_up_req"]
-        if info.get("cap_up"):
-            data, stream = info["cap_up"]
-            doc["upstream_response"] = {"status": info.get("cap_up_status"), "stream": stream,
+        if info.cap_up_req:
+            doc["upstream_request"] = info.cap_up_req
+        if info.cap_up:
+            data, stream = info.cap_up
+            doc["upstream_response"] = {"status": info.cap_up_status, "stream": stream,
                                         "body": cap.body(data, stream)}
         doc["client_response"] = {"status": status, "stream": out_stream,
-                                  "body": cap.body(b"".join(info["cap_out"]), out_stream)}
+                                  "body": cap.body(b"".join(info.cap_out), out_stream)}
         cap.record(doc)
 
     # -- upstream ------------------------------------------------------------
 
-    async def send_upstream(self, prov: Provider, method: str, url: str, body: bytes, stream: bool, info: dict,
+    async def send_upstream(self, prov: Provider, method: str, url: str, body: bytes, stream: bool, info: "Exchange",
                             extra=(), may_wait: bool = False, deadline: Optional[float] = None,
                             model: Optional[str] = None) -> UpstreamResponse:
         """Send with key rotation: a 429 cools the key (for this model, or whole) and retries
@@ -8881,16 +8910,16 @@ class App:
                     continue
                 raise self._keys_exhausted(prov, last, scope)
             key = k.key if k else (await cred.token() if cred is not None else None)
-            info["upkey"] = redact(k.key) if k else (fingerprint(key) if cred is not None else None)
+            info.upkey = redact(k.key) if k else (fingerprint(key) if cred is not None else None)
             t0 = time.perf_counter()
             headers = prov.request_headers(key, stream, extra)
             if self.capture is not None:
-                info["cap_up_req"] = {"url": url, "headers": self.capture.headers(headers),
+                info.cap_up_req = {"url": url, "headers": self.capture.headers(headers),
                                       "body": WireCapture.body(body, False)}
             resp = await self.client.request(method, url, headers, body, prov.connect_timeout, prov.read_timeout,
                                              prov.options.get("idle_timeout_s"), prov.options.get("total_timeout_s"))
-            info["cap_up_status"] = resp.status
-            info["upstream_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            info.cap_up_status = resp.status
+            info.upstream_ms = round((time.perf_counter() - t0) * 1000, 1)
             if cred is not None and resp.status == 401 and not retried:
                 await resp.read(MAX_ERROR_BODY)       # a refused token: refresh once, retry once
                 retried = True
@@ -8953,7 +8982,7 @@ class App:
         clean = self.pipeline.redactor(text)
         return data if clean == text else clean.encode("utf-8")
 
-    async def relay_stream(self, upstream: UpstreamResponse, info: dict, fmt=None):
+    async def relay_stream(self, upstream: UpstreamResponse, info: "Exchange", fmt=None):
         """Forward upstream bytes as they arrive; keep a short tail to read usage from."""
         fmt = fmt or OpenAIChat
         tail: List[bytes] = []
@@ -9009,12 +9038,12 @@ class App:
                 yield held
                 tail.append(held)
         except UpstreamError as e:
-            info["error"] = e.code
+            info.error = e.code
             log.warning("upstream stream failed: %s", e.message)
             yield fmt.render_stream_error(e)
         finally:
             await agen.aclose()
-            info["usage"] = fmt.parse_usage(sniff_usage(b"".join(tail), fmt.usage_key))
+            info.usage = fmt.parse_usage(sniff_usage(b"".join(tail), fmt.usage_key))
 
     async def passthrough(self, request: Request, fmt, prov: Provider, url: str, body: dict, client_model: str,
                           upstream_model: str, stream: bool, may_wait: bool = True, deadline: Optional[float] = None,
@@ -9022,7 +9051,7 @@ class App:
         """Same format on both sides: forward the client's bytes (model rewritten if routed;
         raw_body, when given, is sent as it is)."""
         info = request.info
-        info["via"] = "pass"
+        info.via = "pass"
         if prov.credential is not None:
             await prov.credential.token()
         prepared = fmt.prepare_passthrough(body)
@@ -9048,7 +9077,7 @@ class App:
             return StreamResponse(upstream.status, hdrs + SSE_HEADERS[1:], self.relay_stream(upstream, info, fmt))
         data = await upstream.read()
         self.capture_upstream(info, data, False)
-        info["usage"] = fmt.parse_usage(sniff_usage(data, fmt.usage_key))
+        info.usage = fmt.parse_usage(sniff_usage(data, fmt.usage_key))
         return Response(upstream.status, hdrs, data)
 
     # -- the hub ---------------------------------------------------------------
@@ -9063,7 +9092,7 @@ class App:
         if not isinstance(model, str) or not model:
             raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
         info = request.info
-        info["model"] = model
+        info.model = model
         cache: List[ChatRequest] = []
 
         def canonical() -> ChatRequest:
@@ -9113,7 +9142,7 @@ class App:
         if session:
             self.sessions.move_to_end(session_key)
             model, chain = self.session_route(session, model)
-            request.info["model"] = model
+            request.info.model = model
             if cache:
                 cache[0].model = model
         ctx = None
@@ -9173,13 +9202,13 @@ class App:
                     if not final and condition in self.config.failover_on:
                         log.warning("provider %s failed (%s: %s); failing over to %s", prov.name, condition,
                                     e.message[:120], chain[i + 1].provider.name)
-                        info.setdefault("failover", []).append(prov.name)
+                        info.failover.append(prov.name)
                         break
                     if isinstance(e, UpstreamReply):
                         return e.response
                     raise
                 breaker.success()
-                info["provider"] = prov.name
+                info.provider = prov.name
                 if not final and isinstance(resp, StreamResponse) and resp.spliceable:
                     resp.chunks = self.splice_stream(resp.chunks, request, fmt, body, canonical, model, stream,
                                                      chain[i + 1:], sse, hub, ctx, prov)
@@ -9202,23 +9231,23 @@ class App:
         if condition in ("connect", "timeout", "5xx"):
             self.breakers[prov.name].failure()
         if condition not in self.config.failover_on:
-            request.info["error"] = err.code or err.kind
+            request.info.error = err.code or err.kind
             yield fmt.render_stream_error(err)
             return
         log.warning("provider %s failed before any output (%s: %s); failing over to %s", prov.name, condition,
                     err.message[:120], rest[0].provider.name)
-        request.info.setdefault("failover", []).append(prov.name)
+        request.info.failover.append(prov.name)
         try:
             resp = await self.run_chain(request, fmt, body, canonical, model, stream, rest, sse, hub, ctx)
         except ProxyError as e2:
-            request.info["error"] = e2.code or e2.kind
+            request.info.error = e2.code or e2.kind
             yield fmt.render_stream_error(e2)
             return
         if isinstance(resp, StreamResponse):
             async for piece in resp.chunks:
                 yield piece
         else:                                   # an upstream error reply relayed as it came
-            request.info["error"] = "upstream_error"
+            request.info.error = "upstream_error"
             yield fmt.render_stream_error(ProxyError(resp.status, "upstream_error", _error_message(resp.body)
                                                      or "upstream error"))
 
@@ -9261,8 +9290,8 @@ class App:
         canonical form), else translate."""
         prov = route.provider
         info = request.info
-        info["provider"] = prov.name
-        info["upstream_model"] = route.model
+        info.provider = prov.name
+        info.upstream_model = route.model
         max_tokens = self.check_context(fmt, prov, route.model, canonical)
         release = await self.slots[prov.name].acquire(prov.name)
         try:
@@ -9290,14 +9319,14 @@ class App:
         except BaseException:
             release()
             raise
-        info.setdefault("on_done", []).append(release)
+        info.on_done.append(release)
         return resp
 
     async def translate(self, request: Request, fmt, prov: Provider, upstream_model: str, creq: ChatRequest,
                         sse: bool, may_wait: bool = True, deadline: Optional[float] = None,
                         filters: Optional[FilterChain] = None):
         info = request.info
-        info["via"] = "%s>%s" % (fmt.name, prov.kind)
+        info.via = "%s>%s" % (fmt.name, prov.kind)
         if fmt.keeps_history:
             self.apply_previous_response(creq)   # a stateless back-end: the proxy keeps the history
         history = list(creq.messages)
@@ -9343,7 +9372,7 @@ class App:
             elif upstream.content_type == "text/event-stream":      # a stream-only back-end, gathered
                 events = await self._decode_all(upstream, fmt_out)
                 cresp = collect_events(filters.run(events) if filters else events)
-                info["usage"] = cresp.usage
+                info.usage = cresp.usage
                 return json_response(200, fmt.render_response(cresp, creq, options), [("x-llmproxy-provider", prov.name)])
             else:
                 data = await upstream.read()
@@ -9368,7 +9397,7 @@ class App:
         for p in cresp.parts:
             if p.type == "tool_call" and p.signature and p.origin == "gemini":
                 self.keep_signature(p.id, p.origin, p.signature)
-        info["usage"] = cresp.usage
+        info.usage = cresp.usage
         out = fmt.render_response(cresp, creq, options)
         if fmt.keeps_history and creq.store is not False:
             self.remember(out, history)
@@ -9545,7 +9574,7 @@ class App:
             raise UpstreamError(502, "upstream reply is not a JSON object", "upstream_not_json")
         return obj
 
-    async def prime_stream(self, pieces, decoder, info: dict) -> _Primed:
+    async def prime_stream(self, pieces, decoder, info: "Exchange") -> _Primed:
         """Read an upstream stream until its first real output, its end, or FIRST_OUTPUT_HOLD_S.
         An error (an error event, a dropped connection, a malformed event) before any output
         is raised here, before the client has been answered, so the chain can fail over."""
@@ -9580,7 +9609,7 @@ class App:
             raise
         return _Primed(peek, sse, decoder, events, ended)
 
-    async def translate_stream(self, pieces, decoder, encoder, info: dict, events=None,
+    async def translate_stream(self, pieces, decoder, encoder, info: "Exchange", events=None,
                                filters: Optional[FilterChain] = None, primed: Optional[_Primed] = None,
                                can_fail_over: bool = False):
         """One upstream piece in, its translated frames out (joined into one write);
@@ -9596,9 +9625,9 @@ class App:
                 if ev[0] == "tool_start" and ev[4] and ev[5] == "gemini":
                     self.keep_signature(ev[2], ev[5], ev[4])
                 if ev[0] == "finish":
-                    info["usage"] = ev[2]
+                    info.usage = ev[2]
                 elif ev[0] == "error":
-                    info["error"] = ev[1].code or ev[1].kind
+                    info.error = ev[1].code or ev[1].kind
                 out.extend(encoder.feed(ev))
             return out
         held: list = []                 # opening events waiting for the first real output
@@ -9676,7 +9705,7 @@ class App:
 
     def direct_reply(self, request: Request, fmt, creq: ChatRequest, text: str, sse: bool):
         """The proxy's own answer (to an in-chat command) in the client's format."""
-        request.info.update(provider="llmproxy", via="command")
+        request.info.provider, request.info.via = "llmproxy", "command"
         resp = ChatResponse(new_id("msg_"), creq.model, [Part("text", text=text)], "end", usage=Usage(),
                             created=int(self.wall()))
         hdrs = [("x-llmproxy-provider", "llmproxy")]
@@ -9686,10 +9715,12 @@ class App:
                                   self.translate_stream(None, None, encoder, request.info, response_events(resp)))
         return json_response(200, fmt.render_response(resp, creq), hdrs)
 
-    def capture_upstream(self, info: dict, data: bytes, stream: bool):
+    def capture_upstream(self, info: "Exchange", data: bytes, stream: bool):
         if self.capture is None:
             return
-        cap = info.setdefault("cap_up", [b"", stream])
+        if info.cap_up is None:
+            info.cap_up = [b"", stream]
+        cap = info.cap_up
         if len(cap[0]) < CAPTURE_PART_BYTES:
             cap[0] += data[:CAPTURE_PART_BYTES - len(cap[0])]
 
@@ -9734,9 +9765,9 @@ class App:
         route = self.router.resolve(model)
         prov = route.provider
         info = request.info
-        info["model"] = model
-        info["provider"] = prov.name
-        info["upstream_model"] = route.model
+        info.model = model
+        info.provider = prov.name
+        info.upstream_model = route.model
         stream = stream_ok and body.get("stream") is True
         if prov.kind == "mock":
             return self.serve_mock(endpoint, body, route.model, stream, info)
@@ -9747,10 +9778,10 @@ class App:
                              "%r routes to a %s provider" % (endpoint, model, prov.kind), param="model")
         return await self.passthrough(request, OpenAIChat, prov, prov.url(endpoint), body, model, route.model, stream)
 
-    async def embeddings_on_gemini(self, body: dict, prov: Provider, model: str, info: dict):
+    async def embeddings_on_gemini(self, body: dict, prov: Provider, model: str, info: "Exchange"):
         """OpenAI /embeddings on a Gemini back-end: one batchEmbedContents call (text inputs only)."""
         texts, dims, encoding = OpenAIChat.parse_embeddings(body)
-        info["via"] = "openai>gemini"
+        info.via = "openai>gemini"
         if prov.credential is not None:
             await prov.credential.token()
         url = prov.url("/models/%s:batchEmbedContents" % quote(model, safe=""))
@@ -9760,7 +9791,7 @@ class App:
             raise await self.upstream_failure(upstream)
         vectors = Gemini.parse_embed_reply(self._json_reply(await upstream.read()), len(texts))
         tokens = sum(max(1, (len(t) + 3) // 4) for t in texts)     # Gemini reports none: estimated
-        info["usage"] = Usage(tokens, 0)
+        info.usage = Usage(tokens, 0)
         return json_response(200, OpenAIChat.render_embeddings_reply(model, vectors, tokens, encoding),
                              [("x-llmproxy-provider", prov.name)])
 
@@ -9784,10 +9815,10 @@ class App:
             raise ProxyError(400, "invalid_request_error", "'stream' must be a boolean", param="stream")
         return body
 
-    def serve_mock(self, endpoint: str, body: dict, model: str, stream: bool, info: dict):
+    def serve_mock(self, endpoint: str, body: dict, model: str, stream: bool, info: "Exchange"):
         """The built-in mock model on a client's raw OpenAI body (checked like any chat request
         first; what it still cannot read is the client's 400, never a 500)."""
-        info["via"] = "mock"
+        info.via = "mock"
         try:
             if endpoint == "/chat/completions":
                 if not isinstance(body.get("messages"), list) or not body["messages"]:
@@ -9796,7 +9827,7 @@ class App:
                 OpenAIChat.parse_request(body)
                 if stream:
                     frames = self.mock.chat_stream(body, model)
-                    info["usage"] = OpenAIChat.parse_usage(sniff_usage(b"".join(frames[-3:])))
+                    info.usage = OpenAIChat.parse_usage(sniff_usage(b"".join(frames[-3:])))
                     return StreamResponse(200, SSE_HEADERS + [("x-llmproxy-provider", "mock")], _iterate(frames))
                 reply = self.mock.chat(body, model)
             elif endpoint == "/completions":
@@ -9805,7 +9836,7 @@ class App:
                 reply = self.mock.embeddings(body, model)
         except UPSTREAM_SHAPE_ERRORS as e:
             raise ProxyError(400, "invalid_request_error", "the mock model cannot read this request (%s)" % e)
-        info["usage"] = OpenAIChat.parse_usage(reply.get("usage"))
+        info.usage = OpenAIChat.parse_usage(reply.get("usage"))
         return json_response(200, reply, [("x-llmproxy-provider", "mock")])
 
     # -- Anthropic, Responses and Gemini handlers -------------------------------
@@ -9852,7 +9883,7 @@ class App:
         route = self.router.resolve(model)
         prov = route.provider
         info = request.info
-        info.update(model=model, provider=prov.name, upstream_model=route.model)
+        info.model, info.provider, info.upstream_model = model, prov.name, route.model
         if prov.kind == "gemini" and prov.passthrough_ok:
             raw = _jbytes(Gemini.route_embed_batch(body, route.model)) if batch and route.model != model else None
             url = prov.url("/models/%s:%s" % (quote(route.model, safe=""), action))
@@ -9863,7 +9894,7 @@ class App:
                              param="model")
         texts, dims = Gemini.parse_embed_request(body, batch)
         up_body = OpenAIChat.render_embeddings_request(route.model or model, texts, dims)
-        info["via"] = "gemini>" + prov.kind
+        info.via = "gemini>" + prov.kind
         if prov.kind == "mock":
             reply = self.mock.embeddings(up_body, route.model or model)
         else:
@@ -9873,7 +9904,7 @@ class App:
                 raise await self.upstream_failure(upstream)
             reply = self._json_reply(await upstream.read())
         vectors, tokens = OpenAIChat.parse_embeddings_reply(reply, len(texts))
-        info["usage"] = Usage(tokens, 0)
+        info.usage = Usage(tokens, 0)
         return json_response(200, Gemini.render_embed_reply(vectors, batch), [("x-llmproxy-provider", prov.name)])
 
     async def handle_count_tokens(self, request: Request):
@@ -9891,7 +9922,7 @@ class App:
         (no upstream call, no rate limit spent)."""
         route = self.router.resolve(creq.model)
         prov = route.provider
-        request.info.update(model=creq.model, provider=prov.name, upstream_model=route.model)
+        request.info.model, request.info.provider, request.info.upstream_model = creq.model, prov.name, route.model
         if prov.kind == fmt.name and prov.passthrough_ok:
             url = fmt.count_url(prov, route.model, endpoint)
             return await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, False)
@@ -9901,7 +9932,7 @@ class App:
         n = await self.count_upstream(request, prov, route.model, creq) \
             if prov.passthrough_ok and prov.credential is None and not prov.tags else None
         if n is None:
-            request.info["via"] = "estimate"
+            request.info.via = "estimate"
             n = estimate_tokens(creq)
         return json_response(200, fmt.render_count(n))
 
@@ -9918,7 +9949,7 @@ class App:
         finally:
             creq.model = client_model
         info = request.info
-        info["via"] = "count:%s" % prov.kind
+        info.via = "count:%s" % prov.kind
         try:
             upstream = await self.send_upstream(prov, "POST", prov.url(path), _jbytes(body), False, info, model=model)
             if upstream.status >= 400:
@@ -10005,7 +10036,7 @@ class App:
             return cached[1]
         ids: List[str] = []
         try:
-            resp = await self.send_upstream(prov, "GET", prov.url("/models"), b"", False, {})
+            resp = await self.send_upstream(prov, "GET", prov.url("/models"), b"", False, Exchange())
             data = await resp.read(MAX_UPSTREAM_BODY)
             if resp.status == 200:
                 doc = json.loads(data)

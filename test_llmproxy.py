@@ -2401,7 +2401,7 @@ class TestMalformedShapes(unittest.TestCase):
         async def collect():
             enc = lp.FORMATS[target].stream_encoder(lp.ChatRequest(model="m"))
             return b"".join([c async for c in app.translate_stream(source(), lp.FORMATS[fmt].stream_decoder(),
-                                                                   enc, {})])
+                                                                   enc, lp.Exchange())])
         return asyncio.run(collect())
 
     def test_stream_text_that_is_not_a_string_ends_in_an_error_event(self):
