@@ -2308,6 +2308,7 @@ class WireFormat:
     # -- facts the app asks of a format (OpenAI's shapes here; formats override) --
 
     usage_key = b'"usage"'                    # the JSON key a reply's token counts sit under
+    keepalive_frame = b": keep-alive\n\n"    # an SSE comment, which this format's clients skip
     passthrough_headers: Tuple[str, ...] = ()  # client headers a same-format upstream must see
     streams_json = False                      # streams may come as one JSON array, not SSE
     keeps_history = False                     # the proxy keeps conversations (previous_response_id)
@@ -4174,6 +4175,9 @@ class Gemini(WireFormat):
     count_reply_field = "totalTokens"
     endpoint = ""           # the model is in the URL: /models/{m}:generateContent
     usage_key = b'"usageMetadata"'
+    # QUIRK(gemini): Google's SDKs (Python and JS) read every line that is not "data: ..."
+    # as JSON, so an SSE comment breaks them; a blank line is skipped by both
+    keepalive_frame = b"\r\n"
     streams_json = True
     inline_images = True
     remembers_signatures = True
@@ -4732,7 +4736,7 @@ class GeminiEncoder:
         return []
 
     def keepalive(self) -> bytes:
-        return b": keep-alive\r\n\r\n" if self.sse else b""
+        return Gemini.keepalive_frame if self.sse else b""
 
     def close(self) -> List[bytes]:
         if not self.sse and not self.ended:
@@ -8982,38 +8986,74 @@ class App:
         clean = self.pipeline.redactor(text)
         return data if clean == text else clean.encode("utf-8")
 
-    async def relay_stream(self, upstream: UpstreamResponse, info: "Exchange", fmt=None):
-        """Forward upstream bytes as they arrive; keep a short tail to read usage from."""
+    async def prime_relay(self, upstream: UpstreamResponse, info: "Exchange", fmt) -> "_Primed":
+        """A same-format stream read up to its first real output (or FIRST_OUTPUT_HOLD_S), the
+        bytes kept to relay as they came: an error event or a dropped connection before any
+        output is raised here, before the client was answered, so the chain can fail over."""
+        peek = _Peek(upstream.iter_body())
+        sse, decoder = SSEDecoder(), fmt.stream_decoder()
+        held: List[bytes] = []
+        events: list = []
+        ended = False
+        until = time.monotonic() + FIRST_OUTPUT_HOLD_S
+        try:
+            while first_outcome(events) is None:
+                item = await peek.next(until - time.monotonic())
+                if item is _Peek.TIMEOUT:
+                    break
+                held.append(item)
+                try:
+                    for sev in sse.feed(item):
+                        events.extend(decoder.feed(sev))
+                except UPSTREAM_SHAPE_ERRORS + (ProxyError,):
+                    break                       # not ours to judge on pass-through: relay it
+        except StopAsyncIteration:
+            ended = True
+        except BaseException:
+            await peek.aclose()
+            raise
+        first = first_outcome(events)
+        if first is not None and first[0] == "error" and isinstance(first[1], ProxyError):
+            await peek.aclose()
+            raise first[1]
+        return _Primed(peek, None, None, held, ended)
+
+    async def relay_stream(self, upstream: UpstreamResponse, info: "Exchange", fmt=None,
+                           primed: Optional["_Primed"] = None):
+        """Forward upstream bytes as they arrive; keep a short tail to read usage from.
+        `primed`: the stream's first pieces, already read (see prime_relay)."""
         fmt = fmt or OpenAIChat
         tail: List[bytes] = []
         tail_len = 0
-        agen = upstream.iter_body()
+        peek = primed.peek if primed is not None else _Peek(upstream.iter_body())
+        agen = peek.agen
+        pending = list(primed.events) if primed is not None else []
+        ended = primed.ended if primed is not None else False
         # An event cut in half is held back until its blank line arrives: if the upstream
         # fails mid-event, the client gets the error event on a clean boundary instead of
         # half an event glued to it (which no SSE client can read).
         sse = upstream.content_type == "text/event-stream"
+        waiting = sse and not pending          # nothing yet: a model thinking gets keep-alives
         held = b""
-        first = None
-        ended = False
         try:
-            if sse:                 # a silence before the first byte (a model thinking) gets keep-alives
-                peek = _Peek(agen)
-                try:
-                    first = await peek.next(FIRST_KEEPALIVE_S)
-                    while first is _Peek.TIMEOUT:
-                        yield b": keep-alive\n\n"        # an SSE comment: every client skips it
-                        first = await peek.next(FIRST_KEEPALIVE_S)
-                except StopAsyncIteration:
-                    ended = True
-                finally:
-                    if peek.nxt is not None:
-                        await peek.aclose()
-            while not ended:
-                if first is not None:
-                    piece, first = first, None
+            while True:
+                if pending:
+                    piece = pending.pop(0)
+                elif ended:
+                    break
+                elif waiting or peek.nxt is not None:
+                    try:
+                        piece = await peek.next(FIRST_KEEPALIVE_S if waiting else READ_TIMEOUT_S * 10)
+                    except StopAsyncIteration:
+                        break
+                    if piece is _Peek.TIMEOUT:
+                        if waiting:
+                            yield fmt.keepalive_frame       # what this format's clients skip
+                        continue
+                    waiting = False
                 else:
                     try:
-                        piece = await agen.__anext__()
+                        piece = await agen.__anext__()     # the hot path: no task per piece
                     except StopAsyncIteration:
                         break
                 if sse:
@@ -9042,7 +9082,7 @@ class App:
             log.warning("upstream stream failed: %s", e.message)
             yield fmt.render_stream_error(e)
         finally:
-            await agen.aclose()
+            await peek.aclose()
             info.usage = fmt.parse_usage(sniff_usage(b"".join(tail), fmt.usage_key))
 
     async def passthrough(self, request: Request, fmt, prov: Provider, url: str, body: dict, client_model: str,
@@ -9074,7 +9114,9 @@ class App:
             return await self.relay_error(upstream, hdrs)
         ctype = upstream.content_type
         if stream and (ctype == "text/event-stream" or fmt.streams_json):
-            return StreamResponse(upstream.status, hdrs + SSE_HEADERS[1:], self.relay_stream(upstream, info, fmt))
+            primed = await self.prime_relay(upstream, info, fmt) if ctype == "text/event-stream" else None
+            return StreamResponse(upstream.status, hdrs + SSE_HEADERS[1:], self.relay_stream(upstream, info, fmt,
+                                                                                             primed))
         data = await upstream.read()
         self.capture_upstream(info, data, False)
         info.usage = fmt.parse_usage(sniff_usage(data, fmt.usage_key))
@@ -9645,6 +9687,10 @@ class App:
                     out, held = [f for ev in held for f in emit(ev)], []
                     if out:
                         yield b"".join(out)
+                elif not primed.ended and pieces is None:      # the head goes out now: say we are alive
+                    ka = encoder.keepalive()
+                    if ka:
+                        yield ka
                 try:
                     while not primed.ended:
                         try:

@@ -152,6 +152,14 @@ STREAM_EVENTS = [
     b"data: [DONE]\n\n",
 ]
 
+async def gated_ok(w):
+    """The whole of STREAM_EVENTS as one chunked SSE reply."""
+    sse_head(w)
+    for ev in STREAM_EVENTS:
+        sse_chunk(w, ev)
+    w.write(b"0\r\n\r\n")
+
+
 def gated_stream(gate: asyncio.Event):
     """An upstream handler that streams the first event, waits for `gate`, then the rest."""
     async def handler(req, w):
@@ -1196,9 +1204,9 @@ class TestStreaming(ProxyCase):
     async def test_an_event_cut_in_half_is_held_back_and_the_error_event_is_readable(self):
         async def handler(req, w):
             sse_head(w)
-            sse_chunk(w, STREAM_EVENTS[0] + STREAM_EVENTS[1][:30])      # one whole event, then half of one
+            sse_chunk(w, STREAM_EVENTS[0] + STREAM_EVENTS[1] + STREAM_EVENTS[2][:30])   # whole events, half of one
             await w.drain()
-            sse_chunk(w, STREAM_EVENTS[1][30:50])
+            sse_chunk(w, STREAM_EVENTS[2][30:50])
             await w.drain()
             return False                    # and the upstream is gone
         await self.start(handler)
@@ -1207,7 +1215,7 @@ class TestStreaming(ProxyCase):
             self.assertEqual(status, 200)
             events = lp.SSEDecoder().feed(data)
             self.assertEqual([json.loads(e.data).get("error", {}).get("code") for e in events],
-                             [None, "upstream_incomplete"])           # every event parses; no half one
+                             [None, None, "upstream_incomplete"])     # every event parses; no half one
         self.assertEqual(lp.SSEDecoder().feed(data)[0].data, STREAM_EVENTS[0][6:-2].decode())
 
     async def test_silence_before_the_first_byte_gets_keepalives_on_pass_through(self):
@@ -4023,6 +4031,54 @@ class TestResilience(ProxyCase):
         self.assertEqual((calls[0][1], end), ("get_weather", "tool_use"))
         self.assertNotIn(b"provider returned error", data)
 
+    async def test_a_pass_through_stream_that_errors_before_output_fails_over(self):
+        async def errs_at_once(req, w):
+            sse_head(w)
+            sse_chunk(w, STREAM_EVENTS[0] + b'data: {"error":{"message":"overloaded","code":"overloaded"}}\n\n')
+            w.write(b"0\r\n\r\n")
+        async def ok(req, w):
+            await gated_ok(w)
+        await self.two_upstreams(errs_at_once, ok, fmt_b="openai")
+        body = {"model": "smart", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        status, headers, data = await self.call("POST", "/v1/chat/completions", body)
+        self.assertEqual((status, headers["x-llmproxy-provider"]), (200, "b"), data)
+        self.assertNotIn(b"overloaded", data)
+        self.assertEqual(data, b"".join(STREAM_EVENTS))              # b's stream, byte for byte
+        self.assertEqual(self.app.breakers["a"].failures, 1)
+
+    async def test_gemini_clients_get_blank_line_keepalives_not_comments(self):
+        gate = asyncio.Event()
+
+        async def thinking(req, w):
+            sse_head(w)
+            await w.drain()
+            await gate.wait()
+            for ev in STREAM_EVENTS:
+                sse_chunk(w, ev)
+            w.write(b"0\r\n\r\n")
+        await self.two_upstreams(thinking)
+        saved = lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S
+        lp.FIRST_KEEPALIVE_S = lp.FIRST_OUTPUT_HOLD_S = 0.05
+        try:
+            c = await self.conn()
+            c.send("POST", "/v1beta/models/a/model-a:streamGenerateContent?alt=sse",
+                   {"contents": [{"role": "user", "parts": [{"text": "think"}]}]})
+            status, _ = await c.read_head()
+            chunks = c.read_chunks()
+            seen = await chunks.__anext__()
+            seen += await chunks.__anext__()
+            gate.set()
+            async for piece in chunks:
+                seen += piece
+        finally:
+            lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S = saved
+        self.assertEqual(status, 200)
+        self.assertTrue(seen.startswith(b"\r\n\r\n"), seen[:40])
+        self.assertNotIn(b": keep-alive", seen)                    # Google's SDKs would choke on a comment
+        texts = [p["text"] for ev in lp.SSEDecoder().feed(seen)
+                 for p in json.loads(ev.data)["candidates"][0]["content"]["parts"] if "text" in p]
+        self.assertEqual("".join(texts), "Hello")
+
     async def test_a_silent_stream_that_dies_before_output_is_continued_by_the_next_back_end(self):
         async def silent_then_gone(req, w):
             sse_head(w)
@@ -4044,7 +4100,7 @@ class TestResilience(ProxyCase):
                 with self.subTest(client=client):
                     status, headers, data = await self.call("POST", p, body)
                     self.assertEqual((status, headers["x-llmproxy-provider"]), (200, "a"))   # the head went out
-                    self.assertIn(b"keep-alive" if client != "anthropic" else b"event: ping", data)
+                    self.assertIn({"anthropic": b"event: ping", "gemini": b"\r\n\r\n"}.get(client, b"keep-alive"), data)
                     text, calls, end = client_reply(client, data, True)
                     self.assertEqual(calls[0][1], "get_weather")                            # b's answer
                     self.assertNotIn(b"upstream_incomplete", data)
