@@ -101,6 +101,7 @@ MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed upstream reply is read wh
 MAX_ERROR_BODY = 1024 * 1024        # upstream error bodies are read whole to be relayed or cleaned
 MAX_UPSTREAM_HEAD = 64 * 1024      # an upstream response head (the StreamReader limit); over -> 502
 MAX_INTERIM = 8                     # 1xx heads skipped before a final one (RFC 9110 §15.2 allows several); more -> 502
+MIN_COOLDOWN_S = 1.0                # a 429's cooldown, whatever its hint says (0, 120 ms, a date past)
 DEFAULT_COOLDOWN_S = 60.0           # a 429 without any reset hint cools the key this long
 MAX_MODEL_COOLDOWNS = 256          # per-model cooldowns one key keeps (client model names can be anything)
 MAX_COOLDOWN_S = 1800.0             # a reset hint is believed up to 30 min, then the key is probed again
@@ -671,7 +672,14 @@ def _no_constant(name: str):
     raise ValueError("%s is not a JSON value (RFC 8259 §6)" % name)
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):                  # 1e999: no JSON number, and no back-end takes it
+        raise ValueError("number %s is out of range" % text[:40])
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def parse_json(data) -> Any:
@@ -1477,8 +1485,9 @@ class UpstreamResponse:
                 if kind == "length" and remaining <= 0:
                     break
                 wait = self.read_timeout
-                if self.deadline is not None:
-                    wait = min(wait, self.deadline - time.monotonic())
+                total_bound = False
+                if self.deadline is not None and self.deadline - time.monotonic() < wait:
+                    wait, total_bound = self.deadline - time.monotonic(), True
                     if wait <= 0:
                         raise UpstreamError(504, "upstream reply exceeded the total time limit", "upstream_timeout")
                 timer.arm(wait)
@@ -1489,7 +1498,8 @@ class UpstreamResponse:
                 finally:
                     timer.disarm()
                 if timer.fired:
-                    raise UpstreamError(504, "upstream sent nothing for %.1f s" % wait, "upstream_timeout")
+                    raise UpstreamError(504, "upstream reply exceeded the total time limit" if total_bound else
+                                        "upstream sent nothing for %.1f s" % wait, "upstream_timeout")
                 if not data:
                     if kind == "close":
                         self.keep = False
@@ -1508,13 +1518,20 @@ class UpstreamResponse:
                 else:
                     pieces = (data,)
                 for piece in pieces:
-                    if zdec is not None:
+                    if zdec is None:
+                        if piece:
+                            yield piece
+                        continue
+                    # at most a few chunks' worth at a time: a "gzip bomb" cannot inflate a
+                    # whole body in one call (the caller's size cap then applies as it grows)
+                    while piece:
                         try:
-                            piece = zdec.decompress(piece)
+                            out = zdec.decompress(piece, 4 * READ_CHUNK)
                         except zlib.error:
                             raise UpstreamError(502, "upstream sent a corrupt compressed body", "upstream_framing")
-                    if piece:
-                        yield piece
+                        piece = zdec.unconsumed_tail
+                        if out:
+                            yield out
                 if dec is not None and dec.done:
                     if dec.tail:
                         self.keep = False
@@ -2065,8 +2082,8 @@ def parse_arguments(text: str) -> dict:
     if not text or not text.strip():
         return {}
     try:
-        obj = json.loads(text)
-    except ValueError:
+        obj = parse_json(text)
+    except (ValueError, RecursionError):
         log.warning("tool call arguments are not valid JSON; sending {} (%d chars)", len(text))
         return {}
     return obj if isinstance(obj, dict) else {"value": obj}
@@ -4378,8 +4395,8 @@ class Gemini(WireFormat):
             elif p.type == "tool_result":
                 text = text_of(p.content)
                 try:
-                    value = json.loads(text) if text[:1] in "{[" else text
-                except ValueError:
+                    value = parse_json(text) if text[:1] in "{[" else text
+                except (ValueError, RecursionError):
                     value = text
                 out.append({"functionResponse": {"name": names.get(p.id) or p.name or "tool", "id": p.id,
                                                  "response": {"error" if p.is_error else "output": value}}})
@@ -4797,15 +4814,15 @@ def parse_upstream_error(status: int, content_type: str, body: bytes) -> Optiona
     JSON error that keeps the status and says what the page said, briefly."""
     if content_type.endswith("json") or content_type.endswith("+json"):
         try:
-            json.loads(body)
+            parse_json(body)
             return None
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     elif body[:1] in (b"{", b"["):
         try:
-            json.loads(body)
+            parse_json(body)
             return None
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     m = _TITLE_RE.search(body[:65536])
     text = (m.group(1) if m else body[:2048]).decode("utf-8", "replace")
@@ -5307,7 +5324,10 @@ class KeyRing:
 
     def cool(self, k: UpstreamKey, seconds: float, model: Optional[str] = None):
         """Cool a key (for one model, or all); a second 429 never shortens a later deadline."""
-        seconds = min(max(seconds, 0.0), self.max_cooldown)
+        if not isinstance(seconds, (int, float)) or math.isnan(seconds):
+            seconds = DEFAULT_COOLDOWN_S
+        # at least MIN_COOLDOWN_S: a "retry-after: 0" must not turn the next try into a tight loop
+        seconds = min(max(seconds, MIN_COOLDOWN_S), self.max_cooldown)
         until = self.clock() + seconds
         if model:
             k.model_until[model] = max(k.model_until.get(model, 0.0), until)
@@ -5403,7 +5423,7 @@ def parse_reset_time(headers: Headers, now: float) -> Optional[float]:
     ra = headers.get("retry-after")
     if ra:
         ra = ra.strip()
-        if ra.isdigit():
+        if _DIGITS_RE.match(ra):                  # ASCII digits only ("\xb2".isdigit() is true)
             return float(ra)
         try:
             import email.utils          # an HTTP-date Retry-After is rare: import it only then
@@ -5562,8 +5582,8 @@ async def post_form(client: "HTTPClient", url: str, fields: dict, headers=(), js
     resp = await client.request("POST", url, hdrs, body, min(timeout, CONNECT_TIMEOUT_S), timeout)
     data = await resp.read(MAX_ERROR_BODY)
     try:
-        doc = json.loads(data) if data.strip() else None
-    except ValueError:
+        doc = parse_json(data) if data.strip() else None
+    except (ValueError, RecursionError):
         doc = None
     return resp.status, resp.headers, doc
 
@@ -5988,7 +6008,13 @@ class NousCredential(Credential):
         if resp.status != 200:
             raise ProxyError(502, "upstream_error", "minting an agent key answered HTTP %d" % resp.status,
                              code="agent_key_failed")
-        doc = json.loads(data)
+        try:
+            doc = parse_json(data)
+        except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise ProxyError(502, "upstream_error", "minting an agent key answered something other than a JSON "
+                             "object", code="agent_key_failed")
         key_exp = doc.get("expires_at")
         if isinstance(key_exp, str):
             try:
@@ -6627,8 +6653,8 @@ def repair_json(text: str) -> Tuple[Any, bool]:
     single quotes, unquoted keys, Python literals and truncation are fixed. Raises
     ValueError when nothing sensible is left."""
     try:
-        return json.loads(text), False
-    except ValueError:
+        return parse_json(text), False
+    except (ValueError, RecursionError):
         pass
     s = text.strip()
     m = _FENCE_RE.match(s)
@@ -6971,8 +6997,8 @@ class JSONRepairFilter(EventFilter):
 
 def _call_key(name: str, args: str) -> Tuple[str, str]:
     try:
-        return name, json.dumps(json.loads(args or "{}"), sort_keys=True)
-    except ValueError:
+        return name, json.dumps(parse_json(args or "{}"), sort_keys=True)
+    except (ValueError, RecursionError):
         return name, args
 
 
@@ -7059,8 +7085,8 @@ class DangerFilter(HeldCalls):
 
     def check(self, args: str) -> Optional[Tuple[str, str]]:
         try:
-            value = json.loads(args or "{}")
-        except ValueError:
+            value = parse_json(args or "{}")
+        except (ValueError, RecursionError):
             value = args
         for text in _strings(value):
             if any(a.search(text) for a in self.allow):
@@ -7557,8 +7583,8 @@ class WireCapture:
         else:
             text = data.decode("utf-8", "replace")
             try:
-                out = json.loads(text)
-            except ValueError:
+                out = parse_json(text)
+            except (ValueError, RecursionError):
                 out = text
         return {"truncated": True, "body": out} if cut else out
 
@@ -8421,7 +8447,7 @@ def upstream_error(status: int, content_type: str, body: bytes) -> ProxyError:
         return cleaned
     code = None
     try:
-        doc = json.loads(body)
+        doc = parse_json(body)
         err = doc.get("error") if isinstance(doc, dict) else None
         if isinstance(err, dict):
             code = err.get("code") or err.get("status") or err.get("type")
@@ -8451,7 +8477,11 @@ _CONTEXT_RE = re.compile(r"context.{0,20}(length|window)|too long|maximum.{0,20}
 _KEY_WIDE_429_RE = re.compile(rb"insufficient_quota|credit balance|out of credits", re.I)
 
 # The request left in full but no answer came back: the upstream may have run (and billed) it.
-_MAYBE_PROCESSED = frozenset(("upstream_disconnected", "upstream_timeout", "upstream_incomplete"))
+# So did every reply the proxy could not use (a broken head, a body of the wrong shape): the
+# upstream answered, and most likely billed. Only a failed connect, or an error status the
+# upstream itself chose to send, is safe to try on the same target again.
+_MAYBE_PROCESSED = frozenset(("upstream_disconnected", "upstream_timeout", "upstream_incomplete", "upstream_framing",
+                              "upstream_not_json", "upstream_malformed", "upstream_too_large"))
 
 
 def maybe_processed(err: ProxyError) -> bool:
@@ -8474,6 +8504,20 @@ def failover_condition(err: ProxyError) -> Optional[str]:
     if err.status in (400, 413) and (code == "context_length_exceeded" or _CONTEXT_RE.search(err.message or "")):
         return "context_length"
     return None
+
+
+_EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")
+
+
+def event_boundary(data: bytes) -> int:
+    """Where the last complete SSE event in data ends (after its blank line); 0 if none does.
+    Lines end in CRLF, LF or CR (WHATWG), so a blank line is any two line ends in a row."""
+    best = 0
+    for end in _EVENT_ENDS:
+        i = data.rfind(end)
+        if i >= 0 and i + len(end) > best:
+            best = i + len(end)
+    return best
 
 
 class _Peek:
@@ -8902,6 +8946,7 @@ class App:
         last = ""
         retried = False
         waited = 0.0
+        limited = 0                               # 429s this request met: each key twice at most
         while True:
             k = ring.acquire(scope) if ring.keys else None
             if ring.keys and k is None:
@@ -8942,6 +8987,7 @@ class App:
                 detail = b""
             last = self.pipeline.redactor(_error_message(detail))      # an upstream may echo the key
             if resp.status == 429:
+                limited += 1
                 wait = parse_reset_time(resp.headers, self.wall())
                 if wait is None:
                     wait = parse_reset_body(detail)
@@ -8952,6 +8998,8 @@ class App:
                 log.warning("provider %s key %s rate limited%s (%s); cooling %.0f s", prov.name, redact(k.key),
                             " for " + cool_scope if cool_scope else "", last or "429",
                             KeyRing._until(k, cool_scope) - self.clock())
+                if limited >= 2 * len(ring.keys):
+                    raise self._keys_exhausted(prov, last, scope)
             else:
                 ring.disable(k, "HTTP %d: %s" % (resp.status, last[:120]))
                 self.share_key(prov, k, None)
@@ -9059,10 +9107,8 @@ class App:
                 if sse:
                     if held:
                         piece, held = held + piece, b""
-                    if not piece.endswith(b"\n\n") and not piece.endswith(b"\r\r"):
-                        cut = max(piece.rfind(b"\n\n") + 2, piece.rfind(b"\r\r") + 2)
-                        if cut < 2:
-                            cut = 0
+                    if not piece.endswith(_EVENT_ENDS):
+                        cut = event_boundary(piece)
                         if len(piece) - cut < MAX_HELD_EVENT:
                             piece, held = piece[:cut], piece[cut:]
                         if not piece:
@@ -9074,7 +9120,8 @@ class App:
                 tail_len += len(piece)
                 while tail_len - len(tail[0]) >= USAGE_TAIL_BYTES:
                     tail_len -= len(tail.pop(0))
-            if held:
+            if held:                          # the stream ended inside an event: end that event, as a
+                held += b"\n\n"              # lenient SSE reader would (a cut one then fails to parse)
                 yield held
                 tail.append(held)
         except UpstreamError as e:
@@ -9298,7 +9345,7 @@ class App:
         the attempts or the request's time budget are spent."""
         if attempt >= self.config.retry_attempts:
             return None
-        hinted = next((float(v) for k, v in err.headers if k == "retry-after" and v.isdigit()), None)
+        hinted = next((float(v) for k, v in err.headers if k == "retry-after" and _DIGITS_RE.match(v)), None)
         base = min(self.config.retry_max_backoff_s, self.config.retry_backoff_s * (2 ** attempt))
         wait = hinted if hinted is not None else base * (0.5 + 0.5 * self.rand())
         if self.clock() + wait > deadline:
@@ -10085,7 +10132,7 @@ class App:
             resp = await self.send_upstream(prov, "GET", prov.url("/models"), b"", False, Exchange())
             data = await resp.read(MAX_UPSTREAM_BODY)
             if resp.status == 200:
-                doc = json.loads(data)
+                doc = parse_json(data)
                 ids = [m["id"] for m in doc.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
                 ids += [m["name"].split("/", 1)[-1] for m in doc.get("models", [])
                         if isinstance(m, dict) and isinstance(m.get("name"), str)]
@@ -10245,7 +10292,7 @@ def response_events(resp: ChatResponse) -> list:
 def _error_message(body: bytes) -> str:
     """A one-line message from an upstream error body, for logs and proxy errors."""
     try:
-        doc = json.loads(body)
+        doc = parse_json(body)
         err = doc.get("error") if isinstance(doc, dict) else None
         msg = err.get("message") if isinstance(err, dict) else (err if isinstance(err, str) else doc.get("message"))
         if isinstance(msg, str):

@@ -24,6 +24,7 @@ import tempfile
 import time
 import unittest
 import urllib.parse
+import zlib
 
 import llmproxy as lp
 
@@ -3261,6 +3262,29 @@ class TestHubBehaviour(ProxyCase):
         finally:
             lp.MAX_IMAGES_BYTES, lp.MAX_IMAGE_BYTES, lp.IMAGE_FETCH_TOTAL_S = saved
 
+    async def test_crlf_framed_events_are_relayed_as_they_come_on_pass_through(self):
+        gate = asyncio.Event()
+        ev = b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"%s"}]},"index":0}]}\r\n\r\n'
+
+        async def handler(req, w):
+            sse_head(w)
+            sse_chunk(w, ev % b"one ")
+            await w.drain()
+            await gate.wait()
+            sse_chunk(w, ev % b"two")
+            w.write(b"0\r\n\r\n")
+        await self.start_back(handler, "gemini")
+        c = await self.conn()
+        c.send("POST", "/v1beta/models/m:streamGenerateContent?alt=sse",
+               {"contents": [{"role": "user", "parts": [{"text": "count"}]}]})
+        status, _ = await c.read_head()
+        chunks = c.read_chunks()
+        first = await chunks.__anext__()              # arrives while the upstream still holds the second
+        self.assertEqual(first, ev % b"one ")
+        gate.set()
+        rest = b"".join([p async for p in chunks])
+        self.assertEqual(rest, ev % b"two")
+
     async def test_gemini_thought_signatures_survive_clients_that_cannot_carry_them(self):
         self.up = await FakeUpstream(multi_upstream).start()
         cfg = base_config(self.up.port)
@@ -4915,6 +4939,89 @@ class TestLargeBodies(ProxyCase):
         # now the longest is one whole-body pass (a copy, a decode or a scan)
         self.assertLess(longest[0], 0.5 * yardstick, "the proxy held the loop %.0f ms (a parse and a render: "
                         "%.0f ms) in %s" % (longest[0] * 1000, yardstick * 1000, longest[1]))
+
+
+class TestHostileUpstreams(ProxyCase):
+    async def test_a_zero_reset_hint_does_not_make_the_proxy_hammer_the_upstream(self):
+        async def handler(req, w):
+            reply_json(w, 429, {"error": {"message": "slow down"}}, headers=[("retry-after", "0"),
+                                                                            ("x-ratelimit-reset-requests", "0s")])
+        await self.start(handler)
+        status, headers, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 429)
+        self.assertLessEqual(len(self.up.requests), 2 * len(UP_KEYS))      # each key twice at most
+        self.assertGreaterEqual(int(headers["retry-after"]), 1)
+
+    async def test_a_reply_the_proxy_cannot_use_is_not_re_sent(self):
+        bodies = [b"<html>not json</html>", b'{"choices": null}',
+                  b"HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\nhello"]
+
+        async def handler(req, w):
+            raw = bodies[self.case]
+            if raw.startswith(b"HTTP/"):
+                w.write(raw)
+            else:
+                reply_json(w, 200, None, raw=raw)
+        await self.start(handler)
+        for self.case in range(len(bodies)):
+            before = len(self.up.requests)
+            status, _, data = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 5,
+                                                                        "messages": [{"role": "user", "content": "x"}]})
+            with self.subTest(case=self.case):
+                self.assertEqual(status, 502, data)
+                self.assertEqual(len(self.up.requests) - before, 1)          # answered once: billed once
+
+    async def test_a_non_ascii_digit_in_retry_after_is_not_a_500(self):
+        async def handler(req, w):
+            w.write(b"HTTP/1.1 429 Too Many\r\ncontent-type: application/json\r\nretry-after: \xb2\r\n"
+                    b"content-length: 2\r\n\r\n{}")
+        await self.start(handler)
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 429)
+
+    async def test_out_of_range_numbers_and_deep_arguments_are_refused_not_sent(self):
+        async def handler(req, w):
+            reply_json(w, 200, json.loads(UP_REPLIES[("anthropic", 2, False)]))
+        self.up = await FakeUpstream(handler).start()
+        cfg = base_config(self.up.port)
+        cfg["providers"]["up"]["format"] = "anthropic"          # tool arguments get parsed on the way
+        await self.start(config=cfg)
+        for body in ('{"model":"fast","max_tokens":5,"temperature":1e999,"messages":[{"role":"user","content":"x"}]}',
+                     '{"model":"fast","messages":[],"top_p":-1e400}'):
+            c = await self.conn()
+            c.send("POST", "/v1/messages" if "max_tokens" in body else "/v1/chat/completions", body.encode())
+            status, _, data = await c.read_response()
+            self.assertEqual(status, 400, data)
+            self.assertIn(b"out of range", data)
+        deep = "[" * 5000 + "]" * 5000
+        for args in (deep, '{"x": NaN}', '{"x": 1e999}'):
+            msgs = [{"role": "user", "content": "go"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                     "function": {"name": "f", "arguments": args}}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+            status, _, data = await self.call("POST", "/v1/chat/completions",
+                                              {"model": "cl", "messages": msgs, "max_tokens": 5})
+            self.assertNotEqual(status, 500, data)
+        for r in self.up.requests:
+            self.assertNotIn(b"NaN", r["body"])
+            self.assertNotIn(b"Infinity", r["body"])
+
+    async def test_a_gzip_bomb_is_inflated_a_few_chunks_at_a_time(self):
+        bomb = zlib.compress(b"\0" * (8 * 1024 * 1024), 9)
+        gz = zlib.compressobj(9, zlib.DEFLATED, 31)
+        bomb = gz.compress(b"\0" * (8 * 1024 * 1024)) + gz.flush()
+
+        async def handler(req, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s" % (len(bomb), bomb))
+        self.up = await FakeUpstream(handler).start()
+        client = lp.HTTPClient()
+        try:
+            resp = await client.request("GET", "http://127.0.0.1:%d/x" % self.up.port, [])
+            sizes = [len(p) async for p in resp.iter_body()]
+        finally:
+            client.close()
+        self.assertEqual(sum(sizes), 8 * 1024 * 1024)
+        self.assertLessEqual(max(sizes), 4 * lp.READ_CHUNK)
 
 
 class TestServerHardening(ProxyCase):
