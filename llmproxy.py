@@ -10533,9 +10533,26 @@ def _loop_exception_handler(loop, context):
     loop.default_exception_handler(context)
 
 
+WORKER_RESTART_S = 0.5             # a crashed worker is restarted after this, doubling with each...
+WORKER_RESTART_MAX_S = 30.0        # ...crash in the last WORKER_CRASH_WINDOW_S, up to this
+WORKER_CRASH_WINDOW_S = 60.0
+ORPHAN_CHECK_S = 1.0               # how often a worker checks that its supervisor still lives
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event):
+    """A worker whose supervisor is gone (killed with SIGKILL: no signal reached us) is
+    reparented; it then stops serving instead of living on unsupervised."""
+    while os.getppid() == parent:
+        await asyncio.sleep(ORPHAN_CHECK_S)
+    log.warning("the supervisor (pid %d) is gone; this worker stops", parent)
+    stop.set()
+
+
 async def serve(config: Config, ready: Optional[Callable[[int], None]] = None, sock=None,
-                reload_args: Optional[Tuple[Optional[str], dict]] = None, announce: bool = True) -> int:
-    """Run one serving process until SIGINT/SIGTERM; SIGHUP reloads the config."""
+                reload_args: Optional[Tuple[Optional[str], dict]] = None, announce: bool = True,
+                supervisor: Optional[int] = None) -> int:
+    """Run one serving process until SIGINT/SIGTERM; SIGHUP reloads the config. A --workers
+    child gets its supervisor's pid, and stops when that process is gone."""
     asyncio.get_running_loop().set_exception_handler(_loop_exception_handler)
     if announce and config.data_dir:
         n = clean_temp_files(config.data_dir)
@@ -10593,16 +10610,14 @@ async def serve(config: Config, ready: Optional[Callable[[int], None]] = None, s
             loop.add_signal_handler(sig, action)
         except (NotImplementedError, RuntimeError):     # not on this platform / not the main thread
             pass
+    orphan_watch = asyncio.ensure_future(_watch_parent(supervisor, stop)) if supervisor else None
     await stop.wait()
+    if orphan_watch is not None:
+        orphan_watch.cancel()
     log.info("shutting down: %d request(s) in flight, grace %.0f s", server.busy, config.shutdown_grace_s)
     await server.shutdown(config.shutdown_grace_s)
     await server.app.stop()
     return 0
-
-
-WORKER_RESTART_S = 0.5             # a crashed worker is restarted after this, doubling with each...
-WORKER_RESTART_MAX_S = 30.0        # ...crash in the last WORKER_CRASH_WINDOW_S, up to this
-WORKER_CRASH_WINDOW_S = 60.0
 
 
 def run_workers(config: Config, reload_args) -> int:
@@ -10639,6 +10654,7 @@ def run_workers(config: Config, reload_args) -> int:
         pid = os.fork()
         if pid == 0:                                     # a worker
             code = 1
+            supervisor = os.getppid()
             try:
                 # until serve() installs its own handlers: a stop while starting is a clean exit
                 for sig in (signal.SIGINT, signal.SIGTERM):
@@ -10653,7 +10669,8 @@ def run_workers(config: Config, reload_args) -> int:
                 else:
                     sock = base
                 sock.setblocking(False)
-                code = asyncio.run(serve(config, sock=sock, reload_args=reload_args, announce=False))
+                code = asyncio.run(serve(config, sock=sock, reload_args=reload_args, announce=False,
+                                         supervisor=supervisor))
             except BaseException:
                 log.exception("worker failed")
             finally:

@@ -5575,6 +5575,40 @@ class TestWorkerProcesses(unittest.TestCase):
                 proc.stdout.close()
                 proc.stderr.close()
 
+    @unittest.skipUnless(hasattr(os, "fork") and os.path.exists("/proc/self/task"), "needs fork and Linux /proc")
+    def test_workers_stop_when_their_supervisor_is_killed(self):
+        with tempfile.TemporaryDirectory() as d:
+            env = {"PATH": os.environ.get("PATH", ""), "LLMPROXY_DATA_DIR": d, "HOME": d, "PYTHONUNBUFFERED": "1",
+                   "LLMPROXY_API_KEYS": CLIENT_KEY}
+            proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmproxy.py"), "--port", "0", "--workers", "2"],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            try:
+                deadline = time.monotonic() + 10
+                while len(worker_pids(proc.pid)) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                workers = worker_pids(proc.pid)
+                self.assertEqual(len(workers), 2)
+                proc.kill()                                   # the supervisor dies without a word
+                proc.wait()
+                def running(pid):                         # a zombie (exited, not yet reaped) is not
+                    try:
+                        with open("/proc/%d/stat" % pid) as f:
+                            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+                    except OSError:
+                        return False
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and any(running(w) for w in workers):
+                    time.sleep(0.05)
+                alive = [w for w in workers if running(w)]
+                for w in alive:
+                    os.kill(w, signal.SIGKILL)
+                self.assertEqual(alive, [])                   # they noticed and stopped
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()
+
     def test_only_stale_temp_files_are_removed(self):
         with tempfile.TemporaryDirectory() as d:
             old, young, other = (os.path.join(d, n) for n in (".tmp-a.part", ".tmp-b.part", "keys.json"))
