@@ -2057,6 +2057,8 @@ class ChatRequest:
     previous_response_id: Optional[str] = None
     history_applied: bool = False        # previous_response_id already expanded by the proxy
     custom_tools: List[str] = dataclasses.field(default_factory=list)   # names declared custom by the client
+    # a Responses client's namespaced tools, flattened for other back-ends: flat name -> (namespace, name)
+    tool_namespaces: Dict[str, Tuple[str, str]] = dataclasses.field(default_factory=dict)
     system_cache: Optional[dict] = None  # a prompt-cache breakpoint after the system prompt
 
 
@@ -2762,6 +2764,18 @@ class OpenAIChat(WireFormat):
 
 CUSTOM_TOOL_SCHEMA = {"type": "object", "properties": {"input": {"type": "string", "description":
                       "the raw input for this tool"}}, "required": ["input"]}
+MAX_GRAMMAR_CHARS = 8000            # a freeform tool's grammar, quoted into its description
+
+
+def custom_description(tool: dict) -> str:
+    """A freeform (custom) tool's description for back-ends that only have JSON tools: the
+    one string argument `input` must follow the tool's grammar, so the grammar is quoted."""
+    desc = tool.get("description") if isinstance(tool.get("description"), str) else ""
+    fmt = tool.get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "grammar" and isinstance(fmt.get("definition"), str):
+        desc += "\n\nPut the whole input in the `input` string; it must match this %s grammar:\n%s" % (
+            fmt.get("syntax") if isinstance(fmt.get("syntax"), str) else "", fmt["definition"][:MAX_GRAMMAR_CHARS])
+    return desc.strip()
 
 
 class OpenAIChatDecoder(CanonicalStream):
@@ -3575,12 +3589,15 @@ class OpenAIResponses(WireFormat):
                     req.messages.append(Message(role, parts))
             elif t == "function_call":
                 req.messages.append(Message("assistant", [Part("tool_call", id=it.get("call_id") or it.get("id") or "",
-                                                               name=it.get("name", ""),
+                                                               name=cls.flat_name(it.get("namespace"), it.get("name", "")),
                                                                arguments=it.get("arguments") or "")]))
             elif t == "custom_tool_call":
                 req.messages.append(Message("assistant", [Part("tool_call", id=it.get("call_id") or "",
-                                                               name=it.get("name", ""), custom=True,
+                                                               name=cls.flat_name(it.get("namespace"), it.get("name", "")),
+                                                               custom=True,
                                                                arguments=_jdump({"input": it.get("input", "")}))]))
+            elif t == "additional_tools":       # Codex: the tools ride in the input, not in `tools`
+                cls._parse_tools(it.get("tools") or [], req)
             elif t in ("function_call_output", "custom_tool_call_output"):
                 out = it.get("output")
                 content = cls._content(out) if isinstance(out, list) else \
@@ -3618,8 +3635,8 @@ class OpenAIResponses(WireFormat):
         tc = body.get("tool_choice")
         if isinstance(tc, str):
             req.tool_choice = tc if tc in ("auto", "none", "required") else None
-        elif isinstance(tc, dict) and tc.get("type") in ("function", "custom") and tc.get("name"):
-            req.tool_choice = ("tool", tc["name"])
+        elif isinstance(tc, dict) and tc.get("type") in ("function", "custom") and isinstance(tc.get("name"), str):
+            req.tool_choice = ("tool", cls.flat_name(tc.get("namespace"), tc["name"]))
         req.parallel_tool_calls = body.get("parallel_tool_calls")
         req.max_tokens = body.get("max_output_tokens")
         req.temperature = body.get("temperature")
@@ -3641,20 +3658,39 @@ class OpenAIResponses(WireFormat):
         req.previous_response_id = body.get("previous_response_id")
         return req
 
-    @staticmethod
-    def _parse_tools(tools: list, req: ChatRequest):
+    NAMESPACE_SEP = "__"                    # namespace + "__" + name: the MCP convention models know
+
+    @classmethod
+    def flat_name(cls, namespace: Optional[str], name: str) -> str:
+        return namespace + cls.NAMESPACE_SEP + name if isinstance(namespace, str) and namespace else name
+
+    @classmethod
+    def _parse_tools(cls, tools: list, req: ChatRequest, namespace: str = ""):
+        """Function, custom (freeform) and namespace tools. Namespaced tools are flattened
+        for back-ends without namespaces; req.tool_namespaces turns each call back into
+        the namespace and name the client knows. Two tools with one flat name are a 400."""
         for t in tools:
             if not isinstance(t, dict):
                 continue
             kind = t.get("type")
-            if kind == "function":
-                req.tools.append(Tool(t.get("name", ""), t.get("description") or "",
-                                      t.get("parameters") or {"type": "object", "properties": {}}))
-            elif kind == "custom":
-                req.tools.append(Tool(t.get("name", ""), t.get("description") or "", CUSTOM_TOOL_SCHEMA, custom=True))
-                req.custom_tools.append(t.get("name", ""))
-            elif kind == "namespace":               # Codex groups tools; flatten them
-                OpenAIResponses._parse_tools(t.get("tools") or [], req)
+            name = t.get("name", "")
+            if kind in ("function", "custom"):
+                if not isinstance(name, str) or not name:
+                    raise ProxyError(400, "invalid_request_error", "a %s tool needs a name" % kind, param="tools")
+                flat = cls.flat_name(namespace, name)
+                if any(x.name == flat for x in req.tools):
+                    raise ProxyError(400, "invalid_request_error", "tool name %r is declared twice%s" % (
+                        flat, " (namespace %r flattened)" % namespace if namespace else ""), param="tools")
+                if namespace:
+                    req.tool_namespaces[flat] = (namespace, name)
+                if kind == "function":
+                    req.tools.append(Tool(flat, t.get("description") or "",
+                                          t.get("parameters") or {"type": "object", "properties": {}}))
+                else:
+                    req.tools.append(Tool(flat, custom_description(t), CUSTOM_TOOL_SCHEMA, custom=True))
+                    req.custom_tools.append(flat)
+            elif kind == "namespace" and isinstance(name, str):   # Codex groups tools (MCP, built-ins)
+                cls._parse_tools(t.get("tools") or [], req, cls.flat_name(namespace, name))
             else:
                 drop_tool("openai-responses", kind)
 
@@ -3776,12 +3812,18 @@ class OpenAIResponses(WireFormat):
 
     @staticmethod
     def call_item(call_id: str, name: str, arguments: str, req: ChatRequest, status: str) -> dict:
+        """A call as the client declared its tool: custom or function, with its namespace."""
+        namespace, original = req.tool_namespaces.get(name, (None, name))
         if name in req.custom_tools:
-            return {"type": "custom_tool_call", "id": "ctc_" + call_id, "call_id": call_id, "name": name,
+            item = {"type": "custom_tool_call", "id": "ctc_" + call_id, "call_id": call_id, "name": original,
                     "input": parse_arguments(arguments).get("input", "") if status == "completed" else "",
                     "status": status}
-        return {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": name,
-                "arguments": arguments, "status": status}
+        else:
+            item = {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": original,
+                    "arguments": arguments, "status": status}
+        if namespace:
+            item["namespace"] = namespace
+        return item
 
     @staticmethod
     def response_object(rid: str, req: ChatRequest, status: str, output: list, usage: Optional[dict],

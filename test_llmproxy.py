@@ -3262,6 +3262,68 @@ class TestHubBehaviour(ProxyCase):
         finally:
             lp.MAX_IMAGES_BYTES, lp.MAX_IMAGE_BYTES, lp.IMAGE_FETCH_TOTAL_S = saved
 
+    CODEX_TOOLS = {"type": "additional_tools", "role": "developer", "tools": [
+        {"type": "namespace", "name": "functions", "tools": [
+            {"type": "function", "name": "exec_command", "description": "run a command",
+             "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}}]},
+        {"type": "namespace", "name": "mcp__docs", "tools": [
+            {"type": "function", "name": "search", "parameters": {"type": "object", "properties": {}}}]},
+        {"type": "custom", "name": "exec", "description": "Run JavaScript.",
+         "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/s"}},
+        {"type": "tool_search", "execution": "client"}, {"type": "web_search"}]}
+
+    async def test_codex_tools_in_the_input_reach_other_back_ends_and_calls_come_back_as_declared(self):
+        replies = []
+
+        async def handler(req, w):
+            body = json.loads(req["body"])
+            self.seen = body
+            name, args = replies.pop(0)
+            msg = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]}
+            reply_json(w, 200, dict(CHAT_OK, choices=[{"index": 0, "message": msg, "finish_reason": "tool_calls"}]))
+        await self.start_back(handler, "openai")
+        base = {"model": "m", "store": False, "input": [
+            self.CODEX_TOOLS, {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "go"}]}]}
+        replies[:] = [("functions__exec_command", {"cmd": "ls"}), ("exec", {"input": "await tools.x()"}),
+                      ("mcp__docs__search", {})]
+        status, _, data = await self.call("POST", "/v1/responses", base)
+        self.assertEqual(status, 200, data)
+        names = [t["function"]["name"] for t in self.seen["tools"]]
+        self.assertEqual(names, ["functions__exec_command", "mcp__docs__search", "exec"])  # no tool_search/web_search
+        exec_tool = self.seen["tools"][2]["function"]
+        self.assertEqual(exec_tool["parameters"]["required"], ["input"])
+        self.assertIn("start: /.+/s", exec_tool["description"])                 # the grammar, described
+        call = json.loads(data)["output"][0]
+        self.assertEqual((call["type"], call["name"], call["namespace"]), ("function_call", "exec_command", "functions"))
+        status, _, data = await self.call("POST", "/v1/responses", base)
+        call = json.loads(data)["output"][0]
+        self.assertEqual((call["type"], call["name"], call["input"]), ("custom_tool_call", "exec", "await tools.x()"))
+        self.assertNotIn("namespace", call)
+        stream = dict(base, stream=True)
+        status, _, data = await self.call("POST", "/v1/responses", stream)
+        done = [json.loads(e.data)["item"] for e in lp.SSEDecoder().feed(data) if e.event == "response.output_item.done"]
+        self.assertEqual((done[0]["name"], done[0]["namespace"]), ("search", "mcp__docs"))
+        # the next turn replays the call with its namespace: the back-end sees the flat name again
+        replies[:] = [("functions__exec_command", {"cmd": "pwd"})]
+        turn2 = dict(base, input=base["input"] + [
+            {"type": "function_call", "call_id": "call_1", "name": "exec_command", "namespace": "functions",
+             "arguments": "{\"cmd\": \"ls\"}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "a.txt"}])
+        status, _, _ = await self.call("POST", "/v1/responses", turn2)
+        self.assertEqual(status, 200)
+        sent = [m for m in self.seen["messages"] if m.get("tool_calls")]
+        self.assertEqual(sent[0]["tool_calls"][0]["function"]["name"], "functions__exec_command")
+
+    async def test_a_tool_name_that_flattens_twice_is_a_400(self):
+        await self.start_back(multi_upstream, "openai")
+        body = {"model": "m", "input": [{"type": "additional_tools", "role": "developer", "tools": [
+            {"type": "namespace", "name": "a", "tools": [{"type": "function", "name": "b__c"}]},
+            {"type": "namespace", "name": "a__b", "tools": [{"type": "function", "name": "c"}]}]}, "hi"]}
+        status, _, data = await self.call("POST", "/v1/responses", body)
+        self.assertEqual(status, 400)
+        self.assertIn("a__b__c", json.loads(data)["error"]["message"])
+
     async def test_crlf_framed_events_are_relayed_as_they_come_on_pass_through(self):
         gate = asyncio.Event()
         ev = b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"%s"}]},"index":0}]}\r\n\r\n'
