@@ -1949,6 +1949,11 @@ _ERROR_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_erro
                          413: "invalid_request_error", 429: "rate_limit_error"}
 UNSIGNED = "llmproxy-unsigned"      # signature we give thinking that no provider signed
 CARRIED = "llmproxy:"               # encrypted_content prefix carrying another vendor's signature
+COMPACTED = "llmproxy:summary:"     # a compaction item's encrypted_content when the proxy wrote it
+COMPACTION_HEADER = "Summary of the conversation so far (earlier turns were compacted):\n\n"
+COMPACT_PROMPT = ("Write a summary of the conversation so far that lets you continue the work without it: the "
+                  "goal, decisions and their reasons, files and commands involved, what is done, what is left, "
+                  "and any exact values still needed. Answer with the summary only.")
 STOP_REASONS = ("end", "max_tokens", "tool_use", "stop_sequence", "content_filter")
 
 
@@ -3612,6 +3617,17 @@ class OpenAIResponses(WireFormat):
                 if summary or enc:
                     req.messages.append(Message("assistant", [Part(
                         "thinking", text=summary, id=it.get("id") or "", signature=enc, origin=origin)]))
+            elif t == "compaction":
+                enc = it.get("encrypted_content") if isinstance(it.get("encrypted_content"), str) else ""
+                if enc.startswith(COMPACTED):      # our own summary (see handle_responses_compact)
+                    try:
+                        text = base64.b64decode(enc[len(COMPACTED):]).decode("utf-8")
+                    except ValueError:
+                        text = ""
+                    if text:
+                        req.messages.append(Message("user", [Part("text", text=COMPACTION_HEADER + text)]))
+                else:                             # OpenAI's: only OpenAI can read it (and gets it as it is)
+                    drop_tool("openai-responses", "compaction item")
             elif t == "item_reference":
                 log.info("openai-responses: item_reference %s cannot be resolved here; dropped", it.get("id"))
             else:
@@ -8676,6 +8692,7 @@ class App:
             "/v1/messages/count_tokens": count, "/anthropic/v1/messages/count_tokens": count,
             "/v1/responses": {"POST": (self.handle_responses, CLIENT)},
             "/v1/responses/input_tokens": {"POST": (self.handle_responses_tokens, CLIENT)},
+            "/v1/responses/compact": {"POST": (self.handle_responses_compact, CLIENT)},
             "/admin/keys": {"GET": (self.handle_keys_list, ADMIN), "POST": (self.handle_keys_create, ADMIN)},
             "/auth/device-code": {"POST": (self.handle_device_code, ADMIN)},
             "/auth/poll": {"POST": (self.handle_auth_poll, ADMIN)},
@@ -9987,6 +10004,45 @@ class App:
         body = self._body(request)
         return await self.serve_chat(request, OpenAIResponses, body, lambda: OpenAIResponses.parse_request(body),
                                      body.get("model"), body.get("stream") is True)
+
+    async def handle_responses_compact(self, request: Request):
+        """Codex's context compaction. A Responses back-end compacts itself (passed through);
+        on the others the routed model writes a summary, returned as Codex expects it: the
+        user messages kept, then a compaction item, which holds the summary for the next turns."""
+        body = self._body(request)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
+        inp = body.get("input") if isinstance(body.get("input"), list) else \
+            [{"type": "message", "role": "user", "content": body["input"]}] if isinstance(body.get("input"), str) else []
+        route = self.router.resolve(model)
+        prov = route.provider
+        if prov.kind == OpenAIResponses.name and prov.passthrough_ok:
+            request.info.model, request.info.provider, request.info.upstream_model = model, prov.name, route.model
+            return await self.passthrough(request, OpenAIResponses, prov, prov.url("/responses/compact"), body, model,
+                                          route.model, False)
+        ask = {"model": model, "store": False, "stream": False,
+               "input": [it for it in inp if not (isinstance(it, dict) and it.get("type") == "additional_tools")] +
+               [{"type": "message", "role": "user", "content": COMPACT_PROMPT}]}
+        if isinstance(body.get("instructions"), str):
+            ask["instructions"] = body["instructions"]
+        resp = await self.serve_chat(request, OpenAIResponses, ask, lambda: OpenAIResponses.parse_request(ask),
+                                     model, False)
+        if not isinstance(resp, Response) or resp.status != 200:
+            return resp
+        reply = parse_json(resp.body)
+        summary = "".join(c.get("text", "") for it in reply.get("output") or [] if it.get("type") == "message"
+                          for c in it.get("content") or [] if c.get("type") == "output_text").strip()
+        if not summary:
+            raise ProxyError(502, "upstream_error", "the model wrote no summary to compact the conversation with",
+                             code="compaction_failed")
+        kept = [it for it in inp if isinstance(it, dict) and it.get("type", "message") == "message"
+                and it.get("role") == "user"]
+        item = {"type": "compaction", "id": new_id("cmp_"),
+                "encrypted_content": COMPACTED + base64.b64encode(summary.encode("utf-8")).decode("ascii")}
+        return json_response(200, {"id": reply.get("id") or new_id("resp_"), "object": "response.compaction",
+                                   "created_at": int(self.wall()), "output": kept + [item],
+                                   "usage": reply.get("usage")}, [("x-llmproxy-provider", request.info.provider or "")])
 
     def _gemini_target(self, request: Request) -> Tuple[str, str]:
         prefix = "/v1beta/models/" if request.path.startswith("/v1beta/") else "/v1/models/"

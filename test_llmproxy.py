@@ -3315,6 +3315,38 @@ class TestHubBehaviour(ProxyCase):
         sent = [m for m in self.seen["messages"] if m.get("tool_calls")]
         self.assertEqual(sent[0]["tool_calls"][0]["function"]["name"], "functions__exec_command")
 
+    async def test_codex_compaction_is_emulated_on_other_back_ends_and_passed_to_responses_ones(self):
+        async def handler(req, w):
+            self.seen = json.loads(req["body"])
+            if req["path"].endswith("/responses/compact"):
+                reply_json(w, 200, {"id": "resp_c", "object": "response.compaction", "output": [
+                    {"type": "compaction", "id": "cmp_1", "encrypted_content": "OPENAI-OPAQUE"}]})
+                return
+            msg = {"role": "assistant", "content": "We listed the files; a.txt is next."}
+            reply_json(w, 200, dict(CHAT_OK, choices=[{"index": 0, "message": msg, "finish_reason": "stop"}]))
+        await self.start_back(handler, "openai")
+        history = [self.CODEX_TOOLS, {"type": "message", "role": "user", "content": "list the files"},
+                   {"type": "function_call", "call_id": "c1", "name": "exec_command", "namespace": "functions",
+                    "arguments": "{}"}, {"type": "function_call_output", "call_id": "c1", "output": "a.txt"}]
+        status, _, data = await self.call("POST", "/v1/responses/compact", {"model": "m", "input": history,
+                                                                             "instructions": "You are Codex."})
+        self.assertEqual(status, 200, data)
+        self.assertNotIn("tools", self.seen)                               # a summary, not a tool call
+        self.assertIn("summary", self.seen["messages"][-1]["content"].lower())
+        out = json.loads(data)
+        self.assertEqual(out["object"], "response.compaction")
+        self.assertEqual(out["output"][0], history[1])                     # the user's messages, kept
+        self.assertEqual(out["output"][-1]["type"], "compaction")
+        nxt = {"model": "m", "input": out["output"] + [{"type": "message", "role": "user", "content": "go on"}]}
+        status, _, _ = await self.call("POST", "/v1/responses", nxt)
+        self.assertEqual(status, 200)
+        texts = [m["content"] for m in self.seen["messages"] if m["role"] == "user"]
+        self.assertTrue(any("a.txt is next" in t for t in texts), texts)   # the summary carried on
+        self.app.providers["up"].kind = "openai-responses"                 # a Responses back-end compacts itself
+        status, _, data = await self.call("POST", "/v1/responses/compact", {"model": "m", "input": history})
+        self.assertEqual((status, json.loads(data)["output"][0]["encrypted_content"]), (200, "OPENAI-OPAQUE"))
+        self.assertEqual(self.up.requests[-1]["path"], "/v1/responses/compact")
+
     async def test_a_tool_name_that_flattens_twice_is_a_400(self):
         await self.start_back(multi_upstream, "openai")
         body = {"model": "m", "input": [{"type": "additional_tools", "role": "developer", "tools": [
