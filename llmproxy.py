@@ -4241,8 +4241,14 @@ def _lower_schema(schema):
 
 
 def gemini_call_id(name: str, turn: int, index: int) -> str:
-    """Gemini gives no call ids: a deterministic one from the position keeps retries stable."""
+    """Gemini gives no call ids: in a request, one from the call's place in the conversation
+    (the same history gives the same ids, so retries and replays agree)."""
     return "call_" + hashlib.sha256(("%d:%d:%s" % (turn, index, name)).encode()).hexdigest()[:24]
+
+
+def gemini_reply_call_id(name: str, response_id: str, index: int) -> str:
+    """In a reply, one from the response id: unique across turns, the same for one reply."""
+    return "call_" + hashlib.sha256(("r:%s:%d:%s" % (response_id, index, name)).encode()).hexdigest()[:24]
 
 
 class Gemini(WireFormat):
@@ -4519,13 +4525,15 @@ class Gemini(WireFormat):
     # -- responses ----------------------------------------------------------
 
     @staticmethod
-    def _candidate_parts(cand: dict, calls: List[int]) -> List[Part]:
+    def _candidate_parts(cand: dict, calls: List[int], response_id: str) -> List[Part]:
+        """A candidate's parts. A call without an id gets one unique to this response (a
+        repeated id across turns makes agents drop the call as already done)."""
         out = []
         for i, p in enumerate((cand.get("content") or {}).get("parts") or []):
             sig = p.get("thoughtSignature") or ""
             fc = p.get("functionCall")
             if fc:
-                cid = fc.get("id") or gemini_call_id(fc.get("name", ""), -1, len(calls))
+                cid = fc.get("id") or gemini_reply_call_id(fc.get("name", ""), response_id, len(calls))
                 calls.append(1)
                 out.append(Part("tool_call", id=cid, name=fc.get("name", ""), arguments=_jdump(fc.get("args") or {}),
                                 signature=sig, origin="gemini" if sig else ""))
@@ -4566,8 +4574,9 @@ class Gemini(WireFormat):
         if isinstance(body.get("response"), dict) and "candidates" not in body:
             body = body["response"]              # QUIRK(gemini-oauth): Code Assist wraps replies
         cand = cls._check(body)
-        parts = cls._candidate_parts(cand, [])
-        return ChatResponse(body.get("responseId") or new_id("gen-"), body.get("modelVersion") or "", parts,
+        rid = body.get("responseId") if isinstance(body.get("responseId"), str) and body["responseId"] else new_id("gen-")
+        parts = cls._candidate_parts(cand, [], rid)
+        return ChatResponse(rid, body.get("modelVersion") or "", parts,
                             cls._stop(cand.get("finishReason"), parts),
                             usage=cls.parse_usage(body.get("usageMetadata")) or Usage())
 
@@ -4662,6 +4671,7 @@ class GeminiDecoder(CanonicalStream):
 
     def __init__(self):
         self.started = False
+        self.rid = ""                       # the response id, which call ids are made from
         self.calls: List[int] = []
         self.reason: Optional[str] = None
         self.usage: Optional[Usage] = None
@@ -4691,7 +4701,9 @@ class GeminiDecoder(CanonicalStream):
         out = []
         if not self.started:
             self.started = True
-            out.append(("start", d.get("responseId") or new_id("gen-"), d.get("modelVersion") or "", None))
+            rid = d.get("responseId")
+            self.rid = rid if isinstance(rid, str) and rid else new_id("gen-")
+            out.append(("start", self.rid, d.get("modelVersion") or "", None))
         if d.get("usageMetadata"):
             self.usage = Gemini.parse_usage(d["usageMetadata"])
         cands = d.get("candidates") or []
@@ -4700,7 +4712,7 @@ class GeminiDecoder(CanonicalStream):
                 self.reason = "SAFETY"
             return out
         cand = cands[0]
-        for p in Gemini._candidate_parts(cand, self.calls):
+        for p in Gemini._candidate_parts(cand, self.calls, self.rid):
             self.any_output = True
             if p.type == "tool_call":
                 idx = self.tool_count
@@ -10748,8 +10760,15 @@ def run_workers(config: Config, reload_args) -> int:
     children: List[int] = []
     stopping = []
 
+    stop_signals = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+
     def spawn() -> int:
+        # Signals wait while we fork: a child must never run the supervisor's handler (it
+        # would take a SIGTERM meant for itself and forward it to its siblings instead).
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         if pid == 0:                                     # a worker
             code = 1
             supervisor = os.getppid()
@@ -10759,6 +10778,7 @@ def run_workers(config: Config, reload_args) -> int:
                     signal.signal(sig, lambda *_: os._exit(0))
                 if hasattr(signal, "SIGHUP"):
                     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 if reuseport:
                     sock = make_socket()
                     sock.bind((config.host, port))

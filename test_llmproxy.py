@@ -3356,6 +3356,29 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual(status, 400)
         self.assertIn("a__b__c", json.loads(data)["error"]["message"])
 
+    async def test_gemini_call_ids_are_unique_across_turns(self):
+        turn = [0]
+
+        async def handler(req, w):
+            turn[0] += 1
+            reply = {"candidates": [{"content": {"role": "model", "parts": [
+                {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]}, "finishReason": "STOP"}],
+                "responseId": "resp-%d" % turn[0] if turn[0] != 3 else None}
+            if "alt=sse" in req["path"]:
+                sse_head(w)
+                sse_chunk(w, b"data: " + json.dumps(reply).encode() + b"\r\n\r\n")
+                w.write(b"0\r\n\r\n")
+            else:
+                reply_json(w, 200, reply)
+        await self.start_back(handler, "gemini")
+        ids = []
+        for stream in (False, True, False, True):
+            p, body = client_request("anthropic", 1, stream)
+            status, _, data = await self.call("POST", p, body)
+            self.assertEqual(status, 200, data)
+            ids.append(client_reply("anthropic", data, stream)[1][0][0])
+        self.assertEqual(len(set(ids)), 4, ids)          # Claude Code drops a call whose id it has seen
+
     async def test_crlf_framed_events_are_relayed_as_they_come_on_pass_through(self):
         gate = asyncio.Event()
         ev = b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"%s"}]},"index":0}]}\r\n\r\n'
