@@ -556,7 +556,7 @@ class Exchange:
     capture read it."""
     __slots__ = ("client", "client_id", "model", "upstream_model", "provider", "upkey", "via", "failover",
                  "usage", "error", "upstream_ms", "on_done", "cap_out", "cap_out_stream", "cap_up", "cap_up_req",
-                 "cap_up_status")
+                 "cap_up_status", "complete", "status", "sent", "t_first")
 
     def __init__(self):
         self.client: Optional[str] = None          # the client key, redacted
@@ -576,6 +576,10 @@ class Exchange:
         self.cap_up: Optional[list] = None            # wire capture: [upstream bytes, stream?]
         self.cap_up_req: Optional[dict] = None
         self.cap_up_status: Optional[int] = None
+        self.complete = False                      # the client got the stream's terminal event
+        self.status: Optional[int] = None          # the status sent, once the head is out
+        self.sent = 0                              # body bytes written so far
+        self.t_first: Optional[float] = None       # when the head went out
 
 
 class Request:
@@ -1175,9 +1179,13 @@ class HTTPServer:
                 raise
             if hasattr(task, "uncancel"):
                 task.uncancel()
-            request.info.error = "client_disconnected"
+            info = request.info
+            if info.complete:                    # it read the stream to its end, then hung up: served
+                self.app.log_request(request, info.status or 200, info.t_first, info.sent, True)
+                return False
+            info.error = "client_disconnected"
             log.info("client went away during %s %s; upstream request cancelled", head.method, head.path)
-            self.app.log_request(request, 499, None, 0, False)
+            self.app.log_request(request, 499, info.t_first, info.sent, False)
             return False
         finally:
             self.ticker.remove(watch)
@@ -1245,9 +1253,11 @@ class HTTPServer:
                     request.info.cap_out_stream = True
                 framing = [("transfer-encoding", "chunked")] if chunked else []
                 agen = resp.chunks
+                info = request.info if request is not None else Exchange()
                 try:
                     writer.write(self._head_bytes(head, resp, keep, framing))
-                    t_first = time.perf_counter()
+                    t_first = info.t_first = time.perf_counter()
+                    info.status = status
                     if not is_head:
                         async for piece in agen:
                             if not piece:
@@ -1259,6 +1269,7 @@ class HTTPServer:
                             if tee is not None and sent < CAPTURE_PART_BYTES:
                                 tee.append(piece)
                             sent += len(piece)
+                            info.sent = sent
                             if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
                                 await writer.drain()
                     if ok and chunked:
@@ -1269,8 +1280,8 @@ class HTTPServer:
                     await writer.drain()
         except (ConnectionError, OSError):
             ok = False
-        if request is not None:
-            self.app.log_request(request, status, t_first, sent, ok)
+        if request is not None:                  # a client that left after the last event was served
+            self.app.log_request(request, status, t_first, sent, ok or request.info.complete)
         return keep and ok and not transport.is_closing()
 
 
@@ -2333,6 +2344,7 @@ class WireFormat:
 
     usage_key = b'"usage"'                    # the JSON key a reply's token counts sit under
     keepalive_frame = b": keep-alive\n\n"    # an SSE comment, which this format's clients skip
+    terminal_markers: Tuple[bytes, ...] = (b"data: [DONE]",)   # bytes that end one of its streams
     passthrough_headers: Tuple[str, ...] = ()  # client headers a same-format upstream must see
     streams_json = False                      # streams may come as one JSON array, not SSE
     keeps_history = False                     # the proxy keeps conversations (previous_response_id)
@@ -2966,6 +2978,7 @@ class AnthropicMessages(WireFormat):
 
     passthrough_headers = ("anthropic-version", "anthropic-beta")
     sets_cache_marks = True
+    terminal_markers = (b"event: message_stop",)
 
     @classmethod
     def takes_cache_marks(cls, options: dict) -> bool:
@@ -3505,6 +3518,7 @@ class OpenAIResponses(WireFormat):
                     "parallel_tool_calls", "truncation")
 
     keeps_history = True
+    terminal_markers = (b"response.completed", b"response.incomplete", b"response.failed")
 
     @classmethod
     def with_max_tokens(cls, body: dict, n: int) -> dict:
@@ -4259,6 +4273,7 @@ class Gemini(WireFormat):
     # QUIRK(gemini): Google's SDKs (Python and JS) read every line that is not "data: ..."
     # as JSON, so an SSE comment breaks them; a blank line is skipped by both
     keepalive_frame = b"\r\n"
+    terminal_markers = (b'"finishReason"',)
     streams_json = True
     inline_images = True
     remembers_signatures = True
@@ -9185,6 +9200,8 @@ class App:
                         if not piece:
                             continue
                 yield piece
+                if not info.complete and any(m in piece for m in fmt.terminal_markers):
+                    info.complete = True
                 if self.capture is not None:
                     self.capture_upstream(info, piece, True)
                 tail.append(piece)
@@ -9786,6 +9803,7 @@ class App:
                     self.keep_signature(ev[2], ev[5], ev[4])
                 if ev[0] == "finish":
                     info.usage = ev[2]
+                    info.complete = True
                 elif ev[0] == "error":
                     info.error = ev[1].code or ev[1].kind
                 out.extend(encoder.feed(ev))

@@ -1247,6 +1247,36 @@ class TestStreaming(ProxyCase):
         self.assertTrue(seen.endswith(b"".join(STREAM_EVENTS)))
         self.assertEqual([e.data for e in lp.SSEDecoder().feed(seen)][-1], "[DONE]")
 
+    async def test_a_stream_read_to_its_end_then_closed_is_logged_as_served(self):
+        gate = asyncio.Event()
+
+        async def handler(req, w):
+            sse_head(w)
+            for ev in STREAM_EVENTS:                  # every event, [DONE] included...
+                sse_chunk(w, ev)
+            await w.drain()
+            await gate.wait()                         # ...but the chunked body's end is slow to come
+            w.write(b"0\r\n\r\n")
+        await self.start(handler)
+        for path, body, last in (("/v1/chat/completions", {"model": "m", "stream": True, "messages": []},
+                                  b"data: [DONE]\n\n"),
+                                 ("/v1/messages", {"model": "m", "max_tokens": 5, "stream": True,
+                                                   "messages": [{"role": "user", "content": "x"}]},
+                                  b"event: message_stop")):
+            c = await self.conn()
+            c.send("POST", path, body)
+            await c.read_head()
+            seen = b""
+            async for piece in c.read_chunks():
+                seen += piece
+                if last in seen:
+                    break
+            c.close()                                 # the client has what it needs and leaves
+            await until(lambda: sum(r[0] for r in self.app.usage.answered.values()) >= (1 if "chat" in path else 2))
+        gate.set()
+        self.assertEqual({st for (_, st) in self.app.usage.answered}, {200})
+        self.assertEqual(self.app.usage.snapshot()[0]["requests"], 2)
+
     async def test_client_disconnect_aborts_upstream(self):
         gate = asyncio.Event()
         upstream_gone = asyncio.Event()
