@@ -113,6 +113,7 @@ USAGE_TAIL_BYTES = 16 * 1024        # usage rides in the last events of a stream
 WRITE_HIGH_WATER = 64 * 1024        # drain() only when the transport buffer is above this
 READ_CHUNK = 64 * 1024
 MODELS_CACHE_S = 300.0              # upstream model lists are cached this long
+MAX_DROPPED_PARAMS = 4              # optional fields one model may refuse before a 400 is just relayed
 MAX_METRIC_MODELS = 500             # distinct model labels in usage and /metrics; more fold into "(other)"
 MAX_LABEL_CHARS = 200               # a longer model name is no real model: it counts as "(other)"
 MAX_IMAGES_BYTES = 20 * 1024 * 1024  # all images inlined into one request (Gemini's request cap) -> 413
@@ -2419,6 +2420,9 @@ class CanonicalStream:
 
 # 6a. OpenAI Chat Completions #################################################
 
+# model families that refuse reasoning_effort (OpenAI answers 400 "Unsupported parameter")
+_NO_REASONING_RE = re.compile(r"(^|/)(gpt-4o|gpt-4\.1|gpt-4-|gpt-4$|gpt-3\.5|chatgpt-4o|gpt-4-turbo)", re.I)
+
 _OC_STOP_IN = {"stop": "end", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                "content_filter": "content_filter"}
 _OC_STOP_OUT = {"end": "stop", "max_tokens": "length", "tool_use": "tool_calls", "stop_sequence": "stop",
@@ -2675,7 +2679,7 @@ class OpenAIChat(WireFormat):
                 "type": "json_schema", "json_schema": {k: v for k, v in (("name", rf.get("name")),
                                                                          ("schema", rf.get("schema")),
                                                                          ("strict", rf.get("strict"))) if v is not None}}
-        if req.reasoning_effort or req.reasoning_budget:
+        if (req.reasoning_effort or req.reasoning_budget) and not _NO_REASONING_RE.search(req.model or ""):
             body["reasoning_effort"] = req.reasoning_effort or budget_effort(req.reasoning_budget)
         if req.stream:
             body["stream"] = True
@@ -3226,8 +3230,13 @@ class AnthropicMessages(WireFormat):
                                           else None)
         if req.thinking and not budget:
             budget = EFFORT_BUDGET["medium"]
-        if budget and req.reasoning_effort != "none" and max_tokens > 1024 and cls._thinking_replayable(msgs):
-            body["thinking"] = {"type": "enabled", "budget_tokens": max(1024, min(budget, max_tokens - 1))}
+        # Anthropic wants 1024 <= budget < max_tokens; a budget the client did not set leaves a
+        # quarter of max_tokens for the answer (8192 with 8191 of thinking left none)
+        if budget and req.reasoning_effort != "none":
+            room = 1 if req.reasoning_budget else max(1, max_tokens // 4)
+            budget = max(1024, min(budget, max_tokens - room))
+        if budget and budget < max_tokens and req.reasoning_effort != "none" and cls._thinking_replayable(msgs):
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
             body.pop("temperature", None)                 # thinking requires the default temperature
             body.pop("top_k", None)
             if isinstance(body.get("tool_choice"), dict) and body["tool_choice"]["type"] in ("any", "tool"):
@@ -8539,7 +8548,25 @@ def upstream_error(status: int, content_type: str, body: bytes) -> ProxyError:
     except ValueError:
         pass
     kind = _ERROR_TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return ProxyError(status, kind, _error_message(body) or "upstream error", code=str(code) if code else None)
+    param = err.get("param") if isinstance(err, dict) and isinstance(err.get("param"), str) else None
+    return ProxyError(status, kind, _error_message(body) or "upstream error", code=str(code) if code else None,
+                      param=param)
+
+
+_UNSUPPORTED_PARAM_RES = [re.compile(p) for p in (
+    r"[Uu]nsupported parameter:?\s*'?\"?([A-Za-z_]+)", r"[Uu]nrecognized request arguments? supplied:?\s*([A-Za-z_]+)",
+    r"'([A-Za-z_]+)' is not supported", r"[Uu]nknown (?:field|parameter|argument)s?:?\s*[`'\"]?([A-Za-z_]+)",
+    r"([A-Za-z_]+)\W+(?:is )?not (?:supported|permitted|allowed)")]
+_NEVER_DROPPED = frozenset(("model", "messages", "input", "contents", "stream", "system", "max_tokens"))
+
+
+def unsupported_param(err: ProxyError, body: dict) -> Optional[str]:
+    """The optional top-level field a 400 says the model does not take, if it names one of
+    the body's (OpenAI: "Unsupported parameter: 'reasoning_effort' ..."), else None."""
+    if err.status != 400:
+        return None
+    names = [err.param] + [m.group(1) for r in _UNSUPPORTED_PARAM_RES for m in r.finditer(err.message or "")]
+    return next((n for n in names if n and n in body and n not in _NEVER_DROPPED), None)
 
 
 class UpstreamReply(ProxyError):
@@ -8685,6 +8712,8 @@ class App:
             if config.workers > 1 and config.data_dir else None
         self.usage_pending: Dict[Tuple[str, str, str], List[int]] = {}
         self.seen_reset = 0.0                 # the newest shared cooldown reset applied here
+        # (provider, model) -> optional fields the model refused with a 400, left out from then on
+        self.drop_params: Dict[Tuple[str, str], set] = {}
         self.access = AccessLog()
         literals = [k for pc in config.providers.values() for k in pc.keys]
         self.pipeline = Pipeline(config.guardrails, literals)
@@ -8828,6 +8857,7 @@ class App:
         new.usage, new.responses, new.usage_pending = self.usage, self.responses, self.usage_pending
         new.sessions = self.sessions
         new.seen_reset = self.seen_reset
+        new.drop_params = self.drop_params
         if self.capture is not None:
             self.capture.flush_sync()
         new.limiter.hits = self.limiter.hits
@@ -9538,12 +9568,27 @@ class App:
             url = prov.chat_url(upstream_model, stream_up)
             if prov.credential is not None:
                 await prov.credential.token()     # logged in and complete before the body is built
+            dropped = self.drop_params.setdefault((prov.name, upstream_model), set())
+            up_body = {k: v for k, v in up_body.items() if k not in dropped} if dropped else up_body
             up_body = prov.prepare_body(up_body, upstream_model)
             upstream = await self.send_upstream(prov, "POST", url, await self.render_json(size, up_body),
                                                 stream_up, info, may_wait=may_wait, deadline=deadline,
                                                 model=upstream_model)
             if upstream.status >= 400:
-                raise await self.upstream_failure(upstream)
+                err = await self.upstream_failure(upstream)
+                name = unsupported_param(err, up_body)
+                if name is None or len(dropped) >= MAX_DROPPED_PARAMS:
+                    raise err
+                # a 400 is not billed: sent again once without the field, remembered for the model
+                dropped.add(name)
+                log.warning("provider %s model %s does not take %r; sent again without it (remembered)",
+                            prov.name, log_safe(upstream_model[:80]), name)
+                up_body = {k: v for k, v in up_body.items() if k != name}
+                upstream = await self.send_upstream(prov, "POST", url, await self.render_json(size, up_body),
+                                                    stream_up, info, may_wait=may_wait, deadline=deadline,
+                                                    model=upstream_model)
+                if upstream.status >= 400:
+                    raise await self.upstream_failure(upstream)
             if upstream.content_type == "text/event-stream" and creq.stream:
                 pieces = upstream.iter_body()
             elif upstream.content_type == "text/event-stream":      # a stream-only back-end, gathered

@@ -3409,6 +3409,40 @@ class TestHubBehaviour(ProxyCase):
             ids.append(client_reply("anthropic", data, stream)[1][0][0])
         self.assertEqual(len(set(ids)), 4, ids)          # Claude Code drops a call whose id it has seen
 
+    async def test_reasoning_effort_is_sent_only_where_it_is_taken_and_a_refused_field_is_dropped_once(self):
+        async def handler(req, w):
+            body = json.loads(req["body"])
+            if "reasoning_effort" in body and body["model"] == "o-reasoner":
+                reply_json(w, 400, {"error": {"message": "Unsupported parameter: 'reasoning_effort' is not "
+                                              "supported with this model.", "type": "invalid_request_error",
+                                              "param": "reasoning_effort", "code": "unsupported_parameter"}})
+            else:
+                reply_json(w, 200, CHAT_OK)
+        await self.start_back(handler, "openai")
+        ask = {"max_tokens": 100, "thinking": {"type": "enabled", "budget_tokens": 2000},
+               "messages": [{"role": "user", "content": "x"}]}
+        status, _, _ = await self.call("POST", "/v1/messages", dict(ask, model="gpt-4.1"))
+        self.assertEqual(status, 200)
+        self.assertNotIn("reasoning_effort", json.loads(self.up.requests[-1]["body"]))   # gpt-4.1 refuses it
+        status, _, data = await self.call("POST", "/v1/messages", dict(ask, model="o-reasoner"))
+        self.assertEqual(status, 200, data)                          # refused, then sent again without it
+        self.assertEqual(len(self.up.requests), 3)
+        status, _, _ = await self.call("POST", "/v1/messages", dict(ask, model="o-reasoner"))
+        self.assertEqual(len(self.up.requests), 4)                   # remembered: no refusal the second time
+        self.assertNotIn("reasoning_effort", json.loads(self.up.requests[-1]["body"]))
+
+    def test_a_derived_thinking_budget_leaves_room_for_the_answer(self):
+        for max_tokens, budget, effort, expect in ((8192, None, "high", 6144), (4000, 3999, None, 3999),
+                                                   (1500, 500, None, 1024), (1024, 2000, None, None)):
+            req = lp.ChatRequest(model="claude-sonnet-4-5", messages=[lp.Message("user", [lp.Part("text", text="x")])],
+                                 max_tokens=max_tokens, reasoning_budget=budget, reasoning_effort=effort,
+                                 thinking=True)
+            body = lp.AnthropicMessages.render_request(req, {})
+            with self.subTest(max_tokens=max_tokens, budget=budget):
+                self.assertEqual((body.get("thinking") or {}).get("budget_tokens"), expect)
+                if expect:
+                    self.assertLess(expect, body["max_tokens"])
+
     async def test_crlf_framed_events_are_relayed_as_they_come_on_pass_through(self):
         gate = asyncio.Event()
         ev = b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"%s"}]},"index":0}]}\r\n\r\n'
