@@ -3377,6 +3377,30 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual((status, json.loads(data)["output"][0]["encrypted_content"]), (200, "OPENAI-OPAQUE"))
         self.assertEqual(self.up.requests[-1]["path"], "/v1/responses/compact")
 
+    async def test_a_recorded_codex_default_request_reaches_every_back_end_with_its_tools(self):
+        with open(os.path.join(FIXTURES_DIR, "clients", "codex-0.171-default.json"), encoding="utf-8") as f:
+            recorded = json.load(f)["request"]
+        self.assertNotIn("tools", recorded)                          # the shape: tools ride in the input
+        for back in ("openai", "anthropic", "gemini"):
+            with self.subTest(back=back):
+                await self.start_back(multi_upstream, back)
+                status, _, data = await self.call("POST", "/v1/responses", dict(recorded, model="m"))
+                self.assertEqual(status, 200, data[:300])
+                sent = json.loads(self.up.requests[-1]["body"])
+                if back == "openai":
+                    names = [t["function"]["name"] for t in sent["tools"]]
+                elif back == "anthropic":
+                    names = [t["name"] for t in sent["tools"]]
+                else:
+                    names = [d["name"] for t in sent["tools"] for d in t.get("functionDeclarations", [])]
+                self.assertIn("functions__exec", names)              # the freeform JavaScript runner
+                self.assertIn("clock__sleep", names)
+                self.assertEqual(len(names), 12)
+                await self.server.shutdown(0)
+                self.app.close()
+                await self.up.close()
+                self.server = self.up = None
+
     async def test_a_tool_name_that_flattens_twice_is_a_400(self):
         await self.start_back(multi_upstream, "openai")
         body = {"model": "m", "input": [{"type": "additional_tools", "role": "developer", "tools": [
