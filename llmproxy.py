@@ -56,7 +56,7 @@ import zlib
 from collections import OrderedDict, deque
 from functools import lru_cache, partial
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
-from urllib.parse import parse_qs, quote, unquote, urlencode, urljoin, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
 __version__ = "0.1.0"
 
@@ -2347,6 +2347,7 @@ class WireFormat:
     keepalive_frame = b": keep-alive\n\n"    # an SSE comment, which this format's clients skip
     terminal_markers: Tuple[bytes, ...] = (b"data: [DONE]",)   # bytes that end one of its streams
     passthrough_headers: Tuple[str, ...] = ()  # client headers a same-format upstream must see
+    passthrough_query: Tuple[str, ...] = ()    # query parameters it must see too
     streams_json = False                      # streams may come as one JSON array, not SSE
     keeps_history = False                     # the proxy keeps conversations (previous_response_id)
     inline_images = False                     # image URLs must be fetched into bytes for it
@@ -2392,7 +2393,7 @@ class WireFormat:
         return {"id": mid, "object": "model", "created": int(created), "owned_by": owner}
 
     @classmethod
-    def render_model_list(cls, models: List[dict]) -> dict:
+    def render_model_list(cls, models: List[dict], query: Optional[Dict[str, str]] = None) -> dict:
         return {"object": "list", "data": models}
 
 
@@ -2981,6 +2982,7 @@ class AnthropicMessages(WireFormat):
     count_fields = ("model", "messages", "system", "tools", "tool_choice", "thinking")
 
     passthrough_headers = ("anthropic-version", "anthropic-beta")
+    passthrough_query = ("beta",)             # Claude Code's ?beta=true goes on to Anthropic
     sets_cache_marks = True
     terminal_markers = (b"event: message_stop",)
 
@@ -2997,9 +2999,22 @@ class AnthropicMessages(WireFormat):
         return {"type": "model", "id": mid, "display_name": mid, "created_at": iso_time(created)}
 
     @classmethod
-    def render_model_list(cls, models: List[dict]) -> dict:
-        return {"data": models, "has_more": False, "first_id": models[0]["id"] if models else None,
-                "last_id": models[-1]["id"] if models else None}
+    def render_model_list(cls, models: List[dict], query: Optional[Dict[str, str]] = None) -> dict:
+        """Anthropic's paginated list: limit (default 20, at most 1000), after_id, before_id."""
+        q = query or {}
+        ids = [m["id"] for m in models]
+        start, end = 0, len(models)
+        if q.get("after_id") in ids:
+            start = ids.index(q["after_id"]) + 1
+        if q.get("before_id") in ids:
+            end = ids.index(q["before_id"])
+        limit = int(q["limit"]) if (q.get("limit") or "").isdigit() and q["limit"].isascii() else 20
+        limit = max(1, min(limit, 1000))
+        if q.get("before_id") in ids and q.get("after_id") not in ids:
+            start = max(start, end - limit)
+        page = models[start:min(end, start + limit)]
+        return {"data": page, "has_more": start + len(page) < end or (start > 0 and "before_id" in q),
+                "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
 
 
     @staticmethod
@@ -4315,7 +4330,7 @@ class Gemini(WireFormat):
                 "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}
 
     @classmethod
-    def render_model_list(cls, models: List[dict]) -> dict:
+    def render_model_list(cls, models: List[dict], query: Optional[Dict[str, str]] = None) -> dict:
         return {"models": models}
 
 
@@ -9272,6 +9287,10 @@ class App:
         else:
             raw = await self.render_json(len(request.body), dict(body, model=upstream_model))
         extra = [(name, request.headers.get(name)) for name in fmt.passthrough_headers if request.headers.get(name)]
+        if fmt.passthrough_query and request.query:
+            kept = [(k, v) for k, v in parse_qsl(request.query, keep_blank_values=True) if k in fmt.passthrough_query]
+            if kept:
+                url += ("&" if "?" in url else "?") + urlencode(kept)
         upstream = await self.send_upstream(prov, "POST", url, raw, stream, info, extra, may_wait=may_wait,
                                             deadline=deadline, model=upstream_model)
         hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
@@ -10331,7 +10350,8 @@ class App:
     async def handle_models(self, request: Request):
         fmt = client_format(request.path, request.headers)
         data = [fmt.render_model(mid, owner, self.started) for mid, owner in await self.model_ids()]
-        return json_response(200, fmt.render_model_list(data))
+        query = {k: v[0] for k, v in parse_qs(request.query).items()} if request.query else {}
+        return json_response(200, fmt.render_model_list(data, query))
 
     async def handle_model(self, request: Request):
         prefix = "/v1beta/models/" if request.path.startswith("/v1beta/") else "/v1/models/"

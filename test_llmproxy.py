@@ -3401,6 +3401,26 @@ class TestHubBehaviour(ProxyCase):
                 await self.up.close()
                 self.server = self.up = None
 
+    async def test_claude_code_gateway_conventions(self):
+        await self.start_back(multi_upstream, "anthropic")
+        p, body = client_request("anthropic", 1, False)
+        status, _, _ = await self.call("POST", p, body, headers={"anthropic-beta": "interleaved-thinking-2025-05-14",
+                                                                 "anthropic-version": "2023-06-01"})
+        self.assertEqual(status, 200)
+        sent = self.up.requests[-1]
+        self.assertTrue(sent["path"].endswith("/messages?beta=true"), sent["path"])   # the query goes on
+        self.assertEqual(sent["headers"]["anthropic-beta"], "interleaved-thinking-2025-05-14")
+        listing = lp.AnthropicMessages.render_model_list(
+            [lp.AnthropicMessages.render_model("m%d" % i, "up", 0) for i in range(30)], {})
+        self.assertEqual((len(listing["data"]), listing["has_more"], listing["last_id"]), (20, True, "m19"))
+        nxt = lp.AnthropicMessages.render_model_list(
+            [lp.AnthropicMessages.render_model("m%d" % i, "up", 0) for i in range(30)], {"after_id": "m19", "limit": "1000"})
+        self.assertEqual((len(nxt["data"]), nxt["has_more"], nxt["first_id"]), (10, False, "m20"))
+        status, _, data = await self.call("GET", "/v1/models?limit=1000", headers={"anthropic-version": "2023-06-01"})
+        doc = json.loads(data)
+        self.assertEqual((status, doc["has_more"]), (200, False))
+        self.assertIn("fast", [m["id"] for m in doc["data"]])
+
     async def test_a_tool_name_that_flattens_twice_is_a_400(self):
         await self.start_back(multi_upstream, "openai")
         body = {"model": "m", "input": [{"type": "additional_tools", "role": "developer", "tools": [
