@@ -1975,6 +1975,46 @@ _EVENT_STRINGS = {"start": (1, 2), "text": (1,), "thinking": (1,), "tool_start":
 _EVENT_IDS = {"start": (1, 2), "tool_start": (2,)}     # ids and model names: a number is taken as its text
 
 
+class ToolOrder:
+    """Tool-call events in an order every encoder can follow: once a second call has
+    started, the calls after the first are held (start and arguments) until the stream
+    moves on, then given whole, in order. An upstream that interleaves fragments of
+    parallel calls (call 0, call 1, more of call 0) loses none of them."""
+    __slots__ = ("current", "held")
+
+    def __init__(self):
+        self.current: Optional[int] = None
+        self.held: "OrderedDict[int, list]" = OrderedDict()    # tool index -> [start event, [args]]
+
+    def feed(self, ev: tuple) -> list:
+        kind = ev[0]
+        if kind == "tool_start":
+            if self.current is None or ev[1] == self.current:
+                self.current = ev[1]
+                return [ev]
+            if ev[1] not in self.held:
+                self.held[ev[1]] = [ev, []]
+            return []
+        if kind == "tool_args":
+            if ev[1] in self.held:
+                self.held[ev[1]][1].append(ev[2])
+                return []
+            return [ev]
+        if kind in ("signature", "redacted") or not self.held:
+            return [ev]
+        return self.flush() + [ev]
+
+    def flush(self) -> list:
+        out = []
+        for index, (start, args) in self.held.items():
+            out.append(start)
+            if args:
+                out.append(("tool_args", index, "".join(args)))
+            self.current = index
+        self.held.clear()
+        return out
+
+
 def check_event(ev: tuple) -> tuple:
     """A decoder's event with the string fields the filters and encoders rely on (a
     numeric id or model name, which some servers send, becomes text)."""
@@ -9876,18 +9916,20 @@ class App:
         FIRST_KEEPALIVE_S meanwhile; with can_fail_over, a failure before that output
         raises NoOutputYet (nothing but keep-alives was sent) for the chain to take over."""
 
+        order = ToolOrder()
+
         def emit(ev) -> List[bytes]:
-            ev = check_event(ev)
             out = []
-            for ev in (filters.feed(ev) if filters is not None else (ev,)):
-                if ev[0] == "tool_start" and ev[4] and ev[5] == "gemini":
-                    self.keep_signature(ev[2], ev[5], ev[4])
-                if ev[0] == "finish":
-                    info.usage = ev[2]
-                    info.complete = True
-                elif ev[0] == "error":
-                    info.error = ev[1].code or ev[1].kind
-                out.extend(encoder.feed(ev))
+            for ev in order.feed(check_event(ev)):
+                for ev in (filters.feed(ev) if filters is not None else (ev,)):
+                    if ev[0] == "tool_start" and ev[4] and ev[5] == "gemini":
+                        self.keep_signature(ev[2], ev[5], ev[4])
+                    if ev[0] == "finish":
+                        info.usage = ev[2]
+                        info.complete = True
+                    elif ev[0] == "error":
+                        info.error = ev[1].code or ev[1].kind
+                    out.extend(encoder.feed(ev))
             return out
         held: list = []                 # opening events waiting for the first real output
         started = events is not None
@@ -9954,7 +9996,8 @@ class App:
             out = emit(("error", e))
             if out:
                 yield b"".join(out)
-        tail = encoder.close()
+        tail = [f for ev in order.flush() for f in emit(ev)] if order.held else []
+        tail += encoder.close()
         if tail:
             yield b"".join(tail)
 

@@ -3487,6 +3487,35 @@ class TestHubBehaviour(ProxyCase):
                 if expect:
                     self.assertLess(expect, body["max_tokens"])
 
+    async def test_interleaved_fragments_of_parallel_calls_reach_every_client_whole(self):
+        def tc(i, **kw):
+            d = {"index": i}
+            d.update(kw)
+            return ('data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"tool_calls":[%s]}}]}\n\n'
+                    % json.dumps(d)).encode()
+        frames = [tc(0, id="call_A", type="function", function={"name": "get_weather", "arguments": ""}),
+                  tc(1, id="call_B", type="function", function={"name": "get_time", "arguments": '{"tz":'}),
+                  tc(0, function={"arguments": '{"city":'}),
+                  tc(1, function={"arguments": '"UTC"}'}),
+                  tc(0, function={"arguments": '"Paris"}'}),
+                  b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}\n\n',
+                  b"data: [DONE]\n\n"]
+
+        async def handler(req, w):
+            sse_head(w)
+            for f in frames:
+                sse_chunk(w, f)
+            w.write(b"0\r\n\r\n")
+        await self.start_back(handler, "openai")
+        for client in ("anthropic", "openai-responses", "gemini"):
+            with self.subTest(client=client):
+                p, body = client_request(client, 1, True)
+                status, _, data = await self.call("POST", p, body)
+                self.assertEqual(status, 200, data)
+                calls = client_reply(client, data, True)[1]
+                got = {c[1]: c[2] for c in calls}
+                self.assertEqual(got, {"get_weather": {"city": "Paris"}, "get_time": {"tz": "UTC"}})
+
     async def test_crlf_framed_events_are_relayed_as_they_come_on_pass_through(self):
         gate = asyncio.Event()
         ev = b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"%s"}]},"index":0}]}\r\n\r\n'
