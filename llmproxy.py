@@ -2826,6 +2826,7 @@ class OpenAIChat(WireFormat):
 
 CUSTOM_TOOL_SCHEMA = {"type": "object", "properties": {"input": {"type": "string", "description":
                       "the raw input for this tool"}}, "required": ["input"]}
+MAX_PARTIAL_INDEX = 10000          # an array index in a streamed Gemini argument path (bounds the list made)
 MAX_GRAMMAR_CHARS = 8000            # a freeform tool's grammar, quoted into its description
 
 
@@ -4744,11 +4745,50 @@ class Gemini(WireFormat):
 
 
 
+_JSONPATH_STEP_RE = re.compile(r"\.([A-Za-z_$][\w$-]*)|\[(\d+)\]|\['((?:[^'\\]|\\.)*)'\]|\[\"((?:[^\"\\]|\\.)*)\"\]")
+
+
+def set_json_path(doc: dict, path: str, value, append: bool):
+    """Put value at a JSON Path ("$.a.b[0]", RFC 9535 name and index steps) in doc, making the
+    objects and lists on the way; append: add a string to the string already there."""
+    steps = [m.group(1) or m.group(3) or m.group(4) if m.group(2) is None else int(m.group(2))
+             for m in _JSONPATH_STEP_RE.finditer(path[1:] if path.startswith("$") else path)]
+    if not steps:
+        return
+    node: Any = doc
+    for step, nxt in zip(steps, steps[1:] + [None]):
+        blank: Any = [] if isinstance(nxt, int) else {}
+        if isinstance(step, int):
+            if not isinstance(node, list) or step > MAX_PARTIAL_INDEX:
+                return
+            while len(node) <= step:
+                node.append(None)
+            if nxt is None:
+                node[step] = node[step] + value if append and isinstance(node[step], str) else value
+                return
+            if not isinstance(node[step], (dict, list)):
+                node[step] = blank
+            node = node[step]
+        else:
+            if not isinstance(node, dict):
+                return
+            if nxt is None:
+                node[step] = node[step] + value if append and isinstance(node.get(step), str) else value
+                return
+            if not isinstance(node.get(step), (dict, list)):
+                node[step] = blank
+            node = node[step]
+
+
 class GeminiDecoder(CanonicalStream):
-    """GenerateContentResponse chunks (SSE) -> canonical events. Function calls arrive whole."""
+    """GenerateContentResponse chunks (SSE) -> canonical events. Function calls arrive whole,
+    or (Vertex with streamed arguments) in pieces: a functionCall with a name and
+    willContinue, then partialArgs (a JSON Path and a value; a string may continue), ended
+    by an empty functionCall. Those are assembled into one call."""
     name = "gemini"
 
     def __init__(self):
+        self.partial: Optional[dict] = None     # the streamed call being assembled
         self.started = False
         self.rid = ""                       # the response id, which call ids are made from
         self.calls: List[int] = []
@@ -4791,6 +4831,17 @@ class GeminiDecoder(CanonicalStream):
                 self.reason = "SAFETY"
             return out
         cand = cands[0]
+        parts = (cand.get("content") or {}).get("parts") if isinstance(cand.get("content"), dict) else None
+        if isinstance(parts, list) and any(isinstance(p, dict) and isinstance(p.get("functionCall"), dict) and
+                                           self._streamed(p["functionCall"]) for p in parts):
+            whole = []
+            for p in parts:
+                fc = p.get("functionCall") if isinstance(p, dict) else None
+                if isinstance(fc, dict) and self._streamed(fc):
+                    out.extend(self._partial_call(fc, p.get("thoughtSignature") or ""))
+                else:
+                    whole.append(p)
+            cand = dict(cand, content=dict(cand["content"], parts=whole))
         for p in Gemini._candidate_parts(cand, self.calls, self.rid):
             self.any_output = True
             if p.type == "tool_call":
@@ -4810,18 +4861,67 @@ class GeminiDecoder(CanonicalStream):
             self.reason = cand["finishReason"]
         return out
 
+    def _streamed(self, fc: dict) -> bool:
+        """A piece of a call with streamed arguments (not a whole call)."""
+        return bool(fc.get("willContinue") or fc.get("partialArgs") or (not fc and self.partial is not None)
+                    or (self.partial is not None and not fc.get("name") and "args" not in fc))
+
+    def _partial_call(self, fc: dict, signature: str) -> list:
+        out = []
+        if fc.get("name"):
+            out = self._end_partial()           # a new call ends the one before it
+            self.partial = {"name": fc["name"], "id": fc.get("id") or "", "args": dict(fc.get("args") or {}),
+                            "sig": signature, "open": set()}
+        call = self.partial
+        if call is None:
+            return out
+        call["sig"] = call["sig"] or signature
+        for pa in fc.get("partialArgs") or []:
+            if not isinstance(pa, dict) or not isinstance(pa.get("jsonPath"), str):
+                continue
+            path = pa["jsonPath"]
+            for key in ("stringValue", "numberValue", "boolValue"):
+                if key in pa:
+                    set_json_path(call["args"], path, pa[key], key == "stringValue" and path in call["open"])
+                    break
+            else:
+                if "nullValue" in pa:
+                    set_json_path(call["args"], path, None, False)
+            if pa.get("willContinue"):
+                call["open"].add(path)
+            else:
+                call["open"].discard(path)
+        if not fc.get("willContinue"):          # the last piece (often an empty functionCall)
+            out += self._end_partial()
+        return out
+
+    def _end_partial(self) -> list:
+        call, self.partial = self.partial, None
+        if call is None:
+            return []
+        self.any_output = True
+        idx = self.tool_count
+        self.tool_count += 1
+        cid = call["id"] or gemini_reply_call_id(call["name"], self.rid, len(self.calls))
+        self.calls.append(1)
+        sig = call["sig"] or None
+        return [("tool_start", idx, cid, call["name"], sig, "gemini" if sig else None),
+                ("tool_args", idx, _jdump(call["args"]))]
+
     def close(self) -> list:
         if self.done:
             return []
+        pending = self._end_partial()           # a streamed call the stream ended inside of
         self.done = True
         if self.reason is None:
-            return [("error", UpstreamError(502, "upstream stream ended without a finish reason", "upstream_incomplete"))]
+            return pending + [("error", UpstreamError(502, "upstream stream ended without a finish reason",
+                                                      "upstream_incomplete"))]
         if self.reason in _GE_BROKEN and not self.any_output:
             return [("error", UpstreamError(502, "upstream finished with %s" % self.reason,
                                             "upstream_" + self.reason.lower()))]
         stop = "tool_use" if self.tool_count else ("content_filter" if self.reason in _GE_FILTERED
                                          else _GE_STOP_IN.get(self.reason, "end"))
-        return [("finish", stop, self.usage)]
+        return pending + [("finish", stop, self.usage)]
 
 
 class GeminiEncoder:

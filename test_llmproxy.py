@@ -3516,6 +3516,42 @@ class TestHubBehaviour(ProxyCase):
                 got = {c[1]: c[2] for c in calls}
                 self.assertEqual(got, {"get_weather": {"city": "Paris"}, "get_time": {"tz": "UTC"}})
 
+    async def test_vertex_streamed_function_call_arguments_are_assembled(self):
+        def chunk(fc, finish=None):
+            cand = {"content": {"role": "model", "parts": [{"functionCall": fc}]}, "index": 0}
+            if finish:
+                cand["finishReason"] = finish
+            return b"data: " + json.dumps({"candidates": [cand], "responseId": "r1"}).encode() + b"\r\n\r\n"
+        frames = [chunk({"name": "get_weather", "willContinue": True}),
+                  chunk({"partialArgs": [{"jsonPath": "$.city", "stringValue": "Pa", "willContinue": True}],
+                         "willContinue": True}),
+                  chunk({"partialArgs": [{"jsonPath": "$.city", "stringValue": "ris"},
+                                         {"jsonPath": "$.when.days[1]", "numberValue": 3}], "willContinue": True}),
+                  chunk({}, "STOP")]
+
+        async def handler(req, w):
+            sse_head(w)
+            for f in frames:
+                sse_chunk(w, f)
+            w.write(b"0\r\n\r\n")
+        await self.start_back(handler, "gemini")
+        for client in ("anthropic", "openai"):
+            with self.subTest(client=client):
+                p, body = client_request(client, 1, True)
+                status, _, data = await self.call("POST", p, body)
+                self.assertEqual(status, 200, data)
+                calls = client_reply(client, data, True)[1]
+                self.assertEqual([(c[1], c[2]) for c in calls],
+                                 [("get_weather", {"city": "Paris", "when": {"days": [None, 3]}})])
+
+    def test_json_path_steps(self):
+        doc = {}
+        lp.set_json_path(doc, "$.a.b[2].c", "x", False)
+        lp.set_json_path(doc, "$.a.b[2].c", "y", True)
+        lp.set_json_path(doc, "$['q r']", True, False)
+        lp.set_json_path(doc, "$.big[99999999]", 1, False)                 # past the index bound: ignored
+        self.assertEqual(doc, {"a": {"b": [None, None, {"c": "xy"}]}, "q r": True, "big": []})
+
     async def test_crlf_framed_events_are_relayed_as_they_come_on_pass_through(self):
         gate = asyncio.Event()
         ev = b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"%s"}]},"index":0}]}\r\n\r\n'
