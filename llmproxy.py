@@ -4155,6 +4155,17 @@ class ResponsesEncoder:
         elif kind == "signature":
             if self.cur is not None and self.cur["type"] == "reasoning":
                 self.sig = carry_signature(ev[1], ev[2])
+            elif ev[1] and not self.drop_thinking:
+                # encrypted reasoning with no summary text (Codex on a ChatGPT login gets only
+                # that): its own reasoning item, so it survives to the next turn
+                out.extend(self._close_item())
+                item = {"type": "reasoning", "id": new_id("rs_"), "summary": [],
+                        "encrypted_content": carry_signature(ev[1], ev[2])}
+                idx = len(self.output)
+                out.append(self._ev("response.output_item.added", {"output_index": idx,
+                                                                   "item": dict(item, encrypted_content=None)}))
+                out.append(self._ev("response.output_item.done", {"output_index": idx, "item": item}))
+                self.output.append(item)
         elif kind == "tool_start":
             item = OpenAIResponses.call_item(ev[2], ev[3], "", self.req, "in_progress")
             out.extend(self._open_item(item))
@@ -5035,8 +5046,10 @@ def collect_events(events) -> ChatResponse:
             else:
                 parts.append(Part(kind, text=ev[1]))
         elif kind == "signature":
-            if parts:
+            if parts and (parts[-1].type == "thinking" or ev[2] != "openai-responses"):
                 parts[-1].signature, parts[-1].origin = ev[1], ev[2]
+            else:                    # Responses reasoning with no summary: encrypted content alone
+                parts.append(Part("thinking", text="", signature=ev[1], origin=ev[2]))
         elif kind == "redacted":
             parts.append(Part("redacted", data=ev[1], origin=ev[2]))
         elif kind == "tool_start":

@@ -3544,6 +3544,18 @@ class TestHubBehaviour(ProxyCase):
                 self.assertEqual([(c[1], c[2]) for c in calls],
                                  [("get_weather", {"city": "Paris", "when": {"days": [None, 3]}})])
 
+    def test_encrypted_reasoning_without_a_summary_survives_streams_and_gathered_replies(self):
+        req = lp.ChatRequest(model="m")
+        events = [("start", "r1", "m", None), ("signature", "ENC123", "openai-responses"), ("text", "hi"),
+                  ("finish", "end", lp.Usage(1, 1))]
+        enc = lp.OpenAIResponses.stream_encoder(req, {})
+        out = b"".join(b for e in events for b in enc.feed(e))
+        done = [json.loads(e.data)["item"] for e in lp.SSEDecoder().feed(out) if e.event == "response.output_item.done"]
+        self.assertEqual((done[0]["type"], done[0]["summary"], done[0]["encrypted_content"]), ("reasoning", [], "ENC123"))
+        gathered = lp.OpenAIResponses.render_response(lp.collect_events(events), req)["output"]
+        self.assertEqual((gathered[0]["type"], gathered[0]["encrypted_content"]), ("reasoning", "ENC123"))
+        self.assertEqual(gathered[1]["content"][0]["text"], "hi")
+
     def test_json_path_steps(self):
         doc = {}
         lp.set_json_path(doc, "$.a.b[2].c", "x", False)
