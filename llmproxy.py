@@ -3008,6 +3008,12 @@ ANTHROPIC_DEFAULT_MAX_TOKENS = 8192
 _AN_ID_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
 
+def _anthropic_thinking_tokens(u: dict) -> int:
+    """Anthropic reports reasoning as usage.output_tokens_details.thinking_tokens (newer APIs)."""
+    details = u.get("output_tokens_details")
+    return _count(details.get("thinking_tokens")) if isinstance(details, dict) else 0
+
+
 def anthropic_id(raw: str) -> str:
     """Tool ids must match ^[a-zA-Z0-9_-]+$: map others stably (a hash keeps them unique)."""
     if raw and not _AN_ID_BAD.search(raw):
@@ -3073,7 +3079,8 @@ class AnthropicMessages(WireFormat):
             return None
         read = _count(u.get("cache_read_input_tokens"))
         write = _count(u.get("cache_creation_input_tokens"))
-        return Usage(_count(u.get("input_tokens")) + read + write, u.get("output_tokens"), read, write)
+        return Usage(_count(u.get("input_tokens")) + read + write, u.get("output_tokens"), read, write,
+                     _anthropic_thinking_tokens(u))
 
     @staticmethod
     def render_usage(u: Usage) -> dict:
@@ -3431,7 +3438,8 @@ class AnthropicDecoder(CanonicalStream):
     def parse_usage_full(u: dict, old: Usage) -> Usage:
         read = _count(u.get("cache_read_input_tokens", old.cached))
         write = _count(u.get("cache_creation_input_tokens", old.cache_write))
-        return Usage(_count(u.get("input_tokens")) + read + write, u.get("output_tokens"), read, write)
+        return Usage(_count(u.get("input_tokens")) + read + write, u.get("output_tokens"), read, write,
+                     _anthropic_thinking_tokens(u) or old.reasoning)
 
     def close(self) -> list:
         if self.done:

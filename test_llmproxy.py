@@ -3556,6 +3556,12 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual((gathered[0]["type"], gathered[0]["encrypted_content"]), ("reasoning", "ENC123"))
         self.assertEqual(gathered[1]["content"][0]["text"], "hi")
 
+    def test_anthropic_thinking_tokens_are_reasoning_tokens(self):
+        u = lp.AnthropicMessages.parse_usage({"input_tokens": 5, "output_tokens": 40,
+                                              "output_tokens_details": {"thinking_tokens": 31}})
+        self.assertEqual((u.output, u.reasoning), (40, 31))
+        self.assertEqual(lp.OpenAIChat.render_usage(u)["completion_tokens_details"]["reasoning_tokens"], 31)
+
     def test_json_path_steps(self):
         doc = {}
         lp.set_json_path(doc, "$.a.b[2].c", "x", False)
