@@ -2980,14 +2980,31 @@ class OpenAIChatEncoder:
         return []
 
 
+# an in-stream error's class, when it gives no HTTP status of its own (OpenAI/Anthropic types,
+# Google status names): a 400-class error must stay one, or clients retry what cannot succeed
+_STREAM_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
+                        "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429,
+                        "insufficient_quota": 429, "overloaded_error": 503, "api_error": 500, "server_error": 500,
+                        "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401,
+                        "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500,
+                        "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+
+
 def upstream_stream_error(obj: dict) -> ProxyError:
-    """An error object met inside an upstream stream, in any of the four shapes."""
+    """An error object met inside an upstream stream, in any of the four shapes (a
+    Responses error event nests its details in "error"). Its class is kept: the status from
+    status_code, a numeric code or the type; code and param as given, none invented."""
     err = obj.get("error") if isinstance(obj.get("error"), dict) else obj
     msg = err.get("message") or obj.get("message") or _jdump(obj)[:300]
-    kind = err.get("type") or err.get("status") or "upstream_error"
+    kind = err.get("type") or err.get("status") or obj.get("type") or "upstream_error"
     code = err.get("code")
-    status = code if isinstance(code, int) and 400 <= code < 600 else 502
-    return ProxyError(status, str(kind), str(msg), code=str(code) if code is not None else "upstream_stream_error")
+    status = next((v for v in (err.get("status_code"), obj.get("status_code"), code)
+                   if isinstance(v, int) and not isinstance(v, bool) and 400 <= v < 600), None)
+    if status is None:
+        status = _STREAM_ERROR_STATUS.get(str(kind)) or _STREAM_ERROR_STATUS.get(str(err.get("status") or "")) or 502
+    param = err.get("param") if isinstance(err.get("param"), str) else None
+    return ProxyError(status, str(kind), str(msg), code=str(code) if code is not None and not isinstance(code, int)
+                      else None, param=param)
 
 
 # 6b. Anthropic Messages ######################################################

@@ -3562,6 +3562,32 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual((u.output, u.reasoning), (40, 31))
         self.assertEqual(lp.OpenAIChat.render_usage(u)["completion_tokens_details"]["reasoning_tokens"], 31)
 
+    def test_in_stream_errors_keep_their_class(self):
+        cases = [({"type": "error", "sequence_number": 3, "error": {"type": "invalid_request_error",
+                   "code": "invalid_prompt", "message": "bad", "param": "input"}}, 400, "invalid_prompt", "input"),
+                 ({"error": {"message": "tool call failed", "type": "invalid_request_error", "code": "tool_use_failed",
+                             "status_code": 400}}, 400, "tool_use_failed", None),
+                 ({"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}}, 429, None, None),
+                 ({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, 503, None, None),
+                 ({"error": {"message": "???"}}, 502, None, None)]
+        for obj, status, code, param in cases:
+            with self.subTest(obj=obj):
+                err = lp.upstream_stream_error(obj)
+                self.assertEqual((err.status, err.code, err.param), (status, code, param))
+
+    async def test_a_400_class_error_in_a_stream_is_a_400_for_the_client(self):
+        async def handler(req, w):
+            sse_head(w)
+            sse_chunk(w, b'data: {"error":{"message":"tool call failed","type":"invalid_request_error",'
+                         b'"code":"tool_use_failed","status_code":400}}\n\n')
+            w.write(b"0\r\n\r\n")
+        await self.start_back(handler, "openai")
+        p, body = client_request("anthropic", 1, True)
+        status, _, data = await self.call("POST", p, body)
+        self.assertEqual(status, 400, data)                     # not a 502 the client would retry
+        self.assertEqual(json.loads(data)["error"]["type"], "invalid_request_error")
+        self.assertEqual(len(self.up.requests), 1)              # and not retried here either
+
     def test_json_path_steps(self):
         doc = {}
         lp.set_json_path(doc, "$.a.b[2].c", "x", False)
