@@ -2086,6 +2086,7 @@ class Tool:
     parameters: dict = dataclasses.field(default_factory=lambda: {"type": "object", "properties": {}})
     custom: bool = False                 # Responses custom tool: one string argument "input"
     cache: Optional[dict] = None         # a prompt-cache breakpoint after this tool
+    strict: Optional[bool] = None        # OpenAI strict schema adherence, as the client set it
 
 
 @dataclasses.dataclass
@@ -2602,7 +2603,8 @@ class OpenAIChat(WireFormat):
             elif isinstance(t.get("function"), dict):
                 fn = t["function"]
                 req.tools.append(Tool(fn.get("name", ""), fn.get("description") or "",
-                                      fn.get("parameters") or {"type": "object", "properties": {}}))
+                                      fn.get("parameters") or {"type": "object", "properties": {}},
+                                      strict=fn["strict"] if isinstance(fn.get("strict"), bool) else None))
             else:
                 drop_field("openai", "tool type %s" % t.get("type"))
         tc = body.get("tool_choice", body.get("function_call"))
@@ -2699,8 +2701,10 @@ class OpenAIChat(WireFormat):
                 msgs.append({"role": "user", "content": cls._render_content(rest, cache)})
         body: Dict[str, Any] = {"model": req.model, "messages": msgs}
         if req.tools:
-            body["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                               "parameters": t.parameters}} for t in req.tools]
+            body["tools"] = [{"type": "function", "function": dict({"name": t.name, "description": t.description,
+                                                                    "parameters": t.parameters},
+                                                                   **({"strict": t.strict} if t.strict is not None else {}))}
+                             for t in req.tools]
         if req.tool_choice is not None and req.tools:
             body["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice[1]}} \
                 if isinstance(req.tool_choice, tuple) else req.tool_choice
@@ -3805,7 +3809,8 @@ class OpenAIResponses(WireFormat):
                     req.tool_namespaces[flat] = (namespace, name)
                 if kind == "function":
                     req.tools.append(Tool(flat, t.get("description") or "",
-                                          t.get("parameters") or {"type": "object", "properties": {}}))
+                                          t.get("parameters") or {"type": "object", "properties": {}},
+                                          strict=t["strict"] if isinstance(t.get("strict"), bool) else None))
                 else:
                     req.tools.append(Tool(flat, custom_description(t), CUSTOM_TOOL_SCHEMA, custom=True))
                     req.custom_tools.append(flat)
@@ -3844,8 +3849,12 @@ class OpenAIResponses(WireFormat):
                                       "arguments": p.arguments or "{}"})
                 elif p.type == "tool_result":
                     text = text_of(p.content)
-                    items.append({"type": "function_call_output", "call_id": p.id,
-                                  "output": ("Error: " + text) if p.is_error else text})
+                    output: Any = ("Error: " + text) if p.is_error else text
+                    if any(c.type == "image" for c in p.content):      # a screenshot a tool returned
+                        output = [{"type": "input_text", "text": c.text} if c.type == "text" else
+                                  {"type": "input_image", "image_url": image_url(c)}
+                                  for c in p.content if c.type in ("text", "image")]
+                    items.append({"type": "function_call_output", "call_id": p.id, "output": output})
                 elif p.type == "thinking" and p.origin == "openai-responses" and p.signature:
                     items.append({"type": "reasoning", "summary": [{"type": "summary_text", "text": p.text}]
                                   if p.text else [], "encrypted_content": p.signature})
@@ -3855,7 +3864,7 @@ class OpenAIResponses(WireFormat):
             body["instructions"] = "\n\n".join(req.system)
         if req.tools:
             body["tools"] = [{"type": "function", "name": t.name, "description": t.description,
-                              "parameters": t.parameters, "strict": False} for t in req.tools]
+                              "parameters": t.parameters, "strict": bool(t.strict)} for t in req.tools]
             if isinstance(req.tool_choice, tuple):
                 body["tool_choice"] = {"type": "function", "name": req.tool_choice[1]}
             elif req.tool_choice:

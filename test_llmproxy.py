@@ -3588,6 +3588,20 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual(json.loads(data)["error"]["type"], "invalid_request_error")
         self.assertEqual(len(self.up.requests), 1)              # and not retried here either
 
+    def test_tool_strict_and_images_in_tool_results_cross_to_openai_back_ends(self):
+        chat = lp.OpenAIChat.parse_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "strict": True}}]})
+        self.assertIs(lp.OpenAIResponses.render_request(chat, {})["tools"][0]["strict"], True)
+        self.assertIs(lp.OpenAIChat.render_request(chat, {})["tools"][0]["function"]["strict"], True)
+        an = lp.AnthropicMessages.parse_request({"model": "m", "max_tokens": 5, "messages": [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                {"type": "text", "text": "here"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}]})
+        out = next(i for i in lp.OpenAIResponses.render_request(an, {})["input"] if i["type"] == "function_call_output")
+        self.assertEqual(out["output"], [{"type": "input_text", "text": "here"},
+                                         {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}])
+
     def test_json_path_steps(self):
         doc = {}
         lp.set_json_path(doc, "$.a.b[2].c", "x", False)
