@@ -8071,6 +8071,8 @@ class Config:
     client_rpm: int = 0
     client_tpm: int = 0
     workers: int = 1
+    passthrough_paths: List[str] = dataclasses.field(default_factory=lambda: ["/v1/*"])
+    passthrough_deny: List[str] = dataclasses.field(default_factory=list)
     source: Optional[str] = None
     guardrails: Dict[str, Any] = dataclasses.field(default_factory=dict)
     capture_file: Optional[str] = None
@@ -8430,6 +8432,9 @@ def _load_serving(r: _Reader, cfg: Config, env):
         raise ConfigError("resilience: counts and waits must not be negative")
     rs.finish()
     cfg.workers = int(r.get("workers", int, 1))
+    if "passthrough_paths" in r.obj:
+        cfg.passthrough_paths = r.strings("passthrough_paths")
+    cfg.passthrough_deny = r.strings("passthrough_deny")
     if not 1 <= cfg.workers <= 256:
         raise ConfigError("workers: must be between 1 and 256")
 
@@ -8969,6 +8974,7 @@ class App:
             "/admin/cooldowns/reset": {"POST": (self.handle_cooldowns_reset, ADMIN)},
         }
         gemini = {"GET": (self.handle_model, CLIENT), "POST": (self.handle_gemini, CLIENT)}
+        self.any_route = {m: (self.handle_other, CLIENT) for m in ("GET", "POST", "PUT", "PATCH", "DELETE")}
         self.prefix_routes = [("/v1beta/models/", gemini), ("/v1/models/", gemini),
                               ("/admin/keys/", {"DELETE": (self.handle_keys_revoke, ADMIN)})]
 
@@ -9123,7 +9129,19 @@ class App:
             for prefix, m in self.prefix_routes:
                 if path.startswith(prefix) and len(path) > len(prefix):
                     return m
+            if self.passes_through(path):
+                return self.any_route
         return methods
+
+    def passes_through(self, path: str) -> bool:
+        """A path of the OpenAI-compatible surface we do not serve ourselves (images, audio,
+        moderations, files, ...) that goes on to the routed back-end: allowed by
+        passthrough_paths, not denied, and never one of the proxy's own."""
+        if path.startswith(("/admin", "/auth", "/health", "/metrics")) or ".." in path:
+            return False
+        cfg = self.config
+        return any(fnmatch.fnmatchcase(path, g) for g in cfg.passthrough_paths) and \
+            not any(fnmatch.fnmatchcase(path, g) for g in cfg.passthrough_deny)
 
     def precheck(self, head: RequestHead):
         """Route, method and auth before the body is read. -> (handler, key entry),
@@ -10305,6 +10323,34 @@ class App:
         body = self._body(request)
         return await self.serve_chat(request, OpenAIResponses, body, lambda: OpenAIResponses.parse_request(body),
                                      body.get("model"), body.get("stream") is True)
+
+    async def handle_other(self, request: Request):
+        """Any other OpenAI-compatible path: to the back-end the body's model routes to (else
+        the default), the client key swapped for an upstream one, the reply relayed as it
+        comes (binary untouched; usage read where it reports it)."""
+        info = request.info
+        ctype = request.headers.get("content-type") or ""
+        model = None
+        body = request.body
+        if body and ctype.split(";")[0].strip().lower() == "application/json":
+            doc = request.json()
+            model = doc.get("model") if isinstance(doc, dict) and isinstance(doc.get("model"), str) else None
+        route = self.router.resolve(model) if model else self.router.resolve("")
+        prov = route.provider
+        if prov.kind != OpenAIChat.name or not prov.passthrough_ok:
+            raise ProxyError(404, "invalid_request_error", "no OpenAI-compatible back-end serves %s %s" % (
+                request.method, request.path[:200]), code="unknown_url")
+        if model and route.model and route.model != model:
+            body = _jbytes(dict(doc, model=route.model))
+        info.model, info.provider, info.upstream_model, info.via = model, prov.name, route.model or model, "pass"
+        url = prov.url(request.path[3:] if request.path.startswith("/v1/") else request.path)
+        if request.query:
+            url += "?" + request.query
+        extra = [(k, request.headers.get(k)) for k in ("content-type", "accept") if request.headers.get(k)]
+        upstream = await self.send_upstream(prov, request.method, url, body, False, info, extra,
+                                            model=route.model or model)
+        hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
+        return StreamResponse(upstream.status, hdrs, self.relay_stream(upstream, info, OpenAIChat))
 
     async def handle_responses_compact(self, request: Request):
         """Codex's context compaction. A Responses back-end compacts itself (passed through);

@@ -1112,6 +1112,39 @@ class TestPassThrough(ProxyCase):
         self.assertEqual(status, 502)
         self.assertEqual(len(self.up.requests), 2)       # not re-sent on a fresh connection
 
+    async def test_other_openai_paths_pass_through_to_the_routed_back_end(self):
+        png = bytes(range(256)) * 4
+
+        async def handler(req, w):
+            if req["path"].startswith("/v1/files/"):
+                w.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: %d\r\n\r\n%s"
+                        % (len(png), png))
+            else:
+                reply_json(w, 200, {"path": req["path"], "ctype": req["headers"].get("content-type"),
+                                    "auth": req["headers"].get("authorization"), "body": req["body"].decode("latin-1"),
+                                    "usage": {"prompt_tokens": 4, "total_tokens": 4}})
+        await self.start(handler)
+        status, headers, data = await self.call("POST", "/v1/images/generations?x=1",
+                                                {"model": "fast", "prompt": "a cat"})
+        doc = json.loads(data)
+        self.assertEqual((status, doc["path"], headers["x-llmproxy-provider"]), (200, "/v1/images/generations?x=1", "up"))
+        self.assertEqual(json.loads(doc["body"])["model"], "real-model")      # routed like any request
+        self.assertEqual(doc["auth"], "Bearer " + UP_KEYS[0])                 # the client key never leaves
+        multipart = (b"--XyZ\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n"
+                     + bytes(range(256)) + b"\r\n--XyZ--\r\n")
+        status, _, data = await self.call("POST", "/v1/audio/transcriptions", multipart,
+                                          headers={"content-type": "multipart/form-data; boundary=XyZ"})
+        doc = json.loads(data)
+        self.assertEqual((status, doc["ctype"]), (200, "multipart/form-data; boundary=XyZ"))
+        self.assertEqual(doc["body"].encode("latin-1"), multipart)           # bytes as they came
+        status, headers, data = await self.call("GET", "/v1/files/file-1/content")
+        self.assertEqual((status, data), (200, png))                          # binary untouched
+        status, _, data = await self.call("POST", "/admin/anything", {})
+        self.assertEqual(status, 404)                                         # the proxy's own paths stay
+        self.app.config.passthrough_deny = ["/v1/files/*"]
+        status, _, data = await self.call("GET", "/v1/files/file-1/content")
+        self.assertEqual((status, json.loads(data)["error"]["code"]), (404, "unknown_url"))
+
     async def test_embeddings_completions_models(self):
         async def handler(req, w):
             if req["path"] == "/v1/models":
