@@ -2834,6 +2834,20 @@ MAX_PARTIAL_INDEX = 10000          # an array index in a streamed Gemini argumen
 MAX_GRAMMAR_CHARS = 8000            # a freeform tool's grammar, quoted into its description
 
 
+# output-token ceilings of common model families on other back-ends (the model name after
+# any "vendor/" prefix starts with the key): a client's max_tokens above them is lowered, as
+# those APIs refuse it (Claude Code asks 128000 of every model). config model_limits wins.
+OUTPUT_CEILINGS = [("gpt-4o", 16384), ("chatgpt-4o", 16384), ("gpt-4.1", 32768), ("gpt-4-turbo", 4096),
+                   ("gpt-4", 8192), ("gpt-3.5", 4096), ("o1-mini", 65536), ("o1", 100000), ("o3", 100000),
+                   ("o4", 100000), ("gpt-5", 128000), ("gemini-2.5", 65536), ("gemini-2.0", 8192),
+                   ("gemini-1.5", 8192), ("deepseek-chat", 8192), ("deepseek-reasoner", 65536)]
+
+
+def output_ceiling(model: str) -> Optional[int]:
+    name = (model or "").rsplit("/", 1)[-1].lower()
+    return next((cap for prefix, cap in OUTPUT_CEILINGS if name.startswith(prefix)), None)
+
+
 def custom_description(tool: dict) -> str:
     """A freeform (custom) tool's description for back-ends that only have JSON tools: the
     one string argument `input` must follow the tool's grammar, so the grammar is quoted."""
@@ -9785,13 +9799,17 @@ class App:
             await self.inline_images(creq, prov.options.get("fetch_images", "public") == "all")
         if not fmt.sets_cache_marks and prov.options.get("auto_cache", True) and fmt_out.takes_cache_marks(prov.options):
             add_cache_marks(creq)               # Anthropic caches only where asked; other clients never ask
-        client_model = creq.model
+        client_model, client_cap = creq.model, creq.max_tokens
         creq.model = upstream_model
+        ceiling = output_ceiling(upstream_model)
+        if ceiling and isinstance(creq.max_tokens, int) and creq.max_tokens > ceiling and \
+                upstream_model not in prov.options.get("model_limits", {}):
+            creq.max_tokens = ceiling           # a cap the back-end would refuse with a 400
         size = len(request.body)
         try:
             up_body = fmt_out.render_request(creq, prov.options)
         finally:
-            creq.model = client_model
+            creq.model, creq.max_tokens = client_model, client_cap
         if size > OFFLOOP_BYTES:
             await asyncio.sleep(0)
         options = dict(prov.options, sse=sse)

@@ -3508,6 +3508,18 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual(len(self.up.requests), 4)                   # remembered: no refusal the second time
         self.assertNotIn("reasoning_effort", json.loads(self.up.requests[-1]["body"]))
 
+    async def test_claude_codes_128k_output_cap_is_lowered_to_what_the_model_takes(self):
+        async def handler(req, w):
+            reply_json(w, 200, CHAT_OK)
+        await self.start_back(handler, "openai")
+        for model, expect in (("gpt-4o", 16384), ("openai/gpt-4.1-mini", 32768), ("some-local-model", 128000)):
+            with self.subTest(model=model):
+                status, _, _ = await self.call("POST", "/v1/messages", {"model": model, "max_tokens": 128000,
+                                               "messages": [{"role": "user", "content": "x"}]})
+                self.assertEqual(status, 200)
+                sent = json.loads(self.up.requests[-1]["body"])
+                self.assertEqual(sent.get("max_tokens") or sent.get("max_completion_tokens"), expect)
+
     def test_a_derived_thinking_budget_leaves_room_for_the_answer(self):
         for max_tokens, budget, effort, expect in ((8192, None, "high", 6144), (4000, 3999, None, 3999),
                                                    (1500, 500, None, 1024), (1024, 2000, None, None)):
