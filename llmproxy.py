@@ -3165,6 +3165,10 @@ class AnthropicMessages(WireFormat):
                 out.append(Part("document", url=src.get("url", ""), name=b.get("title") or ""))
             elif src.get("type") == "text" and src.get("data"):
                 out.append(Part("text", text=src["data"]))
+        elif t == "tool_reference" and isinstance(b.get("tool_name"), str):
+            # Claude Code's tool search answers with references to the tools it loaded; other
+            # back-ends get the same fact as text (the tools themselves arrive in `tools`)
+            out.append(Part("text", text="Tool loaded: %s" % b["tool_name"]))
         else:
             drop_field("anthropic", "block type %s" % t)
 

@@ -3647,6 +3647,14 @@ class TestHubBehaviour(ProxyCase):
         self.assertEqual(out["output"], [{"type": "input_text", "text": "here"},
                                          {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}])
 
+    def test_a_tool_search_result_is_not_an_empty_tool_result_elsewhere(self):
+        req = lp.AnthropicMessages.parse_request({"model": "m", "max_tokens": 5, "messages": [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "ToolSearch", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                {"type": "tool_reference", "tool_name": "WebFetch"}]}]}]})
+        tool = next(m for m in lp.OpenAIChat.render_request(req, {})["messages"] if m["role"] == "tool")
+        self.assertIn("WebFetch", tool["content"])
+
     def test_json_path_steps(self):
         doc = {}
         lp.set_json_path(doc, "$.a.b[2].c", "x", False)
