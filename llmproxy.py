@@ -8,7 +8,8 @@ Sections (each uses only names from the sections above it; 12-13 wire it all):
    0. header        docstring, version, imports, Python 3.8 shims
    1. constants     limits with their reasons, ProxyError
    2. HTTP wire     sans-IO: Headers, parse_request_head, body framing, ChunkedDecoder, render_*
-   3. HTTP server   HTTPServer.serve_connection: keep-alive loop, limits, timeouts, streaming
+   3. HTTP server   HTTPServer.serve_connection: keep-alive loop, connection caps, limits,
+                    timeouts, streaming; Exchange (what one exchange did); JSON helpers
    4. HTTP client   TLS context, proxy settings, connection pool, streaming request()
    5. SSE           SSEDecoder (WHATWG rules), render_sse, usage sniffing
    6. formats       the canonical model (ChatRequest, Part, events) and the hub:
