@@ -725,6 +725,17 @@ async def _yield_if(started: List[float]):
         started[0] = time.perf_counter()
 
 
+def _past_separator(text: str, i: int, close: str) -> Tuple[int, bool]:
+    """After a value in an object or array: past its "," (False), or past `close` (True)."""
+    i = _WS_RE.match(text, i).end()
+    c = text[i:i + 1]
+    if c == close:
+        return i + 1, True
+    if c != ",":
+        raise ValueError("Expecting ',' delimiter: char %d" % i)
+    return _WS_RE.match(text, i + 1).end(), False
+
+
 async def parse_json_cooperative(text: str) -> Any:
     """json.loads(text) (strict, as parse_json) that lets other tasks run while it works."""
     dec, ws, clock = _DECODER.raw_decode, _WS_RE.match, [time.perf_counter()]
@@ -750,30 +761,19 @@ async def parse_json_cooperative(text: str) -> Any:
                 if text[i:i + 1] == "]":
                     i += 1
                 else:
-                    while True:
+                    done = False
+                    while not done:
                         value, i = dec(text, i)
                         items.append(value)
-                        i = ws(text, i).end()
-                        c = text[i:i + 1]
-                        if c == "]":
-                            i += 1
-                            break
-                        if c != ",":
-                            raise ValueError("Expecting ',' delimiter: char %d" % i)
-                        i = ws(text, i + 1).end()
+                        i, done = _past_separator(text, i, "]")
                         await _yield_if(clock)
                 obj[key] = items
             else:
                 obj[key], i = dec(text, i)
-            i = ws(text, i).end()
-            c = text[i:i + 1]
-            if c == "}":
-                i += 1
-                break
-            if c != ",":
-                raise ValueError("Expecting ',' delimiter: char %d" % i)
-            i = ws(text, i + 1).end()
+            i, done = _past_separator(text, i, "}")
             await _yield_if(clock)
+            if done:
+                break
     if ws(text, i).end() != len(text):
         raise ValueError("Extra data: char %d" % i)
     return obj
