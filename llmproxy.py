@@ -11125,12 +11125,12 @@ def run_workers(config: Config, reload_args) -> int:
         # Signals wait while we fork: a child must never run the supervisor's handler (it
         # would take a SIGTERM meant for itself and forward it to its siblings instead).
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        supervisor = os.getpid()            # taken before the fork: the child may start an orphan
         pid = os.fork()
         if pid != 0:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         if pid == 0:                                     # a worker
             code = 1
-            supervisor = os.getppid()
             try:
                 # until serve() installs its own handlers: a stop while starting is a clean exit
                 for sig in (signal.SIGINT, signal.SIGTERM):
