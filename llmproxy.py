@@ -9156,8 +9156,10 @@ class App:
         """A path of the OpenAI-compatible surface we do not serve ourselves (images, audio,
         moderations, files, ...) that goes on to the routed back-end: allowed by
         passthrough_paths, not denied, and never one of the proxy's own."""
-        if path.startswith(("/admin", "/auth", "/health", "/metrics")) or ".." in path:
-            return False
+        low = path.lower()
+        if path.startswith(("/admin", "/auth", "/health", "/metrics")) or ".." in path or "//" in path \
+                or "/./" in path or "%2e" in low or "%2f" in low or "%5c" in low or "\\" in path:
+            return False                    # no dot-segments or encoded ones: the path leaves as it was judged
         cfg = self.config
         return any(fnmatch.fnmatchcase(path, g) for g in cfg.passthrough_paths) and \
             not any(fnmatch.fnmatchcase(path, g) for g in cfg.passthrough_deny)
@@ -10367,8 +10369,10 @@ class App:
             body = _jbytes(dict(doc, model=route.model))
         info.model, info.provider, info.upstream_model, info.via = model, prov.name, route.model or model, "pass"
         url = prov.url(request.path[3:] if request.path.startswith("/v1/") else request.path)
-        if request.query:
-            url += "?" + request.query
+        query = [(k, v) for k, v in parse_qsl(request.query, keep_blank_values=True) if k != "key"] \
+            if request.query else []
+        if query:                           # the client's ?key= is our secret, never the upstream's
+            url += "?" + urlencode(query)
         extra = [(k, request.headers.get(k)) for k in ("content-type", "accept") if request.headers.get(k)]
         upstream = await self.send_upstream(prov, request.method, url, body, False, info, extra,
                                             model=route.model or model)

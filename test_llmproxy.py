@@ -1141,6 +1141,13 @@ class TestPassThrough(ProxyCase):
         self.assertEqual((status, data), (200, png))                          # binary untouched
         status, _, data = await self.call("POST", "/admin/anything", {})
         self.assertEqual(status, 404)                                         # the proxy's own paths stay
+        status, _, data = await self.call("POST", "/v1/images/generations?key=%s&x=1" % CLIENT_KEY,
+                                          {"model": "fast"}, key=None)
+        self.assertEqual(status, 200)
+        self.assertNotIn(CLIENT_KEY, self.up.requests[-1]["path"])           # the proxy key stays here
+        for sneaky in ("/v1/%2e%2e/admin/keys", "/v1//files/x", "/v1/./files/x", "/v1/%2Fadmin"):
+            status, _, _ = await self.call("GET", sneaky)
+            self.assertEqual(status, 404, sneaky)
         self.app.config.passthrough_deny = ["/v1/files/*"]
         status, _, data = await self.call("GET", "/v1/files/file-1/content")
         self.assertEqual((status, json.loads(data)["error"]["code"]), (404, "unknown_url"))
