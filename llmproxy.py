@@ -172,6 +172,183 @@ class FramingError(ValueError):
     """Bytes that break HTTP/1.1 message framing (RFC 9112 §6-7)."""
 
 
+class UpstreamError(ProxyError):
+    """The upstream could not be reached or broke the protocol (502) or was too slow (504)."""
+
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(status, "upstream_error" if status == 502 else "timeout_error", message, code=code)
+
+
+UPSTREAM_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, ValueError, IndexError)
+# An error's OpenAI "type" by HTTP status, for errors that did not come with one
+_ERROR_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                         413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+# 1b. JSON and dates ##########################################################
+# Strict JSON (RFC 8259: no NaN/Infinity, no lone surrogates out), parsed and written
+# cooperatively for big bodies; HTTP and ISO dates. Pure helpers every later section uses.
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))   # built once, not per call
+_jstr = json.encoder.encode_basestring       # a str as a JSON string literal (C speed)
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _no_constant(name: str):
+    raise ValueError("%s is not a JSON value (RFC 8259 §6)" % name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):                  # 1e999: no JSON number, and no back-end takes it
+        raise ValueError("number %s is out of range" % text[:40])
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+
+
+def parse_json(data) -> Any:
+    """Strict JSON (RFC 8259): bytes must be UTF-8 and bare NaN/Infinity are refused, so
+    they are never forwarded. Raises ValueError (UnicodeDecodeError is one)."""
+    if not isinstance(data, str):
+        data = bytes(data).decode("utf-8")
+    return _DECODER.decode(data)
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 of text that may hold lone surrogates (an upstream split a surrogate pair over two
+    deltas): those become \\uXXXX escapes, valid inside the JSON strings where they occur, and a
+    client that joins the deltas gets its character back."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE_RE.sub(lambda m: "\\u%04x" % ord(m.group()), text).encode("utf-8")
+
+
+def _jdump(obj) -> str:
+    return _ENCODER.encode(obj)
+
+
+# Cooperative JSON for big bodies. json's C scanner and encoder hold the GIL for a whole
+# call (a 20 MB body: ~100 ms), so a worker thread would not help; instead the top-level
+# object and its arrays are taken one member or element at a time, and the loop gets a
+# turn every SLICE_S. Same results and errors as json.loads / _jbytes.
+SLICE_S = 0.005
+_WS_RE = re.compile(r"[ \t\n\r]*")
+
+
+async def _yield_if(started: List[float]):
+    now = time.perf_counter()
+    if now - started[0] > SLICE_S:
+        await asyncio.sleep(0)
+        started[0] = time.perf_counter()
+
+
+def _past_separator(text: str, i: int, close: str) -> Tuple[int, bool]:
+    """After a value in an object or array: past its "," (False), or past `close` (True)."""
+    i = _WS_RE.match(text, i).end()
+    c = text[i:i + 1]
+    if c == close:
+        return i + 1, True
+    if c != ",":
+        raise ValueError("Expecting ',' delimiter: char %d" % i)
+    return _WS_RE.match(text, i + 1).end(), False
+
+
+async def parse_json_cooperative(text: str) -> Any:
+    """json.loads(text) (strict, as parse_json) that lets other tasks run while it works."""
+    dec, ws, clock = _DECODER.raw_decode, _WS_RE.match, [time.perf_counter()]
+    i = ws(text, 0).end()
+    if text[i:i + 1] != "{":
+        return _DECODER.decode(text)
+    obj: Dict[str, Any] = {}
+    i = ws(text, i + 1).end()
+    if text[i:i + 1] == "}":
+        i += 1
+    else:
+        while True:
+            if text[i:i + 1] != '"':
+                raise ValueError("Expecting property name enclosed in double quotes: char %d" % i)
+            key, i = dec(text, i)
+            i = ws(text, i).end()
+            if text[i:i + 1] != ":":
+                raise ValueError("Expecting ':' delimiter: char %d" % i)
+            i = ws(text, i + 1).end()
+            if text[i:i + 1] == "[":
+                items: list = []
+                i = ws(text, i + 1).end()
+                if text[i:i + 1] == "]":
+                    i += 1
+                else:
+                    done = False
+                    while not done:
+                        value, i = dec(text, i)
+                        items.append(value)
+                        i, done = _past_separator(text, i, "]")
+                        await _yield_if(clock)
+                obj[key] = items
+            else:
+                obj[key], i = dec(text, i)
+            i, done = _past_separator(text, i, "}")
+            await _yield_if(clock)
+            if done:
+                break
+    if ws(text, i).end() != len(text):
+        raise ValueError("Extra data: char %d" % i)
+    return obj
+
+
+async def render_json_cooperative(obj: Any) -> bytes:
+    """_jbytes(obj), one top-level member and array element at a time."""
+    if not isinstance(obj, dict):
+        return _jbytes(obj)
+    clock = [time.perf_counter()]
+    out: List[str] = []
+    for n, (key, value) in enumerate(obj.items()):
+        out.append(("," if n else "{") + _jstr(str(key)) + ":")
+        if isinstance(value, list) and value:
+            for m, item in enumerate(value):
+                out.append(("," if m else "[") + _ENCODER.encode(item))
+                await _yield_if(clock)
+            out.append("]")
+        else:
+            out.append(_ENCODER.encode(value))
+            await _yield_if(clock)
+    out.append("}" if obj else "{}")
+    return _utf8("".join(out))
+
+
+def _jbytes(obj) -> bytes:
+    return _utf8(_ENCODER.encode(obj))
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(ts: float) -> str:
+    """RFC 9110 §5.6.7 IMF-fixdate, locale-independent (email.utils would cost 0.7 MB)."""
+    t = time.gmtime(ts)
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (_DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+                                                    t.tm_hour, t.tm_min, t.tm_sec)
+
+
+def parse_iso_time(text: str) -> float:
+    """RFC 3339 / ISO 8601 timestamp -> epoch seconds (ValueError when it is not one)."""
+    import datetime                     # rare paths only
+    when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.timestamp()
+
+
+def iso_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 # 2. HTTP wire (sans-IO) ######################################################
 # Pure parsing and rendering of HTTP/1.1 heads and chunked bodies; no I/O.
 # Header names are lowercase latin-1 str. A parser either returns a complete
@@ -668,167 +845,8 @@ class StreamResponse:
         self.chunks = chunks
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))   # built once, not per call
-_jstr = json.encoder.encode_basestring       # a str as a JSON string literal (C speed)
-_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
-_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _no_constant(name: str):
-    raise ValueError("%s is not a JSON value (RFC 8259 §6)" % name)
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):                  # 1e999: no JSON number, and no back-end takes it
-        raise ValueError("number %s is out of range" % text[:40])
-    return value
-
-
-_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
-
-
-def parse_json(data) -> Any:
-    """Strict JSON (RFC 8259): bytes must be UTF-8 and bare NaN/Infinity are refused, so
-    they are never forwarded. Raises ValueError (UnicodeDecodeError is one)."""
-    if not isinstance(data, str):
-        data = bytes(data).decode("utf-8")
-    return _DECODER.decode(data)
-
-
-def _utf8(text: str) -> bytes:
-    """UTF-8 of text that may hold lone surrogates (an upstream split a surrogate pair over two
-    deltas): those become \\uXXXX escapes, valid inside the JSON strings where they occur, and a
-    client that joins the deltas gets its character back."""
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return _LONE_SURROGATE_RE.sub(lambda m: "\\u%04x" % ord(m.group()), text).encode("utf-8")
-
-
-def _jdump(obj) -> str:
-    return _ENCODER.encode(obj)
-
-
-# Cooperative JSON for big bodies. json's C scanner and encoder hold the GIL for a whole
-# call (a 20 MB body: ~100 ms), so a worker thread would not help; instead the top-level
-# object and its arrays are taken one member or element at a time, and the loop gets a
-# turn every SLICE_S. Same results and errors as json.loads / _jbytes.
-SLICE_S = 0.005
-_WS_RE = re.compile(r"[ \t\n\r]*")
-
-
-async def _yield_if(started: List[float]):
-    now = time.perf_counter()
-    if now - started[0] > SLICE_S:
-        await asyncio.sleep(0)
-        started[0] = time.perf_counter()
-
-
-def _past_separator(text: str, i: int, close: str) -> Tuple[int, bool]:
-    """After a value in an object or array: past its "," (False), or past `close` (True)."""
-    i = _WS_RE.match(text, i).end()
-    c = text[i:i + 1]
-    if c == close:
-        return i + 1, True
-    if c != ",":
-        raise ValueError("Expecting ',' delimiter: char %d" % i)
-    return _WS_RE.match(text, i + 1).end(), False
-
-
-async def parse_json_cooperative(text: str) -> Any:
-    """json.loads(text) (strict, as parse_json) that lets other tasks run while it works."""
-    dec, ws, clock = _DECODER.raw_decode, _WS_RE.match, [time.perf_counter()]
-    i = ws(text, 0).end()
-    if text[i:i + 1] != "{":
-        return _DECODER.decode(text)
-    obj: Dict[str, Any] = {}
-    i = ws(text, i + 1).end()
-    if text[i:i + 1] == "}":
-        i += 1
-    else:
-        while True:
-            if text[i:i + 1] != '"':
-                raise ValueError("Expecting property name enclosed in double quotes: char %d" % i)
-            key, i = dec(text, i)
-            i = ws(text, i).end()
-            if text[i:i + 1] != ":":
-                raise ValueError("Expecting ':' delimiter: char %d" % i)
-            i = ws(text, i + 1).end()
-            if text[i:i + 1] == "[":
-                items: list = []
-                i = ws(text, i + 1).end()
-                if text[i:i + 1] == "]":
-                    i += 1
-                else:
-                    done = False
-                    while not done:
-                        value, i = dec(text, i)
-                        items.append(value)
-                        i, done = _past_separator(text, i, "]")
-                        await _yield_if(clock)
-                obj[key] = items
-            else:
-                obj[key], i = dec(text, i)
-            i, done = _past_separator(text, i, "}")
-            await _yield_if(clock)
-            if done:
-                break
-    if ws(text, i).end() != len(text):
-        raise ValueError("Extra data: char %d" % i)
-    return obj
-
-
-async def render_json_cooperative(obj: Any) -> bytes:
-    """_jbytes(obj), one top-level member and array element at a time."""
-    if not isinstance(obj, dict):
-        return _jbytes(obj)
-    clock = [time.perf_counter()]
-    out: List[str] = []
-    for n, (key, value) in enumerate(obj.items()):
-        out.append(("," if n else "{") + _jstr(str(key)) + ":")
-        if isinstance(value, list) and value:
-            for m, item in enumerate(value):
-                out.append(("," if m else "[") + _ENCODER.encode(item))
-                await _yield_if(clock)
-            out.append("]")
-        else:
-            out.append(_ENCODER.encode(value))
-            await _yield_if(clock)
-    out.append("}" if obj else "{}")
-    return _utf8("".join(out))
-
-
-def _jbytes(obj) -> bytes:
-    return _utf8(_ENCODER.encode(obj))
-
-
 def json_response(status: int, obj: Any, headers: Optional[List[Tuple[str, str]]] = None) -> Response:
     return Response(status, [("content-type", "application/json")] + (headers or []), _jbytes(obj))
-
-
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def http_date(ts: float) -> str:
-    """RFC 9110 §5.6.7 IMF-fixdate, locale-independent (email.utils would cost 0.7 MB)."""
-    t = time.gmtime(ts)
-    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (_DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
-                                                    t.tm_hour, t.tm_min, t.tm_sec)
-
-
-def parse_iso_time(text: str) -> float:
-    """RFC 3339 / ISO 8601 timestamp -> epoch seconds (ValueError when it is not one)."""
-    import datetime                     # rare paths only
-    when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return when.timestamp()
-
-
-def iso_time(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 class _DateCache:
@@ -1293,13 +1311,6 @@ class HTTPServer:
 # through HTTP_PROXY. Bodies are iterated as they arrive; a connection goes back
 # to the pool only after its body was read to the end. Timeouts are loop timers
 # that abort the transport; UpstreamError carries the status the proxy answers.
-
-class UpstreamError(ProxyError):
-    """The upstream could not be reached or broke the protocol (502) or was too slow (504)."""
-
-    def __init__(self, status: int, message: str, code: str):
-        super().__init__(status, "upstream_error" if status == 502 else "timeout_error", message, code=code)
-
 
 def load_tls_context() -> ssl.SSLContext:
     """Verified TLS context: SSL_CERT_FILE/SSL_CERT_DIR win, then certifi, then the system store."""
@@ -1957,9 +1968,6 @@ def sniff_usage(data: bytes, key: bytes = b'"usage"') -> Optional[dict]:
 # content_filter. Provider-owned artifacts (signatures, encrypted reasoning,
 # thought signatures) carry their origin and are replayed only to it.
 
-_ERROR_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                         404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
-                         413: "invalid_request_error", 429: "rate_limit_error"}
 UNSIGNED = "llmproxy-unsigned"      # signature we give thinking that no provider signed
 CARRIED = "llmproxy:"               # encrypted_content prefix carrying another vendor's signature
 COMPACTED = "llmproxy:summary:"     # a compaction item's encrypted_content when the proxy wrote it
@@ -8581,7 +8589,6 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
 # canonical model, render for the back-end, translate the reply back.
 
 PUBLIC, CLIENT, ADMIN = 0, 1, 2
-UPSTREAM_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, ValueError, IndexError)
 RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai-processing-ms",
                            "openai-version", "retry-after", "x-openrouter-request-id"])
 KEEPALIVE_S = 15.0                 # silence (a model thinking) longer than this gets a keep-alive frame
