@@ -2201,6 +2201,35 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
 
 
+@dataclasses.dataclass(frozen=True)
+class CodecOptions:
+    """What a codec is told about its back-end and its client: read once from the provider's
+    config into typed fields, never looked up by string. The clock and the id maker are
+    injected here too, so codecs hold no hidden inputs (tests pass fixed ones)."""
+    cache_control: bool = False            # the back-end takes Anthropic-style cache breakpoints
+    max_tokens_field: str = "max_tokens"   # OpenAI's reasoning models want max_completion_tokens
+    drop_thinking: bool = False            # provider option "thinking": "drop" (the client never sees it)
+    sse: bool = True                       # Gemini clients: SSE (alt=sse) or one JSON array
+    on_complete: Optional[Callable[[dict], None]] = None    # Responses: the finished reply, to remember
+    clock: Callable[[], float] = time.time                  # "created" stamps
+    ids: Callable[[str], str] = new_id                      # ids the upstream did not give
+
+    @classmethod
+    def of(cls, options) -> "CodecOptions":
+        """Options from a CodecOptions, a provider's options dict, or nothing."""
+        if isinstance(options, CodecOptions):
+            return options
+        if not options:
+            return _PLAIN_OPTIONS
+        return cls(cache_control=bool(options.get("cache_control")),
+                   max_tokens_field=options.get("max_tokens_field") or "max_tokens",
+                   drop_thinking=options.get("thinking") == "drop", sse=options.get("sse", True) is not False,
+                   on_complete=options.get("on_complete"))
+
+
+_PLAIN_OPTIONS = CodecOptions()
+
+
 def merge_messages(messages: List[Message]) -> List[Message]:
     """Adjacent messages with the same role become one (every back-end wants alternation)."""
     out: List[Message] = []
@@ -2359,10 +2388,8 @@ def checked(parse):
 
 
 class WireFormat:
-    """What every format class shares: its stream codecs, set below each format's section,
-    and, where the API has a token-count endpoint, how to ask it."""
-    decoder: Any = None
-    encoder: Any = None
+    """What every format class shares: its stream codecs (each format makes the ones defined
+    in its sub-section), and, where the API has a token-count endpoint, how to ask it."""
     count_endpoint: Optional[str] = None      # the token-count endpoint, if the API has one
     count_fields: Tuple[str, ...] = ()        # the request fields it takes
     count_reply_field = "input_tokens"        # where its reply holds the count
@@ -2385,11 +2412,13 @@ class WireFormat:
 
     @classmethod
     def stream_decoder(cls):
-        return cls.decoder()
+        """A fresh decoder of this format's upstream stream events (canonical events out)."""
+        raise NotImplementedError
 
     @classmethod
-    def stream_encoder(cls, req: ChatRequest, options: Optional[dict] = None):
-        return cls.encoder(req, options or {})
+    def stream_encoder(cls, req: ChatRequest, options=None):
+        """A fresh encoder of canonical events into this format's client stream."""
+        raise NotImplementedError
 
     # -- facts the app asks of a format (OpenAI's shapes here; formats override) --
 
@@ -2405,7 +2434,7 @@ class WireFormat:
     sets_cache_marks = False                  # its clients place prompt-cache breakpoints themselves
 
     @classmethod
-    def takes_cache_marks(cls, options: dict) -> bool:
+    def takes_cache_marks(cls, options) -> bool:
         """Whether requests rendered for this back-end carry cache breakpoints."""
         return False
 
@@ -2489,6 +2518,14 @@ def encode_embedding(values: list, encoding: str):
 
 
 class OpenAIChat(WireFormat):
+
+    @classmethod
+    def stream_decoder(cls):
+        return OpenAIChatDecoder()                # defined below, in this sub-section
+
+    @classmethod
+    def stream_encoder(cls, req: ChatRequest, options=None):
+        return OpenAIChatEncoder(req, CodecOptions.of(options))
     name = "openai"
     endpoint = "/chat/completions"
 
@@ -2497,8 +2534,8 @@ class OpenAIChat(WireFormat):
         return dict(body, **{"max_completion_tokens" if "max_completion_tokens" in body else "max_tokens": n})
 
     @classmethod
-    def takes_cache_marks(cls, options: dict) -> bool:
-        return bool(options.get("cache_control"))       # OpenRouter-style back-ends that say so
+    def takes_cache_marks(cls, options) -> bool:
+        return CodecOptions.of(options).cache_control     # OpenRouter-style back-ends that say so
 
     # -- errors and usage ---------------------------------------------------
 
@@ -2671,8 +2708,8 @@ class OpenAIChat(WireFormat):
 
     @classmethod
     def render_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
-        options = options or {}
-        cache = bool(options.get("cache_control"))
+        opts = CodecOptions.of(options)
+        cache = opts.cache_control
         msgs: List[dict] = []
         if req.system:
             text = "\n\n".join(req.system)
@@ -2720,7 +2757,7 @@ class OpenAIChat(WireFormat):
         if req.parallel_tool_calls is not None and req.tools:
             body["parallel_tool_calls"] = req.parallel_tool_calls
         if req.max_tokens:
-            body[options.get("max_tokens_field", "max_tokens")] = req.max_tokens
+            body[opts.max_tokens_field] = req.max_tokens
         for key, value in (("temperature", req.temperature), ("top_p", req.top_p), ("seed", req.seed),
                            ("user", req.user)):
             if value is not None:
@@ -2774,7 +2811,8 @@ class OpenAIChat(WireFormat):
     @classmethod
     def render_response(cls, resp: ChatResponse, req: ChatRequest, options: Optional[dict] = None) -> dict:
         msg: Dict[str, Any] = {"role": "assistant", "content": text_of(resp.parts) or None, "refusal": None}
-        drop = (options or {}).get("thinking") == "drop"
+        opts = CodecOptions.of(options)
+        drop = opts.drop_thinking
         thought = "" if drop else "".join(p.text for p in resp.parts if p.type == "thinking")
         if thought:
             msg["reasoning_content"] = thought
@@ -2784,7 +2822,7 @@ class OpenAIChat(WireFormat):
                                                                                "arguments": p.arguments or "{}"}}
                                  for p in calls]
         return {"id": resp.id if resp.id.startswith("chatcmpl") else "chatcmpl-" + resp.id, "object": "chat.completion",
-                "created": resp.created or int(time.time()), "model": resp.model or req.model,
+                "created": resp.created or int(opts.clock()), "model": resp.model or req.model,
                 "choices": [{"index": 0, "message": msg, "logprobs": None,
                              "finish_reason": "tool_calls" if calls else _OC_STOP_OUT.get(resp.stop, "stop")}],
                 "usage": cls.render_usage(resp.usage)}
@@ -2941,12 +2979,13 @@ class OpenAIChatDecoder(CanonicalStream):
 class OpenAIChatEncoder:
     """Canonical events -> OpenAI chat.completion.chunk SSE frames."""
 
-    def __init__(self, req: ChatRequest, options: dict):
+    def __init__(self, req: ChatRequest, options: "CodecOptions"):
+        self.options = options
         self.req = req
-        self.drop_thinking = options.get("thinking") == "drop"
+        self.drop_thinking = options.drop_thinking
         self.id = "chatcmpl-" + secrets.token_hex(12)
         self.model = req.model
-        self.created = int(time.time())
+        self.created = int(self.options.clock())
         self.tool_count = 0
         self.started = False
         self.ended = False
@@ -3067,6 +3106,14 @@ def anthropic_id(raw: str) -> str:
 
 
 class AnthropicMessages(WireFormat):
+
+    @classmethod
+    def stream_decoder(cls):
+        return AnthropicDecoder()                # defined below, in this sub-section
+
+    @classmethod
+    def stream_encoder(cls, req: ChatRequest, options=None):
+        return AnthropicEncoder(req, CodecOptions.of(options))
     name = "anthropic"
     endpoint = "/messages"
     count_endpoint = "/messages/count_tokens"
@@ -3078,7 +3125,7 @@ class AnthropicMessages(WireFormat):
     terminal_markers = (b"event: message_stop",)
 
     @classmethod
-    def takes_cache_marks(cls, options: dict) -> bool:
+    def takes_cache_marks(cls, options) -> bool:
         return True
 
     @classmethod
@@ -3385,7 +3432,8 @@ class AnthropicMessages(WireFormat):
 
     @classmethod
     def render_response(cls, resp: ChatResponse, req: ChatRequest, options: Optional[dict] = None) -> dict:
-        drop = (options or {}).get("thinking") == "drop"
+        opts = CodecOptions.of(options)
+        drop = opts.drop_thinking
         content = []
         for p in resp.parts:
             if p.type == "thinking" and not drop and p.text:
@@ -3500,9 +3548,10 @@ class AnthropicEncoder:
     """Canonical events -> Anthropic SSE (message_start ... message_stop), blocks indexed
     contiguously in start order; empty text never opens a block."""
 
-    def __init__(self, req: ChatRequest, options: dict):
+    def __init__(self, req: ChatRequest, options: "CodecOptions"):
+        self.options = options
         self.req = req
-        self.drop_thinking = options.get("thinking") == "drop"
+        self.drop_thinking = options.drop_thinking
         self.index = -1
         self.open: Optional[Tuple[str, int]] = None      # (kind, tool index)
         self.signed = False
@@ -3558,7 +3607,7 @@ class AnthropicEncoder:
         kind = ev[0]
         out: List[bytes] = []
         if not self.started and kind != "error":
-            out.append(self._start(ev[1], ev[2], ev[3]) if kind == "start" else self._start(new_id("msg_"), "", None))
+            out.append(self._start(ev[1], ev[2], ev[3]) if kind == "start" else self._start(self.options.ids("msg_"), "", None))
             if kind == "start":
                 return out
         if kind == "text":
@@ -3632,6 +3681,14 @@ def stateless_input(items: list) -> Optional[list]:
 
 
 class OpenAIResponses(WireFormat):
+
+    @classmethod
+    def stream_decoder(cls):
+        return ResponsesDecoder()                # defined below, in this sub-section
+
+    @classmethod
+    def stream_encoder(cls, req: ChatRequest, options=None):
+        return ResponsesEncoder(req, CodecOptions.of(options))
     name = "openai-responses"
     endpoint = "/responses"
     count_endpoint = "/responses/input_tokens"
@@ -3994,14 +4051,15 @@ class OpenAIResponses(WireFormat):
 
     @classmethod
     def render_response(cls, resp: ChatResponse, req: ChatRequest, options: Optional[dict] = None) -> dict:
-        drop = (options or {}).get("thinking") == "drop"
+        opts = CodecOptions.of(options)
+        drop = opts.drop_thinking
         status, incomplete = "completed", None
         if resp.stop in ("max_tokens", "content_filter"):
             status = "incomplete"
             incomplete = {"reason": "max_output_tokens" if resp.stop == "max_tokens" else "content_filter"}
-        rid = resp.id if resp.id.startswith("resp_") else "resp_" + secrets.token_hex(12)
+        rid = resp.id if resp.id.startswith("resp_") else opts.ids("resp_")
         return cls.response_object(rid, req, status, cls.output_items(resp.parts, req, drop),
-                                   cls.render_usage(resp.usage), resp.created or int(time.time()), resp.model,
+                                   cls.render_usage(resp.usage), resp.created or int(opts.clock()), resp.model,
                                    incomplete=incomplete)
 
 
@@ -4092,13 +4150,14 @@ class ResponsesEncoder:
     """Canonical events -> the Responses event sequence, every item added and done in
     order and the stream always closed by response.completed/incomplete/failed."""
 
-    def __init__(self, req: ChatRequest, options: dict):
+    def __init__(self, req: ChatRequest, options: "CodecOptions"):
+        self.options = options
         self.req = req
-        self.drop_thinking = options.get("thinking") == "drop"
-        self.on_complete = options.get("on_complete")
+        self.drop_thinking = options.drop_thinking
+        self.on_complete = options.on_complete
         self.seq = 0
         self.rid = "resp_" + secrets.token_hex(12)
-        self.created = int(time.time())
+        self.created = int(self.options.clock())
         self.model = req.model
         self.output: List[dict] = []
         self.cur: Optional[dict] = None          # the open item
@@ -4199,7 +4258,7 @@ class ResponsesEncoder:
             if not ev[1]:
                 return out
             if self.cur is None or self.cur["type"] != "message":
-                out.extend(self._open_item({"type": "message", "id": new_id("msg_"), "status": "in_progress",
+                out.extend(self._open_item({"type": "message", "id": self.options.ids("msg_"), "status": "in_progress",
                                             "role": "assistant", "content": []}))
                 idx = len(self.output)
             self.buf.append(ev[1])
@@ -4208,7 +4267,7 @@ class ResponsesEncoder:
             if self.drop_thinking or not ev[1]:
                 return out
             if self.cur is None or self.cur["type"] != "reasoning":
-                out.extend(self._open_item({"type": "reasoning", "id": new_id("rs_"), "summary": []}))
+                out.extend(self._open_item({"type": "reasoning", "id": self.options.ids("rs_"), "summary": []}))
                 idx = len(self.output)
             self.buf.append(ev[1])
             out.append(self._delta_ev("response.reasoning_summary_text.delta", self.cur["id"], idx,
@@ -4220,7 +4279,7 @@ class ResponsesEncoder:
                 # encrypted reasoning with no summary text (Codex on a ChatGPT login gets only
                 # that): its own reasoning item, so it survives to the next turn
                 out.extend(self._close_item())
-                item = {"type": "reasoning", "id": new_id("rs_"), "summary": [],
+                item = {"type": "reasoning", "id": self.options.ids("rs_"), "summary": [],
                         "encrypted_content": carry_signature(ev[1], ev[2])}
                 idx = len(self.output)
                 out.append(self._ev("response.output_item.added", {"output_index": idx,
@@ -4403,6 +4462,14 @@ def gemini_reply_call_id(name: str, response_id: str, index: int) -> str:
 
 
 class Gemini(WireFormat):
+
+    @classmethod
+    def stream_decoder(cls):
+        return GeminiDecoder()                # defined below, in this sub-section
+
+    @classmethod
+    def stream_encoder(cls, req: ChatRequest, options=None):
+        return GeminiEncoder(req, CodecOptions.of(options))
     name = "gemini"
     count_reply_field = "totalTokens"
     endpoint = ""           # the model is in the URL: /models/{m}:generateContent
@@ -4750,7 +4817,8 @@ class Gemini(WireFormat):
 
     @classmethod
     def render_response(cls, resp: ChatResponse, req: ChatRequest, options: Optional[dict] = None) -> dict:
-        drop = (options or {}).get("thinking") == "drop"
+        opts = CodecOptions.of(options)
+        drop = opts.drop_thinking
         return {"candidates": [{"content": {"role": "model", "parts": cls.render_parts(resp.parts, drop)},
                                 "finishReason": _GE_STOP_OUT.get(resp.stop, "STOP"), "index": 0}],
                 "usageMetadata": cls.render_usage(resp.usage), "modelVersion": resp.model or req.model,
@@ -5000,10 +5068,11 @@ class GeminiEncoder:
     """Canonical events -> streamGenerateContent chunks: SSE (alt=sse) or one JSON array.
     Tool calls are sent whole, as Gemini does."""
 
-    def __init__(self, req: ChatRequest, options: dict):
+    def __init__(self, req: ChatRequest, options: "CodecOptions"):
+        self.options = options
         self.req = req
-        self.sse = options.get("sse", True)
-        self.drop_thinking = options.get("thinking") == "drop"
+        self.sse = options.sse
+        self.drop_thinking = options.drop_thinking
         self.model = req.model
         self.rid = secrets.token_hex(12)
         self.calls: Dict[int, List[Any]] = {}      # tool index -> [id, name, args, signature]
@@ -5082,10 +5151,6 @@ class GeminiEncoder:
         return []
 
 
-OpenAIChat.decoder, OpenAIChat.encoder = OpenAIChatDecoder, OpenAIChatEncoder
-AnthropicMessages.decoder, AnthropicMessages.encoder = AnthropicDecoder, AnthropicEncoder
-OpenAIResponses.decoder, OpenAIResponses.encoder = ResponsesDecoder, ResponsesEncoder
-Gemini.decoder, Gemini.encoder = GeminiDecoder, GeminiEncoder
 FORMATS = {"openai": OpenAIChat, "anthropic": AnthropicMessages, "openai-responses": OpenAIResponses,
            "gemini": Gemini}
 
