@@ -2037,6 +2037,103 @@ def check_event(ev: tuple) -> tuple:
     return ev
 
 
+class StreamTranslator:
+    """One upstream stream into the client's format, with no I/O: feed(upstream bytes) ->
+    client bytes, close() -> the last client bytes. Guardrail filters (any object with
+    feed(event) -> events) sit between the decoder and the encoder; ToolOrder keeps
+    interleaved parallel tool calls in an order every encoder can follow.
+
+    decode() and encode() are the two halves, for a caller that holds events back (the
+    proxy waits for a stream's first real output before it commits to a back-end). What
+    the stream said about itself is kept as it goes: usage, complete (the terminal event
+    was encoded), error (the code of an in-band error) and signatures (Gemini thought
+    signatures of tool calls, for clients that cannot carry them)."""
+
+    def __init__(self, decoder, encoder, filters=None):
+        self.sse = SSEDecoder()
+        self.decoder = decoder              # None: events come from elsewhere (a whole reply)
+        self.encoder = encoder
+        self.filters = filters
+        self.order = ToolOrder()
+        self.usage: Optional["Usage"] = None
+        self.complete = False
+        self.error: Optional[str] = None
+        self.failed = False                 # an error event went out: nothing more is decoded
+        self.signatures: List[Tuple[str, str, str]] = []    # (call id, origin, signature)
+
+    @staticmethod
+    def malformed(e: Exception) -> "UpstreamError":
+        return UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e, "upstream_malformed")
+
+    def decode(self, data: bytes) -> list:
+        """Upstream bytes -> checked canonical events (UpstreamError for a malformed one)."""
+        try:
+            return [check_event(ev) for sev in self.sse.feed(data) for ev in self.decoder.feed(sev)]
+        except UPSTREAM_SHAPE_ERRORS as e:
+            raise self.malformed(e)
+
+    def decode_end(self) -> list:
+        """The events the upstream's end releases (a last event without its blank line)."""
+        try:
+            events = [ev for sev in self.sse.close() for ev in self.decoder.feed(sev)] + self.decoder.close()
+            return [check_event(ev) for ev in events]
+        except UPSTREAM_SHAPE_ERRORS as e:
+            raise self.malformed(e)
+
+    def encode(self, events) -> bytes:
+        """Canonical events -> the client's bytes (through the tool order and the filters)."""
+        out: List[bytes] = []
+        for ev in events:
+            for ev in self.order.feed(ev):
+                for ev in (self.filters.feed(ev) if self.filters is not None else (ev,)):
+                    self._note(ev)
+                    out.extend(self.encoder.feed(ev))
+        return b"".join(out)
+
+    def _note(self, ev: tuple):
+        kind = ev[0]
+        if kind == "finish":
+            self.usage = ev[2]
+            self.complete = True
+        elif kind == "error":
+            self.error = ev[1].code or ev[1].kind
+            self.failed = True
+        elif kind == "tool_start" and ev[4] and ev[5] == "gemini":
+            self.signatures.append((ev[2], ev[5], ev[4]))
+
+    def fail(self, err: ProxyError) -> bytes:
+        """The client's in-band error event for err (the stream ends after it)."""
+        try:
+            return self.encode([("error", err)])
+        except UPSTREAM_SHAPE_ERRORS + (ProxyError,):
+            return b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.failed:
+            return b""
+        try:
+            return self.encode(self.decode(data))
+        except UPSTREAM_SHAPE_ERRORS + (ProxyError,) as e:
+            return self.fail(e if isinstance(e, ProxyError) else self.malformed(e))
+
+    def finish(self) -> bytes:
+        """The encoder's closing bytes (calls still held by the tool order first)."""
+        tail = self.encode(self.order.flush()) if self.order.held else b""
+        return tail + b"".join(self.encoder.close())
+
+    def close(self) -> bytes:
+        out = b""
+        if self.decoder is not None and not self.failed:
+            try:
+                out = self.encode(self.decode_end())
+            except UPSTREAM_SHAPE_ERRORS + (ProxyError,) as e:
+                out = self.fail(e if isinstance(e, ProxyError) else self.malformed(e))
+        return out + self.finish()
+
+    def keepalive(self) -> bytes:
+        return self.encoder.keepalive() or b""
+
+
 def _count(v) -> int:
     """A token count from upstream JSON: an int, or 0 for anything else."""
     return v if type(v) is int else 0
@@ -2411,6 +2508,22 @@ class WireFormat:
         return n
 
     @classmethod
+    def chat_path(cls, model: str, stream: bool) -> str:
+        """The chat endpoint under a back-end's base URL."""
+        return cls.endpoint
+
+    @classmethod
+    def embed_call(cls, model: str, texts: List[str], dims: Optional[int]) -> Optional[Tuple[str, dict]]:
+        """(path under the base URL, body) asking this API to embed texts; None: it has no
+        embeddings endpoint."""
+        return None
+
+    @classmethod
+    def parse_embed_call(cls, reply: dict, n: int) -> Tuple[List[list], Optional[int]]:
+        """The vectors (and the tokens, None when the API does not say) of embed_call's reply."""
+        raise NotImplementedError
+
+    @classmethod
     def stream_decoder(cls):
         """A fresh decoder of this format's upstream stream events (canonical events out)."""
         raise NotImplementedError
@@ -2528,6 +2641,14 @@ class OpenAIChat(WireFormat):
         return OpenAIChatEncoder(req, CodecOptions.of(options))
     name = "openai"
     endpoint = "/chat/completions"
+
+    @classmethod
+    def embed_call(cls, model: str, texts: List[str], dims: Optional[int]) -> Optional[Tuple[str, dict]]:
+        return "/embeddings", cls.render_embeddings_request(model, texts, dims)
+
+    @classmethod
+    def parse_embed_call(cls, reply: dict, n: int) -> Tuple[List[list], Optional[int]]:
+        return cls.parse_embeddings_reply(reply, n)
 
     @classmethod
     def with_max_tokens(cls, body: dict, n: int) -> dict:
@@ -4473,6 +4594,18 @@ class Gemini(WireFormat):
     name = "gemini"
     count_reply_field = "totalTokens"
     endpoint = ""           # the model is in the URL: /models/{m}:generateContent
+
+    @classmethod
+    def chat_path(cls, model: str, stream: bool) -> str:
+        return "/models/%s:%s" % (quote(model, safe=""), "streamGenerateContent?alt=sse" if stream else "generateContent")
+
+    @classmethod
+    def embed_call(cls, model: str, texts: List[str], dims: Optional[int]) -> Optional[Tuple[str, dict]]:
+        return "/models/%s:batchEmbedContents" % quote(model, safe=""), cls.render_embed_request(model, texts, dims)
+
+    @classmethod
+    def parse_embed_call(cls, reply: dict, n: int) -> Tuple[List[list], Optional[int]]:
+        return cls.parse_embed_reply(reply, n), None
     usage_key = b'"usageMetadata"'
     # QUIRK(gemini): Google's SDKs (Python and JS) read every line that is not "data: ..."
     # as JSON, so an SSE comment breaks them; a blank line is skipped by both
@@ -5249,7 +5382,8 @@ class Provider:
 
     def __init__(self, name: str, kind: str, base_url: str, keyring, headers=None, models=None,
                  connect_timeout: float = CONNECT_TIMEOUT_S, read_timeout: float = READ_TIMEOUT_S,
-                 cooldown_s: float = DEFAULT_COOLDOWN_S, options: Optional[dict] = None):
+                 cooldown_s: float = DEFAULT_COOLDOWN_S, options: Optional[dict] = None,
+                 clock: Callable[[], float] = time.time):
         self.name = name
         self.kind = kind
         self.base_url = base_url.rstrip("/")
@@ -5268,6 +5402,13 @@ class Provider:
         self.credential = None            # a section-8 Credential for subscription logins
         self.auth = self.options.get("auth")
         self.tags = list(self.options.get("tags") or [])
+        # what requests go through: None for the HTTP client, else an in-process upstream
+        self.transport = MockUpstream(MockProvider(clock)) if kind == "mock" else None
+
+    @property
+    def codec_options(self) -> CodecOptions:
+        """This back-end's facts for the codecs, typed."""
+        return CodecOptions.of(self.options)
 
     @property
     def format(self):
@@ -5300,10 +5441,7 @@ class Provider:
         base = self.current_base()
         if self.auth == "gemini-oauth":          # Code Assist: the model rides in the envelope
             return base + (":streamGenerateContent?alt=sse" if stream else ":generateContent")
-        if self.kind == "gemini":
-            return "%s/models/%s:%s" % (base, quote(model, safe=""),
-                                        "streamGenerateContent?alt=sse" if stream else "generateContent")
-        return base + self.format.endpoint
+        return base + self.format.chat_path(model, stream)
 
     def prepare_body(self, body: dict, model: str) -> dict:
         """Per-provider changes to an upstream body: attribution tags, the Codex back-end's
@@ -5481,6 +5619,73 @@ class MockProvider:
             norm = math.sqrt(sum(v * v for v in vec)) or 1.0
             vectors.append([round(v / norm, 6) for v in vec])
         return OpenAIChat.render_embeddings_reply(model, vectors, tokens, encoding)
+
+
+class MockReply:
+    """A whole in-process reply behind the UpstreamResponse interface."""
+
+    def __init__(self, status: int, body, stream: bool = False):
+        self.status = status
+        self.pieces = body if stream else [_jbytes(body)]
+        self.headers = Headers([("content-type", "text/event-stream" if stream else "application/json")])
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type")
+
+    async def iter_body(self):
+        for piece in self.pieces:
+            yield piece
+
+    async def read(self, limit: int = MAX_UPSTREAM_BODY) -> bytes:
+        return b"".join(self.pieces)[:limit]
+
+    def close(self):
+        pass
+
+
+class MockUpstream:
+    """The built-in mock model as an upstream like any other: it answers the HTTP client's
+    request() with OpenAI-shaped replies, so the proxy serves it through the same
+    pass-through and translation paths as a real OpenAI-compatible back-end (what it cannot
+    read is a 400 in OpenAI's error shape, as a real server would answer)."""
+    connects = 0
+
+    def __init__(self, mock: MockProvider):
+        self.mock = mock
+
+    async def request(self, method: str, url: str, headers, body: bytes, *timeouts, connect_ip=None) -> MockReply:
+        path = url.split("?", 1)[0]
+        endpoint = next((e for e in ("/chat/completions", "/completions", "/embeddings", "/models")
+                         if path.endswith(e)), path)
+        try:
+            if method == "GET" and endpoint == "/models":
+                return MockReply(200, {"object": "list", "data": [{"id": "mock", "object": "model", "created": 0,
+                                                                   "owned_by": "llmproxy"}]})
+            doc = parse_json(body) if body else {}
+            if not isinstance(doc, dict):
+                raise ProxyError(400, "invalid_request_error", "request body must be a JSON object")
+            model = doc.get("model") if isinstance(doc.get("model"), str) else "mock"
+            if endpoint == "/completions":
+                return MockReply(200, self.mock.completion(doc, model))
+            if endpoint == "/embeddings":
+                return MockReply(200, self.mock.embeddings(doc, model))
+            if endpoint != "/chat/completions":
+                raise ProxyError(404, "invalid_request_error", "the mock model does not serve %s" % endpoint,
+                                 code="unknown_url")
+            if not isinstance(doc.get("messages"), list) or not doc["messages"]:
+                raise ProxyError(400, "invalid_request_error", "'messages' must be a non-empty array",
+                                 param="messages")
+            OpenAIChat.parse_request(doc)
+            if doc.get("stream") is True:
+                return MockReply(200, self.mock.chat_stream(doc, model), stream=True)
+            return MockReply(200, self.mock.chat(doc, model))
+        except ProxyError as e:
+            return MockReply(e.status, OpenAIChat.render_error(e))
+        except (ValueError,) + UPSTREAM_SHAPE_ERRORS as e:
+            return MockReply(400, OpenAIChat.render_error(ProxyError(
+                400, "invalid_request_error", "the mock model cannot read this request (%s)" % e)))
+
 
 
 # 8. auth #####################################################################
@@ -6939,6 +7144,90 @@ class Slots:
                 fut.set_result(None)          # the slot passes straight to the next in line
                 return
         self.busy -= 1
+
+
+_CONTEXT_RE = re.compile(r"context.{0,20}(length|window)|too long|maximum.{0,20}tokens|token count.{0,40}exceeds",
+                         re.I)
+
+# The request left in full but no answer came back: the upstream may have run (and billed) it.
+# So did every reply the proxy could not use (a broken head, a body of the wrong shape): the
+# upstream answered, and most likely billed. Only a failed connect, or an error status the
+# upstream itself chose to send, is safe to try on the same target again.
+_MAYBE_PROCESSED = frozenset(("upstream_disconnected", "upstream_timeout", "upstream_incomplete", "upstream_framing",
+                              "upstream_not_json", "upstream_malformed", "upstream_too_large"))
+
+
+def maybe_processed(err: ProxyError) -> bool:
+    """True when the upstream may have acted on the request although no answer came: it is
+    then never re-sent to the same target (a failover the config asks for is logged)."""
+    return (err.code or "") in _MAYBE_PROCESSED
+
+
+def failover_condition(err: ProxyError) -> Optional[str]:
+    """Which routing.failover_on condition an error meets, or None (the request's fault)."""
+    code = err.code or ""
+    if code in ("connect_failed", "connect_timeout", "upstream_disconnected"):
+        return "connect"
+    if code == "upstream_timeout" or err.status == 504:
+        return "timeout"
+    if err.status == 429:
+        return "429"
+    if err.status >= 500:
+        return "5xx"
+    if err.status in (400, 413) and (code == "context_length_exceeded" or _CONTEXT_RE.search(err.message or "")):
+        return "context_length"
+    return None
+
+
+class RetryPolicy:
+    """What to do after one target failed: try it again (after how long), hand the request
+    to the next target, or give the error to the client. Pure: the clock and the random
+    source are injected, so a scripted list of errors gives a fixed list of decisions."""
+    TRANSIENT = ("connect", "timeout", "5xx")
+
+    def __init__(self, attempts: int, backoff_s: float, max_backoff_s: float, failover_on,
+                 clock: Callable[[], float], rand: Callable[[], float]):
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.failover_on = frozenset(failover_on)
+        self.clock = clock
+        self.rand = rand
+
+    def retry_wait(self, err: ProxyError, attempt: int, deadline: float) -> Optional[float]:
+        """Exponential backoff with full jitter, or the upstream's Retry-After; None when
+        the attempts or the request's time budget are spent."""
+        if attempt >= self.attempts:
+            return None
+        hinted = next((float(v) for k, v in err.headers if k == "retry-after" and _DIGITS_RE.match(v)), None)
+        base = min(self.max_backoff_s, self.backoff_s * (2 ** attempt))
+        wait = hinted if hinted is not None else base * (0.5 + 0.5 * self.rand())
+        if self.clock() + wait > deadline:
+            return None
+        return wait
+
+    def decide(self, err: ProxyError, attempt: int, deadline: float, final: bool) -> Tuple[str, float]:
+        """-> ("retry", wait), ("failover", 0) or ("raise", 0). Only the last target retries
+        (the others hand over at once), and never a request the upstream may have run."""
+        condition = failover_condition(err)
+        if final and condition in self.TRANSIENT and not maybe_processed(err) and err.kind != "upstream_auth_error":
+            wait = self.retry_wait(err, attempt, deadline)
+            if wait is not None:
+                return "retry", wait
+        if not final and condition in self.failover_on:
+            return "failover", 0.0
+        return "raise", 0.0
+
+    @classmethod
+    def breaker_verdict(cls, err: ProxyError) -> Optional[str]:
+        """"failure" when err counts against the provider's breaker, "success" when it was the
+        request's own fault (the provider is fine), None when it says neither (a 429, a
+        context overflow, a login that cannot refresh)."""
+        condition = failover_condition(err)
+        if condition in cls.TRANSIENT and err.kind != "upstream_auth_error":
+            return "failure"
+        return "success" if condition is None else None
+
 
 
 # 9b. guardrails ##############################################################
@@ -8646,12 +8935,17 @@ def load_config(path: Optional[str] = None, env=None, overrides: Optional[dict] 
 
 
 # 12. app #####################################################################
-# App owns all mutable state (providers, key rings, client keys, usage, the
-# upstream pool, the Responses store) and the route table. precheck() runs
-# before a body is read (routing, method, auth). A chat request goes one of two
-# ways: pass-through when the client's format is the back-end's (bytes
-# forwarded, only the model rewritten), or through the hub: parse into the
-# canonical model, render for the back-end, translate the reply back.
+# The wiring: everything above is put to work here, one job per sub-section.
+#   12a  exchange helpers: the per-request records and small pure helpers
+#   12b  UpstreamCaller: one upstream call with key rotation, errors, capture
+#   12c  PassThrough: same format on both sides, bytes relayed
+#   12d  Translator: the I/O shell around the hub (section 6), and what it remembers
+#   12e  ChatService: guardrail plan, sessions, the failover chain, retries
+#   12f  handlers and the route table
+#   12g  App: the composition root the server calls
+# A translated streaming request runs: server -> App.handle -> a handler ->
+# ChatService (plan, chain) -> Translator (hub render) -> UpstreamCaller ->
+# StreamTranslator per upstream piece -> server write.
 
 PUBLIC, CLIENT, ADMIN = 0, 1, 2
 RELAY_HEADERS = frozenset(["content-type", "x-request-id", "request-id", "openai-processing-ms",
@@ -8668,6 +8962,8 @@ FIRST_KEEPALIVE_S = 1.0            # before the first output, a keep-alive every
                                    # clients and middle boxes never see a long silence)
 _OUTPUT_EVENTS = frozenset(("text", "thinking", "tool_start", "tool_args", "redacted", "finish"))
 
+
+# 12a. exchange helpers #####################################################
 
 def first_outcome(events) -> Optional[tuple]:
     """The first event that is real output or an error, or None (only opening events so far)."""
@@ -8877,44 +9173,13 @@ class UpstreamReply(ProxyError):
         self.headers = [h for h in response.headers if h[0] == "retry-after"]
 
 
-_CONTEXT_RE = re.compile(r"context.{0,20}(length|window)|too long|maximum.{0,20}tokens|token count.{0,40}exceeds",
-                         re.I)
+
 
 
 # 429 bodies that mean the key itself is out of money (OpenAI's insufficient_quota), not one
 # model's rate. Not "exceeded your current quota": Gemini says that of per-model quotas, and
 # OpenAI's plain rate-limit text mentions billing too.
 _KEY_WIDE_429_RE = re.compile(rb"insufficient_quota|credit balance|out of credits", re.I)
-
-# The request left in full but no answer came back: the upstream may have run (and billed) it.
-# So did every reply the proxy could not use (a broken head, a body of the wrong shape): the
-# upstream answered, and most likely billed. Only a failed connect, or an error status the
-# upstream itself chose to send, is safe to try on the same target again.
-_MAYBE_PROCESSED = frozenset(("upstream_disconnected", "upstream_timeout", "upstream_incomplete", "upstream_framing",
-                              "upstream_not_json", "upstream_malformed", "upstream_too_large"))
-
-
-def maybe_processed(err: ProxyError) -> bool:
-    """True when the upstream may have acted on the request although no answer came: it is
-    then never re-sent to the same target (a failover the config asks for is logged)."""
-    return (err.code or "") in _MAYBE_PROCESSED
-
-
-def failover_condition(err: ProxyError) -> Optional[str]:
-    """Which routing.failover_on condition an error meets, or None (the request's fault)."""
-    code = err.code or ""
-    if code in ("connect_failed", "connect_timeout", "upstream_disconnected"):
-        return "connect"
-    if code == "upstream_timeout" or err.status == 504:
-        return "timeout"
-    if err.status == 429:
-        return "429"
-    if err.status >= 500:
-        return "5xx"
-    if err.status in (400, 413) and (code == "context_length_exceeded" or _CONTEXT_RE.search(err.message or "")):
-        return "context_length"
-    return None
-
 
 _EVENT_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")
 
@@ -8972,1836 +9237,12 @@ class _Peek:
 
 
 class _Primed:
-    """A stream read up to its first real output (or FIRST_OUTPUT_HOLD_S): the events so far,
-    and the reader, SSE decoder and format decoder to go on with."""
-    __slots__ = ("peek", "sse", "decoder", "events", "ended")
-
-    def __init__(self, peek, sse, decoder, events, ended):
-        self.peek, self.sse, self.decoder, self.events, self.ended = peek, sse, decoder, events, ended
-
-
-class App:
-    def __init__(self, config: Config, client: Optional[HTTPClient] = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 sleep=asyncio.sleep, rand: Optional[Callable[[], float]] = None, resolve=None,
-                 address_ok: Optional[Callable[[str], bool]] = None):
-        self.config = config
-        self.resolve = resolve or resolve_host            # name -> addresses, for image fetches
-        self.address_ok = address_ok or public_address    # may an image fetch connect there
-        self.image_slots: Optional[asyncio.Semaphore] = None
-        self.client = client or HTTPClient()
-        self.clock = clock
-        self.wall = wall
-        self.sleep = sleep
-        self.rand = rand or secrets.SystemRandom().random
-        self.providers: Dict[str, Provider] = {}
-        for name, pc in config.providers.items():
-            ring = KeyRing(pc.keys, pc.strategy, clock, config.max_cooldown_s)
-            self.providers[name] = Provider(name, pc.kind, pc.base_url, ring, pc.headers, pc.models,
-                                            pc.connect_timeout_s, pc.read_timeout_s, pc.cooldown_s, pc.options)
-        self.router = Router(self.providers, config.aliases, config.prefixes, config.default, config.force,
-                             config.fallbacks)
-        self.breakers = {n: Breaker(config.breaker_failures, config.breaker_cooloff_s, clock) for n in self.providers}
-        self.slots = {n: Slots(p.options.get("max_concurrency", 0), p.options.get("queue_timeout_s", 30.0))
-                      for n, p in self.providers.items()}
-        workers = max(1, config.workers)           # limits are shared out between worker processes
-        self.limiter = RateLimiter(-(-config.client_rpm // workers), -(-config.client_tpm // workers), clock)
-        store = os.path.join(config.data_dir, "keys.json") if config.data_dir else None
-        self.keys = ProxyKeys(store, config.keys, config.admin_keys)
-        self.tokens = TokenStore(os.path.join(config.data_dir, "oauth_tokens.json") if config.data_dir else None)
-        self.credentials: Dict[str, Credential] = {}
-        for name, prov in self.providers.items():
-            if prov.auth:
-                cred = CREDENTIALS[prov.auth](name, dict(prov.options.get("oauth") or {}), self.tokens, self.client,
-                                              clock=wall)
-                prov.credential = self.credentials[name] = cred
-        self.tasks: set = set()
-        self.shared = SharedState(os.path.join(config.data_dir, "state.sqlite3")) \
-            if config.workers > 1 and config.data_dir else None
-        self.usage_pending: Dict[Tuple[str, str, str], List[int]] = {}
-        self.seen_reset = 0.0                 # the newest shared cooldown reset applied here
-        # (provider, model) -> optional fields the model refused with a 400, left out from then on
-        self.drop_params: Dict[Tuple[str, str], set] = {}
-        self.access = AccessLog()
-        literals = [k for pc in config.providers.values() for k in pc.keys]
-        self.pipeline = Pipeline(config.guardrails, literals)
-        self.sessions: "OrderedDict[str, dict]" = OrderedDict()
-        self.capture = WireCapture(config.capture_file, config.capture_max_bytes, config.capture_max_files,
-                                   self.pipeline.redactor, config.capture_interval_s, wall) \
-            if config.capture_file else None
-        self.reloader: Optional[Callable] = None      # set by serve(): re-reads the config
-        self.sync_task: Optional[asyncio.Task] = None
-        self.mock = MockProvider(wall)
-        self.usage = UsageMeter()
-        self.started = wall()
-        self.models_cache: Dict[str, Tuple[float, List[str]]] = {}
-        self.responses = BoundedStore(RESPONSES_STORE_MAX, RESPONSES_STORE_BYTES, messages_bytes)
-        # call id -> (origin, signature)
-        self.signatures = BoundedStore(SIGNATURES_MAX, SIGNATURES_BYTES, lambda v: 64 + len(v[0]) + len(v[1]))
-        self.cors_any = "*" in config.cors_origins
-        self.cors = frozenset(config.cors_origins)
-        chat = {"POST": (self.handle_chat, CLIENT)}
-        messages = {"POST": (self.handle_messages, CLIENT)}
-        count = {"POST": (self.handle_count_tokens, CLIENT)}
-        models = {"GET": (self.handle_models, CLIENT)}
-        self.routes: Dict[str, Dict[str, Tuple[Callable, int]]] = {
-            "/health": {"GET": (self.handle_health, PUBLIC)},
-            "/": {"GET": (self.handle_health, PUBLIC)},        # clients probe the base URL (HEAD /)
-            "/metrics": {"GET": (self.handle_metrics, CLIENT)},
-            "/v1/models": models, "/models": models, "/anthropic/v1/models": models, "/v1beta/models": models,
-            "/v1/chat/completions": chat, "/chat/completions": chat,
-            "/v1/completions": {"POST": (self.handle_completions, CLIENT)},
-            "/v1/embeddings": {"POST": (self.handle_embeddings, CLIENT)},
-            "/v1/messages": messages, "/anthropic/v1/messages": messages,
-            "/v1/messages/count_tokens": count, "/anthropic/v1/messages/count_tokens": count,
-            "/v1/responses": {"POST": (self.handle_responses, CLIENT)},
-            "/v1/responses/input_tokens": {"POST": (self.handle_responses_tokens, CLIENT)},
-            "/v1/responses/compact": {"POST": (self.handle_responses_compact, CLIENT)},
-            "/admin/keys": {"GET": (self.handle_keys_list, ADMIN), "POST": (self.handle_keys_create, ADMIN)},
-            "/auth/device-code": {"POST": (self.handle_device_code, ADMIN)},
-            "/auth/poll": {"POST": (self.handle_auth_poll, ADMIN)},
-            "/auth/status": {"GET": (self.handle_auth_status, ADMIN)},
-            "/admin/reload": {"POST": (self.handle_reload, ADMIN)},
-            "/admin/cooldowns/reset": {"POST": (self.handle_cooldowns_reset, ADMIN)},
-        }
-        gemini = {"GET": (self.handle_model, CLIENT), "POST": (self.handle_gemini, CLIENT)}
-        self.any_route = {m: (self.handle_other, CLIENT) for m in ("GET", "POST", "PUT", "PATCH", "DELETE")}
-        self.prefix_routes = [("/v1beta/models/", gemini), ("/v1/models/", gemini),
-                              ("/admin/keys/", {"DELETE": (self.handle_keys_revoke, ADMIN)})]
-
-    async def start(self):
-        """Load subscription logins and start their background refreshers (and, with
-        several workers, the shared-state sync)."""
-        for cred in self.credentials.values():
-            await cred.load()
-            cred.task = self.spawn(cred.run_refresher())
-        if self.shared is not None:
-            self.sync_task = self.spawn(self.run_shared_sync())
-
-    async def run_shared_sync(self):
-        while True:
-            await asyncio.sleep(SharedState.SYNC_S)
-            try:
-                await self.sync_shared()
-            except Exception as e:          # a locked or broken database must not stop serving
-                log.warning("shared state sync failed: %s", e)
-
-    async def sync_shared(self):
-        """Push local usage, pull every worker's key cooldowns."""
-        loop = asyncio.get_running_loop()
-        if self.usage_pending:
-            rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in self.usage_pending.items()]
-            self.usage_pending = {}
-            await loop.run_in_executor(None, self.shared.add_usage, rows)
-        reset_at = await loop.run_in_executor(None, self.shared.last_reset)
-        if reset_at > self.seen_reset:            # another worker's POST /admin/cooldowns/reset
-            if self.seen_reset:
-                for prov in self.providers.values():
-                    prov.keyring.reset()
-                for breaker in self.breakers.values():
-                    breaker.reset()
-            self.seen_reset = reset_at
-        rows = await loop.run_in_executor(None, self.shared.cooldowns, self.wall())
-        offset = self.clock() - self.wall()
-        for provider, key_fp, model, until, disabled, reason in rows:
-            prov = self.providers.get(provider)
-            k = next((k for k in prov.keyring.keys if fingerprint(k.key) == key_fp), None) if prov else None
-            if k is None:
-                continue
-            if disabled and not k.disabled:
-                k.disabled, k.reason = True, reason
-            if model:
-                k.model_until[model] = max(k.model_until.get(model, 0.0), until + offset)
-            else:
-                k.cooldown_until = max(k.cooldown_until, until + offset)
-
-    def share_key(self, prov: Provider, k: UpstreamKey, model: Optional[str], cleared: bool = False):
-        if self.shared is None:
-            return
-        loop = asyncio.get_running_loop()
-        if cleared:
-            self.spawn(loop.run_in_executor(None, self.shared.clear_cooldown, prov.name, k.key, model or ""))
-            return
-        until = (k.model_until.get(model, 0.0) if model else k.cooldown_until) - self.clock() + self.wall()
-        self.spawn(loop.run_in_executor(
-            None, self.shared.put_cooldown, prov.name, k.key, model or "", until, k.disabled, k.reason))
-
-    def reset_cooldowns(self) -> int:
-        """Every provider's key and model cooldowns, disabled keys and open breakers cleared."""
-        n = sum(prov.keyring.reset() for prov in self.providers.values())
-        for breaker in self.breakers.values():
-            breaker.reset()
-        if self.shared is not None:
-            self.spawn(asyncio.get_running_loop().run_in_executor(None, self.shared.reset_cooldowns, self.wall()))
-        return n
-
-    def spawn(self, coro) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    async def stop(self):
-        self.access.flush()
-        if self.capture is not None:
-            await self.capture.close()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=CLOSE_TIMEOUT_S)
-        if self.shared is not None:
-            if self.usage_pending:
-                rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in self.usage_pending.items()]
-                self.shared.add_usage(rows)
-            self.shared.close()
-        self.close()
-
-    async def reload(self, config: Config) -> "App":
-        """A new App for a new config that keeps what must survive: usage, stored Responses
-        conversations, key cooldowns (disabled keys come back), breakers, rate windows,
-        concurrency slots and logins that did not change. In-flight requests finish on
-        the old App, which shares the connection pool."""
-        new = App(config, self.client, self.clock, self.wall, self.sleep, self.rand, self.resolve, self.address_ok)
-        new.image_slots = self.image_slots
-        new.usage, new.responses, new.usage_pending = self.usage, self.responses, self.usage_pending
-        new.sessions = self.sessions
-        new.seen_reset = self.seen_reset
-        new.drop_params = self.drop_params
-        if self.capture is not None:
-            self.capture.flush_sync()
-        new.limiter.hits = self.limiter.hits
-        new.reloader = self.reloader
-        if new.shared is not None:
-            new.shared.close()
-            new.shared = self.shared
-            self.shared.clear_disabled()
-        for name, prov in new.providers.items():
-            old = self.providers.get(name)
-            if old is None:
-                continue
-            states = {k.key: k for k in old.keyring.keys}
-            for k in prov.keyring.keys:
-                was = states.get(k.key)
-                if was is not None:
-                    k.cooldown_until, k.model_until, k.uses = was.cooldown_until, dict(was.model_until), was.uses
-            if name in self.breakers:
-                new.breakers[name] = self.breakers[name]
-            if old.options.get("max_concurrency") == prov.options.get("max_concurrency"):
-                new.slots[name] = self.slots[name]
-            cred = self.credentials.get(name)
-            if cred is not None and prov.auth == old.auth and prov.options.get("oauth") == old.options.get("oauth"):
-                prov.credential = new.credentials[name] = cred
-        kept = set(new.credentials.values())
-        for cred in self.credentials.values():          # logins that went away stop refreshing
-            if cred not in kept:
-                for task in (cred.task, cred.flow_task):
-                    if task is not None:
-                        task.cancel()
-        if self.sync_task is not None:
-            self.sync_task.cancel()
-        new.tasks |= self.tasks                          # kept refreshers and login polls live on
-        self.tasks = set()
-        for cred in new.credentials.values():
-            if cred not in self.credentials.values():
-                await cred.load()
-                cred.task = new.spawn(cred.run_refresher())
-        if new.shared is not None:
-            new.sync_task = new.spawn(new.run_shared_sync())
-        return new
-
-    def close(self):
-        self.client.close()
-
-    # -- server interface ---------------------------------------------------
-
-    def _find_route(self, path: str):
-        methods = self.routes.get(path)
-        if methods is None:
-            for prefix, m in self.prefix_routes:
-                if path.startswith(prefix) and len(path) > len(prefix):
-                    return m
-            if self.passes_through(path):
-                return self.any_route
-        return methods
-
-    def passes_through(self, path: str) -> bool:
-        """A path of the OpenAI-compatible surface we do not serve ourselves (images, audio,
-        moderations, files, ...) that goes on to the routed back-end: allowed by
-        passthrough_paths, not denied, and never one of the proxy's own."""
-        low = path.lower()
-        if path.startswith(("/admin", "/auth", "/health", "/metrics")) or ".." in path or "//" in path \
-                or "/./" in path or "%2e" in low or "%2f" in low or "%5c" in low or "\\" in path:
-            return False                    # no dot-segments or encoded ones: the path leaves as it was judged
-        cfg = self.config
-        return any(fnmatch.fnmatchcase(path, g) for g in cfg.passthrough_paths) and \
-            not any(fnmatch.fnmatchcase(path, g) for g in cfg.passthrough_deny)
-
-    def precheck(self, head: RequestHead):
-        """Route, method and auth before the body is read. -> (handler, key entry),
-        a Response (CORS preflight) or a ProxyError."""
-        methods = self._find_route(head.path)
-        if head.method == "OPTIONS":
-            return self.preflight(head, methods)
-        if methods is None:
-            return ProxyError(404, "invalid_request_error", "no route for %s %s" % (head.method, head.path),
-                              code="unknown_url")
-        method = "GET" if head.method == "HEAD" else head.method
-        route = methods.get(method)
-        if route is None:
-            allow = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
-            return ProxyError(405, "invalid_request_error", "%s is not allowed on %s" % (head.method, head.path),
-                              code="method_not_allowed", headers=[("allow", allow)])
-        handler, level = route
-        if not self.config.auth_enabled:
-            # No keys: only this machine may drive the proxy. A web page could otherwise send
-            # requests to it (with its own Origin) or reach it through DNS rebinding (with its
-            # own host name in Host).
-            host, origin = head.headers.get("host"), head.headers.get("origin")
-            if (host is not None and not local_authority(host)) or (origin is not None and not local_origin(origin)):
-                return ProxyError(403, "permission_error", "authentication is off, so only local clients may "
-                                  "call this proxy (Host and Origin must name this machine); turn auth on to "
-                                  "serve others", code="not_local")
-        self.keys.refresh(self.clock())
-        entry = self.keys.check(client_key(head))
-        if level == PUBLIC or (level == CLIENT and not self.config.auth_enabled):
-            return (handler, entry)
-        if entry is None:
-            presented = client_key(head) is not None
-            return ProxyError(401, "authentication_error",
-                              "invalid proxy API key" if presented else
-                              "missing proxy API key: send 'Authorization: Bearer <key>' or 'x-api-key'",
-                              code="invalid_api_key", headers=[("www-authenticate", 'Bearer realm="llmproxy"')])
-        if level == ADMIN and not entry.admin:
-            return ProxyError(403, "permission_error", "this endpoint needs an admin key", code="admin_required")
-        return (handler, entry)
-
-    def preflight(self, head: RequestHead, methods) -> Response:
-        allow = sorted(set(methods or {}) | {"OPTIONS"} | ({"HEAD"} if methods and "GET" in methods else set()))
-        hdrs = [("allow", ", ".join(allow))]
-        if head.headers.get("origin") and head.headers.get("access-control-request-method"):
-            hdrs += [("access-control-allow-methods", ", ".join(allow)),
-                     ("access-control-allow-headers",
-                      head.headers.get("access-control-request-headers") or "authorization, content-type"),
-                     ("access-control-max-age", "600")]
-        return Response(204, hdrs)
-
-    def cors_headers(self, head: RequestHead) -> List[Tuple[str, str]]:
-        origin = head.headers.get("origin")
-        if not origin:
-            return []
-        expose = ("access-control-expose-headers", "x-llmproxy-provider, x-request-id, retry-after")
-        if self.cors_any:
-            return [("access-control-allow-origin", "*"), expose]
-        if origin in self.cors:
-            return [("access-control-allow-origin", origin), ("vary", "origin"), expose]
-        return []
-
-    def error_response(self, err: ProxyError, head: Optional[RequestHead] = None) -> Response:
-        fmt = client_format(head.path, head.headers) if head is not None else OpenAIChat
-        return json_response(err.status, fmt.render_error(err), list(err.headers))
-
-    async def handle(self, request: Request):
-        handler, entry = request.match
-        request.info.client = entry.redacted if entry else None
-        if self.capture is not None:
-            request.info.cap_out = []           # the server tees what it sends into this
-        if entry is not None and handler.__name__ not in ("handle_health", "handle_models"):
-            self.limiter.check(entry.id)
-            request.info.client_id = entry.id
-        if len(request.body) > OFFLOOP_BYTES and request.body[:1] in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):
-            await request.load_json()            # parsed once, sharing the loop; json() then has it
-        return await handler(request)
-
-    @staticmethod
-    async def render_json(size: int, obj) -> bytes:
-        return _jbytes(obj) if size <= OFFLOOP_BYTES else await render_json_cooperative(obj)
-
-
-    def log_request(self, request: Request, status: int, t_first: Optional[float], sent: int, ok: bool):
-        info = request.info
-        now = time.perf_counter()
-        done, info.on_done = info.on_done, []
-        for fn in done:
-            fn()
-        usage = info.usage
-        tin = tout = None
-        if isinstance(usage, Usage):
-            tin, tout = usage.input, usage.output
-            if info.client_id:
-                self.limiter.add_tokens(info.client_id, tin + tout)
-        model = info.model
-        upstream_model = info.upstream_model or model     # what the back-end ran (and bills)
-        if info.provider:
-            label = self.usage.label(upstream_model or "-")
-            self.usage.record(info.client or "-", info.provider, label, tin, tout)
-            if self.shared is not None:
-                row = self.usage_pending.setdefault((info.client or "-", info.provider, label), [0, 0, 0])
-                row[0] += 1
-                row[1] += tin or 0
-                row[2] += tout or 0
-        self.usage.answer(info.provider or "-", status, now - request.t_start)
-        fields = {"status": status, "key": info.client, "model": model,
-                  "upstream_model": upstream_model if upstream_model != model else None,
-                  "provider": info.provider, "upkey": info.upkey, "via": info.via,
-                  "failover": ",".join(info.failover) if info.failover else None,
-                  "ttfb_ms": round((t_first - request.t_start) * 1000, 1) if t_first else None,
-                  "total_ms": round((now - request.t_start) * 1000, 1),
-                  "tokens_in": tin, "tokens_out": tout, "bytes": sent,
-                  "error": info.error or (None if ok else "client_disconnected")}
-        self.access.emit("%s %s" % (request.method, request.path[:MAX_LOG_FIELD]), fields)
-        if self.capture is not None and info.cap_out is not None:
-            self.record_capture(request, status, fields)
-
-    def record_capture(self, request: Request, status: int, fields: dict):
-        cap = self.capture
-        info = request.info
-        out_stream = info.cap_out_stream
-        doc: Dict[str, Any] = {"ts": round(self.wall(), 3), "method": request.method, "path": request.path,
-                               "status": status, "model": info.model, "provider": info.provider,
-                               "client_request": {"headers": cap.headers(request.headers),
-                                                  "body": cap.body(request.body, False)}}
-        if info.cap_up_req:
-            doc["upstream_request"] = info.cap_up_req
-        if info.cap_up:
-            data, stream = info.cap_up
-            doc["upstream_response"] = {"status": info.cap_up_status, "stream": stream,
-                                        "body": cap.body(data, stream)}
-        doc["client_response"] = {"status": status, "stream": out_stream,
-                                  "body": cap.body(b"".join(info.cap_out), out_stream)}
-        cap.record(doc)
-
-    # -- upstream ------------------------------------------------------------
-
-    async def send_upstream(self, prov: Provider, method: str, url: str, body: bytes, stream: bool, info: "Exchange",
-                            extra=(), may_wait: bool = False, deadline: Optional[float] = None,
-                            model: Optional[str] = None) -> UpstreamResponse:
-        """Send with key rotation: a 429 cools the key (for this model, or whole) and retries
-        on the next one at once, 401/403 disables it. When every key cools, wait for the
-        soonest (up to resilience.key_wait_s and the request's budget) if `may_wait`.
-        Returns the first reply that is not a key failure."""
-        ring = prov.keyring
-        cred = prov.credential
-        scope = model if prov.options.get("cooldown_scope", "model") == "model" else None
-        last = ""
-        retried = False
-        waited = 0.0
-        limited = 0                               # 429s this request met: each key twice at most
-        while True:
-            k = ring.acquire(scope) if ring.keys else None
-            if ring.keys and k is None:
-                wait = ring.retry_in(scope)
-                if may_wait and wait is not None and waited + wait <= self.config.key_wait_s and \
-                        (deadline is None or self.clock() + wait < deadline):
-                    waited += wait
-                    log.info("provider %s: every key is cooling; waiting %.1f s for the soonest", prov.name, wait)
-                    await self.sleep(wait)
-                    continue
-                raise self._keys_exhausted(prov, last, scope)
-            key = k.key if k else (await cred.token() if cred is not None else None)
-            info.upkey = redact(k.key) if k else (fingerprint(key) if cred is not None else None)
-            t0 = time.perf_counter()
-            headers = prov.request_headers(key, stream, extra)
-            if self.capture is not None:
-                info.cap_up_req = {"url": url, "headers": self.capture.headers(headers),
-                                      "body": WireCapture.body(body, False)}
-            resp = await self.client.request(method, url, headers, body, prov.connect_timeout, prov.read_timeout,
-                                             prov.options.get("idle_timeout_s"), prov.options.get("total_timeout_s"))
-            info.cap_up_status = resp.status
-            info.upstream_ms = round((time.perf_counter() - t0) * 1000, 1)
-            if cred is not None and resp.status == 401 and not retried:
-                await resp.read(MAX_ERROR_BODY)       # a refused token: refresh once, retry once
-                retried = True
-                await cred.on_unauthorized(key)
-                continue
-            if k is None or resp.status not in (401, 403, 429):
-                if k is not None and resp.status < 400 and (k.reason or k.model_until or k.cooldown_until):
-                    if ring.succeeded(k, scope):
-                        log.info("provider %s key %s answered again; its cooldown is cleared", prov.name,
-                                 redact(k.key))
-                        self.share_key(prov, k, scope, cleared=True)
-                return resp
-            try:
-                detail = await resp.read(MAX_ERROR_BODY)
-            except UpstreamError:
-                detail = b""
-            last = self.pipeline.redactor(_error_message(detail))      # an upstream may echo the key
-            if resp.status == 429:
-                limited += 1
-                wait = parse_reset_time(resp.headers, self.wall())
-                if wait is None:
-                    wait = parse_reset_body(detail)
-                # a spent balance or plan quota is the whole key's, whatever model asked
-                cool_scope = None if _KEY_WIDE_429_RE.search(detail[:4096]) else scope
-                ring.cool(k, prov.cooldown_s if wait is None else wait, cool_scope)
-                self.share_key(prov, k, cool_scope)
-                log.warning("provider %s key %s rate limited%s (%s); cooling %.0f s", prov.name, redact(k.key),
-                            " for " + cool_scope if cool_scope else "", last or "429",
-                            KeyRing._until(k, cool_scope) - self.clock())
-                if limited >= 2 * len(ring.keys):
-                    raise self._keys_exhausted(prov, last, scope)
-            else:
-                ring.disable(k, "HTTP %d: %s" % (resp.status, last[:120]))
-                self.share_key(prov, k, None)
-                log.warning("provider %s key %s rejected with HTTP %d; disabled until reload", prov.name,
-                            redact(k.key), resp.status)
-
-    def _keys_exhausted(self, prov: Provider, last: str, model: Optional[str] = None) -> ProxyError:
-        wait = prov.keyring.retry_in(model)
-        detail = " (last upstream message: %s)" % last[:200] if last else ""
-        if wait is None:
-            return ProxyError(502, "upstream_error", "every upstream key of provider %r was rejected (401/403)%s; "
-                              "fix the keys and reload" % (prov.name, detail), code="upstream_keys_rejected")
-        secs = max(1, int(math.ceil(wait)))
-        scope = " for model %r" % model if model else ""
-        return ProxyError(429, "rate_limit_error", "every upstream key of provider %r is rate limited%s by the "
-                          "upstream (its 429 said when it resets); retry in %d s%s"
-                          % (prov.name, scope, secs, detail), code="rate_limit_exceeded",
-                          headers=[("retry-after", str(secs))])
-
-    async def relay_error(self, upstream: UpstreamResponse, hdrs) -> Response:
-        """Same-format errors go back as they came; a non-JSON page becomes a clean error."""
-        data = self.scrub(await upstream.read(MAX_ERROR_BODY))
-        err = parse_upstream_error(upstream.status, upstream.content_type, data)
-        if err is not None:
-            err.headers = [h for h in hdrs if h[0] in ("retry-after", "x-llmproxy-provider")]
-            raise err
-        raise UpstreamReply(Response(upstream.status, hdrs, data), _error_message(data))
-
-    def scrub(self, data: bytes) -> bytes:
-        """An upstream error body with any secret it echoes (our upstream keys first) masked."""
-        text = data.decode("utf-8", "replace")
-        clean = self.pipeline.redactor(text)
-        return data if clean == text else clean.encode("utf-8")
-
-    async def prime_relay(self, upstream: UpstreamResponse, info: "Exchange", fmt) -> "_Primed":
-        """A same-format stream read up to its first real output (or FIRST_OUTPUT_HOLD_S), the
-        bytes kept to relay as they came: an error event or a dropped connection before any
-        output is raised here, before the client was answered, so the chain can fail over."""
-        peek = _Peek(upstream.iter_body())
-        sse, decoder = SSEDecoder(), fmt.stream_decoder()
-        held: List[bytes] = []
-        events: list = []
-        ended = False
-        until = time.monotonic() + FIRST_OUTPUT_HOLD_S
-        try:
-            while first_outcome(events) is None:
-                item = await peek.next(until - time.monotonic())
-                if item is _Peek.TIMEOUT:
-                    break
-                held.append(item)
-                try:                            # event by event, only until the first output: the
-                    pos = 0                     # rest of the piece is relayed without being parsed
-                    while pos < len(item) and first_outcome(events) is None:
-                        end = next_event_end(item, pos)
-                        for sev in sse.feed(item[pos:end]):
-                            events.extend(decoder.feed(sev))
-                        pos = end
-                except UPSTREAM_SHAPE_ERRORS + (ProxyError,):
-                    break                       # not ours to judge on pass-through: relay it
-        except StopAsyncIteration:
-            ended = True
-        except BaseException:
-            await peek.aclose()
-            raise
-        first = first_outcome(events)
-        if first is not None and first[0] == "error" and isinstance(first[1], ProxyError):
-            await peek.aclose()
-            raise first[1]
-        return _Primed(peek, None, None, held, ended)
-
-    async def relay_stream(self, upstream: UpstreamResponse, info: "Exchange", fmt=None,
-                           primed: Optional["_Primed"] = None):
-        """Forward upstream bytes as they arrive; keep a short tail to read usage from.
-        `primed`: the stream's first pieces, already read (see prime_relay)."""
-        fmt = fmt or OpenAIChat
-        tail: List[bytes] = []
-        tail_len = 0
-        peek = primed.peek if primed is not None else _Peek(upstream.iter_body())
-        agen = peek.agen
-        pending = list(primed.events) if primed is not None else []
-        ended = primed.ended if primed is not None else False
-        # An event cut in half is held back until its blank line arrives: if the upstream
-        # fails mid-event, the client gets the error event on a clean boundary instead of
-        # half an event glued to it (which no SSE client can read).
-        sse = upstream.content_type == "text/event-stream"
-        waiting = sse and not pending          # nothing yet: a model thinking gets keep-alives
-        held = b""
-        try:
-            while True:
-                if pending:
-                    piece = pending.pop(0)
-                elif ended:
-                    break
-                elif waiting or peek.nxt is not None:
-                    try:
-                        piece = await peek.next(FIRST_KEEPALIVE_S if waiting else READ_TIMEOUT_S * 10)
-                    except StopAsyncIteration:
-                        break
-                    if piece is _Peek.TIMEOUT:
-                        if waiting:
-                            yield fmt.keepalive_frame       # what this format's clients skip
-                        continue
-                    waiting = False
-                else:
-                    try:
-                        piece = await agen.__anext__()     # the hot path: no task per piece
-                    except StopAsyncIteration:
-                        break
-                if sse:
-                    if held:
-                        piece, held = held + piece, b""
-                    if not piece.endswith(_EVENT_ENDS):
-                        cut = event_boundary(piece)
-                        if len(piece) - cut < MAX_HELD_EVENT:
-                            piece, held = piece[:cut], piece[cut:]
-                        if not piece:
-                            continue
-                yield piece
-                if not info.complete and any(m in piece for m in fmt.terminal_markers):
-                    info.complete = True
-                if self.capture is not None:
-                    self.capture_upstream(info, piece, True)
-                tail.append(piece)
-                tail_len += len(piece)
-                while tail_len - len(tail[0]) >= USAGE_TAIL_BYTES:
-                    tail_len -= len(tail.pop(0))
-            if held:                          # the stream ended inside an event: end that event, as a
-                held += b"\n\n"              # lenient SSE reader would (a cut one then fails to parse)
-                yield held
-                tail.append(held)
-        except UpstreamError as e:
-            info.error = e.code
-            log.warning("upstream stream failed: %s", e.message)
-            yield fmt.render_stream_error(e)
-        finally:
-            await peek.aclose()
-            info.usage = fmt.parse_usage(sniff_usage(b"".join(tail), fmt.usage_key))
-
-    async def passthrough(self, request: Request, fmt, prov: Provider, url: str, body: dict, client_model: str,
-                          upstream_model: str, stream: bool, may_wait: bool = True, deadline: Optional[float] = None,
-                          rewritten: bool = False, raw_body: Optional[bytes] = None):
-        """Same format on both sides: forward the client's bytes (model rewritten if routed;
-        raw_body, when given, is sent as it is)."""
-        info = request.info
-        info.via = "pass"
-        if prov.credential is not None:
-            await prov.credential.token()
-        prepared = fmt.prepare_passthrough(body)
-        if prepared is not None:
-            body, rewritten = prepared, True
-        if raw_body is not None:
-            raw = raw_body
-        elif prov.tags or prov.auth:
-            raw = _jbytes(prov.prepare_body(dict(body, model=upstream_model) if "model" in body else body,
-                                            upstream_model))
-        elif (body.get("model") == upstream_model or "model" not in body) and not rewritten:
-            raw = request.body
-        else:
-            raw = await self.render_json(len(request.body), dict(body, model=upstream_model))
-        extra = [(name, request.headers.get(name)) for name in fmt.passthrough_headers if request.headers.get(name)]
-        if fmt.passthrough_query and request.query:
-            kept = [(k, v) for k, v in parse_qsl(request.query, keep_blank_values=True) if k in fmt.passthrough_query]
-            if kept:
-                url += ("&" if "?" in url else "?") + urlencode(kept)
-        upstream = await self.send_upstream(prov, "POST", url, raw, stream, info, extra, may_wait=may_wait,
-                                            deadline=deadline, model=upstream_model)
-        hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
-        if upstream.status >= 400:
-            return await self.relay_error(upstream, hdrs)
-        ctype = upstream.content_type
-        if stream and (ctype == "text/event-stream" or fmt.streams_json):
-            # primed only when the chain has a next target to hand a failure to: holding the first
-            # event back costs a single back-end ~30 % of its short-stream throughput (measured)
-            primed = await self.prime_relay(upstream, info, fmt) if ctype == "text/event-stream" and not may_wait \
-                else None
-            return StreamResponse(upstream.status, hdrs + SSE_HEADERS[1:], self.relay_stream(upstream, info, fmt,
-                                                                                             primed))
-        data = await upstream.read()
-        self.capture_upstream(info, data, False)
-        info.usage = fmt.parse_usage(sniff_usage(data, fmt.usage_key))
-        return Response(upstream.status, hdrs, data)
-
-    # -- the hub ---------------------------------------------------------------
-
-    async def serve_chat(self, request: Request, fmt, body: dict, parse: Callable[[], ChatRequest],
-                         model, stream: bool, sse: bool = True):
-        """Route a chat request down its failover chain. A target that fails before any
-        byte reached the client (connect error, timeout, 429, 5xx, context overflow; see
-        routing.failover_on) hands over to the next; the last one also retries transient
-        failures with backoff. Once bytes are out there is no switching. The canonical
-        form is built only when a target needs it (pass-through never does)."""
-        if not isinstance(model, str) or not model:
-            raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
-        info = request.info
-        info.model = model
-        cache: List[ChatRequest] = []
-
-        def canonical() -> ChatRequest:
-            if not cache:
-                creq = parse()
-                if not any(m.parts for m in creq.messages) and not creq.system and not creq.previous_response_id:
-                    field = _CONVERSATION_FIELD.get(fmt.name, "messages")
-                    raise ProxyError(400, "invalid_request_error", "'%s' holds no message to answer" % field,
-                                     param=field)
-                creq.model, creq.stream = model, stream
-                cache.append(creq)
-            return cache[0]
-        plan = self.apply_guardrails(request, fmt, canonical, cache, model, sse)
-        if isinstance(plan, (Response, StreamResponse)):
-            return plan                      # an in-chat command, answered by the proxy
-        if len(request.body) > OFFLOOP_BYTES:
-            await asyncio.sleep(0)           # a big body: let others run between the steps
-        model, chain, hub, ctx = plan
-        return await self.run_chain(request, fmt, body, canonical, model, stream, chain, sse, hub, ctx)
-
-    def apply_guardrails(self, request: Request, fmt, canonical: Callable[[], ChatRequest], cache: list,
-                         model: str, sse: bool):
-        """Request stages and session routing. -> the proxy's own reply to a command, or
-        (model, targets, hub, stage context): hub says the canonical form must be sent."""
-        pipe = self.pipeline
-        has_command = pipe.has_command(request.body)
-        session_key = session_id(request) if self.sessions or pipe.may_filter or has_command else ""
-        session = self.sessions.get(session_key) if self.sessions else None
-        hub = False
-        if pipe.request_active(has_command, model):
-            creq = canonical()
-            for stage in REQUEST_STAGES:
-                # hub: a stage changed the request, so it is rendered from the canonical form; a
-                # body that only holds the prefix bytes somewhere (a "#!/bin/sh" in an agent's
-                # history) stays on the byte pass-through path
-                if stage == "commands" and has_command and pipe.finds_command(creq):
-                    session = self.session(session_key)
-                    reply = pipe.run_commands(creq, session, list(self.providers))
-                    if reply is not None:
-                        return self.direct_reply(request, fmt, creq, reply, sse)
-                    hub = True
-                elif stage == "rewrite":
-                    hub = pipe.rewrite_request(creq, model) or hub
-                elif stage == "redact" and pipe.redact_prompts:
-                    hub = pipe.redact_request(creq) or hub
-        chain = None
-        if session:
-            self.sessions.move_to_end(session_key)
-            model, chain = self.session_route(session, model)
-            request.info.model = model
-            if cache:
-                cache[0].model = model
-        ctx = None
-        if pipe.response_active(model):
-            ctx = StageContext(session_key, canonical())
-            ctx.model = model
-            hub = True
-        return model, chain or self.router.chain(model), hub, ctx
-
-    def session_route(self, session: dict, model: str) -> Tuple[str, Optional[List[Route]]]:
-        """A session's sticky model and back-end, or its one-off target (used up here)."""
-        if session.get("oneoff"):
-            prov_name, oneoff_model = session.pop("oneoff")
-            return oneoff_model, [Route(self.providers[prov_name], oneoff_model)]
-        model = session.get("model") or model
-        if session.get("backend"):
-            return model, [Route(self.providers[session["backend"]], model)]
-        return model, None
-
-    async def run_chain(self, request: Request, fmt, body: dict, canonical, model: str, stream: bool,
-                        chain: List[Route], sse: bool, hub: bool, ctx: Optional[StageContext]):
-        """The failover loop: breakers, retries on the last target, failover before the first byte."""
-        info = request.info
-        deadline = self.clock() + self.config.request_budget_s
-        last_error: Optional[ProxyError] = None
-        for i, route in enumerate(chain):
-            prov = route.provider
-            final = i == len(chain) - 1
-            breaker = self.breakers[prov.name]
-            if not breaker.allow():
-                wait = max(1, int(math.ceil(breaker.retry_in())))
-                last_error = ProxyError(503, "api_error", "provider %r is unavailable (circuit open after repeated "
-                                        "failures); retry in %d s" % (prov.name, wait), code="provider_unavailable",
-                                        headers=[("retry-after", str(wait))])
-                continue
-            attempt = 0
-            while True:
-                try:
-                    resp = await self.attempt(request, fmt, body, canonical, model, stream, route, sse, final,
-                                              deadline, hub, ctx)
-                except ProxyError as e:
-                    condition = failover_condition(e)
-                    if condition in ("connect", "timeout", "5xx") and e.kind != "upstream_auth_error":
-                        breaker.failure()            # a login that cannot refresh is not the provider failing
-                    elif condition is None:
-                        breaker.success()        # the request's own fault: the provider is fine
-                    last_error = e
-                    retry_wait = self._retry_wait(e, attempt, deadline) if final and condition in (
-                        "connect", "timeout", "5xx") and not maybe_processed(e) and \
-                        e.kind != "upstream_auth_error" else None
-                    if retry_wait is not None:
-                        attempt += 1
-                        log.warning("provider %s failed (%s); retry %d in %.1f s", prov.name, e.code or e.status,
-                                    attempt, retry_wait)
-                        await self.sleep(retry_wait)
-                        continue
-                    if not final and condition in self.config.failover_on:
-                        log.warning("provider %s failed (%s: %s); failing over to %s", prov.name, condition,
-                                    e.message[:120], chain[i + 1].provider.name)
-                        info.failover.append(prov.name)
-                        break
-                    if isinstance(e, UpstreamReply):
-                        return e.response
-                    raise
-                breaker.success()
-                info.provider = prov.name
-                if not final and isinstance(resp, StreamResponse) and resp.spliceable:
-                    resp.chunks = self.splice_stream(resp.chunks, request, fmt, body, canonical, model, stream,
-                                                     chain[i + 1:], sse, hub, ctx, prov)
-                return resp
-        raise last_error
-
-    async def splice_stream(self, chunks, request: Request, fmt, body: dict, canonical, model: str, stream: bool,
-                            rest: List[Route], sse: bool, hub: bool, ctx: Optional[StageContext], prov: Provider):
-        """A stream that has sent only keep-alives, continued by the rest of the chain when its
-        back-end fails before any output (the client cannot tell: the opening events were held)."""
-        try:
-            async for piece in chunks:
-                yield piece
-            return
-        except NoOutputYet as e:
-            err = e.err
-        finally:
-            await chunks.aclose()
-        condition = failover_condition(err)
-        if condition in ("connect", "timeout", "5xx"):
-            self.breakers[prov.name].failure()
-        if condition not in self.config.failover_on:
-            request.info.error = err.code or err.kind
-            yield fmt.render_stream_error(err)
-            return
-        log.warning("provider %s failed before any output (%s: %s); failing over to %s", prov.name, condition,
-                    err.message[:120], rest[0].provider.name)
-        request.info.failover.append(prov.name)
-        try:
-            resp = await self.run_chain(request, fmt, body, canonical, model, stream, rest, sse, hub, ctx)
-        except ProxyError as e2:
-            request.info.error = e2.code or e2.kind
-            yield fmt.render_stream_error(e2)
-            return
-        if isinstance(resp, StreamResponse):
-            async for piece in resp.chunks:
-                yield piece
-        else:                                   # an upstream error reply relayed as it came
-            request.info.error = "upstream_error"
-            yield fmt.render_stream_error(ProxyError(resp.status, "upstream_error", _error_message(resp.body)
-                                                     or "upstream error"))
-
-    def _retry_wait(self, err: ProxyError, attempt: int, deadline: float) -> Optional[float]:
-        """Exponential backoff with full jitter, or the upstream's Retry-After; None when
-        the attempts or the request's time budget are spent."""
-        if attempt >= self.config.retry_attempts:
-            return None
-        hinted = next((float(v) for k, v in err.headers if k == "retry-after" and _DIGITS_RE.match(v)), None)
-        base = min(self.config.retry_max_backoff_s, self.config.retry_backoff_s * (2 ** attempt))
-        wait = hinted if hinted is not None else base * (0.5 + 0.5 * self.rand())
-        if self.clock() + wait > deadline:
-            return None
-        return wait
-
-    def check_context(self, fmt, prov: Provider, model: str, canonical: Callable[[], ChatRequest]) -> Optional[int]:
-        """Refuse, before any upstream call, a request that cannot fit the model's context
-        window; -> the max_tokens to send when it must be lowered to fit, else None."""
-        limits = prov.options.get("model_limits", {}).get(model)
-        if not limits:
-            return None
-        creq = canonical()
-        context, max_output = limits
-        wanted = creq.max_tokens
-        if max_output and wanted and wanted > max_output:
-            wanted = max_output
-        if context:
-            used = estimate_tokens(creq)
-            if used >= context or (context - used) < 16:
-                raise ProxyError(400, "invalid_request_error", fmt.context_overflow_message(used, context),
-                                 code="context_length_exceeded", param="messages")
-            if wanted and used + wanted > context:
-                wanted = context - used
-        return wanted if wanted != creq.max_tokens else None
-
-    async def attempt(self, request: Request, fmt, body: dict, canonical: Callable[[], ChatRequest], model: str,
-                      stream: bool, route: Route, sse: bool, final: bool, deadline: float, hub: bool = False,
-                      ctx: Optional[StageContext] = None):
-        """One target: pass through when the formats match (and no guardrail needs the
-        canonical form), else translate."""
-        prov = route.provider
-        info = request.info
-        info.provider = prov.name
-        info.upstream_model = route.model
-        max_tokens = self.check_context(fmt, prov, route.model, canonical)
-        release = await self.slots[prov.name].acquire(prov.name)
-        try:
-            if prov.kind == "mock" and fmt is OpenAIChat and not hub:
-                resp = self.serve_mock("/chat/completions", body, route.model, stream, info)
-            elif prov.kind == fmt.name and prov.passthrough_ok and not hub:
-                url = prov.chat_url(route.model, stream)
-                if fmt.streams_json and stream and not sse:
-                    url = url.split("?", 1)[0]          # the client asked for the JSON array form
-                if max_tokens:
-                    body = fmt.with_max_tokens(body, max_tokens)
-                resp = await self.passthrough(request, fmt, prov, url, body, model, route.model, stream,
-                                              may_wait=final, deadline=deadline, rewritten=bool(max_tokens))
-            else:
-                creq = canonical()
-                if len(request.body) > OFFLOOP_BYTES:
-                    await asyncio.sleep(0)
-                saved = creq.max_tokens
-                creq.max_tokens = max_tokens or saved
-                try:
-                    resp = await self.translate(request, fmt, prov, route.model, creq, sse, final, deadline,
-                                                self.pipeline.filters(ctx) if ctx is not None else None)
-                finally:
-                    creq.max_tokens = saved
-        except BaseException:
-            release()
-            raise
-        info.on_done.append(release)
-        return resp
-
-    async def translate(self, request: Request, fmt, prov: Provider, upstream_model: str, creq: ChatRequest,
-                        sse: bool, may_wait: bool = True, deadline: Optional[float] = None,
-                        filters: Optional[FilterChain] = None):
-        info = request.info
-        info.via = "%s>%s" % (fmt.name, prov.kind)
-        if fmt.keeps_history:
-            self.apply_previous_response(creq)   # a stateless back-end: the proxy keeps the history
-        history = list(creq.messages)
-        fmt_out = prov.format
-        if fmt_out.remembers_signatures:
-            self.restore_signatures(creq)
-        if fmt_out.inline_images and prov.options.get("fetch_images", "public") != "off":
-            await self.inline_images(creq, prov.options.get("fetch_images", "public") == "all")
-        if not fmt.sets_cache_marks and prov.options.get("auto_cache", True) and fmt_out.takes_cache_marks(prov.options):
-            add_cache_marks(creq)               # Anthropic caches only where asked; other clients never ask
-        client_model, client_cap = creq.model, creq.max_tokens
-        creq.model = upstream_model
-        ceiling = output_ceiling(upstream_model)
-        if ceiling and isinstance(creq.max_tokens, int) and creq.max_tokens > ceiling and \
-                upstream_model not in prov.options.get("model_limits", {}):
-            creq.max_tokens = ceiling           # a cap the back-end would refuse with a 400
-        size = len(request.body)
-        try:
-            up_body = fmt_out.render_request(creq, prov.options)
-        finally:
-            creq.model, creq.max_tokens = client_model, client_cap
-        if size > OFFLOOP_BYTES:
-            await asyncio.sleep(0)
-        options = dict(prov.options, sse=sse)
-        if fmt.keeps_history and creq.store is not False:
-            options["on_complete"] = lambda final: self.remember(final, history)
-        pieces = None
-        reply = None
-        if prov.kind == "mock":
-            if creq.stream:
-                pieces = _iterate(self.mock.chat_stream(up_body, upstream_model))
-            else:
-                reply = self.mock.chat(up_body, upstream_model)
-        else:
-            stream_up = creq.stream or prov.force_stream
-            url = prov.chat_url(upstream_model, stream_up)
-            if prov.credential is not None:
-                await prov.credential.token()     # logged in and complete before the body is built
-            dropped = self.drop_params.setdefault((prov.name, upstream_model), set())
-            up_body = {k: v for k, v in up_body.items() if k not in dropped} if dropped else up_body
-            up_body = prov.prepare_body(up_body, upstream_model)
-            upstream = await self.send_upstream(prov, "POST", url, await self.render_json(size, up_body),
-                                                stream_up, info, may_wait=may_wait, deadline=deadline,
-                                                model=upstream_model)
-            if upstream.status >= 400:
-                err = await self.upstream_failure(upstream)
-                name = unsupported_param(err, up_body)
-                if name is None or len(dropped) >= MAX_DROPPED_PARAMS:
-                    raise err
-                # a 400 is not billed: sent again once without the field, remembered for the model
-                dropped.add(name)
-                log.warning("provider %s model %s does not take %r; sent again without it (remembered)",
-                            prov.name, log_safe(upstream_model[:80]), name)
-                up_body = {k: v for k, v in up_body.items() if k != name}
-                upstream = await self.send_upstream(prov, "POST", url, await self.render_json(size, up_body),
-                                                    stream_up, info, may_wait=may_wait, deadline=deadline,
-                                                    model=upstream_model)
-                if upstream.status >= 400:
-                    raise await self.upstream_failure(upstream)
-            if upstream.content_type == "text/event-stream" and creq.stream:
-                pieces = upstream.iter_body()
-            elif upstream.content_type == "text/event-stream":      # a stream-only back-end, gathered
-                events = await self._decode_all(upstream, fmt_out)
-                cresp = collect_events(filters.run(events) if filters else events)
-                info.usage = cresp.usage
-                return json_response(200, fmt.render_response(cresp, creq, options), [("x-llmproxy-provider", prov.name)])
-            else:
-                data = await upstream.read()
-                self.capture_upstream(info, data, False)
-                reply = self._json_reply(data) if len(data) <= OFFLOOP_BYTES else \
-                    await self._json_reply_cooperative(data)
-                size = max(size, len(data))
-        hdrs = [("x-llmproxy-provider", prov.name)]
-        if creq.stream:
-            events = None if reply is None else response_events(self.parse_reply(fmt_out, reply))
-            primed = None if pieces is None else await self.prime_stream(pieces, fmt_out.stream_decoder(), info)
-            encoder = fmt.stream_encoder(creq, options)
-            can_fail_over = primed is not None and not may_wait and first_outcome(primed.events) is None
-            resp = StreamResponse(200, fmt.stream_headers(sse) + hdrs,
-                                  self.translate_stream(None, None, encoder, info, events, filters, primed,
-                                                        can_fail_over))
-            resp.spliceable = can_fail_over
-            return resp
-        cresp = self.parse_reply(fmt_out, reply)
-        if filters is not None:
-            cresp = collect_events(filters.run(response_events(cresp)))
-        for p in cresp.parts:
-            if p.type == "tool_call" and p.signature and p.origin == "gemini":
-                self.keep_signature(p.id, p.origin, p.signature)
-        info.usage = cresp.usage
-        out = fmt.render_response(cresp, creq, options)
-        if fmt.keeps_history and creq.store is not False:
-            self.remember(out, history)
-        return Response(200, [("content-type", "application/json")] + hdrs, await self.render_json(size, out))
-
-    async def inline_images(self, creq: ChatRequest, private_ok: bool = False):
-        """Fetch image URLs into inline data for a back-end that takes only bytes. Each URL
-        once per request, at most IMAGE_FETCH_CONCURRENCY fetches at a time in the process,
-        MAX_IMAGE_BYTES an image and MAX_IMAGES_BYTES in all (over -> 413), IMAGES_TOTAL_S for
-        all of them. Only public addresses unless the provider says "fetch_images": "all";
-        an image that cannot be fetched stays a URL, which the renderer mentions as text."""
-        parts = []
-        stack = [p for m in creq.messages for p in m.parts]
-        for p in stack:
-            if p.type == "tool_result":
-                stack.extend(p.content)
-            elif p.type == "image" and p.url.startswith(("http://", "https://")) and not p.data:
-                parts.append(p)
-        if not parts:
-            return
-        if self.image_slots is None:
-            self.image_slots = asyncio.Semaphore(IMAGE_FETCH_CONCURRENCY)
-        deadline = time.monotonic() + IMAGES_TOTAL_S
-        budget = [MAX_IMAGES_BYTES]
-        results: Dict[str, Any] = {}
-
-        async def one(url: str):
-            async with self.image_slots:
-                try:
-                    results[url] = await self.fetch_image(url, private_ok, deadline, budget)
-                except ProxyError as e:
-                    results[url] = e
-        await asyncio.gather(*(one(u) for u in dict.fromkeys(p.url for p in parts)))
-        for p in parts:
-            got = results[p.url]
-            if isinstance(got, ProxyError):
-                if got.status == 413:
-                    raise got
-                log.info("image %s could not be fetched (%s); sent as a link", log_safe(p.url[:80]), got.message)
-                continue
-            p.data, p.media_type = base64.b64encode(got[0]).decode("ascii"), got[1]
-            p.url = ""
-
-    async def fetch_image(self, url: str, private_ok: bool, deadline: float, budget: List[int]) -> Tuple[bytes, str]:
-        """One image: every hop's name resolved once and checked, the connection pinned to the
-        checked address (Host and SNI keep the name), redirects re-checked the same way."""
-        for _ in range(MAX_IMAGE_REDIRECTS + 1):
-            try:
-                scheme, host, port, _ = split_url(url)
-            except ValueError:
-                raise UpstreamError(502, "not an http(s) URL", "image_fetch")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise UpstreamError(504, "image fetches took longer than %.0f s" % IMAGES_TOTAL_S, "image_fetch")
-            try:
-                addrs = await asyncio.wait_for(self.resolve(host, port), min(left, CONNECT_TIMEOUT_S))
-            except (OSError, asyncio.TimeoutError) as e:
-                raise UpstreamError(502, "cannot resolve %s (%s)" % (host, e or "timeout"), "image_fetch")
-            if not addrs:
-                raise UpstreamError(502, "cannot resolve %s" % host, "image_fetch")
-            if not private_ok and not all(self.address_ok(a) for a in addrs):
-                raise UpstreamError(403, "%s is not a public address" % host, "image_fetch")
-            via_proxy = self.client.proxies.proxy_for(scheme, host, port) is not None   # the proxy resolves
-            timeout = min(left, IMAGE_FETCH_TOTAL_S)
-            resp = await self.client.request("GET", url, [("accept", "image/*"), ("accept-encoding", "identity"),
-                                                          ("user-agent", "llmproxy/" + __version__)],
-                                             b"", min(timeout, CONNECT_TIMEOUT_S), timeout, None, timeout,
-                                             connect_ip=None if via_proxy else addrs[0])
-            location = resp.headers.get("location")
-            if resp.status in (301, 302, 303, 307, 308) and location:
-                resp.close()
-                url = urljoin(url, location.strip())
-                continue
-            ctype = resp.content_type
-            if resp.status != 200 or not ctype.startswith("image/"):
-                resp.close()
-                raise UpstreamError(502, "HTTP %d %s" % (resp.status, ctype), "image_fetch")
-            pieces, size = [], 0
-            agen = resp.iter_body()
-            try:
-                async for piece in agen:
-                    size += len(piece)
-                    budget[0] -= len(piece)
-                    if size > MAX_IMAGE_BYTES:
-                        raise ProxyError(413, "invalid_request_error", "the image at %s is larger than %d bytes, "
-                                         "the most this back-end takes inline" % (url[:200], MAX_IMAGE_BYTES),
-                                         code="image_too_large", param="messages")
-                    if budget[0] < 0:
-                        raise ProxyError(413, "invalid_request_error", "the images of this request add up to more "
-                                         "than %d bytes, the most this back-end takes inline" % MAX_IMAGES_BYTES,
-                                         code="images_too_large", param="messages")
-                    pieces.append(piece)
-            finally:
-                await agen.aclose()
-            return b"".join(pieces), ctype
-        raise UpstreamError(502, "more than %d redirects" % MAX_IMAGE_REDIRECTS, "image_fetch")
-
-    @staticmethod
-    async def _decode_all(upstream: UpstreamResponse, fmt) -> list:
-        sse = SSEDecoder()
-        dec = fmt.stream_decoder()
-        events: list = []
-        size = 0
-        agen = upstream.iter_body()
-        try:
-            async for piece in agen:
-                size += len(piece)
-                if size > MAX_UPSTREAM_BODY:
-                    raise UpstreamError(502, "upstream stream larger than %d bytes" % MAX_UPSTREAM_BODY,
-                                        "upstream_too_large")
-                try:
-                    for ev in sse.feed(piece):
-                        events.extend(dec.feed(ev))
-                except UPSTREAM_SHAPE_ERRORS as e:
-                    raise UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e,
-                                        "upstream_malformed")
-        finally:
-            await agen.aclose()
-        try:
-            for ev in sse.close():
-                events.extend(dec.feed(ev))
-            events += dec.close()
-            return [check_event(ev) for ev in events]
-        except UPSTREAM_SHAPE_ERRORS as e:
-            raise UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e, "upstream_malformed")
-
-    @staticmethod
-    def parse_reply(fmt, reply: dict) -> ChatResponse:
-        """An upstream reply in canonical form; an unexpected shape is the upstream's fault."""
-        try:
-            resp = fmt.parse_response(reply)
-            for name in ("id", "model"):          # a numeric id or model name is taken as its text
-                v = getattr(resp, name)
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    setattr(resp, name, str(v))
-                elif not isinstance(v, str):
-                    raise TypeError("'%s' must be a string" % name)
-            for i, p in enumerate(resp.parts):
-                if isinstance(p.id, (int, float)) and not isinstance(p.id, bool):
-                    p.id = str(p.id)
-                _check_part(p, "content[%d]" % i)
-            return resp
-        except UpstreamError:
-            raise
-        except UPSTREAM_SHAPE_ERRORS + (ProxyError,) as e:
-            raise UpstreamError(502, "upstream reply has an unexpected shape (%s)"
-                                % (e.message if isinstance(e, ProxyError) else e), "upstream_malformed")
-
-    async def upstream_failure(self, upstream: UpstreamResponse) -> ProxyError:
-        """An upstream error reply as the error to give the client (secrets scrubbed,
-        Retry-After kept)."""
-        data = self.scrub(await upstream.read(MAX_ERROR_BODY))
-        err = upstream_error(upstream.status, upstream.content_type, data)
-        err.headers = [h for h in relay_headers(upstream.headers) if h[0] == "retry-after"]
-        return err
-
-    @staticmethod
-    async def _json_reply_cooperative(data: bytes) -> dict:
-        try:
-            obj = await parse_json_cooperative(data.decode("utf-8"))
-        except (ValueError, RecursionError):
-            raise UpstreamError(502, "upstream reply is not JSON", "upstream_not_json")
-        if not isinstance(obj, dict):
-            raise UpstreamError(502, "upstream reply is not a JSON object", "upstream_not_json")
-        return obj
-
-    @staticmethod
-    def _json_reply(data: bytes) -> dict:
-        try:
-            obj = parse_json(data)
-        except (ValueError, RecursionError):
-            raise UpstreamError(502, "upstream reply is not JSON", "upstream_not_json")
-        if not isinstance(obj, dict):
-            raise UpstreamError(502, "upstream reply is not a JSON object", "upstream_not_json")
-        return obj
-
-    async def prime_stream(self, pieces, decoder, info: "Exchange") -> _Primed:
-        """Read an upstream stream until its first real output, its end, or FIRST_OUTPUT_HOLD_S.
-        An error (an error event, a dropped connection, a malformed event) before any output
-        is raised here, before the client has been answered, so the chain can fail over."""
-        peek = _Peek(pieces)
-        sse = SSEDecoder()
-        events: list = []
-        ended = False
-        until = time.monotonic() + FIRST_OUTPUT_HOLD_S
-        try:
-            try:
-                while first_outcome(events) is None:
-                    item = await peek.next(until - time.monotonic())
-                    if item is _Peek.TIMEOUT:
-                        break
-                    if self.capture is not None:
-                        self.capture_upstream(info, item, True)
-                    for sev in sse.feed(item):
-                        events.extend(check_event(ev) for ev in decoder.feed(sev))
-            except StopAsyncIteration:
-                for sev in sse.close():
-                    events.extend(check_event(ev) for ev in decoder.feed(sev))
-                events.extend(check_event(ev) for ev in decoder.close())
-                ended = True
-            except UPSTREAM_SHAPE_ERRORS as e:
-                raise UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e,
-                                    "upstream_malformed")
-            first = first_outcome(events)
-            if first is not None and first[0] == "error":
-                raise first[1]
-        except BaseException:
-            await peek.aclose()
-            raise
-        return _Primed(peek, sse, decoder, events, ended)
-
-    async def translate_stream(self, pieces, decoder, encoder, info: "Exchange", events=None,
-                               filters: Optional[FilterChain] = None, primed: Optional[_Primed] = None,
-                               can_fail_over: bool = False):
-        """One upstream piece in, its translated frames out (joined into one write);
-        guardrail filters, when any, sit between the decoder and the encoder. A primed
-        stream's opening events wait for its first real output, with a keep-alive every
-        FIRST_KEEPALIVE_S meanwhile; with can_fail_over, a failure before that output
-        raises NoOutputYet (nothing but keep-alives was sent) for the chain to take over."""
-
-        order = ToolOrder()
-
-        def emit(ev) -> List[bytes]:
-            out = []
-            for ev in order.feed(check_event(ev)):
-                for ev in (filters.feed(ev) if filters is not None else (ev,)):
-                    if ev[0] == "tool_start" and ev[4] and ev[5] == "gemini":
-                        self.keep_signature(ev[2], ev[5], ev[4])
-                    if ev[0] == "finish":
-                        info.usage = ev[2]
-                        info.complete = True
-                    elif ev[0] == "error":
-                        info.error = ev[1].code or ev[1].kind
-                    out.extend(encoder.feed(ev))
-            return out
-        held: list = []                 # opening events waiting for the first real output
-        started = events is not None
-        try:
-            if events is not None:
-                yield b"".join(f for ev in events for f in emit(ev))
-            else:
-                if primed is None:                 # not primed: read from the start
-                    primed = _Primed(_Peek(pieces), SSEDecoder(), decoder, [], False)
-                peek, sse, decoder = primed.peek, primed.sse, primed.decoder
-                held = list(primed.events)
-                started = first_outcome(held) is not None
-                if started:
-                    out, held = [f for ev in held for f in emit(ev)], []
-                    if out:
-                        yield b"".join(out)
-                elif not primed.ended and pieces is None:      # the head goes out now: say we are alive
-                    ka = encoder.keepalive()
-                    if ka:
-                        yield ka
-                try:
-                    while not primed.ended:
-                        try:
-                            piece = await peek.next(KEEPALIVE_S if started else FIRST_KEEPALIVE_S)
-                        except StopAsyncIteration:
-                            new = [ev for sev in sse.close() for ev in decoder.feed(sev)] + decoder.close()
-                            primed.ended = True
-                        else:
-                            if piece is _Peek.TIMEOUT:
-                                ka = encoder.keepalive()
-                                if ka:
-                                    yield ka
-                                continue
-                            if self.capture is not None:
-                                self.capture_upstream(info, piece, True)
-                            new = [ev for sev in sse.feed(piece) for ev in decoder.feed(sev)]
-                        if not started:
-                            held.extend(check_event(ev) for ev in new)
-                            first = first_outcome(held)
-                            if first is None and not primed.ended:
-                                continue
-                            if first is not None and first[0] == "error" and can_fail_over:
-                                raise NoOutputYet(first[1])
-                            started, new, held = True, held, []
-                        out = [f for ev in new for f in emit(ev)]
-                        if out:
-                            yield b"".join(out)
-                    if held:                  # the stream ended with opening events only
-                        out, held = [f for ev in held for f in emit(ev)], []
-                        if out:
-                            yield b"".join(out)
-                finally:
-                    await peek.aclose()
-        except UPSTREAM_SHAPE_ERRORS + (ProxyError,) as e:
-            if not isinstance(e, ProxyError):      # an event of an unexpected shape: the upstream's fault
-                e = UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e, "upstream_malformed")
-            if not started and can_fail_over:
-                raise NoOutputYet(e)
-            if held:                               # the opening events first: a well-formed stream
-                out, held = [f for ev in held for f in emit(ev)], []
-                if out:
-                    yield b"".join(out)
-            log.warning("translated stream failed: %s", e.message)
-            out = emit(("error", e))
-            if out:
-                yield b"".join(out)
-        tail = [f for ev in order.flush() for f in emit(ev)] if order.held else []
-        tail += encoder.close()
-        if tail:
-            yield b"".join(tail)
-
-    def session(self, key: str) -> dict:
-        state = self.sessions.get(key)
-        if state is None:
-            state = self.sessions[key] = {}
-            while len(self.sessions) > SESSIONS_MAX:
-                self.sessions.popitem(last=False)
-        return state
-
-    def direct_reply(self, request: Request, fmt, creq: ChatRequest, text: str, sse: bool):
-        """The proxy's own answer (to an in-chat command) in the client's format."""
-        request.info.provider, request.info.via = "llmproxy", "command"
-        resp = ChatResponse(new_id("msg_"), creq.model, [Part("text", text=text)], "end", usage=Usage(),
-                            created=int(self.wall()))
-        hdrs = [("x-llmproxy-provider", "llmproxy")]
-        if creq.stream:
-            encoder = fmt.stream_encoder(creq, {"sse": sse})
-            return StreamResponse(200, fmt.stream_headers(sse) + hdrs,
-                                  self.translate_stream(None, None, encoder, request.info, response_events(resp)))
-        return json_response(200, fmt.render_response(resp, creq), hdrs)
-
-    def capture_upstream(self, info: "Exchange", data: bytes, stream: bool):
-        if self.capture is None:
-            return
-        if info.cap_up is None:
-            info.cap_up = [b"", stream]
-        cap = info.cap_up
-        if len(cap[0]) < CAPTURE_PART_BYTES:
-            cap[0] += data[:CAPTURE_PART_BYTES - len(cap[0])]
-
-    def keep_signature(self, call_id: str, origin: str, signature: str):
-        """Gemini's thoughtSignature for a call, for clients whose format has no place for it."""
-        self.signatures[call_id] = self.signatures[anthropic_id(call_id)] = (origin, signature)
-
-    def restore_signatures(self, creq: ChatRequest):
-        """Give replayed tool calls back the signatures their client could not keep."""
-        for m in creq.messages:
-            for p in m.parts:
-                if p.type == "tool_call" and not p.signature and p.id in self.signatures:
-                    p.origin, p.signature = self.signatures[p.id]
-
-    def apply_previous_response(self, creq: ChatRequest):
-        rid = creq.previous_response_id
-        if not rid or creq.history_applied:
-            return
-        past = self.responses.get(rid)
-        if past is None:
-            raise ProxyError(404, "invalid_request_error", "Previous response with id '%s' not found." % rid,
-                             param="previous_response_id", code="previous_response_not_found")
-        creq.messages = merge_messages(past + creq.messages)
-        creq.history_applied = True              # once, whatever the failover does
-
-    def remember(self, final: dict, history: List[Message]):
-        """Keep a Responses conversation so a later previous_response_id can continue it."""
-        parts = OpenAIResponses.parse_output(final.get("output") or [])
-        if not self.responses.put(final["id"], history + ([Message("assistant", parts)] if parts else [])):
-            log.warning("response %s is larger than the whole Responses store (%d bytes); not kept, so "
-                        "previous_response_id cannot continue it", log_safe(str(final["id"])[:80]),
-                        self.responses.max_bytes)
-
-    # -- OpenAI-compatible handlers --------------------------------------------
-
-    async def forward(self, request: Request, endpoint: str, stream_ok: bool = True):
-        """Completions and embeddings: OpenAI-compatible back-ends only, bytes passed through."""
-        body = self._body(request)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
-        route = self.router.resolve(model)
-        prov = route.provider
-        info = request.info
-        info.model = model
-        info.provider = prov.name
-        info.upstream_model = route.model
-        stream = stream_ok and body.get("stream") is True
-        if prov.kind == "mock":
-            return self.serve_mock(endpoint, body, route.model, stream, info)
-        if prov.kind == "gemini" and endpoint == "/embeddings" and prov.passthrough_ok:
-            return await self.embeddings_on_gemini(body, prov, route.model or model, info)
-        if prov.kind != "openai":
-            raise ProxyError(400, "invalid_request_error", "%s is served only by OpenAI-compatible providers; "
-                             "%r routes to a %s provider" % (endpoint, model, prov.kind), param="model")
-        return await self.passthrough(request, OpenAIChat, prov, prov.url(endpoint), body, model, route.model, stream)
-
-    async def embeddings_on_gemini(self, body: dict, prov: Provider, model: str, info: "Exchange"):
-        """OpenAI /embeddings on a Gemini back-end: one batchEmbedContents call (text inputs only)."""
-        texts, dims, encoding = OpenAIChat.parse_embeddings(body)
-        info.via = "openai>gemini"
-        if prov.credential is not None:
-            await prov.credential.token()
-        url = prov.url("/models/%s:batchEmbedContents" % quote(model, safe=""))
-        upstream = await self.send_upstream(prov, "POST", url, _jbytes(Gemini.render_embed_request(model, texts, dims)),
-                                            False, info, model=model)
-        if upstream.status >= 400:
-            raise await self.upstream_failure(upstream)
-        vectors = Gemini.parse_embed_reply(self._json_reply(await upstream.read()), len(texts))
-        tokens = sum(max(1, (len(t) + 3) // 4) for t in texts)     # Gemini reports none: estimated
-        info.usage = Usage(tokens, 0)
-        return json_response(200, OpenAIChat.render_embeddings_reply(model, vectors, tokens, encoding),
-                             [("x-llmproxy-provider", prov.name)])
-
-    async def handle_chat(self, request: Request):
-        body = self._body(request)
-        return await self.serve_chat(request, OpenAIChat, body, lambda: OpenAIChat.parse_request(body),
-                                     body.get("model"), body.get("stream") is True)
-
-    async def handle_completions(self, request: Request):
-        return await self.forward(request, "/completions")
-
-    async def handle_embeddings(self, request: Request):
-        return await self.forward(request, "/embeddings", stream_ok=False)
-
-    @staticmethod
-    def _body(request: Request) -> dict:
-        body = request.json()
-        if not isinstance(body, dict):
-            raise ProxyError(400, "invalid_request_error", "request body must be a JSON object")
-        if not isinstance(body.get("stream"), (bool, type(None))):   # 1 or "yes" must not quietly mean "no"
-            raise ProxyError(400, "invalid_request_error", "'stream' must be a boolean", param="stream")
-        return body
-
-    def serve_mock(self, endpoint: str, body: dict, model: str, stream: bool, info: "Exchange"):
-        """The built-in mock model on a client's raw OpenAI body (checked like any chat request
-        first; what it still cannot read is the client's 400, never a 500)."""
-        info.via = "mock"
-        try:
-            if endpoint == "/chat/completions":
-                if not isinstance(body.get("messages"), list) or not body["messages"]:
-                    raise ProxyError(400, "invalid_request_error", "'messages' must be a non-empty array",
-                                     param="messages")
-                OpenAIChat.parse_request(body)
-                if stream:
-                    frames = self.mock.chat_stream(body, model)
-                    info.usage = OpenAIChat.parse_usage(sniff_usage(b"".join(frames[-3:])))
-                    return StreamResponse(200, SSE_HEADERS + [("x-llmproxy-provider", "mock")], _iterate(frames))
-                reply = self.mock.chat(body, model)
-            elif endpoint == "/completions":
-                reply = self.mock.completion(body, model)
-            else:
-                reply = self.mock.embeddings(body, model)
-        except UPSTREAM_SHAPE_ERRORS as e:
-            raise ProxyError(400, "invalid_request_error", "the mock model cannot read this request (%s)" % e)
-        info.usage = OpenAIChat.parse_usage(reply.get("usage"))
-        return json_response(200, reply, [("x-llmproxy-provider", "mock")])
-
-    # -- Anthropic, Responses and Gemini handlers -------------------------------
-
-    async def handle_messages(self, request: Request):
-        body = self._body(request)
-        if not isinstance(body.get("max_tokens"), int):
-            raise ProxyError(400, "invalid_request_error", "max_tokens: Field required", param="max_tokens")
-        return await self.serve_chat(request, AnthropicMessages, body, lambda: AnthropicMessages.parse_request(body),
-                                     body.get("model"), body.get("stream") is True)
-
-    async def handle_responses(self, request: Request):
-        body = self._body(request)
-        return await self.serve_chat(request, OpenAIResponses, body, lambda: OpenAIResponses.parse_request(body),
-                                     body.get("model"), body.get("stream") is True)
-
-    async def handle_other(self, request: Request):
-        """Any other OpenAI-compatible path: to the back-end the body's model routes to (else
-        the default), the client key swapped for an upstream one, the reply relayed as it
-        comes (binary untouched; usage read where it reports it)."""
-        info = request.info
-        ctype = request.headers.get("content-type") or ""
-        model = None
-        body = request.body
-        if body and ctype.split(";")[0].strip().lower() == "application/json":
-            doc = request.json()
-            model = doc.get("model") if isinstance(doc, dict) and isinstance(doc.get("model"), str) else None
-        route = self.router.resolve(model) if model else self.router.resolve("")
-        prov = route.provider
-        if prov.kind != OpenAIChat.name or not prov.passthrough_ok:
-            raise ProxyError(404, "invalid_request_error", "no OpenAI-compatible back-end serves %s %s" % (
-                request.method, request.path[:200]), code="unknown_url")
-        if model and route.model and route.model != model:
-            body = _jbytes(dict(doc, model=route.model))
-        info.model, info.provider, info.upstream_model, info.via = model, prov.name, route.model or model, "pass"
-        url = prov.url(request.path[3:] if request.path.startswith("/v1/") else request.path)
-        query = [(k, v) for k, v in parse_qsl(request.query, keep_blank_values=True) if k != "key"] \
-            if request.query else []
-        if query:                           # the client's ?key= is our secret, never the upstream's
-            url += "?" + urlencode(query)
-        extra = [(k, request.headers.get(k)) for k in ("content-type", "accept") if request.headers.get(k)]
-        upstream = await self.send_upstream(prov, request.method, url, body, False, info, extra,
-                                            model=route.model or model)
-        hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
-        return StreamResponse(upstream.status, hdrs, self.relay_stream(upstream, info, OpenAIChat))
-
-    async def handle_responses_compact(self, request: Request):
-        """Codex's context compaction. A Responses back-end compacts itself (passed through);
-        on the others the routed model writes a summary, returned as Codex expects it: the
-        user messages kept, then a compaction item, which holds the summary for the next turns."""
-        body = self._body(request)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
-        inp = body.get("input") if isinstance(body.get("input"), list) else \
-            [{"type": "message", "role": "user", "content": body["input"]}] if isinstance(body.get("input"), str) else []
-        route = self.router.resolve(model)
-        prov = route.provider
-        if prov.kind == OpenAIResponses.name and prov.passthrough_ok:
-            request.info.model, request.info.provider, request.info.upstream_model = model, prov.name, route.model
-            return await self.passthrough(request, OpenAIResponses, prov, prov.url("/responses/compact"), body, model,
-                                          route.model, False)
-        ask = {"model": model, "store": False, "stream": False,
-               "input": [it for it in inp if not (isinstance(it, dict) and it.get("type") == "additional_tools")] +
-               [{"type": "message", "role": "user", "content": COMPACT_PROMPT}]}
-        if isinstance(body.get("instructions"), str):
-            ask["instructions"] = body["instructions"]
-        resp = await self.serve_chat(request, OpenAIResponses, ask, lambda: OpenAIResponses.parse_request(ask),
-                                     model, False)
-        if not isinstance(resp, Response) or resp.status != 200:
-            return resp
-        reply = parse_json(resp.body)
-        summary = "".join(c.get("text", "") for it in reply.get("output") or [] if it.get("type") == "message"
-                          for c in it.get("content") or [] if c.get("type") == "output_text").strip()
-        if not summary:
-            raise ProxyError(502, "upstream_error", "the model wrote no summary to compact the conversation with",
-                             code="compaction_failed")
-        kept = [it for it in inp if isinstance(it, dict) and it.get("type", "message") == "message"
-                and it.get("role") == "user"]
-        item = {"type": "compaction", "id": new_id("cmp_"),
-                "encrypted_content": COMPACTED + base64.b64encode(summary.encode("utf-8")).decode("ascii")}
-        return json_response(200, {"id": reply.get("id") or new_id("resp_"), "object": "response.compaction",
-                                   "created_at": int(self.wall()), "output": kept + [item],
-                                   "usage": reply.get("usage")}, [("x-llmproxy-provider", request.info.provider or "")])
-
-    def _gemini_target(self, request: Request) -> Tuple[str, str]:
-        prefix = "/v1beta/models/" if request.path.startswith("/v1beta/") else "/v1/models/"
-        rest = unquote(request.path[len(prefix):])
-        model, sep, action = rest.rpartition(":")
-        if not sep or not model:
-            raise ProxyError(404, "not_found_error", "expected /models/{model}:{action}", code="unknown_url")
-        return model, action
-
-    async def handle_gemini(self, request: Request):
-        model, action = self._gemini_target(request)
-        body = self._body(request)
-        if action == "countTokens":
-            return await self.count_tokens(request, Gemini, body, Gemini.parse_request(
-                body.get("generateContentRequest") or body, model), ":countTokens")
-        if action in ("embedContent", "batchEmbedContents"):
-            return await self.gemini_embed(request, model, action, body)
-        if action not in ("generateContent", "streamGenerateContent"):
-            raise ProxyError(404, "not_found_error", "unsupported action %r" % action, code="unknown_url")
-        sse = request.query_param("alt") == "sse"
-        return await self.serve_chat(request, Gemini, body, lambda: Gemini.parse_request(body, model), model,
-                                     action == "streamGenerateContent", sse=sse)
-
-    async def gemini_embed(self, request: Request, model: str, action: str, body: dict):
-        """Gemini embedContent / batchEmbedContents: passed through to a Gemini back-end,
-        turned into one /embeddings call for an OpenAI-compatible one (text parts only)."""
-        batch = action == "batchEmbedContents"
-        Gemini.embed_items(body, batch)
-        route = self.router.resolve(model)
-        prov = route.provider
-        info = request.info
-        info.model, info.provider, info.upstream_model = model, prov.name, route.model
-        if prov.kind == "gemini" and prov.passthrough_ok:
-            raw = _jbytes(Gemini.route_embed_batch(body, route.model)) if batch and route.model != model else None
-            url = prov.url("/models/%s:%s" % (quote(route.model, safe=""), action))
-            return await self.passthrough(request, Gemini, prov, url, body, model, route.model, False, raw_body=raw)
-        if prov.kind not in ("openai", "mock"):
-            raise ProxyError(400, "invalid_request_error", "%r routes to provider %s, which cannot serve "
-                             "embeddings (an OpenAI-compatible or Gemini API-key back-end can)" % (model, prov.name),
-                             param="model")
-        texts, dims = Gemini.parse_embed_request(body, batch)
-        up_body = OpenAIChat.render_embeddings_request(route.model or model, texts, dims)
-        info.via = "gemini>" + prov.kind
-        if prov.kind == "mock":
-            reply = self.mock.embeddings(up_body, route.model or model)
-        else:
-            upstream = await self.send_upstream(prov, "POST", prov.url("/embeddings"), _jbytes(up_body), False, info,
-                                                model=route.model)
-            if upstream.status >= 400:
-                raise await self.upstream_failure(upstream)
-            reply = self._json_reply(await upstream.read())
-        vectors, tokens = OpenAIChat.parse_embeddings_reply(reply, len(texts))
-        info.usage = Usage(tokens, 0)
-        return json_response(200, Gemini.render_embed_reply(vectors, batch), [("x-llmproxy-provider", prov.name)])
-
-    async def handle_count_tokens(self, request: Request):
-        body = self._body(request)
-        return await self.count_tokens(request, AnthropicMessages, body, AnthropicMessages.parse_request(body),
-                                       "/messages/count_tokens")
-
-    async def handle_responses_tokens(self, request: Request):
-        body = self._body(request)
-        return await self.count_tokens(request, OpenAIResponses, body, OpenAIResponses.parse_request(body),
-                                       "/responses/input_tokens")
-
-    async def count_tokens(self, request: Request, fmt, body: dict, creq: ChatRequest, endpoint: str):
-        """Forwarded when the back-end speaks the client's format, else estimated locally
-        (no upstream call, no rate limit spent)."""
-        route = self.router.resolve(creq.model)
-        prov = route.provider
-        request.info.model, request.info.provider, request.info.upstream_model = creq.model, prov.name, route.model
-        if prov.kind == fmt.name and prov.passthrough_ok:
-            url = fmt.count_url(prov, route.model, endpoint)
-            return await self.passthrough(request, fmt, prov, url, body, creq.model, route.model, False)
-        if fmt.keeps_history and creq.previous_response_id:
-            self.apply_previous_response(creq)
-        # subscription logins are left alone: their endpoints want bodies shaped for chat only
-        n = await self.count_upstream(request, prov, route.model, creq) \
-            if prov.passthrough_ok and prov.credential is None and not prov.tags else None
-        if n is None:
-            request.info.via = "estimate"
-            n = estimate_tokens(creq)
-        return json_response(200, fmt.render_count(n))
-
-    async def count_upstream(self, request: Request, prov: Provider, model: str, creq: ChatRequest) -> Optional[int]:
-        """The back-end's own count of a request in another format, when its API has a count
-        endpoint; None (and the caller estimates) when it has none or the call fails."""
-        fmt_out = prov.format
-        path = fmt_out.count_path(model)
-        if path is None:
-            return None
-        client_model, creq.model = creq.model, model
-        try:
-            body = fmt_out.render_count_request(creq, prov.options)
-        finally:
-            creq.model = client_model
-        info = request.info
-        info.via = "count:%s" % prov.kind
-        try:
-            upstream = await self.send_upstream(prov, "POST", prov.url(path), _jbytes(body), False, info, model=model)
-            if upstream.status >= 400:
-                raise await self.upstream_failure(upstream)
-            return fmt_out.parse_count_reply(self._json_reply(await upstream.read()))
-        except ProxyError as e:
-            log.info("token count from %s failed (%s); estimating instead", prov.name, e.message[:120])
-            return None
-
-    # -- models, health, admin -----------------------------------------------
-
-    def visible_usage(self, request: Request, rows: List[dict]) -> List[dict]:
-        """Usage rows the caller may see: all for an admin key (or with auth off, which is
-        local only), else only the caller's own key's."""
-        entry = request.match[1]
-        if not self.config.auth_enabled or (entry is not None and entry.admin):
-            return rows
-        mine = entry.redacted if entry is not None else None
-        return [r for r in rows if r.get("client") == mine]
-
-    async def handle_health(self, request: Request):
-        doc: Dict[str, Any] = {"status": "ok", "version": __version__,
-                               "uptime_s": round(self.wall() - self.started, 1)}
-        if request.match[1] is None and self.config.auth_enabled:
-            return json_response(200, doc)
-        providers = {}
-        for name, prov in self.providers.items():
-            snap = prov.keyring.snapshot()
-            providers[name] = {"format": prov.kind, "base_url": prov.base_url or None, "keys": snap,
-                               "breaker": self.breakers[name].snapshot()}
-            if (snap and all(k["state"] != "ok" for k in snap)) or self.breakers[name].state != "closed":
-                doc["status"] = "degraded"
-        for name, cred in self.credentials.items():
-            providers[name]["auth"] = cred.status()
-            if not cred.valid(cred.record) or cred.last_error:
-                doc["status"] = "degraded"
-        doc["providers"] = providers
-        doc["upstream_connections_opened"] = self.client.connects
-        if self.shared is not None:
-            doc["usage"] = await asyncio.get_running_loop().run_in_executor(None, self.shared.usage)
-            doc["usage_scope"] = "all workers (synced every %.0f s)" % SharedState.SYNC_S
-        else:
-            doc["usage"] = self.usage.snapshot()
-        doc["usage"] = self.visible_usage(request, doc["usage"])
-        return json_response(200, doc)
-
-    async def handle_metrics(self, request: Request):
-        """The /health figures for Prometheus (this worker's, except usage, which is shared)."""
-        if self.shared is not None:
-            usage = await asyncio.get_running_loop().run_in_executor(None, self.shared.usage)
-        else:
-            usage = self.usage.snapshot()
-        usage = self.visible_usage(request, usage)
-        answered = sorted(self.usage.answered.items())
-        keys = {}
-        for name, prov in self.providers.items():
-            for k in prov.keyring.snapshot():
-                keys[(name, k["state"])] = keys.get((name, k["state"]), 0) + 1
-        families = [
-            ("llmproxy_uptime_seconds", "gauge", "Seconds since start", [({}, round(self.wall() - self.started, 3))]),
-            ("llmproxy_responses_total", "counter", "Requests answered, by provider and HTTP status",
-             [({"provider": p, "status": str(st)}, row[0]) for (p, st), row in answered]),
-            ("llmproxy_response_seconds", "summary", "Time to answer requests in full, by provider",
-             [({"provider": p}, sum(row[i] for (q, _), row in answered if q == p), suffix)
-              for p in sorted({p for (p, _), _ in answered}) for suffix, i in (("_count", 0), ("_sum", 1))]),
-            ("llmproxy_requests_total", "counter", "Upstream requests by client key, provider and model",
-             [({"client": u["client"], "provider": u["provider"], "model": u["model"]}, u["requests"]) for u in usage]),
-            ("llmproxy_tokens_total", "counter", "Tokens by client key, provider, model and direction",
-             [({"client": u["client"], "provider": u["provider"], "model": u["model"], "direction": d},
-               u["tokens_" + d]) for u in usage for d in ("in", "out")]),
-            ("llmproxy_upstream_keys", "gauge", "Upstream keys by provider and state",
-             [({"provider": p, "state": st}, n) for (p, st), n in sorted(keys.items())]),
-            ("llmproxy_breaker_open", "gauge", "1 while a provider's circuit breaker is open or half-open",
-             [({"provider": name}, int(b.state != "closed")) for name, b in sorted(self.breakers.items())]),
-            ("llmproxy_upstream_connections_opened_total", "counter", "Upstream connections opened",
-             [({}, self.client.connects)]),
-        ]
-        return Response(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], render_metrics(families))
-
-    async def upstream_models(self, prov: Provider) -> List[str]:
-        """The provider's own model list (GET /models), cached; [] when it fails."""
-        cached = self.models_cache.get(prov.name)
-        if cached and cached[0] > self.clock():
-            return cached[1]
-        ids: List[str] = []
-        try:
-            resp = await self.send_upstream(prov, "GET", prov.url("/models"), b"", False, Exchange())
-            data = await resp.read(MAX_UPSTREAM_BODY)
-            if resp.status == 200:
-                doc = parse_json(data)
-                ids = [m["id"] for m in doc.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
-                ids += [m["name"].split("/", 1)[-1] for m in doc.get("models", [])
-                        if isinstance(m, dict) and isinstance(m.get("name"), str)]
-            else:
-                log.warning("provider %s: GET /models answered HTTP %d", prov.name, resp.status)
-        except (ProxyError, ValueError, AttributeError) as e:
-            log.warning("provider %s: cannot list models: %s", prov.name, e)
-        self.models_cache[prov.name] = (self.clock() + MODELS_CACHE_S, ids)
-        return ids
-
-    async def model_ids(self) -> List[Tuple[str, str]]:
-        seen: Dict[str, str] = {}
-        for mid, owner in self.router.listed():
-            seen.setdefault(mid, owner)
-        for prov in self.providers.values():
-            if prov.kind == "mock" and not prov.models:
-                seen.setdefault("mock" if prov.name == self.router.default else prov.name + "/mock", prov.name)
-            elif not prov.models and prov.kind != "mock":
-                for m in await self.upstream_models(prov):
-                    seen.setdefault(m if prov.name == self.router.default else "%s/%s" % (prov.name, m), prov.name)
-        return list(seen.items())
-
-    async def handle_models(self, request: Request):
-        fmt = client_format(request.path, request.headers)
-        data = [fmt.render_model(mid, owner, self.started) for mid, owner in await self.model_ids()]
-        query = {k: v[0] for k, v in parse_qs(request.query).items()} if request.query else {}
-        return json_response(200, fmt.render_model_list(data, query))
-
-    async def handle_model(self, request: Request):
-        prefix = "/v1beta/models/" if request.path.startswith("/v1beta/") else "/v1/models/"
-        mid = unquote(request.path[len(prefix):])
-        route = self.router.resolve(mid)
-        fmt = Gemini if prefix == "/v1beta/models/" else client_format(request.path, request.headers)
-        return json_response(200, fmt.render_model(mid, route.provider.name, self.started))
-
-    def _credential(self, request: Request) -> Credential:
-        body = request.json() if request.body.strip() else {}
-        name = body.get("provider") if isinstance(body, dict) else None
-        if name is None and len(self.credentials) == 1:
-            name = next(iter(self.credentials))
-        cred = self.credentials.get(name)
-        if cred is None:
-            raise ProxyError(404, "not_found_error", "no subscription provider %r (configured: %s)" % (
-                name, ", ".join(self.credentials) or "none"), code="unknown_provider", param="provider")
-        return cred
-
-    async def handle_device_code(self, request: Request):
-        """Start a device login; the proxy polls in the background until it completes."""
-        cred = self._credential(request)
-        if cred.flow_task is not None and not cred.flow_task.done():
-            cred.flow_task.cancel()
-        flow = cred.device_flow()
-        codes = await flow.start()
-        cred.flow, cred.flow_error = flow, None
-
-        async def finish():
-            try:
-                await cred.login_done(await flow.poll())
-            except ProxyError as e:
-                cred.flow_error = e.message
-                log.warning("provider %s: device login failed: %s", cred.name, e.message)
-        cred.flow_task = self.spawn(finish())
-        log.info("provider %s: device login started; waiting for approval", cred.name)
-        return json_response(200, dict(codes, provider=cred.name))
-
-    async def handle_auth_poll(self, request: Request):
-        """Wait (up to timeout_s, default 300) for a device login started with /auth/device-code."""
-        cred = self._credential(request)
-        body = request.json() if request.body.strip() else {}
-        timeout = body.get("timeout_s", 300) if isinstance(body, dict) else 300
-        if cred.flow_task is None:
-            raise ProxyError(400, "invalid_request_error", "no login in progress; POST /auth/device-code first",
-                             code="no_login")
-        if not cred.flow_task.done():
-            await asyncio.wait((cred.flow_task,), timeout=max(0.0, min(float(timeout), 900.0)))
-        return json_response(200, dict(cred.status(), provider=cred.name))
-
-    async def handle_auth_status(self, request: Request):
-        return json_response(200, {"providers": {name: cred.status() for name, cred in self.credentials.items()}})
-
-    async def handle_reload(self, request: Request):
-        if self.reloader is None:
-            raise ProxyError(501, "invalid_request_error", "this server was started without a config to reload")
-        try:
-            new = await self.reloader()
-        except ConfigError as e:
-            raise ProxyError(400, "invalid_request_error", "config refused, the old one stays: %s" % e,
-                             code="bad_config")
-        return json_response(200, {"reloaded": True, "providers": list(new.providers)})
-
-    async def handle_cooldowns_reset(self, request: Request):
-        n = self.reset_cooldowns()
-        log.info("admin cleared every cooldown (%d keys were cooling or disabled)", n)
-        return json_response(200, {"reset": True, "keys": n})
-
-    async def handle_keys_list(self, request: Request):
-        return json_response(200, {"keys": [e.public() for e in self.keys.entries]})
-
-    async def handle_keys_create(self, request: Request):
-        body = request.json() if request.body.strip() else {}
-        if not isinstance(body, dict) or not isinstance(body.get("name", ""), str) \
-                or not isinstance(body.get("admin", False), bool):
-            raise ProxyError(400, "invalid_request_error", "expected {\"name\": str, \"admin\": bool}")
-        entry, key = self.keys.create(body.get("name", ""), body.get("admin", False))
-        log.info("admin created key %s (%s)", entry.id, entry.redacted)
-        return json_response(201, dict(entry.public(), key=key))
-
-    async def handle_keys_revoke(self, request: Request):
-        key_id = request.path[len("/admin/keys/"):]
-        if not self.keys.revoke(key_id):
-            raise ProxyError(404, "not_found_error", "no stored key with id %r (keys from config or the "
-                             "environment are removed there)" % key_id, code="key_not_found")
-        log.info("admin revoked key %s", key_id)
-        return json_response(200, {"id": key_id, "revoked": True})
-
-    def self_loop(self, host: str, port: int) -> Optional[str]:
-        """A provider whose base URL is this proxy would send requests round in a loop."""
-        local = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", host.lower()}
-        for prov in self.providers.values():
-            if prov.kind == "mock":
-                continue
-            _, h, p, _ = split_url(prov.base_url)
-            if p == port and h.lower() in local:
-                return "provider %r base_url %s points at this proxy itself (request loop)" % (prov.name, prov.base_url)
-        return None
+    """A stream read up to its first real output (or FIRST_OUTPUT_HOLD_S): what was read so
+    far (events, or for a relay the raw pieces), and the reader and translator to go on with."""
+    __slots__ = ("peek", "translator", "events", "ended")
+
+    def __init__(self, peek, translator, events, ended):
+        self.peek, self.translator, self.events, self.ended = peek, translator, events, ended
 
 
 async def resolve_host(host: str, port: int) -> List[str]:
@@ -10847,9 +9288,1979 @@ def _error_message(body: bytes) -> str:
     return " ".join(body[:300].decode("utf-8", "replace").split())
 
 
-async def _iterate(frames: List[bytes]):
-    for f in frames:
-        yield f
+class ChatCall:
+    """One chat request on its way down the failover chain: what every step needs to know
+    of it in one place (the client's format and body, how to build the canonical form, the
+    stream flags, the guardrail plan and the request's time budget)."""
+    __slots__ = ("request", "info", "fmt", "body", "parse", "model", "stream", "sse", "hub", "ctx", "deadline",
+                 "creq")
+
+    def __init__(self, request: Request, fmt, body: dict, parse: Callable[[], ChatRequest], model: str,
+                 stream: bool, sse: bool = True):
+        self.request, self.info, self.fmt, self.body, self.parse = request, request.info, fmt, body, parse
+        self.model, self.stream, self.sse = model, stream, sse
+        self.hub = False                     # a guardrail changed the request: send the canonical form
+        self.ctx: Optional[StageContext] = None     # reply stages' context, when any run
+        self.deadline = 0.0                  # the request's time budget ends here (monotonic)
+        self.creq: Optional[ChatRequest] = None
+
+    @property
+    def built(self) -> bool:
+        return self.creq is not None
+
+    def canonical(self) -> ChatRequest:
+        """The request in canonical form, parsed once, when a step first needs it."""
+        if self.creq is None:
+            creq = self.parse()
+            if not any(m.parts for m in creq.messages) and not creq.system and not creq.previous_response_id:
+                field = _CONVERSATION_FIELD.get(self.fmt.name, "messages")
+                raise ProxyError(400, "invalid_request_error", "'%s' holds no message to answer" % field,
+                                 param=field)
+            creq.model, creq.stream = self.model, self.stream
+            self.creq = creq
+        return self.creq
+
+
+async def render_json_sized(size: int, obj) -> bytes:
+    """obj as JSON; cooperatively (sharing the loop) when it came from a big body."""
+    return _jbytes(obj) if size <= OFFLOOP_BYTES else await render_json_cooperative(obj)
+
+
+def json_reply(data: bytes) -> dict:
+    """An upstream's JSON reply object (502 when it is not one)."""
+    try:
+        obj = parse_json(data)
+    except (ValueError, RecursionError):
+        raise UpstreamError(502, "upstream reply is not JSON", "upstream_not_json")
+    if not isinstance(obj, dict):
+        raise UpstreamError(502, "upstream reply is not a JSON object", "upstream_not_json")
+    return obj
+
+
+async def json_reply_sized(data: bytes) -> dict:
+    """json_reply, parsed cooperatively when the reply is big."""
+    if len(data) <= OFFLOOP_BYTES:
+        return json_reply(data)
+    try:
+        obj = await parse_json_cooperative(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise UpstreamError(502, "upstream reply is not JSON", "upstream_not_json")
+    if not isinstance(obj, dict):
+        raise UpstreamError(502, "upstream reply is not a JSON object", "upstream_not_json")
+    return obj
+
+
+def parse_reply(fmt, reply: dict) -> ChatResponse:
+    """An upstream reply in canonical form; an unexpected shape is the upstream's fault."""
+    try:
+        resp = fmt.parse_response(reply)
+        for name in ("id", "model"):          # a numeric id or model name is taken as its text
+            v = getattr(resp, name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                setattr(resp, name, str(v))
+            elif not isinstance(v, str):
+                raise TypeError("'%s' must be a string" % name)
+        for i, p in enumerate(resp.parts):
+            if isinstance(p.id, (int, float)) and not isinstance(p.id, bool):
+                p.id = str(p.id)
+            _check_part(p, "content[%d]" % i)
+        return resp
+    except UpstreamError:
+        raise
+    except UPSTREAM_SHAPE_ERRORS + (ProxyError,) as e:
+        raise UpstreamError(502, "upstream reply has an unexpected shape (%s)"
+                            % (e.message if isinstance(e, ProxyError) else e), "upstream_malformed")
+
+
+def body_object(request: Request) -> dict:
+    """The request body as a JSON object, with a boolean (or absent) 'stream'."""
+    body = request.json()
+    if not isinstance(body, dict):
+        raise ProxyError(400, "invalid_request_error", "request body must be a JSON object")
+    if not isinstance(body.get("stream"), (bool, type(None))):   # 1 or "yes" must not quietly mean "no"
+        raise ProxyError(400, "invalid_request_error", "'stream' must be a boolean", param="stream")
+    return body
+
+
+def required_model(body: dict) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
+    return model
+
+
+# 12b. upstream calls ##########################################################
+# One upstream request with key rotation (429 cools a key, 401/403 disables it,
+# a refused login token is refreshed once), error relay with secrets scrubbed,
+# and the wire capture of what the upstream said.
+
+class UpstreamCaller:
+    def __init__(self, app: "App"):
+        self.client = app.client
+        self.key_wait_s = app.config.key_wait_s
+        self.clock, self.wall, self.sleep = app.clock, app.wall, app.sleep
+        self.redactor = app.pipeline.redactor
+        self.capture = app.capture
+        self.shared = app.shared
+        self.spawn = app.spawn
+
+    async def send(self, prov: Provider, method: str, url: str, body: bytes, info: Exchange, stream: bool = False,
+                   extra=(), wait_until: Optional[float] = None) -> UpstreamResponse:
+        """Send with key rotation: a 429 cools the key (for this model, or whole) and retries
+        on the next one at once, 401/403 disables it. When every key cools, wait for the
+        soonest (up to resilience.key_wait_s, and until wait_until) when wait_until is set.
+        Returns the first reply that is not a key failure."""
+        ring = prov.keyring
+        cred = prov.credential
+        scope = info.upstream_model if prov.options.get("cooldown_scope", "model") == "model" else None
+        last = ""
+        retried = False
+        waited = 0.0
+        limited = 0                               # 429s this request met: each key twice at most
+        transport = prov.transport or self.client
+        while True:
+            k = ring.acquire(scope) if ring.keys else None
+            if ring.keys and k is None:
+                wait = ring.retry_in(scope)
+                if wait_until is not None and wait is not None and waited + wait <= self.key_wait_s and \
+                        self.clock() + wait < wait_until:
+                    waited += wait
+                    log.info("provider %s: every key is cooling; waiting %.1f s for the soonest", prov.name, wait)
+                    await self.sleep(wait)
+                    continue
+                raise self.keys_exhausted(prov, last, scope)
+            key = k.key if k else (await cred.token() if cred is not None else None)
+            info.upkey = redact(k.key) if k else (fingerprint(key) if cred is not None else None)
+            t0 = time.perf_counter()
+            headers = prov.request_headers(key, stream, extra)
+            if self.capture is not None:
+                info.cap_up_req = {"url": url, "headers": self.capture.headers(headers),
+                                   "body": WireCapture.body(body, False)}
+            resp = await transport.request(method, url, headers, body, prov.connect_timeout, prov.read_timeout,
+                                           prov.options.get("idle_timeout_s"), prov.options.get("total_timeout_s"))
+            info.cap_up_status = resp.status
+            info.upstream_ms = round((time.perf_counter() - t0) * 1000, 1)
+            if cred is not None and resp.status == 401 and not retried:
+                await resp.read(MAX_ERROR_BODY)       # a refused token: refresh once, retry once
+                retried = True
+                await cred.on_unauthorized(key)
+                continue
+            if k is None or resp.status not in (401, 403, 429):
+                if k is not None and resp.status < 400 and (k.reason or k.model_until or k.cooldown_until):
+                    if ring.succeeded(k, scope):
+                        log.info("provider %s key %s answered again; its cooldown is cleared", prov.name,
+                                 redact(k.key))
+                        self.share_key(prov, k, scope, cleared=True)
+                return resp
+            try:
+                detail = await resp.read(MAX_ERROR_BODY)
+            except UpstreamError:
+                detail = b""
+            last = self.redactor(_error_message(detail))      # an upstream may echo the key
+            if resp.status == 429:
+                limited += 1
+                self.cool(prov, k, resp, detail, scope, last)
+                if limited >= 2 * len(ring.keys):
+                    raise self.keys_exhausted(prov, last, scope)
+            else:
+                ring.disable(k, "HTTP %d: %s" % (resp.status, last[:120]))
+                self.share_key(prov, k, None)
+                log.warning("provider %s key %s rejected with HTTP %d; disabled until reload", prov.name,
+                            redact(k.key), resp.status)
+
+    def cool(self, prov: Provider, k: UpstreamKey, resp: UpstreamResponse, detail: bytes, scope: Optional[str],
+             last: str):
+        """A 429: the key cools for as long as the upstream said (or the provider's cooldown)."""
+        wait = parse_reset_time(resp.headers, self.wall())
+        if wait is None:
+            wait = parse_reset_body(detail)
+        # a spent balance or plan quota is the whole key's, whatever model asked
+        cool_scope = None if _KEY_WIDE_429_RE.search(detail[:4096]) else scope
+        prov.keyring.cool(k, prov.cooldown_s if wait is None else wait, cool_scope)
+        self.share_key(prov, k, cool_scope)
+        log.warning("provider %s key %s rate limited%s (%s); cooling %.0f s", prov.name, redact(k.key),
+                    " for " + cool_scope if cool_scope else "", last or "429",
+                    KeyRing._until(k, cool_scope) - self.clock())
+
+    def share_key(self, prov: Provider, k: UpstreamKey, model: Optional[str], cleared: bool = False):
+        """Tell the other workers about a key's new state (sqlite, off the loop)."""
+        if self.shared is None:
+            return
+        loop = asyncio.get_running_loop()
+        if cleared:
+            self.spawn(loop.run_in_executor(None, self.shared.clear_cooldown, prov.name, k.key, model or ""))
+            return
+        until = (k.model_until.get(model, 0.0) if model else k.cooldown_until) - self.clock() + self.wall()
+        self.spawn(loop.run_in_executor(
+            None, self.shared.put_cooldown, prov.name, k.key, model or "", until, k.disabled, k.reason))
+
+    @staticmethod
+    def keys_exhausted(prov: Provider, last: str, model: Optional[str] = None) -> ProxyError:
+        wait = prov.keyring.retry_in(model)
+        detail = " (last upstream message: %s)" % last[:200] if last else ""
+        if wait is None:
+            return ProxyError(502, "upstream_error", "every upstream key of provider %r was rejected (401/403)%s; "
+                              "fix the keys and reload" % (prov.name, detail), code="upstream_keys_rejected")
+        secs = max(1, int(math.ceil(wait)))
+        scope = " for model %r" % model if model else ""
+        return ProxyError(429, "rate_limit_error", "every upstream key of provider %r is rate limited%s by the "
+                          "upstream (its 429 said when it resets); retry in %d s%s"
+                          % (prov.name, scope, secs, detail), code="rate_limit_exceeded",
+                          headers=[("retry-after", str(secs))])
+
+    async def relay_error(self, upstream: UpstreamResponse, hdrs) -> Response:
+        """Same-format errors go back as they came; a non-JSON page becomes a clean error."""
+        data = self.scrub(await upstream.read(MAX_ERROR_BODY))
+        err = parse_upstream_error(upstream.status, upstream.content_type, data)
+        if err is not None:
+            err.headers = [h for h in hdrs if h[0] in ("retry-after", "x-llmproxy-provider")]
+            raise err
+        raise UpstreamReply(Response(upstream.status, hdrs, data), _error_message(data))
+
+    async def failure(self, upstream: UpstreamResponse) -> ProxyError:
+        """An upstream error reply as the error to give the client (secrets scrubbed,
+        Retry-After kept)."""
+        data = self.scrub(await upstream.read(MAX_ERROR_BODY))
+        err = upstream_error(upstream.status, upstream.content_type, data)
+        err.headers = [h for h in relay_headers(upstream.headers) if h[0] == "retry-after"]
+        return err
+
+    def scrub(self, data: bytes) -> bytes:
+        """An upstream error body with any secret it echoes (our upstream keys first) masked."""
+        text = data.decode("utf-8", "replace")
+        clean = self.redactor(text)
+        return data if clean == text else clean.encode("utf-8")
+
+    async def read_json(self, upstream: UpstreamResponse, info: Exchange) -> dict:
+        """A whole JSON reply (an error status raised as the client's error)."""
+        if upstream.status >= 400:
+            raise await self.failure(upstream)
+        data = await upstream.read()
+        self.captured(info, data, False)
+        return await json_reply_sized(data)
+
+    def captured(self, info: Exchange, data: bytes, stream: bool):
+        """What the upstream sent, for the wire capture (the first CAPTURE_PART_BYTES)."""
+        if self.capture is None:
+            return
+        if info.cap_up is None:
+            info.cap_up = [b"", stream]
+        cap = info.cap_up
+        if len(cap[0]) < CAPTURE_PART_BYTES:
+            cap[0] += data[:CAPTURE_PART_BYTES - len(cap[0])]
+
+
+# 12c. pass-through ############################################################
+# Same format on both sides: the client's bytes go up (only the model rewritten
+# when routed), the upstream's bytes come back as they arrive, held back only to
+# end on an SSE event boundary; usage is read from the stream's tail.
+
+class PassThrough:
+    def __init__(self, caller: UpstreamCaller):
+        self.caller = caller
+
+    async def forward(self, request: Request, fmt, prov: Provider, url: str, body: dict, stream: bool,
+                      wait_until: Optional[float] = math.inf, raw: Optional[bytes] = None):
+        """Forward a client's request in its own format. body is the client's parsed body (a
+        new dict when a step changed it: then it is rendered again); raw, when given, is sent
+        as it is. wait_until None: a later target can take over, so the stream is primed."""
+        info = request.info
+        info.via = "pass"
+        if prov.credential is not None:
+            await prov.credential.token()
+        rewritten = body is not request.json()
+        prepared = fmt.prepare_passthrough(body)
+        if prepared is not None:
+            body, rewritten = prepared, True
+        upstream_model = info.upstream_model
+        if raw is None:
+            raw = await self.render(request, prov, body, upstream_model, rewritten)
+        extra = [(name, request.headers.get(name)) for name in fmt.passthrough_headers if request.headers.get(name)]
+        if fmt.passthrough_query and request.query:
+            kept = [(k, v) for k, v in parse_qsl(request.query, keep_blank_values=True) if k in fmt.passthrough_query]
+            if kept:
+                url += ("&" if "?" in url else "?") + urlencode(kept)
+        upstream = await self.caller.send(prov, "POST", url, raw, info, stream, extra, wait_until)
+        hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
+        if upstream.status >= 400:
+            return await self.caller.relay_error(upstream, hdrs)
+        ctype = upstream.content_type
+        if stream and (ctype == "text/event-stream" or fmt.streams_json):
+            # primed only when the chain has a next target to hand a failure to: holding the first
+            # event back costs a single back-end ~30 % of its short-stream throughput (measured)
+            primed = await self.prime(upstream, fmt) if ctype == "text/event-stream" and wait_until is None \
+                else None
+            return StreamResponse(upstream.status, hdrs + SSE_HEADERS[1:], self.relay(upstream, info, fmt, primed))
+        data = await upstream.read()
+        self.caller.captured(info, data, False)
+        info.usage = fmt.parse_usage(sniff_usage(data, fmt.usage_key))
+        return Response(upstream.status, hdrs, data)
+
+    @staticmethod
+    async def render(request: Request, prov: Provider, body: dict, upstream_model: str, rewritten: bool) -> bytes:
+        if prov.tags or prov.auth:
+            return _jbytes(prov.prepare_body(dict(body, model=upstream_model) if "model" in body else body,
+                                             upstream_model))
+        if (body.get("model") == upstream_model or "model" not in body) and not rewritten:
+            return request.body
+        return await render_json_sized(len(request.body), dict(body, model=upstream_model))
+
+    async def prime(self, upstream: UpstreamResponse, fmt) -> _Primed:
+        """A same-format stream read up to its first real output (or FIRST_OUTPUT_HOLD_S), the
+        bytes kept to relay as they came: an error event or a dropped connection before any
+        output is raised here, before the client was answered, so the chain can fail over."""
+        peek = _Peek(upstream.iter_body())
+        tr = StreamTranslator(fmt.stream_decoder(), None)
+        held: List[bytes] = []
+        events: list = []
+        ended = False
+        until = time.monotonic() + FIRST_OUTPUT_HOLD_S
+        try:
+            while first_outcome(events) is None:
+                item = await peek.next(until - time.monotonic())
+                if item is _Peek.TIMEOUT:
+                    break
+                held.append(item)
+                try:                            # event by event, only until the first output: the
+                    pos = 0                     # rest of the piece is relayed without being parsed
+                    while pos < len(item) and first_outcome(events) is None:
+                        end = next_event_end(item, pos)
+                        events.extend(tr.decode(item[pos:end]))
+                        pos = end
+                except ProxyError:
+                    break                       # not ours to judge on pass-through: relay it
+        except StopAsyncIteration:
+            ended = True
+        except BaseException:
+            await peek.aclose()
+            raise
+        first = first_outcome(events)
+        if first is not None and first[0] == "error" and isinstance(first[1], ProxyError):
+            await peek.aclose()
+            raise first[1]
+        return _Primed(peek, None, held, ended)
+
+    async def relay(self, upstream: UpstreamResponse, info: Exchange, fmt, primed: Optional[_Primed] = None):
+        """Forward upstream bytes as they arrive; keep a short tail to read usage from.
+        `primed`: the stream's first pieces, already read (see prime)."""
+        tail: List[bytes] = []
+        tail_len = 0
+        peek = primed.peek if primed is not None else _Peek(upstream.iter_body())
+        agen = peek.agen
+        pending = list(primed.events) if primed is not None else []
+        ended = primed.ended if primed is not None else False
+        # An event cut in half is held back until its blank line arrives: if the upstream
+        # fails mid-event, the client gets the error event on a clean boundary instead of
+        # half an event glued to it (which no SSE client can read).
+        sse = upstream.content_type == "text/event-stream"
+        waiting = sse and not pending          # nothing yet: a model thinking gets keep-alives
+        held = b""
+        capture = self.caller.capture
+        try:
+            while True:
+                if pending:
+                    piece = pending.pop(0)
+                elif ended:
+                    break
+                elif waiting or peek.nxt is not None:
+                    try:
+                        piece = await peek.next(FIRST_KEEPALIVE_S if waiting else READ_TIMEOUT_S * 10)
+                    except StopAsyncIteration:
+                        break
+                    if piece is _Peek.TIMEOUT:
+                        if waiting:
+                            yield fmt.keepalive_frame       # what this format's clients skip
+                        continue
+                    waiting = False
+                else:
+                    try:
+                        piece = await agen.__anext__()     # the hot path: no task per piece
+                    except StopAsyncIteration:
+                        break
+                if sse:
+                    if held:
+                        piece, held = held + piece, b""
+                    if not piece.endswith(_EVENT_ENDS):
+                        cut = event_boundary(piece)
+                        if len(piece) - cut < MAX_HELD_EVENT:
+                            piece, held = piece[:cut], piece[cut:]
+                        if not piece:
+                            continue
+                yield piece
+                if not info.complete and any(m in piece for m in fmt.terminal_markers):
+                    info.complete = True
+                if capture is not None:
+                    self.caller.captured(info, piece, True)
+                tail.append(piece)
+                tail_len += len(piece)
+                while tail_len - len(tail[0]) >= USAGE_TAIL_BYTES:
+                    tail_len -= len(tail.pop(0))
+            if held:                          # the stream ended inside an event: end that event, as a
+                held += b"\n\n"              # lenient SSE reader would (a cut one then fails to parse)
+                yield held
+                tail.append(held)
+        except UpstreamError as e:
+            info.error = e.code
+            log.warning("upstream stream failed: %s", e.message)
+            yield fmt.render_stream_error(e)
+        finally:
+            await peek.aclose()
+            info.usage = fmt.parse_usage(sniff_usage(b"".join(tail), fmt.usage_key))
+
+
+# 12d. translation #############################################################
+# The I/O shell around the pure hub (section 6): render the canonical request for
+# the back-end, call it, and turn its reply or stream back into the client's
+# format through a StreamTranslator; what a client's format cannot carry (Gemini
+# thought signatures, a Responses conversation) is remembered here; image URLs
+# are fetched for back-ends that take only bytes.
+
+class ConversationMemory:
+    """The Responses conversations behind previous_response_id (for stateless back-ends)
+    and the thought signatures of tool calls, for clients whose format cannot carry them;
+    both bounded by count and bytes."""
+
+    def __init__(self):
+        self.responses = BoundedStore(RESPONSES_STORE_MAX, RESPONSES_STORE_BYTES, messages_bytes)
+        # call id -> (origin, signature)
+        self.signatures = BoundedStore(SIGNATURES_MAX, SIGNATURES_BYTES, lambda v: 64 + len(v[0]) + len(v[1]))
+
+    def keep_signature(self, call_id: str, origin: str, signature: str):
+        """Gemini's thoughtSignature for a call, for clients whose format has no place for it."""
+        self.signatures[call_id] = self.signatures[anthropic_id(call_id)] = (origin, signature)
+
+    def restore_signatures(self, creq: ChatRequest):
+        """Give replayed tool calls back the signatures their client could not keep."""
+        for m in creq.messages:
+            for p in m.parts:
+                if p.type == "tool_call" and not p.signature and p.id in self.signatures:
+                    p.origin, p.signature = self.signatures[p.id]
+
+    def apply_previous_response(self, creq: ChatRequest):
+        rid = creq.previous_response_id
+        if not rid or creq.history_applied:
+            return
+        past = self.responses.get(rid)
+        if past is None:
+            raise ProxyError(404, "invalid_request_error", "Previous response with id '%s' not found." % rid,
+                             param="previous_response_id", code="previous_response_not_found")
+        creq.messages = merge_messages(past + creq.messages)
+        creq.history_applied = True              # once, whatever the failover does
+
+    def remember(self, final: dict, history: List[Message]):
+        """Keep a Responses conversation so a later previous_response_id can continue it."""
+        parts = OpenAIResponses.parse_output(final.get("output") or [])
+        if not self.responses.put(final["id"], history + ([Message("assistant", parts)] if parts else [])):
+            log.warning("response %s is larger than the whole Responses store (%d bytes); not kept, so "
+                        "previous_response_id cannot continue it", log_safe(str(final["id"])[:80]),
+                        self.responses.max_bytes)
+
+
+class ImageFetcher:
+    """Image URLs fetched into inline bytes for back-ends that take only bytes: names
+    resolved once and checked, connections pinned to the checked address, redirects checked
+    again, sizes and times bounded."""
+
+    def __init__(self, client: HTTPClient, resolve=None, address_ok: Optional[Callable[[str], bool]] = None):
+        self.client = client
+        self.resolve = resolve or resolve_host            # name -> addresses
+        self.address_ok = address_ok or public_address    # may a fetch connect there
+        self.slots: Optional[asyncio.Semaphore] = None
+
+    async def inline(self, creq: ChatRequest, private_ok: bool = False):
+        """Fetch image URLs into inline data. Each URL once per request, at most
+        IMAGE_FETCH_CONCURRENCY fetches at a time in the process, MAX_IMAGE_BYTES an image
+        and MAX_IMAGES_BYTES in all (over -> 413), IMAGES_TOTAL_S for all of them. Only
+        public addresses unless the provider says "fetch_images": "all"; an image that
+        cannot be fetched stays a URL, which the renderer mentions as text."""
+        parts = []
+        stack = [p for m in creq.messages for p in m.parts]
+        for p in stack:
+            if p.type == "tool_result":
+                stack.extend(p.content)
+            elif p.type == "image" and p.url.startswith(("http://", "https://")) and not p.data:
+                parts.append(p)
+        if not parts:
+            return
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(IMAGE_FETCH_CONCURRENCY)
+        deadline = time.monotonic() + IMAGES_TOTAL_S
+        budget = [MAX_IMAGES_BYTES]
+        results: Dict[str, Any] = {}
+
+        async def one(url: str):
+            async with self.slots:
+                try:
+                    results[url] = await self.fetch(url, private_ok, deadline, budget)
+                except ProxyError as e:
+                    results[url] = e
+        await asyncio.gather(*(one(u) for u in dict.fromkeys(p.url for p in parts)))
+        for p in parts:
+            got = results[p.url]
+            if isinstance(got, ProxyError):
+                if got.status == 413:
+                    raise got
+                log.info("image %s could not be fetched (%s); sent as a link", log_safe(p.url[:80]), got.message)
+                continue
+            p.data, p.media_type = base64.b64encode(got[0]).decode("ascii"), got[1]
+            p.url = ""
+
+    async def fetch(self, url: str, private_ok: bool, deadline: float, budget: List[int]) -> Tuple[bytes, str]:
+        """One image: every hop's name resolved once and checked, the connection pinned to the
+        checked address (Host and SNI keep the name), redirects re-checked the same way."""
+        for _ in range(MAX_IMAGE_REDIRECTS + 1):
+            try:
+                scheme, host, port, _ = split_url(url)
+            except ValueError:
+                raise UpstreamError(502, "not an http(s) URL", "image_fetch")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UpstreamError(504, "image fetches took longer than %.0f s" % IMAGES_TOTAL_S, "image_fetch")
+            addrs = await self.addresses(host, port, left, private_ok)
+            via_proxy = self.client.proxies.proxy_for(scheme, host, port) is not None   # the proxy resolves
+            timeout = min(left, IMAGE_FETCH_TOTAL_S)
+            resp = await self.client.request("GET", url, [("accept", "image/*"), ("accept-encoding", "identity"),
+                                                          ("user-agent", "llmproxy/" + __version__)],
+                                             b"", min(timeout, CONNECT_TIMEOUT_S), timeout, None, timeout,
+                                             connect_ip=None if via_proxy else addrs[0])
+            location = resp.headers.get("location")
+            if resp.status in (301, 302, 303, 307, 308) and location:
+                resp.close()
+                url = urljoin(url, location.strip())
+                continue
+            ctype = resp.content_type
+            if resp.status != 200 or not ctype.startswith("image/"):
+                resp.close()
+                raise UpstreamError(502, "HTTP %d %s" % (resp.status, ctype), "image_fetch")
+            return await self.read_image(resp, url, budget), ctype
+        raise UpstreamError(502, "more than %d redirects" % MAX_IMAGE_REDIRECTS, "image_fetch")
+
+    async def addresses(self, host: str, port: int, left: float, private_ok: bool) -> List[str]:
+        try:
+            addrs = await asyncio.wait_for(self.resolve(host, port), min(left, CONNECT_TIMEOUT_S))
+        except (OSError, asyncio.TimeoutError) as e:
+            raise UpstreamError(502, "cannot resolve %s (%s)" % (host, e or "timeout"), "image_fetch")
+        if not addrs:
+            raise UpstreamError(502, "cannot resolve %s" % host, "image_fetch")
+        if not private_ok and not all(self.address_ok(a) for a in addrs):
+            raise UpstreamError(403, "%s is not a public address" % host, "image_fetch")
+        return addrs
+
+    @staticmethod
+    async def read_image(resp: UpstreamResponse, url: str, budget: List[int]) -> bytes:
+        pieces, size = [], 0
+        agen = resp.iter_body()
+        try:
+            async for piece in agen:
+                size += len(piece)
+                budget[0] -= len(piece)
+                if size > MAX_IMAGE_BYTES:
+                    raise ProxyError(413, "invalid_request_error", "the image at %s is larger than %d bytes, "
+                                     "the most this back-end takes inline" % (url[:200], MAX_IMAGE_BYTES),
+                                     code="image_too_large", param="messages")
+                if budget[0] < 0:
+                    raise ProxyError(413, "invalid_request_error", "the images of this request add up to more "
+                                     "than %d bytes, the most this back-end takes inline" % MAX_IMAGES_BYTES,
+                                     code="images_too_large", param="messages")
+                pieces.append(piece)
+        finally:
+            await agen.aclose()
+        return b"".join(pieces)
+
+
+class Translator:
+    def __init__(self, app: "App"):
+        self.caller: UpstreamCaller = app.caller
+        self.memory: ConversationMemory = app.memory
+        self.images: ImageFetcher = app.images
+        self.drop_params = app.drop_params
+        self.capture = app.capture
+        self.clock, self.wall = app.clock, app.wall
+
+    def options(self, prov: Provider, sse: bool, on_complete=None) -> CodecOptions:
+        return dataclasses.replace(prov.codec_options, sse=sse, on_complete=on_complete, clock=self.wall)
+
+    async def prepare(self, call: ChatCall, prov: Provider, creq: ChatRequest):
+        """What the back-end needs that the client did not send: the history behind a
+        previous_response_id, thought signatures, images as bytes, cache breakpoints."""
+        fmt, fmt_out = call.fmt, prov.format
+        if fmt.keeps_history:
+            self.memory.apply_previous_response(creq)   # a stateless back-end: the proxy keeps the history
+        if fmt_out.remembers_signatures:
+            self.memory.restore_signatures(creq)
+        fetch = prov.options.get("fetch_images", "public")
+        if fmt_out.inline_images and fetch != "off":
+            await self.images.inline(creq, fetch == "all")
+        if not fmt.sets_cache_marks and prov.options.get("auto_cache", True) and \
+                fmt_out.takes_cache_marks(prov.codec_options):
+            add_cache_marks(creq)               # Anthropic caches only where asked; other clients never ask
+
+    @staticmethod
+    def render_for(prov: Provider, creq: ChatRequest, upstream_model: str) -> dict:
+        """The canonical request as the back-end's body (the model and an output cap the
+        back-end would refuse swapped in for the call only)."""
+        client_model, client_cap = creq.model, creq.max_tokens
+        creq.model = upstream_model
+        ceiling = output_ceiling(upstream_model)
+        if ceiling and isinstance(creq.max_tokens, int) and creq.max_tokens > ceiling and \
+                upstream_model not in prov.options.get("model_limits", {}):
+            creq.max_tokens = ceiling           # a cap the back-end would refuse with a 400
+        try:
+            return prov.format.render_request(creq, prov.codec_options)
+        finally:
+            creq.model, creq.max_tokens = client_model, client_cap
+
+    async def call(self, call: ChatCall, prov: Provider, upstream_model: str, creq: ChatRequest,
+                   wait_until: Optional[float], filters: Optional[FilterChain] = None):
+        """One translated exchange with one back-end."""
+        info = call.info
+        fmt = call.fmt
+        info.via = "%s>%s" % (fmt.name, prov.kind)
+        await self.prepare(call, prov, creq)
+        history = list(creq.messages)
+        size = len(call.request.body)
+        up_body = self.render_for(prov, creq, upstream_model)
+        if size > OFFLOOP_BYTES:
+            await asyncio.sleep(0)
+        remember = fmt.keeps_history and creq.store is not False
+        options = self.options(prov, call.sse, (lambda final: self.memory.remember(final, history))
+                               if remember else None)
+        upstream = await self.send(prov, upstream_model, up_body, creq.stream or prov.force_stream, info,
+                                   wait_until, size)
+        hdrs = [("x-llmproxy-provider", prov.name)]
+        fmt_out = prov.format
+        if upstream.content_type == "text/event-stream" and creq.stream:
+            tr = StreamTranslator(fmt_out.stream_decoder(), fmt.stream_encoder(creq, options), filters)
+            primed = await self.prime(upstream.iter_body(), tr, info)
+            can_fail_over = wait_until is None and first_outcome(primed.events) is None
+            resp = StreamResponse(200, fmt.stream_headers(call.sse) + hdrs,
+                                  self.stream(tr, info, primed=primed, can_fail_over=can_fail_over))
+            resp.spliceable = can_fail_over
+            return resp
+        if upstream.content_type == "text/event-stream":      # a stream-only back-end, gathered
+            events = await self.decode_all(upstream, fmt_out)
+            cresp = collect_events(filters.run(events) if filters else events)
+            info.usage = cresp.usage
+            return json_response(200, fmt.render_response(cresp, creq, options), hdrs)
+        data = await upstream.read()
+        self.caller.captured(info, data, False)
+        cresp = parse_reply(fmt_out, await json_reply_sized(data))
+        size = max(size, len(data))
+        if creq.stream:                  # a back-end that answered a stream with one JSON reply
+            tr = StreamTranslator(None, fmt.stream_encoder(creq, options), filters)
+            return StreamResponse(200, fmt.stream_headers(call.sse) + hdrs,
+                                  self.stream(tr, info, events=response_events(cresp)))
+        if filters is not None:
+            cresp = collect_events(filters.run(response_events(cresp)))
+        for p in cresp.parts:
+            if p.type == "tool_call" and p.signature and p.origin == "gemini":
+                self.memory.keep_signature(p.id, p.origin, p.signature)
+        info.usage = cresp.usage
+        out = fmt.render_response(cresp, creq, options)
+        if remember:
+            self.memory.remember(out, history)
+        return Response(200, [("content-type", "application/json")] + hdrs, await render_json_sized(size, out))
+
+    async def send(self, prov: Provider, upstream_model: str, up_body: dict, stream_up: bool, info: Exchange,
+                   wait_until: Optional[float], size: int) -> UpstreamResponse:
+        """POST the rendered body; a 400 naming an optional field the model does not take is
+        sent again once without it (a 400 is not billed), and the field is left out from
+        then on for that model."""
+        url = prov.chat_url(upstream_model, stream_up)
+        if prov.credential is not None:
+            await prov.credential.token()     # logged in and complete before the body is built
+        dropped = self.drop_params.setdefault((prov.name, upstream_model), set())
+        up_body = {k: v for k, v in up_body.items() if k not in dropped} if dropped else up_body
+        up_body = prov.prepare_body(up_body, upstream_model)
+        upstream = await self.caller.send(prov, "POST", url, await render_json_sized(size, up_body), info,
+                                          stream_up, wait_until=wait_until)
+        if upstream.status < 400:
+            return upstream
+        err = await self.caller.failure(upstream)
+        name = unsupported_param(err, up_body)
+        if name is None or len(dropped) >= MAX_DROPPED_PARAMS:
+            raise err
+        dropped.add(name)
+        log.warning("provider %s model %s does not take %r; sent again without it (remembered)",
+                    prov.name, log_safe(upstream_model[:80]), name)
+        up_body = {k: v for k, v in up_body.items() if k != name}
+        upstream = await self.caller.send(prov, "POST", url, await render_json_sized(size, up_body), info,
+                                          stream_up, wait_until=wait_until)
+        if upstream.status >= 400:
+            raise await self.caller.failure(upstream)
+        return upstream
+
+    async def decode_all(self, upstream: UpstreamResponse, fmt) -> list:
+        """A whole upstream stream as canonical events (bounded by MAX_UPSTREAM_BODY)."""
+        tr = StreamTranslator(fmt.stream_decoder(), None)
+        events: list = []
+        size = 0
+        agen = upstream.iter_body()
+        try:
+            async for piece in agen:
+                size += len(piece)
+                if size > MAX_UPSTREAM_BODY:
+                    raise UpstreamError(502, "upstream stream larger than %d bytes" % MAX_UPSTREAM_BODY,
+                                        "upstream_too_large")
+                events.extend(tr.decode(piece))
+        finally:
+            await agen.aclose()
+        return events + tr.decode_end()
+
+    async def prime(self, pieces, tr: StreamTranslator, info: Exchange) -> _Primed:
+        """Read an upstream stream until its first real output, its end, or FIRST_OUTPUT_HOLD_S.
+        An error (an error event, a dropped connection, a malformed event) before any output
+        is raised here, before the client has been answered, so the chain can fail over."""
+        peek = _Peek(pieces)
+        events: list = []
+        ended = False
+        until = time.monotonic() + FIRST_OUTPUT_HOLD_S
+        try:
+            try:
+                while first_outcome(events) is None:
+                    item = await peek.next(until - time.monotonic())
+                    if item is _Peek.TIMEOUT:
+                        break
+                    self.caller.captured(info, item, True)
+                    events.extend(tr.decode(item))
+            except StopAsyncIteration:
+                events.extend(tr.decode_end())
+                ended = True
+            first = first_outcome(events)
+            if first is not None and first[0] == "error":
+                raise first[1]
+        except BaseException:
+            await peek.aclose()
+            raise
+        return _Primed(peek, tr, events, ended)
+
+    def note(self, tr: StreamTranslator, info: Exchange):
+        """What the stream said about itself so far, onto the exchange record."""
+        if tr.complete:
+            info.usage, info.complete = tr.usage, True
+        if tr.error:
+            info.error = tr.error
+        while tr.signatures:
+            self.memory.keep_signature(*tr.signatures.pop())
+
+    async def stream(self, tr: StreamTranslator, info: Exchange, primed: Optional[_Primed] = None, events=None,
+                     can_fail_over: bool = False):
+        """The client's stream: each upstream piece through the translator, joined into one
+        write. A primed stream's opening events wait for its first real output, with a
+        keep-alive every FIRST_KEEPALIVE_S meanwhile; with can_fail_over, a failure before
+        that output raises NoOutputYet (nothing but keep-alives was sent) for the chain to
+        take over. events: a whole reply's events, encoded at once."""
+        def encode(evs) -> bytes:
+            out = tr.encode(evs)
+            self.note(tr, info)           # before the bytes go: the client may hang up right after
+            return out
+        if events is not None:
+            out = encode(events) + tr.finish()
+            self.note(tr, info)
+            if out:
+                yield out
+            return
+        peek = primed.peek
+        held = list(primed.events)             # opening events waiting for the first real output
+        started = first_outcome(held) is not None
+        try:
+            try:
+                if started:
+                    out, held = encode(held), []
+                    if out:
+                        yield out
+                elif not primed.ended:                      # the head goes out now: say we are alive
+                    ka = tr.keepalive()
+                    if ka:
+                        yield ka
+                while not primed.ended:
+                    try:
+                        piece = await peek.next(KEEPALIVE_S if started else FIRST_KEEPALIVE_S)
+                    except StopAsyncIteration:
+                        new = tr.decode_end()
+                        primed.ended = True
+                    else:
+                        if piece is _Peek.TIMEOUT:
+                            ka = tr.keepalive()
+                            if ka:
+                                yield ka
+                            continue
+                        self.caller.captured(info, piece, True)
+                        new = tr.decode(piece)
+                    if not started:
+                        held.extend(new)
+                        first = first_outcome(held)
+                        if first is None and not primed.ended:
+                            continue
+                        if first is not None and first[0] == "error" and can_fail_over:
+                            raise NoOutputYet(first[1])
+                        started, new, held = True, held, []
+                    out = encode(new)
+                    if out:
+                        yield out
+                    if tr.failed:
+                        break
+                if held:                  # the stream ended with opening events only
+                    out, held = encode(held), []
+                    if out:
+                        yield out
+            finally:
+                await peek.aclose()
+        except UPSTREAM_SHAPE_ERRORS + (ProxyError,) as e:
+            if not isinstance(e, ProxyError):      # an event of an unexpected shape: the upstream's fault
+                e = StreamTranslator.malformed(e)
+            if not started and can_fail_over:
+                raise NoOutputYet(e)
+            if held:                               # the opening events first: a well-formed stream
+                out, held = encode(held), []
+                if out:
+                    yield out
+            log.warning("translated stream failed: %s", e.message)
+            out = tr.fail(e)
+            self.note(tr, info)
+            if out:
+                yield out
+        tail = tr.finish()
+        self.note(tr, info)
+        if tail:
+            yield tail
+
+
+# 12e. chat service ############################################################
+# A chat request from any client: guardrail plan and in-chat commands, sticky
+# sessions, the failover chain (breakers, concurrency slots, retries on the last
+# target, failover before the first byte, also inside a stream that has sent only
+# keep-alives), context checks; each target is then served by pass-through or by
+# the translator.
+
+class ChatService:
+    def __init__(self, app: "App"):
+        self.providers = app.providers
+        self.router = app.router
+        self.breakers = app.breakers
+        self.slots = app.slots
+        self.pipeline = app.pipeline
+        self.sessions = app.sessions
+        self.passthrough: PassThrough = app.passthrough
+        self.translator: Translator = app.translator
+        self.request_budget_s = app.config.request_budget_s
+        self.policy = RetryPolicy(app.config.retry_attempts, app.config.retry_backoff_s,
+                                  app.config.retry_max_backoff_s, app.config.failover_on, app.clock, app.rand)
+        self.clock, self.wall, self.sleep = app.clock, app.wall, app.sleep
+
+    async def serve(self, call: ChatCall):
+        """Route a chat request down its failover chain. A target that fails before any
+        byte reached the client (connect error, timeout, 429, 5xx, context overflow; see
+        routing.failover_on) hands over to the next; the last one also retries transient
+        failures with backoff. Once bytes are out there is no switching. The canonical
+        form is built only when a target needs it (pass-through never does)."""
+        if not isinstance(call.model, str) or not call.model:
+            raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
+        call.info.model = call.model
+        chain = self.plan(call)
+        if isinstance(chain, (Response, StreamResponse)):
+            return chain                     # an in-chat command, answered by the proxy
+        if len(call.request.body) > OFFLOOP_BYTES:
+            await asyncio.sleep(0)           # a big body: let others run between the steps
+        call.deadline = self.clock() + self.request_budget_s
+        return await self.run_chain(call, chain)
+
+    def plan(self, call: ChatCall):
+        """Request stages and session routing: the proxy's own reply to a command, or the
+        targets to try (call.hub set when a stage changed the request, call.ctx when reply
+        stages run)."""
+        pipe = self.pipeline
+        request = call.request
+        has_command = pipe.has_command(request.body)
+        session_key = session_id(request) if self.sessions or pipe.may_filter or has_command else ""
+        session = self.sessions.get(session_key) if self.sessions else None
+        if pipe.request_active(has_command, call.model):
+            creq = call.canonical()
+            for stage in REQUEST_STAGES:
+                # hub: a stage changed the request, so it is rendered from the canonical form; a
+                # body that only holds the prefix bytes somewhere (a "#!/bin/sh" in an agent's
+                # history) stays on the byte pass-through path
+                if stage == "commands" and has_command and pipe.finds_command(creq):
+                    session = self.session(session_key)
+                    reply = pipe.run_commands(creq, session, list(self.providers))
+                    if reply is not None:
+                        return self.direct_reply(call, creq, reply)
+                    call.hub = True
+                elif stage == "rewrite":
+                    call.hub = pipe.rewrite_request(creq, call.model) or call.hub
+                elif stage == "redact" and pipe.redact_prompts:
+                    call.hub = pipe.redact_request(creq) or call.hub
+        chain = None
+        if session:
+            self.sessions.move_to_end(session_key)
+            call.model, chain = self.session_route(session, call.model)
+            call.info.model = call.model
+            if call.built:
+                call.creq.model = call.model
+        if pipe.response_active(call.model):
+            call.ctx = StageContext(session_key, call.canonical())
+            call.ctx.model = call.model
+            call.hub = True
+        return chain or self.router.chain(call.model)
+
+    def session(self, key: str) -> dict:
+        state = self.sessions.get(key)
+        if state is None:
+            state = self.sessions[key] = {}
+            while len(self.sessions) > SESSIONS_MAX:
+                self.sessions.popitem(last=False)
+        return state
+
+    def session_route(self, session: dict, model: str) -> Tuple[str, Optional[List[Route]]]:
+        """A session's sticky model and back-end, or its one-off target (used up here)."""
+        if session.get("oneoff"):
+            prov_name, oneoff_model = session.pop("oneoff")
+            return oneoff_model, [Route(self.providers[prov_name], oneoff_model)]
+        model = session.get("model") or model
+        if session.get("backend"):
+            return model, [Route(self.providers[session["backend"]], model)]
+        return model, None
+
+    def direct_reply(self, call: ChatCall, creq: ChatRequest, text: str):
+        """The proxy's own answer (to an in-chat command) in the client's format."""
+        fmt = call.fmt
+        call.info.provider, call.info.via = "llmproxy", "command"
+        resp = ChatResponse(new_id("msg_"), creq.model, [Part("text", text=text)], "end", usage=Usage(),
+                            created=int(self.wall()))
+        hdrs = [("x-llmproxy-provider", "llmproxy")]
+        if creq.stream:
+            tr = StreamTranslator(None, fmt.stream_encoder(creq, CodecOptions(sse=call.sse, clock=self.wall)))
+            return StreamResponse(200, fmt.stream_headers(call.sse) + hdrs,
+                                  self.translator.stream(tr, call.info, events=response_events(resp)))
+        return json_response(200, fmt.render_response(resp, creq, CodecOptions(clock=self.wall)), hdrs)
+
+    def unavailable(self, prov: Provider) -> ProxyError:
+        wait = max(1, int(math.ceil(self.breakers[prov.name].retry_in())))
+        return ProxyError(503, "api_error", "provider %r is unavailable (circuit open after repeated failures); "
+                          "retry in %d s" % (prov.name, wait), code="provider_unavailable",
+                          headers=[("retry-after", str(wait))])
+
+    def judge(self, prov: Provider, err: ProxyError):
+        """An error's verdict on the provider's circuit breaker."""
+        verdict = RetryPolicy.breaker_verdict(err)
+        if verdict == "failure":
+            self.breakers[prov.name].failure()
+        elif verdict == "success":
+            self.breakers[prov.name].success()    # the request's own fault: the provider is fine
+
+    async def run_chain(self, call: ChatCall, chain: List[Route]):
+        """The failover loop: breakers, retries on the last target, failover before the first byte."""
+        last_error: Optional[ProxyError] = None
+        for i, route in enumerate(chain):
+            prov = route.provider
+            final = i == len(chain) - 1
+            if not self.breakers[prov.name].allow():
+                last_error = self.unavailable(prov)
+                continue
+            attempt = 0
+            while True:
+                try:
+                    resp = await self.attempt(call, route, final)
+                except ProxyError as e:
+                    self.judge(prov, e)
+                    last_error = e
+                    action, wait = self.policy.decide(e, attempt, call.deadline, final)
+                    if action == "retry":
+                        attempt += 1
+                        log.warning("provider %s failed (%s); retry %d in %.1f s", prov.name, e.code or e.status,
+                                    attempt, wait)
+                        await self.sleep(wait)
+                        continue
+                    if action == "failover":
+                        log.warning("provider %s failed (%s: %s); failing over to %s", prov.name,
+                                    failover_condition(e), e.message[:120], chain[i + 1].provider.name)
+                        call.info.failover.append(prov.name)
+                        break
+                    if isinstance(e, UpstreamReply):
+                        return e.response
+                    raise
+                self.breakers[prov.name].success()
+                call.info.provider = prov.name
+                if not final and isinstance(resp, StreamResponse) and resp.spliceable:
+                    resp.chunks = self.splice(resp.chunks, call, chain[i + 1:], prov)
+                return resp
+        raise last_error
+
+    async def splice(self, chunks, call: ChatCall, rest: List[Route], prov: Provider):
+        """A stream that has sent only keep-alives, continued by the rest of the chain when its
+        back-end fails before any output (the client cannot tell: the opening events were held)."""
+        fmt, info = call.fmt, call.info
+        try:
+            async for piece in chunks:
+                yield piece
+            return
+        except NoOutputYet as e:
+            err = e.err
+        finally:
+            await chunks.aclose()
+        self.judge(prov, err)
+        action, _ = self.policy.decide(err, 0, call.deadline, final=False)
+        if action != "failover":
+            info.error = err.code or err.kind
+            yield fmt.render_stream_error(err)
+            return
+        log.warning("provider %s failed before any output (%s: %s); failing over to %s", prov.name,
+                    failover_condition(err), err.message[:120], rest[0].provider.name)
+        info.failover.append(prov.name)
+        try:
+            resp = await self.run_chain(call, rest)
+        except ProxyError as e2:
+            info.error = e2.code or e2.kind
+            yield fmt.render_stream_error(e2)
+            return
+        if isinstance(resp, StreamResponse):
+            async for piece in resp.chunks:
+                yield piece
+        else:                                   # an upstream error reply relayed as it came
+            info.error = "upstream_error"
+            yield fmt.render_stream_error(ProxyError(resp.status, "upstream_error", _error_message(resp.body)
+                                                     or "upstream error"))
+
+    @staticmethod
+    def check_context(call: ChatCall, prov: Provider, model: str) -> Optional[int]:
+        """Refuse, before any upstream call, a request that cannot fit the model's context
+        window; -> the max_tokens to send when it must be lowered to fit, else None."""
+        limits = prov.options.get("model_limits", {}).get(model)
+        if not limits:
+            return None
+        creq = call.canonical()
+        context, max_output = limits
+        wanted = creq.max_tokens
+        if max_output and wanted and wanted > max_output:
+            wanted = max_output
+        if context:
+            used = estimate_tokens(creq)
+            if used >= context or (context - used) < 16:
+                raise ProxyError(400, "invalid_request_error", call.fmt.context_overflow_message(used, context),
+                                 code="context_length_exceeded", param="messages")
+            if wanted and used + wanted > context:
+                wanted = context - used
+        return wanted if wanted != creq.max_tokens else None
+
+    async def attempt(self, call: ChatCall, route: Route, final: bool):
+        """One target: pass through when the formats match (and no guardrail needs the
+        canonical form), else translate. Only the last target may wait for a cooling key;
+        the others hand over at once."""
+        prov = route.provider
+        info, fmt = call.info, call.fmt
+        info.provider = prov.name
+        info.upstream_model = route.model
+        max_tokens = self.check_context(call, prov, route.model)
+        wait_until = call.deadline if final else None
+        release = await self.slots[prov.name].acquire(prov.name)
+        try:
+            if prov.format is fmt and prov.passthrough_ok and not call.hub:
+                url = prov.chat_url(route.model, call.stream)
+                if fmt.streams_json and call.stream and not call.sse:
+                    url = url.split("?", 1)[0]          # the client asked for the JSON array form
+                body = fmt.with_max_tokens(call.body, max_tokens) if max_tokens else call.body
+                resp = await self.passthrough.forward(call.request, fmt, prov, url, body, call.stream, wait_until)
+            else:
+                creq = call.canonical()
+                if len(call.request.body) > OFFLOOP_BYTES:
+                    await asyncio.sleep(0)
+                saved = creq.max_tokens
+                creq.max_tokens = max_tokens or saved
+                try:
+                    resp = await self.translator.call(call, prov, route.model, creq, wait_until,
+                                                      self.pipeline.filters(call.ctx) if call.ctx is not None else None)
+                finally:
+                    creq.max_tokens = saved
+        except BaseException:
+            release()
+            raise
+        info.on_done.append(release)
+        return resp
+
+
+# 12f. handlers ################################################################
+# One method per endpoint, found through the route table below: ChatHandlers for
+# what clients call (chat in four formats, completions, embeddings, token counts,
+# compaction, any other /v1/* path), OpsHandlers for models, health, metrics,
+# logins and the admin endpoints.
+
+class ChatHandlers:
+    def __init__(self, app: "App"):
+        self.router = app.router
+        self.chat: ChatService = app.chat
+        self.caller: UpstreamCaller = app.caller
+        self.passthrough: PassThrough = app.passthrough
+        self.memory: ConversationMemory = app.memory
+        self.wall = app.wall
+
+    def route(self, request: Request, model: Optional[str]) -> Provider:
+        """The provider model routes to, noted on the exchange record."""
+        route = self.router.resolve(model or "")
+        info = request.info
+        info.model, info.provider, info.upstream_model = model, route.provider.name, route.model or model
+        return route.provider
+
+    # -- chat in the four formats ---------------------------------------------
+
+    async def handle_chat(self, request: Request):
+        body = body_object(request)
+        return await self.chat.serve(ChatCall(request, OpenAIChat, body, lambda: OpenAIChat.parse_request(body),
+                                              body.get("model"), body.get("stream") is True))
+
+    async def handle_messages(self, request: Request):
+        body = body_object(request)
+        if not isinstance(body.get("max_tokens"), int):
+            raise ProxyError(400, "invalid_request_error", "max_tokens: Field required", param="max_tokens")
+        return await self.chat.serve(ChatCall(request, AnthropicMessages, body,
+                                              lambda: AnthropicMessages.parse_request(body), body.get("model"),
+                                              body.get("stream") is True))
+
+    async def handle_responses(self, request: Request):
+        body = body_object(request)
+        return await self.chat.serve(ChatCall(request, OpenAIResponses, body,
+                                              lambda: OpenAIResponses.parse_request(body), body.get("model"),
+                                              body.get("stream") is True))
+
+    async def handle_gemini(self, request: Request):
+        model, action = gemini_target(request.path)
+        body = body_object(request)
+        if action == "countTokens":
+            return await self.count_tokens(request, Gemini, body, Gemini.parse_request(
+                body.get("generateContentRequest") or body, model), ":countTokens")
+        if action in ("embedContent", "batchEmbedContents"):
+            return await self.gemini_embed(request, model, action, body)
+        if action not in ("generateContent", "streamGenerateContent"):
+            raise ProxyError(404, "not_found_error", "unsupported action %r" % action, code="unknown_url")
+        return await self.chat.serve(ChatCall(request, Gemini, body, lambda: Gemini.parse_request(body, model), model,
+                                              action == "streamGenerateContent", request.query_param("alt") == "sse"))
+
+    # -- completions, embeddings -----------------------------------------------
+
+    async def handle_completions(self, request: Request):
+        return await self.forward(request, "/completions")
+
+    async def handle_embeddings(self, request: Request):
+        body = body_object(request)
+        model = required_model(body)
+        prov = self.route(request, model)
+        if prov.format is OpenAIChat:
+            return await self.passthrough.forward(request, OpenAIChat, prov, prov.url("/embeddings"), body, False)
+        texts, dims, encoding = OpenAIChat.parse_embeddings(body)
+        vectors, tokens = await self.embed_elsewhere(request, prov, texts, dims)
+        return json_response(200, OpenAIChat.render_embeddings_reply(model, vectors, tokens, encoding),
+                             [("x-llmproxy-provider", prov.name)])
+
+    async def forward(self, request: Request, endpoint: str):
+        """Completions: OpenAI-compatible back-ends only, bytes passed through."""
+        body = body_object(request)
+        model = required_model(body)
+        prov = self.route(request, model)
+        if prov.format is not OpenAIChat:
+            raise ProxyError(400, "invalid_request_error", "%s is served only by OpenAI-compatible providers; "
+                             "%r routes to a %s provider" % (endpoint, model, prov.kind), param="model")
+        return await self.passthrough.forward(request, OpenAIChat, prov, prov.url(endpoint), body,
+                                              body.get("stream") is True)
+
+    async def embed_elsewhere(self, request: Request, prov: Provider, texts: List[str],
+                              dims: Optional[int]) -> Tuple[List[list], int]:
+        """Texts embedded by a back-end of another format, in one call of its own API."""
+        info = request.info
+        model = info.upstream_model
+        call = prov.format.embed_call(model, texts, dims) if prov.passthrough_ok else None
+        if call is None:
+            raise ProxyError(400, "invalid_request_error", "%r routes to provider %s, which cannot serve "
+                             "embeddings (an OpenAI-compatible or Gemini API-key back-end can)"
+                             % (info.model, prov.name), param="model")
+        info.via = "%s>%s" % (client_format(request.path, request.headers).name, prov.kind)
+        path, up_body = call
+        upstream = await self.caller.send(prov, "POST", prov.url(path), _jbytes(up_body), info)
+        vectors, tokens = prov.format.parse_embed_call(await self.caller.read_json(upstream, info), len(texts))
+        if tokens is None:
+            tokens = sum(max(1, (len(t) + 3) // 4) for t in texts)     # not reported: estimated
+        info.usage = Usage(tokens, 0)
+        return vectors, tokens
+
+    async def gemini_embed(self, request: Request, model: str, action: str, body: dict):
+        """Gemini embedContent / batchEmbedContents: passed through to a Gemini back-end,
+        one embeddings call of its own API for a back-end of another format (text parts only)."""
+        batch = action == "batchEmbedContents"
+        Gemini.embed_items(body, batch)
+        prov = self.route(request, model)
+        upstream_model = request.info.upstream_model
+        if prov.format is Gemini and prov.passthrough_ok:
+            raw = _jbytes(Gemini.route_embed_batch(body, upstream_model)) if batch and upstream_model != model \
+                else None
+            url = prov.url("/models/%s:%s" % (quote(upstream_model, safe=""), action))
+            return await self.passthrough.forward(request, Gemini, prov, url, body, False, raw=raw)
+        texts, dims = Gemini.parse_embed_request(body, batch)
+        vectors, _ = await self.embed_elsewhere(request, prov, texts, dims)
+        return json_response(200, Gemini.render_embed_reply(vectors, batch), [("x-llmproxy-provider", prov.name)])
+
+    # -- token counts ------------------------------------------------------------
+
+    async def handle_count_tokens(self, request: Request):
+        body = body_object(request)
+        return await self.count_tokens(request, AnthropicMessages, body, AnthropicMessages.parse_request(body),
+                                       "/messages/count_tokens")
+
+    async def handle_responses_tokens(self, request: Request):
+        body = body_object(request)
+        return await self.count_tokens(request, OpenAIResponses, body, OpenAIResponses.parse_request(body),
+                                       "/responses/input_tokens")
+
+    async def count_tokens(self, request: Request, fmt, body: dict, creq: ChatRequest, endpoint: str):
+        """Forwarded when the back-end speaks the client's format, else counted by the
+        back-end's own count endpoint, else estimated locally (no upstream call)."""
+        prov = self.route(request, creq.model)
+        upstream_model = request.info.upstream_model
+        if prov.format is fmt and prov.passthrough_ok:
+            url = fmt.count_url(prov, upstream_model, endpoint)
+            return await self.passthrough.forward(request, fmt, prov, url, body, False)
+        if fmt.keeps_history and creq.previous_response_id:
+            self.memory.apply_previous_response(creq)
+        # subscription logins are left alone: their endpoints want bodies shaped for chat only
+        n = await self.count_upstream(request, prov, upstream_model, creq) \
+            if prov.passthrough_ok and prov.credential is None and not prov.tags else None
+        if n is None:
+            request.info.via = "estimate"
+            n = estimate_tokens(creq)
+        return json_response(200, fmt.render_count(n))
+
+    async def count_upstream(self, request: Request, prov: Provider, model: str, creq: ChatRequest) -> Optional[int]:
+        """The back-end's own count of a request in another format, when its API has a count
+        endpoint; None (and the caller estimates) when it has none or the call fails."""
+        fmt_out = prov.format
+        path = fmt_out.count_path(model)
+        if path is None:
+            return None
+        client_model, creq.model = creq.model, model
+        try:
+            body = fmt_out.render_count_request(creq, prov.codec_options)
+        finally:
+            creq.model = client_model
+        info = request.info
+        info.via = "count:%s" % prov.kind
+        try:
+            upstream = await self.caller.send(prov, "POST", prov.url(path), _jbytes(body), info)
+            return fmt_out.parse_count_reply(await self.caller.read_json(upstream, info))
+        except ProxyError as e:
+            log.info("token count from %s failed (%s); estimating instead", prov.name, e.message[:120])
+            return None
+
+    # -- compaction, everything else ------------------------------------------
+
+    async def handle_responses_compact(self, request: Request):
+        """Codex's context compaction. A Responses back-end compacts itself (passed through);
+        on the others the routed model writes a summary, returned as Codex expects it: the
+        user messages kept, then a compaction item, which holds the summary for the next turns."""
+        body = body_object(request)
+        model = required_model(body)
+        inp = body.get("input") if isinstance(body.get("input"), list) else \
+            [{"type": "message", "role": "user", "content": body["input"]}] if isinstance(body.get("input"), str) else []
+        prov = self.route(request, model)
+        if prov.format is OpenAIResponses and prov.passthrough_ok:
+            return await self.passthrough.forward(request, OpenAIResponses, prov, prov.url("/responses/compact"),
+                                                  body, False)
+        ask = {"model": model, "store": False, "stream": False,
+               "input": [it for it in inp if not (isinstance(it, dict) and it.get("type") == "additional_tools")] +
+               [{"type": "message", "role": "user", "content": COMPACT_PROMPT}]}
+        if isinstance(body.get("instructions"), str):
+            ask["instructions"] = body["instructions"]
+        resp = await self.chat.serve(ChatCall(request, OpenAIResponses, ask, lambda: OpenAIResponses.parse_request(ask),
+                                              model, False))
+        if not isinstance(resp, Response) or resp.status != 200:
+            return resp
+        reply = parse_json(resp.body)
+        summary = "".join(c.get("text", "") for it in reply.get("output") or [] if it.get("type") == "message"
+                          for c in it.get("content") or [] if c.get("type") == "output_text").strip()
+        if not summary:
+            raise ProxyError(502, "upstream_error", "the model wrote no summary to compact the conversation with",
+                             code="compaction_failed")
+        kept = [it for it in inp if isinstance(it, dict) and it.get("type", "message") == "message"
+                and it.get("role") == "user"]
+        item = {"type": "compaction", "id": new_id("cmp_"),
+                "encrypted_content": COMPACTED + base64.b64encode(summary.encode("utf-8")).decode("ascii")}
+        return json_response(200, {"id": reply.get("id") or new_id("resp_"), "object": "response.compaction",
+                                   "created_at": int(self.wall()), "output": kept + [item],
+                                   "usage": reply.get("usage")}, [("x-llmproxy-provider", request.info.provider or "")])
+
+    async def handle_other(self, request: Request):
+        """Any other OpenAI-compatible path: to the back-end the body's model routes to (else
+        the default), the client key swapped for an upstream one, the reply relayed as it
+        comes (binary untouched; usage read where it reports it)."""
+        info = request.info
+        ctype = request.headers.get("content-type") or ""
+        model = None
+        body = request.body
+        if body and ctype.split(";")[0].strip().lower() == "application/json":
+            doc = request.json()
+            model = doc.get("model") if isinstance(doc, dict) and isinstance(doc.get("model"), str) else None
+        prov = self.route(request, model)
+        if prov.format is not OpenAIChat or not prov.passthrough_ok:
+            raise ProxyError(404, "invalid_request_error", "no OpenAI-compatible back-end serves %s %s" % (
+                request.method, request.path[:200]), code="unknown_url")
+        if model and info.upstream_model != model:
+            body = _jbytes(dict(doc, model=info.upstream_model))
+        info.via = "pass"
+        url = prov.url(request.path[3:] if request.path.startswith("/v1/") else request.path)
+        query = [(k, v) for k, v in parse_qsl(request.query, keep_blank_values=True) if k != "key"] \
+            if request.query else []
+        if query:                           # the client's ?key= is our secret, never the upstream's
+            url += "?" + urlencode(query)
+        extra = [(k, request.headers.get(k)) for k in ("content-type", "accept") if request.headers.get(k)]
+        upstream = await self.caller.send(prov, request.method, url, body, info, False, extra)
+        hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
+        return StreamResponse(upstream.status, hdrs, self.passthrough.relay(upstream, info, OpenAIChat))
+
+
+def gemini_target(path: str) -> Tuple[str, str]:
+    """/v1beta/models/{model}:{action} -> (model, action)."""
+    prefix = "/v1beta/models/" if path.startswith("/v1beta/") else "/v1/models/"
+    rest = unquote(path[len(prefix):])
+    model, sep, action = rest.rpartition(":")
+    if not sep or not model:
+        raise ProxyError(404, "not_found_error", "expected /models/{model}:{action}", code="unknown_url")
+    return model, action
+
+
+class OpsHandlers:
+    """Models, health, metrics, logins and the admin endpoints: they read the App's state."""
+
+    def __init__(self, app: "App"):
+        self.app = app
+        self.models_cache: Dict[str, Tuple[float, List[str]]] = {}
+
+    def visible_usage(self, request: Request, rows: List[dict]) -> List[dict]:
+        """Usage rows the caller may see: all for an admin key (or with auth off, which is
+        local only), else only the caller's own key's."""
+        entry = request.match[1]
+        if not self.app.config.auth_enabled or (entry is not None and entry.admin):
+            return rows
+        mine = entry.redacted if entry is not None else None
+        return [r for r in rows if r.get("client") == mine]
+
+    async def usage_rows(self, request: Request) -> List[dict]:
+        app = self.app
+        if app.shared is not None:
+            rows = await asyncio.get_running_loop().run_in_executor(None, app.shared.usage)
+        else:
+            rows = app.usage.snapshot()
+        return self.visible_usage(request, rows)
+
+    async def handle_health(self, request: Request):
+        app = self.app
+        doc: Dict[str, Any] = {"status": "ok", "version": __version__,
+                               "uptime_s": round(app.wall() - app.started, 1)}
+        if request.match[1] is None and app.config.auth_enabled:
+            return json_response(200, doc)
+        providers = {}
+        for name, prov in app.providers.items():
+            snap = prov.keyring.snapshot()
+            providers[name] = {"format": prov.kind, "base_url": prov.base_url or None, "keys": snap,
+                               "breaker": app.breakers[name].snapshot()}
+            if (snap and all(k["state"] != "ok" for k in snap)) or app.breakers[name].state != "closed":
+                doc["status"] = "degraded"
+        for name, cred in app.credentials.items():
+            providers[name]["auth"] = cred.status()
+            if not cred.valid(cred.record) or cred.last_error:
+                doc["status"] = "degraded"
+        doc["providers"] = providers
+        doc["upstream_connections_opened"] = app.client.connects
+        doc["usage"] = await self.usage_rows(request)
+        if app.shared is not None:
+            doc["usage_scope"] = "all workers (synced every %.0f s)" % SharedState.SYNC_S
+        return json_response(200, doc)
+
+    async def handle_metrics(self, request: Request):
+        """The /health figures for Prometheus (this worker's, except usage, which is shared)."""
+        app = self.app
+        usage = await self.usage_rows(request)
+        answered = sorted(app.usage.answered.items())
+        keys = {}
+        for name, prov in app.providers.items():
+            for k in prov.keyring.snapshot():
+                keys[(name, k["state"])] = keys.get((name, k["state"]), 0) + 1
+        families = [
+            ("llmproxy_uptime_seconds", "gauge", "Seconds since start", [({}, round(app.wall() - app.started, 3))]),
+            ("llmproxy_responses_total", "counter", "Requests answered, by provider and HTTP status",
+             [({"provider": p, "status": str(st)}, row[0]) for (p, st), row in answered]),
+            ("llmproxy_response_seconds", "summary", "Time to answer requests in full, by provider",
+             [({"provider": p}, sum(row[i] for (q, _), row in answered if q == p), suffix)
+              for p in sorted({p for (p, _), _ in answered}) for suffix, i in (("_count", 0), ("_sum", 1))]),
+            ("llmproxy_requests_total", "counter", "Upstream requests by client key, provider and model",
+             [({"client": u["client"], "provider": u["provider"], "model": u["model"]}, u["requests"]) for u in usage]),
+            ("llmproxy_tokens_total", "counter", "Tokens by client key, provider, model and direction",
+             [({"client": u["client"], "provider": u["provider"], "model": u["model"], "direction": d},
+               u["tokens_" + d]) for u in usage for d in ("in", "out")]),
+            ("llmproxy_upstream_keys", "gauge", "Upstream keys by provider and state",
+             [({"provider": p, "state": st}, n) for (p, st), n in sorted(keys.items())]),
+            ("llmproxy_breaker_open", "gauge", "1 while a provider's circuit breaker is open or half-open",
+             [({"provider": name}, int(b.state != "closed")) for name, b in sorted(app.breakers.items())]),
+            ("llmproxy_upstream_connections_opened_total", "counter", "Upstream connections opened",
+             [({}, app.client.connects)]),
+        ]
+        return Response(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], render_metrics(families))
+
+    # -- models ------------------------------------------------------------------
+
+    async def upstream_models(self, prov: Provider) -> List[str]:
+        """The provider's own model list (GET /models), cached; [] when it fails."""
+        cached = self.models_cache.get(prov.name)
+        if cached and cached[0] > self.app.clock():
+            return cached[1]
+        ids: List[str] = []
+        try:
+            resp = await self.app.caller.send(prov, "GET", prov.url("/models"), b"", Exchange())
+            data = await resp.read(MAX_UPSTREAM_BODY)
+            if resp.status == 200:
+                doc = parse_json(data)
+                ids = [m["id"] for m in doc.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                ids += [m["name"].split("/", 1)[-1] for m in doc.get("models", [])
+                        if isinstance(m, dict) and isinstance(m.get("name"), str)]
+            else:
+                log.warning("provider %s: GET /models answered HTTP %d", prov.name, resp.status)
+        except (ProxyError, ValueError, AttributeError) as e:
+            log.warning("provider %s: cannot list models: %s", prov.name, e)
+        self.models_cache[prov.name] = (self.app.clock() + MODELS_CACHE_S, ids)
+        return ids
+
+    async def model_ids(self) -> List[Tuple[str, str]]:
+        router = self.app.router
+        seen: Dict[str, str] = {}
+        for mid, owner in router.listed():
+            seen.setdefault(mid, owner)
+        for prov in self.app.providers.values():
+            if not prov.models:
+                for m in await self.upstream_models(prov):
+                    seen.setdefault(m if prov.name == router.default else "%s/%s" % (prov.name, m), prov.name)
+        return list(seen.items())
+
+    async def handle_models(self, request: Request):
+        fmt = client_format(request.path, request.headers)
+        data = [fmt.render_model(mid, owner, self.app.started) for mid, owner in await self.model_ids()]
+        query = {k: v[0] for k, v in parse_qs(request.query).items()} if request.query else {}
+        return json_response(200, fmt.render_model_list(data, query))
+
+    async def handle_model(self, request: Request):
+        prefix = "/v1beta/models/" if request.path.startswith("/v1beta/") else "/v1/models/"
+        mid = unquote(request.path[len(prefix):])
+        route = self.app.router.resolve(mid)
+        fmt = Gemini if prefix == "/v1beta/models/" else client_format(request.path, request.headers)
+        return json_response(200, fmt.render_model(mid, route.provider.name, self.app.started))
+
+    # -- logins --------------------------------------------------------------------
+
+    def credential(self, request: Request) -> Credential:
+        credentials = self.app.credentials
+        body = request.json() if request.body.strip() else {}
+        name = body.get("provider") if isinstance(body, dict) else None
+        if name is None and len(credentials) == 1:
+            name = next(iter(credentials))
+        cred = credentials.get(name)
+        if cred is None:
+            raise ProxyError(404, "not_found_error", "no subscription provider %r (configured: %s)" % (
+                name, ", ".join(credentials) or "none"), code="unknown_provider", param="provider")
+        return cred
+
+    async def handle_device_code(self, request: Request):
+        """Start a device login; the proxy polls in the background until it completes."""
+        cred = self.credential(request)
+        if cred.flow_task is not None and not cred.flow_task.done():
+            cred.flow_task.cancel()
+        flow = cred.device_flow()
+        codes = await flow.start()
+        cred.flow, cred.flow_error = flow, None
+
+        async def finish():
+            try:
+                await cred.login_done(await flow.poll())
+            except ProxyError as e:
+                cred.flow_error = e.message
+                log.warning("provider %s: device login failed: %s", cred.name, e.message)
+        cred.flow_task = self.app.spawn(finish())
+        log.info("provider %s: device login started; waiting for approval", cred.name)
+        return json_response(200, dict(codes, provider=cred.name))
+
+    async def handle_auth_poll(self, request: Request):
+        """Wait (up to timeout_s, default 300) for a device login started with /auth/device-code."""
+        cred = self.credential(request)
+        body = request.json() if request.body.strip() else {}
+        timeout = body.get("timeout_s", 300) if isinstance(body, dict) else 300
+        if cred.flow_task is None:
+            raise ProxyError(400, "invalid_request_error", "no login in progress; POST /auth/device-code first",
+                             code="no_login")
+        if not cred.flow_task.done():
+            await asyncio.wait((cred.flow_task,), timeout=max(0.0, min(float(timeout), 900.0)))
+        return json_response(200, dict(cred.status(), provider=cred.name))
+
+    async def handle_auth_status(self, request: Request):
+        return json_response(200, {"providers": {name: cred.status() for name, cred in self.app.credentials.items()}})
+
+    # -- admin ---------------------------------------------------------------------
+
+    async def handle_reload(self, request: Request):
+        if self.app.reloader is None:
+            raise ProxyError(501, "invalid_request_error", "this server was started without a config to reload")
+        try:
+            new = await self.app.reloader()
+        except ConfigError as e:
+            raise ProxyError(400, "invalid_request_error", "config refused, the old one stays: %s" % e,
+                             code="bad_config")
+        return json_response(200, {"reloaded": True, "providers": list(new.providers)})
+
+    async def handle_cooldowns_reset(self, request: Request):
+        n = self.app.reset_cooldowns()
+        log.info("admin cleared every cooldown (%d keys were cooling or disabled)", n)
+        return json_response(200, {"reset": True, "keys": n})
+
+    async def handle_keys_list(self, request: Request):
+        return json_response(200, {"keys": [e.public() for e in self.app.keys.entries]})
+
+    async def handle_keys_create(self, request: Request):
+        body = request.json() if request.body.strip() else {}
+        if not isinstance(body, dict) or not isinstance(body.get("name", ""), str) \
+                or not isinstance(body.get("admin", False), bool):
+            raise ProxyError(400, "invalid_request_error", "expected {\"name\": str, \"admin\": bool}")
+        entry, key = self.app.keys.create(body.get("name", ""), body.get("admin", False))
+        log.info("admin created key %s (%s)", entry.id, entry.redacted)
+        return json_response(201, dict(entry.public(), key=key))
+
+    async def handle_keys_revoke(self, request: Request):
+        key_id = request.path[len("/admin/keys/"):]
+        if not self.app.keys.revoke(key_id):
+            raise ProxyError(404, "not_found_error", "no stored key with id %r (keys from config or the "
+                             "environment are removed there)" % key_id, code="key_not_found")
+        log.info("admin revoked key %s", key_id)
+        return json_response(200, {"id": key_id, "revoked": True})
+
+
+# The route table: path -> method -> (handler name, who may call it). Handlers are
+# looked up by name on ChatHandlers, then OpsHandlers.
+_CHAT = {"POST": ("handle_chat", CLIENT)}
+_MESSAGES = {"POST": ("handle_messages", CLIENT)}
+_COUNT = {"POST": ("handle_count_tokens", CLIENT)}
+_MODELS = {"GET": ("handle_models", CLIENT)}
+ROUTES: Dict[str, Dict[str, Tuple[str, int]]] = {
+    "/health": {"GET": ("handle_health", PUBLIC)},
+    "/": {"GET": ("handle_health", PUBLIC)},                 # clients probe the base URL (HEAD /)
+    "/metrics": {"GET": ("handle_metrics", CLIENT)},
+    "/v1/models": _MODELS, "/models": _MODELS, "/anthropic/v1/models": _MODELS, "/v1beta/models": _MODELS,
+    "/v1/chat/completions": _CHAT, "/chat/completions": _CHAT,
+    "/v1/completions": {"POST": ("handle_completions", CLIENT)},
+    "/v1/embeddings": {"POST": ("handle_embeddings", CLIENT)},
+    "/v1/messages": _MESSAGES, "/anthropic/v1/messages": _MESSAGES,
+    "/v1/messages/count_tokens": _COUNT, "/anthropic/v1/messages/count_tokens": _COUNT,
+    "/v1/responses": {"POST": ("handle_responses", CLIENT)},
+    "/v1/responses/input_tokens": {"POST": ("handle_responses_tokens", CLIENT)},
+    "/v1/responses/compact": {"POST": ("handle_responses_compact", CLIENT)},
+    "/admin/keys": {"GET": ("handle_keys_list", ADMIN), "POST": ("handle_keys_create", ADMIN)},
+    "/auth/device-code": {"POST": ("handle_device_code", ADMIN)},
+    "/auth/poll": {"POST": ("handle_auth_poll", ADMIN)},
+    "/auth/status": {"GET": ("handle_auth_status", ADMIN)},
+    "/admin/reload": {"POST": ("handle_reload", ADMIN)},
+    "/admin/cooldowns/reset": {"POST": ("handle_cooldowns_reset", ADMIN)},
+}
+_GEMINI = {"GET": ("handle_model", CLIENT), "POST": ("handle_gemini", CLIENT)}
+PREFIX_ROUTES = (("/v1beta/models/", _GEMINI), ("/v1/models/", _GEMINI),
+                 ("/admin/keys/", {"DELETE": ("handle_keys_revoke", ADMIN)}))
+ANY_ROUTE = {m: ("handle_other", CLIENT) for m in ("GET", "POST", "PUT", "PATCH", "DELETE")}
+
+
+# 12g. App #####################################################################
+# The composition root: App owns the mutable state (providers and key rings,
+# breakers, slots, client keys, usage, sessions, the conversation memory, the
+# upstream pool), builds the services above from it, and is what the server
+# calls: precheck() before a body is read (route, method, auth), handle() with
+# the whole request, log_request() when the exchange is over. reload() builds a
+# new App that keeps what must survive.
+
+class App:
+    def __init__(self, config: Config, client: Optional[HTTPClient] = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 sleep=asyncio.sleep, rand: Optional[Callable[[], float]] = None, resolve=None,
+                 address_ok: Optional[Callable[[str], bool]] = None, previous: Optional["App"] = None):
+        self.config = config
+        self.client = client or HTTPClient()
+        self.clock = clock
+        self.wall = wall
+        self.sleep = sleep
+        self.rand = rand or secrets.SystemRandom().random
+        self.providers: Dict[str, Provider] = {}
+        for name, pc in config.providers.items():
+            ring = KeyRing(pc.keys, pc.strategy, clock, config.max_cooldown_s)
+            self.providers[name] = Provider(name, pc.kind, pc.base_url, ring, pc.headers, pc.models,
+                                            pc.connect_timeout_s, pc.read_timeout_s, pc.cooldown_s, pc.options,
+                                            clock=wall)
+        self.router = Router(self.providers, config.aliases, config.prefixes, config.default, config.force,
+                             config.fallbacks)
+        self.breakers = {n: Breaker(config.breaker_failures, config.breaker_cooloff_s, clock) for n in self.providers}
+        self.slots = {n: Slots(p.options.get("max_concurrency", 0), p.options.get("queue_timeout_s", 30.0))
+                      for n, p in self.providers.items()}
+        workers = max(1, config.workers)           # limits are shared out between worker processes
+        self.limiter = RateLimiter(-(-config.client_rpm // workers), -(-config.client_tpm // workers), clock)
+        store = os.path.join(config.data_dir, "keys.json") if config.data_dir else None
+        self.keys = ProxyKeys(store, config.keys, config.admin_keys)
+        self.tokens = TokenStore(os.path.join(config.data_dir, "oauth_tokens.json") if config.data_dir else None)
+        self.credentials: Dict[str, Credential] = {}
+        for name, prov in self.providers.items():
+            if prov.auth:
+                cred = CREDENTIALS[prov.auth](name, dict(prov.options.get("oauth") or {}), self.tokens, self.client,
+                                              clock=wall)
+                prov.credential = self.credentials[name] = cred
+        self.tasks: set = set()
+        self.shared = SharedState(os.path.join(config.data_dir, "state.sqlite3")) \
+            if config.workers > 1 and config.data_dir else None
+        self.access = AccessLog()
+        literals = [k for pc in config.providers.values() for k in pc.keys]
+        self.pipeline = Pipeline(config.guardrails, literals)
+        self.capture = WireCapture(config.capture_file, config.capture_max_bytes, config.capture_max_files,
+                                   self.pipeline.redactor, config.capture_interval_s, wall) \
+            if config.capture_file else None
+        self.reloader: Optional[Callable] = None      # set by serve(): re-reads the config
+        self.sync_task: Optional[asyncio.Task] = None
+        self.started = wall()
+        self.cors_any = "*" in config.cors_origins
+        self.cors = frozenset(config.cors_origins)
+        self.keep(previous)
+        # the services, each handed what it uses
+        self.caller = UpstreamCaller(self)
+        self.passthrough = PassThrough(self.caller)
+        self.translator = Translator(self)
+        self.chat = ChatService(self)
+        self.handlers = (ChatHandlers(self), OpsHandlers(self))
+        self.routes = {path: self.bind(methods) for path, methods in ROUTES.items()}
+        self.prefix_routes = [(prefix, self.bind(methods)) for prefix, methods in PREFIX_ROUTES]
+        self.any_route = self.bind(ANY_ROUTE)
+
+    def keep(self, previous: Optional["App"]):
+        """What outlives a reload (or starts empty): usage, the conversation memory and image
+        fetch slots, sessions, remembered refused fields, the shared-state cursor."""
+        if previous is None:
+            self.usage = UsageMeter()
+            self.usage_pending: Dict[Tuple[str, str, str], List[int]] = {}
+            self.memory = ConversationMemory()
+            self.images = ImageFetcher(self.client)
+            self.sessions: "OrderedDict[str, dict]" = OrderedDict()
+            # (provider, model) -> optional fields the model refused with a 400, left out from then on
+            self.drop_params: Dict[Tuple[str, str], set] = {}
+            self.seen_reset = 0.0                 # the newest shared cooldown reset applied here
+            return
+        self.usage, self.usage_pending = previous.usage, previous.usage_pending
+        self.memory, self.images, self.sessions = previous.memory, previous.images, previous.sessions
+        self.drop_params, self.seen_reset = previous.drop_params, previous.seen_reset
+
+    def bind(self, methods: Dict[str, Tuple[str, int]]) -> Dict[str, Tuple[Callable, int]]:
+        out = {}
+        for method, (name, level) in methods.items():
+            handler = next(getattr(h, name) for h in self.handlers if hasattr(h, name))
+            out[method] = (handler, level)
+        return out
+
+    async def start(self):
+        """Load subscription logins and start their background refreshers (and, with
+        several workers, the shared-state sync)."""
+        for cred in self.credentials.values():
+            await cred.load()
+            cred.task = self.spawn(cred.run_refresher())
+        if self.shared is not None:
+            self.sync_task = self.spawn(self.run_shared_sync())
+
+    async def run_shared_sync(self):
+        while True:
+            await asyncio.sleep(SharedState.SYNC_S)
+            try:
+                await self.sync_shared()
+            except Exception as e:          # a locked or broken database must not stop serving
+                log.warning("shared state sync failed: %s", e)
+
+    async def sync_shared(self):
+        """Push local usage, pull every worker's key cooldowns."""
+        loop = asyncio.get_running_loop()
+        if self.usage_pending:
+            rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in self.usage_pending.items()]
+            self.usage_pending.clear()
+            await loop.run_in_executor(None, self.shared.add_usage, rows)
+        reset_at = await loop.run_in_executor(None, self.shared.last_reset)
+        if reset_at > self.seen_reset:            # another worker's POST /admin/cooldowns/reset
+            if self.seen_reset:
+                for prov in self.providers.values():
+                    prov.keyring.reset()
+                for breaker in self.breakers.values():
+                    breaker.reset()
+            self.seen_reset = reset_at
+        rows = await loop.run_in_executor(None, self.shared.cooldowns, self.wall())
+        offset = self.clock() - self.wall()
+        for provider, key_fp, model, until, disabled, reason in rows:
+            prov = self.providers.get(provider)
+            k = next((k for k in prov.keyring.keys if fingerprint(k.key) == key_fp), None) if prov else None
+            if k is None:
+                continue
+            if disabled and not k.disabled:
+                k.disabled, k.reason = True, reason
+            if model:
+                k.model_until[model] = max(k.model_until.get(model, 0.0), until + offset)
+            else:
+                k.cooldown_until = max(k.cooldown_until, until + offset)
+
+    def reset_cooldowns(self) -> int:
+        """Every provider's key and model cooldowns, disabled keys and open breakers cleared."""
+        n = sum(prov.keyring.reset() for prov in self.providers.values())
+        for breaker in self.breakers.values():
+            breaker.reset()
+        if self.shared is not None:
+            self.spawn(asyncio.get_running_loop().run_in_executor(None, self.shared.reset_cooldowns, self.wall()))
+        return n
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def stop(self):
+        self.access.flush()
+        if self.capture is not None:
+            await self.capture.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=CLOSE_TIMEOUT_S)
+        if self.shared is not None:
+            if self.usage_pending:
+                rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in self.usage_pending.items()]
+                self.shared.add_usage(rows)
+            self.shared.close()
+        self.close()
+
+    async def reload(self, config: Config) -> "App":
+        """A new App for a new config that keeps what must survive: usage, stored Responses
+        conversations, key cooldowns (disabled keys come back), breakers, rate windows,
+        concurrency slots and logins that did not change. In-flight requests finish on
+        the old App, which shares the connection pool."""
+        if self.capture is not None:
+            self.capture.flush_sync()
+        new = App(config, self.client, self.clock, self.wall, self.sleep, self.rand, previous=self)
+        new.limiter.hits = self.limiter.hits
+        new.reloader = self.reloader
+        if new.shared is not None:
+            new.shared.close()
+            new.shared = new.caller.shared = self.shared
+            self.shared.clear_disabled()
+        for name, prov in new.providers.items():
+            old = self.providers.get(name)
+            if old is not None:
+                self.carry_provider(new, name, old, prov)
+        kept = set(new.credentials.values())
+        for cred in self.credentials.values():          # logins that went away stop refreshing
+            if cred not in kept:
+                for task in (cred.task, cred.flow_task):
+                    if task is not None:
+                        task.cancel()
+        if self.sync_task is not None:
+            self.sync_task.cancel()
+        new.tasks |= self.tasks                          # kept refreshers and login polls live on
+        self.tasks = set()
+        for cred in new.credentials.values():
+            if cred not in self.credentials.values():
+                await cred.load()
+                cred.task = new.spawn(cred.run_refresher())
+        if new.shared is not None:
+            new.sync_task = new.spawn(new.run_shared_sync())
+        return new
+
+    def carry_provider(self, new: "App", name: str, old: Provider, prov: Provider):
+        """A provider that stays across a reload keeps its key states, breaker, slots and login."""
+        states = {k.key: k for k in old.keyring.keys}
+        for k in prov.keyring.keys:
+            was = states.get(k.key)
+            if was is not None:
+                k.cooldown_until, k.model_until, k.uses = was.cooldown_until, dict(was.model_until), was.uses
+        if name in self.breakers:
+            new.breakers[name] = self.breakers[name]
+        if old.options.get("max_concurrency") == prov.options.get("max_concurrency"):
+            new.slots[name] = self.slots[name]
+        cred = self.credentials.get(name)
+        if cred is not None and prov.auth == old.auth and prov.options.get("oauth") == old.options.get("oauth"):
+            prov.credential = new.credentials[name] = cred
+
+    def close(self):
+        self.client.close()
+
+    # -- server interface ---------------------------------------------------
+
+    def _find_route(self, path: str):
+        methods = self.routes.get(path)
+        if methods is None:
+            for prefix, m in self.prefix_routes:
+                if path.startswith(prefix) and len(path) > len(prefix):
+                    return m
+            if self.passes_through(path):
+                return self.any_route
+        return methods
+
+    def passes_through(self, path: str) -> bool:
+        """A path of the OpenAI-compatible surface we do not serve ourselves (images, audio,
+        moderations, files, ...) that goes on to the routed back-end: allowed by
+        passthrough_paths, not denied, and never one of the proxy's own."""
+        low = path.lower()
+        if path.startswith(("/admin", "/auth", "/health", "/metrics")) or ".." in path or "//" in path \
+                or "/./" in path or "%2e" in low or "%2f" in low or "%5c" in low or "\\" in path:
+            return False                    # no dot-segments or encoded ones: the path leaves as it was judged
+        cfg = self.config
+        return any(fnmatch.fnmatchcase(path, g) for g in cfg.passthrough_paths) and \
+            not any(fnmatch.fnmatchcase(path, g) for g in cfg.passthrough_deny)
+
+    def precheck(self, head: RequestHead):
+        """Route, method and auth before the body is read. -> (handler, key entry),
+        a Response (CORS preflight) or a ProxyError."""
+        methods = self._find_route(head.path)
+        if head.method == "OPTIONS":
+            return self.preflight(head, methods)
+        if methods is None:
+            return ProxyError(404, "invalid_request_error", "no route for %s %s" % (head.method, head.path),
+                              code="unknown_url")
+        method = "GET" if head.method == "HEAD" else head.method
+        route = methods.get(method)
+        if route is None:
+            allow = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
+            return ProxyError(405, "invalid_request_error", "%s is not allowed on %s" % (head.method, head.path),
+                              code="method_not_allowed", headers=[("allow", allow)])
+        handler, level = route
+        if not self.config.auth_enabled:
+            refused = self.not_local(head)
+            if refused is not None:
+                return refused
+        self.keys.refresh(self.clock())
+        entry = self.keys.check(client_key(head))
+        if level == PUBLIC or (level == CLIENT and not self.config.auth_enabled):
+            return (handler, entry)
+        if entry is None:
+            presented = client_key(head) is not None
+            return ProxyError(401, "authentication_error",
+                              "invalid proxy API key" if presented else
+                              "missing proxy API key: send 'Authorization: Bearer <key>' or 'x-api-key'",
+                              code="invalid_api_key", headers=[("www-authenticate", 'Bearer realm="llmproxy"')])
+        if level == ADMIN and not entry.admin:
+            return ProxyError(403, "permission_error", "this endpoint needs an admin key", code="admin_required")
+        return (handler, entry)
+
+    @staticmethod
+    def not_local(head: RequestHead) -> Optional[ProxyError]:
+        """No keys: only this machine may drive the proxy. A web page could otherwise send
+        requests to it (with its own Origin) or reach it through DNS rebinding (with its own
+        host name in Host)."""
+        host, origin = head.headers.get("host"), head.headers.get("origin")
+        if (host is not None and not local_authority(host)) or (origin is not None and not local_origin(origin)):
+            return ProxyError(403, "permission_error", "authentication is off, so only local clients may "
+                              "call this proxy (Host and Origin must name this machine); turn auth on to "
+                              "serve others", code="not_local")
+        return None
+
+    def preflight(self, head: RequestHead, methods) -> Response:
+        allow = sorted(set(methods or {}) | {"OPTIONS"} | ({"HEAD"} if methods and "GET" in methods else set()))
+        hdrs = [("allow", ", ".join(allow))]
+        if head.headers.get("origin") and head.headers.get("access-control-request-method"):
+            hdrs += [("access-control-allow-methods", ", ".join(allow)),
+                     ("access-control-allow-headers",
+                      head.headers.get("access-control-request-headers") or "authorization, content-type"),
+                     ("access-control-max-age", "600")]
+        return Response(204, hdrs)
+
+    def cors_headers(self, head: RequestHead) -> List[Tuple[str, str]]:
+        origin = head.headers.get("origin")
+        if not origin:
+            return []
+        expose = ("access-control-expose-headers", "x-llmproxy-provider, x-request-id, retry-after")
+        if self.cors_any:
+            return [("access-control-allow-origin", "*"), expose]
+        if origin in self.cors:
+            return [("access-control-allow-origin", origin), ("vary", "origin"), expose]
+        return []
+
+    def error_response(self, err: ProxyError, head: Optional[RequestHead] = None) -> Response:
+        fmt = client_format(head.path, head.headers) if head is not None else OpenAIChat
+        return json_response(err.status, fmt.render_error(err), list(err.headers))
+
+    async def handle(self, request: Request):
+        handler, entry = request.match
+        request.info.client = entry.redacted if entry else None
+        if self.capture is not None:
+            request.info.cap_out = []           # the server tees what it sends into this
+        if entry is not None and handler.__name__ not in ("handle_health", "handle_models"):
+            self.limiter.check(entry.id)
+            request.info.client_id = entry.id
+        if len(request.body) > OFFLOOP_BYTES and request.body[:1] in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):
+            await request.load_json()            # parsed once, sharing the loop; json() then has it
+        return await handler(request)
+
+    def log_request(self, request: Request, status: int, t_first: Optional[float], sent: int, ok: bool):
+        info = request.info
+        now = time.perf_counter()
+        done, info.on_done = info.on_done, []
+        for fn in done:
+            fn()
+        tin, tout = self.count_usage(info)
+        model = info.model
+        upstream_model = info.upstream_model or model     # what the back-end ran (and bills)
+        self.usage.answer(info.provider or "-", status, now - request.t_start)
+        fields = {"status": status, "key": info.client, "model": model,
+                  "upstream_model": upstream_model if upstream_model != model else None,
+                  "provider": info.provider, "upkey": info.upkey, "via": info.via,
+                  "failover": ",".join(info.failover) if info.failover else None,
+                  "ttfb_ms": round((t_first - request.t_start) * 1000, 1) if t_first else None,
+                  "total_ms": round((now - request.t_start) * 1000, 1),
+                  "tokens_in": tin, "tokens_out": tout, "bytes": sent,
+                  "error": info.error or (None if ok else "client_disconnected")}
+        self.access.emit("%s %s" % (request.method, request.path[:MAX_LOG_FIELD]), fields)
+        if self.capture is not None and info.cap_out is not None:
+            self.record_capture(request, status, fields)
+
+    def count_usage(self, info: Exchange) -> Tuple[Optional[int], Optional[int]]:
+        """An exchange's tokens onto the client's rate window and the usage totals."""
+        usage = info.usage
+        tin = tout = None
+        if isinstance(usage, Usage):
+            tin, tout = usage.input, usage.output
+            if info.client_id:
+                self.limiter.add_tokens(info.client_id, tin + tout)
+        if info.provider:
+            label = self.usage.label(info.upstream_model or info.model or "-")
+            self.usage.record(info.client or "-", info.provider, label, tin, tout)
+            if self.shared is not None:
+                row = self.usage_pending.setdefault((info.client or "-", info.provider, label), [0, 0, 0])
+                row[0] += 1
+                row[1] += tin or 0
+                row[2] += tout or 0
+        return tin, tout
+
+    def record_capture(self, request: Request, status: int, fields: dict):
+        cap = self.capture
+        info = request.info
+        out_stream = info.cap_out_stream
+        doc: Dict[str, Any] = {"ts": round(self.wall(), 3), "method": request.method, "path": request.path,
+                               "status": status, "model": info.model, "provider": info.provider,
+                               "client_request": {"headers": cap.headers(request.headers),
+                                                  "body": cap.body(request.body, False)}}
+        if info.cap_up_req:
+            doc["upstream_request"] = info.cap_up_req
+        if info.cap_up:
+            data, stream = info.cap_up
+            doc["upstream_response"] = {"status": info.cap_up_status, "stream": stream,
+                                        "body": cap.body(data, stream)}
+        doc["client_response"] = {"status": status, "stream": out_stream,
+                                  "body": cap.body(b"".join(info.cap_out), out_stream)}
+        cap.record(doc)
+
+    def self_loop(self, host: str, port: int) -> Optional[str]:
+        """A provider whose base URL is this proxy would send requests round in a loop."""
+        local = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "::", host.lower()}
+        for prov in self.providers.values():
+            if prov.transport is not None:         # served in-process (the mock)
+                continue
+            _, h, p, _ = split_url(prov.base_url)
+            if p == port and h.lower() in local:
+                return "provider %r base_url %s points at this proxy itself (request loop)" % (prov.name, prov.base_url)
+        return None
 
 
 # 13. CLI #####################################################################

@@ -2437,7 +2437,7 @@ class TestMalformedShapes(unittest.TestCase):
             for i in range(40):
                 body = mutate_json(rng, doc["body"])
                 try:
-                    resp = lp.App.parse_reply(lp.FORMATS[fmt], body)
+                    resp = lp.parse_reply(lp.FORMATS[fmt], body)
                 except lp.UpstreamError as e:
                     self.assertEqual(e.status, 502, name)
                     continue
@@ -2448,15 +2448,15 @@ class TestMalformedShapes(unittest.TestCase):
     def test_numeric_reply_id_is_text_and_an_object_id_is_502(self):
         body = {"id": 12, "object": "chat.completion", "model": "m", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
-        resp = lp.App.parse_reply(lp.FORMATS["openai"], body)         # some local servers number their replies
+        resp = lp.parse_reply(lp.FORMATS["openai"], body)         # some local servers number their replies
         for target in ALL_FORMATS:
             json.dumps(lp.FORMATS[target].render_response(resp, lp.ChatRequest(model="m")))
         self.assertEqual(resp.id, "12")
         call = {"id": 3, "type": "function", "function": {"name": "f", "arguments": "{}"}}
         body["choices"][0]["message"]["tool_calls"] = [call]
-        self.assertEqual(lp.App.parse_reply(lp.FORMATS["openai"], body).parts[-1].id, "3")
+        self.assertEqual(lp.parse_reply(lp.FORMATS["openai"], body).parts[-1].id, "3")
         with self.assertRaises(lp.UpstreamError) as cm:
-            lp.App.parse_reply(lp.FORMATS["openai"], dict(body, id={"n": 12}))
+            lp.parse_reply(lp.FORMATS["openai"], dict(body, id={"n": 12}))
         self.assertEqual(cm.exception.status, 502)
 
     def test_numeric_stream_id_is_text(self):
@@ -2470,18 +2470,10 @@ class TestMalformedShapes(unittest.TestCase):
                 self.assertNotIn("unexpected shape", out)
 
     def run_stream(self, pieces, fmt, target):
-        app = lp.App.__new__(lp.App)
-        app.capture = None
-
-        async def source():
-            for p in pieces:
-                yield p
-
-        async def collect():
-            enc = lp.FORMATS[target].stream_encoder(lp.ChatRequest(model="m"))
-            return b"".join([c async for c in app.translate_stream(source(), lp.FORMATS[fmt].stream_decoder(),
-                                                                   enc, lp.Exchange())])
-        return asyncio.run(collect())
+        """Through the hub's pure stream API: upstream pieces in, the client's bytes out."""
+        tr = lp.StreamTranslator(lp.FORMATS[fmt].stream_decoder(),
+                                 lp.FORMATS[target].stream_encoder(lp.ChatRequest(model="m")))
+        return b"".join(tr.feed(p) for p in pieces) + tr.close()
 
     def test_stream_text_that_is_not_a_string_ends_in_an_error_event(self):
         pieces = [b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"content":"ok "}}]}\n\n',
@@ -3260,8 +3252,8 @@ class TestHubBehaviour(ProxyCase):
             if host == "img.test":
                 return ["127.0.0.2"] if lookups.count(host) == 1 else ["127.0.0.1"]
             return {"inner.test": ["127.0.0.1"], "mapped.test": ["::ffff:127.0.0.1"]}.get(host, [])
-        self.app.resolve = resolve
-        self.app.address_ok = lambda a: a == "127.0.0.2"   # 127.0.0.2 plays the public internet
+        self.app.images.resolve = resolve
+        self.app.images.address_ok = lambda a: a == "127.0.0.2"   # 127.0.0.2 plays the public internet
         url = "http://img.test:%d" % port
         body = {"model": "m", "messages": [{"role": "user", "content": [
             {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url + "/cat.png"}},
@@ -3277,7 +3269,7 @@ class TestHubBehaviour(ProxyCase):
             hits.clear()
             body["messages"][0]["content"][1:] = [{"type": "image_url", "image_url": {"url": "http://127.0.0.2:%d%s"
                                                                                       % (port, path)}}]
-            self.app.resolve = lambda host, p, r=resolve: r(host, p) if host != "127.0.0.2" else _async(["127.0.0.2"])
+            self.app.images.resolve = lambda host, p, r=resolve: r(host, p) if host != "127.0.0.2" else _async(["127.0.0.2"])
             status, _, _ = await self.call("POST", "/v1/chat/completions", body)
             self.assertEqual(status, 200)
             part = self.gemini_parts()[1]
@@ -3286,7 +3278,7 @@ class TestHubBehaviour(ProxyCase):
         for name in ("img.test", "mapped.test"):      # rebound name, IPv4-mapped loopback: not fetched
             body["messages"][0]["content"][1:] = [{"type": "image_url", "image_url": {"url": "http://%s:%d/cat.png"
                                                                                       % (name, port)}}]
-            self.app.resolve = resolve
+            self.app.images.resolve = resolve
             await self.call("POST", "/v1/chat/completions", body)
             self.assertIn("text", self.gemini_parts()[1])
 
@@ -3304,8 +3296,8 @@ class TestHubBehaviour(ProxyCase):
         port, hits = await self.image_server("127.0.0.2", {"/a.png": self.image_reply(b"a" * 3000),
                                                              "/b.png": self.image_reply(b"b" * 3000),
                                                              "/slow.png": trickle})
-        self.app.resolve = lambda host, p: _async(["127.0.0.2"])
-        self.app.address_ok = lambda a: a == "127.0.0.2"
+        self.app.images.resolve = lambda host, p: _async(["127.0.0.2"])
+        self.app.images.address_ok = lambda a: a == "127.0.0.2"
         saved = lp.MAX_IMAGES_BYTES, lp.MAX_IMAGE_BYTES, lp.IMAGE_FETCH_TOTAL_S
         lp.MAX_IMAGES_BYTES, lp.MAX_IMAGE_BYTES, lp.IMAGE_FETCH_TOTAL_S = 5000, 4000, 0.3
         try:
