@@ -3104,7 +3104,7 @@ class OpenAIChatEncoder:
         self.options = options
         self.req = req
         self.drop_thinking = options.drop_thinking
-        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.id = self.options.ids("chatcmpl-")
         self.model = req.model
         self.created = int(self.options.clock())
         self.tool_count = 0
@@ -4277,7 +4277,7 @@ class ResponsesEncoder:
         self.drop_thinking = options.drop_thinking
         self.on_complete = options.on_complete
         self.seq = 0
-        self.rid = "resp_" + secrets.token_hex(12)
+        self.rid = self.options.ids("resp_")
         self.created = int(self.options.clock())
         self.model = req.model
         self.output: List[dict] = []
@@ -5207,7 +5207,7 @@ class GeminiEncoder:
         self.sse = options.sse
         self.drop_thinking = options.drop_thinking
         self.model = req.model
-        self.rid = secrets.token_hex(12)
+        self.rid = self.options.ids("")
         self.calls: Dict[int, List[Any]] = {}      # tool index -> [id, name, args, signature]
         self.order: List[int] = []
         self.first = True
@@ -11350,9 +11350,6 @@ async def run_check(config: Config) -> int:
     bad = 0
     try:
         for name, pc in config.providers.items():
-            if pc.kind == "mock":
-                rows.append([name, "-", "ok", "built-in mock"])
-                continue
             if pc.options.get("auth"):               # a subscription login: its state, not a key probe
                 cred = make_credential(config, name, client)
                 await cred.load()
@@ -11367,8 +11364,9 @@ async def run_check(config: Config) -> int:
                             read_timeout=min(pc.read_timeout_s, 30.0))
             for key in pc.keys or [None]:
                 try:
-                    resp = await client.request("GET", prov.url("/models"), prov.request_headers(key, False), b"",
-                                                prov.connect_timeout, prov.read_timeout)
+                    resp = await (prov.transport or client).request(
+                        "GET", prov.url("/models"), prov.request_headers(key, False), b"", prov.connect_timeout,
+                        prov.read_timeout)
                     body = await resp.read(MAX_UPSTREAM_BODY)
                     ok = resp.status == 200
                     detail = "HTTP %d" % resp.status + ("" if ok else ": " + _error_message(body)[:80])
