@@ -8963,6 +8963,24 @@ FIRST_KEEPALIVE_S = 1.0            # before the first output, a keep-alive every
 _OUTPUT_EVENTS = frozenset(("text", "thinking", "tool_start", "tool_args", "redacted", "finish"))
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamTiming:
+    """How long a stream waits before it commits to a back-end and between keep-alives
+    (the constants above, unless a test or an embedding program passes others)."""
+    keepalive_s: float = KEEPALIVE_S
+    first_keepalive_s: float = FIRST_KEEPALIVE_S
+    first_output_hold_s: float = FIRST_OUTPUT_HOLD_S
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLimits:
+    """Bounds of the image fetches for back-ends that take only inline bytes."""
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_images_bytes: int = MAX_IMAGES_BYTES
+    fetch_total_s: float = IMAGE_FETCH_TOTAL_S
+    all_total_s: float = IMAGES_TOTAL_S
+
+
 # 12a. exchange helpers #####################################################
 
 def first_outcome(events) -> Optional[tuple]:
@@ -9556,8 +9574,9 @@ class UpstreamCaller:
 # end on an SSE event boundary; usage is read from the stream's tail.
 
 class PassThrough:
-    def __init__(self, caller: UpstreamCaller):
+    def __init__(self, caller: UpstreamCaller, timing: StreamTiming):
         self.caller = caller
+        self.timing = timing
 
     async def forward(self, request: Request, fmt, prov: Provider, url: str, body: dict, stream: bool,
                       wait_until: Optional[float] = math.inf, raw: Optional[bytes] = None):
@@ -9614,7 +9633,7 @@ class PassThrough:
         held: List[bytes] = []
         events: list = []
         ended = False
-        until = time.monotonic() + FIRST_OUTPUT_HOLD_S
+        until = time.monotonic() + self.timing.first_output_hold_s
         try:
             while first_outcome(events) is None:
                 item = await peek.next(until - time.monotonic())
@@ -9664,7 +9683,7 @@ class PassThrough:
                     break
                 elif waiting or peek.nxt is not None:
                     try:
-                        piece = await peek.next(FIRST_KEEPALIVE_S if waiting else READ_TIMEOUT_S * 10)
+                        piece = await peek.next(self.timing.first_keepalive_s if waiting else READ_TIMEOUT_S * 10)
                     except StopAsyncIteration:
                         break
                     if piece is _Peek.TIMEOUT:
@@ -9761,8 +9780,10 @@ class ImageFetcher:
     resolved once and checked, connections pinned to the checked address, redirects checked
     again, sizes and times bounded."""
 
-    def __init__(self, client: HTTPClient, resolve=None, address_ok: Optional[Callable[[str], bool]] = None):
+    def __init__(self, client: HTTPClient, resolve=None, address_ok: Optional[Callable[[str], bool]] = None,
+                 limits: ImageLimits = ImageLimits()):
         self.client = client
+        self.limits = limits
         self.resolve = resolve or resolve_host            # name -> addresses
         self.address_ok = address_ok or public_address    # may a fetch connect there
         self.slots: Optional[asyncio.Semaphore] = None
@@ -9784,8 +9805,8 @@ class ImageFetcher:
             return
         if self.slots is None:
             self.slots = asyncio.Semaphore(IMAGE_FETCH_CONCURRENCY)
-        deadline = time.monotonic() + IMAGES_TOTAL_S
-        budget = [MAX_IMAGES_BYTES]
+        deadline = time.monotonic() + self.limits.all_total_s
+        budget = [self.limits.max_images_bytes]
         results: Dict[str, Any] = {}
 
         async def one(url: str):
@@ -9815,10 +9836,11 @@ class ImageFetcher:
                 raise UpstreamError(502, "not an http(s) URL", "image_fetch")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise UpstreamError(504, "image fetches took longer than %.0f s" % IMAGES_TOTAL_S, "image_fetch")
+                raise UpstreamError(504, "image fetches took longer than %.0f s" % self.limits.all_total_s,
+                                    "image_fetch")
             addrs = await self.addresses(host, port, left, private_ok)
             via_proxy = self.client.proxies.proxy_for(scheme, host, port) is not None   # the proxy resolves
-            timeout = min(left, IMAGE_FETCH_TOTAL_S)
+            timeout = min(left, self.limits.fetch_total_s)
             resp = await self.client.request("GET", url, [("accept", "image/*"), ("accept-encoding", "identity"),
                                                           ("user-agent", "llmproxy/" + __version__)],
                                              b"", min(timeout, CONNECT_TIMEOUT_S), timeout, None, timeout,
@@ -9846,21 +9868,21 @@ class ImageFetcher:
             raise UpstreamError(403, "%s is not a public address" % host, "image_fetch")
         return addrs
 
-    @staticmethod
-    async def read_image(resp: UpstreamResponse, url: str, budget: List[int]) -> bytes:
+    async def read_image(self, resp: UpstreamResponse, url: str, budget: List[int]) -> bytes:
+        most = self.limits.max_image_bytes
         pieces, size = [], 0
         agen = resp.iter_body()
         try:
             async for piece in agen:
                 size += len(piece)
                 budget[0] -= len(piece)
-                if size > MAX_IMAGE_BYTES:
+                if size > most:
                     raise ProxyError(413, "invalid_request_error", "the image at %s is larger than %d bytes, "
-                                     "the most this back-end takes inline" % (url[:200], MAX_IMAGE_BYTES),
+                                     "the most this back-end takes inline" % (url[:200], most),
                                      code="image_too_large", param="messages")
                 if budget[0] < 0:
                     raise ProxyError(413, "invalid_request_error", "the images of this request add up to more "
-                                     "than %d bytes, the most this back-end takes inline" % MAX_IMAGES_BYTES,
+                                     "than %d bytes, the most this back-end takes inline" % self.limits.max_images_bytes,
                                      code="images_too_large", param="messages")
                 pieces.append(piece)
         finally:
@@ -9876,6 +9898,7 @@ class Translator:
         self.drop_params = app.drop_params
         self.capture = app.capture
         self.clock, self.wall = app.clock, app.wall
+        self.timing: StreamTiming = app.timing
 
     def options(self, prov: Provider, sse: bool, on_complete=None) -> CodecOptions:
         return dataclasses.replace(prov.codec_options, sse=sse, on_complete=on_complete, clock=self.wall)
@@ -10014,7 +10037,7 @@ class Translator:
         peek = _Peek(pieces)
         events: list = []
         ended = False
-        until = time.monotonic() + FIRST_OUTPUT_HOLD_S
+        until = time.monotonic() + self.timing.first_output_hold_s
         try:
             try:
                 while first_outcome(events) is None:
@@ -10075,7 +10098,7 @@ class Translator:
                         yield ka
                 while not primed.ended:
                     try:
-                        piece = await peek.next(KEEPALIVE_S if started else FIRST_KEEPALIVE_S)
+                        piece = await peek.next(self.timing.keepalive_s if started else self.timing.first_keepalive_s)
                     except StopAsyncIteration:
                         new = tr.decode_end()
                         primed.ended = True
@@ -10878,8 +10901,10 @@ class App:
     def __init__(self, config: Config, client: Optional[HTTPClient] = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  sleep=asyncio.sleep, rand: Optional[Callable[[], float]] = None, resolve=None,
-                 address_ok: Optional[Callable[[str], bool]] = None, previous: Optional["App"] = None):
+                 address_ok: Optional[Callable[[str], bool]] = None, previous: Optional["App"] = None,
+                 timing: StreamTiming = StreamTiming(), image_limits: ImageLimits = ImageLimits()):
         self.config = config
+        self.timing = timing
         self.client = client or HTTPClient()
         self.clock = clock
         self.wall = wall
@@ -10921,10 +10946,10 @@ class App:
         self.started = wall()
         self.cors_any = "*" in config.cors_origins
         self.cors = frozenset(config.cors_origins)
-        self.keep(previous)
+        self.keep(previous, resolve, address_ok, image_limits)
         # the services, each handed what it uses
         self.caller = UpstreamCaller(self)
-        self.passthrough = PassThrough(self.caller)
+        self.passthrough = PassThrough(self.caller, timing)
         self.translator = Translator(self)
         self.chat = ChatService(self)
         self.handlers = (ChatHandlers(self), OpsHandlers(self))
@@ -10932,14 +10957,14 @@ class App:
         self.prefix_routes = [(prefix, self.bind(methods)) for prefix, methods in PREFIX_ROUTES]
         self.any_route = self.bind(ANY_ROUTE)
 
-    def keep(self, previous: Optional["App"]):
+    def keep(self, previous: Optional["App"], resolve, address_ok, image_limits: ImageLimits):
         """What outlives a reload (or starts empty): usage, the conversation memory and image
         fetch slots, sessions, remembered refused fields, the shared-state cursor."""
         if previous is None:
             self.usage = UsageMeter()
             self.usage_pending: Dict[Tuple[str, str, str], List[int]] = {}
             self.memory = ConversationMemory()
-            self.images = ImageFetcher(self.client)
+            self.images = ImageFetcher(self.client, resolve, address_ok, image_limits)
             self.sessions: "OrderedDict[str, dict]" = OrderedDict()
             # (provider, model) -> optional fields the model refused with a 400, left out from then on
             self.drop_params: Dict[Tuple[str, str], set] = {}
@@ -11039,7 +11064,8 @@ class App:
         the old App, which shares the connection pool."""
         if self.capture is not None:
             self.capture.flush_sync()
-        new = App(config, self.client, self.clock, self.wall, self.sleep, self.rand, previous=self)
+        new = App(config, self.client, self.clock, self.wall, self.sleep, self.rand, previous=self,
+                  timing=self.timing)
         new.limiter.hits = self.limiter.hits
         new.reloader = self.reloader
         if new.shared is not None:

@@ -359,7 +359,8 @@ class ProxyCase(unittest.IsolatedAsyncioTestCase):
         async def fake_sleep(seconds):       # the proxy's backoff and waits, on the fake clock
             self.sleeps.append(seconds)
             self.clock.t += seconds
-        self.app = lp.App(self.config, clock=self.clock, sleep=fake_sleep, rand=lambda: 0.5)
+        self.app = lp.App(self.config, clock=self.clock, sleep=fake_sleep, rand=lambda: 0.5,
+                          timing=getattr(self, "timing", lp.StreamTiming()))
         self.server = lp.HTTPServer(self.app, limits or lp.ServerLimits())
         await self.server.start("127.0.0.1", 0)
         self.port = self.server.port
@@ -4447,20 +4448,17 @@ class TestStreaming(ProxyCase):
             for ev in STREAM_EVENTS:
                 sse_chunk(w, ev)
             w.write(b"0\r\n\r\n")
+        self.timing = lp.StreamTiming(first_keepalive_s=0.05)
         await self.start(handler)
-        saved, lp.FIRST_KEEPALIVE_S = lp.FIRST_KEEPALIVE_S, 0.05
-        try:
-            c = await self.conn()
-            c.send("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
-            status, _ = await c.read_head()
-            chunks = c.read_chunks()
-            seen = await chunks.__anext__()
-            self.assertEqual(seen, b": keep-alive\n\n")
-            gate.set()
-            async for piece in chunks:
-                seen += piece
-        finally:
-            lp.FIRST_KEEPALIVE_S = saved
+        c = await self.conn()
+        c.send("POST", "/v1/chat/completions", {"model": "m", "stream": True, "messages": []})
+        status, _ = await c.read_head()
+        chunks = c.read_chunks()
+        seen = await chunks.__anext__()
+        self.assertEqual(seen, b": keep-alive\n\n")
+        gate.set()
+        async for piece in chunks:
+            seen += piece
         self.assertEqual(status, 200)
         self.assertTrue(seen.endswith(b"".join(STREAM_EVENTS)))
         self.assertEqual([e.data for e in lp.SSEDecoder().feed(seen)][-1], "[DONE]")
@@ -4770,23 +4768,19 @@ class TestHubBehaviour(ProxyCase):
     async def test_keepalive_during_long_silence(self):
         gate = asyncio.Event()
         handler = gated_stream(gate)
+        self.timing = lp.StreamTiming(0.05, 0.05, 0.05)
         await self.start_back(handler)
-        saved = lp.KEEPALIVE_S, lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S
-        lp.KEEPALIVE_S = lp.FIRST_KEEPALIVE_S = lp.FIRST_OUTPUT_HOLD_S = 0.05
-        try:
-            c = await self.conn()
-            c.send("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "stream": True,
-                                            "messages": [{"role": "user", "content": "x"}]})
-            await c.read_head()
-            chunks = c.read_chunks()
-            seen = b""
-            while b"event: ping" not in seen:
-                seen += await chunks.__anext__()
-            gate.set()
-            async for piece in chunks:
-                seen += piece
-        finally:
-            lp.KEEPALIVE_S, lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S = saved
+        c = await self.conn()
+        c.send("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "stream": True,
+                                        "messages": [{"role": "user", "content": "x"}]})
+        await c.read_head()
+        chunks = c.read_chunks()
+        seen = b""
+        while b"event: ping" not in seen:
+            seen += await chunks.__anext__()
+        gate.set()
+        async for piece in chunks:
+            seen += piece
         names = [e.event for e in lp.SSEDecoder().feed(seen)]
         self.assertEqual(names[0], "ping")            # keep-alives while the opening events wait for output
         self.assertEqual([n for n in names if n != "ping"][0], "message_start")
@@ -4941,31 +4935,27 @@ class TestHubBehaviour(ProxyCase):
                                                              "/slow.png": trickle})
         self.app.images.resolve = lambda host, p: _async(["127.0.0.2"])
         self.app.images.address_ok = lambda a: a == "127.0.0.2"
-        saved = lp.MAX_IMAGES_BYTES, lp.MAX_IMAGE_BYTES, lp.IMAGE_FETCH_TOTAL_S
-        lp.MAX_IMAGES_BYTES, lp.MAX_IMAGE_BYTES, lp.IMAGE_FETCH_TOTAL_S = 5000, 4000, 0.3
-        try:
-            def ask(*paths):
-                return {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": [
-                    {"type": "text", "text": "compare"}] + [
-                    {"type": "image", "source": {"type": "url", "url": "http://pics.test:%d%s" % (port, p)}}
-                    for p in paths]}]}
-            sent = len(self.up.requests)
-            status, _, data = await self.call("POST", "/v1/messages", ask("/a.png", "/b.png"))
-            self.assertEqual(status, 413, data)                          # 6000 bytes in all > 5000
-            self.assertEqual(json.loads(data)["type"], "error")          # Anthropic's shape
-            self.assertIn("add up to more than 5000 bytes", json.loads(data)["error"]["message"])
-            self.assertEqual(len(self.up.requests), sent)                # nothing went upstream
-            lp.MAX_IMAGE_BYTES = 2000
-            status, _, data = await self.call("POST", "/v1/messages", ask("/a.png"))
-            self.assertEqual(status, 413)
-            self.assertIn("larger than 2000 bytes", json.loads(data)["error"]["message"])
-            t0 = time.monotonic()
-            status, _, _ = await self.call("POST", "/v1/messages", ask("/slow.png"))   # never idle, never done
-            self.assertEqual(status, 200)
-            self.assertLess(time.monotonic() - t0, 3)
-            self.assertIn("text", self.gemini_parts()[1])                # given up on: sent as a link
-        finally:
-            lp.MAX_IMAGES_BYTES, lp.MAX_IMAGE_BYTES, lp.IMAGE_FETCH_TOTAL_S = saved
+        self.app.images.limits = lp.ImageLimits(max_images_bytes=5000, max_image_bytes=4000, fetch_total_s=0.3)
+        def ask(*paths):
+            return {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "compare"}] + [
+                {"type": "image", "source": {"type": "url", "url": "http://pics.test:%d%s" % (port, p)}}
+                for p in paths]}]}
+        sent = len(self.up.requests)
+        status, _, data = await self.call("POST", "/v1/messages", ask("/a.png", "/b.png"))
+        self.assertEqual(status, 413, data)                          # 6000 bytes in all > 5000
+        self.assertEqual(json.loads(data)["type"], "error")          # Anthropic's shape
+        self.assertIn("add up to more than 5000 bytes", json.loads(data)["error"]["message"])
+        self.assertEqual(len(self.up.requests), sent)                # nothing went upstream
+        self.app.images.limits = lp.ImageLimits(max_images_bytes=5000, max_image_bytes=2000, fetch_total_s=0.3)
+        status, _, data = await self.call("POST", "/v1/messages", ask("/a.png"))
+        self.assertEqual(status, 413)
+        self.assertIn("larger than 2000 bytes", json.loads(data)["error"]["message"])
+        t0 = time.monotonic()
+        status, _, _ = await self.call("POST", "/v1/messages", ask("/slow.png"))   # never idle, never done
+        self.assertEqual(status, 200)
+        self.assertLess(time.monotonic() - t0, 3)
+        self.assertIn("text", self.gemini_parts()[1])                # given up on: sent as a link
 
     CODEX_TOOLS = {"type": "additional_tools", "role": "developer", "tools": [
         {"type": "namespace", "name": "functions", "tools": [
@@ -5738,22 +5728,18 @@ class TestResilience(ProxyCase):
             for ev in STREAM_EVENTS:
                 sse_chunk(w, ev)
             w.write(b"0\r\n\r\n")
+        self.timing = lp.StreamTiming(first_keepalive_s=0.05, first_output_hold_s=0.05)
         await self.two_upstreams(thinking)
-        saved = lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S
-        lp.FIRST_KEEPALIVE_S = lp.FIRST_OUTPUT_HOLD_S = 0.05
-        try:
-            c = await self.conn()
-            c.send("POST", "/v1beta/models/a/model-a:streamGenerateContent?alt=sse",
-                   {"contents": [{"role": "user", "parts": [{"text": "think"}]}]})
-            status, _ = await c.read_head()
-            chunks = c.read_chunks()
-            seen = await chunks.__anext__()
-            seen += await chunks.__anext__()
-            gate.set()
-            async for piece in chunks:
-                seen += piece
-        finally:
-            lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S = saved
+        c = await self.conn()
+        c.send("POST", "/v1beta/models/a/model-a:streamGenerateContent?alt=sse",
+               {"contents": [{"role": "user", "parts": [{"text": "think"}]}]})
+        status, _ = await c.read_head()
+        chunks = c.read_chunks()
+        seen = await chunks.__anext__()
+        seen += await chunks.__anext__()
+        gate.set()
+        async for piece in chunks:
+            seen += piece
         self.assertEqual(status, 200)
         self.assertTrue(seen.startswith(b"\r\n\r\n"), seen[:40])
         self.assertNotIn(b": keep-alive", seen)                    # Google's SDKs would choke on a comment
@@ -5768,30 +5754,26 @@ class TestResilience(ProxyCase):
             await w.drain()
             await asyncio.sleep(0.3)                   # thinking... (the client sees keep-alives)
             return False                               # and the connection drops
-        saved = lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S
-        lp.FIRST_KEEPALIVE_S = lp.FIRST_OUTPUT_HOLD_S = 0.05
-        try:
-            await self.two_upstreams(silent_then_gone)
-            for client, opening in (("anthropic", "message_start"), ("openai-responses", "response.created"),
-                                    ("gemini", None)):
-                p, body = client_request(client, 1, True)
-                if client == "gemini":
-                    p = p.replace("/models/up-model:", "/models/smart:")
-                else:
-                    body["model"] = "smart"
-                with self.subTest(client=client):
-                    status, headers, data = await self.call("POST", p, body)
-                    self.assertEqual((status, headers["x-llmproxy-provider"]), (200, "a"))   # the head went out
-                    self.assertIn({"anthropic": b"event: ping", "gemini": b"\r\n\r\n"}.get(client, b"keep-alive"), data)
-                    text, calls, end = client_reply(client, data, True)
-                    self.assertEqual(calls[0][1], "get_weather")                            # b's answer
-                    self.assertNotIn(b"upstream_incomplete", data)
-                    if opening:
-                        names = [e.event for e in lp.SSEDecoder().feed(data)]
-                        self.assertEqual([n for n in names if n != "ping"][0], opening)
-                        self.assertEqual(names.count(opening), 1)
-        finally:
-            lp.FIRST_KEEPALIVE_S, lp.FIRST_OUTPUT_HOLD_S = saved
+        self.timing = lp.StreamTiming(first_keepalive_s=0.05, first_output_hold_s=0.05)
+        await self.two_upstreams(silent_then_gone)
+        for client, opening in (("anthropic", "message_start"), ("openai-responses", "response.created"),
+                                ("gemini", None)):
+            p, body = client_request(client, 1, True)
+            if client == "gemini":
+                p = p.replace("/models/up-model:", "/models/smart:")
+            else:
+                body["model"] = "smart"
+            with self.subTest(client=client):
+                status, headers, data = await self.call("POST", p, body)
+                self.assertEqual((status, headers["x-llmproxy-provider"]), (200, "a"))   # the head went out
+                self.assertIn({"anthropic": b"event: ping", "gemini": b"\r\n\r\n"}.get(client, b"keep-alive"), data)
+                text, calls, end = client_reply(client, data, True)
+                self.assertEqual(calls[0][1], "get_weather")                            # b's answer
+                self.assertNotIn(b"upstream_incomplete", data)
+                if opening:
+                    names = [e.event for e in lp.SSEDecoder().feed(data)]
+                    self.assertEqual([n for n in names if n != "ping"][0], opening)
+                    self.assertEqual(names.count(opening), 1)
         self.assertEqual(len(self.up.requests), 3)
 
     async def test_failover_from_a_500ing_provider_to_another_format_streaming(self):
