@@ -4,24 +4,30 @@
 Run it:     python3 llmproxy.py                  (serves http://127.0.0.1:8787)
 Test it:    python3 -m unittest -v test_llmproxy
 
-Sections (each uses only names from the sections above it; 12-13 wire it all):
+Sections (each uses only names from the sections above it; 12-13 wire it all, and
+12's sub-sections are layered the same way; test_llmproxy.TestLayout checks both):
    0. header        docstring, version, imports, Python 3.8 shims
-   1. constants     limits with their reasons, ProxyError
+   1. constants     limits with their reasons, ProxyError, UpstreamError, status -> type;
+                    1b JSON (strict, cooperative for big bodies) and dates
    2. HTTP wire     sans-IO: Headers, parse_request_head, body framing, ChunkedDecoder, render_*
    3. HTTP server   HTTPServer.serve_connection: keep-alive loop, connection caps, limits,
-                    timeouts, streaming; Exchange (what one exchange did); JSON helpers
+                    timeouts, streaming; Exchange (what one exchange did)
    4. HTTP client   TLS context, proxy settings, connection pool, streaming request()
    5. SSE           SSEDecoder (WHATWG rules), render_sse, usage sniffing
-   6. formats       the canonical model (ChatRequest, Part, events) and the hub:
+   6. formats       the canonical model (ChatRequest, Part, events), CodecOptions and the
+                    pure hub (StreamTranslator: bytes in, bytes out); each format class
+                    holds its facts and makes its codecs:
                     6a OpenAI Chat, 6b Anthropic Messages, 6c OpenAI Responses, 6d Gemini
-   7. providers     Provider, KNOWN_PROVIDERS, the built-in mock provider
+   7. providers     Provider, KNOWN_PROVIDERS, the mock (an in-process upstream)
    8. auth          atomic files, ProxyKeys (client keys), KeyRing (upstream rotation);
                     8b OAuth device flow, token store, refreshing subscription logins
-   9. routing       Router (failover chains), Breaker, RateLimiter, Slots;
+   9. routing       Router (failover chains), Breaker, RetryPolicy, RateLimiter, Slots;
                     9b guardrails: repair engine, stages, Pipeline
   10. usage/logs    UsageMeter, SharedState (workers), WireCapture, AccessLog
   11. config        load_config() -> Config, ConfigError
-  12. app           App: routes, pass-through and translation, failover, handlers
+  12. app           12a exchange helpers (ChatCall), 12b UpstreamCaller, 12c PassThrough,
+                    12d Translator (memory, image fetches), 12e ChatService (failover chain),
+                    12f handlers and the route table, 12g App (the composition root)
   13. CLI           main(argv): serve (workers, reload), keys, check, login, logout, auth
 """
 
@@ -1170,7 +1176,8 @@ class HTTPServer:
         match = self.app.precheck(head)
         if isinstance(match, (Response, ProxyError)):
             early = match if isinstance(match, Response) else self.app.error_response(match, head)
-            keep = head.keep_alive and not has_body and not self.closing
+            keep = head.keep_alive and not has_body and not self.closing and \
+                not (isinstance(match, ProxyError) and match.close)
             await self._write(conn, head, Request(head, b"", conn.peer, None), early, keep)
             return keep
         if has_body and head.version == "HTTP/1.1" and "100-continue" in head.headers.tokens("expect"):
@@ -7241,7 +7248,7 @@ class RetryPolicy:
 REQUEST_STAGES = ("commands", "rewrite", "redact")
 RESPONSE_STAGES = ("tool_repair", "json_repair", "loop_detection", "dangerous_commands", "reply_rewrite")
 PIPELINE_ORDER = REQUEST_STAGES + RESPONSE_STAGES
-SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "x-session-id", "conversation_id",
+SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "session-id", "x-session-id", "conversation_id",
                    "x-conversation-id", "openai-conversation-id")
 SESSIONS_MAX = 1024                 # sessions with a sticky model/back-end kept (least recent dropped)
 
@@ -11139,6 +11146,14 @@ class App:
     def precheck(self, head: RequestHead):
         """Route, method and auth before the body is read. -> (handler, key entry),
         a Response (CORS preflight) or a ProxyError."""
+        if "websocket" in head.headers.tokens("upgrade"):
+            # Codex tries a WebSocket transport for Responses first (always with the built-in
+            # openai provider on a custom base URL). 426 is the one answer it falls back to
+            # HTTP on at once (measured with Codex 0.171: ~0.1 s); 404/405/5xx cost it ~6.5 s of
+            # reconnects, 400/429 end the turn.
+            return ProxyError(426, "invalid_request_error", "this proxy speaks HTTP only: send the request as a "
+                              "plain HTTP POST (WebSocket upgrades are refused)", code="websocket_not_supported",
+                              close=True)
         methods = self._find_route(head.path)
         if head.method == "OPTIONS":
             return self.preflight(head, methods)

@@ -1307,6 +1307,23 @@ class TestServerHardening(ProxyCase):
         status, _, _ = await self.call("GET", "/health")      # still serving
         self.assertEqual(status, 200)
 
+    async def test_a_websocket_upgrade_is_refused_at_once_with_426(self):
+        """Codex tries a WebSocket on /v1/responses first; 426 is the answer it falls back to
+        HTTP on at once (a 405 or 404 costs it ~6.5 s of reconnects, a 400 ends its turn)."""
+        await self.start(port=9)
+        for path in ("/v1/responses", "/v1/chat/completions", "/nowhere"):
+            with self.subTest(path):
+                status, headers, body, c = await self.raw(
+                    ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                     "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Authorization: Bearer %s\r\n\r\n" % (path, CLIENT_KEY)).encode())
+                self.assertEqual(status, 426)
+                self.assertEqual(json.loads(body)["error"]["code"], "websocket_not_supported")
+                self.assertEqual(headers.get("connection"), "close")
+                self.assertTrue(await c.closed())
+        status, _, _ = await self.call("GET", "/health")
+        self.assertEqual(status, 200)
+
     async def test_connection_caps_answer_503_and_close(self):
         for limits in (lp.ServerLimits(max_per_ip=2), lp.ServerLimits(max_connections=2)):
             with self.subTest(per_ip=limits.max_per_ip):
