@@ -2227,6 +2227,7 @@ class ChatRequest:
     store: Optional[bool] = None
     previous_response_id: Optional[str] = None
     history_applied: bool = False        # previous_response_id already expanded by the proxy
+    dropped_tools: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (format, kind) left out
     custom_tools: List[str] = dataclasses.field(default_factory=list)   # names declared custom by the client
     # a Responses client's namespaced tools, flattened for other back-ends: flat name -> (namespace, name)
     tool_namespaces: Dict[str, Tuple[str, str]] = dataclasses.field(default_factory=dict)
@@ -2403,18 +2404,32 @@ def drop_field(fmt: str, name: str):
     log.debug("%s: field %r has no equivalent here; dropped", fmt, name)
 
 
-_TOLD: set = set()
+MAX_DROPPED_NOTES = 16               # dropped-tool notes one request keeps for the log
 
 
-def drop_tool(fmt: str, kind) -> None:
-    """A server-side tool the back-end cannot run: said once per process and kind (agents
-    send the same tools with every request), then only at debug level."""
-    key = (fmt, str(kind)[:80])
-    if key in _TOLD or len(_TOLD) >= 1024:
-        log.debug("%s: built-in tool %s dropped", fmt, key[1])
-        return
-    _TOLD.add(key)
-    log.info("%s: built-in tool %s cannot run on this back-end; dropped (said once)", fmt, key[1])
+def drop_tool(req: "ChatRequest", fmt: str, kind) -> None:
+    """A server-side tool the back-end cannot run: noted on the request (the app says it in
+    the log once per process and kind, see SaidOnce; the hub itself logs nothing)."""
+    if len(req.dropped_tools) < MAX_DROPPED_NOTES:
+        req.dropped_tools.append((fmt, str(kind)[:80]))
+
+
+class SaidOnce:
+    """Log lines said at INFO the first time per key, then at DEBUG (agents send the same
+    tools with every request); at most `limit` keys are remembered."""
+
+    def __init__(self, limit: int = 1024):
+        self.keys: set = set()
+        self.limit = limit
+
+    def dropped_tools(self, notes):
+        for fmt, kind in notes:
+            key = (fmt, kind)
+            if key in self.keys or len(self.keys) >= self.limit:
+                log.debug("%s: built-in tool %s dropped", fmt, kind)
+                continue
+            self.keys.add(key)
+            log.info("%s: built-in tool %s cannot run on this back-end; dropped (said once)", fmt, kind)
 
 
 # effort <-> thinking budget (hermes-agent's table), Gemini levels
@@ -3390,7 +3405,7 @@ class AnthropicMessages(WireFormat):
             if not isinstance(t, dict):
                 continue
             if t.get("type") not in (None, "custom") or "input_schema" not in t:
-                drop_tool("anthropic", t.get("type") or t.get("name"))
+                drop_tool(req, "anthropic", t.get("type") or t.get("name"))
                 continue
             req.tools.append(Tool(t.get("name", ""), t.get("description") or "", t.get("input_schema") or {},
                                   cache=cache_mark(t)))
@@ -3947,7 +3962,7 @@ class OpenAIResponses(WireFormat):
                     if text:
                         req.messages.append(Message("user", [Part("text", text=COMPACTION_HEADER + text)]))
                 else:                             # OpenAI's: only OpenAI can read it (and gets it as it is)
-                    drop_tool("openai-responses", "compaction item")
+                    drop_tool(req, "openai-responses", "compaction item")
             elif t == "item_reference":
                 log.info("openai-responses: item_reference %s cannot be resolved here; dropped", it.get("id"))
             else:
@@ -4029,7 +4044,7 @@ class OpenAIResponses(WireFormat):
             elif kind == "namespace" and isinstance(name, str):   # Codex groups tools (MCP, built-ins)
                 cls._parse_tools(t.get("tools") or [], req, cls.flat_name(namespace, name))
             else:
-                drop_tool("openai-responses", kind)
+                drop_tool(req, "openai-responses", kind)
 
     @classmethod
     def render_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
@@ -4754,7 +4769,7 @@ class Gemini(WireFormat):
                 continue
             decls = t.get("functionDeclarations") or t.get("function_declarations")
             if not decls:
-                drop_tool("gemini", list(t)[:1])
+                drop_tool(req, "gemini", list(t)[:1])
                 continue
             for fd in decls:
                 params = fd.get("parametersJsonSchema") or fd.get("parameters_json_schema")
@@ -9906,6 +9921,7 @@ class Translator:
         self.capture = app.capture
         self.clock, self.wall = app.clock, app.wall
         self.timing: StreamTiming = app.timing
+        self.told: SaidOnce = app.told
 
     def options(self, prov: Provider, sse: bool, on_complete=None) -> CodecOptions:
         return dataclasses.replace(prov.codec_options, sse=sse, on_complete=on_complete, clock=self.wall)
@@ -9946,6 +9962,8 @@ class Translator:
         info = call.info
         fmt = call.fmt
         info.via = "%s>%s" % (fmt.name, prov.kind)
+        if creq.dropped_tools:
+            self.told.dropped_tools(creq.dropped_tools)
         await self.prepare(call, prov, creq)
         history = list(creq.messages)
         size = len(call.request.body)
@@ -10976,10 +10994,11 @@ class App:
             # (provider, model) -> optional fields the model refused with a 400, left out from then on
             self.drop_params: Dict[Tuple[str, str], set] = {}
             self.seen_reset = 0.0                 # the newest shared cooldown reset applied here
+            self.told = SaidOnce()
             return
         self.usage, self.usage_pending = previous.usage, previous.usage_pending
         self.memory, self.images, self.sessions = previous.memory, previous.images, previous.sessions
-        self.drop_params, self.seen_reset = previous.drop_params, previous.seen_reset
+        self.drop_params, self.seen_reset, self.told = previous.drop_params, previous.seen_reset, previous.told
 
     def bind(self, methods: Dict[str, Tuple[str, int]]) -> Dict[str, Tuple[Callable, int]]:
         out = {}

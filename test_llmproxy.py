@@ -2387,11 +2387,14 @@ class TestFailureClasses(unittest.TestCase):
                                                                    "cache_control": {"type": "ephemeral"}}]}]}
 
     def test_a_dropped_server_tool_is_reported_once(self):
-        lp._TOLD.discard(("openai-responses", "web_search_test"))
         body = {"model": "m", "input": "hi", "tools": [{"type": "web_search_test"}]}
+        told = lp.SaidOnce()
         with self.assertLogs(lp.log, "DEBUG") as logs:
             for _ in range(3):
-                self.assertEqual(lp.OpenAIResponses.parse_request(body).tools, [])
+                req = lp.OpenAIResponses.parse_request(body)
+                self.assertEqual(req.tools, [])
+                self.assertEqual(req.dropped_tools, [("openai-responses", "web_search_test")])
+                told.dropped_tools(req.dropped_tools)
         said = [r for r in logs.records if "web_search_test" in r.getMessage()]
         self.assertEqual([r.levelname for r in said], ["INFO", "DEBUG", "DEBUG"])
 
