@@ -2314,6 +2314,7 @@ class CodecOptions:
     cache_control: bool = False            # the back-end takes Anthropic-style cache breakpoints
     max_tokens_field: str = "max_tokens"   # OpenAI's reasoning models want max_completion_tokens
     drop_thinking: bool = False            # provider option "thinking": "drop" (the client never sees it)
+    reasoning_details: bool = False        # the back-end takes OpenRouter's reasoning_details back
     sse: bool = True                       # Gemini clients: SSE (alt=sse) or one JSON array
     on_complete: Optional[Callable[[dict], None]] = None    # Responses: the finished reply, to remember
     clock: Callable[[], float] = time.time                  # "created" stamps
@@ -2329,6 +2330,7 @@ class CodecOptions:
         return cls(cache_control=bool(options.get("cache_control")),
                    max_tokens_field=options.get("max_tokens_field") or "max_tokens",
                    drop_thinking=options.get("thinking") == "drop", sse=options.get("sse", True) is not False,
+                   reasoning_details=bool(options.get("reasoning_details")),
                    on_complete=options.get("on_complete"))
 
 
@@ -2652,6 +2654,64 @@ def encode_embedding(values: list, encoding: str):
     return base64.b64encode(struct.pack("<%df" % len(values), *values)).decode("ascii")
 
 
+# OpenRouter's reasoning_details: each item names the vendor format that signed it, so a
+# signature can ride through a chat client back to its own vendor (as Responses clients carry
+# them in encrypted_content).
+_RD_FORMAT = {"anthropic": "anthropic-claude-v1", "gemini": "google-gemini-v1",
+              "openai-responses": "openai-responses-v1"}
+_RD_ORIGIN = {v: k for k, v in _RD_FORMAT.items()}
+MAX_REASONING_DETAILS = 256         # items read from one message or chunk
+
+
+def parse_reasoning_details(items, reasoning: str = "") -> List[Part]:
+    """reasoning_details items -> thinking / redacted parts (origin from the item's format;
+    an unknown format stays OpenRouter's, replayed only to it, its name kept in Part.name)."""
+    parts: List[Part] = []
+    for it in items[:MAX_REASONING_DETAILS]:
+        if not isinstance(it, dict):
+            continue
+        fmt = it.get("format") if isinstance(it.get("format"), str) else "unknown"
+        origin = _RD_ORIGIN.get(fmt, "openrouter")
+        rid = it.get("id") if isinstance(it.get("id"), str) else ""
+        kind = it.get("type")
+        if kind == "reasoning.encrypted" and isinstance(it.get("data"), str) and it["data"]:
+            parts.append(Part("redacted", data=it["data"], origin=origin, name=fmt, id=rid) if origin in (
+                "anthropic", "openrouter") else Part("thinking", signature=it["data"], origin=origin, name=fmt,
+                                                     id=rid))
+        elif kind in ("reasoning.text", "reasoning.summary"):
+            text = it.get("text") if kind == "reasoning.text" else it.get("summary")
+            sig = it.get("signature") if isinstance(it.get("signature"), str) else ""
+            text = text if isinstance(text, str) else ""
+            if text or sig:
+                parts.append(Part("thinking", text=text, signature=sig, origin=origin if sig else "openrouter",
+                                  name=fmt, id=rid))
+    if reasoning and not any(p.text for p in parts):       # the text came only in "reasoning"
+        first = next((p for p in parts if p.type == "thinking"), None)
+        if first is None:
+            parts.insert(0, Part("thinking", text=reasoning, origin="openai"))
+        else:
+            first.text = reasoning
+    return parts
+
+
+def render_reasoning_details(parts: List[Part]) -> List[dict]:
+    """Thinking parts that carry a signature or came from reasoning_details, as items."""
+    out: List[dict] = []
+    for p in parts:
+        if p.type not in ("thinking", "redacted") or not (p.signature or p.data or p.origin == "openrouter"):
+            continue
+        fmt = p.name or _RD_FORMAT.get(p.origin, "unknown")
+        item: Dict[str, Any] = {"type": "reasoning.encrypted", "data": p.data} if p.type == "redacted" else \
+            {"type": "reasoning.encrypted", "data": p.signature} if p.signature and not p.text and \
+            p.origin == "openai-responses" else \
+            {"type": "reasoning.text", "text": p.text, "signature": p.signature or None}
+        item.update(format=fmt, index=len(out))
+        if p.id:
+            item["id"] = p.id
+        out.append(item)
+    return out
+
+
 class OpenAIChat(WireFormat):
 
     @classmethod
@@ -2671,6 +2731,17 @@ class OpenAIChat(WireFormat):
     @classmethod
     def parse_embed_call(cls, reply: dict, n: int) -> Tuple[List[list], Optional[int]]:
         return cls.parse_embeddings_reply(reply, n)
+
+    @staticmethod
+    def _reasoning_parts(msg: dict) -> List[Part]:
+        """An assistant message's reasoning: OpenRouter's reasoning_details when there are
+        any (signatures kept), else reasoning_content / reasoning text."""
+        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+        reasoning = reasoning if isinstance(reasoning, str) else ""
+        details = msg.get("reasoning_details")
+        if isinstance(details, list) and details:
+            return parse_reasoning_details(details, reasoning)
+        return [Part("thinking", text=reasoning, origin="openai")] if reasoning else []
 
     @classmethod
     def with_max_tokens(cls, body: dict, n: int) -> dict:
@@ -2757,10 +2828,7 @@ class OpenAIChat(WireFormat):
             elif role == "user":
                 req.messages.append(Message("user", cls._content_parts(m.get("content"))))
             elif role == "assistant":
-                parts = []
-                reasoning = m.get("reasoning_content") or m.get("reasoning")
-                if isinstance(reasoning, str) and reasoning:
-                    parts.append(Part("thinking", text=reasoning, origin="openai"))
+                parts = cls._reasoning_parts(m)
                 parts.extend(cls._content_parts(m.get("content")))
                 calls = m.get("tool_calls") or []
                 if isinstance(m.get("function_call"), dict):
@@ -2817,10 +2885,17 @@ class OpenAIChat(WireFormat):
             js = rf.get("json_schema") or {}
             req.response_format = {"type": "json_schema", "name": js.get("name") or "response",
                                    "schema": js.get("schema") or {}, "strict": js.get("strict")}
-        effort = body.get("reasoning_effort") or (body.get("reasoning") or {}).get("effort")
+        rs = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+        effort = body.get("reasoning_effort") or rs.get("effort")
+        if not isinstance(effort, str) and rs.get("enabled") is True and not isinstance(rs.get("max_tokens"), int):
+            effort = "medium"                  # OpenRouter: enabled alone means medium effort
+        elif rs.get("enabled") is False:
+            effort = "none"
         if isinstance(effort, str):
             req.reasoning_effort = effort
             req.thinking = effort not in ("none",)
+        if type(rs.get("max_tokens")) is int and rs["max_tokens"] > 0 and rs.get("enabled") is not False:
+            req.reasoning_budget, req.thinking = rs["max_tokens"], True
         req.user = body.get("user")
         req.metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
         req.stream = body.get("stream") is True
@@ -2871,6 +2946,9 @@ class OpenAIChat(WireFormat):
                     thought = "".join(p.text for p in m.parts if p.type == "thinking" and p.origin == "openai")
                     if thought:         # DeepSeek-style back-ends want their reasoning back on tool turns
                         out["reasoning_content"] = thought
+                details = render_reasoning_details(m.parts) if opts.reasoning_details else []
+                if details:             # OpenRouter: the signed reasoning goes back as it came
+                    out["reasoning_details"] = details
                 msgs.append(out)
                 continue
             rest = []
@@ -2929,10 +3007,7 @@ class OpenAIChat(WireFormat):
             raise ProxyError(502, "upstream_error", "upstream reply has no choices", code="upstream_empty")
         choice = choices[0]
         msg = choice.get("message") or {}
-        parts = []
-        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            parts.append(Part("thinking", text=reasoning, origin="openai"))
+        parts = cls._reasoning_parts(msg)
         if isinstance(msg.get("content"), str) and msg["content"]:
             parts.append(Part("text", text=msg["content"]))
         elif isinstance(msg.get("content"), list):
@@ -2959,6 +3034,9 @@ class OpenAIChat(WireFormat):
         thought = "" if drop else "".join(p.text for p in resp.parts if p.type == "thinking")
         if thought:
             msg["reasoning_content"] = thought
+        details = [] if drop else render_reasoning_details(resp.parts)
+        if details:                  # signatures, for clients that send reasoning_details back
+            msg["reasoning_details"] = details
         calls = [p for p in resp.parts if p.type == "tool_call"]
         if calls:
             msg["tool_calls"] = [{"id": p.id, "type": "function", "function": {"name": p.name,
@@ -3059,6 +3137,19 @@ class OpenAIChatDecoder(CanonicalStream):
         self.usage: Optional[Usage] = None
         self.done = False
 
+    @staticmethod
+    def _details_events(parts: List[Part]) -> list:
+        out: list = []
+        for p in parts:
+            if p.type == "redacted":
+                out.append(("redacted", p.data, p.origin))
+                continue
+            if p.text:
+                out.append(("thinking", p.text))
+            if p.signature:
+                out.append(("signature", p.signature, p.origin))
+        return out
+
     def feed(self, ev: SSEEvent) -> list:
         data = ev.data
         if self.done or not data:
@@ -3084,7 +3175,11 @@ class OpenAIChatDecoder(CanonicalStream):
                 continue                  # n > 1 cannot be expressed in the other formats
             delta = choice.get("delta") or {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
+            details = delta.get("reasoning_details")
+            if isinstance(details, list) and details:
+                out.extend(self._details_events(parse_reasoning_details(details, reasoning
+                                                                        if isinstance(reasoning, str) else "")))
+            elif isinstance(reasoning, str) and reasoning:
                 out.append(("thinking", reasoning))
             content = delta.get("content")
             if isinstance(content, str) and content:
@@ -3130,6 +3225,7 @@ class OpenAIChatEncoder:
         self.model = req.model
         self.created = int(self.options.clock())
         self.tool_count = 0
+        self.details = 0                  # reasoning_details items sent
         self.started = False
         self.ended = False
         self._prefix: Optional[str] = None
@@ -3160,6 +3256,14 @@ class OpenAIChatEncoder:
         elif kind == "thinking":
             if not self.drop_thinking:
                 out.append(self._text_chunk("reasoning_content", ev[1]))
+        elif kind in ("signature", "redacted"):
+            if not self.drop_thinking:        # OpenRouter's shape: the client can send it back
+                part = Part("thinking", signature=ev[1], origin=ev[2]) if kind == "signature" else \
+                    Part("redacted", data=ev[1], origin=ev[2])
+                item = render_reasoning_details([part])[0]
+                item["index"] = self.details
+                self.details += 1
+                out.append(self._chunk({"reasoning_details": [item]}))
         elif kind == "tool_start":
             self.tool_count += 1
             out.append(self._chunk({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
@@ -5418,6 +5522,8 @@ class Provider:
         self.options = dict(options or {})
         if "cache_control" not in self.options:         # OpenRouter takes Anthropic-style cache breakpoints
             self.options["cache_control"] = "openrouter.ai" in self.base_url
+        if "reasoning_details" not in self.options:     # ...and its reasoning_details back, signatures and all
+            self.options["reasoning_details"] = "openrouter.ai" in self.base_url
         if "max_tokens_field" not in self.options:      # OpenAI's reasoning models refuse max_tokens
             self.options["max_tokens_field"] = "max_completion_tokens" if "api.openai.com" in self.base_url \
                 else "max_tokens"
@@ -8701,6 +8807,9 @@ def _load_provider(name: str, r: _Reader) -> ProviderConfig:
     cache = r.get("cache_control", bool, None)          # default: on for OpenRouter (see Provider)
     if cache is not None:
         pc.options["cache_control"] = cache
+    details = r.get("reasoning_details", bool, None)    # default: on for OpenRouter (see Provider)
+    if details is not None:
+        pc.options["reasoning_details"] = details
     pc.options["auto_cache"] = r.get("auto_cache", bool, True)
     fetch = r.get("fetch_images", str, "public")
     if fetch not in ("public", "all", "off"):

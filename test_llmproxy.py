@@ -2541,6 +2541,88 @@ class TestStreamTranslator(unittest.TestCase):
         self.assertNotIn(b'"Hel"', out)
 
 
+class TestReasoningDetails(unittest.TestCase):
+    """OpenRouter's reasoning_details: read (signatures kept, each back to its vendor) and
+    written (to OpenRouter back-ends, and to chat clients so they can send them back)."""
+    OR_REPLY = {"id": "gen-1", "model": "anthropic/claude-sonnet-4.5", "choices": [{"index": 0, "finish_reason": "tool_calls",
+                "message": {"role": "assistant", "content": "", "reasoning": "I should list files.",
+                            "reasoning_details": [
+                                {"type": "reasoning.text", "text": "I should list files.", "signature": "SIG-A",
+                                 "format": "anthropic-claude-v1", "index": 0},
+                                {"type": "reasoning.encrypted", "data": "REDACTED-A", "format": "anthropic-claude-v1",
+                                 "index": 1}],
+                            "tool_calls": [{"id": "toolu_1", "type": "function",
+                                            "function": {"name": "ls", "arguments": "{}"}}]}}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 7}}
+
+    def test_signed_reasoning_from_openrouter_reaches_an_anthropic_client_signed(self):
+        resp = lp.parse_reply(lp.OpenAIChat, self.OR_REPLY)
+        out = lp.AnthropicMessages.render_response(resp, lp.ChatRequest(model="m"))
+        blocks = out["content"]
+        self.assertEqual(blocks[0], {"type": "thinking", "thinking": "I should list files.", "signature": "SIG-A"})
+        self.assertEqual(blocks[1], {"type": "redacted_thinking", "data": "REDACTED-A"})
+        self.assertEqual(sum(1 for b in blocks if b["type"] == "thinking"), 1)       # not doubled by "reasoning"
+
+    def test_a_chat_client_gets_signatures_as_reasoning_details_and_they_go_back_to_their_vendor(self):
+        anthropic_reply = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude", "content": [
+            {"type": "thinking", "thinking": "plan", "signature": "SIG-B"},
+            {"type": "tool_use", "id": "toolu_2", "name": "ls", "input": {}}],
+            "stop_reason": "tool_use", "usage": {"input_tokens": 1, "output_tokens": 2}}
+        resp = lp.parse_reply(lp.AnthropicMessages, anthropic_reply)
+        chat = lp.OpenAIChat.render_response(resp, lp.ChatRequest(model="m"))
+        msg = chat["choices"][0]["message"]
+        self.assertEqual(msg["reasoning_details"], [{"type": "reasoning.text", "text": "plan", "signature": "SIG-B",
+                                                     "format": "anthropic-claude-v1", "index": 0}])
+        follow_up = {"model": "m", "messages": [{"role": "user", "content": "list"}, dict(msg, content=None),
+                                                {"role": "tool", "tool_call_id": "toolu_2", "content": "a.txt"}]}
+        req = lp.OpenAIChat.parse_request(follow_up)
+        req.thinking, req.max_tokens = True, 4000
+        sent = lp.AnthropicMessages.render_request(req)
+        self.assertEqual(sent["messages"][1]["content"][0], {"type": "thinking", "thinking": "plan",
+                                                             "signature": "SIG-B"})
+
+    def test_reasoning_details_go_back_to_openrouter_unchanged(self):
+        req = lp.OpenAIChat.parse_request({"model": "m", "messages": [
+            {"role": "user", "content": "q"}, self.OR_REPLY["choices"][0]["message"],
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "a.txt"}]})
+        sent = lp.OpenAIChat.render_request(req, {"reasoning_details": True})
+        self.assertEqual(sent["messages"][1]["reasoning_details"],
+                         self.OR_REPLY["choices"][0]["message"]["reasoning_details"])
+        self.assertNotIn("reasoning_details", lp.OpenAIChat.render_request(req, {})["messages"][1])
+
+    def test_streamed_reasoning_details_are_not_doubled_and_keep_their_signature(self):
+        def chunk(delta):
+            return ("data: " + json.dumps({"id": "g", "model": "m", "choices": [{"index": 0, "delta": delta}]})
+                    + "\n\n").encode()
+        pieces = [chunk({"role": "assistant", "reasoning": "Thin", "reasoning_details": [
+                      {"type": "reasoning.text", "text": "Thin", "format": "anthropic-claude-v1", "index": 0}]}),
+                  chunk({"reasoning": "king", "reasoning_details": [
+                      {"type": "reasoning.text", "text": "king", "format": "anthropic-claude-v1", "index": 0}]}),
+                  chunk({"reasoning_details": [{"type": "reasoning.text", "text": "", "signature": "SIG-C",
+                                                "format": "anthropic-claude-v1", "index": 0}]}),
+                  chunk({"content": "done"}),
+                  b'data: {"id":"g","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+                  b"data: [DONE]\n\n"]
+        tr = lp.StreamTranslator(lp.OpenAIChat.stream_decoder(), None)
+        events = [ev for p in pieces for ev in tr.decode(p)] + tr.decode_end()
+        resp = lp.collect_events(events)
+        thinking = [p for p in resp.parts if p.type == "thinking"]
+        self.assertEqual([(p.text, p.signature, p.origin) for p in thinking], [("Thinking", "SIG-C", "anthropic")])
+
+    def test_reasoning_enabled_and_max_tokens_are_read(self):
+        req = lp.OpenAIChat.parse_request({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                           "reasoning": {"enabled": True}})
+        self.assertEqual((req.reasoning_effort, req.thinking), ("medium", True))
+        req = lp.OpenAIChat.parse_request({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                           "reasoning": {"max_tokens": 3000}})
+        self.assertEqual((req.reasoning_budget, req.thinking), (3000, True))
+        sent = lp.AnthropicMessages.render_request(req)
+        self.assertEqual(sent["thinking"]["budget_tokens"], 3000)
+        req = lp.OpenAIChat.parse_request({"model": "m", "messages": [{"role": "user", "content": "q"}],
+                                           "reasoning": {"enabled": False}})
+        self.assertFalse(req.thinking)
+
+
 # 7. providers: the mock ######################################################
 
 class TestMock(unittest.TestCase):
