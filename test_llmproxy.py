@@ -3985,6 +3985,52 @@ class TestConfig(unittest.TestCase):
         self.assertEqual((cfg.providers["anthropic"].kind, cfg.providers["gemini"].kind), ("anthropic", "gemini"))
         self.assertEqual(cfg.aliases["claude"], [("anthropic", "claude-sonnet-4-5")])
 
+    def test_the_example_config_shows_every_key(self):
+        """README: "config.example.json shows every key". Every key name the loader (section 11)
+        reads with get/positive/strings/sub, and every "oauth" setting in _OAUTH_SETTINGS,
+        appears somewhere in the example, which loads."""
+        src = source_text()
+        section = src[src.index("\n# 11. config "):src.index("\n# 12. app ")]
+        accepted = set(re.findall(r'\b(?:get|positive|strings|sub)\("([a-z_$]+)"', section))
+        oauth = re.search(r"_OAUTH_SETTINGS = \{(.*?)\}", section, re.S)
+        self.assertIsNotNone(oauth, "_OAUTH_SETTINGS not found in section 11")
+        accepted |= set(re.findall(r'"([a-z_]+)"', oauth.group(1)))
+        self.assertGreater(len(accepted), 50)             # the regexes still see the loader's keys
+
+        path = os.path.join(HERE, "config.example.json")
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+
+        def keys(node) -> set:
+            if isinstance(node, dict):
+                return set(node).union(*(keys(v) for v in node.values()))
+            if isinstance(node, list):
+                return set().union(*(keys(v) for v in node))
+            return set()
+
+        # "$schema": an editor's schema hint, accepted at the top level; llmproxy publishes no
+        # schema, so the example has nothing true to point it at (its _comment mentions the key).
+        exempt = {"$schema"}
+        self.assertLessEqual(exempt, accepted, "an exemption no longer needed: drop it")
+        self.assertEqual(sorted(accepted - keys(doc) - exempt), [])
+
+        env = {"LLMPROXY_KEY": "k-test-123456789", "OPENAI_API_KEY": "sk-a", "OPENROUTER_API_KEY": "or-1",
+               "ANTHROPIC_API_KEY": "ak", "GEMINI_API_KEY": "gk"}
+        with tempfile.TemporaryDirectory() as d:           # no stored logins from the real data dir
+            cfg = lp.load_config(path, env, {"data_dir": d})
+            self.assertEqual(sorted(cfg.providers), ["anthropic", "gemini", "local", "openai", "openrouter"])
+            self.assertEqual(cfg.aliases["sonnet"], [("anthropic", "claude-sonnet-4-5")])
+            # the subscription providers are a comment block; moved into "providers" they load too
+            subs = {k: v for k, v in doc["_subscription_providers"].items() if not k.startswith("_")}
+            moved = os.path.join(d, "with-subscriptions.json")
+            with open(moved, "w", encoding="utf-8") as f:
+                json.dump(dict(doc, providers=dict(doc["providers"], **subs)), f)
+            cfg = lp.load_config(moved, env, {"data_dir": d})
+            self.assertEqual({n: cfg.providers[n].options["auth"] for n in subs},
+                             {"nous": "nous", "qwen-oauth": "qwen-oauth", "gemini-cli": "gemini-oauth",
+                              "codex": "codex-oauth", "claude": "claude-oauth"})
+
+
 
 # 12. app, end to end (12a records, 12b upstream calls, 12c pass-through, 12d translation, 12e chat service) #####
 
