@@ -2338,14 +2338,43 @@ _PLAIN_OPTIONS = CodecOptions()
 
 
 def merge_messages(messages: List[Message]) -> List[Message]:
-    """Adjacent messages with the same role become one (every back-end wants alternation)."""
+    """Adjacent messages with the same role become one (every back-end wants alternation);
+    where two turns' texts meet, a blank line keeps them apart ("first" and "second" must
+    not become "firstsecond")."""
     out: List[Message] = []
     for m in messages:
         if out and out[-1].role == m.role:
-            out[-1].parts.extend(m.parts)
+            last = out[-1].parts
+            if last and m.parts and last[-1].type == "text" and m.parts[0].type == "text" and \
+                    last[-1].text and m.parts[0].text:
+                last.append(Part("text", text="\n\n"))
+            last.extend(m.parts)
         else:
             out.append(Message(m.role, list(m.parts)))
     return out
+
+
+def add_system_turn(req: "ChatRequest", parts: List[Part]):
+    """A system (or developer) message: before the first turn it is the system prompt; after
+    it, a system turn kept in its place (back-ends that take system turns get it there, the
+    others at the end of the system prompt, see hoist_system)."""
+    text = text_of(parts)
+    if not req.messages:
+        if text:
+            req.system.append(text)
+        req.system_cache = next((p.cache for p in reversed(parts) if p.cache), req.system_cache)
+    elif text:
+        req.messages.append(Message("system", [Part("text", text=text)]))
+
+
+def hoist_system(req: "ChatRequest") -> Tuple[List[str], List[Message]]:
+    """(system prompt, turns) for a back-end whose system prompt is only at the top: system
+    turns from mid-conversation move to the end of the prompt, in order."""
+    if not any(m.role == "system" for m in req.messages):
+        return req.system, req.messages
+    moved = [text_of(m.parts) for m in req.messages if m.role == "system"]
+    log.debug("%d mid-conversation system message(s) moved into the system prompt", len(moved))
+    return req.system + moved, merge_messages([m for m in req.messages if m.role != "system"])
 
 
 def cache_mark(block) -> Optional[dict]:
@@ -2820,11 +2849,7 @@ class OpenAIChat(WireFormat):
                 raise ProxyError(400, "invalid_request_error", "each message must be an object", param="messages")
             role = m.get("role")
             if role in ("system", "developer"):
-                parts = cls._content_parts(m.get("content"))
-                text = text_of(parts)
-                if text:
-                    req.system.append(text)
-                req.system_cache = next((p.cache for p in reversed(parts) if p.cache), req.system_cache)
+                add_system_turn(req, cls._content_parts(m.get("content")))
             elif role == "user":
                 req.messages.append(Message("user", cls._content_parts(m.get("content"))))
             elif role == "assistant":
@@ -2934,6 +2959,9 @@ class OpenAIChat(WireFormat):
             msgs.append({"role": "system", "content": [_with_cache({"type": "text", "text": text}, req.system_cache)]
                          if cache and req.system_cache else text})
         for m in req.messages:
+            if m.role == "system":              # a system turn, where it was
+                msgs.append({"role": "system", "content": text_of(m.parts)})
+                continue
             if m.role == "assistant":
                 out: Dict[str, Any] = {"role": "assistant"}
                 text = text_of(m.parts)
@@ -3497,9 +3525,7 @@ class AnthropicMessages(WireFormat):
             role = m.get("role")
             parts = cls._blocks(m.get("content"), role)
             if role == "system":                  # newer clients put system turns mid-conversation
-                text = text_of(parts)
-                if text:
-                    req.system.append(text)
+                add_system_turn(req, parts)
             elif role in ("user", "assistant"):
                 req.messages.append(Message(role, parts))
             else:
@@ -3564,7 +3590,8 @@ class AnthropicMessages(WireFormat):
     @classmethod
     def render_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
         msgs = []
-        for m in merge_messages(req.messages):
+        system, turns = hoist_system(req)        # system turns mid-conversation: not every model takes them
+        for m in merge_messages(turns):
             blocks = []
             if m.role == "user":
                 results, rest = [], []
@@ -3602,9 +3629,9 @@ class AnthropicMessages(WireFormat):
                 max_tokens = min(max_tokens, ceiling)
                 break
         body: Dict[str, Any] = {"model": req.model, "max_tokens": max_tokens, "messages": msgs}
-        if req.system:
-            body["system"] = [_with_cache({"type": "text", "text": "\n\n".join(req.system)}, req.system_cache)] \
-                if req.system_cache else "\n\n".join(req.system)
+        if system:
+            body["system"] = [_with_cache({"type": "text", "text": "\n\n".join(system)}, req.system_cache)] \
+                if req.system_cache else "\n\n".join(system)
         if req.tools:
             body["tools"] = [_with_cache({"name": t.name, "description": t.description,
                                           "input_schema": dict(t.parameters, type="object")
@@ -4026,9 +4053,7 @@ class OpenAIResponses(WireFormat):
                                      "'assistant', 'system' or 'developer'" % i, param="input")
                 parts = cls._content(it.get("content"))
                 if role in ("system", "developer"):
-                    text = text_of(parts)
-                    if text:
-                        req.system.append(text)
+                    add_system_turn(req, parts)
                 elif role in ("user", "assistant"):
                     req.messages.append(Message(role, parts))
             elif t == "function_call":
@@ -4951,13 +4976,14 @@ class Gemini(WireFormat):
     def render_request(cls, req: ChatRequest, options: Optional[dict] = None) -> dict:
         names: Dict[str, str] = {}
         contents = []
-        for m in merge_messages(req.messages):
+        system, turns = hoist_system(req)
+        for m in merge_messages(turns):
             parts = cls._render_parts(m, names)
             if parts:
                 contents.append({"role": "model" if m.role == "assistant" else "user", "parts": parts})
         body: Dict[str, Any] = {"contents": contents}
-        if req.system:
-            body["systemInstruction"] = {"parts": [{"text": "\n\n".join(req.system)}]}
+        if system:
+            body["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
         if req.tools:
             decls = []
             for t in req.tools:

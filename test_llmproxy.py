@@ -2623,6 +2623,49 @@ class TestReasoningDetails(unittest.TestCase):
         self.assertFalse(req.thinking)
 
 
+class TestSystemTurns(unittest.TestCase):
+    """Mid-conversation system messages keep their place where the back-end takes them, move
+    to the end of the system prompt elsewhere, and adjacent turns never run together."""
+    CHAT = {"model": "m", "messages": [{"role": "system", "content": "rules"}, {"role": "user", "content": "first"},
+                                       {"role": "assistant", "content": "ok"},
+                                       {"role": "developer", "content": "now answer in French"},
+                                       {"role": "user", "content": "second"}]}
+
+    def test_system_turns_keep_their_place_on_chat_and_responses_back_ends(self):
+        req = lp.OpenAIChat.parse_request(self.CHAT)
+        self.assertEqual(req.system, ["rules"])
+        chat = lp.OpenAIChat.render_request(req)["messages"]
+        self.assertEqual([m["role"] for m in chat], ["system", "user", "assistant", "system", "user"])
+        self.assertEqual(chat[3]["content"], "now answer in French")
+        resp = lp.OpenAIResponses.render_request(req)
+        roles = [it.get("role") for it in resp["input"] if it.get("type") == "message"]
+        self.assertEqual(roles, ["user", "assistant", "system", "user"])
+
+    def test_system_turns_join_the_system_prompt_on_anthropic_and_gemini(self):
+        req = lp.OpenAIChat.parse_request(self.CHAT)
+        an = lp.AnthropicMessages.render_request(req)
+        self.assertEqual(an["system"], "rules\n\nnow answer in French")
+        self.assertEqual([m["role"] for m in an["messages"]], ["user", "assistant", "user"])
+        gm = lp.Gemini.render_request(req)
+        self.assertEqual(gm["systemInstruction"]["parts"][0]["text"], "rules\n\nnow answer in French")
+        self.assertEqual([c["role"] for c in gm["contents"]], ["user", "model", "user"])
+
+    def test_an_anthropic_system_turn_reaches_a_responses_back_end_in_place(self):
+        req = lp.AnthropicMessages.parse_request({"model": "m", "max_tokens": 10, "messages": [
+            {"role": "user", "content": "q"}, {"role": "system", "content": "note"}]})
+        items = lp.OpenAIResponses.render_request(req)["input"]
+        self.assertEqual([(i["role"], i["content"][0]["text"]) for i in items], [("user", "q"), ("system", "note")])
+
+    def test_adjacent_user_turns_are_kept_apart(self):
+        req = lp.OpenAIChat.parse_request({"model": "m", "messages": [{"role": "user", "content": "first"},
+                                                                      {"role": "user", "content": "second"}]})
+        for target, text in (("anthropic", lambda b: "".join(x["text"] for x in b["messages"][0]["content"])
+                              if isinstance(b["messages"][0]["content"], list) else b["messages"][0]["content"]),
+                             ("gemini", lambda b: "".join(p["text"] for p in b["contents"][0]["parts"]))):
+            with self.subTest(target):
+                self.assertEqual(text(lp.FORMATS[target].render_request(req)), "first\n\nsecond")
+
+
 # 7. providers: the mock ######################################################
 
 class TestMock(unittest.TestCase):
@@ -5602,7 +5645,8 @@ class TestHubBehaviour(ProxyCase):
                                           headers={"anthropic-version": "2026-10-21", "anthropic-beta": "x"})
         self.assertEqual(status, 200)
         sent = json.loads(self.up.requests[-1]["body"])
-        self.assertEqual(sent["messages"][0], {"role": "system", "content": "mid-conversation system note"})
+        self.assertEqual(sent["messages"][:2], [{"role": "user", "content": "Weather in Paris?"},     # in its place
+                                                {"role": "system", "content": "mid-conversation system note"}])
         self.assertEqual([t["function"]["name"] for t in sent["tools"]], ["get_weather"])
         self.assertEqual(sent["reasoning_effort"], "high")
         text, calls, end = client_reply("anthropic", data, True)
