@@ -2227,6 +2227,7 @@ class ChatRequest:
     store: Optional[bool] = None
     previous_response_id: Optional[str] = None
     history_applied: bool = False        # previous_response_id already expanded by the proxy
+    upstream_parent: Optional[str] = None   # a response the back-end stored, continued there
     dropped_tools: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (format, kind) left out
     custom_tools: List[str] = dataclasses.field(default_factory=list)   # names declared custom by the client
     # a Responses client's namespaced tools, flattened for other back-ends: flat name -> (namespace, name)
@@ -2595,6 +2596,7 @@ class WireFormat:
     passthrough_query: Tuple[str, ...] = ()    # query parameters it must see too
     streams_json = False                      # streams may come as one JSON array, not SSE
     keeps_history = False                     # the proxy keeps conversations (previous_response_id)
+    stores_responses = False                  # a back-end of this format keeps responses for previous_response_id
     inline_images = False                     # image URLs must be fetched into bytes for it
     remembers_signatures = False              # its tool calls carry signatures other clients drop
     sets_cache_marks = False                  # its clients place prompt-cache breakpoints themselves
@@ -3969,6 +3971,7 @@ class OpenAIResponses(WireFormat):
     count_fields = ("model", "input", "instructions", "tools", "tool_choice", "reasoning", "text",
                     "parallel_tool_calls", "truncation")
 
+    stores_responses = True
     keeps_history = True
     terminal_markers = (b"response.completed", b"response.incomplete", b"response.failed")
 
@@ -4241,6 +4244,8 @@ class OpenAIResponses(WireFormat):
             body["text"] = {"format": rf if rf["type"] == "json_object" else {
                 "type": "json_schema", "name": rf.get("name") or "response", "schema": rf.get("schema") or {},
                 "strict": bool(rf.get("strict"))}}
+        if req.upstream_parent:             # the conversation so far is stored by the back-end
+            body["previous_response_id"] = req.upstream_parent
         if req.stream:
             body["stream"] = True
         return body
@@ -5572,6 +5577,12 @@ class Provider:
     def passthrough_ok(self) -> bool:
         """Same-format requests may be forwarded as bytes (only the model rewritten)."""
         return self.auth not in ("gemini-oauth", "codex-oauth")
+
+    @property
+    def stores_responses(self) -> bool:
+        """previous_response_id ids this back-end issued can be continued here (not the
+        ChatGPT login's back-end, which only takes store:false)."""
+        return self.format.stores_responses and self.passthrough_ok
 
     @property
     def force_stream(self) -> bool:
@@ -9898,6 +9909,8 @@ class ConversationMemory:
 
     def __init__(self):
         self.responses = BoundedStore(RESPONSES_STORE_MAX, RESPONSES_STORE_BYTES, messages_bytes)
+        # our response id -> the back-end's stored response its conversation continues
+        self.parents = BoundedStore(RESPONSES_STORE_MAX, RESPONSES_STORE_MAX * 256, lambda v: 64 + len(v))
         # call id -> (origin, signature)
         self.signatures = BoundedStore(SIGNATURES_MAX, SIGNATURES_BYTES, lambda v: 64 + len(v[0]) + len(v[1]))
 
@@ -9912,19 +9925,36 @@ class ConversationMemory:
                 if p.type == "tool_call" and not p.signature and p.id in self.signatures:
                     p.origin, p.signature = self.signatures[p.id]
 
-    def apply_previous_response(self, creq: ChatRequest):
+    def knows(self, rid) -> bool:
+        """Whether rid is a response id this proxy handed out (and still holds)."""
+        return isinstance(rid, str) and rid in self.responses
+
+    def apply_previous_response(self, creq: ChatRequest, upstream_ok: bool = False, count: bool = False):
+        """The conversation behind previous_response_id, put in front of the request. An id
+        this proxy did not hand out was the back-end's own (an earlier turn passed through):
+        a back-end that stores responses continues it there (upstream_ok), any other cannot."""
         rid = creq.previous_response_id
         if not rid or creq.history_applied:
             return
         past = self.responses.get(rid)
-        if past is None:
-            raise ProxyError(404, "invalid_request_error", "Previous response with id '%s' not found." % rid,
-                             param="previous_response_id", code="previous_response_not_found")
-        creq.messages = merge_messages(past + creq.messages)
+        parent = self.parents.get(rid) if past is not None else rid
+        if parent and not upstream_ok:
+            if count:
+                return                           # a token count: estimated without it
+            raise ProxyError(404, "invalid_request_error", "Previous response with id '%s' not found. %s" % (
+                rid, "It is kept by the back-end that answered it, and this request is routed to one that "
+                "cannot continue it." if past is not None else ""), param="previous_response_id",
+                code="previous_response_not_found")
+        if past is not None:
+            creq.messages = merge_messages(past + creq.messages)
+        creq.upstream_parent = parent
         creq.history_applied = True              # once, whatever the failover does
 
-    def remember(self, final: dict, history: List[Message]):
-        """Keep a Responses conversation so a later previous_response_id can continue it."""
+    def remember(self, final: dict, history: List[Message], parent: Optional[str] = None):
+        """Keep a Responses conversation so a later previous_response_id can continue it
+        (parent: the back-end's stored response it continues, when there is one)."""
+        if parent:
+            self.parents[final["id"]] = parent
         parts = OpenAIResponses.parse_output(final.get("output") or [])
         if not self.responses.put(final["id"], history + ([Message("assistant", parts)] if parts else [])):
             log.warning("response %s is larger than the whole Responses store (%d bytes); not kept, so "
@@ -10066,7 +10096,7 @@ class Translator:
         previous_response_id, thought signatures, images as bytes, cache breakpoints."""
         fmt, fmt_out = call.fmt, prov.format
         if fmt.keeps_history:
-            self.memory.apply_previous_response(creq)   # a stateless back-end: the proxy keeps the history
+            self.memory.apply_previous_response(creq, prov.stores_responses)
         if fmt_out.remembers_signatures:
             self.memory.restore_signatures(creq)
         fetch = prov.options.get("fetch_images", "public")
@@ -10106,7 +10136,8 @@ class Translator:
         if size > OFFLOOP_BYTES:
             await asyncio.sleep(0)
         remember = fmt.keeps_history and creq.store is not False
-        options = self.options(prov, call.sse, (lambda final: self.memory.remember(final, history))
+        parent = creq.upstream_parent
+        options = self.options(prov, call.sse, (lambda final: self.memory.remember(final, history, parent))
                                if remember else None)
         upstream = await self.send(prov, upstream_model, up_body, creq.stream or prov.force_stream, info,
                                    wait_until, size)
@@ -10141,7 +10172,7 @@ class Translator:
         info.usage = cresp.usage
         out = fmt.render_response(cresp, creq, options)
         if remember:
-            self.memory.remember(out, history)
+            self.memory.remember(out, history, parent)
         return Response(200, [("content-type", "application/json")] + hdrs, await render_json_sized(size, out))
 
     async def send(self, prov: Provider, upstream_model: str, up_body: dict, stream_up: bool, info: Exchange,
@@ -10326,6 +10357,7 @@ class ChatService:
         self.sessions = app.sessions
         self.passthrough: PassThrough = app.passthrough
         self.translator: Translator = app.translator
+        self.memory: ConversationMemory = app.memory
         self.request_budget_s = app.config.request_budget_s
         self.policy = RetryPolicy(app.config.retry_attempts, app.config.retry_backoff_s,
                                   app.config.retry_max_backoff_s, app.config.failover_on, app.clock, app.rand)
@@ -10504,6 +10536,11 @@ class ChatService:
             yield fmt.render_stream_error(ProxyError(resp.status, "upstream_error", _error_message(resp.body)
                                                      or "upstream error"))
 
+    def ours(self, call: ChatCall) -> bool:
+        """The request continues a conversation whose last turn this proxy answered (through
+        the hub): the back-end has never seen that id, so the proxy must send the history."""
+        return call.fmt.keeps_history and self.memory.knows(call.body.get("previous_response_id"))
+
     @staticmethod
     def check_context(call: ChatCall, prov: Provider, model: str) -> Optional[int]:
         """Refuse, before any upstream call, a request that cannot fit the model's context
@@ -10537,7 +10574,7 @@ class ChatService:
         wait_until = call.deadline if final else None
         release = await self.slots[prov.name].acquire(prov.name)
         try:
-            if prov.format is fmt and prov.passthrough_ok and not call.hub:
+            if prov.format is fmt and prov.passthrough_ok and not call.hub and not self.ours(call):
                 url = prov.chat_url(route.model, call.stream)
                 if fmt.streams_json and call.stream and not call.sse:
                     url = url.split("?", 1)[0]          # the client asked for the JSON array form
@@ -10700,7 +10737,7 @@ class ChatHandlers:
             url = fmt.count_url(prov, upstream_model, endpoint)
             return await self.passthrough.forward(request, fmt, prov, url, body, False)
         if fmt.keeps_history and creq.previous_response_id:
-            self.memory.apply_previous_response(creq)
+            self.memory.apply_previous_response(creq, count=True)
         # subscription logins are left alone: their endpoints want bodies shaped for chat only
         n = await self.count_upstream(request, prov, upstream_model, creq) \
             if prov.passthrough_ok and prov.credential is None and not prov.tags else None

@@ -6237,6 +6237,72 @@ class TestResilience(ProxyCase):
                 await a.stop()
 
 
+class TestPreviousResponseAcrossPaths(ProxyCase):
+    """previous_response_id works whichever way each turn went: ids the back-end stored are
+    continued there, ids the proxy handed out bring their history, and a back-end that
+    cannot continue a stored conversation gets a clear 404."""
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        served = [0]
+
+        async def upstream(req, w):            # the fake, with a fresh response id every time
+            if not req["path"].startswith("/v1/responses"):
+                return await multi_upstream(req, w)
+            served[0] += 1
+            reply = json.loads(UP_REPLIES[("openai-responses", 2, False)])
+            reply["id"] = "resp_up%d" % served[0]
+            reply_json(w, 200, reply)
+        self.up = await FakeUpstream(upstream).start()
+        base = "http://127.0.0.1:%d/v1" % self.up.port
+        await self.start(config={
+            "env_providers": False, "auth": {"keys": [CLIENT_KEY]},
+            "providers": {"resp": {"format": "openai-responses", "base_url": base, "keys": ["k1"]},
+                          "chat": {"format": "openai", "base_url": base, "keys": ["k2"]}},
+            "routing": {"aliases": {"r-plain": "resp:up-model", "r-guard": "resp:up-model", "c-model": "chat:up-model"},
+                        "default": "resp"},
+            "guardrails": {"system_prompts": {"r-guard": "Be kind."}}})
+
+    async def turn(self, model, text, previous=None):
+        body = {"model": model, "input": text}
+        if previous:
+            body["previous_response_id"] = previous
+        status, _, data = await self.call("POST", "/v1/responses", body)
+        sent = json.loads(self.up.requests[-1]["body"]) if self.up.requests else None
+        return status, json.loads(data), sent
+
+    async def test_ids_from_either_path_continue(self):
+        status, r1, sent = await self.turn("r-plain", "first")            # passed through: the back-end's id
+        self.assertEqual(status, 200)
+        up_id = r1["id"]
+        self.assertEqual(sent["input"], "first")
+        status, r2, sent = await self.turn("r-guard", "second", up_id)    # through the hub (a guardrail)
+        self.assertEqual(status, 200, r2)
+        self.assertEqual(sent["previous_response_id"], up_id)            # continued where it is stored
+        self.assertNotEqual(r2["id"], up_id)
+        n = len(self.up.requests)
+        status, r3, sent = await self.turn("r-plain", "third", r2["id"])   # the proxy's id: never passed up
+        self.assertEqual(status, 200, r3)
+        self.assertEqual(len(self.up.requests), n + 1)
+        self.assertEqual(sent["previous_response_id"], up_id)
+        texts = [c.get("text") for it in sent["input"] if it.get("type") == "message" for c in it["content"]]
+        self.assertIn("second", texts)
+        self.assertIn("third", texts)
+        status, r4, _ = await self.turn("c-model", "fourth", r2["id"])    # a chat back-end cannot continue it
+        self.assertEqual(status, 404)
+        self.assertEqual(r4["error"]["code"], "previous_response_not_found")
+        self.assertIn("kept by the back-end", r4["error"]["message"])
+
+    async def test_a_hub_turn_on_a_chat_back_end_continues_on_a_responses_one(self):
+        status, r1, _ = await self.turn("c-model", "first")
+        self.assertEqual(status, 200)
+        status, r2, sent = await self.turn("r-plain", "second", r1["id"])
+        self.assertEqual(status, 200, r2)
+        self.assertNotIn("previous_response_id", sent)                   # history sent inline instead
+        texts = [c.get("text") for it in sent["input"] if it.get("type") == "message" for c in it["content"]]
+        self.assertEqual(texts[0], "first")
+
+
 # 13. CLI and processes #######################################################
 
 class TestCLI(unittest.TestCase):
