@@ -4718,9 +4718,11 @@ def _lower_schema(schema):
     for k, v in schema.items():
         if k == "type" and isinstance(v, str):
             out[k] = v.lower()
-        elif k in ("properties",) and isinstance(v, dict):
+        elif k == "type" and isinstance(v, list):
+            out[k] = [t.lower() if isinstance(t, str) else t for t in v]
+        elif k in ("properties", "$defs", "definitions", "patternProperties") and isinstance(v, dict):
             out[k] = {pk: _lower_schema(pv) for pk, pv in v.items()}
-        elif k in ("items", "anyOf"):
+        elif k in ("items", "anyOf", "oneOf", "allOf", "additionalProperties", "not", "prefixItems"):
             out[k] = _lower_schema(v)
         else:
             out[k] = v
@@ -4906,9 +4908,9 @@ class Gemini(WireFormat):
                 drop_tool(req, "gemini", list(t)[:1])
                 continue
             for fd in decls:
-                params = fd.get("parametersJsonSchema") or fd.get("parameters_json_schema")
-                if params is None:
-                    params = _lower_schema(fd.get("parameters") or {"type": "object", "properties": {}})
+                params = fd.get("parametersJsonSchema") or fd.get("parameters_json_schema") or fd.get("parameters") \
+                    or {"type": "object", "properties": {}}
+                params = _lower_schema(params)       # Gemini's upper-case types, wherever they were put
                 req.tools.append(Tool(fd.get("name", ""), fd.get("description") or "", params))
         fcc = ((body.get("toolConfig") or body.get("tool_config") or {}).get("functionCallingConfig") or {})
         mode = (fcc.get("mode") or "").upper()
@@ -4927,7 +4929,8 @@ class Gemini(WireFormat):
         req.seed = gc.get("seed")
         req.stop = [s for s in gc.get("stopSequences") or [] if isinstance(s, str)]
         if gc.get("responseMimeType") == "application/json":
-            schema = gc.get("responseJsonSchema") or (_lower_schema(gc["responseSchema"]) if gc.get("responseSchema") else None)
+            # Gemini CLI sends upper-case Gemini types in responseJsonSchema too; JSON Schema back-ends refuse them
+            schema = _lower_schema(gc.get("responseJsonSchema") or gc.get("responseSchema")) or None
             req.response_format = {"type": "json_schema", "name": "response", "schema": schema} if schema \
                 else {"type": "json_object"}
         tc = gc.get("thinkingConfig") or {}

@@ -2666,6 +2666,22 @@ class TestSystemTurns(unittest.TestCase):
                 self.assertEqual(text(lp.FORMATS[target].render_request(req)), "first\n\nsecond")
 
 
+class TestGeminiSchemas(unittest.TestCase):
+    def test_upper_case_types_in_response_json_schema_are_lowered(self):
+        """Gemini CLI's model router sends responseJsonSchema with Gemini's upper-case types;
+        JSON Schema back-ends (OpenAI, Anthropic, Responses) refuse "OBJECT"."""
+        body = {"contents": [{"role": "user", "parts": [{"text": "route"}]}],
+                "generationConfig": {"responseMimeType": "application/json", "responseJsonSchema": {
+                    "type": "OBJECT", "properties": {"model": {"type": "STRING"}, "n": {"type": ["INTEGER", "NULL"]},
+                                                     "tags": {"type": "ARRAY", "items": {"type": "STRING"}}},
+                    "required": ["model"]}}}
+        req = lp.Gemini.parse_request(body, "m")
+        schema = lp.OpenAIChat.render_request(req)["response_format"]["json_schema"]["schema"]
+        self.assertEqual(schema, {"type": "object", "properties": {
+            "model": {"type": "string"}, "n": {"type": ["integer", "null"]},
+            "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["model"]})
+
+
 # 7. providers: the mock ######################################################
 
 class TestMock(unittest.TestCase):
