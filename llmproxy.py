@@ -2566,6 +2566,16 @@ class WireFormat:
         """The chat endpoint under a back-end's base URL."""
         return cls.endpoint
 
+    title = ""                                 # the API's name, for messages
+    api_root = "/v1"                           # where this API's paths start on the proxy
+    native_request_headers: Tuple[str, ...] = ("content-type", "accept")   # sent on by other native paths
+    native_reply_headers: Tuple[str, ...] = ("content-disposition",)     # relayed back from them
+
+    @classmethod
+    def native_url(cls, base: str, path: str) -> str:
+        """The back-end URL of one of this API's other paths (files, batches, ...) on the proxy."""
+        return base + path[len(cls.api_root):]
+
     @classmethod
     def embed_call(cls, model: str, texts: List[str], dims: Optional[int]) -> Optional[Tuple[str, dict]]:
         """(path under the base URL, body) asking this API to embed texts; None: it has no
@@ -2752,6 +2762,7 @@ class OpenAIChat(WireFormat):
     @classmethod
     def stream_encoder(cls, req: ChatRequest, options=None):
         return OpenAIChatEncoder(req, CodecOptions.of(options))
+    title = "OpenAI-compatible"
     name = "openai"
     endpoint = "/chat/completions"
 
@@ -3391,6 +3402,8 @@ class AnthropicMessages(WireFormat):
     @classmethod
     def stream_encoder(cls, req: ChatRequest, options=None):
         return AnthropicEncoder(req, CodecOptions.of(options))
+    native_request_headers = ("content-type", "accept", "anthropic-version", "anthropic-beta")
+    title = "Anthropic"
     name = "anthropic"
     endpoint = "/messages"
     count_endpoint = "/messages/count_tokens"
@@ -3965,6 +3978,7 @@ class OpenAIResponses(WireFormat):
     @classmethod
     def stream_encoder(cls, req: ChatRequest, options=None):
         return ResponsesEncoder(req, CodecOptions.of(options))
+    title = "OpenAI Responses"
     name = "openai-responses"
     endpoint = "/responses"
     count_endpoint = "/responses/input_tokens"
@@ -4749,6 +4763,21 @@ class Gemini(WireFormat):
     @classmethod
     def stream_encoder(cls, req: ChatRequest, options=None):
         return GeminiEncoder(req, CodecOptions.of(options))
+    api_root = "/v1beta"
+    native_request_headers = ("content-type", "accept", "x-goog-upload-protocol", "x-goog-upload-command",
+                              "x-goog-upload-offset", "x-goog-upload-header-content-length",
+                              "x-goog-upload-header-content-type")
+    native_reply_headers = ("content-disposition", "x-goog-upload-url", "x-goog-upload-status",
+                            "x-goog-upload-size-received", "x-goog-upload-chunk-granularity")
+
+    @classmethod
+    def native_url(cls, base: str, path: str) -> str:
+        if path.startswith("/upload/"):         # resumable uploads live beside the API root
+            root = base[:-len(cls.api_root)] if base.endswith(cls.api_root) else base
+            return root + path
+        return base + path[len(cls.api_root):]
+
+    title = "Gemini"
     name = "gemini"
     count_reply_field = "totalTokens"
     endpoint = ""           # the model is in the URL: /models/{m}:generateContent
@@ -8620,7 +8649,7 @@ class Config:
     client_rpm: int = 0
     client_tpm: int = 0
     workers: int = 1
-    passthrough_paths: List[str] = dataclasses.field(default_factory=lambda: ["/v1/*"])
+    passthrough_paths: List[str] = dataclasses.field(default_factory=lambda: list(PASSTHROUGH_PATHS))
     passthrough_deny: List[str] = dataclasses.field(default_factory=list)
     source: Optional[str] = None
     guardrails: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -8762,6 +8791,9 @@ def _check_url(url: str, where: str):
         raise ConfigError("%s: must be an http(s) URL" % where)
 
 
+# the API surfaces other paths pass through on: OpenAI-compatible and Anthropic under /v1,
+# Gemini under /v1beta (and its resumable uploads)
+PASSTHROUGH_PATHS = ("/v1/*", "/v1beta/*", "/upload/v1beta/*")
 _OAUTH_SETTINGS = {"portal_url", "device_url", "token_url", "client_id", "scope", "refresh_style", "credential",
                    "agent_key_url", "allowed_hosts", "credentials_file", "write_back", "client_secret", "project",
                    "code_assist_url", "originator", "beta"}
@@ -9282,13 +9314,15 @@ def client_format(path: str, headers: Headers):
         return AnthropicMessages
     if path.startswith("/v1/responses"):
         return OpenAIResponses
-    if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):
+    if path.startswith(("/v1beta/", "/upload/v1beta/")) or (path.startswith("/v1/models/") and ":" in path):
         return Gemini
     if path in ("/v1/models", "/models") or path.startswith("/v1/models/"):
         if "anthropic-version" in headers:
             return AnthropicMessages
         if "x-goog-api-key" in headers or "x-goog-api-client" in headers:
             return Gemini
+    elif "anthropic-version" in headers and not path.startswith(("/v1/chat/", "/v1/completions", "/v1/embeddings")):
+        return AnthropicMessages            # Anthropic's other APIs (files, batches) under /v1
     return OpenAIChat
 
 
@@ -10653,9 +10687,19 @@ class ChatHandlers:
         if action in ("embedContent", "batchEmbedContents"):
             return await self.gemini_embed(request, model, action, body)
         if action not in ("generateContent", "streamGenerateContent"):
-            raise ProxyError(404, "not_found_error", "unsupported action %r" % action, code="unknown_url")
+            return await self.gemini_native(request, model, action, body)
         return await self.chat.serve(ChatCall(request, Gemini, body, lambda: Gemini.parse_request(body, model), model,
                                               action == "streamGenerateContent", request.query_param("alt") == "sse"))
+
+    async def gemini_native(self, request: Request, model: str, action: str, body: dict):
+        """Another Gemini model action (batchGenerateContent, ...): passed through to a Gemini
+        back-end, the routed model in the path."""
+        prov = self.route(request, model)
+        if prov.format is not Gemini or not prov.passthrough_ok:
+            raise ProxyError(404, "not_found_error", "%s:%s is served only by a Gemini API-key back-end; %r routes "
+                             "to provider %s" % (model, action, model, prov.name), code="unknown_url")
+        url = prov.url("/models/%s:%s" % (quote(request.info.upstream_model, safe=""), action))
+        return await self.passthrough.forward(request, Gemini, prov, url, body, False)
 
     # -- completions, embeddings -----------------------------------------------
 
@@ -10808,32 +10852,66 @@ class ChatHandlers:
                                    "usage": reply.get("usage")}, [("x-llmproxy-provider", request.info.provider or "")])
 
     async def handle_other(self, request: Request):
-        """Any other OpenAI-compatible path: to the back-end the body's model routes to (else
-        the default), the client key swapped for an upstream one, the reply relayed as it
-        comes (binary untouched; usage read where it reports it)."""
+        """Any other path of a back-end API (OpenAI-compatible: images, audio, files, batches;
+        Anthropic: files, message batches; Gemini: files, uploads, cached contents): to the
+        back-end the body's model routes to (else the default), or another back-end of that
+        API when the routed one speaks another; the client key swapped for an upstream one,
+        the reply relayed as it comes (binary untouched; usage read where it reports it)."""
         info = request.info
+        fmt = client_format(request.path, request.headers)
         ctype = request.headers.get("content-type") or ""
         model = None
         body = request.body
         if body and ctype.split(";")[0].strip().lower() == "application/json":
             doc = request.json()
             model = doc.get("model") if isinstance(doc, dict) and isinstance(doc.get("model"), str) else None
-        prov = self.route(request, model)
-        if prov.format is not OpenAIChat or not prov.passthrough_ok:
-            raise ProxyError(404, "invalid_request_error", "no OpenAI-compatible back-end serves %s %s" % (
-                request.method, request.path[:200]), code="unknown_url")
+        prov = self.native_provider(request, fmt, model)
         if model and info.upstream_model != model:
             body = _jbytes(dict(doc, model=info.upstream_model))
         info.via = "pass"
-        url = prov.url(request.path[3:] if request.path.startswith("/v1/") else request.path)
+        url = fmt.native_url(prov.current_base(), request.path)
         query = [(k, v) for k, v in parse_qsl(request.query, keep_blank_values=True) if k != "key"] \
             if request.query else []
         if query:                           # the client's ?key= is our secret, never the upstream's
             url += "?" + urlencode(query)
-        extra = [(k, request.headers.get(k)) for k in ("content-type", "accept") if request.headers.get(k)]
+        extra = [(k, request.headers.get(k)) for k in fmt.native_request_headers if request.headers.get(k)]
         upstream = await self.caller.send(prov, request.method, url, body, info, False, extra)
-        hdrs = relay_headers(upstream.headers) + [("x-llmproxy-provider", prov.name)]
-        return StreamResponse(upstream.status, hdrs, self.passthrough.relay(upstream, info, OpenAIChat))
+        hdrs = relay_headers(upstream.headers) + self.native_reply_headers(request, fmt, prov, upstream) + \
+            [("x-llmproxy-provider", prov.name)]
+        return StreamResponse(upstream.status, hdrs, self.passthrough.relay(upstream, info, fmt))
+
+    def native_provider(self, request: Request, fmt, model: Optional[str]) -> Provider:
+        """The back-end for one of fmt's other paths: the routed one if it speaks fmt, else
+        the first that does; a 404 in the client's format when none can."""
+        prov = self.route(request, model)
+        if prov.format is fmt and prov.passthrough_ok:
+            return prov
+        prov = next((p for p in self.router.providers.values() if p.format is fmt and p.passthrough_ok), None)
+        if prov is None:
+            raise ProxyError(404, "not_found_error" if fmt is not OpenAIChat else "invalid_request_error",
+                             "no %s back-end serves %s %s" % (fmt.title, request.method, request.path[:200]),
+                             code="unknown_url")
+        request.info.provider, request.info.upstream_model = prov.name, model
+        return prov
+
+    @staticmethod
+    def native_reply_headers(request: Request, fmt, prov: Provider, upstream) -> List[Tuple[str, str]]:
+        """The API's own reply headers; an upload URL that points at the back-end is made to
+        point at this proxy (the client then uploads through it, with its proxy key)."""
+        out = []
+        base = fmt.native_url(prov.current_base(), fmt.api_root + "/")[:-1]
+        for name in fmt.native_reply_headers:
+            value = upstream.headers.get(name)
+            if value is None:
+                continue
+            if name == "x-goog-upload-url" and request.headers.get("host"):
+                root = base[:-len(fmt.api_root)] if base.endswith(fmt.api_root) else base
+                if value.startswith(root + "/"):
+                    scheme = "https" if request.headers.get("x-forwarded-proto") == "https" else "http"
+                    value = "%s://%s%s" % (scheme, request.headers.get("host"), value[len(root):])
+                    value = re.sub(r"([?&])key=[^&]*&?", r"\1", value).rstrip("?&")   # never the upstream key
+            out.append((name, value))
+        return out
 
 
 def gemini_target(path: str) -> Tuple[str, str]:

@@ -6319,6 +6319,79 @@ class TestPreviousResponseAcrossPaths(ProxyCase):
         self.assertEqual(texts[0], "first")
 
 
+class TestNativePaths(ProxyCase):
+    """Anthropic's and Gemini's other APIs (files, batches, uploads, cached contents) pass
+    through to a back-end of that API with an upstream key; the client key never leaves."""
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+
+        async def upstream(req, w):
+            if req["path"].startswith("/upload/v1beta/files") and "upload_id" not in req["path"]:
+                reply_json(w, 200, {}, headers=[("x-goog-upload-url", "http://127.0.0.1:%d/upload/v1beta/files?"
+                                                 "upload_id=U1&upload_protocol=resumable&key=UPKEY" % self.up.port),
+                                                ("x-goog-upload-status", "active")])
+            else:
+                reply_json(w, 200, {"path": req["path"]}, headers=[("content-disposition", "attachment; x")])
+        self.up = await FakeUpstream(upstream).start()
+        base = "http://127.0.0.1:%d" % self.up.port
+        await self.start(config={
+            "env_providers": False, "auth": {"keys": [CLIENT_KEY]},
+            "providers": {"oa": {"base_url": base + "/v1", "keys": ["sk-oa"]},
+                          "an": {"format": "anthropic", "base_url": base + "/v1", "keys": ["sk-ant"]},
+                          "gm": {"format": "gemini", "base_url": base + "/v1beta", "keys": ["gm-key"]}},
+            "routing": {"default": "oa", "aliases": {"gem-*": "gm"}}})
+
+    async def test_anthropic_batches_and_files_go_to_the_anthropic_back_end(self):
+        hdrs = {"anthropic-version": "2023-06-01", "anthropic-beta": "files-api-2025-04-14"}
+        status, _, data = await self.call("POST", "/v1/messages/batches", {"requests": []}, headers=hdrs)
+        self.assertEqual(status, 200, data)
+        sent = self.up.requests[-1]
+        self.assertEqual(sent["path"], "/v1/messages/batches")
+        self.assertEqual(sent["headers"]["x-api-key"], "sk-ant")
+        self.assertEqual((sent["headers"]["anthropic-version"], sent["headers"]["anthropic-beta"]),
+                         ("2023-06-01", "files-api-2025-04-14"))
+        self.assertNotIn(CLIENT_KEY, json.dumps(sent["headers"]))
+        status, headers, _ = await self.call("GET", "/v1/files/file_1/content", headers=hdrs)
+        self.assertEqual((status, self.up.requests[-1]["path"]), (200, "/v1/files/file_1/content"))
+        self.assertEqual(headers.get("content-disposition"), "attachment; x")
+        status, _, _ = await self.call("GET", "/v1/files")                 # no anthropic-version: OpenAI's
+        self.assertEqual(self.up.requests[-1]["headers"]["authorization"], "Bearer sk-oa")
+
+    async def test_gemini_files_uploads_and_batches_go_to_the_gemini_back_end(self):
+        status, _, data = await self.call("GET", "/v1beta/files?pageSize=5&key=" + CLIENT_KEY, key=None)
+        self.assertEqual(status, 200, data)
+        sent = self.up.requests[-1]
+        self.assertEqual(sent["path"], "/v1beta/files?pageSize=5")        # the client's key stays here
+        self.assertEqual(sent["headers"]["x-goog-api-key"], "gm-key")
+        status, headers, _ = await self.call("POST", "/upload/v1beta/files", {"file": {"display_name": "a"}},
+                                             headers={"x-goog-upload-protocol": "resumable",
+                                                      "x-goog-upload-command": "start",
+                                                      "x-goog-upload-header-content-length": "3"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.up.requests[-1]["headers"]["x-goog-upload-command"], "start")
+        url = headers["x-goog-upload-url"]
+        self.assertTrue(url.startswith("http://proxy/upload/v1beta/files?upload_id=U1"), url)   # through us
+        self.assertNotIn("UPKEY", url)
+        status, _, _ = await self.call("POST", url[len("http://proxy"):], b"abc",
+                                       headers={"x-goog-upload-command": "upload, finalize",
+                                                "x-goog-upload-offset": "0", "content-type": "text/plain"})
+        self.assertEqual(status, 200)
+        self.assertTrue(self.up.requests[-1]["path"].startswith("/upload/v1beta/files?upload_id=U1"))
+        self.assertEqual(self.up.requests[-1]["body"], b"abc")
+        status, _, data = await self.call("POST", "/v1beta/models/gem-pro:batchGenerateContent", {"batch": {}})
+        self.assertEqual(status, 200, data)
+        self.assertEqual(self.up.requests[-1]["path"], "/v1beta/models/gem-pro:batchGenerateContent")
+
+    async def test_a_native_path_no_back_end_serves_is_a_404_in_that_api_shape(self):
+        self.app.providers.pop("an")
+        self.app.router.providers.pop("an", None)
+        status, _, data = await self.call("GET", "/v1/files", headers={"anthropic-version": "2023-06-01"})
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(data)["type"], "error")               # Anthropic's error shape
+        self.assertIn("no Anthropic back-end", json.loads(data)["error"]["message"])
+
+
 # 13. CLI and processes #######################################################
 
 class TestCLI(unittest.TestCase):
