@@ -1301,6 +1301,13 @@ class HTTPServer:
                                 await writer.drain()
                     if ok and chunked:
                         writer.write(b"0\r\n\r\n")
+                except ProxyError as e:
+                    # a body that broke mid-way and has no in-band error form (a binary or JSON
+                    # pass-through): the connection drops without the last chunk, so the client
+                    # sees an incomplete body, never a whole 200 with something else appended
+                    info.error = e.code or e.kind
+                    ok = False
+                    transport.abort()
                 finally:
                     await agen.aclose()
                 if ok:
@@ -9926,6 +9933,8 @@ class PassThrough:
         except UpstreamError as e:
             info.error = e.code
             log.warning("upstream stream failed: %s", e.message)
+            if not sse:
+                raise                         # no in-band error form: the server drops the connection
             yield fmt.render_stream_error(e)
         finally:
             await peek.aclose()

@@ -4350,6 +4350,30 @@ class TestUpstreamFailures(ProxyCase):
 
 
 class TestPassThrough(ProxyCase):
+    async def test_a_binary_body_cut_short_upstream_drops_the_client_connection(self):
+        """No in-band error form for a binary (or plain JSON) body: the client must see an
+        incomplete body, never a complete 200 with an error frame glued on."""
+        async def cut(req, w):
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: audio/mpeg\r\ncontent-length: 1000\r\n\r\n" + b"\xff" * 100)
+            await w.drain()
+            return False
+        await self.start(cut)
+        c = await self.conn()
+        c.send("POST", "/v1/audio/speech", {"model": "tts", "input": "hi"})
+        status, headers = await c.read_head()
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.get("transfer-encoding"), "chunked")
+        got, ended = b"", False
+        try:
+            async for piece in c.read_chunks():
+                got += piece
+            ended = True
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        self.assertFalse(ended, "the body was closed as if complete")
+        self.assertEqual(got, b"\xff" * 100)
+        self.assertTrue(await c.closed())
+
     async def test_chat_forwarded_untouched_except_model(self):
         async def handler(req, w):
             reply_json(w, 200, CHAT_OK, headers=[("x-request-id", "abc"), ("x-ratelimit-remaining-tokens", "9"),
