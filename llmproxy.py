@@ -4106,12 +4106,16 @@ class OpenAIResponses(WireFormat):
                     req.messages.append(Message("assistant", [Part(
                         "thinking", text=summary, id=it.get("id") or "", signature=enc, origin=origin)]))
             elif t == "compaction":
-                enc = it.get("encrypted_content") if isinstance(it.get("encrypted_content"), str) else ""
+                enc = it.get("encrypted_content")
+                if not isinstance(enc, str):
+                    raise ProxyError(400, "invalid_request_error", "input[%d].encrypted_content: must be a string" % i,
+                                     param="input")
                 if enc.startswith(COMPACTED):      # our own summary (see handle_responses_compact)
                     try:
-                        text = base64.b64decode(enc[len(COMPACTED):]).decode("utf-8")
-                    except ValueError:
-                        text = ""
+                        text = base64.b64decode(enc[len(COMPACTED):], validate=True).decode("utf-8")
+                    except ValueError:             # binascii.Error and UnicodeDecodeError are ValueErrors
+                        raise ProxyError(400, "invalid_request_error", "input[%d].encrypted_content: not a "
+                                         "compaction this proxy wrote (bad encoding)" % i, param="input")
                     if text:
                         req.messages.append(Message("user", [Part("text", text=COMPACTION_HEADER + text)]))
                 else:                             # OpenAI's: only OpenAI can read it (and gets it as it is)
@@ -10831,8 +10835,11 @@ class ChatHandlers:
         user messages kept, then a compaction item, which holds the summary for the next turns."""
         body = body_object(request)
         model = required_model(body)
-        inp = body.get("input") if isinstance(body.get("input"), list) else \
-            [{"type": "message", "role": "user", "content": body["input"]}] if isinstance(body.get("input"), str) else []
+        raw_input = body.get("input")
+        if not isinstance(raw_input, (list, str)):
+            raise ProxyError(400, "invalid_request_error", "'input' must be a string or an array of items",
+                             param="input")
+        inp = raw_input if isinstance(raw_input, list) else [{"type": "message", "role": "user", "content": raw_input}]
         prov = self.route(request, model)
         if prov.format is OpenAIResponses and prov.passthrough_ok:
             return await self.passthrough.forward(request, OpenAIResponses, prov, prov.url("/responses/compact"),

@@ -2682,6 +2682,23 @@ class TestGeminiSchemas(unittest.TestCase):
             "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["model"]})
 
 
+class TestCompactionInputs(unittest.TestCase):
+    def test_compaction_items_of_the_wrong_shape_are_clear_400s(self):
+        for enc, says in ((5, "must be a string"), (lp.COMPACTED + "%%%not-base64", "bad encoding"),
+                          (lp.COMPACTED + base64.b64encode(b"\xff\xfe").decode(), "bad encoding")):
+            with self.subTest(enc=enc):
+                with self.assertRaises(lp.ProxyError) as cm:
+                    lp.OpenAIResponses.parse_request({"model": "m", "input": [
+                        {"type": "compaction", "encrypted_content": enc}, {"role": "user", "content": "go"}]})
+                self.assertEqual(cm.exception.status, 400)
+                self.assertIn(says, cm.exception.message)
+                self.assertNotIn("Error", cm.exception.message)            # no Python internals
+        ok = lp.OpenAIResponses.parse_request({"model": "m", "input": [
+            {"type": "compaction", "encrypted_content": lp.COMPACTED + base64.b64encode("résumé".encode()).decode()},
+            {"role": "user", "content": "go"}]})
+        self.assertIn("résumé", ok.messages[0].parts[0].text)
+
+
 # 7. providers: the mock ######################################################
 
 class TestMock(unittest.TestCase):
@@ -6275,6 +6292,16 @@ class TestResilience(ProxyCase):
             for srv, a in zip(servers, apps):
                 await srv.shutdown(0)
                 await a.stop()
+
+
+class TestCompactEndpoint(ProxyCase):
+    async def test_compact_input_that_is_not_a_list_or_text_is_a_400(self):
+        await self.start(port=9)
+        for bad in ({"type": "message"}, 7, None):
+            with self.subTest(bad=bad):
+                status, _, data = await self.call("POST", "/v1/responses/compact", {"model": "m", "input": bad})
+                self.assertEqual(status, 400, data)
+                self.assertEqual(json.loads(data)["error"]["param"], "input")
 
 
 class TestPreviousResponseAcrossPaths(ProxyCase):
