@@ -2574,6 +2574,13 @@ class WireFormat:
         return cls.endpoint
 
     title = ""                                 # the API's name, for messages
+    fixed_headers: Tuple[Tuple[str, str], ...] = ()     # sent with every request to this API
+
+    @classmethod
+    def key_headers(cls, key: str) -> List[Tuple[str, str]]:
+        """How this API takes an API key."""
+        return [("authorization", "Bearer " + key)]
+
     api_root = "/v1"                           # where this API's paths start on the proxy
     native_request_headers: Tuple[str, ...] = ("content-type", "accept")   # sent on by other native paths
     native_reply_headers: Tuple[str, ...] = ("content-disposition",)     # relayed back from them
@@ -3411,6 +3418,12 @@ class AnthropicMessages(WireFormat):
         return AnthropicEncoder(req, CodecOptions.of(options))
     native_request_headers = ("content-type", "accept", "anthropic-version", "anthropic-beta")
     title = "Anthropic"
+    fixed_headers = (("anthropic-version", "2023-06-01"),)   # the Messages API version we speak
+
+    @classmethod
+    def key_headers(cls, key: str) -> List[Tuple[str, str]]:
+        return [("x-api-key", key)]
+
     name = "anthropic"
     endpoint = "/messages"
     count_endpoint = "/messages/count_tokens"
@@ -4789,6 +4802,10 @@ class Gemini(WireFormat):
         return base + path[len(cls.api_root):]
 
     title = "Gemini"
+    @classmethod
+    def key_headers(cls, key: str) -> List[Tuple[str, str]]:
+        return [("x-goog-api-key", key)]
+
     name = "gemini"
     count_reply_field = "totalTokens"
     endpoint = ""           # the model is in the URL: /models/{m}:generateContent
@@ -5574,7 +5591,7 @@ KNOWN_PROVIDERS = {
     "zai": ("openai", "ZAI_API_KEY", "https://api.z.ai/api/paas/v4", None, ""),
 }
 PROVIDER_FORMATS = ("openai", "openai-responses", "anthropic", "gemini", "mock")
-ANTHROPIC_VERSION = "2023-06-01"
+ANTHROPIC_VERSION = AnthropicMessages.fixed_headers[0][1]
 
 
 class Provider:
@@ -5660,23 +5677,16 @@ class Provider:
             body = self.credential.prepare_body(body, model)
         return body
 
-    def request_headers(self, key: Optional[str], stream: bool, extra=()) -> List[Tuple[str, str]]:
-        hdrs = [("user-agent", "llmproxy/" + __version__), ("content-type", "application/json"),
-                ("accept", "text/event-stream" if stream or self.force_stream else "application/json"),
-                ("accept-encoding", "identity")]
+    def request_headers(self, key: Optional[str], stream: bool, extra=(), body: bool = True) -> List[Tuple[str, str]]:
+        hdrs = [("user-agent", "llmproxy/" + __version__)] + ([("content-type", "application/json")] if body else []) + \
+            [("accept", "text/event-stream" if stream or self.force_stream else "application/json"),
+             ("accept-encoding", "identity")]
         override = list(extra)
-        if self.kind == "anthropic":
-            hdrs.append(("anthropic-version", ANTHROPIC_VERSION))
+        hdrs += self.format.fixed_headers
         if self.credential is not None:
             override = self.credential.auth_headers(key) + override if key else override
-        elif self.kind == "anthropic":
-            if key:
-                hdrs.append(("x-api-key", key))
-        elif self.kind == "gemini":
-            if key:
-                hdrs.append(("x-goog-api-key", key))
         elif key:
-            hdrs.append(("authorization", "Bearer " + key))
+            hdrs += self.format.key_headers(key)
         override += self.headers             # configured identity headers win (User-Agent, X-Title, ...)
         names = {k for k, _ in override}
         return [h for h in hdrs if h[0] not in names] + override
@@ -9666,7 +9676,7 @@ class UpstreamCaller:
             key = k.key if k else (await cred.token() if cred is not None else None)
             info.upkey = redact(k.key) if k else (fingerprint(key) if cred is not None else None)
             t0 = time.perf_counter()
-            headers = prov.request_headers(key, stream, extra)
+            headers = prov.request_headers(key, stream, extra, bool(body))
             if self.capture is not None:
                 info.cap_up_req = {"url": url, "headers": self.capture.headers(headers),
                                    "body": WireCapture.body(body, False)}
@@ -11694,7 +11704,7 @@ async def run_check(config: Config) -> int:
             for key in pc.keys or [None]:
                 try:
                     resp = await (prov.transport or client).request(
-                        "GET", prov.url("/models"), prov.request_headers(key, False), b"", prov.connect_timeout,
+                        "GET", prov.url("/models"), prov.request_headers(key, False, body=False), b"", prov.connect_timeout,
                         prov.read_timeout)
                     body = await resp.read(MAX_UPSTREAM_BODY)
                     ok = resp.status == 200

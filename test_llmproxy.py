@@ -6408,6 +6408,7 @@ class TestNativePaths(ProxyCase):
         self.assertEqual(headers.get("content-disposition"), "attachment; x")
         status, _, _ = await self.call("GET", "/v1/files")                 # no anthropic-version: OpenAI's
         self.assertEqual(self.up.requests[-1]["headers"]["authorization"], "Bearer sk-oa")
+        self.assertNotIn("content-type", self.up.requests[-1]["headers"])     # a GET has no body to type
 
     async def test_gemini_files_uploads_and_batches_go_to_the_gemini_back_end(self):
         status, _, data = await self.call("GET", "/v1beta/files?pageSize=5&key=" + CLIENT_KEY, key=None)
