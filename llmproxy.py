@@ -5005,9 +5005,20 @@ class Gemini(WireFormat):
     def _render_parts(m: Message, names: Dict[str, str]) -> List[dict]:
         out = []
         first_call = True
+        pending = ""                     # a thought signature whose part had no text to carry it
         for p in m.parts:
+            own = p.signature if p.origin == "gemini" and p.type in ("text", "thinking") else ""
+            if p.type == "thinking" and own:
+                if p.text:               # Gemini's thought parts go back with their signatures
+                    out.append({"text": p.text, "thought": True, "thoughtSignature": own})
+                else:
+                    pending = own
+                continue
             if p.type == "text" and p.text:
                 out.append({"text": p.text})
+                if own or pending:
+                    out[-1]["thoughtSignature"] = own or pending
+                    pending = ""
             elif p.type in ("image", "document"):
                 if p.data:
                     out.append({"inlineData": {"mimeType": p.media_type or "image/png", "data": p.data}})
@@ -5020,8 +5031,11 @@ class Gemini(WireFormat):
                                                          "id": p.id}}
                 if p.origin == "gemini" and p.signature:
                     part["thoughtSignature"] = p.signature
+                elif pending:
+                    part["thoughtSignature"] = pending
                 elif first_call:
                     part["thoughtSignature"] = SKIP_THOUGHT_SIGNATURE
+                pending = ""
                 first_call = False
                 out.append(part)
             elif p.type == "tool_result":
@@ -5470,6 +5484,9 @@ class GeminiEncoder:
             return [self._parts([{"text": ev[1]}])]
         if kind == "thinking" and ev[1] and not self.drop_thinking:
             return [self._parts([{"text": ev[1], "thought": True}])]
+        if kind == "signature" and ev[2] == "gemini" and ev[1]:
+            # Gemini streams carry a text or thought part's signature on a part of its own
+            return [self._parts([{"text": "", "thoughtSignature": ev[1]}])]
         if kind == "tool_start":
             out = [self._parts(self._flush_calls())] if self.order else []
             self.calls[ev[1]] = [ev[2], ev[3], [], ev[4] if ev[5] == "gemini" else None]

@@ -2699,6 +2699,44 @@ class TestCompactionInputs(unittest.TestCase):
         self.assertIn("résumé", ok.messages[0].parts[0].text)
 
 
+class TestGeminiTextSignatures(unittest.TestCase):
+    """thoughtSignature on Gemini text and thought parts survives the hub: in streams to a
+    Gemini client and on the way back to a Gemini back-end."""
+    CHUNKS = [{"candidates": [{"content": {"role": "model", "parts": [
+                  {"text": "pondering", "thought": True, "thoughtSignature": "SIG-T"}]}}]},
+              {"candidates": [{"content": {"role": "model", "parts": [{"text": "Hello", "thoughtSignature": "SIG-X"}]},
+                               "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 3,
+                                                                           "candidatesTokenCount": 2}}]
+
+    def stream(self):
+        return b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in self.CHUNKS)
+
+    def test_a_gemini_client_stream_keeps_the_signatures(self):
+        tr = lp.StreamTranslator(lp.Gemini.stream_decoder(), lp.Gemini.stream_encoder(lp.ChatRequest(model="m")))
+        out = tr.feed(self.stream()) + tr.close()
+        sigs = [p.get("thoughtSignature") for ev in lp.SSEDecoder().feed(out)
+                for p in json.loads(ev.data)["candidates"][0]["content"]["parts"] if p.get("thoughtSignature")]
+        self.assertEqual(sigs, ["SIG-T", "SIG-X"])
+
+    def test_signatures_go_back_to_a_gemini_back_end(self):
+        tr = lp.StreamTranslator(lp.Gemini.stream_decoder(), None)
+        reply = lp.collect_events(tr.decode(self.stream()) + tr.decode_end())
+        req = lp.ChatRequest(model="m", messages=[lp.Message("user", [lp.Part("text", text="q")]),
+                                                  lp.Message("assistant", reply.parts),
+                                                  lp.Message("user", [lp.Part("text", text="more")])])
+        parts = lp.Gemini.render_request(req)["contents"][1]["parts"]
+        self.assertEqual(parts, [{"text": "pondering", "thought": True, "thoughtSignature": "SIG-T"},
+                                 {"text": "Hello", "thoughtSignature": "SIG-X"}])
+
+    def test_other_vendors_signatures_never_reach_gemini(self):
+        req = lp.ChatRequest(model="m", messages=[lp.Message("user", [lp.Part("text", text="q")]),
+                                                  lp.Message("assistant", [
+                                                      lp.Part("thinking", text="t", signature="ANT", origin="anthropic"),
+                                                      lp.Part("text", text="a")]),
+                                                  lp.Message("user", [lp.Part("text", text="more")])])
+        self.assertNotIn("ANT", json.dumps(lp.Gemini.render_request(req)))
+
+
 # 7. providers: the mock ######################################################
 
 class TestMock(unittest.TestCase):
