@@ -1,4 +1,8 @@
 #!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.8"
+# dependencies = []
+# ///
 """llmproxy: one-file, zero-dependency proxy between LLM clients and LLM back-ends.
 
 Run it:     python3 llmproxy.py                  (serves http://127.0.0.1:8787)
@@ -6499,6 +6503,9 @@ class Credential:
 
     kind = "oauth"
     login_hint = ""
+    # what the vendor says about using this login outside its own client (shown at start-up
+    # and in `auth status`); empty when the login is meant for third-party use
+    risk = ""
 
     def __init__(self, name: str, settings: dict, store: TokenStore, client, clock=time.time, rand=None):
         self.name = name
@@ -6760,6 +6767,8 @@ class Credential:
             doc["last_refresh_ago_s"] = round(self.clock() - self.last_refresh)
         if self.last_error:
             doc["error"] = self.last_error
+        if self.risk:
+            doc["risk"] = self.risk
         if self.flow_task is not None and not self.flow_task.done():
             doc["login"] = "waiting for approval"
         elif self.flow_error:
@@ -6977,6 +6986,7 @@ class QwenCredential(FileLoginCredential):
 
 class GeminiCLICredential(FileLoginCredential):
     kind = "gemini-oauth"
+    risk = ("Google's terms for Gemini CLI / Code Assist logins do not allow using them from other software; your account may be limited or suspended. Use a Gemini API key for anything that matters.")
     default_file = "~/.gemini/oauth_creds.json"
     token_url = "https://oauth2.googleapis.com/token"
     client_id = "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com"
@@ -7038,6 +7048,7 @@ class GeminiCLICredential(FileLoginCredential):
 
 class CodexCredential(FileLoginCredential):
     kind = "codex-oauth"
+    risk = ("OpenAI meant ChatGPT-plan access for its own Codex clients; use through other tools is not covered by the plan's terms and may be limited.")
     token_url = "https://auth.openai.com/oauth/token"
     client_id = "app_EMoamEEZ73f0CkXaXp7hrann"
     refresh_json = True
@@ -7098,6 +7109,7 @@ class CodexCredential(FileLoginCredential):
 
 class ClaudeCredential(FileLoginCredential):
     kind = "claude-oauth"
+    risk = ("Anthropic's consumer terms do not allow using a Claude subscription login from third-party tools; it may be billed as extra usage or the account restricted. Use an Anthropic API key for anything that matters.")
     token_url = "https://platform.claude.com/v1/oauth/token"
     client_id = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
     refresh_json = True
@@ -7137,6 +7149,7 @@ class ClaudeCredential(FileLoginCredential):
                 ("user-agent", "claude-cli/2.1.0 (external, cli)"), ("x-app", "cli")]
 
 
+DEVICE_LOGINS = ("nous", "qwen-oauth")      # device-code logins that need no config at all
 CREDENTIALS = {"nous": NousCredential, "qwen-oauth": QwenCredential, "gemini-oauth": GeminiCLICredential,
                "codex-oauth": CodexCredential, "claude-oauth": ClaudeCredential}
 # auth kind -> (wire format, default base URL)
@@ -9081,7 +9094,7 @@ def _load_providers(r: _Reader, cfg: Config, env):
             cfg.providers[name] = ProviderConfig(name=name, kind=kind, base_url=base, keys=keys, source="env " + key_var)
         # device logins made with `llmproxy.py login NAME` need no config
         for name in sorted(TokenStore(os.path.join(cfg.data_dir, "oauth_tokens.json")).read_sync()):
-            if name in ("nous", "qwen-oauth") and name not in cfg.providers:
+            if name in DEVICE_LOGINS and name not in cfg.providers:
                 cfg.providers[name] = oauth_provider(name, name, env)
     if not cfg.providers:
         cfg.providers["mock"] = ProviderConfig(name="mock", kind="mock", models=["mock"], source="built-in")
@@ -11094,13 +11107,15 @@ class OpsHandlers:
 
     # -- logins --------------------------------------------------------------------
 
-    def credential(self, request: Request) -> Credential:
+    def credential(self, request: Request, start: bool = False) -> Credential:
         credentials = self.app.credentials
         body = request.json() if request.body.strip() else {}
         name = body.get("provider") if isinstance(body, dict) else None
         if name is None and len(credentials) == 1:
             name = next(iter(credentials))
         cred = credentials.get(name)
+        if cred is None and start and isinstance(name, str):
+            cred = self.app.add_login(name)     # Nous and Qwen need no config
         if cred is None:
             raise ProxyError(404, "not_found_error", "no subscription provider %r (configured: %s)" % (
                 name, ", ".join(credentials) or "none"), code="unknown_provider", param="provider")
@@ -11108,7 +11123,7 @@ class OpsHandlers:
 
     async def handle_device_code(self, request: Request):
         """Start a device login; the proxy polls in the background until it completes."""
-        cred = self.credential(request)
+        cred = self.credential(request, start=True)
         if cred.flow_task is not None and not cred.flow_task.done():
             cred.flow_task.cancel()
         flow = cred.device_flow()
@@ -11232,27 +11247,18 @@ class App:
         self.sleep = sleep
         self.rand = rand or secrets.SystemRandom().random
         self.providers: Dict[str, Provider] = {}
+        self.breakers: Dict[str, Breaker] = {}
+        self.slots: Dict[str, Slots] = {}
+        self.credentials: Dict[str, Credential] = {}
+        self.tokens = TokenStore(os.path.join(config.data_dir, "oauth_tokens.json") if config.data_dir else None)
         for name, pc in config.providers.items():
-            ring = KeyRing(pc.keys, pc.strategy, clock, config.max_cooldown_s)
-            self.providers[name] = Provider(name, pc.kind, pc.base_url, ring, pc.headers, pc.models,
-                                            pc.connect_timeout_s, pc.read_timeout_s, pc.cooldown_s, pc.options,
-                                            clock=wall)
+            self.add_provider(pc)
         self.router = Router(self.providers, config.aliases, config.prefixes, config.default, config.force,
                              config.fallbacks)
-        self.breakers = {n: Breaker(config.breaker_failures, config.breaker_cooloff_s, clock) for n in self.providers}
-        self.slots = {n: Slots(p.options.get("max_concurrency", 0), p.options.get("queue_timeout_s", 30.0))
-                      for n, p in self.providers.items()}
         workers = max(1, config.workers)           # limits are shared out between worker processes
         self.limiter = RateLimiter(-(-config.client_rpm // workers), -(-config.client_tpm // workers), clock)
         store = os.path.join(config.data_dir, "keys.json") if config.data_dir else None
         self.keys = ProxyKeys(store, config.keys, config.admin_keys)
-        self.tokens = TokenStore(os.path.join(config.data_dir, "oauth_tokens.json") if config.data_dir else None)
-        self.credentials: Dict[str, Credential] = {}
-        for name, prov in self.providers.items():
-            if prov.auth:
-                cred = CREDENTIALS[prov.auth](name, dict(prov.options.get("oauth") or {}), self.tokens, self.client,
-                                              clock=wall)
-                prov.credential = self.credentials[name] = cred
         self.tasks: set = set()
         self.shared = SharedState(os.path.join(config.data_dir, "state.sqlite3")) \
             if config.workers > 1 and config.data_dir else None
@@ -11277,6 +11283,35 @@ class App:
         self.routes = {path: self.bind(methods) for path, methods in ROUTES.items()}
         self.prefix_routes = [(prefix, self.bind(methods)) for prefix, methods in PREFIX_ROUTES]
         self.any_route = self.bind(ANY_ROUTE)
+
+    def add_provider(self, pc: ProviderConfig) -> Provider:
+        """A provider with its key ring, breaker, concurrency slots and login, if any."""
+        cfg, name = self.config, pc.name
+        ring = KeyRing(pc.keys, pc.strategy, self.clock, cfg.max_cooldown_s)
+        prov = self.providers[name] = Provider(name, pc.kind, pc.base_url, ring, pc.headers, pc.models,
+                                               pc.connect_timeout_s, pc.read_timeout_s, pc.cooldown_s, pc.options,
+                                               clock=self.wall)
+        self.breakers[name] = Breaker(cfg.breaker_failures, cfg.breaker_cooloff_s, self.clock)
+        self.slots[name] = Slots(prov.options.get("max_concurrency", 0), prov.options.get("queue_timeout_s", 30.0))
+        if prov.auth:
+            cred = CREDENTIALS[prov.auth](name, dict(prov.options.get("oauth") or {}), self.tokens, self.client,
+                                          clock=self.wall)
+            prov.credential = self.credentials[name] = cred
+        return prov
+
+    def add_login(self, name: str) -> Optional[Credential]:
+        """A device login that needs no config (Nous, Qwen), added when first asked for: after
+        approval its models route as name/<model> with no restart (and a restart finds the
+        stored login and adds the provider again)."""
+        if name not in DEVICE_LOGINS or name in self.providers:
+            return None
+        built_in = all(p.transport is not None for p in self.providers.values())
+        prov = self.add_provider(oauth_provider(name, name, os.environ))
+        prov.credential.task = self.spawn(prov.credential.run_refresher())
+        if built_in:                 # only the built-in mock so far: plain model names go to the login
+            self.router.default = name
+        log.info("provider %s added for a device login (no config needed)", name)
+        return prov.credential
 
     def keep(self, previous: Optional["App"], resolve, address_ok, image_limits: ImageLimits):
         """What outlives a reload (or starts empty): usage, the conversation memory and image
@@ -11747,6 +11782,20 @@ def make_credential(config: Config, name: str, client: "HTTPClient") -> Credenti
                      "with \"auth\"" % (name, ", ".join(CREDENTIALS)))
 
 
+def countdown_text(left: float) -> str:
+    minutes, seconds = divmod(max(0, int(left)), 60)
+    return "  waiting for approval: %d:%02d left" % (minutes, seconds)
+
+
+async def _countdown(seconds: float, clock=time.monotonic, sleep=asyncio.sleep):
+    """A live "m:ss left" on the terminal while a device login waits for approval."""
+    end = clock() + seconds
+    while clock() < end:
+        sys.stdout.write("\r" + countdown_text(end - clock()) + " ")
+        sys.stdout.flush()
+        await sleep(1.0)
+
+
 async def run_login(config: Config, name: str) -> int:
     client = HTTPClient()
     try:
@@ -11757,9 +11806,17 @@ async def run_login(config: Config, name: str) -> int:
             name, codes.get("verification_uri"), codes.get("user_code")))
         if codes.get("verification_uri_complete"):
             print("(or open %s directly)" % codes["verification_uri_complete"])
-        print("Waiting for approval (the code expires in %d s)..." % int(codes.get("expires_in") or 900))
+        expires = int(codes.get("expires_in") or 900)
+        print("Waiting for approval (the code expires in %d s)..." % expires)
         sys.stdout.flush()
-        await cred.login_done(await flow.poll())
+        ticker = asyncio.ensure_future(_countdown(expires)) if sys.stdout.isatty() else None
+        try:
+            record = await flow.poll()
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                sys.stdout.write("\r" + " " * 40 + "\r")
+        await cred.login_done(record)
         print("Logged in to %s. The token is stored in %s (0600)." % (name, cred.store.path))
         return 0
     except ProxyError as e:
@@ -11775,6 +11832,7 @@ async def run_auth_status(config: Config) -> int:
     names += [n for n in TokenStore(os.path.join(config.data_dir, "oauth_tokens.json")).read_sync()
               if n not in names and n in CREDENTIALS]
     rows = [["PROVIDER", "KIND", "LOGGED IN", "EXPIRES IN", "TOKEN"]]
+    risks = []
     try:
         for name in names:
             cred = make_credential(config, name, client)
@@ -11783,12 +11841,16 @@ async def run_auth_status(config: Config) -> int:
             exp = st.get("expires_in_s")
             rows.append([name, cred.kind, "yes" if st["logged_in"] else "no",
                          "-" if exp is None else ("expired" if exp <= 0 else "%d s" % exp), st.get("token", "-")])
+            if cred.risk:
+                risks.append("%s: %s" % (name, cred.risk))
     finally:
         client.close()
     if len(rows) == 1:
         print("no subscription logins (try: python3 llmproxy.py login nous)")
     else:
         _print_table(rows)
+        for line in risks:
+            print("warning: " + line)
     return 0
 
 
@@ -11821,6 +11883,10 @@ def print_banner(config: Config, port: int, providers: Dict[str, Any], made, key
         print("  provider %-12s %s (%s)%s" % (name, pc.base_url or "in-process",
                                              "login " + auth if auth else "%d key%s" % (n, "" if n == 1 else "s"),
                                              "  [default]" if name == config.default else ""))
+    for name, pc in providers.items():
+        cred = CREDENTIALS.get(pc.options.get("auth") or "")
+        if cred is not None and cred.risk:
+            print("  warning: %s uses a %s login. %s" % (name, pc.options["auth"], cred.risk))
     for note in config.notes:
         print("  note: " + note)
     if not config.auth_enabled:

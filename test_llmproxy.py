@@ -63,6 +63,7 @@ import time
 
 
 import unittest
+import unittest.mock
 
 
 import urllib.parse
@@ -3408,6 +3409,30 @@ class TestSubscriptionProxy(OAuthCase):
         self.assertEqual(status, 200)
         self.assertIn(b"message_stop", data)
 
+    async def test_device_login_over_http_on_a_fresh_proxy(self):
+        """No config at all: the Nous login starts over HTTP, and once approved plain model
+        names and nous/<model> route to it with no restart."""
+        await self.start_portal(device_script=["authorization_pending", "ok"])
+        env = {"NOUS_PORTAL_URL": self.portal_url, "NOUS_INFERENCE_URL": self.portal_url + "/v1"}
+        with unittest.mock.patch.dict(os.environ, env):
+            await self.start_proxy({"env_providers": False, "auth": {"keys": [CLIENT_KEY], "admin_keys": [ADMIN_KEY]}})
+            self.assertEqual(list(self.app.providers), ["mock"])
+            status, _, data = await self.call("POST", "/auth/device-code", {"provider": "nous"}, key=ADMIN_KEY)
+            self.assertEqual(status, 200, data)
+            self.assertEqual(json.loads(data)["user_code"], "BCDF-GHJK")
+            status, _, data = await self.call("POST", "/auth/poll", {"provider": "nous", "timeout_s": 10},
+                                              key=ADMIN_KEY)
+            self.assertTrue(json.loads(data)["logged_in"], data)
+            status, _, data = await self.call("GET", "/auth/status", key=ADMIN_KEY)
+            self.assertTrue(json.loads(data)["providers"]["nous"]["logged_in"])
+            for model in ("hermes-4", "nous/hermes-4"):
+                status, headers, data = await self.call("POST", "/v1/chat/completions", {
+                    "model": model, "messages": [{"role": "user", "content": "hi"}]})
+                self.assertEqual(status, 200, data)
+                self.assertEqual(headers.get("x-llmproxy-provider"), "nous")
+            status, _, data = await self.call("POST", "/auth/device-code", {"provider": "nope"}, key=ADMIN_KEY)
+            self.assertEqual(status, 404)
+
     async def test_cli_login_then_zero_config_serving(self):
         await self.start_portal()
         env = {"NOUS_PORTAL_URL": self.portal_url, "NOUS_INFERENCE_URL": self.portal_url + "/v1"}
@@ -6485,6 +6510,18 @@ class TestNativePaths(ProxyCase):
 # 13. CLI and processes #######################################################
 
 class TestCLI(unittest.TestCase):
+    def test_login_countdown_ticks_down_on_the_terminal(self):
+        now = [1000.0]
+
+        async def sleep(s):
+            now[0] += s
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            asyncio.run(lp._countdown(3, clock=lambda: now[0], sleep=sleep))
+        self.assertEqual(out.getvalue().split("\r")[1:], ["  waiting for approval: 0:03 left ",
+                                                          "  waiting for approval: 0:02 left ",
+                                                          "  waiting for approval: 0:01 left "])
+
     def run_main(self, argv, env=None):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
