@@ -11701,6 +11701,14 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("provider", help="nous, qwen-oauth, or a configured provider with \"auth\"")
     logout = sub.add_parser("logout", parents=[common], help="forget a subscription login")
     logout.add_argument("provider")
+    setup = sub.add_parser("setup", parents=[common], help="configure a client for this proxy "
+                           "(claude, codex, opencode, gemini, env)")
+    setup.add_argument("client", help="claude, codex, opencode, gemini or env")
+    setup.add_argument("--write", action="store_true", help="merge it into the client's own config files "
+                       "(a backup first; only our entries change)")
+    setup.add_argument("--key", help="the client key to use (default: the one it already has, else a new one)")
+    setup.add_argument("--model", help="the model the client should ask for (default: its own names)")
+    setup.add_argument("--url", help="the proxy's URL (default: from host and port)")
     auth = sub.add_parser("auth", parents=[common], help="subscription logins")
     auth_sub = auth.add_subparsers(dest="auth_command", metavar="ACTION")
     auth_sub.add_parser("status", parents=[common], help="show every login and when it expires")
@@ -11769,6 +11777,398 @@ async def run_check(config: Config) -> int:
         client.close()
     _print_table(rows)
     return 0 if not bad else 1
+
+
+# -- setup: one command configures each client ----------------------------------
+
+SETUP_CLIENTS = ("claude", "codex", "opencode", "gemini", "env")
+SETUP_KEY_ENV = "LLMPROXY_API_KEY"          # the env var Codex and OpenCode read the proxy key from
+SETUP_CONTEXT = 128000                       # OpenCode limits for a model with no model_limits
+SETUP_OUTPUT = 16384
+
+
+class SetupError(Exception):
+    """A setup the user must fix (unknown client, unreadable or unparsable file)."""
+
+
+def _jsonc_skip(text: str, i: int) -> int:
+    """Past whitespace and // or /* */ comments."""
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c in " \t\r\n":
+            i += 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j + 1
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            if j < 0:
+                raise SetupError("an unclosed /* comment")
+            i = j + 2
+        else:
+            break
+    return i
+
+
+def _jsonc_string_end(text: str, i: int) -> int:
+    j = i + 1
+    while j < len(text):
+        if text[j] == "\\":
+            j += 2
+        elif text[j] == '"':
+            return j + 1
+        else:
+            j += 1
+    raise SetupError("an unterminated string")
+
+
+def _jsonc_value_end(text: str, i: int) -> int:
+    """Where the JSON value that starts at i ends (comments and strings skipped inside)."""
+    if text[i] == '"':
+        return _jsonc_string_end(text, i)
+    if text[i] not in "{[":
+        j = i
+        while j < len(text) and text[j] not in ",}] \t\r\n/":
+            j += 1
+        return j
+    depth, j = 0, i
+    while j < len(text):
+        j = _jsonc_skip(text, j)
+        c = text[j] if j < len(text) else ""
+        if c == '"':
+            j = _jsonc_string_end(text, j)
+            continue
+        if c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    raise SetupError("an unclosed object or array")
+
+
+def _jsonc_members(text: str, start: int):
+    """(key, value start, value end) of the object whose '{' is at start."""
+    i = _jsonc_skip(text, start + 1)
+    while i < len(text) and text[i] != "}":
+        if text[i] == ",":
+            i = _jsonc_skip(text, i + 1)
+            continue
+        if text[i] != '"':
+            raise SetupError("a member name must be a string (at offset %d)" % i)
+        end = _jsonc_string_end(text, i)
+        key = json.loads(text[i:end])
+        j = _jsonc_skip(text, end)
+        if j >= len(text) or text[j] != ":":
+            raise SetupError("a ':' is missing after %r" % key)
+        v = _jsonc_skip(text, j + 1)
+        ve = _jsonc_value_end(text, v)
+        yield key, v, ve
+        i = _jsonc_skip(text, ve)
+
+
+def jsonc_set(text: str, path: List[str], value) -> str:
+    """text (JSON with comments) with the member at path set to value; every other byte, and
+    so every comment, stays where it was. Missing objects on the way are created."""
+    start = _jsonc_skip(text, 0)
+    if start >= len(text):
+        text, start = "{}\n", 0
+    if text[start] != "{":
+        raise SetupError("the file is not a JSON object")
+    obj = start
+    for depth, key in enumerate(path):
+        found = next(((v, ve) for k, v, ve in _jsonc_members(text, obj) if k == key), None)
+        rest = path[depth + 1:]
+        if found is None:
+            inner = value
+            for k in reversed(rest):
+                inner = {k: inner}
+            indent = "  " * (depth + 1)
+            member = "%s: %s" % (json.dumps(key), json.dumps(inner, indent=2).replace("\n", "\n" + indent))
+            return _jsonc_append(text, obj, member, indent, "  " * depth)
+        v, ve = found
+        if not rest:
+            indent = "  " * (depth + 1)
+            return text[:v] + json.dumps(value, indent=2).replace("\n", "\n" + indent) + text[ve:]
+        if text[v] != "{":
+            raise SetupError("%r is not an object" % key)
+        obj = v
+    return text
+
+
+def _jsonc_append(text: str, obj: int, member: str, indent: str, outer: str) -> str:
+    """text with member added as the last member of the object at obj (after a trailing
+    comma, and after a comment that ends the last member's line, if there is one)."""
+    members = list(_jsonc_members(text, obj))
+    if not members:
+        close = _jsonc_skip(text, obj + 1)
+        return text[:obj + 1] + "\n%s%s\n%s" % (indent, member, outer) + text[close:]
+    last_end = members[-1][2]
+    after = _jsonc_skip(text, last_end)
+    trailing = after < len(text) and text[after] == ","
+    comma_end = after + 1 if trailing else last_end
+    line_end = text.find("\n", comma_end)
+    line_end = len(text) if line_end < 0 else line_end
+    rest = text[comma_end:line_end].strip()
+    at = line_end if rest.startswith("//") or (rest.startswith("/*") and rest.endswith("*/")) else comma_end
+    if trailing:
+        return text[:at] + "\n%s%s," % (indent, member) + text[at:]
+    # no comma after the last member: one goes right after it (before any comment on its line)
+    return text[:last_end] + "," + text[last_end:at] + "\n%s%s" % (indent, member) + text[at:]
+
+
+def jsonc_loads(text: str):
+    """Parse JSON with comments and trailing commas (to check what setup wrote)."""
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            j = _jsonc_string_end(text, i)
+            out.append(text[i:j])
+            i = j
+        elif text.startswith("//", i) or text.startswith("/*", i):
+            i = _jsonc_skip(text, i)
+        else:
+            out.append(c)
+            i += 1
+    return json.loads(re.sub(r",(\s*[}\]])", r"\1", "".join(out)))
+
+
+def toml_set_provider(text: str, table: str, body: List[Tuple[str, str]], top: List[Tuple[str, str]]) -> str:
+    """config.toml with [table] replaced by body and top-level keys set, the rest kept."""
+    lines = text.splitlines()
+    out: List[str] = []
+    skipping = False
+    header = "[%s]" % table
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("["):
+            skipping = stripped.split("#", 1)[0].strip() == header
+            if skipping:
+                continue
+        if not skipping:
+            out.append(line)
+    first_table = next((i for i, line in enumerate(out) if line.strip().startswith("[")), len(out))
+    for key, value in top:
+        line = "%s = %s" % (key, value)
+        at = next((i for i in range(first_table) if re.match(r"\s*%s\s*=" % re.escape(key), out[i])), None)
+        if at is None:
+            out.insert(first_table, line)
+            first_table += 1
+        else:
+            out[at] = line
+    while out and not out[-1].strip():
+        out.pop()
+    block = [header] + ["%s = %s" % kv for kv in body]
+    return "\n".join(out + ([""] if out else []) + block) + "\n"
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)                     # a TOML basic string is a JSON string for these values
+
+
+def check_toml(text: str):
+    try:
+        import tomllib                       # Python 3.11+
+    except ImportError:
+        for n, line in enumerate(text.splitlines(), 1):
+            s = line.strip()
+            if s and not s.startswith("#") and not (s.startswith("[") and s.endswith("]")) and "=" not in s:
+                raise SetupError("config.toml line %d is not 'key = value'" % n)
+        return
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SetupError("config.toml does not parse: %s" % e)
+
+
+def env_file_set(text: str, values: List[Tuple[str, str]]) -> str:
+    """A .env file with these variables set (other lines kept)."""
+    lines = text.splitlines()
+    for name, value in values:
+        line = "%s=%s" % (name, value)
+        at = next((i for i, l in enumerate(lines) if re.match(r"\s*(export\s+)?%s\s*=" % re.escape(name), l)), None)
+        if at is None:
+            lines.append(line)
+        else:
+            lines[at] = line
+    return "\n".join(lines) + "\n"
+
+
+def _env_file_get(text: str, name: str) -> Optional[str]:
+    m = re.search(r"(?m)^\s*(?:export\s+)?%s\s*=\s*['\"]?([^'\"\n]*)" % re.escape(name), text)
+    return m.group(1).strip() if m else None
+
+
+def setup_url(config: Config) -> str:
+    host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, config.port)
+
+
+def setup_models(config: Config) -> List[str]:
+    """Model names clients can ask for: aliases, listed models, else the mock's."""
+    names = [a for a in config.aliases if not any(c in a for c in "*?[")]
+    for name, pc in config.providers.items():
+        names += [m if name == config.default else "%s/%s" % (name, m) for m in pc.models]
+    return list(dict.fromkeys(names)) or ["mock"]
+
+
+def setup_files(client: str, home: str) -> List[str]:
+    """The files `setup CLIENT --write` changes."""
+    return {"claude": [os.path.join(home, ".claude", "settings.json")],
+            "codex": [os.path.join(home, ".codex", "config.toml")],
+            "opencode": [next((p for p in (os.path.join(home, ".config", "opencode", n)
+                                           for n in ("opencode.jsonc", "opencode.json")) if os.path.exists(p)),
+                              os.path.join(home, ".config", "opencode", "opencode.json"))],
+            "gemini": [os.path.join(home, ".gemini", "settings.json"), os.path.join(home, ".gemini", ".env")],
+            "env": []}[client]
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise SetupError("cannot read %s: %s" % (path, e))
+
+
+def setup_existing_key(client: str, home: str, keys: ProxyKeys) -> Optional[str]:
+    """A key this proxy accepts that the client is already set up with (so a second run
+    changes nothing)."""
+    found: List[Optional[str]] = [os.environ.get(SETUP_KEY_ENV)]
+    try:
+        if client == "claude":
+            doc = json.loads(_read_text(setup_files("claude", home)[0]) or "{}")
+            found.insert(0, ((doc.get("env") or {}) if isinstance(doc, dict) else {}).get("ANTHROPIC_AUTH_TOKEN"))
+        elif client == "gemini":
+            found.insert(0, _env_file_get(_read_text(setup_files("gemini", home)[1]), "GEMINI_API_KEY"))
+    except (ValueError, AttributeError, SetupError):
+        pass
+    return next((k for k in found if isinstance(k, str) and k and keys.check(k) is not None), None)
+
+
+def setup_changes(client: str, home: str, url: str, key: str, models: List[str], model: Optional[str],
+                  config: Config) -> List[Tuple[str, str, str]]:
+    """(path, old text, new text) for each file the client's setup touches."""
+    out = []
+    if client == "claude":
+        path = setup_files(client, home)[0]
+        old = _read_text(path)
+        env = {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_AUTH_TOKEN": key}
+        pick = model or (None if any(pc.kind == "anthropic" for pc in config.providers.values())
+                         or any(a.startswith("claude") for a in config.aliases) else models[0])
+        if pick:                             # no back-end knows Claude's own names: send them to this one
+            for var in ("ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL", "ANTHROPIC_DEFAULT_SONNET_MODEL",
+                        "ANTHROPIC_DEFAULT_HAIKU_MODEL"):
+                env[var] = pick
+        new = old or "{}\n"
+        for name, value in env.items():
+            new = jsonc_set(new, ["env", name], value)
+        out.append((path, old, new))
+    elif client == "codex":
+        path = setup_files(client, home)[0]
+        old = _read_text(path)
+        top = [("model_provider", _toml_str("llmproxy"))] + ([("model", _toml_str(model))] if model else [])
+        new = toml_set_provider(old, "model_providers.llmproxy", [
+            ("name", _toml_str("llmproxy")), ("base_url", _toml_str(url + "/v1")),
+            ("env_key", _toml_str(SETUP_KEY_ENV)), ("wire_api", _toml_str("responses"))], top)
+        check_toml(new)
+        out.append((path, old, new))
+    elif client == "opencode":
+        path = setup_files(client, home)[0]
+        old = _read_text(path)
+        limits = {}
+        for pc in config.providers.values():
+            for m, (context, output) in (pc.options.get("model_limits") or {}).items():
+                limits[m] = (context, output)
+        entry = {"npm": "@ai-sdk/openai-compatible", "name": "llmproxy",
+                 "options": {"baseURL": url + "/v1", "apiKey": "{env:%s}" % SETUP_KEY_ENV},
+                 "models": {m: {"name": m, "limit": {"context": (limits.get(m.split("/")[-1]) or (None,))[0]
+                                                     or SETUP_CONTEXT,
+                                                     "output": (limits.get(m.split("/")[-1]) or (None, None))[1]
+                                                     or SETUP_OUTPUT}} for m in ([model] if model else models)}}
+        new = old or '{\n  "$schema": "https://opencode.ai/config.json"\n}\n'
+        new = jsonc_set(new, ["provider", "llmproxy"], entry)
+        jsonc_loads(new)
+        out.append((path, old, new))
+    elif client == "gemini":
+        settings, env_path = setup_files(client, home)
+        old = _read_text(settings)
+        new = jsonc_set(old or "{}\n", ["security", "auth", "selectedType"], "gemini-api-key")
+        if model:
+            new = jsonc_set(new, ["model", "name"], model)
+        out.append((settings, old, new))
+        old_env = _read_text(env_path)
+        out.append((env_path, old_env, env_file_set(old_env, [("GOOGLE_GEMINI_BASE_URL", url),
+                                                              ("GEMINI_API_KEY", key)])))
+    return out
+
+
+def setup_env_lines(url: str, key: str) -> List[str]:
+    return ["export %s=%s" % (SETUP_KEY_ENV, key),
+            "export OPENAI_BASE_URL=%s/v1 OPENAI_API_KEY=%s" % (url, key),
+            "export ANTHROPIC_BASE_URL=%s ANTHROPIC_API_KEY=%s" % (url, key),
+            "export GOOGLE_GEMINI_BASE_URL=%s GEMINI_API_KEY=%s" % (url, key)]
+
+
+def run_setup(config: Config, args, home: Optional[str] = None) -> int:
+    client = args.client
+    home = home or os.path.expanduser("~")
+    if client not in SETUP_CLIENTS:
+        print("llmproxy: setup: unknown client %r (one of: %s)" % (client, ", ".join(SETUP_CLIENTS)), file=sys.stderr)
+        return 2
+    url = args.url.rstrip("/") if args.url else setup_url(config)
+    keys = ProxyKeys(os.path.join(config.data_dir, "keys.json"), config.keys, config.admin_keys)
+    key = args.key or (setup_existing_key(client, home, keys) if config.auth_enabled else "llmproxy-local")
+    made = False
+    if not key and not args.write:
+        key = "<a new key: run with --write>"      # a preview creates nothing
+    elif not key:
+        entry, key = keys.create("setup " + client)
+        made = True
+    elif config.auth_enabled and keys.check(key) is None:
+        print("llmproxy: setup: warning: this proxy does not know that key (its clients will get 401)",
+              file=sys.stderr)
+    models = setup_models(config)
+    try:
+        changes = setup_changes(client, home, url, key, models, args.model, config)
+    except (SetupError, ValueError, IndexError) as e:
+        print("llmproxy: setup: %s: %s" % (" or ".join(setup_files(client, home)), e), file=sys.stderr)
+        return 1
+    if made:
+        print("# a new client key for %s (stored as a digest in %s): %s" % (client, keys.path, key))
+    if client in ("codex", "opencode", "env"):
+        print("# %s reads the key from $%s:" % (client if client != "env" else "SDKs", SETUP_KEY_ENV))
+    for line in setup_env_lines(url, key)[:1 if client in ("codex", "opencode") else 4 if client == "env" else 0]:
+        print(line)
+    for path, old, new in changes:
+        if not args.write:
+            print("# %s%s:" % (path, " (would change)" if new != old else " (already set up)"))
+            print(new.rstrip("\n"))
+            continue
+        if new == old:
+            print("unchanged: %s" % path)
+            continue
+        try:
+            if old:
+                backup = path + ".llmproxy-backup"
+                write_file_atomic(backup, old.encode("utf-8"))
+            write_file_atomic(path, new.encode("utf-8"))
+        except OSError as e:
+            print("llmproxy: setup: cannot write %s: %s" % (path, e), file=sys.stderr)
+            return 1
+        print("wrote %s%s" % (path, " (the old one is %s)" % (path + ".llmproxy-backup") if old else ""))
+    if not args.write and changes:
+        print("# run again with --write to apply (a backup of each file is kept)")
+    hint = {"claude": "claude", "codex": "codex", "gemini": "gemini",
+            "opencode": "opencode run --model llmproxy/%s" % (args.model or models[0])}.get(client)
+    if hint and args.write:
+        print("then run: %s  (proxy at %s)" % (hint, url))
+    return 0
 
 
 def make_credential(config: Config, name: str, client: "HTTPClient") -> Credential:
@@ -12138,6 +12538,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return asyncio.run(run_logout(config, args.provider))
         if command == "auth":
             return asyncio.run(run_auth_status(config))
+        if command == "setup":
+            return run_setup(config, args)
         reload_args = (getattr(args, "config", None), overrides)
         if config.workers > 1 and hasattr(os, "fork"):
             return run_workers(config, reload_args)

@@ -8,6 +8,7 @@ Pure sections are tested on bytes and dicts; behaviour end to end over
 """
 
 
+import argparse
 import asyncio
 
 
@@ -6563,6 +6564,137 @@ class TestCLI(unittest.TestCase):
             self.assertNotIn(secret, out)
             self.assertEqual(self.run_main(["keys", "revoke", key_id, "--data-dir", d])[0], 0)
             self.assertEqual(self.run_main(["keys", "revoke", key_id, "--data-dir", d])[0], 1)
+
+
+class TestSetup(unittest.TestCase):
+    """`setup CLIENT --write` merges this proxy into each client's own config: a backup first,
+    the user's other entries (and JSONC comments) kept, and a second run changes nothing."""
+    KEY = CLIENT_KEY
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.home = os.path.join(self.tmp.name, "home")
+        cfg = os.path.join(self.tmp.name, "config.json")
+        with open(cfg, "w") as f:
+            json.dump({"env_providers": False, "auth": {"keys": [self.KEY]}, "port": 8899,
+                       "providers": {"up": {"base_url": "http://127.0.0.1:9/v1", "keys": ["sk"],
+                                            "models": ["m1"]}},
+                       "routing": {"aliases": {"fast": "up:m1"}, "default": "up"}}, f)
+        self.config = lp.load_config(cfg, {}, {"data_dir": os.path.join(self.tmp.name, "data")})
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def put(self, rel, text):
+        path = os.path.join(self.home, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def read(self, rel):
+        with open(os.path.join(self.home, rel)) as f:
+            return f.read()
+
+    def setup(self, client, write=True, key=KEY, model=None):
+        args = argparse.Namespace(client=client, write=write, key=key, model=model, url=None)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = lp.run_setup(self.config, args, home=self.home)
+        return code, out.getvalue(), err.getvalue()
+
+    def twice(self, client, files, **kw):
+        code, out, err = self.setup(client, **kw)
+        self.assertEqual(code, 0, err)
+        first = {f: self.read(f) for f in files}
+        code, out, _ = self.setup(client, **kw)
+        self.assertEqual(code, 0)
+        self.assertEqual({f: self.read(f) for f in files}, first)         # a second run changes nothing
+        self.assertIn("unchanged", out)
+        return first
+
+    def test_claude_code(self):
+        self.put(".claude/settings.json", '{"theme": "dark", "env": {"FOO": "1"}}')
+        doc = json.loads(self.twice("claude", [".claude/settings.json"], model="fast")[".claude/settings.json"])
+        self.assertEqual(doc["theme"], "dark")
+        self.assertEqual(doc["env"]["FOO"], "1")
+        self.assertEqual(doc["env"]["ANTHROPIC_BASE_URL"], "http://127.0.0.1:8899")
+        self.assertEqual(doc["env"]["ANTHROPIC_AUTH_TOKEN"], self.KEY)
+        self.assertEqual(doc["env"]["ANTHROPIC_DEFAULT_HAIKU_MODEL"], "fast")
+        self.assertTrue(os.path.exists(os.path.join(self.home, ".claude/settings.json.llmproxy-backup")))
+
+    def test_codex(self):
+        self.put(".codex/config.toml", 'model = "o3"\n# mine\n[profiles.x]\nmodel = "y"\n\n'
+                                       '[model_providers.llmproxy]\nbase_url = "http://old"\n')
+        text = self.twice("codex", [".codex/config.toml"])[".codex/config.toml"]
+        self.assertIn("# mine", text)
+        self.assertEqual(text.count("[model_providers.llmproxy]"), 1)
+        try:
+            import tomllib
+        except ImportError:
+            self.assertIn('wire_api = "responses"', text)
+            return
+        doc = tomllib.loads(text)
+        self.assertEqual(doc["model_provider"], "llmproxy")
+        self.assertEqual(doc["model"], "o3")                              # not asked to change it
+        self.assertEqual(doc["profiles"], {"x": {"model": "y"}})
+        self.assertEqual(doc["model_providers"]["llmproxy"], {
+            "name": "llmproxy", "base_url": "http://127.0.0.1:8899/v1", "env_key": "LLMPROXY_API_KEY",
+            "wire_api": "responses"})
+
+    def test_opencode_keeps_jsonc_comments(self):
+        self.put(".config/opencode/opencode.jsonc", '{\n  // my settings\n  "theme": "dark", /* keep */\n'
+                                                    '  "provider": {\n    "other": {"npm": "x"}, // theirs\n  },\n}\n')
+        text = self.twice("opencode", [".config/opencode/opencode.jsonc"])[".config/opencode/opencode.jsonc"]
+        for comment in ("// my settings", "/* keep */", "// theirs"):
+            self.assertIn(comment, text)
+        doc = lp.jsonc_loads(text)
+        self.assertEqual(doc["theme"], "dark")
+        self.assertEqual(doc["provider"]["other"], {"npm": "x"})
+        mine = doc["provider"]["llmproxy"]
+        self.assertEqual(mine["npm"], "@ai-sdk/openai-compatible")
+        self.assertEqual(mine["options"], {"baseURL": "http://127.0.0.1:8899/v1", "apiKey": "{env:LLMPROXY_API_KEY}"})
+        self.assertEqual(sorted(mine["models"]), ["fast", "m1"])
+        self.assertEqual(mine["models"]["fast"]["limit"], {"context": 128000, "output": 16384})
+
+    def test_gemini_cli(self):
+        self.put(".gemini/settings.json", '{"ui": {"theme": "GitHub"}}')
+        self.put(".gemini/.env", "OTHER=1\nGEMINI_API_KEY=old\n")
+        files = self.twice("gemini", [".gemini/settings.json", ".gemini/.env"])
+        doc = json.loads(files[".gemini/settings.json"])
+        self.assertEqual(doc["ui"], {"theme": "GitHub"})
+        self.assertEqual(doc["security"]["auth"]["selectedType"], "gemini-api-key")
+        self.assertEqual(files[".gemini/.env"], "OTHER=1\nGEMINI_API_KEY=%s\nGOOGLE_GEMINI_BASE_URL="
+                                                "http://127.0.0.1:8899\n" % self.KEY)
+
+    def test_preview_writes_nothing_and_makes_no_key(self):
+        code, out, _ = self.setup("claude", write=False, key=None)
+        self.assertEqual(code, 0)
+        self.assertIn("ANTHROPIC_BASE_URL", out)
+        self.assertFalse(os.path.exists(os.path.join(self.home, ".claude")))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp.name, "data", "keys.json")))
+
+    def test_a_new_key_is_made_and_reused_on_the_next_run(self):
+        code, out, _ = self.setup("claude", key=None)
+        self.assertEqual(code, 0)
+        key = re.search(r"(llmp-[A-Za-z0-9_-]+)", out).group(1)
+        self.assertEqual(json.loads(self.read(".claude/settings.json"))["env"]["ANTHROPIC_AUTH_TOKEN"], key)
+        code, out, _ = self.setup("claude", key=None)
+        self.assertNotIn("new client key", out)
+        self.assertIn("unchanged", out)
+
+    def test_unknown_client_and_unreadable_files_are_clear_errors(self):
+        self.assertEqual(self.setup("vim")[0], 2)
+        self.put(".claude/settings.json", '{"env": [1, 2')
+        code, _, err = self.setup("claude")
+        self.assertEqual(code, 1)
+        self.assertIn("settings.json", err)
+        self.assertEqual(self.read(".claude/settings.json"), '{"env": [1, 2')     # left as it was
+
+    def test_env_prints_exports(self):
+        code, out, _ = self.setup("env")
+        self.assertEqual(code, 0)
+        self.assertIn("export OPENAI_BASE_URL=http://127.0.0.1:8899/v1 OPENAI_API_KEY=%s" % self.KEY, out)
 
 
 class TestSelfLoop(unittest.TestCase):
