@@ -2625,6 +2625,7 @@ class WireFormat:
     streams_json = False                      # streams may come as one JSON array, not SSE
     keeps_history = False                     # the proxy keeps conversations (previous_response_id)
     stores_responses = False                  # a back-end of this format keeps responses for previous_response_id
+    serves_claude_names = False               # its back-ends know Claude Code's own model names
     inline_images = False                     # image URLs must be fetched into bytes for it
     remembers_signatures = False              # its tool calls carry signatures other clients drop
     sets_cache_marks = False                  # its clients place prompt-cache breakpoints themselves
@@ -3428,6 +3429,7 @@ class AnthropicMessages(WireFormat):
     def key_headers(cls, key: str) -> List[Tuple[str, str]]:
         return [("x-api-key", key)]
 
+    serves_claude_names = True
     name = "anthropic"
     endpoint = "/messages"
     count_endpoint = "/messages/count_tokens"
@@ -12059,7 +12061,8 @@ def setup_changes(client: str, home: str, url: str, key: str, models: List[str],
         path = setup_files(client, home)[0]
         old = _read_text(path)
         env = {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_AUTH_TOKEN": key}
-        pick = model or (None if any(pc.kind == "anthropic" for pc in config.providers.values())
+        pick = model or (None if any(FORMATS.get(pc.kind, OpenAIChat).serves_claude_names
+                                     for pc in config.providers.values())
                          or any(a.startswith("claude") for a in config.aliases) else models[0])
         if pick:                             # no back-end knows Claude's own names: send them to this one
             for var in ("ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL", "ANTHROPIC_DEFAULT_SONNET_MODEL",
