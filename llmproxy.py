@@ -1303,7 +1303,7 @@ class HTTPServer:
                             info.sent = sent
                             if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
                                 await writer.drain()
-                    if ok and chunked:
+                    if ok and chunked and not is_head:
                         writer.write(b"0\r\n\r\n")
                 except ProxyError as e:
                     # a body that broke mid-way and has no in-band error form (a binary or JSON
@@ -2406,6 +2406,10 @@ def parse_content(content, one: Callable[[dict, List[Part]], None]) -> List[Part
             continue
         before = len(out)
         one(c, out)
+        for p in out[before:]:
+            if not isinstance(p.text, str):
+                raise ProxyError(400, "invalid_request_error", "a %s content block's text must be a string" %
+                                 (c.get("type") if isinstance(c.get("type"), str) else "content")[:40])
         if len(out) > before and cache_mark(c):
             out[-1].cache = cache_mark(c)
     return out
@@ -2626,6 +2630,12 @@ class WireFormat:
     keeps_history = False                     # the proxy keeps conversations (previous_response_id)
     stores_responses = False                  # a back-end of this format keeps responses for previous_response_id
     serves_claude_names = False               # its back-ends know Claude Code's own model names
+
+    @classmethod
+    def carries_proxy_state(cls, body: dict) -> bool:
+        """Whether a client body holds something only this proxy can read (and so must not
+        pass through as it is)."""
+        return False
     inline_images = False                     # image URLs must be fetched into bytes for it
     remembers_signatures = False              # its tool calls carry signatures other clients drop
     sets_cache_marks = False                  # its clients place prompt-cache breakpoints themselves
@@ -4010,6 +4020,13 @@ class OpenAIResponses(WireFormat):
     count_endpoint = "/responses/input_tokens"
     count_fields = ("model", "input", "instructions", "tools", "tool_choice", "reasoning", "text",
                     "parallel_tool_calls", "truncation")
+
+    @classmethod
+    def carries_proxy_state(cls, body: dict) -> bool:
+        items = body.get("input")
+        return isinstance(items, list) and any(
+            isinstance(it, dict) and it.get("type") == "compaction" and isinstance(it.get("encrypted_content"), str)
+            and it["encrypted_content"].startswith(COMPACTED) for it in items)
 
     stores_responses = True
     keeps_history = True
@@ -9681,7 +9698,7 @@ class UpstreamCaller:
         self.spawn = app.spawn
 
     async def send(self, prov: Provider, method: str, url: str, body: bytes, info: Exchange, stream: bool = False,
-                   extra=(), wait_until: Optional[float] = None) -> UpstreamResponse:
+                   extra=(), wait_until: Optional[float] = None, json_body: bool = True) -> UpstreamResponse:
         """Send with key rotation: a 429 cools the key (for this model, or whole) and retries
         on the next one at once, 401/403 disables it. When every key cools, wait for the
         soonest (up to resilience.key_wait_s, and until wait_until) when wait_until is set.
@@ -9708,7 +9725,7 @@ class UpstreamCaller:
             key = k.key if k else (await cred.token() if cred is not None else None)
             info.upkey = redact(k.key) if k else (fingerprint(key) if cred is not None else None)
             t0 = time.perf_counter()
-            headers = prov.request_headers(key, stream, extra, bool(body))
+            headers = prov.request_headers(key, stream, extra, bool(body) and json_body)
             if self.capture is not None:
                 info.cap_up_req = {"url": url, "headers": self.capture.headers(headers),
                                    "body": WireCapture.body(body, False)}
@@ -10034,7 +10051,7 @@ class ConversationMemory:
             if count:
                 return                           # a token count: estimated without it
             raise ProxyError(404, "invalid_request_error", "Previous response with id '%s' not found. %s" % (
-                rid, "It is kept by the back-end that answered it, and this request is routed to one that "
+                str(rid)[:200], "It is kept by the back-end that answered it, and this request is routed to one that "
                 "cannot continue it." if past is not None else ""), param="previous_response_id",
                 code="previous_response_not_found")
         if past is not None:
@@ -10629,9 +10646,11 @@ class ChatService:
                                                      or "upstream error"))
 
     def ours(self, call: ChatCall) -> bool:
-        """The request continues a conversation whose last turn this proxy answered (through
-        the hub): the back-end has never seen that id, so the proxy must send the history."""
-        return call.fmt.keeps_history and self.memory.knows(call.body.get("previous_response_id"))
+        """The request carries state only this proxy can read: a previous_response_id it
+        handed out (the back-end has never seen it, so the history goes inline), or items it
+        wrote (its own compaction summaries). It goes through the hub, never as it is."""
+        return call.fmt.keeps_history and (self.memory.knows(call.body.get("previous_response_id"))
+                                           or call.fmt.carries_proxy_state(call.body))
 
     @staticmethod
     def check_context(call: ChatCall, prov: Provider, model: str) -> Optional[int]:
@@ -10933,7 +10952,7 @@ class ChatHandlers:
         if query:                           # the client's ?key= is our secret, never the upstream's
             url += "?" + urlencode(query)
         extra = [(k, request.headers.get(k)) for k in fmt.native_request_headers if request.headers.get(k)]
-        upstream = await self.caller.send(prov, request.method, url, body, info, False, extra)
+        upstream = await self.caller.send(prov, request.method, url, body, info, False, extra, json_body=False)
         hdrs = relay_headers(upstream.headers) + self.native_reply_headers(request, fmt, prov, upstream) + \
             [("x-llmproxy-provider", prov.name)]
         return StreamResponse(upstream.status, hdrs, self.passthrough.relay(upstream, info, fmt))
@@ -10954,22 +10973,37 @@ class ChatHandlers:
 
     @staticmethod
     def native_reply_headers(request: Request, fmt, prov: Provider, upstream) -> List[Tuple[str, str]]:
-        """The API's own reply headers; an upload URL that points at the back-end is made to
-        point at this proxy (the client then uploads through it, with its proxy key)."""
+        """The API's own reply headers. An upload URL is made to point at this proxy (the
+        client then uploads through it, with its proxy key), never carrying a key; one that
+        cannot be (no usable Host, a path outside the back-end) is left out."""
         out = []
-        base = fmt.native_url(prov.current_base(), fmt.api_root + "/")[:-1]
         for name in fmt.native_reply_headers:
             value = upstream.headers.get(name)
             if value is None:
                 continue
-            if name == "x-goog-upload-url" and request.headers.get("host"):
-                root = base[:-len(fmt.api_root)] if base.endswith(fmt.api_root) else base
-                if value.startswith(root + "/"):
-                    scheme = "https" if request.headers.get("x-forwarded-proto") == "https" else "http"
-                    value = "%s://%s%s" % (scheme, request.headers.get("host"), value[len(root):])
-                    value = re.sub(r"([?&])key=[^&]*&?", r"\1", value).rstrip("?&")   # never the upstream key
+            if name == "x-goog-upload-url":
+                value = proxied_upload_url(value, fmt.native_url(prov.current_base(), "/upload/")[:-len("/upload/")],
+                                           request.headers.get("host"), request.headers.get("x-forwarded-proto"))
+                if value is None:
+                    continue
             out.append((name, value))
         return out
+
+
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?\Z")
+
+
+def proxied_upload_url(url: str, root: str, host: Optional[str], proto: Optional[str]) -> Optional[str]:
+    """An upstream resumable-upload URL, pointed at this proxy (by the client's Host), with
+    any key parameter (however it is spelled) left out; None when it cannot be."""
+    if not host or len(host) > 255 or not _HOST_RE.match(host):
+        return None
+    parts, prefix = urlsplit(url), urlsplit(root).path.rstrip("/")
+    if not parts.path.startswith(prefix + "/upload/"):
+        return None
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() != "key"]
+    scheme = "https" if proto == "https" else "http"
+    return "%s://%s%s%s" % (scheme, host, parts.path[len(prefix):], "?" + urlencode(query) if query else "")
 
 
 def gemini_target(path: str) -> Tuple[str, str]:
@@ -10977,9 +11011,12 @@ def gemini_target(path: str) -> Tuple[str, str]:
     prefix = "/v1beta/models/" if path.startswith("/v1beta/") else "/v1/models/"
     rest = unquote(path[len(prefix):])
     model, sep, action = rest.rpartition(":")
-    if not sep or not model:
+    if not sep or not model or not _ACTION_RE.match(action):
         raise ProxyError(404, "not_found_error", "expected /models/{model}:{action}", code="unknown_url")
     return model, action
+
+
+_ACTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}\Z")    # a Gemini method name: nothing that could leave the path
 
 
 class OpsHandlers:

@@ -6427,6 +6427,15 @@ class TestPreviousResponseAcrossPaths(ProxyCase):
         self.assertEqual(r4["error"]["code"], "previous_response_not_found")
         self.assertIn("kept by the back-end", r4["error"]["message"])
 
+    async def test_a_compaction_the_proxy_wrote_never_reaches_a_responses_back_end_as_it_is(self):
+        summary = lp.COMPACTED + base64.b64encode(b"we listed the files").decode()
+        status, _, data = await self.call("POST", "/v1/responses", {"model": "r-plain", "input": [
+            {"type": "compaction", "encrypted_content": summary}, {"role": "user", "content": "go on"}]})
+        self.assertEqual(status, 200, data)
+        sent = json.loads(self.up.requests[-1]["body"])
+        self.assertNotIn(lp.COMPACTED, json.dumps(sent))
+        self.assertIn("we listed the files", json.dumps(sent))
+
     async def test_a_hub_turn_on_a_chat_back_end_continues_on_a_responses_one(self):
         status, r1, _ = await self.turn("c-model", "first")
         self.assertEqual(status, 200)
@@ -6501,6 +6510,49 @@ class TestNativePaths(ProxyCase):
         status, _, data = await self.call("POST", "/v1beta/models/gem-pro:batchGenerateContent", {"batch": {}})
         self.assertEqual(status, 200, data)
         self.assertEqual(self.up.requests[-1]["path"], "/v1beta/models/gem-pro:batchGenerateContent")
+
+    async def test_a_gemini_action_cannot_leave_its_path(self):
+        n = len(self.up.requests)
+        for path in ("/v1beta/models/gem-x:a%2F..%2F..%2Fsecret", "/v1beta/models/gem-x:batchGenerateContent%3Fkey%3Dz",
+                     "/v1/models/gem-x:foo%2F..%2Ffiles", "/v1beta/models/gem-x:b%23frag"):
+            with self.subTest(path):
+                status, _, _ = await self.call("POST", path, {"x": 1})
+                self.assertEqual(status, 404)
+        self.assertEqual(len(self.up.requests), n)                         # nothing went upstream
+
+    async def test_upload_urls_never_carry_a_key_or_a_hostile_host(self):
+        start = {"x-goog-upload-protocol": "resumable", "x-goog-upload-command": "start"}
+        for host, ok in (("proxy", True), ("evil.com/x?y=", False), ("a b", False), ("", False),
+                         ("x" * 300, False), ("[::1]:8787", True)):
+            with self.subTest(host=host[:20]):
+                status, headers, _ = await self.call("POST", "/upload/v1beta/files", {"file": {}},
+                                                     headers=dict(start, host=host))
+                self.assertEqual(status, 200)
+                url = headers.get("x-goog-upload-url")
+                if ok:
+                    self.assertTrue(url.startswith("http://%s/upload/v1beta/files?" % host), url)
+                    self.assertNotIn("UPKEY", url)
+                else:
+                    self.assertIsNone(url)
+        self.assertIsNone(lp.proxied_upload_url("http://up/upload/v1beta/files?%6Bey=S", "http://up/x", "proxy", None))
+        self.assertEqual(lp.proxied_upload_url("http://up/x/upload/v1beta/files?upload_id=1&%6Bey=S&KEY=T",
+                                               "http://up/x", "proxy", "https"),
+                         "https://proxy/upload/v1beta/files?upload_id=1")
+
+    async def test_head_on_a_passed_through_path_sends_no_body(self):
+        c = await self.conn()
+        c.send("HEAD", "/v1/files")
+        c.send("GET", "/health")
+        status, headers, body = await c.read_response("HEAD")
+        self.assertEqual((status, body), (200, b""))
+        status, _, body = await c.read_response()
+        self.assertEqual(status, 200, body)                                # the connection stayed in step
+        self.assertEqual(json.loads(body)["status"], "ok")
+
+    async def test_a_body_without_a_type_goes_on_without_one(self):
+        await self.call("PUT", "/v1/files/f1", b"raw bytes", headers={"content-type": None})
+        self.assertNotIn("content-type", self.up.requests[-1]["headers"])
+        self.assertEqual(self.up.requests[-1]["body"], b"raw bytes")
 
     async def test_a_native_path_no_back_end_serves_is_a_404_in_that_api_shape(self):
         self.app.providers.pop("an")
