@@ -11019,6 +11019,105 @@ def gemini_target(path: str) -> Tuple[str, str]:
 _ACTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}\Z")    # a Gemini method name: nothing that could leave the path
 
 
+# The status page a browser gets at / (API clients keep getting JSON). Self-contained: no
+# external assets; the script and style carry a per-response nonce and the CSP allows
+# nothing else. It fetches /health with the key typed into its form (kept in a variable of
+# the page, never stored), and writes every value with textContent (model names and paths
+# come from clients).
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<meta name="referrer" content="no-referrer"><title>llmproxy</title>
+<style nonce="{nonce}">
+body{{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}}
+h1{{font-size:1.3em;margin:0 0 .2em}} h2{{font-size:1.05em;margin:1.4em 0 .4em}}
+table{{border-collapse:collapse;background:#fff}} td,th{{border:1px solid #ddd;padding:.25em .6em;text-align:left}}
+th{{background:#f0f0f0}} .ok{{color:#080}} .bad{{color:#b00}} .warn{{color:#a60}} #msg{{margin:.6em 0;color:#555}}
+form{{margin:.8em 0}} input{{width:24em}} code{{font-size:.95em}}
+</style></head><body>
+<h1>llmproxy <span id="version"></span></h1>
+<div id="summary">status <b id="status">?</b>, up <span id="uptime">?</span></div>
+<form id="keyform"><label>Client key <input id="key" type="password" autocomplete="off"
+ placeholder="llmp-... (kept in this page only)"></label> <button>Show</button></form>
+<div id="msg"></div>
+<h2>Providers</h2><table id="providers"><thead><tr><th>provider</th><th>format</th><th>health</th>
+<th>breaker</th><th>login</th></tr></thead><tbody></tbody></table>
+<h2>Upstream keys</h2><table id="keys"><thead><tr><th>provider</th><th>key</th><th>state</th>
+<th>cooldown</th><th>uses</th></tr></thead><tbody></tbody></table>
+<h2>Usage</h2><table id="usage"><thead><tr><th>client</th><th>provider</th><th>model</th><th>requests</th>
+<th>tokens in</th><th>tokens out</th></tr></thead><tbody></tbody></table>
+<h2>Last requests</h2><table id="recent"><thead><tr><th>time</th><th>request</th><th>status</th><th>model</th>
+<th>provider</th><th>ms</th><th>tokens</th><th>error</th></tr></thead><tbody></tbody></table>
+<script nonce="{nonce}">
+"use strict";
+let key = "";
+const m = /(?:^#|&)key=([^&]*)/.exec(location.hash);
+if (m) {{ key = decodeURIComponent(m[1]); history.replaceState(null, "", location.pathname); }}
+function text(id, v) {{ document.getElementById(id).textContent = v; }}
+function rows(id, list) {{
+  const body = document.querySelector("#" + id + " tbody");
+  body.textContent = "";
+  for (const cells of list) {{
+    const tr = document.createElement("tr");
+    for (const c of cells) {{
+      const td = document.createElement("td");
+      if (c && typeof c === "object") {{ td.textContent = c.t; td.className = c.cls; }} else {{ td.textContent = c == null ? "-" : String(c); }}
+      tr.appendChild(td);
+    }}
+    body.appendChild(tr);
+  }}
+}}
+function secs(s) {{ if (s == null) return "-"; s = Math.round(s); return s >= 3600 ? Math.floor(s / 3600) + " h " + Math.round(s % 3600 / 60) + " min" : s >= 60 ? Math.floor(s / 60) + " min " + (s % 60) + " s" : s + " s"; }}
+async function load() {{
+  const headers = key ? {{"Authorization": "Bearer " + key}} : {{}};
+  let doc;
+  try {{
+    const r = await fetch("/health", {{headers, cache: "no-store"}});
+    doc = await r.json();
+  }} catch (e) {{ text("msg", "cannot reach the proxy: " + e); return; }}
+  text("version", doc.version || ""); text("status", doc.status || "?"); text("uptime", secs(doc.uptime_s));
+  document.getElementById("status").className = doc.status === "ok" ? "ok" : "bad";
+  if (!doc.providers) {{ text("msg", key ? "that key was not accepted" : "enter a client key to see providers, keys and requests"); return; }}
+  text("msg", "");
+  const provs = [], keys = [];
+  for (const [name, p] of Object.entries(doc.providers)) {{
+    const bad = (p.keys.length && p.keys.every(k => k.state !== "ok")) || p.breaker.state !== "closed" || (p.auth && !p.auth.valid && p.auth.logged_in === false);
+    const login = p.auth ? (p.auth.logged_in ? "logged in, expires in " + secs(p.auth.expires_in_s) : "not logged in") + (p.auth.error ? " (" + p.auth.error + ")" : "") : "-";
+    provs.push([name, p.format, {{t: bad ? "unhealthy" : "ok", cls: bad ? "bad" : "ok"}}, p.breaker.state, login]);
+    for (const k of p.keys) {{
+      const cool = k.retry_in_s != null ? secs(k.retry_in_s) : k.models_cooling_s ? Object.entries(k.models_cooling_s).map(([mm, s]) => mm + " " + secs(s)).join(", ") : "-";
+      const state = k.state === "ok" && k.models_cooling_s ? "cooling" : k.state;
+      keys.push([name, k.key, {{t: state, cls: state === "ok" ? "ok" : state === "cooling" ? "warn" : "bad"}}, cool, k.uses]);
+    }}
+  }}
+  rows("providers", provs); rows("keys", keys);
+  rows("usage", (doc.usage || []).map(u => [u.client, u.provider, u.model, u.requests, u.tokens_in, u.tokens_out]));
+  rows("recent", (doc.recent || []).slice().reverse().map(q => [new Date(q.t * 1000).toLocaleTimeString(), q.method + " " + q.path,
+    {{t: q.status, cls: q.status < 400 ? "ok" : "bad"}}, q.model, q.provider, q.ms, q.tokens_in == null ? "-" : q.tokens_in + " / " + q.tokens_out, q.error]));
+}}
+document.getElementById("keyform").addEventListener("submit", ev => {{ ev.preventDefault(); key = document.getElementById("key").value.trim(); document.getElementById("key").value = ""; load(); }});
+load(); setInterval(load, 5000);
+</script></body></html>
+"""
+STATUS_CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
+              "img-src 'none'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+RECENT_MAX = 50                      # requests the status page (and /health) show
+
+
+def wants_html(headers: Headers) -> bool:
+    """A browser asking for a page (API clients ask for JSON or anything)."""
+    accept = (headers.get("accept") or "").lower()
+    return "text/html" in accept and "application/json" not in accept.split(",")[0]
+
+
+def status_page() -> Response:
+    nonce = secrets.token_urlsafe(16)
+    return Response(200, [("content-type", "text/html; charset=utf-8"),
+                          ("content-security-policy", STATUS_CSP.format(nonce=nonce)),
+                          ("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer"),
+                          ("x-frame-options", "DENY"), ("cache-control", "no-store")],
+                    STATUS_PAGE.format(nonce=nonce).encode("utf-8"))
+
+
 class OpsHandlers:
     """Models, health, metrics, logins and the admin endpoints: they read the App's state."""
 
@@ -11045,6 +11144,8 @@ class OpsHandlers:
 
     async def handle_health(self, request: Request):
         app = self.app
+        if request.path == "/" and wants_html(request.headers):
+            return status_page()
         doc: Dict[str, Any] = {"status": "ok", "version": __version__,
                                "uptime_s": round(app.wall() - app.started, 1)}
         if request.match[1] is None and app.config.auth_enabled:
@@ -11063,6 +11164,7 @@ class OpsHandlers:
         doc["providers"] = providers
         doc["upstream_connections_opened"] = app.client.connects
         doc["usage"] = await self.usage_rows(request)
+        doc["recent"] = self.visible_usage(request, list(app.recent))
         if app.shared is not None:
             doc["usage_scope"] = "all workers (synced every %.0f s)" % SharedState.SYNC_S
         return json_response(200, doc)
@@ -11310,6 +11412,7 @@ class App:
         self.reloader: Optional[Callable] = None      # set by serve(): re-reads the config
         self.sync_task: Optional[asyncio.Task] = None
         self.started = wall()
+        self.recent: "deque[dict]" = deque(maxlen=RECENT_MAX)   # the last requests, for the status page
         self.cors_any = "*" in config.cors_origins
         self.cors = frozenset(config.cors_origins)
         self.keep(previous, resolve, address_ok, image_limits)
@@ -11369,6 +11472,7 @@ class App:
         self.usage, self.usage_pending = previous.usage, previous.usage_pending
         self.memory, self.images, self.sessions = previous.memory, previous.images, previous.sessions
         self.drop_params, self.seen_reset, self.told = previous.drop_params, previous.seen_reset, previous.told
+        self.recent = previous.recent
 
     def bind(self, methods: Dict[str, Tuple[str, int]]) -> Dict[str, Tuple[Callable, int]]:
         out = {}
@@ -11642,6 +11746,10 @@ class App:
                   "tokens_in": tin, "tokens_out": tout, "bytes": sent,
                   "error": info.error or (None if ok else "client_disconnected")}
         self.access.emit("%s %s" % (request.method, request.path[:MAX_LOG_FIELD]), fields)
+        self.recent.append({"t": round(self.wall(), 3), "method": request.method, "path": request.path[:120],
+                            "status": status, "client": info.client, "model": (model or "")[:120] or None,
+                            "provider": info.provider, "ms": fields["total_ms"], "tokens_in": tin,
+                            "tokens_out": tout, "error": fields["error"]})
         if self.capture is not None and info.cap_out is not None:
             self.record_capture(request, status, fields)
 

@@ -74,6 +74,7 @@ import zlib
 
 
 import llmproxy as lp
+from typing import Optional
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -6561,6 +6562,74 @@ class TestNativePaths(ProxyCase):
         self.assertEqual(status, 404)
         self.assertEqual(json.loads(data)["type"], "error")               # Anthropic's error shape
         self.assertIn("no Anthropic back-end", json.loads(data)["error"]["message"])
+
+
+def find_browser() -> Optional[str]:
+    import shutil
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")
+                 if shutil.which(b)), None)
+
+
+class TestStatusPage(ProxyCase):
+    """GET / from a browser: a self-contained page behind a strict CSP; API clients keep JSON."""
+
+    async def test_browsers_get_the_page_and_api_clients_json(self):
+        await self.start(port=9)
+        status, headers, body = await self.call("GET", "/", headers={"accept": "text/html,application/xhtml+xml"},
+                                                key=None)
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["content-type"].startswith("text/html"))
+        csp = headers["content-security-policy"]
+        self.assertIn("default-src 'none'", csp)
+        nonce = re.search(r"'nonce-([^']+)'", csp).group(1)
+        page = body.decode()
+        self.assertEqual(set(re.findall(r'nonce="([^"]+)"', page)), {nonce})
+        self.assertNotRegex(page, r"(?i)(src|href)=\"?(https?:)?//")   # no external assets
+        self.assertNotIn("innerHTML", page)                             # client-controlled text via textContent
+        status, headers, body = await self.call("GET", "/", key=None)
+        self.assertEqual(json.loads(body)["status"], "ok")                  # curl, SDK probes: JSON as before
+        _, headers2, _ = await self.call("GET", "/", headers={"accept": "text/html"}, key=None)
+        self.assertNotEqual(headers2["content-security-policy"], csp)       # a fresh nonce every time
+
+    async def test_recent_requests_are_on_health_for_their_own_client_only(self):
+        await self.start(fails_once(429, "30"))
+        await self.call("POST", "/v1/chat/completions", {"model": "fast", "messages": [{"role": "user", "content": "x"}]})
+        _, _, body = await self.call("GET", "/health", key=ADMIN_KEY)
+        recent = json.loads(body)["recent"]
+        self.assertEqual([(r["path"], r["status"]) for r in recent][-1], ("/v1/chat/completions", 200))
+        self.assertNotIn("x\"", json.dumps(recent))                       # no prompt text
+        _, _, body = await self.call("GET", "/health")                    # the client key: its own rows
+        self.assertTrue(all(r["client"] == lp.redact(CLIENT_KEY) for r in json.loads(body)["recent"]))
+
+    async def test_the_page_in_a_real_headless_browser(self):
+        browser = find_browser()
+        if browser is None:
+            self.skipTest("no chromium/chrome on this machine (.ci/run installs Debian's chromium)")
+        await self.start(fails_once(429, "300"))
+        status, _, _ = await self.call("POST", "/v1/chat/completions", {
+            "model": "fast", "messages": [{"role": "user", "content": "a secret prompt"}]})
+        self.assertEqual(status, 200)
+        url = "http://127.0.0.1:%d/#key=%s" % (self.port, CLIENT_KEY)
+        profile = os.path.join(self.tmp.name, "chrome")
+        shots = os.environ.get("LLMPROXY_ARTIFACTS")
+        flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+                 "--user-data-dir=" + profile, "--virtual-time-budget=8000", "--window-size=1200,900"]
+        proc = await asyncio.create_subprocess_exec(*flags, "--dump-dom", url, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.DEVNULL)
+        dom, _ = await asyncio.wait_for(proc.communicate(), 120)
+        dom = dom.decode("utf-8", "replace")
+        self.assertIn("<td>up</td>", dom)                                  # the provider
+        self.assertIn(lp.redact(UP_KEYS[0]), dom)                          # its keys, last 4 characters
+        self.assertRegex(dom, r'<td class="warn">cooling</td><td>real-model [45] min')   # the 429's cooldown
+        self.assertIn("/v1/chat/completions", dom)                         # the last requests
+        for secret in UP_KEYS + [CLIENT_KEY, "a secret prompt"]:
+            self.assertNotIn(secret, dom)
+        if shots:
+            os.makedirs(shots, exist_ok=True)
+            proc = await asyncio.create_subprocess_exec(*flags, "--screenshot=" + os.path.join(shots, "status-page.png"),
+                                                        url, stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            await asyncio.wait_for(proc.wait(), 120)
 
 
 # 13. CLI and processes #######################################################
