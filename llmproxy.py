@@ -7345,14 +7345,15 @@ class RateLimiter:
             q.popleft()
         return q
 
-    def check(self, client: str):
-        """Count one request, or raise 429 with Retry-After for the window's oldest entry."""
+    def check(self, client: str, count_requests: bool = True):
+        """Count one request, or raise 429 with Retry-After for the window's oldest entry
+        (count_requests False: the request limit was checked elsewhere, tokens only here)."""
         if not (self.rpm or self.tpm):
             return
         q = self._window(client)
         now = self.clock()
         over = None
-        if self.rpm and len(q) >= self.rpm:
+        if self.rpm and count_requests and len(q) >= self.rpm:
             over = "requests per minute (%d)" % self.rpm
         elif self.tpm and sum(t for _, t in q) >= self.tpm:
             over = "tokens per minute (%d)" % self.tpm
@@ -8654,6 +8655,364 @@ def setup_logging(level: str = "info", fmt: str = "text", stream=None):
     log.propagate = False
 
 
+class SqliteShared:
+    """SharedState (one host, sqlite) behind the async interface App uses for any shared
+    store: every call runs off the loop."""
+    name = "sqlite"
+
+    def __init__(self, path: str):
+        self.db = SharedState(path)
+        self.status = "ok"
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    async def put_cooldown(self, *args):
+        await self._run(self.db.put_cooldown, *args)
+
+    async def clear_cooldown(self, *args):
+        await self._run(self.db.clear_cooldown, *args)
+
+    async def cooldowns(self, now_wall: float) -> list:
+        return await self._run(self.db.cooldowns, now_wall)
+
+    async def add_usage(self, rows) -> bool:
+        await self._run(self.db.add_usage, rows)
+        return True
+
+    async def usage(self) -> Optional[List[dict]]:
+        return await self._run(self.db.usage)
+
+    async def reset_cooldowns(self, now_wall: float):
+        await self._run(self.db.reset_cooldowns, now_wall)
+
+    async def last_reset(self) -> float:
+        return await self._run(self.db.last_reset)
+
+    async def clear_disabled(self):
+        await self._run(self.db.clear_disabled)
+
+    async def rate_check(self, client: str, rpm: int) -> Optional[float]:
+        return None                         # per worker (the limit is shared out), see RateLimiter
+
+    async def get_doc(self, kind: str, key: str) -> Optional[dict]:
+        return None
+
+    async def put_doc(self, kind: str, key: str, doc: dict, ttl_s: float):
+        pass
+
+    def add_usage_sync(self, rows):
+        self.db.add_usage(rows)
+
+    def close(self):
+        self.db.close()
+
+
+# 10b. Redis #####################################################################
+# A RESP2 client over asyncio streams (redis:// and rediss://, AUTH with user and
+# password, a database number, connect and command timeouts, reconnect with
+# back-off) and the shared store on it for many hosts. Redis being down never
+# stops serving: every call has a short timeout, fails to local state, says so
+# once, and the periodic sync puts the local state back when Redis returns.
+
+REDIS_CONNECT_TIMEOUT_S = 1.0       # a Redis that does not answer this fast is treated as down
+REDIS_COMMAND_TIMEOUT_S = 0.5       # nothing a request needs waits on Redis longer than this
+REDIS_BACKOFF_S = (0.5, 30.0)       # reconnect back-off: first wait, longest wait
+REDIS_DOC_BYTES = 8 * 1024 * 1024   # the largest shared document (a stored conversation)
+
+
+class RedisError(Exception):
+    """Redis unreachable, too slow, or an error reply."""
+
+
+def redis_url(url: str) -> dict:
+    """redis://[user[:password]@]host[:port][/db] or rediss://... -> connection settings."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("expected redis://host[:port][/db] or rediss://...")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError("the database must be a number")
+    return {"host": parts.hostname, "port": parts.port or 6379, "tls": parts.scheme == "rediss",
+            "user": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password is not None else None, "db": int(db or 0)}
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for a log line: no password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = "%s:***@%s" % (parts.username or "", parts.hostname + (":%d" % parts.port if parts.port else ""))
+    return parts._replace(netloc=netloc).geturl()
+
+
+def resp_encode(args) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode("utf-8")
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+async def resp_read(reader: asyncio.StreamReader, limit: int = REDIS_DOC_BYTES):
+    """One RESP2 reply: str / int / bytes / None / list, or a RedisError for an error reply."""
+    line = await reader.readline()
+    if not line.endswith(b"\r\n"):
+        raise RedisError("connection closed")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode("utf-8", "replace")
+    if kind == b"-":
+        return RedisError(rest.decode("utf-8", "replace"))
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        if n < 0:
+            return None
+        if n > limit:
+            raise RedisError("a reply of %d bytes" % n)
+        data = await reader.readexactly(n + 2)
+        return data[:-2]
+    if kind == b"*":
+        n = int(rest)
+        return None if n < 0 else [await resp_read(reader, limit) for _ in range(n)]
+    raise RedisError("not a RESP reply")
+
+
+class RedisClient:
+    """One connection, commands pipelined in order under a lock (each call is one round
+    trip however many commands it sends). A failure closes the connection; the next call
+    after the back-off reconnects."""
+
+    def __init__(self, url: str, clock=time.monotonic, connect_timeout: float = REDIS_CONNECT_TIMEOUT_S,
+                 command_timeout: float = REDIS_COMMAND_TIMEOUT_S):
+        self.url = url
+        self.settings = redis_url(url)
+        self.clock = clock
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.reader: Optional[asyncio.StreamReader] = None
+        self.writer: Optional[asyncio.StreamWriter] = None
+        self.lock: Optional[asyncio.Lock] = None
+        self.retry_at = 0.0
+        self.backoff = REDIS_BACKOFF_S[0]
+
+    async def _connect(self):
+        s = self.settings
+        ctx = load_tls_context() if s["tls"] else None
+        self.reader, self.writer = await asyncio.wait_for(
+            asyncio.open_connection(s["host"], s["port"], ssl=ctx, server_hostname=s["host"] if ctx else None),
+            self.connect_timeout)
+        hello = []
+        if s["password"] is not None:
+            hello.append(("AUTH", s["user"], s["password"]) if s["user"] else ("AUTH", s["password"]))
+        if s["db"]:
+            hello.append(("SELECT", s["db"]))
+        for reply in await self._roundtrip(hello):
+            if isinstance(reply, RedisError):
+                raise RedisError("Redis refused the login or database: %s" % str(reply)[:120])
+
+    async def _roundtrip(self, commands) -> list:
+        if not commands:
+            return []
+        self.writer.write(b"".join(resp_encode(c) for c in commands))
+        await self.writer.drain()
+        return [await resp_read(self.reader) for _ in commands]
+
+    def _drop(self):
+        if self.writer is not None:
+            self.writer.transport.abort()
+        self.reader = self.writer = None
+
+    async def pipeline(self, commands: List[tuple]) -> list:
+        """The replies of commands, in order (an error reply is a RedisError in its place);
+        RedisError when Redis cannot be reached in time."""
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        if self.writer is None and self.clock() < self.retry_at:
+            raise RedisError("Redis is down (next try in %.1f s)" % (self.retry_at - self.clock()))
+        async with self.lock:
+            try:
+                if self.writer is None:
+                    await self._connect()
+                replies = await asyncio.wait_for(self._roundtrip(commands), self.command_timeout)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, RedisError) as e:
+                self._drop()
+                self.retry_at = self.clock() + self.backoff
+                self.backoff = min(self.backoff * 2, REDIS_BACKOFF_S[1])
+                raise RedisError(str(e) or type(e).__name__)
+            self.backoff = REDIS_BACKOFF_S[0]
+            return replies
+
+    async def execute(self, *args):
+        reply = (await self.pipeline([args]))[0]
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
+
+    def close(self):
+        self._drop()
+
+
+# A sliding one-minute window of requests per client key, atomic on the server: trims the
+# window, admits when under the limit, or says how long until the oldest entry leaves it.
+_RATE_LUA = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+local n = redis.call('ZCARD', KEYS[1])
+if n >= tonumber(ARGV[2]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return tonumber(oldest[2]) + 60000 - now
+end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], 61000)
+return -1
+"""
+
+
+class RedisShared:
+    """The shared store on Redis for many hosts: key cooldowns and disabled keys, cooldown
+    resets, usage totals, exact per-key rate windows, and documents (sticky sessions, the
+    Responses conversations). Every call that fails returns what local state needs (None, [],
+    False) and marks the store degraded; the sync loop brings it back."""
+    name = "redis"
+    PREFIX = "llmproxy:"
+
+    def __init__(self, url: str, wall=time.time, clock=time.monotonic):
+        self.redis = RedisClient(url, clock)
+        self.url = url
+        self.wall = wall
+        self.status = "ok"
+
+    def _failed(self, e: Exception):
+        if self.status == "ok":
+            log.warning("shared state on Redis (%s) unreachable: %s; serving on local state until it is back",
+                        redact_url(self.url), log_safe(str(e)[:200]))
+        self.status = "degraded"
+
+    def _ok(self) -> bool:
+        """True the first time a call succeeds again after being degraded."""
+        if self.status != "ok":
+            log.info("shared state on Redis is back")
+            self.status = "ok"
+            return True
+        return False
+
+    async def call(self, commands: List[tuple]) -> Optional[list]:
+        try:
+            replies = await self.redis.pipeline(commands)
+        except RedisError as e:
+            self._failed(e)
+            return None
+        self.recovered = self._ok() or getattr(self, "recovered", False)
+        return replies
+
+    @staticmethod
+    def _field(provider: str, key: str, model: str) -> str:
+        return "%s\0%s\0%s" % (provider, fingerprint(key), model)
+
+    async def put_cooldown(self, provider: str, key: str, model: str, until_wall: float, disabled: bool, reason: str):
+        field = self._field(provider, key, model)
+        await self.call([("HSET", self.PREFIX + "cooldown", field,
+                          _jdump({"until": until_wall, "disabled": bool(disabled), "reason": reason or ""}))])
+
+    async def clear_cooldown(self, provider: str, key: str, model: str):
+        await self.call([("HDEL", self.PREFIX + "cooldown", self._field(provider, key, model),
+                          self._field(provider, key, ""))])
+
+    async def cooldowns(self, now_wall: float) -> list:
+        replies = await self.call([("HGETALL", self.PREFIX + "cooldown")])
+        out = []
+        flat = replies[0] if replies and isinstance(replies[0], list) else []
+        for i in range(0, len(flat) - 1, 2):
+            try:
+                provider, fp, model = flat[i].decode("utf-8").split("\0")
+                doc = parse_json(flat[i + 1])
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(doc, dict) and (doc.get("disabled") or float(doc.get("until") or 0) > now_wall):
+                out.append((provider, fp, model, float(doc.get("until") or 0), int(bool(doc.get("disabled"))),
+                            str(doc.get("reason") or "")))
+        return out
+
+    async def add_usage(self, rows) -> bool:
+        cmds = []
+        for client, provider, model, requests, tin, tout in rows:
+            field = "%s\0%s\0%s" % (client, provider, model)
+            cmds += [("HINCRBY", self.PREFIX + "usage:requests", field, requests),
+                     ("HINCRBY", self.PREFIX + "usage:tokens_in", field, tin),
+                     ("HINCRBY", self.PREFIX + "usage:tokens_out", field, tout)]
+        return await self.call(cmds) is not None if cmds else True
+
+    async def usage(self) -> Optional[List[dict]]:
+        replies = await self.call([("HGETALL", self.PREFIX + "usage:" + n) for n in ("requests", "tokens_in",
+                                                                                       "tokens_out")])
+        if replies is None:
+            return None
+        tables = []
+        for flat in replies:
+            flat = flat if isinstance(flat, list) else []
+            tables.append({flat[i]: int(flat[i + 1]) for i in range(0, len(flat) - 1, 2)})
+        out = []
+        for field in sorted(tables[0]):
+            client, provider, model = (field.decode("utf-8", "replace").split("\0") + ["", "", ""])[:3]
+            out.append({"client": client, "provider": provider, "model": model, "requests": tables[0][field],
+                        "tokens_in": tables[1].get(field, 0), "tokens_out": tables[2].get(field, 0)})
+        return out
+
+    async def reset_cooldowns(self, now_wall: float):
+        await self.call([("DEL", self.PREFIX + "cooldown"), ("SET", self.PREFIX + "cooldowns_reset", repr(now_wall))])
+
+    async def last_reset(self) -> float:
+        replies = await self.call([("GET", self.PREFIX + "cooldowns_reset")])
+        try:
+            return float(replies[0]) if replies and replies[0] else 0.0
+        except ValueError:
+            return 0.0
+
+    async def clear_disabled(self):
+        rows = await self.cooldowns(self.wall())
+        cmds = [("HSET", self.PREFIX + "cooldown", "%s\0%s\0%s" % (p, fp, m),
+                 _jdump({"until": until, "disabled": False, "reason": ""})) for p, fp, m, until, dis, _ in rows if dis]
+        if cmds:
+            await self.call(cmds)
+
+    async def rate_check(self, client: str, rpm: int) -> Optional[float]:
+        """Seconds until client may send again (0 when admitted now), exact across every
+        host; None when Redis cannot say (the caller falls back to its local window)."""
+        now_ms = int(self.wall() * 1000)
+        member = "%d-%s" % (now_ms, secrets.token_hex(6))
+        replies = await self.call([("EVAL", _RATE_LUA, 1, self.PREFIX + "rpm:" + client, now_ms, rpm, member)])
+        if replies is None or isinstance(replies[0], RedisError):
+            if replies is not None:
+                self._failed(replies[0])
+            return None
+        return 0.0 if replies[0] < 0 else replies[0] / 1000.0
+
+    async def get_doc(self, kind: str, key: str) -> Optional[dict]:
+        replies = await self.call([("GET", "%sdoc:%s:%s" % (self.PREFIX, kind, key))])
+        if not replies or not isinstance(replies[0], bytes):
+            return None
+        try:
+            doc = parse_json(replies[0])
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    async def put_doc(self, kind: str, key: str, doc: dict, ttl_s: float):
+        data = _jbytes(doc)
+        if len(data) <= REDIS_DOC_BYTES:
+            await self.call([("SET", "%sdoc:%s:%s" % (self.PREFIX, kind, key), data, "PX", int(ttl_s * 1000))])
+
+    def add_usage_sync(self, rows):
+        pass                                # the sync loop pushes usage; a stopping host's last rows wait
+
+    def close(self):
+        self.redis.close()
+
+
 # 11. config ##################################################################
 # load_config() merges the JSON file, the environment and CLI overrides into
 # one validated Config. Strings "$NAME" / "${NAME}" are read from the
@@ -8719,6 +9078,7 @@ class Config:
     client_rpm: int = 0
     client_tpm: int = 0
     workers: int = 1
+    shared_redis: Optional[str] = None       # redis:// URL of the store many hosts share
     passthrough_paths: List[str] = dataclasses.field(default_factory=lambda: list(PASSTHROUGH_PATHS))
     passthrough_deny: List[str] = dataclasses.field(default_factory=list)
     source: Optional[str] = None
@@ -9091,6 +9451,15 @@ def _load_serving(r: _Reader, cfg: Config, env):
     cfg.passthrough_deny = r.strings("passthrough_deny")
     if not 1 <= cfg.workers <= 256:
         raise ConfigError("workers: must be between 1 and 256")
+    sh = r.sub("shared")
+    cfg.shared_redis = r.expand(sh.get("redis", str, "")) if "redis" in sh.obj else None
+    sh.finish()
+    cfg.shared_redis = cfg.shared_redis or env.get("LLMPROXY_REDIS_URL") or None
+    if cfg.shared_redis:
+        try:
+            redis_url(cfg.shared_redis)
+        except ValueError as e:
+            raise ConfigError("shared.redis: %s" % e)
 
 
 def _load_providers(r: _Reader, cfg: Config, env):
@@ -9776,16 +10145,14 @@ class UpstreamCaller:
                     KeyRing._until(k, cool_scope) - self.clock())
 
     def share_key(self, prov: Provider, k: UpstreamKey, model: Optional[str], cleared: bool = False):
-        """Tell the other workers about a key's new state (sqlite, off the loop)."""
+        """Tell the other workers and hosts about a key's new state (off the request's path)."""
         if self.shared is None:
             return
-        loop = asyncio.get_running_loop()
         if cleared:
-            self.spawn(loop.run_in_executor(None, self.shared.clear_cooldown, prov.name, k.key, model or ""))
+            self.spawn(self.shared.clear_cooldown(prov.name, k.key, model or ""))
             return
         until = (k.model_until.get(model, 0.0) if model else k.cooldown_until) - self.clock() + self.wall()
-        self.spawn(loop.run_in_executor(
-            None, self.shared.put_cooldown, prov.name, k.key, model or "", until, k.disabled, k.reason))
+        self.spawn(self.shared.put_cooldown(prov.name, k.key, model or "", until, k.disabled, k.reason))
 
     @staticmethod
     def keys_exhausted(prov: Provider, last: str, model: Optional[str] = None) -> ProxyError:
@@ -11136,9 +11503,8 @@ class OpsHandlers:
 
     async def usage_rows(self, request: Request) -> List[dict]:
         app = self.app
-        if app.shared is not None:
-            rows = await asyncio.get_running_loop().run_in_executor(None, app.shared.usage)
-        else:
+        rows = await app.shared.usage() if app.shared is not None else None
+        if rows is None:                      # no shared store, or it is unreachable: this host's own
             rows = app.usage.snapshot()
         return self.visible_usage(request, rows)
 
@@ -11166,7 +11532,11 @@ class OpsHandlers:
         doc["usage"] = await self.usage_rows(request)
         doc["recent"] = self.visible_usage(request, list(app.recent))
         if app.shared is not None:
-            doc["usage_scope"] = "all workers (synced every %.0f s)" % SharedState.SYNC_S
+            doc["usage_scope"] = "all %s (synced every %.0f s)" % (
+                "hosts" if app.shared.name == "redis" else "workers", SharedState.SYNC_S)
+            doc["shared"] = app.shared.status
+            if app.shared.status != "ok":
+                doc["status"] = "degraded"
         return json_response(200, doc)
 
     async def handle_metrics(self, request: Request):
@@ -11401,7 +11771,8 @@ class App:
         store = os.path.join(config.data_dir, "keys.json") if config.data_dir else None
         self.keys = ProxyKeys(store, config.keys, config.admin_keys)
         self.tasks: set = set()
-        self.shared = SharedState(os.path.join(config.data_dir, "state.sqlite3")) \
+        self.shared = RedisShared(config.shared_redis, wall, clock) if config.shared_redis else \
+            SqliteShared(os.path.join(config.data_dir, "state.sqlite3")) \
             if config.workers > 1 and config.data_dir else None
         self.access = AccessLog()
         literals = [k for pc in config.providers.values() for k in pc.keys]
@@ -11499,21 +11870,30 @@ class App:
                 log.warning("shared state sync failed: %s", e)
 
     async def sync_shared(self):
-        """Push local usage, pull every worker's key cooldowns."""
-        loop = asyncio.get_running_loop()
+        """Push local usage, pull every host's key cooldowns and sessions; after the store
+        was unreachable, put this host's own cooldowns back into it."""
+        shared = self.shared
         if self.usage_pending:
-            rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in self.usage_pending.items()]
+            pending = dict(self.usage_pending)
             self.usage_pending.clear()
-            await loop.run_in_executor(None, self.shared.add_usage, rows)
-        reset_at = await loop.run_in_executor(None, self.shared.last_reset)
-        if reset_at > self.seen_reset:            # another worker's POST /admin/cooldowns/reset
+            rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in pending.items()]
+            if not await shared.add_usage(rows):                 # kept for the next try
+                for k, r in pending.items():
+                    row = self.usage_pending.setdefault(k, [0, 0, 0])
+                    for i in range(3):
+                        row[i] += r[i]
+        if getattr(shared, "recovered", False):
+            shared.recovered = False
+            await self.publish_cooldowns()
+        reset_at = await shared.last_reset()
+        if reset_at > self.seen_reset:            # another host's POST /admin/cooldowns/reset
             if self.seen_reset:
                 for prov in self.providers.values():
                     prov.keyring.reset()
                 for breaker in self.breakers.values():
                     breaker.reset()
             self.seen_reset = reset_at
-        rows = await loop.run_in_executor(None, self.shared.cooldowns, self.wall())
+        rows = await shared.cooldowns(self.wall())
         offset = self.clock() - self.wall()
         for provider, key_fp, model, until, disabled, reason in rows:
             prov = self.providers.get(provider)
@@ -11526,6 +11906,22 @@ class App:
                 k.model_until[model] = max(k.model_until.get(model, 0.0), until + offset)
             else:
                 k.cooldown_until = max(k.cooldown_until, until + offset)
+        sessions = await shared.get_doc("sessions", "all")
+        if sessions and isinstance(sessions.get("s"), dict):
+            for key, state in list(sessions["s"].items())[-SESSIONS_MAX:]:
+                if isinstance(state, dict):
+                    self.sessions[key] = state
+
+    async def publish_cooldowns(self):
+        """This host's active cooldowns and disabled keys, into the shared store."""
+        now = self.clock()
+        for prov in self.providers.values():
+            for k in prov.keyring.keys:
+                if k.disabled or k.cooldown_until > now:
+                    self.caller.share_key(prov, k, None)
+                for model, until in list(k.model_until.items()):
+                    if until > now:
+                        self.caller.share_key(prov, k, model)
 
     def reset_cooldowns(self) -> int:
         """Every provider's key and model cooldowns, disabled keys and open breakers cleared."""
@@ -11533,7 +11929,7 @@ class App:
         for breaker in self.breakers.values():
             breaker.reset()
         if self.shared is not None:
-            self.spawn(asyncio.get_running_loop().run_in_executor(None, self.shared.reset_cooldowns, self.wall()))
+            self.spawn(self.shared.reset_cooldowns(self.wall()))
         return n
 
     def spawn(self, coro) -> asyncio.Task:
@@ -11553,7 +11949,10 @@ class App:
         if self.shared is not None:
             if self.usage_pending:
                 rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in self.usage_pending.items()]
-                self.shared.add_usage(rows)
+                if self.shared.name == "redis":
+                    await asyncio.wait_for(self.shared.add_usage(rows), CLOSE_TIMEOUT_S)
+                else:
+                    self.shared.add_usage_sync(rows)
             self.shared.close()
         self.close()
 
@@ -11571,7 +11970,7 @@ class App:
         if new.shared is not None:
             new.shared.close()
             new.shared = new.caller.shared = self.shared
-            self.shared.clear_disabled()
+            await self.shared.clear_disabled()
         for name, prov in new.providers.items():
             old = self.providers.get(name)
             if old is not None:
@@ -11721,11 +12120,27 @@ class App:
         if self.capture is not None:
             request.info.cap_out = []           # the server tees what it sends into this
         if entry is not None and handler.__name__ not in ("handle_health", "handle_models"):
-            self.limiter.check(entry.id)
+            await self.rate_limit(entry.id)
             request.info.client_id = entry.id
         if len(request.body) > OFFLOOP_BYTES and request.body[:1] in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):
             await request.load_json()            # parsed once, sharing the loop; json() then has it
         return await handler(request)
+
+    async def rate_limit(self, client_id: str):
+        """The client key's per-minute limits: exact across every host on Redis, per worker
+        (the limit shared out) otherwise, and per host while Redis is unreachable."""
+        rpm = self.config.client_rpm
+        if rpm and self.shared is not None and self.shared.name == "redis":
+            wait = await self.shared.rate_check(client_id, rpm)
+            if wait is not None:
+                if wait > 0:
+                    secs = max(1, int(math.ceil(wait)))
+                    raise ProxyError(429, "rate_limit_error", "rate limit of this proxy key exceeded: requests per "
+                                     "minute (%d); retry in %d s" % (rpm, secs), code="rate_limit_exceeded",
+                                     headers=[("retry-after", str(secs))])
+                self.limiter.check(client_id, count_requests=False)
+                return
+        self.limiter.check(client_id)
 
     def log_request(self, request: Request, status: int, t_first: Optional[float], sent: int, ok: bool):
         info = request.info
@@ -12155,11 +12570,12 @@ def setup_url(config: Config) -> str:
 
 
 def setup_models(config: Config) -> List[str]:
-    """Model names clients can ask for: aliases, listed models, else the mock's."""
+    """Model names clients can ask for: aliases and listed models (the mock's own name when
+    it is the default); [] when the config names none (then --model says which)."""
     names = [a for a in config.aliases if not any(c in a for c in "*?[")]
     for name, pc in config.providers.items():
         names += [m if name == config.default else "%s/%s" % (name, m) for m in pc.models]
-    return list(dict.fromkeys(names)) or ["mock"]
+    return list(dict.fromkeys(names))
 
 
 def setup_files(client: str, home: str) -> List[str]:
@@ -12208,7 +12624,7 @@ def setup_changes(client: str, home: str, url: str, key: str, models: List[str],
         env = {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_AUTH_TOKEN": key}
         pick = model or (None if any(FORMATS.get(pc.kind, OpenAIChat).serves_claude_names
                                      for pc in config.providers.values())
-                         or any(a.startswith("claude") for a in config.aliases) else models[0])
+                         or any(a.startswith("claude") for a in config.aliases) else (models + [None])[0])
         if pick:                             # no back-end knows Claude's own names: send them to this one
             for var in ("ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL", "ANTHROPIC_DEFAULT_SONNET_MODEL",
                         "ANTHROPIC_DEFAULT_HAIKU_MODEL"):
@@ -12282,6 +12698,10 @@ def run_setup(config: Config, args, home: Optional[str] = None) -> int:
         print("llmproxy: setup: warning: this proxy does not know that key (its clients will get 401)",
               file=sys.stderr)
     models = setup_models(config)
+    if not models and not args.model and client == "opencode":
+        print("llmproxy: setup: the config names no models (no aliases, no provider \"models\"): pass --model "
+              "NAME, a model your back-end serves", file=sys.stderr)
+        return 2
     try:
         changes = setup_changes(client, home, url, key, models, args.model, config)
     except (SetupError, ValueError, IndexError) as e:
@@ -12289,10 +12709,18 @@ def run_setup(config: Config, args, home: Optional[str] = None) -> int:
         return 1
     if made:
         print("# a new client key for %s (stored as a digest in %s): %s" % (client, keys.path, key))
-    if client in ("codex", "opencode", "env"):
-        print("# %s reads the key from $%s:" % (client if client != "env" else "SDKs", SETUP_KEY_ENV))
-    for line in setup_env_lines(url, key)[:1 if client in ("codex", "opencode") else 4 if client == "env" else 0]:
-        print(line)
+    exports = {"codex": setup_env_lines(url, key)[:1], "opencode": setup_env_lines(url, key)[:1],
+               "env": setup_env_lines(url, key), "gemini": setup_env_lines(url, key)[3:]}.get(client, [])
+    if exports:
+        print({"codex": "# Codex reads the key from $%s:" % SETUP_KEY_ENV,
+               "opencode": "# OpenCode reads the key from $%s:" % SETUP_KEY_ENV,
+               "env": "# for the SDKs and curl:",
+               "gemini": "# Gemini CLI reads these from ~/.gemini/.env, but not in a folder it does not trust "
+                         "(then export them, or trust the folder):"}[client])
+    for line in exports:
+        print(line if key[:1] != "<" else "# " + line.split("=", 1)[0] + "=...   (a new key is made with --write)")
+    if exports and made and client in ("codex", "opencode", "env"):
+        print("# (setup reuses the key when $%s is set; keys made earlier stay valid: `keys list`)" % SETUP_KEY_ENV)
     for path, old, new in changes:
         if not args.write:
             print("# %s%s:" % (path, " (would change)" if new != old else " (already set up)"))
@@ -12310,10 +12738,10 @@ def run_setup(config: Config, args, home: Optional[str] = None) -> int:
             print("llmproxy: setup: cannot write %s: %s" % (path, e), file=sys.stderr)
             return 1
         print("wrote %s%s" % (path, " (the old one is %s)" % (path + ".llmproxy-backup") if old else ""))
-    if not args.write and changes:
+    if not args.write and any(new != old for _, old, new in changes):
         print("# run again with --write to apply (a backup of each file is kept)")
     hint = {"claude": "claude", "codex": "codex", "gemini": "gemini",
-            "opencode": "opencode run --model llmproxy/%s" % (args.model or models[0])}.get(client)
+            "opencode": "opencode run --model llmproxy/%s" % (args.model or (models + [""])[0])}.get(client)
     if hint and args.write:
         print("then run: %s  (proxy at %s)" % (hint, url))
     return 0

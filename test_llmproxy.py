@@ -6812,6 +6812,21 @@ class TestSetup(unittest.TestCase):
         self.assertIn("settings.json", err)
         self.assertEqual(self.read(".claude/settings.json"), '{"env": [1, 2')     # left as it was
 
+    def test_no_model_names_in_the_config(self):
+        self.config.aliases.clear()
+        for pc in self.config.providers.values():
+            pc.models = []
+        self.assertEqual(self.setup("opencode")[0], 2)                   # it needs a model: --model says which
+        self.assertEqual(self.setup("opencode", model="gpt-x")[0], 0)
+        code, _, _ = self.setup("claude")
+        self.assertEqual(code, 0)
+        self.assertNotIn("ANTHROPIC_MODEL", self.read(".claude/settings.json"))   # Claude's own names then
+
+    def test_a_preview_never_prints_a_placeholder_as_a_command(self):
+        code, out, _ = self.setup("env", write=False, key=None)
+        self.assertEqual(code, 0)
+        self.assertFalse([l for l in out.splitlines() if l.startswith("export") and "<" in l])
+
     def test_env_prints_exports(self):
         code, out, _ = self.setup("env")
         self.assertEqual(code, 0)
