@@ -2366,6 +2366,25 @@ def merge_messages(messages: List[Message]) -> List[Message]:
     return out
 
 
+def messages_to_doc(messages: List[Message]) -> list:
+    """Canonical messages as JSON-able data (for a store other hosts read)."""
+    return [{"role": m.role, "parts": [dataclasses.asdict(p) for p in m.parts]} for m in messages]
+
+
+def _part_from_doc(d: dict) -> Part:
+    fields = {f.name for f in dataclasses.fields(Part)}
+    d = {k: v for k, v in d.items() if k in fields}
+    d["content"] = [_part_from_doc(c) for c in d.get("content") or []]
+    return Part(**d)
+
+
+def messages_from_doc(doc) -> List[Message]:
+    """messages_to_doc's data back as messages (TypeError/ValueError when it is not that)."""
+    if not isinstance(doc, list):
+        raise TypeError("not a list of messages")
+    return [Message(str(m["role"]), [_part_from_doc(p) for p in m["parts"]]) for m in doc]
+
+
 def add_system_turn(req: "ChatRequest", parts: List[Part]):
     """A system (or developer) message: before the first turn it is the system prompt; after
     it, a system turn kept in its place (back-ends that take system turns get it there, the
@@ -8701,6 +8720,12 @@ class SqliteShared:
     async def put_doc(self, kind: str, key: str, doc: dict, ttl_s: float):
         pass
 
+    async def sessions(self) -> List[Tuple[str, dict]]:
+        return []
+
+    async def put_session(self, key: str, state: dict):
+        pass
+
     def add_usage_sync(self, rows):
         self.db.add_usage(rows)
 
@@ -8773,7 +8798,10 @@ async def resp_read(reader: asyncio.StreamReader, limit: int = REDIS_DOC_BYTES):
             return None
         if n > limit:
             raise RedisError("a reply of %d bytes" % n)
-        data = await reader.readexactly(n + 2)
+        try:
+            data = await reader.readexactly(n + 2)
+        except asyncio.IncompleteReadError:
+            raise RedisError("connection closed mid-reply")
         return data[:-2]
     if kind == b"*":
         n = int(rest)
@@ -9005,6 +9033,25 @@ class RedisShared:
         data = _jbytes(doc)
         if len(data) <= REDIS_DOC_BYTES:
             await self.call([("SET", "%sdoc:%s:%s" % (self.PREFIX, kind, key), data, "PX", int(ttl_s * 1000))])
+
+    async def sessions(self) -> List[Tuple[str, dict]]:
+        """Every host's sticky sessions (model, back-end), as (session key, state)."""
+        replies = await self.call([("HGETALL", self.PREFIX + "sessions")])
+        flat = replies[0] if replies and isinstance(replies[0], list) else []
+        out = []
+        for i in range(0, len(flat) - 1, 2):
+            try:
+                state = parse_json(flat[i + 1])
+            except ValueError:
+                continue
+            if isinstance(state, dict):
+                out.append((flat[i].decode("utf-8", "replace"), state))
+        return out
+
+    async def put_session(self, key: str, state: dict):
+        cmd = ("HSET", self.PREFIX + "sessions", key, _jdump(state)) if state else \
+            ("HDEL", self.PREFIX + "sessions", key)
+        await self.call([cmd])
 
     def add_usage_sync(self, rows):
         pass                                # the sync loop pushes usage; a stopping host's last rows wait
@@ -9645,6 +9692,7 @@ _CONVERSATION_FIELD = {"openai": "messages", "anthropic": "messages", "openai-re
 RESPONSES_STORE_MAX = 128          # previous_response_id entries kept in memory (whole conversations)...
 RESPONSES_STORE_BYTES = 64 * 1024 * 1024   # ...and their size (images included); the oldest go first
 SIGNATURES_BYTES = 16 * 1024 * 1024        # thought signatures are opaque blobs of up to a few kB each
+RESPONSES_SHARED_TTL_S = 86400.0   # a conversation in the shared store is kept this long
 SIGNATURES_MAX = 4096              # tool-call thought signatures kept for clients that cannot carry them
 
 
@@ -10387,6 +10435,7 @@ class ConversationMemory:
         self.responses = BoundedStore(RESPONSES_STORE_MAX, RESPONSES_STORE_BYTES, messages_bytes)
         # our response id -> the back-end's stored response its conversation continues
         self.parents = BoundedStore(RESPONSES_STORE_MAX, RESPONSES_STORE_MAX * 256, lambda v: 64 + len(v))
+        self.publish: Optional[Callable[[str, dict], None]] = None    # set when hosts share a store
         # call id -> (origin, signature)
         self.signatures = BoundedStore(SIGNATURES_MAX, SIGNATURES_BYTES, lambda v: 64 + len(v[0]) + len(v[1]))
 
@@ -10404,6 +10453,21 @@ class ConversationMemory:
     def knows(self, rid) -> bool:
         """Whether rid is a response id this proxy handed out (and still holds)."""
         return isinstance(rid, str) and rid in self.responses
+
+    async def fetch(self, rid, shared):
+        """A conversation another host answered (and put in the shared store), brought here."""
+        if not isinstance(rid, str) or not rid or len(rid) > 200 or rid in self.responses:
+            return
+        doc = await shared.get_doc("response", rid)
+        if doc is None:
+            return
+        try:
+            history = messages_from_doc(doc.get("messages"))
+        except (TypeError, ValueError, AttributeError):
+            return
+        self.responses.put(rid, history)
+        if isinstance(doc.get("parent"), str):
+            self.parents[rid] = doc["parent"]
 
     def apply_previous_response(self, creq: ChatRequest, upstream_ok: bool = False, count: bool = False):
         """The conversation behind previous_response_id, put in front of the request. An id
@@ -10432,7 +10496,10 @@ class ConversationMemory:
         if parent:
             self.parents[final["id"]] = parent
         parts = OpenAIResponses.parse_output(final.get("output") or [])
-        if not self.responses.put(final["id"], history + ([Message("assistant", parts)] if parts else [])):
+        history = history + ([Message("assistant", parts)] if parts else [])
+        if self.publish is not None:             # other hosts can continue it too
+            self.publish(final["id"], {"messages": messages_to_doc(history), "parent": parent})
+        if not self.responses.put(final["id"], history):
             log.warning("response %s is larger than the whole Responses store (%d bytes); not kept, so "
                         "previous_response_id cannot continue it", log_safe(str(final["id"])[:80]),
                         self.responses.max_bytes)
@@ -10834,6 +10901,8 @@ class ChatService:
         self.passthrough: PassThrough = app.passthrough
         self.translator: Translator = app.translator
         self.memory: ConversationMemory = app.memory
+        self.shared = app.shared
+        self.spawn = app.spawn
         self.request_budget_s = app.config.request_budget_s
         self.policy = RetryPolicy(app.config.retry_attempts, app.config.retry_backoff_s,
                                   app.config.retry_max_backoff_s, app.config.failover_on, app.clock, app.rand)
@@ -10848,6 +10917,8 @@ class ChatService:
         if not isinstance(call.model, str) or not call.model:
             raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
         call.info.model = call.model
+        if self.shared is not None and call.fmt.keeps_history:
+            await self.memory.fetch(call.body.get("previous_response_id"), self.shared)
         chain = self.plan(call)
         if isinstance(chain, (Response, StreamResponse)):
             return chain                     # an in-chat command, answered by the proxy
@@ -10874,6 +10945,7 @@ class ChatService:
                 if stage == "commands" and has_command and pipe.finds_command(creq):
                     session = self.session(session_key)
                     reply = pipe.run_commands(creq, session, list(self.providers))
+                    self.publish_session(session_key)
                     if reply is not None:
                         return self.direct_reply(call, creq, reply)
                     call.hub = True
@@ -10884,7 +10956,10 @@ class ChatService:
         chain = None
         if session:
             self.sessions.move_to_end(session_key)
+            oneoff = "oneoff" in session
             call.model, chain = self.session_route(session, call.model)
+            if oneoff:
+                self.publish_session(session_key)
             call.info.model = call.model
             if call.built:
                 call.creq.model = call.model
@@ -10893,6 +10968,11 @@ class ChatService:
             call.ctx.model = call.model
             call.hub = True
         return chain or self.router.chain(call.model)
+
+    def publish_session(self, key: str):
+        """A session a command changed, for the other hosts (sticky model and back-end)."""
+        if self.shared is not None and key:
+            self.spawn(self.shared.put_session(key, self.sessions.get(key) or {}))
 
     def session(self, key: str) -> dict:
         state = self.sessions.get(key)
@@ -11787,6 +11867,9 @@ class App:
         self.cors_any = "*" in config.cors_origins
         self.cors = frozenset(config.cors_origins)
         self.keep(previous, resolve, address_ok, image_limits)
+        if self.shared is not None:
+            self.memory.publish = lambda rid, doc: self.spawn(self.shared.put_doc("response", rid, doc,
+                                                                                   RESPONSES_SHARED_TTL_S))
         # the services, each handed what it uses
         self.caller = UpstreamCaller(self)
         self.passthrough = PassThrough(self.caller, timing)
@@ -11906,11 +11989,11 @@ class App:
                 k.model_until[model] = max(k.model_until.get(model, 0.0), until + offset)
             else:
                 k.cooldown_until = max(k.cooldown_until, until + offset)
-        sessions = await shared.get_doc("sessions", "all")
-        if sessions and isinstance(sessions.get("s"), dict):
-            for key, state in list(sessions["s"].items())[-SESSIONS_MAX:]:
-                if isinstance(state, dict):
-                    self.sessions[key] = state
+        for key, state in (await shared.sessions())[-SESSIONS_MAX:]:
+            if state:
+                self.sessions[key] = state
+            else:
+                self.sessions.pop(key, None)
 
     async def publish_cooldowns(self):
         """This host's active cooldowns and disabled keys, into the shared store."""

@@ -43,6 +43,7 @@ import re
 
 
 import signal
+import socket
 
 
 import stat
@@ -6899,6 +6900,174 @@ class TestZeroConfigProcess(unittest.TestCase):
                     proc.wait()
                 proc.stdout.close()
                 proc.stderr.close()
+
+
+class RedisServer:
+    """A real redis-server for the tests, on a port the OS chose, started and stopped here
+    (never the system service)."""
+
+    def __init__(self):
+        import shutil
+        self.binary = shutil.which("redis-server")
+        self.proc = None
+        self.port = None
+
+    def start(self):
+        if self.port is None:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+            s.close()
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    @property
+    def url(self):
+        return "redis://127.0.0.1:%d/2" % self.port
+
+
+class TestRedisClient(unittest.TestCase):
+    def test_urls_and_the_wire_format(self):
+        self.assertEqual(lp.redis_url("rediss://u%40x:p%3Aw@h:7000/3"),
+                         {"host": "h", "port": 7000, "tls": True, "user": "u@x", "password": "p:w", "db": 3})
+        self.assertEqual(lp.redis_url("redis://h")["port"], 6379)
+        for bad in ("http://h", "redis://", "redis://h/x"):
+            with self.assertRaises(ValueError):
+                lp.redis_url(bad)
+        self.assertEqual(lp.redact_url("redis://u:secret@h:1/0"), "redis://u:***@h:1/0")
+        self.assertEqual(lp.resp_encode(["SET", "k", b"v\r\n"]), b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n")
+
+        async def parse(data):
+            r = asyncio.StreamReader()
+            r.feed_data(data)
+            r.feed_eof()
+            return await lp.resp_read(r)
+        self.assertEqual(asyncio.run(parse(b"*3\r\n:1\r\n$-1\r\n*1\r\n+OK\r\n")), [1, None, ["OK"]])
+        self.assertIsInstance(asyncio.run(parse(b"-ERR bad\r\n")), lp.RedisError)
+        with self.assertRaises(lp.RedisError):
+            asyncio.run(parse(b"$5\r\nab"))
+
+
+@unittest.skipUnless(RedisServer().binary, "no redis-server (.ci/run installs Debian's redis-server)")
+class TestRedisShared(ProxyCase):
+    """Two proxy instances (separate data dirs) and one real Redis."""
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.redis = RedisServer().start()
+        self.apps, self.servers = [], []
+
+    async def asyncTearDown(self):
+        for srv, a in zip(self.servers, self.apps):
+            await srv.shutdown(0)
+            await a.stop()
+        self.redis.stop()
+        await super().asyncTearDown()
+
+    async def two(self, handler, **extra):
+        self.up = await FakeUpstream(handler).start()
+        for i in range(2):
+            path = os.path.join(self.tmp.name, "config%d.json" % i)
+            with open(path, "w") as f:
+                json.dump(dict(base_config(self.up.port, shared={"redis": self.redis.url}), **extra), f)
+            app = lp.App(lp.load_config(path, {}, {"data_dir": os.path.join(self.tmp.name, "data%d" % i)}),
+                         clock=FakeClock())
+            srv = lp.HTTPServer(app)
+            await srv.start("127.0.0.1", 0)
+            self.apps.append(app)
+            self.servers.append(srv)
+        return [await ClientConn.open(s.port) for s in self.servers]
+
+    async def settle(self):
+        for a in self.apps:
+            if a.tasks:
+                await asyncio.gather(*a.tasks)
+        for a in self.apps:
+            await a.sync_shared()
+
+    async def test_a_cooldown_set_on_one_host_is_honoured_by_the_other(self):
+        async def handler(req, w):
+            if req["headers"]["authorization"].endswith("AAAA"):
+                reply_json(w, 429, {"error": {"message": "slow"}}, headers=[("retry-after", "100")])
+            else:
+                reply_json(w, 200, CHAT_OK)
+        a, b = await self.two(handler)
+        self.assertEqual((await a.request("POST", "/v1/chat/completions", {"model": "m", "messages": []}))[0], 200)
+        await self.settle()
+        n = len(self.up.requests)
+        status, _, _ = await b.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+        self.assertEqual(status, 200)
+        self.assertEqual([r["headers"]["authorization"][-4:] for r in self.up.requests[n:]], ["BBBB"])
+        await self.settle()
+        _, _, data = await b.request("GET", "/health", key=ADMIN_KEY)
+        doc = json.loads(data)
+        self.assertEqual(doc["shared"], "ok")
+        self.assertEqual(sum(u["requests"] for u in doc["usage"]), 2)        # both hosts' requests
+
+    async def test_a_rate_limit_is_exact_across_hosts(self):
+        a, b = await self.two(lambda req, w: _async(reply_json(w, 200, CHAT_OK)), limits={"client_rpm": 10})
+        statuses = []
+        for i in range(14):
+            c = (a, b)[i % 2]
+            statuses.append((await c.request("POST", "/v1/chat/completions", {"model": "m", "messages": []}))[0])
+        self.assertEqual(statuses.count(200), 10)
+        self.assertEqual(statuses[10:], [429] * 4)
+
+    async def test_a_sticky_model_and_a_conversation_follow_the_client(self):
+        a, b = await self.two(lambda req, w: _async(reply_json(w, 200, CHAT_OK)),
+                              guardrails={"commands": {"enabled": True}})
+        hdr = {"x-session-id": "s-1"}
+        status, _, data = await a.request("POST", "/v1/chat/completions", {"model": "m", "messages": [
+            {"role": "user", "content": "!/model(fast)"}]}, headers=hdr)
+        self.assertEqual(status, 200, data)
+        await self.settle()
+        await b.request("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                        headers=hdr)
+        self.assertEqual(json.loads(self.up.requests[-1]["body"])["model"], "real-model")   # fast -> up:real-model
+        status, _, data = await a.request("POST", "/v1/responses", {"model": "m", "input": "first"})
+        rid = json.loads(data)["id"]
+        await self.settle()
+        status, _, data = await b.request("POST", "/v1/responses", {"model": "m", "input": "second",
+                                                                       "previous_response_id": rid})
+        self.assertEqual(status, 200, data)
+        sent = json.dumps(json.loads(self.up.requests[-1]["body"])["messages"])
+        self.assertIn("first", sent)
+
+    async def test_redis_down_keeps_serving_and_comes_back(self):
+        a, b = await self.two(lambda req, w: _async(reply_json(w, 200, CHAT_OK)))
+        self.redis.stop()
+        for c in (a, b):
+            status, _, _ = await c.request("POST", "/v1/chat/completions", {"model": "m", "messages": []})
+            self.assertEqual(status, 200)
+        await self.settle()
+        _, _, data = await a.request("GET", "/health", key=ADMIN_KEY)
+        doc = json.loads(data)
+        self.assertEqual((doc["status"], doc["shared"]), ("degraded", "degraded"))
+        self.redis.start()
+        for app in self.apps:
+            app.shared.redis.retry_at = 0              # skip the back-off wait
+        await self.settle()
+        await self.settle()
+        _, _, data = await a.request("GET", "/health", key=ADMIN_KEY)
+        doc = json.loads(data)
+        self.assertEqual(doc["shared"], "ok")
+        self.assertEqual(sum(u["requests"] for u in doc["usage"]), 2)        # kept while down, pushed after
 
 
 class TestWorkerProcesses(unittest.TestCase):
