@@ -12793,13 +12793,11 @@ def run_setup(config: Config, args, home: Optional[str] = None) -> int:
     if made:
         print("# a new client key for %s (stored as a digest in %s): %s" % (client, keys.path, key))
     exports = {"codex": setup_env_lines(url, key)[:1], "opencode": setup_env_lines(url, key)[:1],
-               "env": setup_env_lines(url, key), "gemini": setup_env_lines(url, key)[3:]}.get(client, [])
+               "env": setup_env_lines(url, key)}.get(client, [])
     if exports:
         print({"codex": "# Codex reads the key from $%s:" % SETUP_KEY_ENV,
                "opencode": "# OpenCode reads the key from $%s:" % SETUP_KEY_ENV,
-               "env": "# for the SDKs and curl:",
-               "gemini": "# Gemini CLI reads these from ~/.gemini/.env, but not in a folder it does not trust "
-                         "(then export them, or trust the folder):"}[client])
+               "env": "# for the SDKs and curl:"}[client])
     for line in exports:
         print(line if key[:1] != "<" else "# " + line.split("=", 1)[0] + "=...   (a new key is made with --write)")
     if exports and made and client in ("codex", "opencode", "env"):
@@ -12823,7 +12821,9 @@ def run_setup(config: Config, args, home: Optional[str] = None) -> int:
         print("wrote %s%s" % (path, " (the old one is %s)" % (path + ".llmproxy-backup") if old else ""))
     if not args.write and any(new != old for _, old, new in changes):
         print("# run again with --write to apply (a backup of each file is kept)")
-    hint = {"claude": "claude", "codex": "codex", "gemini": "gemini",
+    hint = {"claude": "claude", "codex": "codex",
+            "gemini": "gemini  (Gemini CLI reads ~/.gemini/.env only in a folder you trust; headless `gemini -p` "
+                      "in a new folder needs --skip-trust or GEMINI_CLI_TRUST_WORKSPACE=true)",
             "opencode": "opencode run --model llmproxy/%s" % (args.model or (models + [""])[0])}.get(client)
     if hint and args.write:
         print("then run: %s  (proxy at %s)" % (hint, url))
