@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import codecs
 import dataclasses
 import fnmatch
@@ -745,7 +746,8 @@ class Exchange:
     capture read it."""
     __slots__ = ("client", "client_id", "model", "upstream_model", "provider", "upkey", "via", "failover",
                  "usage", "error", "upstream_ms", "on_done", "cap_out", "cap_out_stream", "cap_up", "cap_up_req",
-                 "cap_up_status", "complete", "status", "sent", "t_first")
+                 "cap_up_status", "complete", "status", "sent", "t_first", "trace_id", "span_id", "parent_span_id",
+                 "t_sent", "t_up_last", "finish", "response_id")
 
     def __init__(self):
         self.client: Optional[str] = None          # the client key, redacted
@@ -769,6 +771,13 @@ class Exchange:
         self.status: Optional[int] = None          # the status sent, once the head is out
         self.sent = 0                              # body bytes written so far
         self.t_first: Optional[float] = None       # when the head went out
+        self.trace_id: Optional[str] = None        # OpenTelemetry: this exchange's trace and span
+        self.span_id: Optional[str] = None
+        self.parent_span_id: Optional[str] = None  # from the client's traceparent
+        self.t_sent: Optional[float] = None        # when the (last) upstream request left
+        self.t_up_last: Optional[float] = None     # when the last upstream byte the reply waited for came
+        self.finish: Optional[str] = None          # the stop reason, when known
+        self.response_id: Optional[str] = None     # the reply's id, when the hub read it
 
 
 class Request:
@@ -2077,6 +2086,8 @@ class StreamTranslator:
         self.complete = False
         self.error: Optional[str] = None
         self.failed = False                 # an error event went out: nothing more is decoded
+        self.stop: Optional[str] = None     # the stop reason and the reply's id, once seen
+        self.response_id: Optional[str] = None
         self.signatures: List[Tuple[str, str, str]] = []    # (call id, origin, signature)
 
     @staticmethod
@@ -2113,6 +2124,9 @@ class StreamTranslator:
         if kind == "finish":
             self.usage = ev[2]
             self.complete = True
+            self.stop = ev[1]
+        elif kind == "start":
+            self.response_id = ev[1]
         elif kind == "error":
             self.error = ev[1].code or ev[1].kind
             self.failed = True
@@ -9060,6 +9074,209 @@ class RedisShared:
         self.redis.close()
 
 
+# 10c. OpenTelemetry ###############################################################
+# Traces and metrics as OTLP/HTTP JSON, to the endpoint the standard OTEL_* variables
+# name. One span per exchange that reached an upstream, named
+# "{gen_ai.operation.name} {gen_ai.request.model}" with the GenAI attributes; an incoming
+# W3C traceparent is continued and passed on upstream. A background task sends batches
+# from a bounded queue: a request never waits on the collector, and what the queue cannot
+# hold is counted as dropped. Prompts and completions are never exported.
+
+OTEL_QUEUE_MAX = 2048               # spans waiting for export; past this they are dropped (and counted)
+OTEL_BATCH = 512                    # spans per export request
+OTEL_FLUSH_S = 2.0                  # how often queued spans leave
+OTEL_METRICS_S = 15.0               # how often the metric histograms are exported (cumulative)
+OTEL_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+OTEL_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+_TRACEPARENT_RE = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
+# gen_ai.provider.name by back-end host (the registry's names), else by wire format
+OTEL_PROVIDER_HOSTS = (("openrouter.ai", "openrouter"), ("api.anthropic.com", "anthropic"),
+                       ("aiplatform.googleapis.com", "gcp.vertex_ai"), ("googleapis.com", "gcp.gemini"),
+                       ("api.openai.com", "openai"), ("groq.com", "groq"), ("deepseek.com", "deepseek"),
+                       ("mistral.ai", "mistral_ai"), ("x.ai", "x_ai"), ("azure.com", "azure.ai.openai"),
+                       ("amazonaws.com", "aws.bedrock"))
+OTEL_FINISH = {"end": "stop", "max_tokens": "length", "tool_use": "tool_calls", "stop_sequence": "stop",
+               "content_filter": "content_filter"}
+OTEL_PROVIDER_FORMATS = {"openai": "openai", "openai-responses": "openai", "anthropic": "anthropic",
+                         "gemini": "gcp.gemini", "mock": "llmproxy.mock"}
+
+
+def parse_traceparent(value: Optional[str]) -> Optional[Tuple[str, str]]:
+    """W3C traceparent -> (trace id, parent span id), None when absent or malformed."""
+    m = _TRACEPARENT_RE.match((value or "").strip().lower())
+    if not m or m.group(1) == "0" * 32 or m.group(2) == "0" * 16:
+        return None
+    return m.group(1), m.group(2)
+
+
+def otel_headers(text: str) -> List[Tuple[str, str]]:
+    """OTEL_EXPORTER_OTLP_HEADERS: comma-separated key=value, values percent-encoded."""
+    out = []
+    for item in (text or "").split(","):
+        k, sep, v = item.partition("=")
+        if sep and k.strip():
+            out.append((k.strip().lower(), unquote(v.strip())))
+    return out
+
+
+def otel_value(v) -> dict:
+    if isinstance(v, bool):
+        return {"boolValue": v}
+    if isinstance(v, int):
+        return {"intValue": str(v)}
+    if isinstance(v, float):
+        return {"doubleValue": v}
+    if isinstance(v, (list, tuple)):
+        return {"arrayValue": {"values": [otel_value(x) for x in v]}}
+    return {"stringValue": str(v)}
+
+
+def otel_attributes(attrs: dict) -> List[dict]:
+    return [{"key": k, "value": otel_value(v)} for k, v in attrs.items() if v is not None]
+
+
+class OtelSettings:
+    """Where and how to export, from the standard variables (None when not configured)."""
+
+    def __init__(self, traces_url: Optional[str], metrics_url: Optional[str], headers, service: str, resource: dict):
+        self.traces_url, self.metrics_url = traces_url, metrics_url
+        self.headers, self.service, self.resource = headers, service, resource
+
+    @classmethod
+    def from_env(cls, env) -> Optional["OtelSettings"]:
+        base = (env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").rstrip("/")
+        traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (base + "/v1/traces" if base else None)
+        metrics = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or (base + "/v1/metrics" if base else None)
+        if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or not (traces or metrics):
+            return None
+        resource = {}
+        for item in (env.get("OTEL_RESOURCE_ATTRIBUTES") or "").split(","):
+            k, sep, v = item.partition("=")
+            if sep and k.strip():
+                resource[k.strip()] = unquote(v.strip())
+        service = env.get("OTEL_SERVICE_NAME") or resource.get("service.name") or "llmproxy"
+        resource["service.name"] = service
+        resource.setdefault("service.version", __version__)
+        headers = otel_headers(env.get("OTEL_EXPORTER_OTLP_HEADERS", ""))
+        return cls(traces, metrics, headers, service, resource)
+
+
+class Histogram:
+    """Cumulative explicit-bucket histograms by attribute set (for OTLP)."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.points: Dict[tuple, list] = {}        # attrs -> [count, sum, bucket counts]
+
+    def record(self, value: float, attrs: dict):
+        key = tuple(sorted(attrs.items()))
+        point = self.points.get(key)
+        if point is None:
+            if len(self.points) >= MAX_METRIC_MODELS * 4:
+                return                              # bounded like every other label set
+            point = self.points[key] = [0, 0.0, [0] * (len(self.bounds) + 1)]
+        point[0] += 1
+        point[1] += value
+        point[2][bisect.bisect_left(self.bounds, value)] += 1
+
+
+class OtelExporter:
+    def __init__(self, settings: OtelSettings, client, wall=time.time):
+        self.settings = settings
+        self.client = client
+        self.wall = wall
+        self.queue: "deque[dict]" = deque()
+        self.dropped = 0
+        self.exported = 0
+        self.failures = 0
+        self.started_ns = int(wall() * 1e9)
+        self.duration = Histogram(OTEL_DURATION_BUCKETS)
+        self.tokens = Histogram(OTEL_TOKEN_BUCKETS)
+        self.first_chunk = Histogram(OTEL_DURATION_BUCKETS)
+        self.wake: Optional[asyncio.Event] = None
+
+    def span(self, info: Exchange, name: str, start: float, end: float, attrs: dict, error: Optional[str]):
+        """Queue one finished span (never blocks; a full queue drops it and counts it)."""
+        if len(self.queue) >= OTEL_QUEUE_MAX:
+            self.dropped += 1
+            return
+        span = {"traceId": info.trace_id, "spanId": info.span_id, "name": name, "kind": 3,
+                "startTimeUnixNano": str(int(start * 1e9)), "endTimeUnixNano": str(int(end * 1e9)),
+                "attributes": otel_attributes(attrs), "status": {"code": 2, "message": error} if error else {}}
+        if info.parent_span_id:
+            span["parentSpanId"] = info.parent_span_id
+        self.queue.append(span)
+        if len(self.queue) >= OTEL_BATCH and self.wake is not None:
+            self.wake.set()
+
+    def resource(self) -> dict:
+        return {"attributes": otel_attributes(self.settings.resource)}
+
+    def traces_body(self, spans: List[dict]) -> bytes:
+        return _jbytes({"resourceSpans": [{"resource": self.resource(), "scopeSpans": [
+            {"scope": {"name": "llmproxy", "version": __version__}, "spans": spans}]}]})
+
+    def metrics_body(self) -> bytes:
+        now = str(int(self.wall() * 1e9))
+
+        def hist(name, unit, desc, h):
+            return {"name": name, "unit": unit, "description": desc, "histogram": {
+                "aggregationTemporality": 2, "dataPoints": [
+                    {"attributes": otel_attributes(dict(key)), "startTimeUnixNano": str(self.started_ns),
+                     "timeUnixNano": now, "count": str(p[0]), "sum": p[1], "bucketCounts": [str(c) for c in p[2]],
+                     "explicitBounds": list(h.bounds)} for key, p in h.points.items()]}}
+        metrics = [hist("gen_ai.client.operation.duration", "s", "GenAI operation duration", self.duration),
+                   hist("gen_ai.client.token.usage", "{token}", "Tokens used per operation", self.tokens),
+                   hist("gen_ai.client.operation.time_to_first_chunk", "s", "Time to the first streamed chunk",
+                        self.first_chunk),
+                   {"name": "llmproxy.otel.spans.dropped", "unit": "{span}", "description": "Spans the export queue "
+                    "could not hold", "sum": {"aggregationTemporality": 2, "isMonotonic": True, "dataPoints": [
+                        {"startTimeUnixNano": str(self.started_ns), "timeUnixNano": now,
+                         "asInt": str(self.dropped)}]}}]
+        return _jbytes({"resourceMetrics": [{"resource": self.resource(), "scopeMetrics": [
+            {"scope": {"name": "llmproxy", "version": __version__}, "metrics": metrics}]}]})
+
+    async def post(self, url: str, body: bytes) -> bool:
+        headers = [("content-type", "application/json"), ("user-agent", "llmproxy/" + __version__)] + \
+            self.settings.headers
+        try:
+            resp = await self.client.request("POST", url, headers, body, 5.0, 10.0, None, 15.0)
+            await resp.read(MAX_ERROR_BODY)
+            ok = resp.status < 300
+        except ProxyError:
+            ok = False
+        if not ok:
+            self.failures += 1
+            if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
+                log.warning("OpenTelemetry export to %s failed (%d times so far)", log_safe(url[:120]), self.failures)
+        return ok
+
+    async def flush(self):
+        while self.queue and self.settings.traces_url:
+            batch = [self.queue.popleft() for _ in range(min(OTEL_BATCH, len(self.queue)))]
+            if await self.post(self.settings.traces_url, self.traces_body(batch)):
+                self.exported += len(batch)
+            else:
+                self.dropped += len(batch)
+
+    async def run(self):
+        self.wake = asyncio.Event()
+        next_metrics = time.monotonic() + OTEL_METRICS_S
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), OTEL_FLUSH_S)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+            try:
+                await self.flush()
+                if self.settings.metrics_url and time.monotonic() >= next_metrics:
+                    next_metrics = time.monotonic() + OTEL_METRICS_S
+                    await self.post(self.settings.metrics_url, self.metrics_body())
+            except Exception as e:                  # the exporter must never stop serving
+                log.warning("OpenTelemetry export failed: %s", e)
+
+
 # 11. config ##################################################################
 # load_config() merges the JSON file, the environment and CLI overrides into
 # one validated Config. Strings "$NAME" / "${NAME}" are read from the
@@ -9126,6 +9343,7 @@ class Config:
     client_tpm: int = 0
     workers: int = 1
     shared_redis: Optional[str] = None       # redis:// URL of the store many hosts share
+    otel: Optional[OtelSettings] = None      # OpenTelemetry export, from the OTEL_* variables
     passthrough_paths: List[str] = dataclasses.field(default_factory=lambda: list(PASSTHROUGH_PATHS))
     passthrough_deny: List[str] = dataclasses.field(default_factory=list)
     source: Optional[str] = None
@@ -9502,6 +9720,7 @@ def _load_serving(r: _Reader, cfg: Config, env):
     cfg.shared_redis = r.expand(sh.get("redis", str, "")) if "redis" in sh.obj else None
     sh.finish()
     cfg.shared_redis = cfg.shared_redis or env.get("LLMPROXY_REDIS_URL") or None
+    cfg.otel = OtelSettings.from_env(env)
     if cfg.shared_redis:
         try:
             redis_url(cfg.shared_redis)
@@ -10141,15 +10360,18 @@ class UpstreamCaller:
                 raise self.keys_exhausted(prov, last, scope)
             key = k.key if k else (await cred.token() if cred is not None else None)
             info.upkey = redact(k.key) if k else (fingerprint(key) if cred is not None else None)
-            t0 = time.perf_counter()
+            t0 = info.t_sent = time.perf_counter()
             headers = prov.request_headers(key, stream, extra, bool(body) and json_body)
+            if info.trace_id:                  # the trace goes on upstream (W3C trace context)
+                headers.append(("traceparent", "00-%s-%s-01" % (info.trace_id, info.span_id)))
             if self.capture is not None:
                 info.cap_up_req = {"url": url, "headers": self.capture.headers(headers),
                                    "body": WireCapture.body(body, False)}
             resp = await transport.request(method, url, headers, body, prov.connect_timeout, prov.read_timeout,
                                            prov.options.get("idle_timeout_s"), prov.options.get("total_timeout_s"))
             info.cap_up_status = resp.status
-            info.upstream_ms = round((time.perf_counter() - t0) * 1000, 1)
+            info.t_up_last = time.perf_counter()
+            info.upstream_ms = round((info.t_up_last - t0) * 1000, 1)
             if cred is not None and resp.status == 401 and not retried:
                 await resp.read(MAX_ERROR_BODY)       # a refused token: refresh once, retry once
                 retried = True
@@ -10712,7 +10934,7 @@ class Translator:
         for p in cresp.parts:
             if p.type == "tool_call" and p.signature and p.origin == "gemini":
                 self.memory.keep_signature(p.id, p.origin, p.signature)
-        info.usage = cresp.usage
+        info.usage, info.finish, info.response_id = cresp.usage, cresp.stop, cresp.id
         out = fmt.render_response(cresp, creq, options)
         if remember:
             self.memory.remember(out, history, parent)
@@ -10793,8 +11015,9 @@ class Translator:
 
     def note(self, tr: StreamTranslator, info: Exchange):
         """What the stream said about itself so far, onto the exchange record."""
+        info.response_id = tr.response_id or info.response_id
         if tr.complete:
-            info.usage, info.complete = tr.usage, True
+            info.usage, info.complete, info.finish = tr.usage, True, tr.stop
         if tr.error:
             info.error = tr.error
         while tr.signatures:
@@ -11864,6 +12087,7 @@ class App:
         self.sync_task: Optional[asyncio.Task] = None
         self.started = wall()
         self.recent: "deque[dict]" = deque(maxlen=RECENT_MAX)   # the last requests, for the status page
+        self.otel = OtelExporter(config.otel, self.client, wall) if config.otel else None
         self.cors_any = "*" in config.cors_origins
         self.cors = frozenset(config.cors_origins)
         self.keep(previous, resolve, address_ok, image_limits)
@@ -11926,6 +12150,8 @@ class App:
         self.usage, self.usage_pending = previous.usage, previous.usage_pending
         self.memory, self.images, self.sessions = previous.memory, previous.images, previous.sessions
         self.drop_params, self.seen_reset, self.told = previous.drop_params, previous.seen_reset, previous.told
+        if previous.otel is not None and self.otel is not None:
+            self.otel = previous.otel            # one queue, one exporter task
         self.recent = previous.recent
 
     def bind(self, methods: Dict[str, Tuple[str, int]]) -> Dict[str, Tuple[Callable, int]]:
@@ -11943,6 +12169,8 @@ class App:
             cred.task = self.spawn(cred.run_refresher())
         if self.shared is not None:
             self.sync_task = self.spawn(self.run_shared_sync())
+        if self.otel is not None:
+            self.spawn(self.otel.run())
 
     async def run_shared_sync(self):
         while True:
@@ -12200,6 +12428,11 @@ class App:
     async def handle(self, request: Request):
         handler, entry = request.match
         request.info.client = entry.redacted if entry else None
+        if self.otel is not None:
+            info = request.info
+            parent = parse_traceparent(request.headers.get("traceparent"))
+            info.trace_id, info.parent_span_id = parent if parent else (secrets.token_hex(16), None)
+            info.span_id = secrets.token_hex(8)
         if self.capture is not None:
             request.info.cap_out = []           # the server tees what it sends into this
         if entry is not None and handler.__name__ not in ("handle_health", "handle_models"):
@@ -12250,6 +12483,48 @@ class App:
                             "tokens_out": tout, "error": fields["error"]})
         if self.capture is not None and info.cap_out is not None:
             self.record_capture(request, status, fields)
+        if self.otel is not None and info.provider and info.provider in self.providers and info.trace_id:
+            self.trace(request, status, t_first, now, fields["error"])
+
+    def trace(self, request: Request, status: int, t_first: Optional[float], now: float, error: Optional[str]):
+        """The exchange as a GenAI span and metric points (current semantic conventions)."""
+        info, otel = request.info, self.otel
+        prov = self.providers[info.provider]
+        host = urlsplit(prov.base_url).hostname if prov.base_url else None
+        provider = next((n for h, n in OTEL_PROVIDER_HOSTS if host and host.endswith(h)), None) or \
+            OTEL_PROVIDER_FORMATS.get(prov.kind, prov.kind)
+        path = request.path
+        op = "embeddings" if "embed" in path.lower() else "text_completion" if path.endswith("/completions") \
+            and "chat" not in path else "generate_content" if prov.format is Gemini else "chat"
+        model = info.model or info.upstream_model or ""
+        wall_end = self.wall()
+        start = wall_end - (now - request.t_start)
+        err_type = info.error or (str(status) if status >= 400 else None)
+        base = {"gen_ai.operation.name": op, "gen_ai.provider.name": provider, "gen_ai.request.model": model or None,
+                "gen_ai.response.model": info.upstream_model or model or None}
+        attrs = dict(base)
+        usage = info.usage if isinstance(info.usage, Usage) else None
+        attrs.update({"gen_ai.response.id": info.response_id,
+                      "gen_ai.response.finish_reasons": [OTEL_FINISH.get(info.finish, info.finish)]
+                      if info.finish else None,
+                      "gen_ai.usage.input_tokens": usage.input if usage else None,
+                      "gen_ai.usage.output_tokens": usage.output if usage else None,
+                      "gen_ai.usage.cache_read.input_tokens": usage.cached if usage and usage.cached else None,
+                      "gen_ai.usage.cache_creation.input_tokens": usage.cache_write if usage and usage.cache_write
+                      else None,
+                      "gen_ai.usage.reasoning.output_tokens": usage.reasoning if usage and usage.reasoning else None,
+                      "server.address": host, "server.port": urlsplit(prov.base_url).port or (
+                          443 if prov.base_url.startswith("https") else 80) if host else None,
+                      "http.response.status_code": status, "error.type": err_type,
+                      "llmproxy.provider": prov.name, "llmproxy.via": info.via})
+        otel.span(info, "%s %s" % (op, model) if model else op, start, wall_end, attrs, err_type)
+        points = dict(base, **({"error.type": err_type} if err_type else {}))
+        otel.duration.record(now - request.t_start, points)
+        if usage:
+            otel.tokens.record(usage.input, dict(base, **{"gen_ai.token.type": "input"}))
+            otel.tokens.record(usage.output, dict(base, **{"gen_ai.token.type": "output"}))
+        if t_first and info.cap_out_stream is not None and request.info.complete:
+            otel.first_chunk.record(t_first - request.t_start, base)
 
     def count_usage(self, info: Exchange) -> Tuple[Optional[int], Optional[int]]:
         """An exchange's tokens onto the client's rate window and the usage totals."""
