@@ -747,7 +747,7 @@ class Exchange:
     __slots__ = ("client", "client_id", "model", "upstream_model", "provider", "upkey", "via", "failover",
                  "usage", "error", "upstream_ms", "on_done", "cap_out", "cap_out_stream", "cap_up", "cap_up_req",
                  "cap_up_status", "complete", "status", "sent", "t_first", "trace_id", "span_id", "parent_span_id",
-                 "t_sent", "t_up_last", "finish", "response_id")
+                 "t_sent", "t_up_last", "finish", "response_id", "overhead_ms")
 
     def __init__(self):
         self.client: Optional[str] = None          # the client key, redacted
@@ -778,6 +778,23 @@ class Exchange:
         self.t_up_last: Optional[float] = None     # when the last upstream byte the reply waited for came
         self.finish: Optional[str] = None          # the stop reason, when known
         self.response_id: Optional[str] = None     # the reply's id, when the hub read it
+        self.overhead_ms: Optional[float] = None   # the proxy's own time, as its reply header said
+
+
+def overhead_ms(info: "Exchange", t_start: float, now: float) -> float:
+    """The proxy's own time in an exchange: before the (last) upstream request left, and
+    after the last upstream byte the reply waited for (all of it when there was none)."""
+    if info.t_sent is None or info.t_up_last is None:
+        return (now - t_start) * 1000
+    return max(0.0, (info.t_sent - t_start) + (now - info.t_up_last)) * 1000
+
+
+def overhead_header(request: Optional["Request"]) -> List[Tuple[str, str]]:
+    if request is None:
+        return []
+    ms = overhead_ms(request.info, request.t_start, time.perf_counter())
+    request.info.overhead_ms = ms
+    return [("x-llmproxy-overhead-ms", "%.2f" % ms)]
 
 
 class Request:
@@ -1273,7 +1290,8 @@ class HTTPServer:
             if isinstance(resp, Response):
                 if tee is not None:
                     tee.append(resp.body[:CAPTURE_PART_BYTES])
-                data = self._head_bytes(head, resp, keep, [("content-length", str(len(resp.body)))])
+                data = self._head_bytes(head, resp, keep, [("content-length", str(len(resp.body)))] +
+                                        overhead_header(request))
                 t_first = time.perf_counter()
                 if is_head or not resp.body:
                     writer.write(data)
@@ -1295,7 +1313,7 @@ class HTTPServer:
                 agen = resp.chunks
                 info = request.info if request is not None else Exchange()
                 try:
-                    writer.write(self._head_bytes(head, resp, keep, framing))
+                    writer.write(self._head_bytes(head, resp, keep, framing + overhead_header(request)))
                     t_first = info.t_first = time.perf_counter()
                     info.status = status
                     if not is_head:
@@ -2173,9 +2191,10 @@ def _count(v) -> int:
 
 class Usage:
     """Token counts. input includes cached reads and cache writes; output includes reasoning."""
-    __slots__ = ("input", "output", "cached", "cache_write", "reasoning")
+    __slots__ = ("input", "output", "cached", "cache_write", "reasoning", "cost")
 
-    def __init__(self, input=0, output=0, cached=0, cache_write=0, reasoning=0):
+    def __init__(self, input=0, output=0, cached=0, cache_write=0, reasoning=0, cost=None):
+        self.cost = float(cost) if type(cost) in (int, float) and cost >= 0 else None   # USD, if the upstream said
         self.input = _count(input)
         self.output = _count(output)
         self.cached = _count(cached)
@@ -2880,7 +2899,8 @@ class OpenAIChat(WireFormat):
         ptd = usage.get("prompt_tokens_details") or {}
         ctd = usage.get("completion_tokens_details") or {}
         cached = ptd.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
-        return Usage(tin, tout, cached, ptd.get("cache_write_tokens") or 0, ctd.get("reasoning_tokens") or 0)
+        return Usage(tin, tout, cached, ptd.get("cache_write_tokens") or 0, ctd.get("reasoning_tokens") or 0,
+                     usage.get("cost"))           # OpenRouter reports what the request cost
 
     @staticmethod
     def render_usage(u: Usage) -> dict:
@@ -8374,6 +8394,61 @@ def render_metrics(families: List[Tuple[str, str, str, list]]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+class Histogram:
+    """Cumulative explicit-bucket histograms by attribute set (for OTLP)."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.points: Dict[tuple, list] = {}        # attrs -> [count, sum, bucket counts]
+
+    def record(self, value: float, attrs: dict):
+        key = tuple(sorted(attrs.items()))
+        point = self.points.get(key)
+        if point is None:
+            if len(self.points) >= MAX_METRIC_MODELS * 4:
+                return                              # bounded like every other label set
+            point = self.points[key] = [0, 0.0, [0] * (len(self.bounds) + 1)]
+        point[0] += 1
+        point[1] += value
+        point[2][bisect.bisect_left(self.bounds, value)] += 1
+
+
+def price_of(prices, model: str, usage: Optional["Usage"]) -> float:
+    """USD for usage on model: what the upstream reported, else the first matching price
+    (per million tokens: input, output, cache_read, cache_write), else 0."""
+    if usage is None:
+        return 0.0
+    if usage.cost is not None:
+        return usage.cost
+    for glob, p in prices:
+        if fnmatch.fnmatchcase(model, glob):
+            plain = max(0, usage.input - usage.cached - usage.cache_write)
+            return (plain * p.get("input", 0.0) + usage.cached * p.get("cache_read", p.get("input", 0.0)) +
+                    usage.cache_write * p.get("cache_write", p.get("input", 0.0)) +
+                    usage.output * p.get("output", 0.0)) / 1e6
+    return 0.0
+
+
+PROM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+PROM_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_write", "reasoning")
+
+
+def prom_histogram(name: str, text: str, h: "Histogram") -> Tuple[str, str, str, list]:
+    """A Histogram as a Prometheus histogram family (cumulative le buckets, _sum, _count)."""
+    samples = []
+    for key, (count, total, buckets) in sorted(h.points.items()):
+        labels = dict(key)
+        running = 0
+        for bound, n in zip(h.bounds, buckets):
+            running += n
+            samples.append((dict(labels, le=_prom_value(bound)), running, "_bucket"))
+        samples.append((dict(labels, le="+Inf"), count, "_bucket"))
+        samples.append((labels, total, "_sum"))
+        samples.append((labels, count, "_count"))
+    return name, "histogram", text, samples
+
+
 class UsageMeter:
     """Requests and tokens by (client key, provider, model), answers by (provider, status).
     Model names can come from clients (pass-through forwards any name), so they are labels
@@ -8385,6 +8460,11 @@ class UsageMeter:
     def __init__(self, max_models: int = MAX_METRIC_MODELS):
         self.totals: Dict[Tuple[str, str, str], List[int]] = {}
         self.answered: Dict[Tuple[str, int], List[float]] = {}    # (provider, status) -> [count, seconds]
+        self.by_type: Dict[Tuple[str, str, str], int] = {}         # (provider, model, token type) -> tokens
+        self.cost: Dict[Tuple[str, str, str], float] = {}          # (client, provider, model) -> USD
+        self.duration = Histogram(PROM_BUCKETS)                     # by provider
+        self.first_token = Histogram(PROM_BUCKETS)
+        self.overhead = Histogram(PROM_OVERHEAD_BUCKETS)
         self.models: set = set()
         self.max_models = max_models
 
@@ -8404,15 +8484,23 @@ class UsageMeter:
         row[0] += 1
         row[1] += seconds
 
-    def record(self, client: str, provider: str, model: str, tin: Optional[int], tout: Optional[int]):
+    def record(self, client: str, provider: str, model: str, tin: Optional[int], tout: Optional[int],
+               usage: Optional["Usage"] = None, cost: float = 0.0):
+        if usage is not None:
+            for kind, n in zip(TOKEN_TYPES, (usage.input, usage.output, usage.cached, usage.cache_write,
+                                             usage.reasoning)):
+                if n:
+                    self.by_type[(provider, model, kind)] = self.by_type.get((provider, model, kind), 0) + n
+        if cost:
+            self.cost[(client, provider, model)] = self.cost.get((client, provider, model), 0.0) + cost
         row = self.totals.setdefault((client, provider, model), [0, 0, 0])
         row[0] += 1
         row[1] += tin or 0
         row[2] += tout or 0
 
     def snapshot(self) -> List[dict]:
-        return [{"client": c, "provider": p, "model": m, "requests": r[0], "tokens_in": r[1], "tokens_out": r[2]}
-                for (c, p, m), r in sorted(self.totals.items())]
+        return [{"client": c, "provider": p, "model": m, "requests": r[0], "tokens_in": r[1], "tokens_out": r[2],
+                 "cost_usd": round(self.cost.get((c, p, m), 0.0), 6)} for (c, p, m), r in sorted(self.totals.items())]
 
 
 class SharedState:
@@ -8439,6 +8527,11 @@ class SharedState:
         self.db.execute("CREATE TABLE IF NOT EXISTS usage (client TEXT, provider TEXT, model TEXT, requests INTEGER, "
                         "tokens_in INTEGER, tokens_out INTEGER, PRIMARY KEY (client, provider, model))")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value REAL)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS usage_daily (day TEXT, client TEXT, provider TEXT, model TEXT, "
+                        "requests INTEGER, tokens_in INTEGER, tokens_out INTEGER, cost REAL, "
+                        "PRIMARY KEY (day, client, provider, model))")
+        if "cost" not in [r[1] for r in self.db.execute("PRAGMA table_info(usage)").fetchall()]:
+            self.db.execute("ALTER TABLE usage ADD COLUMN cost REAL DEFAULT 0")     # a store from before costs
         self.lock = __import__("threading").Lock()
 
     def put_cooldown(self, provider: str, key: str, model: str, until_wall: float, disabled: bool, reason: str):
@@ -8452,18 +8545,34 @@ class SharedState:
             return self.db.execute("SELECT provider, key, model, until, disabled, reason FROM cooldown "
                                    "WHERE until > ? OR disabled = 1", (now_wall,)).fetchall()
 
-    def add_usage(self, rows: List[Tuple[str, str, str, int, int, int]]):
+    def add_usage(self, rows, now_wall: Optional[float] = None):
+        """rows: (client, provider, model, requests, tokens in, tokens out[, cost]), added to
+        the totals and to the day's (UTC) row."""
+        rows = [tuple(r) + (0.0,) * (7 - len(r)) for r in rows]
+        day = time.strftime("%Y-%m-%d", time.gmtime(now_wall if now_wall is not None else time.time()))
         with self.lock:
-            self.db.executemany("INSERT INTO usage VALUES (?,?,?,?,?,?) ON CONFLICT (client, provider, model) DO UPDATE "
+            self.db.executemany("INSERT INTO usage (client, provider, model, requests, tokens_in, tokens_out, cost) "
+                                "VALUES (?,?,?,?,?,?,?) ON CONFLICT (client, provider, model) DO UPDATE "
                                 "SET requests = requests + excluded.requests, tokens_in = tokens_in + excluded.tokens_in, "
-                                "tokens_out = tokens_out + excluded.tokens_out", rows)
+                                "tokens_out = tokens_out + excluded.tokens_out, cost = cost + excluded.cost", rows)
+            self.db.executemany("INSERT INTO usage_daily VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (day, client, provider, "
+                                "model) DO UPDATE SET requests = requests + excluded.requests, tokens_in = tokens_in + "
+                                "excluded.tokens_in, tokens_out = tokens_out + excluded.tokens_out, cost = cost + "
+                                "excluded.cost", [(day,) + r for r in rows])
 
     def usage(self) -> List[dict]:
         with self.lock:
-            rows = self.db.execute("SELECT client, provider, model, requests, tokens_in, tokens_out FROM usage "
+            rows = self.db.execute("SELECT client, provider, model, requests, tokens_in, tokens_out, cost FROM usage "
                                    "ORDER BY client, provider, model").fetchall()
-        return [{"client": c, "provider": p, "model": m, "requests": r, "tokens_in": i, "tokens_out": o}
-                for c, p, m, r, i, o in rows]
+        return [{"client": c, "provider": p, "model": m, "requests": r, "tokens_in": i, "tokens_out": o,
+                 "cost_usd": round(cost or 0.0, 6)} for c, p, m, r, i, o, cost in rows]
+
+    def daily(self, since_day: str) -> List[dict]:
+        with self.lock:
+            rows = self.db.execute("SELECT day, client, provider, model, requests, tokens_in, tokens_out, cost FROM "
+                                   "usage_daily WHERE day >= ? ORDER BY day", (since_day,)).fetchall()
+        return [{"day": d, "client": c, "provider": p, "model": m, "requests": r, "tokens_in": i, "tokens_out": o,
+                 "cost_usd": cost or 0.0} for d, c, p, m, r, i, o, cost in rows]
 
     def clear_disabled(self):
         with self.lock:
@@ -8709,9 +8818,12 @@ class SqliteShared:
     async def cooldowns(self, now_wall: float) -> list:
         return await self._run(self.db.cooldowns, now_wall)
 
-    async def add_usage(self, rows) -> bool:
-        await self._run(self.db.add_usage, rows)
+    async def add_usage(self, rows, now_wall: Optional[float] = None) -> bool:
+        await self._run(self.db.add_usage, rows, now_wall)
         return True
+
+    async def daily(self, since_day: str) -> Optional[List[dict]]:
+        return await self._run(self.db.daily, since_day)
 
     async def usage(self) -> Optional[List[dict]]:
         return await self._run(self.db.usage)
@@ -8740,8 +8852,8 @@ class SqliteShared:
     async def put_session(self, key: str, state: dict):
         pass
 
-    def add_usage_sync(self, rows):
-        self.db.add_usage(rows)
+    def add_usage_sync(self, rows, now_wall: Optional[float] = None):
+        self.db.add_usage(rows, now_wall)
 
     def close(self):
         self.db.close()
@@ -8979,30 +9091,51 @@ class RedisShared:
                             str(doc.get("reason") or "")))
         return out
 
-    async def add_usage(self, rows) -> bool:
+    async def add_usage(self, rows, now_wall: Optional[float] = None) -> bool:
+        day = time.strftime("%Y-%m-%d", time.gmtime(now_wall if now_wall is not None else self.wall()))
         cmds = []
-        for client, provider, model, requests, tin, tout in rows:
+        for row in rows:
+            client, provider, model, requests, tin, tout = row[:6]
+            cost = row[6] if len(row) > 6 else 0.0
             field = "%s\0%s\0%s" % (client, provider, model)
-            cmds += [("HINCRBY", self.PREFIX + "usage:requests", field, requests),
-                     ("HINCRBY", self.PREFIX + "usage:tokens_in", field, tin),
-                     ("HINCRBY", self.PREFIX + "usage:tokens_out", field, tout)]
+            for table in ("usage:", "usage:%s:" % day):
+                cmds += [("HINCRBY", self.PREFIX + table + "requests", field, requests),
+                         ("HINCRBY", self.PREFIX + table + "tokens_in", field, tin),
+                         ("HINCRBY", self.PREFIX + table + "tokens_out", field, tout)]
+                if cost:
+                    cmds.append(("HINCRBYFLOAT", self.PREFIX + table + "cost", field, repr(cost)))
+            cmds.append(("SADD", self.PREFIX + "usage:days", day))
         return await self.call(cmds) is not None if cmds else True
 
-    async def usage(self) -> Optional[List[dict]]:
-        replies = await self.call([("HGETALL", self.PREFIX + "usage:" + n) for n in ("requests", "tokens_in",
-                                                                                       "tokens_out")])
+    async def _table(self, prefix: str) -> Optional[List[dict]]:
+        replies = await self.call([("HGETALL", self.PREFIX + prefix + n) for n in ("requests", "tokens_in",
+                                                                                    "tokens_out", "cost")])
         if replies is None:
             return None
         tables = []
         for flat in replies:
             flat = flat if isinstance(flat, list) else []
-            tables.append({flat[i]: int(flat[i + 1]) for i in range(0, len(flat) - 1, 2)})
+            tables.append({flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)})
         out = []
         for field in sorted(tables[0]):
             client, provider, model = (field.decode("utf-8", "replace").split("\0") + ["", "", ""])[:3]
-            out.append({"client": client, "provider": provider, "model": model, "requests": tables[0][field],
-                        "tokens_in": tables[1].get(field, 0), "tokens_out": tables[2].get(field, 0)})
+            out.append({"client": client, "provider": provider, "model": model, "requests": int(tables[0][field]),
+                        "tokens_in": int(tables[1].get(field, 0)), "tokens_out": int(tables[2].get(field, 0)),
+                        "cost_usd": round(float(tables[3].get(field, 0) or 0), 6)})
         return out
+
+    async def daily(self, since_day: str) -> Optional[List[dict]]:
+        replies = await self.call([("SMEMBERS", self.PREFIX + "usage:days")])
+        if replies is None:
+            return None
+        out = []
+        for day in sorted(d.decode() for d in replies[0] or [] if d.decode() >= since_day):
+            for row in await self._table("usage:%s:" % day) or []:
+                out.append(dict(row, day=day))
+        return out
+
+    async def usage(self) -> Optional[List[dict]]:
+        return await self._table("usage:")
 
     async def reset_cooldowns(self, now_wall: float):
         await self.call([("DEL", self.PREFIX + "cooldown"), ("SET", self.PREFIX + "cooldowns_reset", repr(now_wall))])
@@ -9159,25 +9292,6 @@ class OtelSettings:
         resource.setdefault("service.version", __version__)
         headers = otel_headers(env.get("OTEL_EXPORTER_OTLP_HEADERS", ""))
         return cls(traces, metrics, headers, service, resource)
-
-
-class Histogram:
-    """Cumulative explicit-bucket histograms by attribute set (for OTLP)."""
-
-    def __init__(self, bounds):
-        self.bounds = bounds
-        self.points: Dict[tuple, list] = {}        # attrs -> [count, sum, bucket counts]
-
-    def record(self, value: float, attrs: dict):
-        key = tuple(sorted(attrs.items()))
-        point = self.points.get(key)
-        if point is None:
-            if len(self.points) >= MAX_METRIC_MODELS * 4:
-                return                              # bounded like every other label set
-            point = self.points[key] = [0, 0.0, [0] * (len(self.bounds) + 1)]
-        point[0] += 1
-        point[1] += value
-        point[2][bisect.bisect_left(self.bounds, value)] += 1
 
 
 class OtelExporter:
@@ -9344,6 +9458,8 @@ class Config:
     workers: int = 1
     shared_redis: Optional[str] = None       # redis:// URL of the store many hosts share
     otel: Optional[OtelSettings] = None      # OpenTelemetry export, from the OTEL_* variables
+    prices: List[Tuple[str, Dict[str, float]]] = dataclasses.field(default_factory=list)  # model glob -> USD/M
+    budgets: Dict[str, float] = dataclasses.field(default_factory=dict)   # client key id or name -> USD
     passthrough_paths: List[str] = dataclasses.field(default_factory=lambda: list(PASSTHROUGH_PATHS))
     passthrough_deny: List[str] = dataclasses.field(default_factory=list)
     source: Optional[str] = None
@@ -9721,6 +9837,21 @@ def _load_serving(r: _Reader, cfg: Config, env):
     sh.finish()
     cfg.shared_redis = cfg.shared_redis or env.get("LLMPROXY_REDIS_URL") or None
     cfg.otel = OtelSettings.from_env(env)
+    pr = r.sub("prices")
+    for glob in pr.obj:
+        if glob.startswith("_"):
+            continue
+        p = pr.sub(glob)
+        rates = {k: p.get(k, float, 0.0) for k in ("input", "output", "cache_read", "cache_write")
+                 if k in p.obj}
+        if any(v < 0 for v in rates.values()):
+            raise ConfigError("prices.%s: prices must not be negative" % glob)
+        cfg.prices.append((glob, rates))
+        p.finish()
+    pr.finish()
+    bu = r.sub("budgets")
+    cfg.budgets = {name: bu.positive(name, 1.0) for name in bu.obj if not name.startswith("_")}
+    bu.finish()
     if cfg.shared_redis:
         try:
             redis_url(cfg.shared_redis)
@@ -10523,6 +10654,7 @@ class PassThrough:
                 else None
             return StreamResponse(upstream.status, hdrs + SSE_HEADERS[1:], self.relay(upstream, info, fmt, primed))
         data = await upstream.read()
+        info.t_up_last = time.perf_counter()
         self.caller.captured(info, data, False)
         info.usage = fmt.parse_usage(sniff_usage(data, fmt.usage_key))
         return Response(upstream.status, hdrs, data)
@@ -10922,6 +11054,7 @@ class Translator:
             info.usage = cresp.usage
             return json_response(200, fmt.render_response(cresp, creq, options), hdrs)
         data = await upstream.read()
+        info.t_up_last = time.perf_counter()
         self.caller.captured(info, data, False)
         cresp = parse_reply(fmt_out, await json_reply_sized(data))
         size = max(size, len(data))
@@ -11809,6 +11942,16 @@ class OpsHandlers:
         rows = await app.shared.usage() if app.shared is not None else None
         if rows is None:                      # no shared store, or it is unreachable: this host's own
             rows = app.usage.snapshot()
+        elif app.usage_pending:               # the store's totals and what this process has not pushed yet
+            merged = {(r["client"], r["provider"], r["model"]): dict(r) for r in rows}
+            for (c, p, m), (n, tin, tout, cost) in app.usage_pending.items():
+                row = merged.setdefault((c, p, m), {"client": c, "provider": p, "model": m, "requests": 0,
+                                                    "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0})
+                row["requests"] += n
+                row["tokens_in"] += tin
+                row["tokens_out"] += tout
+                row["cost_usd"] = round(row.get("cost_usd", 0.0) + cost, 6)
+            rows = [merged[k] for k in sorted(merged)]
         return self.visible_usage(request, rows)
 
     async def handle_health(self, request: Request):
@@ -11869,7 +12012,27 @@ class OpsHandlers:
              [({"provider": name}, int(b.state != "closed")) for name, b in sorted(app.breakers.items())]),
             ("llmproxy_upstream_connections_opened_total", "counter", "Upstream connections opened",
              [({}, app.client.connects)]),
+            prom_histogram("llmproxy_request_duration_seconds", "Time to answer a request in full, by provider",
+                           app.usage.duration),
+            prom_histogram("llmproxy_time_to_first_byte_seconds", "Time to the reply's first byte (a stream's "
+                           "first token), by provider", app.usage.first_token),
+            prom_histogram("llmproxy_overhead_seconds", "The proxy's own time in an exchange (what "
+                           "x-llmproxy-overhead-ms says), by provider", app.usage.overhead),
+            ("llmproxy_tokens_by_type_total", "counter", "Tokens by provider, model and type (input includes "
+             "cache reads and writes; output includes reasoning)",
+             [({"provider": p, "model": m, "type": t}, n) for (p, m, t), n in sorted(app.usage.by_type.items())]),
+            ("llmproxy_cost_usd_total", "counter", "Cost in USD by client key, provider and model (configured "
+             "prices, or what the upstream reported)",
+             [({"client": u["client"], "provider": u["provider"], "model": u["model"]}, u.get("cost_usd", 0.0))
+              for u in usage if u.get("cost_usd")]),
+            ("llmproxy_key_cooldowns_active", "gauge", "Upstream keys cooling now (whole or for some model), "
+             "by provider", [({"provider": name}, sum(1 for k in prov.keyring.snapshot()
+                                                     if k["state"] != "ok" or k.get("models_cooling_s")))
+                             for name, prov in sorted(app.providers.items())]),
         ]
+        if app.otel is not None:
+            families.append(("llmproxy_otel_spans_dropped_total", "counter", "Spans the OpenTelemetry export "
+                             "could not hold or send", [({}, app.otel.dropped)]))
         return Response(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], render_metrics(families))
 
     # -- models ------------------------------------------------------------------
@@ -12075,8 +12238,7 @@ class App:
         self.keys = ProxyKeys(store, config.keys, config.admin_keys)
         self.tasks: set = set()
         self.shared = RedisShared(config.shared_redis, wall, clock) if config.shared_redis else \
-            SqliteShared(os.path.join(config.data_dir, "state.sqlite3")) \
-            if config.workers > 1 and config.data_dir else None
+            SqliteShared(os.path.join(config.data_dir, "state.sqlite3")) if config.data_dir else None
         self.access = AccessLog()
         literals = [k for pc in config.providers.values() for k in pc.keys]
         self.pipeline = Pipeline(config.guardrails, literals)
@@ -12087,6 +12249,8 @@ class App:
         self.sync_task: Optional[asyncio.Task] = None
         self.started = wall()
         self.recent: "deque[dict]" = deque(maxlen=RECENT_MAX)   # the last requests, for the status page
+        self.spent: Dict[str, float] = {}         # client key (redacted) -> USD this process saw
+        self.shared_spent: Dict[str, float] = {}  # ... and every host's, as of the last sync
         self.otel = OtelExporter(config.otel, self.client, wall) if config.otel else None
         self.cors_any = "*" in config.cors_origins
         self.cors = frozenset(config.cors_origins)
@@ -12150,6 +12314,7 @@ class App:
         self.usage, self.usage_pending = previous.usage, previous.usage_pending
         self.memory, self.images, self.sessions = previous.memory, previous.images, previous.sessions
         self.drop_params, self.seen_reset, self.told = previous.drop_params, previous.seen_reset, previous.told
+        self.spent = previous.spent
         if previous.otel is not None and self.otel is not None:
             self.otel = previous.otel            # one queue, one exporter task
         self.recent = previous.recent
@@ -12187,11 +12352,11 @@ class App:
         if self.usage_pending:
             pending = dict(self.usage_pending)
             self.usage_pending.clear()
-            rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in pending.items()]
-            if not await shared.add_usage(rows):                 # kept for the next try
+            rows = [(c, p, m, r[0], r[1], r[2], r[3]) for (c, p, m), r in pending.items()]
+            if not await shared.add_usage(rows, self.wall()):     # kept for the next try
                 for k, r in pending.items():
-                    row = self.usage_pending.setdefault(k, [0, 0, 0])
-                    for i in range(3):
+                    row = self.usage_pending.setdefault(k, [0, 0, 0, 0.0])
+                    for i in range(4):
                         row[i] += r[i]
         if getattr(shared, "recovered", False):
             shared.recovered = False
@@ -12217,6 +12382,11 @@ class App:
                 k.model_until[model] = max(k.model_until.get(model, 0.0), until + offset)
             else:
                 k.cooldown_until = max(k.cooldown_until, until + offset)
+        if self.config.budgets:
+            totals: Dict[str, float] = {}
+            for row in await shared.usage() or []:
+                totals[row["client"]] = totals.get(row["client"], 0.0) + row.get("cost_usd", 0.0)
+            self.shared_spent = totals
         for key, state in (await shared.sessions())[-SESSIONS_MAX:]:
             if state:
                 self.sessions[key] = state
@@ -12259,11 +12429,11 @@ class App:
             await asyncio.wait(list(self.tasks), timeout=CLOSE_TIMEOUT_S)
         if self.shared is not None:
             if self.usage_pending:
-                rows = [(c, p, m, r[0], r[1], r[2]) for (c, p, m), r in self.usage_pending.items()]
+                rows = [(c, p, m, r[0], r[1], r[2], r[3]) for (c, p, m), r in self.usage_pending.items()]
                 if self.shared.name == "redis":
-                    await asyncio.wait_for(self.shared.add_usage(rows), CLOSE_TIMEOUT_S)
+                    await asyncio.wait_for(self.shared.add_usage(rows, self.wall()), CLOSE_TIMEOUT_S)
                 else:
-                    self.shared.add_usage_sync(rows)
+                    self.shared.add_usage_sync(rows, self.wall())
             self.shared.close()
         self.close()
 
@@ -12438,9 +12608,24 @@ class App:
         if entry is not None and handler.__name__ not in ("handle_health", "handle_models"):
             await self.rate_limit(entry.id)
             request.info.client_id = entry.id
+            if self.config.budgets:
+                self.check_budget(entry)
         if len(request.body) > OFFLOOP_BYTES and request.body[:1] in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):
             await request.load_json()            # parsed once, sharing the loop; json() then has it
         return await handler(request)
+
+    def check_budget(self, entry):
+        """402 in the client's format once a key has spent its budget (USD, prices or the
+        upstream's reported cost; from the shared totals when hosts share a store)."""
+        budget = self.config.budgets.get(entry.id) or (self.config.budgets.get(entry.name) if entry.name else None)
+        if not budget:
+            return
+        spent = self.spent.get(entry.redacted, 0.0) if self.shared is None else \
+            self.shared_spent.get(entry.redacted, 0.0) + sum(
+                r[3] for (c, _, _), r in self.usage_pending.items() if c == entry.redacted)
+        if spent >= budget:
+            raise ProxyError(402, "insufficient_quota", "this proxy key has spent its budget ($%.2f of $%.2f); ask "
+                             "the proxy's admin to raise it" % (spent, budget), code="budget_exceeded")
 
     async def rate_limit(self, client_id: str):
         """The client key's per-minute limits: exact across every host on Redis, per worker
@@ -12468,6 +12653,12 @@ class App:
         model = info.model
         upstream_model = info.upstream_model or model     # what the back-end ran (and bills)
         self.usage.answer(info.provider or "-", status, now - request.t_start)
+        label = {"provider": info.provider or "-"}
+        self.usage.duration.record(now - request.t_start, label)
+        if t_first:
+            self.usage.first_token.record(t_first - request.t_start, label)
+        if info.overhead_ms is not None:
+            self.usage.overhead.record(info.overhead_ms / 1000.0, label)
         fields = {"status": status, "key": info.client, "model": model,
                   "upstream_model": upstream_model if upstream_model != model else None,
                   "provider": info.provider, "upkey": info.upkey, "via": info.via,
@@ -12536,12 +12727,18 @@ class App:
                 self.limiter.add_tokens(info.client_id, tin + tout)
         if info.provider:
             label = self.usage.label(info.upstream_model or info.model or "-")
-            self.usage.record(info.client or "-", info.provider, label, tin, tout)
+            cost = price_of(self.config.prices, info.upstream_model or info.model or "",
+                            usage if isinstance(usage, Usage) else None)
+            self.usage.record(info.client or "-", info.provider, label, tin, tout,
+                              usage if isinstance(usage, Usage) else None, cost)
+            if cost and info.client:
+                self.spent[info.client] = self.spent.get(info.client, 0.0) + cost
             if self.shared is not None:
-                row = self.usage_pending.setdefault((info.client or "-", info.provider, label), [0, 0, 0])
+                row = self.usage_pending.setdefault((info.client or "-", info.provider, label), [0, 0, 0, 0.0])
                 row[0] += 1
                 row[1] += tin or 0
                 row[2] += tout or 0
+                row[3] += cost
         return tin, tout
 
     def record_capture(self, request: Request, status: int, fields: dict):

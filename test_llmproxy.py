@@ -4063,7 +4063,7 @@ class TestUsageAndLogs(unittest.TestCase):
         meter.record("k1", "p", "m", 3, 4)
         meter.record("k1", "p", "m", None, 1)
         self.assertEqual(meter.snapshot(), [{"client": "k1", "provider": "p", "model": "m", "requests": 2,
-                                             "tokens_in": 3, "tokens_out": 5}])
+                                             "tokens_in": 3, "tokens_out": 5, "cost_usd": 0.0}])
         text = lp.render_metrics([("x_total", "counter", "X", [({"model": 'a"b\nc'}, 2)])]).decode()
         self.assertIn('x_total{model="a\\"b\\nc"} 2', text)
 
@@ -6356,7 +6356,8 @@ class TestResilience(ProxyCase):
             self.assertEqual([r["headers"]["authorization"][-4:] for r in self.up.requests[n:]], ["BBBB"])
             await apps[0].sync_shared()
             _, _, data = await c2.request("GET", "/health")
-            self.assertEqual(sum(u["requests"] for u in json.loads(data)["usage"]), 1)   # worker 0's, synced
+            # worker 0's request (synced) and worker 1's own, not pushed yet
+            self.assertEqual(sum(u["requests"] for u in json.loads(data)["usage"]), 2)
         finally:
             for srv, a in zip(servers, apps):
                 await srv.shutdown(0)
