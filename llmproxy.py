@@ -12826,6 +12826,9 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--key", help="the client key to use (default: the one it already has, else a new one)")
     setup.add_argument("--model", help="the model the client should ask for (default: its own names)")
     setup.add_argument("--url", help="the proxy's URL (default: from host and port)")
+    usage = sub.add_parser("usage", parents=[common], help="requests, tokens and cost from the shared store")
+    usage.add_argument("--since", default="30d", help="7d, 24h, 30m or YYYY-MM-DD (default 30d)")
+    usage.add_argument("--by", default="model", choices=["key", "model", "provider", "day"])
     auth = sub.add_parser("auth", parents=[common], help="subscription logins")
     auth_sub = auth.add_subparsers(dest="auth_command", metavar="ACTION")
     auth_sub.add_parser("status", parents=[common], help="show every login and when it expires")
@@ -13302,6 +13305,66 @@ def run_setup(config: Config, args, home: Optional[str] = None) -> int:
     return 0
 
 
+# -- usage: what was spent, by key, model, provider or day ---------------------------
+
+def parse_since(text: str, now: float) -> str:
+    """7d, 24h, 30m or a date (YYYY-MM-DD) -> the first UTC day to count."""
+    m = re.match(r"(\d+)\s*([dhm])\Z", (text or "").strip())
+    if m:
+        secs = int(m.group(1)) * {"d": 86400, "h": 3600, "m": 60}[m.group(2)]
+        return time.strftime("%Y-%m-%d", time.gmtime(now - secs))
+    if re.match(r"\d{4}-\d{2}-\d{2}\Z", (text or "").strip()):
+        return text.strip()
+    raise ValueError("--since takes 7d, 24h, 30m or YYYY-MM-DD")
+
+
+def usage_table(rows: List[dict], by: str) -> List[List[str]]:
+    """Rows summed by key (client), model, provider or day, biggest cost first."""
+    field = {"key": "client", "model": "model", "provider": "provider", "day": "day"}[by]
+    sums: Dict[str, List[float]] = {}
+    for r in rows:
+        s = sums.setdefault(str(r.get(field, "-")), [0, 0, 0, 0.0])
+        s[0] += r["requests"]
+        s[1] += r["tokens_in"]
+        s[2] += r["tokens_out"]
+        s[3] += r.get("cost_usd", 0.0)
+    order = sorted(sums.items(), key=lambda kv: kv[0]) if by == "day" else \
+        sorted(sums.items(), key=lambda kv: (-kv[1][3], -kv[1][0], kv[0]))
+    table = [[by.upper(), "REQUESTS", "TOKENS IN", "TOKENS OUT", "COST USD"]]
+    for name, (n, tin, tout, cost) in order:
+        table.append([name, str(int(n)), str(int(tin)), str(int(tout)), "%.4f" % cost])
+    total = [sum(s[i] for s in sums.values()) for i in range(4)]
+    table.append(["TOTAL", str(int(total[0])), str(int(total[1])), str(int(total[2])), "%.4f" % total[3]])
+    return table
+
+
+async def run_usage(config: Config, since: str, by: str) -> int:
+    """The usage table from the shared store (Redis, else this host's sqlite)."""
+    try:
+        first_day = parse_since(since, time.time())
+    except ValueError as e:
+        print("llmproxy: usage: %s" % e, file=sys.stderr)
+        return 2
+    path = os.path.join(config.data_dir, "state.sqlite3")
+    if config.shared_redis:
+        store = RedisShared(config.shared_redis)
+    elif os.path.exists(path):
+        store = SqliteShared(path)
+    else:
+        print("no usage recorded yet in %s (the proxy keeps it there as it serves)" % config.data_dir)
+        return 0
+    try:
+        rows = await store.daily(first_day)
+    finally:
+        store.close()
+    if rows is None:
+        print("llmproxy: usage: the shared store is unreachable", file=sys.stderr)
+        return 1
+    print("usage since %s (UTC), from %s" % (first_day, "Redis" if config.shared_redis else path))
+    _print_table(usage_table(rows, by))
+    return 0
+
+
 def make_credential(config: Config, name: str, client: "HTTPClient") -> Credential:
     store = TokenStore(os.path.join(config.data_dir, "oauth_tokens.json"))
     pc = config.providers.get(name)
@@ -13671,6 +13734,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return asyncio.run(run_auth_status(config))
         if command == "setup":
             return run_setup(config, args)
+        if command == "usage":
+            return asyncio.run(run_usage(config, args.since, args.by))
         reload_args = (getattr(args, "config", None), overrides)
         if config.workers > 1 and hasattr(os, "fork"):
             return run_workers(config, reload_args)

@@ -6753,6 +6753,109 @@ class TestOpenTelemetry(ProxyCase):
         self.assertEqual((len(ex.queue), ex.dropped), (lp.OTEL_QUEUE_MAX, 5))
 
 
+class TestUsageAndCost(ProxyCase):
+    """Prices (or the upstream's own cost) recorded per request, budgets per key, the usage
+    command, the overhead header and Prometheus histograms."""
+
+    async def start_priced(self, reply, **extra):
+        async def handler(req, w):
+            reply_json(w, 200, reply)
+        cfg = base_config(0, prices={"real-*": {"input": 2.0, "output": 10.0, "cache_read": 0.5}}, **extra)
+        self.up = await FakeUpstream(handler).start()
+        cfg["providers"]["up"]["base_url"] = "http://127.0.0.1:%d/v1" % self.up.port
+        await self.start(config=cfg)
+
+    async def test_prices_and_reported_costs_are_recorded(self):
+        reply = dict(CHAT_OK, usage={"prompt_tokens": 1000, "completion_tokens": 200,
+                                     "prompt_tokens_details": {"cached_tokens": 400}})
+        await self.start_priced(reply)
+        status, headers, _ = await self.call("POST", "/v1/chat/completions", {"model": "fast", "messages": []})
+        self.assertEqual(status, 200)
+        self.assertRegex(headers["x-llmproxy-overhead-ms"], r"^\d+\.\d\d$")
+        expected = (600 * 2.0 + 400 * 0.5 + 200 * 10.0) / 1e6
+        _, _, data = await self.call("GET", "/health", key=ADMIN_KEY)
+        self.assertAlmostEqual(sum(u["cost_usd"] for u in json.loads(data)["usage"]), expected, places=6)
+        self.up.handler = lambda req, w: _async(reply_json(w, 200, dict(CHAT_OK, usage={
+            "prompt_tokens": 5, "completion_tokens": 5, "cost": 0.25})))          # OpenRouter's own figure
+        await self.call("POST", "/v1/chat/completions", {"model": "fast", "messages": []})
+        _, _, data = await self.call("GET", "/metrics", key=ADMIN_KEY)
+        text = data.decode()
+        self.assertIn('llmproxy_cost_usd_total{client="%s",provider="up",model="real-model"} %r'
+                      % (lp.redact(CLIENT_KEY), round(expected + 0.25, 6)), text)
+        self.assertIn('llmproxy_tokens_by_type_total{provider="up",model="real-model",type="cache_read"} 400', text)
+        self.check_exposition(text)
+
+    def check_exposition(self, text):
+        """The text format's rules: HELP and TYPE before samples, names and labels well formed,
+        histogram buckets cumulative and ending in +Inf, counters ending in _total."""
+        kinds = {}
+        for line in text.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split(" ")
+                kinds[name] = kind
+                self.assertTrue(kind != "counter" or name.endswith("_total"), name)
+                continue
+            if line.startswith("#"):
+                continue
+            m = re.match(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? '
+                         r'(-?[0-9.e+-]+|\+Inf|NaN)$', line)
+            self.assertIsNotNone(m, line)
+            base = re.sub(r"_(bucket|sum|count)$", "", m.group(1))
+            self.assertIn(base if base in kinds else m.group(1), kinds, line)
+        buckets = {}
+        for name, labels, value in re.findall(r'^(\w+)_bucket\{(.*)\} (\S+)$', text, re.M):
+            key = (name, re.sub(r',?le="[^"]*"', "", labels))
+            buckets.setdefault(key, []).append((re.search(r'le="([^"]*)"', labels).group(1), float(value)))
+        self.assertTrue(buckets)
+        for key, points in buckets.items():
+            self.assertEqual(points[-1][0], "+Inf", key)
+            values = [v for _, v in points]
+            self.assertEqual(values, sorted(values), key)
+
+    async def test_a_spent_budget_is_a_402_in_the_clients_format(self):
+        reply = dict(CHAT_OK, usage={"prompt_tokens": 10, "completion_tokens": 10, "cost": 1.5})
+        await self.start_priced(reply, budgets={"k_test": 2.0})
+        entry = self.app.keys.check(CLIENT_KEY)
+        self.app.config.budgets = {entry.id: 2.0}
+        for expected in (200, 200, 402):
+            status, _, data = await self.call("POST", "/v1/messages", {"model": "fast", "max_tokens": 5,
+                                                                      "messages": [{"role": "user", "content": "x"}]})
+            self.assertEqual(status, expected, data)
+        doc = json.loads(data)
+        self.assertEqual(doc["type"], "error")                              # Anthropic's shape
+        self.assertIn("spent its budget", doc["error"]["message"])
+
+    async def test_the_usage_command_sums_by_key_model_and_day(self):
+        reply = dict(CHAT_OK, usage={"prompt_tokens": 10, "completion_tokens": 4, "cost": 0.5})
+        await self.start_priced(reply)
+        for _ in range(3):
+            await self.call("POST", "/v1/chat/completions", {"model": "fast", "messages": []})
+        await self.app.sync_shared()                                       # pushed to the store
+        for by, first in (("model", "real-model"), ("key", lp.redact(CLIENT_KEY)),
+                          ("day", time.strftime("%Y-%m-%d", time.gmtime()))):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = await lp.run_usage(self.config, "7d", by)
+            self.assertEqual(code, 0)
+            lines = out.getvalue().splitlines()
+            self.assertEqual(lines[2].split()[:5], [first, "3", "30", "12", "1.5000"], out.getvalue())
+            self.assertEqual(lines[-1].split()[0], "TOTAL")
+        self.assertEqual(lp.parse_since("2d", 86400 * 10), "1970-01-09")
+        with self.assertRaises(ValueError):
+            lp.parse_since("soon", 0)
+
+    def test_prices_and_the_overhead_definition(self):
+        u = lp.Usage(1000, 100, 200, 100)
+        prices = [("gpt-*", {"input": 1.0, "output": 2.0, "cache_read": 0.1, "cache_write": 1.25})]
+        self.assertAlmostEqual(lp.price_of(prices, "gpt-4o", u), (700 + 20 + 125 + 200) / 1e6)
+        self.assertEqual(lp.price_of(prices, "claude", u), 0.0)
+        self.assertEqual(lp.price_of(prices, "gpt-4o", lp.Usage(1, 1, cost=0.3)), 0.3)
+        info = lp.Exchange()
+        self.assertAlmostEqual(lp.overhead_ms(info, 10.0, 10.002), 2.0)
+        info.t_sent, info.t_up_last = 10.001, 11.0
+        self.assertAlmostEqual(lp.overhead_ms(info, 10.0, 11.0005), 1.5)
+
+
 # 13. CLI and processes #######################################################
 
 class TestCLI(unittest.TestCase):
