@@ -301,6 +301,9 @@ def main():
     ap.add_argument("--guardrails", action="store_true",
                     help="run the proxy with every guardrail stage on (repair, loops, dangerous commands, "
                          "redaction, a reply rewrite), to price the pipeline")
+    ap.add_argument("--redis", metavar="URL", help="run the proxy with its shared state on this Redis "
+                    "(redis://127.0.0.1:PORT/0), to price shared mode against local state")
+    ap.add_argument("--rpm", type=int, default=0, help="a per-key request limit (exact across hosts on Redis)")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
                     help="instead of the benchmark: a mixed soak (checked answers, hang-ups, hostile requests, a "
                          "misbehaving upstream) for this long; exits 1 on any wrong answer")
@@ -324,6 +327,10 @@ def main():
                              "loop_detection": {"enabled": True}, "dangerous_commands": {"enabled": True},
                              "redact": {"enabled": True},
                              "rewrite": [{"target": "reply", "action": "replace", "match": "zzz", "with": "z"}]}
+    if args.redis:
+        cfg["shared"] = {"redis": args.redis}
+    if args.rpm:
+        cfg["limits"] = {"client_rpm": args.rpm}
     cfg_path = os.path.join(tmp, "bench.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
