@@ -6379,6 +6379,8 @@ def parse_reset_time(headers: Headers, now: float) -> Optional[float]:
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 REFRESH_MARGIN_S = 120.0           # refresh this long before expiry (Nous refreshes 120 s early)...
 REFRESH_MARGIN_SHARE = 0.25        # ...or after 3/4 of a short token's life, whichever is sooner
+LOGIN_LOCK_S = 30.0                 # a host's refresh holds the shared login lock at most this long
+LOGIN_SHARED_TTL_S = 30 * 86400.0   # a refreshed login in the shared store is kept this long
 REFRESH_JITTER_S = 30.0            # plus up to this much (at most half the margin), so workers do not align
 REFRESH_RETRY_S = 30.0             # after a failed refresh, doubling per failure...
 REFRESH_RETRY_MAX_S = 600.0        # ...up to this (a down token endpoint is not hammered)
@@ -6581,6 +6583,7 @@ class Credential:
 
     def __init__(self, name: str, settings: dict, store: TokenStore, client, clock=time.time, rand=None):
         self.name = name
+        self.shared = None                  # the store many hosts share (one refresh at a time across them)
         self.settings = settings
         self.store = store
         self.client = client
@@ -6701,20 +6704,36 @@ class Credential:
         return False
 
     async def refresh(self, force: bool = False, seen: Optional[str] = None):
-        """Refresh unless a peer already did (another request, or another worker that
-        rotated the token on disk while we waited for the lock)."""
+        """Refresh unless a peer already did (another request, another worker that rotated
+        the token on disk, or another host that put it in the shared store, while we waited
+        for the lock)."""
         before = seen if seen is not None else (self.record or {}).get("access_token")
         async with self.lock:
             loop = asyncio.get_running_loop()
             fd = await loop.run_in_executor(None, _lock_file, "%s.%s.refresh" % (self.store.path, self.name)) \
                 if self.store.path else None        # one refresh across worker processes too
+            held = await self.shared.lock("cred:" + self.name, LOGIN_LOCK_S) if self.shared is not None else None
             try:
                 await self._refresh_locked(force, before)
             finally:
+                if held:
+                    await self.shared.unlock("cred:" + self.name, held)
                 if fd is not None:
                     _unlock_file(fd)
 
+    async def _adopt_shared(self):
+        """A newer login another host refreshed (single-use refresh tokens are never spent
+        twice: the one who refreshed put the result there before letting go of the lock)."""
+        if self.shared is None:
+            return
+        doc = await self.shared.get_doc("cred", self.name)
+        if doc and doc.get("access_token") and doc.get("access_token") != (self.record or {}).get("access_token") \
+                and self.expires_at(doc) >= self.expires_at(self.record or {}):
+            self.record = doc
+            await self.store.update(self.name, doc)
+
     async def _refresh_locked(self, force: bool, before: Optional[str]):
+        await self._adopt_shared()
         disk = (await self.store.read()).get(self.name)
         if disk and disk.get("access_token") and disk.get("access_token") != (self.record or {}).get("access_token") \
                 and self.expires_at(disk) >= self.expires_at(self.record or {}):
@@ -6735,6 +6754,8 @@ class Credential:
             await self.store.update(self.name, new)   # single-use refresh tokens: persist first
             new = await self.complete(new)
             await self.store.update(self.name, new)
+            if self.shared is not None:              # every host sees it before the lock goes
+                await self.shared.put_doc("cred", self.name, new, LOGIN_SHARED_TTL_S)
         except LoginError as e:
             self.last_error = e.message
             self._failed()
@@ -8852,6 +8873,12 @@ class SqliteShared:
     async def put_session(self, key: str, state: dict):
         pass
 
+    async def lock(self, name: str, ttl_s: float) -> Optional[str]:
+        return None                         # one host: the file lock is enough
+
+    async def unlock(self, name: str, token: str):
+        pass
+
     def add_usage_sync(self, rows, now_wall: Optional[float] = None):
         self.db.add_usage(rows, now_wall)
 
@@ -9194,6 +9221,26 @@ class RedisShared:
             if isinstance(state, dict):
                 out.append((flat[i].decode("utf-8", "replace"), state))
         return out
+
+    async def lock(self, name: str, ttl_s: float, wait_s: Optional[float] = None) -> Optional[str]:
+        """A lock with expiry across hosts: its token once held, None when Redis cannot say
+        (the caller goes on alone, as with one host). Waits up to wait_s (ttl_s) for it."""
+        token = secrets.token_hex(12)
+        deadline = time.monotonic() + (ttl_s if wait_s is None else wait_s)
+        while True:
+            replies = await self.call([("SET", self.PREFIX + "lock:" + name, token, "NX", "PX", int(ttl_s * 1000))])
+            if replies is None:
+                return None
+            if replies[0] == "OK":
+                return token
+            if time.monotonic() >= deadline:
+                log.warning("shared lock %s still held after %.0f s; going on", name, ttl_s)
+                return None
+            await asyncio.sleep(0.05)
+
+    async def unlock(self, name: str, token: str):
+        await self.call([("EVAL", "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
+                          "else return 0 end", 1, self.PREFIX + "lock:" + name, token)])
 
     async def put_session(self, key: str, state: dict):
         cmd = ("HSET", self.PREFIX + "sessions", key, _jdump(state)) if state else \
@@ -12255,6 +12302,9 @@ class App:
         self.cors_any = "*" in config.cors_origins
         self.cors = frozenset(config.cors_origins)
         self.keep(previous, resolve, address_ok, image_limits)
+        if self.shared is not None and self.shared.name == "redis":
+            for cred in self.credentials.values():
+                cred.shared = self.shared
         if self.shared is not None:
             self.memory.publish = lambda rid, doc: self.spawn(self.shared.put_doc("response", rid, doc,
                                                                                    RESPONSES_SHARED_TTL_S))

@@ -7272,6 +7272,39 @@ class TestRedisShared(ProxyCase):
         sent = json.dumps(json.loads(self.up.requests[-1]["body"])["messages"])
         self.assertIn("first", sent)
 
+    async def test_a_login_is_refreshed_once_across_hosts(self):
+        """Two hosts with the same Nous login: one refresh at the portal (single-use refresh
+        tokens), and both end up with its result."""
+        wall = FakeClock(1_700_000_000.0)
+        portal = FakePortal(wall)
+        self.up = await FakeUpstream(portal.handler).start()
+        url = "http://127.0.0.1:%d" % self.up.port
+        login = portal.issue()
+        creds, clients = [], []
+        for i in range(2):
+            store = lp.TokenStore(os.path.join(self.tmp.name, "host%d" % i, "oauth_tokens.json"))
+            clients.append(lp.HTTPClient())
+            cred = lp.NousCredential("nous", {"portal_url": url}, store, clients[-1], clock=wall, rand=lambda: 0.5)
+            cred.shared = lp.RedisShared(self.redis.url, wall)
+            await cred.login_done(dict(login))
+            creds.append(cred)
+        portal.refresh_gate = asyncio.Event()
+        try:
+            tasks = [asyncio.ensure_future(c.refresh(force=True)) for c in creds]
+            while portal.refresh_calls == 0:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)                 # the other host is waiting on the lock meanwhile
+            portal.refresh_gate.set()
+            await asyncio.gather(*tasks)
+            self.assertEqual(portal.refresh_calls, 1)
+            self.assertEqual(creds[0].record["access_token"], creds[1].record["access_token"])
+            self.assertNotEqual(creds[0].record["access_token"], login["access_token"])
+        finally:
+            for c in creds:
+                c.shared.close()
+            for c in clients:
+                c.close()
+
     async def test_redis_down_keeps_serving_and_comes_back(self):
         a, b = await self.two(lambda req, w: _async(reply_json(w, 200, CHAT_OK)))
         self.redis.stop()
