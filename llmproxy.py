@@ -8963,9 +8963,10 @@ async def resp_read(reader: asyncio.StreamReader, limit: int = REDIS_DOC_BYTES):
 
 
 class RedisClient:
-    """One connection, commands pipelined in order under a lock (each call is one round
-    trip however many commands it sends). A failure closes the connection; the next call
-    after the back-off reconnects."""
+    """One connection, pipelined across callers: each call writes its commands at once and
+    waits for its own replies, which one reader task hands out in order, so concurrent
+    requests never wait for each other's round trips. A failure or a timeout closes the
+    connection and fails every call in flight; the next call after the back-off reconnects."""
 
     def __init__(self, url: str, clock=time.monotonic, connect_timeout: float = REDIS_CONNECT_TIMEOUT_S,
                  command_timeout: float = REDIS_COMMAND_TIMEOUT_S):
@@ -8976,14 +8977,16 @@ class RedisClient:
         self.command_timeout = command_timeout
         self.reader: Optional[asyncio.StreamReader] = None
         self.writer: Optional[asyncio.StreamWriter] = None
-        self.lock: Optional[asyncio.Lock] = None
+        self.connecting: Optional[asyncio.Lock] = None
+        self.waiting: "deque[Tuple[int, asyncio.Future]]" = deque()
+        self.reading: Optional[asyncio.Task] = None
         self.retry_at = 0.0
         self.backoff = REDIS_BACKOFF_S[0]
 
     async def _connect(self):
         s = self.settings
         ctx = load_tls_context() if s["tls"] else None
-        self.reader, self.writer = await asyncio.wait_for(
+        reader, writer = await asyncio.wait_for(
             asyncio.open_connection(s["host"], s["port"], ssl=ctx, server_hostname=s["host"] if ctx else None),
             self.connect_timeout)
         hello = []
@@ -8991,41 +8994,87 @@ class RedisClient:
             hello.append(("AUTH", s["user"], s["password"]) if s["user"] else ("AUTH", s["password"]))
         if s["db"]:
             hello.append(("SELECT", s["db"]))
-        for reply in await self._roundtrip(hello):
-            if isinstance(reply, RedisError):
-                raise RedisError("Redis refused the login or database: %s" % str(reply)[:120])
+        if hello:
+            writer.write(b"".join(resp_encode(c) for c in hello))
+            for _ in hello:
+                reply = await asyncio.wait_for(resp_read(reader), self.connect_timeout)
+                if isinstance(reply, RedisError):
+                    writer.transport.abort()
+                    raise RedisError("Redis refused the login or database: %s" % str(reply)[:120])
+        self.reader, self.writer = reader, writer
+        self.reading = asyncio.ensure_future(self._read_replies(reader))
 
-    async def _roundtrip(self, commands) -> list:
-        if not commands:
-            return []
-        self.writer.write(b"".join(resp_encode(c) for c in commands))
-        await self.writer.drain()
-        return [await resp_read(self.reader) for _ in commands]
+    async def _read_replies(self, reader: asyncio.StreamReader):
+        try:
+            while True:
+                if not self.waiting:
+                    if reader.at_eof():
+                        raise RedisError("connection closed")
+                    await self._idle(reader)
+                    continue
+                n, fut = self.waiting[0]
+                replies = [await resp_read(reader) for _ in range(n)]
+                self.waiting.popleft()
+                if not fut.done():
+                    fut.set_result(replies)
+        except (OSError, asyncio.IncompleteReadError, ValueError, RedisError) as e:
+            self._drop(RedisError(str(e) or type(e).__name__))
+        except asyncio.CancelledError:
+            pass
 
-    def _drop(self):
+    async def _idle(self, reader: asyncio.StreamReader):
+        """Nothing in flight: wait for the next call (or the server closing the connection)."""
+        self.idle = asyncio.get_running_loop().create_future()
+        await self.idle
+
+    def _wake(self):
+        idle = getattr(self, "idle", None)
+        if idle is not None and not idle.done():
+            idle.set_result(None)
+
+    def _drop(self, err: Optional[RedisError] = None):
+        self._wake()
         if self.writer is not None:
             self.writer.transport.abort()
         self.reader = self.writer = None
+        reading, self.reading = self.reading, None
+        if reading is not None and reading is not asyncio.current_task():
+            reading.cancel()
+        while self.waiting:
+            _, fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(err or RedisError("connection closed"))
+        self.retry_at = self.clock() + self.backoff
+        self.backoff = min(self.backoff * 2, REDIS_BACKOFF_S[1])
 
     async def pipeline(self, commands: List[tuple]) -> list:
         """The replies of commands, in order (an error reply is a RedisError in its place);
         RedisError when Redis cannot be reached in time."""
-        if self.lock is None:
-            self.lock = asyncio.Lock()
-        if self.writer is None and self.clock() < self.retry_at:
-            raise RedisError("Redis is down (next try in %.1f s)" % (self.retry_at - self.clock()))
-        async with self.lock:
-            try:
+        if self.writer is None:
+            if self.clock() < self.retry_at:
+                raise RedisError("Redis is down (next try in %.1f s)" % (self.retry_at - self.clock()))
+            if self.connecting is None:
+                self.connecting = asyncio.Lock()
+            async with self.connecting:
                 if self.writer is None:
-                    await self._connect()
-                replies = await asyncio.wait_for(self._roundtrip(commands), self.command_timeout)
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, RedisError) as e:
-                self._drop()
-                self.retry_at = self.clock() + self.backoff
-                self.backoff = min(self.backoff * 2, REDIS_BACKOFF_S[1])
-                raise RedisError(str(e) or type(e).__name__)
-            self.backoff = REDIS_BACKOFF_S[0]
-            return replies
+                    try:
+                        await self._connect()
+                    except (OSError, asyncio.TimeoutError, ValueError, RedisError) as e:
+                        self._drop()
+                        raise RedisError(str(e) or type(e).__name__)
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting.append((len(commands), fut))
+        self.writer.write(b"".join(resp_encode(c) for c in commands))
+        self._wake()
+        try:
+            replies = await asyncio.wait_for(asyncio.shield(fut), self.command_timeout)
+        except asyncio.TimeoutError:
+            self._drop(RedisError("no answer in %.1f s" % self.command_timeout))   # replies out of step now
+            raise RedisError("Redis did not answer in %.1f s" % self.command_timeout)
+        except RedisError:
+            raise
+        self.backoff = REDIS_BACKOFF_S[0]
+        return replies
 
     async def execute(self, *args):
         reply = (await self.pipeline([args]))[0]
@@ -9034,7 +9083,16 @@ class RedisClient:
         return reply
 
     def close(self):
-        self._drop()
+        if self.writer is not None:
+            self.writer.transport.abort()
+        self.reader = self.writer = None
+        if self.reading is not None:
+            self.reading.cancel()
+            self.reading = None
+        while self.waiting:
+            _, fut = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(RedisError("closed"))
 
 
 # A sliding one-minute window of requests per client key, atomic on the server: trims the
