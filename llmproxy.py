@@ -5682,6 +5682,10 @@ KNOWN_PROVIDERS = {
     "together": ("openai", "TOGETHER_API_KEY", "https://api.together.xyz/v1", None, ""),
     "fireworks": ("openai", "FIREWORKS_API_KEY", "https://api.fireworks.ai/inference/v1", None, ""),
     "zai": ("openai", "ZAI_API_KEY", "https://api.z.ai/api/paas/v4", None, ""),
+    # the GLM Coding Plan (a subscription key, not the metered one): its OpenAI-compatible coding
+    # endpoint, and its Anthropic-compatible one (what Claude Code uses; Anthropic clients pass through)
+    "zai-coding": ("openai", "ZAI_CODING_API_KEY", "https://api.z.ai/api/coding/paas/v4", None, ""),
+    "zai-coding-anthropic": ("anthropic", "ZAI_CODING_API_KEY", "https://api.z.ai/api/anthropic/v1", None, ""),
 }
 PROVIDER_FORMATS = ("openai", "openai-responses", "anthropic", "gemini", "mock")
 ANTHROPIC_VERSION = AnthropicMessages.fixed_headers[0][1]
@@ -9062,19 +9066,24 @@ class RedisClient:
                     except (OSError, asyncio.TimeoutError, ValueError, RedisError) as e:
                         self._drop()
                         raise RedisError(str(e) or type(e).__name__)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self.waiting.append((len(commands), fut))
         self.writer.write(b"".join(resp_encode(c) for c in commands))
         self._wake()
+        # one timer, not wait_for (a task and callbacks per call): a late reply means every
+        # reply after it is out of step, so the whole connection goes
+        timer = loop.call_later(self.command_timeout, self._timed_out, fut)
         try:
-            replies = await asyncio.wait_for(asyncio.shield(fut), self.command_timeout)
-        except asyncio.TimeoutError:
-            self._drop(RedisError("no answer in %.1f s" % self.command_timeout))   # replies out of step now
-            raise RedisError("Redis did not answer in %.1f s" % self.command_timeout)
-        except RedisError:
-            raise
+            replies = await fut
+        finally:
+            timer.cancel()
         self.backoff = REDIS_BACKOFF_S[0]
         return replies
+
+    def _timed_out(self, fut: asyncio.Future):
+        if not fut.done():
+            self._drop(RedisError("Redis did not answer in %.1f s" % self.command_timeout))
 
     async def execute(self, *args):
         reply = (await self.pipeline([args]))[0]
@@ -9109,6 +9118,9 @@ redis.call('ZADD', KEYS[1], now, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], 61000)
 return -1
 """
+
+
+_RATE_SHA = hashlib.sha1(_RATE_LUA.encode()).hexdigest()     # EVALSHA: the script is sent once per server
 
 
 class RedisShared:
@@ -9244,7 +9256,9 @@ class RedisShared:
         host; None when Redis cannot say (the caller falls back to its local window)."""
         now_ms = int(self.wall() * 1000)
         member = "%d-%s" % (now_ms, secrets.token_hex(6))
-        replies = await self.call([("EVAL", _RATE_LUA, 1, self.PREFIX + "rpm:" + client, now_ms, rpm, member)])
+        replies = await self.call([("EVALSHA", _RATE_SHA, 1, self.PREFIX + "rpm:" + client, now_ms, rpm, member)])
+        if replies is not None and isinstance(replies[0], RedisError) and "NOSCRIPT" in str(replies[0]):
+            replies = await self.call([("EVAL", _RATE_LUA, 1, self.PREFIX + "rpm:" + client, now_ms, rpm, member)])
         if replies is None or isinstance(replies[0], RedisError):
             if replies is not None:
                 self._failed(replies[0])

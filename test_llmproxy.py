@@ -4071,6 +4071,13 @@ class TestUsageAndLogs(unittest.TestCase):
 # 11. config ##################################################################
 
 class TestConfig(unittest.TestCase):
+    def test_the_zai_coding_plan_is_one_variable_away(self):
+        with tempfile.TemporaryDirectory() as d:
+            cfg = lp.load_config(None, {"ZAI_CODING_API_KEY": "zk-1"}, {"data_dir": d})
+        self.assertEqual({n: (p.kind, p.base_url, p.keys) for n, p in cfg.providers.items()}, {
+            "zai-coding": ("openai", "https://api.z.ai/api/coding/paas/v4", ["zk-1"]),
+            "zai-coding-anthropic": ("anthropic", "https://api.z.ai/api/anthropic/v1", ["zk-1"])})
+
     def load(self, doc, env=None, **over):
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(doc, f)
