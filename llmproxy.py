@@ -5742,6 +5742,12 @@ class Provider:
         return self.format.stores_responses and self.passthrough_ok
 
     @property
+    def native_count(self) -> bool:
+        """Its API's own token-count endpoint is reachable the usual way (not on Vertex's
+        Anthropic models, whose count sits elsewhere: those are estimated)."""
+        return (self.options.get("oauth") or {}).get("vertex") != "anthropic"
+
+    @property
     def force_stream(self) -> bool:
         return self.auth == "codex-oauth"      # the ChatGPT back-end only streams
 
@@ -5761,6 +5767,8 @@ class Provider:
 
     def chat_url(self, model: str, stream: bool) -> str:
         base = self.current_base()
+        if (self.options.get("oauth") or {}).get("vertex") == "anthropic":     # Claude on Vertex AI
+            return "%s/models/%s:%s" % (base, quote(model, safe=""), "streamRawPredict" if stream else "rawPredict")
         if self.auth == "gemini-oauth":          # Code Assist: the model rides in the envelope
             return base + (":streamGenerateContent?alt=sse" if stream else ":generateContent")
         return base + self.format.chat_path(model, stream)
@@ -7246,15 +7254,209 @@ class ClaudeCredential(FileLoginCredential):
                 ("user-agent", "claude-cli/2.1.0 (external, cli)"), ("x-app", "cli")]
 
 
+# -- Google Cloud: Application Default Credentials, RS256 service-account grants ----------
+
+GCP_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+GCP_TOKEN_URL = "https://oauth2.googleapis.com/token"
+GCP_METADATA_HOST = "metadata.google.internal"
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# DER of DigestInfo{sha256, NULL} before the 32-byte digest (RFC 8017 §9.2, note 1)
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def _der_item(data: bytes, i: int) -> Tuple[int, int, int]:
+    """(tag, value start, value end) of the DER item at i."""
+    tag, n = data[i], data[i + 1]
+    i += 2
+    if n & 0x80:
+        count = n & 0x7F
+        if not 1 <= count <= 4:
+            raise ValueError("bad DER length")
+        n = int.from_bytes(data[i:i + count], "big")
+        i += count
+    if i + n > len(data):
+        raise ValueError("DER item runs past the end")
+    return tag, i, i + n
+
+
+def _der_children(data: bytes, start: int, end: int) -> List[Tuple[int, int, int]]:
+    out, i = [], start
+    while i < end:
+        tag, vs, ve = _der_item(data, i)
+        out.append((tag, vs, ve))
+        i = ve
+    return out
+
+
+def rsa_private_key(pem: str) -> Tuple[int, ...]:
+    """(n, e, d, p, q, dp, dq, qinv) from a PKCS#8 ("PRIVATE KEY") or PKCS#1 ("RSA PRIVATE
+    KEY") PEM, as service-account files carry them. ValueError for anything else."""
+    m = re.search(r"-----BEGIN (RSA )?PRIVATE KEY-----(.*?)-----END (RSA )?PRIVATE KEY-----", pem, re.S)
+    if not m:
+        raise ValueError("no PEM private key")
+    der = base64.b64decode("".join(m.group(2).split()), validate=True)
+    tag, vs, ve = _der_item(der, 0)
+    items = _der_children(der, vs, ve)
+    if not m.group(1):                       # PKCS#8: version, algorithm, OCTET STRING holding PKCS#1
+        if len(items) < 3 or items[2][0] != 0x04 or b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01" not in \
+                der[items[1][1]:items[1][2]]:
+            raise ValueError("not an RSA PKCS#8 key")
+        der = der[items[2][1]:items[2][2]]
+        tag, vs, ve = _der_item(der, 0)
+        items = _der_children(der, vs, ve)
+    ints = [int.from_bytes(der[s:e], "big") for t, s, e in items if t == 0x02]
+    if len(ints) < 9:
+        raise ValueError("not an RSA private key")
+    return tuple(ints[1:9])
+
+
+def rs256_sign(key: Tuple[int, ...], message: bytes) -> bytes:
+    """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 §8.2), with the CRT parameters."""
+    n, e, d, p, q, dp, dq, qinv = key
+    k = (n.bit_length() + 7) // 8
+    t = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+    if k < len(t) + 11:
+        raise ValueError("the RSA key is too short")
+    em = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
+    m = int.from_bytes(em, "big")
+    s1, s2 = pow(m, dp, p), pow(m, dq, q)
+    s = s2 + ((qinv * (s1 - s2)) % p) * q
+    if pow(s, e, n) != m:                     # a fault in the CRT step must never give a bad signature
+        s = pow(m, d, n)
+    return s.to_bytes(k, "big")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def jwt_rs256(claims: dict, key: Tuple[int, ...], kid: Optional[str] = None) -> str:
+    header = {"alg": "RS256", "typ": "JWT"}
+    if kid:
+        header["kid"] = kid
+    signing = _b64url(_jbytes(header)) + "." + _b64url(_jbytes(claims))
+    return signing + "." + _b64url(rs256_sign(key, signing.encode("ascii")))
+
+
+def find_adc(env, home: Optional[str] = None) -> Tuple[str, Optional[dict], str]:
+    """Application Default Credentials the way Google's libraries look: the file in
+    GOOGLE_APPLICATION_CREDENTIALS, then gcloud's, then the metadata server.
+    -> (kind: service_account | authorized_user | metadata, the file's document, where)."""
+    home = home or os.path.expanduser("~")
+    gcloud = os.path.join(env.get("CLOUDSDK_CONFIG") or os.path.join(home, ".config", "gcloud"),
+                          "application_default_credentials.json")
+    for path in (env.get("GOOGLE_APPLICATION_CREDENTIALS"), gcloud):
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    doc = json.load(f)
+            except (OSError, ValueError) as e:
+                raise LoginError("gcp", "cannot read the credentials file %s: %s" % (path, e), "bad_credentials")
+            kind = doc.get("type") if isinstance(doc, dict) else None
+            if kind not in ("service_account", "authorized_user"):
+                raise LoginError("gcp", "%s: unsupported credentials type %r" % (path, kind), "bad_credentials")
+            return kind, doc, path
+    return "metadata", None, env.get("GCE_METADATA_HOST") or GCP_METADATA_HOST
+
+
+class GoogleADCCredential(Credential):
+    """A Google Cloud login from Application Default Credentials: a service-account key
+    (a JWT bearer grant signed RS256 here), a gcloud user login (refreshed at the token
+    endpoint) or the metadata server. For Vertex AI and Code Assist billed to a project."""
+
+    kind = "gcp-adc"
+    login_hint = "set GOOGLE_APPLICATION_CREDENTIALS to a service-account file, or `gcloud auth " \
+                 "application-default login`"
+
+    def __init__(self, name: str, settings: dict, store: TokenStore, client, clock=time.time, rand=None):
+        super().__init__(name, settings, store, client, clock, rand)
+        self.env = settings.get("env") or os.environ
+        self.source = None
+        self.key: Optional[Tuple[int, ...]] = None
+
+    async def load(self):
+        await super().load()
+        if self.source is None:
+            self.source = find_adc(self.env, self.settings.get("home"))
+        if not self.record:                      # nothing yet: the first token() mints one
+            self.record = {"access_token": "-", "expires_at": 1, "refresh_token": "adc"}
+
+    async def refresh_record(self, rec: dict) -> dict:
+        if self.source is None:
+            self.source = find_adc(self.env, self.settings.get("home"))
+        kind, doc, where = self.source
+        loop = asyncio.get_running_loop()
+        if kind == "service_account":
+            if self.key is None:
+                try:
+                    self.key = await loop.run_in_executor(None, rsa_private_key, doc.get("private_key") or "")
+                except ValueError as e:
+                    raise LoginError(self.name, "%s: the private key cannot be read (%s)" % (where, e),
+                                     "bad_credentials")
+            now = int(self.clock())
+            aud = doc.get("token_uri") or GCP_TOKEN_URL
+            claims = {"iss": doc.get("client_email"), "scope": GCP_SCOPE, "aud": aud, "iat": now, "exp": now + 3600}
+            assertion = await loop.run_in_executor(None, jwt_rs256, claims, self.key, doc.get("private_key_id"))
+            status, _, reply = await post_form(self.client, aud, {"grant_type": JWT_BEARER_GRANT,
+                                                                  "assertion": assertion})
+        elif kind == "authorized_user":
+            status, _, reply = await post_form(self.client, doc.get("token_uri") or GCP_TOKEN_URL, {
+                "grant_type": "refresh_token", "refresh_token": doc.get("refresh_token"),
+                "client_id": doc.get("client_id"), "client_secret": doc.get("client_secret")})
+        else:
+            url = "http://%s/computeMetadata/v1/instance/service-accounts/default/token" % where
+            try:
+                resp = await self.client.request("GET", url, [("metadata-flavor", "Google")], b"", 2.0, 5.0)
+                data = await resp.read(MAX_ERROR_BODY)
+            except ProxyError as e:
+                raise LoginError(self.name, "no Application Default Credentials: no credentials file and the "
+                                 "metadata server (%s) did not answer (%s); %s" % (where, e.message, self.login_hint),
+                                 "not_logged_in")
+            status = resp.status
+            try:
+                reply = parse_json(data)
+            except ValueError:
+                reply = None
+        if status != 200 or not isinstance(reply, dict) or not isinstance(reply.get("access_token"), str):
+            error = reply.get("error") if isinstance(reply, dict) else None
+            raise LoginError(self.name, "Google refused the %s credentials (%s)" % (
+                kind.replace("_", " "), error or "HTTP %d" % status), "refresh_failed")
+        expires = reply.get("expires_in") if isinstance(reply.get("expires_in"), (int, float)) else 3600
+        return {"access_token": reply["access_token"], "expires_at": self.clock() + expires, "refresh_token": "adc",
+                "source": kind}
+
+    def auth_headers(self, token: str) -> List[Tuple[str, str]]:
+        project = (self.source[1] or {}).get("quota_project_id") if self.source else None
+        return [("authorization", "Bearer " + token)] + ([("x-goog-user-project", project)] if project else [])
+
+    def prepare_body(self, body: dict, model: str) -> dict:
+        if self.settings.get("vertex") == "anthropic":   # Claude on Vertex: the model is in the URL
+            body = {k: v for k, v in body.items() if k != "model"}
+            body["anthropic_version"] = VERTEX_ANTHROPIC_VERSION
+        return body
+
+
+VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
+
+
+def vertex_base(project: str, location: str, publisher: str, env) -> str:
+    """The Vertex AI base URL of one publisher's models (VERTEX_BASE_URL moves the host)."""
+    host = env.get("VERTEX_BASE_URL") or ("https://aiplatform.googleapis.com" if location == "global"
+                                          else "https://%s-aiplatform.googleapis.com" % location)
+    return "%s/v1/projects/%s/locations/%s/publishers/%s" % (host.rstrip("/"), quote(project, safe=""),
+                                                             quote(location, safe=""), publisher)
+
+
 DEVICE_LOGINS = ("nous", "qwen-oauth")      # device-code logins that need no config at all
 CREDENTIALS = {"nous": NousCredential, "qwen-oauth": QwenCredential, "gemini-oauth": GeminiCLICredential,
-               "codex-oauth": CodexCredential, "claude-oauth": ClaudeCredential}
+               "codex-oauth": CodexCredential, "claude-oauth": ClaudeCredential, "gcp-adc": GoogleADCCredential}
 # auth kind -> (wire format, default base URL)
 OAUTH_DEFAULTS = {"nous": ("openai", "https://inference-api.nousresearch.com/v1"),
                   "qwen-oauth": ("openai", "https://portal.qwen.ai/v1"),
                   "gemini-oauth": ("gemini", "https://cloudcode-pa.googleapis.com/v1internal"),
                   "codex-oauth": ("openai-responses", "https://chatgpt.com/backend-api/codex"),
-                  "claude-oauth": ("anthropic", "https://api.anthropic.com/v1")}
+                  "claude-oauth": ("anthropic", "https://api.anthropic.com/v1"),
+                  "gcp-adc": ("gemini", "https://aiplatform.googleapis.com/v1")}
 
 
 _RETRY_IN_RE = re.compile(r"(?:try again|retry)(?: after| in)\s+((?:\d+(?:\.\d+)?\s*(?:ms|h|m|s)\s*)+)", re.I)
@@ -9726,7 +9928,7 @@ def _check_url(url: str, where: str):
 PASSTHROUGH_PATHS = ("/v1/*", "/v1beta/*", "/upload/v1beta/*")
 _OAUTH_SETTINGS = {"portal_url", "device_url", "token_url", "client_id", "scope", "refresh_style", "credential",
                    "agent_key_url", "allowed_hosts", "credentials_file", "write_back", "client_secret", "project",
-                   "code_assist_url", "originator", "beta"}
+                   "code_assist_url", "originator", "beta", "vertex"}
 
 
 def oauth_provider(name: str, auth: str, env) -> ProviderConfig:
@@ -9978,6 +10180,27 @@ def _load_serving(r: _Reader, cfg: Config, env):
             raise ConfigError("shared.redis: %s" % e)
 
 
+def vertex_providers(cfg: Config, env):
+    """GOOGLE_CLOUD_PROJECT with Application Default Credentials (a credentials file, gcloud's,
+    or VERTEX_USE_METADATA=1 on Google Cloud): Gemini and Claude models on Vertex AI, with
+    Claude's names routed to the second."""
+    project = env.get("GOOGLE_CLOUD_PROJECT")
+    gcloud = os.path.join(env.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud"),
+                          "application_default_credentials.json")
+    adc = env.get("GOOGLE_APPLICATION_CREDENTIALS") or os.path.isfile(gcloud) or env.get("VERTEX_USE_METADATA") == "1"
+    if not project or not adc or "vertex" in cfg.providers:
+        return
+    location = env.get("GOOGLE_CLOUD_LOCATION") or "global"
+    for name, kind, publisher in (("vertex", "gemini", "google"), ("vertex-anthropic", "anthropic", "anthropic")):
+        if name not in cfg.providers:
+            oauth = {"vertex": "anthropic"} if publisher == "anthropic" else {}
+            cfg.providers[name] = ProviderConfig(
+                name=name, kind=kind, base_url=vertex_base(project, location, publisher, env),
+                options={"auth": "gcp-adc", "oauth": oauth, "base_url_fixed": True},
+                source="env GOOGLE_CLOUD_PROJECT (Vertex AI, %s)" % location)
+    cfg.aliases.setdefault("claude-*", [("vertex-anthropic", None)])
+
+
 def _load_providers(r: _Reader, cfg: Config, env):
     """configured providers, the environment's, stored logins, else the mock."""
     pr = r.sub("providers")
@@ -9996,6 +10219,7 @@ def _load_providers(r: _Reader, cfg: Config, env):
                 base = base.rstrip("/") + version     # ANTHROPIC_BASE_URL etc. usually omit the version
             keys = [k.strip() for k in env[key_var].split(",") if k.strip()]
             cfg.providers[name] = ProviderConfig(name=name, kind=kind, base_url=base, keys=keys, source="env " + key_var)
+        vertex_providers(cfg, env)
         # device logins made with `llmproxy.py login NAME` need no config
         for name in sorted(TokenStore(os.path.join(cfg.data_dir, "oauth_tokens.json")).read_sync()):
             if name in DEVICE_LOGINS and name not in cfg.providers:
@@ -11776,7 +12000,7 @@ class ChatHandlers:
         back-end's own count endpoint, else estimated locally (no upstream call)."""
         prov = self.route(request, creq.model)
         upstream_model = request.info.upstream_model
-        if prov.format is fmt and prov.passthrough_ok:
+        if prov.format is fmt and prov.passthrough_ok and prov.native_count:
             url = fmt.count_url(prov, upstream_model, endpoint)
             return await self.passthrough.forward(request, fmt, prov, url, body, False)
         if fmt.keeps_history and creq.previous_response_id:

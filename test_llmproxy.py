@@ -21,6 +21,7 @@ import contextlib
 import copy
 
 
+import hashlib
 import http.client
 
 
@@ -3087,6 +3088,60 @@ class TestAuth(ProxyCase):
 
 # 8b. OAuth and subscription back-ends ########################################
 
+TEST_RSA_KEY = """-----BEGIN RSA PRIVATE KEY-----
+MIICXgIBAAKBgQDw6zW8+qmH2i62cgQcljdT49+tCZpJNZi4zMtQF/ziiASVm5UG
+coshZb6h1sa7eAoXRq5CEr11tcpdDb1GooBVHX+1VRWMuDbUR6NtUBvr4gLqaRFl
+J935BEZJpJ8PXO2h+FTCD4ecFx4E69JEfCJ/xqKIAuX2jRaHVVsO3vTMjQIDAQAB
+AoGBAK+JQYtjO/jfMR//7R0DGmcGZqhGkeL7qT4lAZJnF/vaTTTQuoGLHfKElqSG
+wCBB82BIQJml2+OTRFIOu7Vmm4d+v9jzJz6EqiuZBp/m3hSuw1w6FVP11bc7RBmV
+RfI3jj4jK+GAPvLu7GqQEcaW23uqiC4bJpfMkb1Zj6pezorFAkEA/1ddU0DBfmYO
+2454mV5gX4+da1oNZ7/TTpb0QIuHnlsoW1pttSntT0ohfOS2OCJ457fbKLvIzPrC
+UBAW5ONEPwJBAPGKUf9PeYRipYGZrUIDJq7xOo095CRRvLu1hAlG8OUs4K3RLdqb
+gwjJa7zgjokgVe0WR4I7nmicmSz1uhG0zDMCQQCqxYxWHM4MMkenka6YrGT6JHvd
+C1pB1CqHui/bZzYps7/W8TDEZCkhyWuCMxinjG6eUvmRUZ4ncWI517joFhNTAkEA
+mvaBEOmuLo8TXAh6LcXTxZ0iUYeJnPuLuGoGIeWPm5ilNR7k6kGnWbXQF0eCatuC
+BS+sBRO216rQYxXroHx8HQJAOwoyHvw0xEU05MXqAB04Z3tpHwhTVvszNnyizREA
+kY7Kt2Bafdl7MAp/EHOKBRI016ZyBBwAa05acT/NtOqFug==
+-----END RSA PRIVATE KEY-----"""
+TEST_RSA_SIG = "1589452db770c04fa79f3159f195c68e897dd8d18405a20b80c46122466d6d7cda09da2d80e35d7546e404c37f7caadfc52c45a5aa35e6ca02a499bb270e80887cdeeea8e970a3b19ec60b40227a6e5fc7bab6c0da89a27994f999e3a756b188ecb55c8cab769e871e0376369de48b449cb2d0b29e5200661a0301c399bb45b7"      # openssl dgst -sha256 -sign of b"llmproxy test vector" with TEST_RSA_KEY
+
+
+def openssl() -> Optional[str]:
+    import shutil
+    return shutil.which("openssl")
+
+
+class TestRS256(unittest.TestCase):
+    def test_a_fixed_vector(self):
+        key = lp.rsa_private_key(TEST_RSA_KEY)
+        self.assertEqual(lp.rs256_sign(key, b"llmproxy test vector").hex(), TEST_RSA_SIG)
+
+    @unittest.skipUnless(openssl(), "no openssl (.ci/run installs Debian's openssl)")
+    def test_openssl_verifies_what_we_sign_with_a_pkcs8_key(self):
+        with tempfile.TemporaryDirectory() as d:
+            key_path, pub, msg, sig = (os.path.join(d, n) for n in ("k.pem", "pub.pem", "msg", "sig"))
+            subprocess.run([openssl(), "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out",
+                            key_path], check=True, capture_output=True)
+            subprocess.run([openssl(), "pkey", "-in", key_path, "-pubout", "-out", pub], check=True, capture_output=True)
+            with open(key_path) as f:
+                key = lp.rsa_private_key(f.read())
+            for message in (b"", b"hello", os.urandom(5000)):
+                with open(msg, "wb") as f:
+                    f.write(message)
+                with open(sig, "wb") as f:
+                    f.write(lp.rs256_sign(key, message))
+                out = subprocess.run([openssl(), "dgst", "-sha256", "-verify", pub, "-signature", sig, msg],
+                                     capture_output=True, text=True)
+                self.assertEqual(out.stdout.strip(), "Verified OK", out.stderr)
+
+    def test_keys_that_are_not_rsa_private_keys_are_refused(self):
+        for bad in ("", "-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----",
+                    "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----"):
+            with self.assertRaises(ValueError):
+                lp.rsa_private_key(bad)
+
+
+
 class TestDeviceFlow(OAuthCase):
     async def flow(self, script):
         await self.start_portal(device_script=script)
@@ -4180,7 +4235,7 @@ class TestConfig(unittest.TestCase):
             cfg = lp.load_config(moved, env, {"data_dir": d})
             self.assertEqual({n: cfg.providers[n].options["auth"] for n in subs},
                              {"nous": "nous", "qwen-oauth": "qwen-oauth", "gemini-cli": "gemini-oauth",
-                              "codex": "codex-oauth", "claude": "claude-oauth"})
+                              "codex": "codex-oauth", "claude": "claude-oauth", "vertex-claude": "gcp-adc"})
 
 
 
@@ -6861,6 +6916,137 @@ class TestUsageAndCost(ProxyCase):
         self.assertAlmostEqual(lp.overhead_ms(info, 10.0, 10.002), 2.0)
         info.t_sent, info.t_up_last = 10.001, 11.0
         self.assertAlmostEqual(lp.overhead_ms(info, 10.0, 11.0005), 1.5)
+
+
+class TestVertex(ProxyCase):
+    """GOOGLE_CLOUD_PROJECT and GOOGLE_APPLICATION_CREDENTIALS alone: Gemini and Claude models
+    on Vertex AI, the token minted with an RS256 service-account grant (fakes in this file)."""
+
+    async def asyncSetUp(self):
+        await super().asyncSetUp()
+        self.grants, self.vertex = [], []
+
+        async def google(req, w):
+            path = req["path"]
+            if path == "/token":
+                form = dict(urllib.parse.parse_qsl(req["body"].decode()))
+                self.grants.append(form)
+                if form.get("grant_type") == lp.JWT_BEARER_GRANT:
+                    head, claims, sig = form["assertion"].split(".")
+                    self.claims = json.loads(base64.urlsafe_b64decode(claims + "=="))
+                    self.signed = (head + "." + claims).encode(), base64.urlsafe_b64decode(sig + "==")
+                    reply_json(w, 200, {"access_token": "ya29.sa-token", "expires_in": 3599, "token_type": "Bearer"})
+                elif form.get("grant_type") == "refresh_token" and form.get("refresh_token") == "1//user-refresh":
+                    reply_json(w, 200, {"access_token": "ya29.user-token", "expires_in": 3599})
+                else:
+                    reply_json(w, 400, {"error": "invalid_grant"})
+            elif path.startswith("/computeMetadata/v1/instance/service-accounts/default/token"):
+                ok = req["headers"].get("metadata-flavor") == "Google"
+                reply_json(w, 200 if ok else 403, {"access_token": "ya29.metadata-token", "expires_in": 3000})
+            elif path.startswith("/v1/projects/"):
+                self.vertex.append(req)
+                stream = ":stream" in path
+                if "/publishers/anthropic/" in path:
+                    data = UP_REPLIES[("anthropic", 1, stream)]
+                else:
+                    data = UP_REPLIES[("gemini", 1, stream)]
+                if stream:
+                    sse_head(w)
+                    sse_chunk(w, data)
+                    w.write(b"0\r\n\r\n")
+                else:
+                    reply_json(w, 200, None, raw=data)
+            else:
+                reply_json(w, 404, {"error": {"message": "no " + path}})
+        self.up = await FakeUpstream(google).start()
+        self.base = "http://127.0.0.1:%d" % self.up.port
+
+    def sa_file(self):
+        path = os.path.join(self.tmp.name, "sa.json")
+        with open(path, "w") as f:
+            json.dump({"type": "service_account", "project_id": "p", "private_key_id": "kid-1",
+                       "private_key": TEST_RSA_KEY, "client_email": "svc@p.iam.gserviceaccount.com",
+                       "token_uri": self.base + "/token"}, f)
+        return path
+
+    async def start_vertex(self, env):
+        env = dict(env, GOOGLE_CLOUD_PROJECT="my-proj", VERTEX_BASE_URL=self.base)
+        self.config = lp.load_config(None, env, {"data_dir": os.path.join(self.tmp.name, "data")})
+        for pc in self.config.providers.values():
+            if pc.options.get("auth") == "gcp-adc":
+                pc.options["oauth"]["env"] = env               # no reading the real environment
+                pc.options["oauth"]["home"] = self.tmp.name
+        self.config.keys = [CLIENT_KEY]
+        self.app = lp.App(self.config)
+        await self.app.start()
+        self.server = lp.HTTPServer(self.app)
+        await self.server.start("127.0.0.1", 0)
+        self.port = self.server.port
+
+    async def asyncTearDown(self):
+        if getattr(self, "app", None):
+            await self.app.stop()
+        await super().asyncTearDown()
+
+    async def test_gemini_and_claude_on_vertex_from_the_environment_alone(self):
+        await self.start_vertex({"GOOGLE_APPLICATION_CREDENTIALS": self.sa_file()})
+        self.assertEqual(sorted(self.config.providers), ["vertex", "vertex-anthropic"])
+        gemini_model, claude_model = "gemini-2.5-pro", "claude-sonnet-4-5@20250929"
+        for fmt in ALL_FORMATS:
+            for stream in (False, True):
+                for model, publisher in ((gemini_model, "google"), (claude_model, "anthropic")):
+                    with self.subTest(fmt=fmt, stream=stream, model=model):
+                        path, body = client_request(fmt, 1, stream)
+                        if fmt == "gemini":
+                            path = "/v1beta/models/%s:%s" % (model, "streamGenerateContent?alt=sse" if stream
+                                                             else "generateContent")
+                        else:
+                            body["model"] = model
+                        n = len(self.vertex)
+                        status, _, data = await self.call("POST", path, body)
+                        self.assertEqual(status, 200, data[:300])
+                        sent = self.vertex[n]
+                        method = ("streamRawPredict" if stream else "rawPredict") if publisher == "anthropic" else \
+                            ("streamGenerateContent" if stream else "generateContent")
+                        self.assertTrue(sent["path"].startswith("/v1/projects/my-proj/locations/global/publishers/"
+                                                                "%s/models/%s:%s" % (publisher, urllib.parse.quote(
+                                                                    model, safe=""), method)), sent["path"])
+                        self.assertEqual(sent["headers"]["authorization"], "Bearer ya29.sa-token")
+                        doc = json.loads(sent["body"])
+                        if publisher == "anthropic":
+                            self.assertNotIn("model", doc)
+                            self.assertEqual(doc["anthropic_version"], "vertex-2023-10-16")
+                        else:
+                            self.assertIn("contents", doc)
+        self.assertEqual(len([g for g in self.grants if g["grant_type"] == lp.JWT_BEARER_GRANT]), 2)  # one a provider
+        self.assertEqual((self.claims["iss"], self.claims["aud"], self.claims["scope"]),
+                         ("svc@p.iam.gserviceaccount.com", self.base + "/token", lp.GCP_SCOPE))
+        key = lp.rsa_private_key(TEST_RSA_KEY)
+        n, e = key[0], key[1]
+        self.assertEqual(pow(int.from_bytes(self.signed[1], "big"), e, n),
+                         int.from_bytes(b"\x00\x01" + b"\xff" * (128 - 3 - 51) + b"\x00" + lp._SHA256_DIGEST_INFO
+                                        + hashlib.sha256(self.signed[0]).digest(), "big"))
+
+    async def test_a_gcloud_user_login_and_the_metadata_server(self):
+        gcloud = os.path.join(self.tmp.name, ".config", "gcloud")
+        os.makedirs(gcloud)
+        with open(os.path.join(gcloud, "application_default_credentials.json"), "w") as f:
+            json.dump({"type": "authorized_user", "client_id": "cid", "client_secret": "cs",
+                       "refresh_token": "1//user-refresh", "token_uri": self.base + "/token",
+                       "quota_project_id": "billing-proj"}, f)
+        await self.start_vertex({"CLOUDSDK_CONFIG": gcloud})
+        status, _, _ = await self.call("POST", "/v1beta/models/gemini-2.5-flash:generateContent",
+                                       {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.vertex[-1]["headers"]["authorization"], "Bearer ya29.user-token")
+        self.assertEqual(self.vertex[-1]["headers"]["x-goog-user-project"], "billing-proj")
+        kind, doc, where = lp.find_adc({"GCE_METADATA_HOST": "127.0.0.1:%d" % self.up.port}, self.tmp.name + "/none")
+        self.assertEqual(kind, "metadata")
+        cred = lp.GoogleADCCredential("m", {"env": {"GCE_METADATA_HOST": "127.0.0.1:%d" % self.up.port},
+                                           "home": self.tmp.name + "/none"},
+                                      lp.TokenStore(os.path.join(self.tmp.name, "t.json")), self.app.client)
+        await cred.load()
+        self.assertEqual(await cred.token(), "ya29.metadata-token")
 
 
 # 13. CLI and processes #######################################################
