@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -290,6 +291,74 @@ SCENARIOS = [  # (name, client format, stream, connections)
 ]
 
 
+# the reference: a bare relay ##################################################
+# The floor of this stack: asyncio streams, keep-alive on both sides, one pooled upstream
+# connection per client connection, Content-Length and chunked bodies relayed as they come.
+# No parsing beyond framing, no auth, no routing. llmproxy's figures are also given as a
+# ratio to it, so they mean the same on any machine.
+
+async def _relay_body(reader, writer, headers: bytes):
+    low = headers.lower()
+    if b"transfer-encoding: chunked" in low:
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            size = int(line.split(b";")[0], 16)
+            data = await reader.readexactly(size + 2)
+            writer.write(line + data)
+            if size == 0:
+                return
+    m = re.search(rb"content-length:\s*(\d+)", low)
+    if m:
+        writer.write(await reader.readexactly(int(m.group(1))))
+
+
+async def _relay_conn(cr, cw, up_port):
+    ur = uw = None
+    try:
+        while True:
+            head = await cr.readuntil(b"\r\n\r\n")
+            if ur is None:
+                ur, uw = await asyncio.open_connection("127.0.0.1", up_port)
+            uw.write(head)
+            await _relay_body(cr, uw, head)
+            rhead = await ur.readuntil(b"\r\n\r\n")
+            cw.write(rhead)
+            await _relay_body(ur, cw, rhead)
+            await cw.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+        pass
+    finally:
+        cw.close()
+        if uw is not None:
+            uw.close()
+
+
+def run_relay(port: int, up_port: int):
+    async def main():
+        server = await asyncio.start_server(lambda r, w: _relay_conn(r, w, up_port), "127.0.0.1", port)
+        async with server:
+            await server.serve_forever()
+    asyncio.run(main())
+
+
+def cpu_s(pid) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc), 0 elsewhere."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+async def measured(pid, port, conns, seconds, stream, client="openai"):
+    """A load run and the CPU the serving process spent on it, in microseconds a request."""
+    before = cpu_s(pid)
+    result = await load(port, conns, seconds, stream, client)
+    n = max(1, len(result.latencies))
+    return result, round((cpu_s(pid) - before) / n * 1e6, 1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 s per measurement instead of 3")
@@ -301,6 +370,9 @@ def main():
     ap.add_argument("--guardrails", action="store_true",
                     help="run the proxy with every guardrail stage on (repair, loops, dangerous commands, "
                          "redaction, a reply rewrite), to price the pipeline")
+    ap.add_argument("--profile", metavar="FILE", help="run the proxy under cProfile and write its profile here "
+                    "(pstats format; read it with python3 -m pstats FILE)")
+    ap.add_argument("--no-relay", action="store_true", help="skip the bare reference relay")
     ap.add_argument("--redis", metavar="URL", help="run the proxy with its shared state on this Redis "
                     "(redis://127.0.0.1:PORT/0), to price shared mode against local state")
     ap.add_argument("--rpm", type=int, default=0, help="a per-key request limit (exact across hosts on Redis)")
@@ -348,8 +420,17 @@ def main():
         start_port = free_port()
         figures["startup_to_first_response_s"] = round(first_response_time(
             proxy_cmd(cfg_path, start_port, tmp, 1), env, start_port), 3)
-        px = subprocess.Popen(proxy_cmd(cfg_path, px_port, tmp, args.workers), env=env,
-                              preexec_fn=pin(0) if pinning else None, stdout=subprocess.DEVNULL)
+        cmd = proxy_cmd(cfg_path, px_port, tmp, args.workers)
+        if args.profile:                 # the proxy's own process under cProfile (no re-exec, one worker)
+            cmd = [sys.executable, "-m", "cProfile", "-o", os.path.abspath(args.profile)] + cmd[1:]
+            env["LLMPROXY_AS_MODULE"] = "1"
+        px = subprocess.Popen(cmd, env=env, preexec_fn=pin(0) if pinning else None, stdout=subprocess.DEVNULL)
+        relay = None
+        if not args.no_relay:
+            relay_port = free_port()
+            relay = subprocess.Popen([sys.executable, __file__, "_relay", str(relay_port), str(up_port)],
+                                     preexec_fn=pin(0) if pinning else None)
+            wait_port(relay_port)
         if pinning and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
             os.sched_setaffinity(0, {1})
         wait_port(px_port)
@@ -363,17 +444,29 @@ def main():
                 continue
             if (stream, conns) not in direct_cache:
                 direct_cache[(stream, conns)] = asyncio.run(load(up_port, conns, seconds, stream))
+                if relay is not None:
+                    direct_cache[("relay", stream, conns)] = asyncio.run(
+                        measured(relay.pid, relay_port, conns, seconds, stream))
             direct = direct_cache[(stream, conns)]
-            proxied = asyncio.run(load(px_port, conns, seconds, stream, client))
+            proxied, px_cpu = asyncio.run(measured(px.pid, px_port, conns, seconds, stream, client))
             d_rps = len(direct.latencies) / direct.elapsed
             p_rps = len(proxied.latencies) / proxied.elapsed
             fig = {"direct_rps": round(d_rps), "proxy_rps": round(p_rps), "ratio": round(p_rps / d_rps, 3),
+                   "proxy_cpu_us": px_cpu,
                    "direct_p50_ms": round(pct(direct.latencies, 50) * 1000, 3),
                    "proxy_p50_ms": round(pct(proxied.latencies, 50) * 1000, 3),
                    "direct_p99_ms": round(pct(direct.latencies, 99) * 1000, 3),
                    "proxy_p99_ms": round(pct(proxied.latencies, 99) * 1000, 3),
                    "errors": direct.errors + proxied.errors}
             fig["added_p50_ms"] = round(fig["proxy_p50_ms"] - fig["direct_p50_ms"], 3)
+            if relay is not None:
+                rel, rel_cpu = direct_cache[("relay", stream, conns)]
+                r_rps = len(rel.latencies) / rel.elapsed
+                fig.update(relay_rps=round(r_rps), relay_cpu_us=rel_cpu, vs_relay_rps=round(p_rps / r_rps, 2),
+                           vs_relay_cpu=round(px_cpu / rel_cpu, 2) if rel_cpu else None,
+                           relay_added_p50_ms=round((pct(rel.latencies, 50) - pct(direct.latencies, 50)) * 1000, 3))
+                if stream:
+                    fig["relay_events_s"] = round(rel.events / rel.elapsed)
             if stream:
                 fig["direct_events_s"] = round(direct.events / direct.elapsed)
                 fig["proxy_events_s"] = round(proxied.events / proxied.elapsed)
@@ -388,13 +481,24 @@ def main():
         for p in ups:
             p.terminate()
         try:
-            px.terminate()
-            px.wait(10)
+            if relay is not None:
+                relay.terminate()
+            px.send_signal(signal.SIGINT if args.profile else signal.SIGTERM)   # cProfile writes on a clean exit
+            px.wait(20)
         except NameError:
             pass
         for p in ups:
             p.wait(10)
     print_table(rows, figures)
+    if any("relay_rps" in figures[k] for k in rows):
+        print("%-18s %9s %9s %9s %9s %9s %12s" % ("vs bare relay", "relay/s", "proxy/s", "rps x", "relay us",
+                                                   "proxy us", "cpu/req x"))
+        for key in rows:
+            r = figures[key]
+            if "relay_rps" in r:
+                print("%-18s %9d %9d %9.2f %9.1f %9.1f %12s" % (key, r["relay_rps"], r["proxy_rps"], r["vs_relay_rps"],
+                                                               r["relay_cpu_us"], r["proxy_cpu_us"],
+                                                               "%.2f" % r["vs_relay_cpu"] if r["vs_relay_cpu"] else "-"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
@@ -1149,6 +1253,8 @@ def _firsts(items, n=12):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_upstream"]:          # a fake upstream's own process
         run_upstream(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    elif sys.argv[1:2] == ["_relay"]:           # the bare reference relay's own process
+        run_relay(int(sys.argv[2]), int(sys.argv[3]))
     elif sys.argv[1:2] == ["_soak_upstream"]:   # the soak's nonce-echoing (or misbehaving) upstream
         run_soak_upstream(int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), float(sys.argv[5]))
     else:
