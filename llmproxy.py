@@ -9024,6 +9024,18 @@ def setup_logging(level: str = "info", fmt: str = "text", stream=None):
     log.propagate = False
 
 
+def open_sqlite_shared(config) -> Optional["SqliteShared"]:
+    """The one-host store in the data directory; None (serving goes on, usage is kept in
+    memory only) when the directory cannot hold it, e.g. read-only. Several workers need it."""
+    try:
+        return SqliteShared(os.path.join(config.data_dir, "state.sqlite3"))
+    except Exception as e:               # OSError, sqlite3.Error: the proxy must still start
+        if config.workers > 1:
+            raise
+        log.warning("usage cannot be kept in %s (%s); keeping it in memory only", config.data_dir, e)
+        return None
+
+
 class SqliteShared:
     """SharedState (one host, sqlite) behind the async interface App uses for any shared
     store: every call runs off the loop."""
@@ -12581,7 +12593,7 @@ class App:
         self.keys = ProxyKeys(store, config.keys, config.admin_keys)
         self.tasks: set = set()
         self.shared = RedisShared(config.shared_redis, wall, clock) if config.shared_redis else \
-            SqliteShared(os.path.join(config.data_dir, "state.sqlite3")) if config.data_dir else None
+            open_sqlite_shared(config) if config.data_dir else None
         self.access = AccessLog()
         literals = [k for pc in config.providers.values() for k in pc.keys]
         self.pipeline = Pipeline(config.guardrails, literals)

@@ -6815,6 +6815,31 @@ class TestOpenTelemetry(ProxyCase):
         self.assertEqual((len(ex.queue), ex.dropped), (lp.OTEL_QUEUE_MAX, 5))
 
 
+class TestReadOnlyDataDir(unittest.TestCase):
+    @unittest.skipIf(hasattr(os, "geteuid") and os.geteuid() == 0, "root can write anywhere")
+    def test_a_read_only_data_dir_still_serves(self):
+        with tempfile.TemporaryDirectory() as d:
+            os.chmod(d, 0o500)
+            try:
+                cfg = lp.load_config(None, {}, {"data_dir": d})
+                app = lp.App(cfg)
+                self.assertIsNone(app.shared)
+                app.close()
+            finally:
+                os.chmod(d, 0o700)
+
+    def test_a_store_that_cannot_open_is_not_fatal_for_one_worker(self):
+        with tempfile.TemporaryDirectory() as d:
+            blocker = os.path.join(d, "state.sqlite3")
+            os.mkdir(blocker)                       # a directory where the database file belongs
+            cfg = lp.load_config(None, {}, {"data_dir": d})
+            with self.assertLogs(lp.log, "WARNING") as logs:
+                app = lp.App(cfg)
+            self.assertIsNone(app.shared)
+            self.assertIn("in memory only", logs.output[0])
+            app.close()
+
+
 class TestUsageAndCost(ProxyCase):
     """Prices (or the upstream's own cost) recorded per request, budgets per key, the usage
     command, the overhead header and Prometheus histograms."""
