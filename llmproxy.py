@@ -12691,6 +12691,8 @@ class App:
             await cred.load()
             cred.task = self.spawn(cred.run_refresher())
         if self.shared is not None:
+            if self.shared.name == "sqlite":
+                await self.shared.clear_disabled()   # a start gives rejected keys another chance, as before
             self.sync_task = self.spawn(self.run_shared_sync())
         if self.otel is not None:
             self.spawn(self.otel.run())
