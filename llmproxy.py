@@ -7350,7 +7350,7 @@ def find_adc(env, home: Optional[str] = None) -> Tuple[str, Optional[dict], str]
             try:
                 with open(path, encoding="utf-8") as f:
                     doc = json.load(f)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RecursionError) as e:
                 raise LoginError("gcp", "cannot read the credentials file %s: %s" % (path, e), "bad_credentials")
             kind = doc.get("type") if isinstance(doc, dict) else None
             if kind not in ("service_account", "authorized_user"):
@@ -7377,7 +7377,11 @@ class GoogleADCCredential(Credential):
     async def load(self):
         await super().load()
         if self.source is None:
-            self.source = find_adc(self.env, self.settings.get("home"))
+            try:
+                self.source = find_adc(self.env, self.settings.get("home"))
+            except LoginError as e:               # said, and said again to each request (a 503)
+                self.last_error = e.message
+                log.error("provider %s: %s", self.name, e.message)
         if not self.record:                      # nothing yet: the first token() mints one
             self.record = {"access_token": "-", "expires_at": 1, "refresh_token": "adc"}
 
@@ -7388,8 +7392,11 @@ class GoogleADCCredential(Credential):
         loop = asyncio.get_running_loop()
         if kind == "service_account":
             if self.key is None:
+                pem = doc.get("private_key")
                 try:
-                    self.key = await loop.run_in_executor(None, rsa_private_key, doc.get("private_key") or "")
+                    if not isinstance(pem, str):
+                        raise ValueError("private_key is not a string")
+                    self.key = await loop.run_in_executor(None, rsa_private_key, pem)
                 except ValueError as e:
                     raise LoginError(self.name, "%s: the private key cannot be read (%s)" % (where, e),
                                      "bad_credentials")
@@ -9024,6 +9031,12 @@ def setup_logging(level: str = "info", fmt: str = "text", stream=None):
     log.propagate = False
 
 
+def client_label(key_id: Optional[str], redacted: Optional[str]) -> str:
+    """A client key as usage, budgets and /health know it: its id (unique, not secret) and
+    its last 4 characters (two keys may share those)."""
+    return "%s %s" % (key_id, redacted) if key_id else (redacted or "-")
+
+
 def open_sqlite_shared(config) -> Optional["SqliteShared"]:
     """The one-host store in the data directory; None (serving goes on, usage is kept in
     memory only) when the directory cannot hold it, e.g. read-only. Several workers need it."""
@@ -9115,6 +9128,8 @@ REDIS_CONNECT_TIMEOUT_S = 1.0       # a Redis that does not answer this fast is 
 REDIS_COMMAND_TIMEOUT_S = 0.5       # nothing a request needs waits on Redis longer than this
 REDIS_BACKOFF_S = (0.5, 30.0)       # reconnect back-off: first wait, longest wait
 REDIS_DOC_BYTES = 8 * 1024 * 1024   # the largest shared document (a stored conversation)
+REDIS_MAX_DEPTH = 4                 # reply nesting we accept (ours are at most two deep)
+REDIS_MAX_ITEMS = 1 << 20           # items in one reply array (HGETALL of our bounded hashes)
 
 
 class RedisError(Exception):
@@ -9151,8 +9166,11 @@ def resp_encode(args) -> bytes:
     return b"".join(out)
 
 
-async def resp_read(reader: asyncio.StreamReader, limit: int = REDIS_DOC_BYTES):
-    """One RESP2 reply: str / int / bytes / None / list, or a RedisError for an error reply."""
+async def resp_read(reader: asyncio.StreamReader, limit: int = REDIS_DOC_BYTES, depth: int = 0):
+    """One RESP2 reply: str / int / bytes / None / list, or a RedisError for an error reply.
+    Nothing we send gets a reply nested more than two deep: deeper is a broken server."""
+    if depth > REDIS_MAX_DEPTH:
+        raise RedisError("a reply nested more than %d deep" % REDIS_MAX_DEPTH)
     line = await reader.readline()
     if not line.endswith(b"\r\n"):
         raise RedisError("connection closed")
@@ -9162,9 +9180,16 @@ async def resp_read(reader: asyncio.StreamReader, limit: int = REDIS_DOC_BYTES):
     if kind == b"-":
         return RedisError(rest.decode("utf-8", "replace"))
     if kind == b":":
-        return int(rest)
+        try:
+            return int(rest)
+        except ValueError:
+            raise RedisError("not a RESP integer")
+    if kind == b"$" or kind == b"*":
+        try:
+            n = int(rest)
+        except ValueError:
+            raise RedisError("not a RESP length")
     if kind == b"$":
-        n = int(rest)
         if n < 0:
             return None
         if n > limit:
@@ -9175,8 +9200,9 @@ async def resp_read(reader: asyncio.StreamReader, limit: int = REDIS_DOC_BYTES):
             raise RedisError("connection closed mid-reply")
         return data[:-2]
     if kind == b"*":
-        n = int(rest)
-        return None if n < 0 else [await resp_read(reader, limit) for _ in range(n)]
+        if n > REDIS_MAX_ITEMS:
+            raise RedisError("a reply of %d items" % n)
+        return None if n < 0 else [await resp_read(reader, limit, depth + 1) for _ in range(n)]
     raise RedisError("not a RESP reply")
 
 
@@ -9235,8 +9261,10 @@ class RedisClient:
                 self.waiting.popleft()
                 if not fut.done():
                     fut.set_result(replies)
-        except (OSError, asyncio.IncompleteReadError, ValueError, RedisError) as e:
-            self._drop(RedisError(str(e) or type(e).__name__))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:                   # whatever a broken server sends
+            self._drop(RedisError(str(e)[:200] or type(e).__name__))
         except asyncio.CancelledError:
             pass
 
@@ -9275,11 +9303,13 @@ class RedisClient:
                 self.connecting = asyncio.Lock()
             async with self.connecting:
                 if self.writer is None:
+                    if self.clock() < self.retry_at:      # the attempt the others waited on failed
+                        raise RedisError("Redis is down (next try in %.1f s)" % (self.retry_at - self.clock()))
                     try:
                         await self._connect()
-                    except (OSError, asyncio.TimeoutError, ValueError, RedisError) as e:
+                    except Exception as e:                # whatever a broken server sends
                         self._drop()
-                        raise RedisError(str(e) or type(e).__name__)
+                        raise RedisError(str(e)[:200] or type(e).__name__)
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.waiting.append((len(commands), fut))
@@ -9423,6 +9453,14 @@ class RedisShared:
                                                                                     "tokens_out", "cost")])
         if replies is None:
             return None
+        try:
+            return self._rows(replies)
+        except (TypeError, ValueError, AttributeError) as e:     # not what we wrote: a broken store
+            self._failed(RedisError("usage of an unexpected shape (%s)" % e))
+            return None
+
+    @staticmethod
+    def _rows(replies) -> List[dict]:
         tables = []
         for flat in replies:
             flat = flat if isinstance(flat, list) else []
@@ -9473,9 +9511,9 @@ class RedisShared:
         replies = await self.call([("EVALSHA", _RATE_SHA, 1, self.PREFIX + "rpm:" + client, now_ms, rpm, member)])
         if replies is not None and isinstance(replies[0], RedisError) and "NOSCRIPT" in str(replies[0]):
             replies = await self.call([("EVAL", _RATE_LUA, 1, self.PREFIX + "rpm:" + client, now_ms, rpm, member)])
-        if replies is None or isinstance(replies[0], RedisError):
+        if replies is None or not isinstance(replies[0], int) or isinstance(replies[0], bool):
             if replies is not None:
-                self._failed(replies[0])
+                self._failed(replies[0] if isinstance(replies[0], Exception) else RedisError("an unexpected reply"))
             return None
         return 0.0 if replies[0] < 0 else replies[0] / 1000.0
 
@@ -9569,7 +9607,7 @@ OTEL_PROVIDER_FORMATS = {"openai": "openai", "openai-responses": "openai", "anth
 
 def parse_traceparent(value: Optional[str]) -> Optional[Tuple[str, str]]:
     """W3C traceparent -> (trace id, parent span id), None when absent or malformed."""
-    m = _TRACEPARENT_RE.match((value or "").strip().lower())
+    m = _TRACEPARENT_RE.match((value or "").strip())       # W3C: upper-case hex is not valid
     if not m or m.group(1) == "0" * 32 or m.group(2) == "0" * 16:
         return None
     return m.group(1), m.group(2)
@@ -12289,7 +12327,7 @@ class OpsHandlers:
         entry = request.match[1]
         if not self.app.config.auth_enabled or (entry is not None and entry.admin):
             return rows
-        mine = entry.redacted if entry is not None else None
+        mine = client_label(entry.id, entry.redacted) if entry is not None else None
         return [r for r in rows if r.get("client") == mine]
 
     async def usage_rows(self, request: Request) -> List[dict]:
@@ -12965,9 +13003,10 @@ class App:
             info.span_id = secrets.token_hex(8)
         if self.capture is not None:
             request.info.cap_out = []           # the server tees what it sends into this
+        if entry is not None:
+            request.info.client_id = entry.id
         if entry is not None and handler.__name__ not in ("handle_health", "handle_models"):
             await self.rate_limit(entry.id)
-            request.info.client_id = entry.id
             if self.config.budgets:
                 self.check_budget(entry)
         if len(request.body) > OFFLOOP_BYTES and request.body[:1] in (b"{", b"[", b" ", b"\n", b"\r", b"\t"):
@@ -12980,9 +13019,9 @@ class App:
         budget = self.config.budgets.get(entry.id) or (self.config.budgets.get(entry.name) if entry.name else None)
         if not budget:
             return
-        spent = self.spent.get(entry.redacted, 0.0) if self.shared is None else \
-            self.shared_spent.get(entry.redacted, 0.0) + sum(
-                r[3] for (c, _, _), r in self.usage_pending.items() if c == entry.redacted)
+        who = client_label(entry.id, entry.redacted)
+        spent = self.spent.get(who, 0.0) if self.shared is None else \
+            self.shared_spent.get(who, 0.0) + sum(r[3] for (c, _, _), r in self.usage_pending.items() if c == who)
         if spent >= budget:
             raise ProxyError(402, "insufficient_quota", "this proxy key has spent its budget ($%.2f of $%.2f); ask "
                              "the proxy's admin to raise it" % (spent, budget), code="budget_exceeded")
@@ -13029,7 +13068,8 @@ class App:
                   "error": info.error or (None if ok else "client_disconnected")}
         self.access.emit("%s %s" % (request.method, request.path[:MAX_LOG_FIELD]), fields)
         self.recent.append({"t": round(self.wall(), 3), "method": request.method, "path": request.path[:120],
-                            "status": status, "client": info.client, "model": (model or "")[:120] or None,
+                            "status": status, "client": client_label(info.client_id, info.client),
+                            "model": (model or "")[:120] or None,
                             "provider": info.provider, "ms": fields["total_ms"], "tokens_in": tin,
                             "tokens_out": tout, "error": fields["error"]})
         if self.capture is not None and info.cap_out is not None:
@@ -13089,12 +13129,13 @@ class App:
             label = self.usage.label(info.upstream_model or info.model or "-")
             cost = price_of(self.config.prices, info.upstream_model or info.model or "",
                             usage if isinstance(usage, Usage) else None)
-            self.usage.record(info.client or "-", info.provider, label, tin, tout,
+            who = client_label(info.client_id, info.client)
+            self.usage.record(who, info.provider, label, tin, tout,
                               usage if isinstance(usage, Usage) else None, cost)
-            if cost and info.client:
-                self.spent[info.client] = self.spent.get(info.client, 0.0) + cost
+            if cost and info.client_id:
+                self.spent[who] = self.spent.get(who, 0.0) + cost
             if self.shared is not None:
-                row = self.usage_pending.setdefault((info.client or "-", info.provider, label), [0, 0, 0, 0.0])
+                row = self.usage_pending.setdefault((who, info.provider, label), [0, 0, 0, 0.0])
                 row[0] += 1
                 row[1] += tin or 0
                 row[2] += tout or 0
