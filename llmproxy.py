@@ -13550,7 +13550,7 @@ def setup_files(client: str, home: str) -> List[str]:
 
 def _read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:      # a BOM some editors write is not content
             return f.read()
     except FileNotFoundError:
         return ""
@@ -13686,11 +13686,12 @@ def run_setup(config: Config, args, home: Optional[str] = None) -> int:
         if new == old:
             print("unchanged: %s" % path)
             continue
+        target = os.path.realpath(path)          # a symlinked dotfile: the file it points at changes
         try:
             if old:
                 backup = path + ".llmproxy-backup"
                 write_file_atomic(backup, old.encode("utf-8"))
-            write_file_atomic(path, new.encode("utf-8"))
+            write_file_atomic(target, new.encode("utf-8"))
         except OSError as e:
             print("llmproxy: setup: cannot write %s: %s" % (path, e), file=sys.stderr)
             return 1

@@ -7302,6 +7302,16 @@ class TestSetup(unittest.TestCase):
         self.assertEqual(code, 0)
         self.assertFalse([l for l in out.splitlines() if l.startswith("export") and "<" in l])
 
+    def test_a_symlinked_config_is_written_through_the_link(self):
+        real = self.put("dotfiles/claude-settings.json", '{"theme": "dark"}')
+        link = os.path.join(self.home, ".claude", "settings.json")
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(real, link)
+        self.assertEqual(self.setup("claude")[0], 0)
+        self.assertTrue(os.path.islink(link))
+        with open(real) as f:
+            self.assertEqual(json.load(f)["env"]["ANTHROPIC_AUTH_TOKEN"], self.KEY)
+
     def test_env_prints_exports(self):
         code, out, _ = self.setup("env")
         self.assertEqual(code, 0)
