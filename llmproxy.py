@@ -12630,8 +12630,12 @@ class App:
         store = os.path.join(config.data_dir, "keys.json") if config.data_dir else None
         self.keys = ProxyKeys(store, config.keys, config.admin_keys)
         self.tasks: set = set()
-        self.shared = RedisShared(config.shared_redis, wall, clock) if config.shared_redis else \
-            open_sqlite_shared(config) if config.data_dir else None
+        if previous is not None and previous.shared is not None and \
+                (previous.config.shared_redis, previous.config.data_dir) == (config.shared_redis, config.data_dir):
+            self.shared = previous.shared            # a reload keeps the store (and its connection)
+        else:
+            self.shared = RedisShared(config.shared_redis, wall, clock) if config.shared_redis else \
+                open_sqlite_shared(config) if config.data_dir else None
         self.access = AccessLog()
         literals = [k for pc in config.providers.values() for k in pc.keys]
         self.pipeline = Pipeline(config.guardrails, literals)
@@ -12846,10 +12850,8 @@ class App:
                   timing=self.timing)
         new.limiter.hits = self.limiter.hits
         new.reloader = self.reloader
-        if new.shared is not None:
-            new.shared.close()
-            new.shared = new.caller.shared = self.shared
-            await self.shared.clear_disabled()
+        if new.shared is not None and new.shared is self.shared:
+            await self.shared.clear_disabled()   # a reload gives rejected keys another chance
         for name, prov in new.providers.items():
             old = self.providers.get(name)
             if old is not None:
