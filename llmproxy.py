@@ -13718,6 +13718,10 @@ def parse_since(text: str, now: float) -> str:
         secs = int(m.group(1)) * {"d": 86400, "h": 3600, "m": 60}[m.group(2)]
         return time.strftime("%Y-%m-%d", time.gmtime(now - secs))
     if re.match(r"\d{4}-\d{2}-\d{2}\Z", (text or "").strip()):
+        try:
+            time.strptime(text.strip(), "%Y-%m-%d")            # a real date, not 2026-13-45
+        except ValueError:
+            raise ValueError("--since %s is not a date" % text.strip())
         return text.strip()
     raise ValueError("--since takes 7d, 24h, 30m or YYYY-MM-DD")
 

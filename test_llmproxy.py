@@ -6943,8 +6943,10 @@ class TestUsageAndCost(ProxyCase):
             self.assertEqual(lines[2].split()[-4:], ["3", "30", "12", "1.5000"], out.getvalue())
             self.assertEqual(lines[-1].split()[0], "TOTAL")
         self.assertEqual(lp.parse_since("2d", 86400 * 10), "1970-01-09")
-        with self.assertRaises(ValueError):
-            lp.parse_since("soon", 0)
+        for bad in ("soon", "2026-13-45", "7w"):
+            with self.assertRaises(ValueError):
+                lp.parse_since(bad, 0)
+        self.assertEqual(lp.parse_since("2026-11-30", 0), "2026-11-30")
 
     def test_prices_and_the_overhead_definition(self):
         u = lp.Usage(1000, 100, 200, 100)
