@@ -8636,7 +8636,10 @@ class Histogram:
         self.points: Dict[tuple, list] = {}        # attrs -> [count, sum, bucket counts]
 
     def record(self, value: float, attrs: dict):
-        key = tuple(sorted(attrs.items()))
+        self.record_key(value, tuple(sorted(attrs.items())))
+
+    def record_key(self, value: float, key: tuple):
+        """record() with the attributes already as a sorted tuple of pairs."""
         point = self.points.get(key)
         if point is None:
             if len(self.points) >= MAX_METRIC_MODELS * 4:
@@ -9053,6 +9056,8 @@ class SqliteShared:
     """SharedState (one host, sqlite) behind the async interface App uses for any shared
     store: every call runs off the loop."""
     name = "sqlite"
+    shares_docs = False                 # one host: sessions and conversations stay in memory
+    recovered = False
 
     def __init__(self, path: str):
         self.db = SharedState(path)
@@ -9224,6 +9229,7 @@ class RedisClient:
         self.connecting: Optional[asyncio.Lock] = None
         self.waiting: "deque[Tuple[int, asyncio.Future]]" = deque()
         self.reading: Optional[asyncio.Task] = None
+        self.idle: Optional[asyncio.Future] = None   # the reader's wait while nothing is in flight
         self.retry_at = 0.0
         self.backoff = REDIS_BACKOFF_S[0]
 
@@ -9274,9 +9280,8 @@ class RedisClient:
         await self.idle
 
     def _wake(self):
-        idle = getattr(self, "idle", None)
-        if idle is not None and not idle.done():
-            idle.set_result(None)
+        if self.idle is not None and not self.idle.done():
+            self.idle.set_result(None)
 
     def _drop(self, err: Optional[RedisError] = None):
         self._wake()
@@ -9373,6 +9378,7 @@ class RedisShared:
     Responses conversations). Every call that fails returns what local state needs (None, [],
     False) and marks the store degraded; the sync loop brings it back."""
     name = "redis"
+    shares_docs = True                  # sessions, conversations and logins go to every host
     PREFIX = "llmproxy:"
 
     def __init__(self, url: str, wall=time.time, clock=time.monotonic):
@@ -9380,6 +9386,7 @@ class RedisShared:
         self.url = url
         self.wall = wall
         self.status = "ok"
+        self.recovered = False              # back after being degraded: the sync republishes cooldowns
 
     def _failed(self, e: Exception):
         if self.status == "ok":
@@ -9401,7 +9408,8 @@ class RedisShared:
         except RedisError as e:
             self._failed(e)
             return None
-        self.recovered = self._ok() or getattr(self, "recovered", False)
+        if self._ok():
+            self.recovered = True
         return replies
 
     @staticmethod
@@ -11666,7 +11674,7 @@ class ChatService:
         if not isinstance(call.model, str) or not call.model:
             raise ProxyError(400, "invalid_request_error", "'model' is required", param="model")
         call.info.model = call.model
-        if self.shared is not None and call.fmt.keeps_history:
+        if self.shared is not None and self.shared.shares_docs and call.fmt.keeps_history:
             await self.memory.fetch(call.body.get("previous_response_id"), self.shared)
         chain = self.plan(call)
         if isinstance(chain, (Response, StreamResponse)):
@@ -11720,7 +11728,7 @@ class ChatService:
 
     def publish_session(self, key: str):
         """A session a command changed, for the other hosts (sticky model and back-end)."""
-        if self.shared is not None and key:
+        if self.shared is not None and self.shared.shares_docs and key:
             self.spawn(self.shared.put_session(key, self.sessions.get(key) or {}))
 
     def session(self, key: str) -> dict:
@@ -12652,12 +12660,13 @@ class App:
         self.cors_any = "*" in config.cors_origins
         self.cors = frozenset(config.cors_origins)
         self.keep(previous, resolve, address_ok, image_limits)
-        if self.shared is not None and self.shared.name == "redis":
+        if self.shared is not None and self.shared.shares_docs:
             for cred in self.credentials.values():
                 cred.shared = self.shared
-        if self.shared is not None:
             self.memory.publish = lambda rid, doc: self.spawn(self.shared.put_doc("response", rid, doc,
                                                                                    RESPONSES_SHARED_TTL_S))
+        else:
+            self.memory.publish = None          # a reload may have taken the shared store away
         # the services, each handed what it uses
         self.caller = UpstreamCaller(self)
         self.passthrough = PassThrough(self.caller, timing)
@@ -12760,7 +12769,7 @@ class App:
                     row = self.usage_pending.setdefault(k, [0, 0, 0, 0.0])
                     for i in range(4):
                         row[i] += r[i]
-        if getattr(shared, "recovered", False):
+        if shared.recovered:
             shared.recovered = False
             await self.publish_cooldowns()
         reset_at = await shared.last_reset()
@@ -13050,16 +13059,17 @@ class App:
         done, info.on_done = info.on_done, []
         for fn in done:
             fn()
-        tin, tout = self.count_usage(info)
+        who = client_label(info.client_id, info.client)
+        tin, tout = self.count_usage(info, who)
         model = info.model
         upstream_model = info.upstream_model or model     # what the back-end ran (and bills)
         self.usage.answer(info.provider or "-", status, now - request.t_start)
-        label = {"provider": info.provider or "-"}
-        self.usage.duration.record(now - request.t_start, label)
+        label = (("provider", info.provider or "-"),)
+        self.usage.duration.record_key(now - request.t_start, label)
         if t_first:
-            self.usage.first_token.record(t_first - request.t_start, label)
+            self.usage.first_token.record_key(t_first - request.t_start, label)
         if info.overhead_ms is not None:
-            self.usage.overhead.record(info.overhead_ms / 1000.0, label)
+            self.usage.overhead.record_key(info.overhead_ms / 1000.0, label)
         fields = {"status": status, "key": info.client, "model": model,
                   "upstream_model": upstream_model if upstream_model != model else None,
                   "provider": info.provider, "upkey": info.upkey, "via": info.via,
@@ -13070,7 +13080,7 @@ class App:
                   "error": info.error or (None if ok else "client_disconnected")}
         self.access.emit("%s %s" % (request.method, request.path[:MAX_LOG_FIELD]), fields)
         self.recent.append({"t": round(self.wall(), 3), "method": request.method, "path": request.path[:120],
-                            "status": status, "client": client_label(info.client_id, info.client),
+                            "status": status, "client": who,
                             "model": (model or "")[:120] or None,
                             "provider": info.provider, "ms": fields["total_ms"], "tokens_in": tin,
                             "tokens_out": tout, "error": fields["error"]})
@@ -13119,7 +13129,7 @@ class App:
         if t_first and info.cap_out_stream is not None and request.info.complete:
             otel.first_chunk.record(t_first - request.t_start, base)
 
-    def count_usage(self, info: Exchange) -> Tuple[Optional[int], Optional[int]]:
+    def count_usage(self, info: Exchange, who: str) -> Tuple[Optional[int], Optional[int]]:
         """An exchange's tokens onto the client's rate window and the usage totals."""
         usage = info.usage
         tin = tout = None
@@ -13131,7 +13141,6 @@ class App:
             label = self.usage.label(info.upstream_model or info.model or "-")
             cost = price_of(self.config.prices, info.upstream_model or info.model or "",
                             usage if isinstance(usage, Usage) else None)
-            who = client_label(info.client_id, info.client)
             self.usage.record(who, info.provider, label, tin, tout,
                               usage if isinstance(usage, Usage) else None, cost)
             if cost and info.client_id:
