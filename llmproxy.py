@@ -57,6 +57,7 @@ import math
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import ssl
@@ -434,6 +435,29 @@ _FIELD_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\Z", re
 _BAD_VALUE_STR_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+# A whole block of well-formed field lines, each ending in `eol`: the one check the common
+# head needs. Anything else (a long block, an odd line) goes to parse_header_lines, which
+# finds the fault line by line; parse_field_block gives exactly its result where both run.
+_FIELD_BLOCK_CRLF_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*\Z")
+_FIELD_BLOCK_LF_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\n)*\Z")
+
+
+def parse_field_block(block: bytes, eol: bytes = b"\r\n") -> Headers:
+    """Field lines, each ending in eol (CRLF, or LF for a normalised upstream head) -> Headers:
+    one regex over the block, then a split; the line-by-line parser where it does not match."""
+    fast = _FIELD_BLOCK_CRLF_RE if eol == b"\r\n" else _FIELD_BLOCK_LF_RE
+    if block.count(b"\n") <= MAX_HEADERS and fast.match(block):
+        items = []
+        for line in block.decode("latin-1").split(eol.decode("ascii"))[:-1]:
+            name, _, value = line.partition(":")
+            items.append((name.lower(), value.strip(OWS)))
+        return Headers(items)
+    lines = block.split(eol)
+    if lines and not lines[-1]:
+        lines.pop()
+    return parse_header_lines(lines)
+
+
 def parse_header_lines(lines: List[bytes]) -> Headers:
     """Field lines (no CRLF) -> Headers. Strict: obs-fold, space before the colon,
     non-token names and control characters are refused (RFC 9112 §5.1-5.2, §11.2)."""
@@ -461,12 +485,15 @@ def parse_request_head(data: bytes) -> RequestHead:
         raise _bad("bare CR in request head")
     if data.count(b"\n") != data.count(b"\r\n"):
         raise _bad("bare LF in request head; lines must end in CRLF")
-    lines = data.split(b"\r\n")
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines:
+    if not data:
         raise _bad("empty request")
-    request_line = lines[0]
+    end = data.find(b"\r\n")
+    if end < 0:
+        request_line, block = data, b""
+    else:
+        request_line, block = data[:end], data[end + 2:].rstrip(b"\r\n")   # only CRLF pairs end it
+        if block:
+            block += b"\r\n"
     if len(request_line) > MAX_REQUEST_LINE:
         raise ProxyError(414, "invalid_request_error", "request target too long", close=True)
     parts = request_line.split(b" ")
@@ -477,7 +504,7 @@ def parse_request_head(data: bytes) -> RequestHead:
         if re.match(rb"HTTP/\d\.\d\Z", version):
             raise ProxyError(505, "invalid_request_error", "HTTP version not supported", close=True)
         raise _bad("malformed HTTP version")
-    headers = parse_header_lines(lines[1:])
+    headers = parse_field_block(block)
     hosts = 0
     conn: List[str] = []
     for k, v in headers.items:                       # one pass for what the head itself needs
@@ -642,8 +669,12 @@ def check_header_value(value: str) -> str:
 
 def render_head(first_line: bytes, headers: List[Tuple[str, str]]) -> bytes:
     text = "".join(["%s: %s\r\n" % (name, value) for name, value in headers])
-    if _OUT_HEADER_BAD.search("".join([v for _, v in headers])):     # one scan for all the values
-        for _, value in headers:
+    n = len(headers)
+    # each field line brings exactly one CR and one LF: any other count, or a NUL, means a
+    # name or value holds one (checked field by field then, to raise on the culprit)
+    if text.count("\r") != n or text.count("\n") != n or "\x00" in text:
+        for name, value in headers:
+            check_header_value(name)
             check_header_value(value)
     return first_line + text.encode("latin-1") + b"\r\n"
 
@@ -667,18 +698,21 @@ class ResponseHead:
         self.headers = headers
 
 
+_STATUS_LINE_RE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: (.*))?\Z")
+
+
 def parse_response_head(data: bytes) -> ResponseHead:
     """Parse an upstream response head (lenient about bare LF, strict about framing)."""
-    lines = data.replace(b"\r\n", b"\n").split(b"\n")
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines:
+    data = data.replace(b"\r\n", b"\n").rstrip(b"\n")
+    if not data:
         raise FramingError("empty response head")
-    m = re.match(rb"(HTTP/1\.[01]) ([0-9]{3})(?: (.*))?\Z", lines[0])
+    end = data.find(b"\n")
+    status_line, block = (data, b"") if end < 0 else (data[:end], data[end + 1:] + b"\n")
+    m = _STATUS_LINE_RE.match(status_line)
     if not m:
         raise FramingError("malformed status line")
     try:
-        headers = parse_header_lines(lines[1:])
+        headers = parse_field_block(block, b"\n")
     except ProxyError as e:
         raise FramingError(e.message)
     return ResponseHead(int(m.group(2)), (m.group(3) or b"").decode("latin-1"),
@@ -689,10 +723,15 @@ def parse_response_framing(head: ResponseHead, method: str) -> Tuple[str, int]:
     """RFC 9112 §6.3 for responses -> ("none"|"length"|"chunked"|"close", length)."""
     if method == "HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
         return ("none", 0)
-    te = head.headers.tokens("transfer-encoding")
+    te_values = cl = None
+    for k, v in head.headers.items:          # one pass: most heads carry neither twice
+        if k == "transfer-encoding":
+            te_values = [v] if te_values is None else te_values + [v]
+        elif k == "content-length":
+            cl = [v] if cl is None else cl + [v]
+    te = [t.strip(OWS).lower() for v in te_values for t in v.split(",") if t.strip(OWS)] if te_values else None
     if te:
         return ("chunked", 0) if te[-1] == "chunked" else ("close", 0)
-    cl = head.headers.get_all("content-length")
     if cl:
         values = {v.strip(OWS) for item in cl for v in item.split(",")}
         if len(values) != 1 or not _DIGITS_RE.match(next(iter(values))):
@@ -1475,11 +1514,13 @@ def _leftover(reader) -> bool:
     return bool(getattr(reader, "_buffer", b""))
 
 
-def _socket_quiet(writer) -> bool:
-    """Peek at an idle pooled socket without blocking: False when the peer closed it or sent
-    anything while it sat idle (the event loop may not have noticed yet). The transport's socket
-    is non-blocking, so an empty receive queue raises BlockingIOError."""
-    sock = writer.get_extra_info("socket")
+def _socket_quiet(conn) -> bool:
+    """Look at an idle pooled socket without blocking: False when the peer closed it or sent
+    anything while it sat idle (the event loop may not have noticed yet). A poll object made
+    once per connection costs one poll(2) a reuse; where there is none (Windows), a peek."""
+    if conn.probe is not None:
+        return not conn.probe.poll(0)         # readable, hung up or in error: not reusable
+    sock = conn.writer.get_extra_info("socket")
     if sock is None:
         return True
     try:
@@ -1497,6 +1538,19 @@ def _socket_quiet(writer) -> bool:
         probe.detach()
 
 
+def _poll_probe(writer):
+    """A poll object on a connection's socket (the TCP one under TLS), or None."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or not hasattr(select, "poll"):
+        return None
+    try:
+        probe = select.poll()
+        probe.register(sock.fileno(), select.POLLIN)
+        return probe
+    except (OSError, ValueError):
+        return None
+
+
 def _replayable(method: str, headers: List[Tuple[str, str]]) -> bool:
     """Safe to send twice: an idempotent method, or a request carrying an idempotency key."""
     return method in ("GET", "HEAD", "OPTIONS") or any(
@@ -1504,7 +1558,7 @@ def _replayable(method: str, headers: List[Tuple[str, str]]) -> bool:
 
 
 class UpstreamConn:
-    __slots__ = ("reader", "writer", "origin", "reused", "idle_since", "via_proxy", "proxy_auth")
+    __slots__ = ("reader", "writer", "origin", "reused", "idle_since", "via_proxy", "proxy_auth", "probe")
 
     def __init__(self, reader, writer, origin, via_proxy=False, proxy_auth=None):
         self.reader = reader
@@ -1514,6 +1568,7 @@ class UpstreamConn:
         self.idle_since = 0.0
         self.via_proxy = via_proxy        # absolute-form requests to an HTTP proxy
         self.proxy_auth = proxy_auth
+        self.probe = _poll_probe(writer)  # sees a close while pooled (_socket_quiet)
 
     def abort(self):
         self.writer.transport.abort()
@@ -1532,9 +1587,16 @@ class UpstreamResponse:
         self.framing = framing
         self.read_timeout = read_timeout          # longest silence between body bytes
         self.deadline = deadline                  # monotonic time the whole reply must be done by
-        self.keep = "close" not in head.headers.tokens("connection") and head.version == "HTTP/1.1"
+        keep = head.version == "HTTP/1.1"
+        enc = ""
+        for k, v in head.headers.items:
+            if k == "connection":
+                if keep and "close" in v.lower() and "close" in [t.strip(OWS).lower() for t in v.split(",")]:
+                    keep = False
+            elif k == "content-encoding" and not enc:
+                enc = v.strip().lower() or " "
+        self.keep = keep
         self.finished = False
-        enc = head.headers.get("content-encoding", "").strip().lower()
         self.decoder = zlib.decompressobj(47) if enc in ("gzip", "x-gzip", "deflate") else None
 
     @property
@@ -1668,7 +1730,7 @@ class HTTPClient:
             conn = idle.pop()
             if (now - conn.idle_since > POOL_IDLE_S or conn.reader.at_eof()
                     or conn.writer.transport.is_closing() or conn.reader.exception() is not None
-                    or _leftover(conn.reader) or not _socket_quiet(conn.writer)):
+                    or _leftover(conn.reader) or not _socket_quiet(conn)):
                 conn.abort()
                 continue
             conn.reused = True
@@ -1971,11 +2033,14 @@ def render_sse(data, event: Optional[str] = None, id: Optional[str] = None) -> b
     return _utf8("".join(parts))
 
 
+_SNIFF_DECODER = json.JSONDecoder()
+
+
 def sniff_usage(data: bytes, key: bytes = b'"usage"') -> Optional[dict]:
     """Find the last non-null `"usage": {...}` object (or another key's) in a JSON body
     or the tail of an SSE stream without parsing the rest of it."""
     pos = len(data)
-    decoder = json.JSONDecoder()
+    decoder = _SNIFF_DECODER
     while True:
         pos = data.rfind(key, 0, pos)
         if pos < 0:
@@ -13070,24 +13135,26 @@ class App:
             self.usage.first_token.record_key(t_first - request.t_start, label)
         if info.overhead_ms is not None:
             self.usage.overhead.record_key(info.overhead_ms / 1000.0, label)
-        fields = {"status": status, "key": info.client, "model": model,
-                  "upstream_model": upstream_model if upstream_model != model else None,
-                  "provider": info.provider, "upkey": info.upkey, "via": info.via,
-                  "failover": ",".join(info.failover) if info.failover else None,
-                  "ttfb_ms": round((t_first - request.t_start) * 1000, 1) if t_first else None,
-                  "total_ms": round((now - request.t_start) * 1000, 1),
-                  "tokens_in": tin, "tokens_out": tout, "bytes": sent,
-                  "error": info.error or (None if ok else "client_disconnected")}
-        self.access.emit("%s %s" % (request.method, request.path[:MAX_LOG_FIELD]), fields)
+        total_ms = round((now - request.t_start) * 1000, 1)
+        error = info.error or (None if ok else "client_disconnected")
+        capture = self.capture is not None and info.cap_out is not None
+        if capture or log.isEnabledFor(logging.INFO):       # the line's fields, only when it is written
+            fields = {"status": status, "key": info.client, "model": model,
+                      "upstream_model": upstream_model if upstream_model != model else None,
+                      "provider": info.provider, "upkey": info.upkey, "via": info.via,
+                      "failover": ",".join(info.failover) if info.failover else None,
+                      "ttfb_ms": round((t_first - request.t_start) * 1000, 1) if t_first else None,
+                      "total_ms": total_ms, "tokens_in": tin, "tokens_out": tout, "bytes": sent, "error": error}
+            self.access.emit("%s %s" % (request.method, request.path[:MAX_LOG_FIELD]), fields)
+            if capture:
+                self.record_capture(request, status, fields)
         self.recent.append({"t": round(self.wall(), 3), "method": request.method, "path": request.path[:120],
                             "status": status, "client": who,
                             "model": (model or "")[:120] or None,
-                            "provider": info.provider, "ms": fields["total_ms"], "tokens_in": tin,
-                            "tokens_out": tout, "error": fields["error"]})
-        if self.capture is not None and info.cap_out is not None:
-            self.record_capture(request, status, fields)
+                            "provider": info.provider, "ms": total_ms, "tokens_in": tin,
+                            "tokens_out": tout, "error": error})
         if self.otel is not None and info.provider and info.provider in self.providers and info.trace_id:
-            self.trace(request, status, t_first, now, fields["error"])
+            self.trace(request, status, t_first, now, error)
 
     def trace(self, request: Request, status: int, t_first: Optional[float], now: float, error: Optional[str]):
         """The exchange as a GenAI span and metric points (current semantic conventions)."""

@@ -1184,6 +1184,165 @@ class TestHTTPWire(unittest.TestCase):
                 self.assertEqual(cm.exception.status, status)
                 self.assertTrue(cm.exception.close)
 
+    # The line-by-line parsers the one-regex fast paths replaced, kept as the reference they
+    # must equal on every input (result, or error status and message).
+    @staticmethod
+    def reference_request_head(data):
+        _bad, ProxyError = lp._bad, lp.ProxyError
+        data = data.lstrip(b"\r\n")
+        if data.count(b"\r") != data.count(b"\r\n"):
+            raise _bad("bare CR in request head")
+        if data.count(b"\n") != data.count(b"\r\n"):
+            raise _bad("bare LF in request head; lines must end in CRLF")
+        lines = data.split(b"\r\n")
+        while lines and not lines[-1]:
+            lines.pop()
+        if not lines:
+            raise _bad("empty request")
+        request_line = lines[0]
+        if len(request_line) > lp.MAX_REQUEST_LINE:
+            raise ProxyError(414, "invalid_request_error", "request target too long", close=True)
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not lp._TOKEN_RE.match(parts[0]) or not parts[1] or lp._BAD_TARGET_RE.search(parts[1]):
+            raise _bad("malformed request line")
+        method, target, version = parts
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            if re.match(rb"HTTP/\d\.\d\Z", version):
+                raise ProxyError(505, "invalid_request_error", "HTTP version not supported", close=True)
+            raise _bad("malformed HTTP version")
+        headers = lp.parse_header_lines(lines[1:])
+        hosts = sum(1 for k, _ in headers.items if k == "host")
+        if version == b"HTTP/1.1" and hosts != 1:
+            raise _bad("HTTP/1.1 request needs exactly one Host header")
+        target_s = target.decode("latin-1")
+        if target_s.startswith(("http://", "https://")):
+            rest = target_s.split("://", 1)[1]
+            slash = rest.find("/")
+            target_s = rest[slash:] if slash >= 0 else "/"
+        elif not (target_s.startswith("/") or (target_s == "*" and method == b"OPTIONS")):
+            raise _bad("request target must be origin-form")
+        return method.decode("ascii"), target_s, version.decode("ascii"), headers.items
+
+    @staticmethod
+    def reference_response_head(data):
+        lines = data.replace(b"\r\n", b"\n").split(b"\n")
+        while lines and not lines[-1]:
+            lines.pop()
+        if not lines:
+            raise lp.FramingError("empty response head")
+        m = re.match(rb"(HTTP/1\.[01]) ([0-9]{3})(?: (.*))?\Z", lines[0])
+        if not m:
+            raise lp.FramingError("malformed status line")
+        try:
+            headers = lp.parse_header_lines(lines[1:])
+        except lp.ProxyError as e:
+            raise lp.FramingError(e.message)
+        return int(m.group(2)), (m.group(3) or b"").decode("latin-1"), m.group(1).decode("ascii"), headers.items
+
+    @staticmethod
+    def head_corpus(first_lines, seed=7, n=3000):
+        rng = random.Random(seed)
+        fields = [b"Host: a", b"Content-Type: application/json", b"X-Thing:  v \t", b"A:", b"B: \xe9t\xe9",
+                  b"Authorization: Bearer k:1", b"Connection: keep-alive, Upgrade", b"x-empty:   ",
+                  b"Content-Length: 12", b"Transfer-Encoding: chunked"]
+        special = [b"\r", b"\n", b"\r\n", b"\x00", b"\x7f", b"\x01", b" ", b"\t", b":", b"(", b"\x80", b"\xa0", b"\xff", b"A"]
+        for i in range(n):
+            lines = [rng.choice(first_lines)] + rng.sample(fields, rng.randint(0, len(fields)))
+            raw = bytearray(b"\r\n".join(lines) + b"\r\n\r\n")
+            for _ in range(rng.choice((0, 0, 1, 2))):          # a third of the heads are mangled
+                pos = rng.randrange(len(raw))
+                raw[pos:pos + rng.choice((0, 1))] = rng.choice(special)
+            yield bytes(raw)
+        yield b"GET / HTTP/1.1\r\n" + b"".join(b"X%d: y\r\n" % i for i in range(lp.MAX_HEADERS + 1)) + b"\r\n"
+        yield b"GET / HTTP/1.1\r\n" + b"".join(b"X%d: y\r\n" % i for i in range(lp.MAX_HEADERS - 1)) + b"Host: a\r\n\r\n"
+
+    @staticmethod
+    def outcome(fn, raw):
+        try:
+            return ("ok", fn(raw))
+        except lp.ProxyError as e:
+            return ("error", e.status, e.message)
+        except lp.FramingError as e:
+            return ("framing", str(e))
+
+    def test_request_head_fast_path_equals_the_line_parser_on_a_corpus(self):
+        def fast(raw):
+            h = lp.parse_request_head(raw)
+            return h.method, h.target, h.version, h.headers.items
+
+        reference = self.reference_request_head
+        oks = 0
+        for raw in self.head_corpus([b"POST /v1/chat/completions HTTP/1.1", b"GET /x?y=1 HTTP/1.0",
+                                     b"GET http://h/p HTTP/1.1"]):
+            with self.subTest(raw=raw):
+                want = self.outcome(reference, raw)
+                if want[0] == "ok":
+                    oks += 1
+                self.assertEqual(self.outcome(fast, raw), want)
+        self.assertGreater(oks, 500)                # the corpus holds well-formed heads too
+
+    def test_response_head_fast_path_equals_the_line_parser_on_a_corpus(self):
+        def fast(raw):
+            h = lp.parse_response_head(raw)
+            return h.status, h.reason, h.version, h.headers.items
+        oks = 0
+        corpus = list(self.head_corpus([b"HTTP/1.1 200 OK", b"HTTP/1.0 404 Not Found", b"HTTP/1.1 204"], seed=11))
+        corpus += [raw.replace(b"\r\n", b"\n") for raw in corpus[:500]] + [b"", b"\n\n", b"\r\n\r\n"]
+        for raw in corpus:
+            with self.subTest(raw=raw):
+                want = self.outcome(self.reference_response_head, raw)
+                if want[0] == "ok":
+                    oks += 1
+                self.assertEqual(self.outcome(fast, raw), want)
+        self.assertGreater(oks, 500)
+
+    def test_response_framing_and_reuse_on_a_corpus_of_header_sets(self):
+        def reference(headers, method="POST", status=200):
+            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+                return ("none", 0)
+            te = headers.tokens("transfer-encoding")
+            if te:
+                return ("chunked", 0) if te[-1] == "chunked" else ("close", 0)
+            cl = headers.get_all("content-length")
+            if cl:
+                values = {v.strip(lp.OWS) for item in cl for v in item.split(",")}
+                if len(values) != 1 or not lp._DIGITS_RE.match(next(iter(values))):
+                    raise lp.FramingError("invalid Content-Length from upstream")
+                return ("length", int(values.pop()))
+            return ("close", 0)
+        rng = random.Random(3)
+        pool = [("transfer-encoding", "chunked"), ("transfer-encoding", "gzip"), ("transfer-encoding", " , Chunked"),
+                ("transfer-encoding", ""), ("content-length", "5"), ("content-length", "5, 5"),
+                ("content-length", "6"), ("content-length", ""), ("content-length", "x"), ("connection", "close"),
+                ("connection", "keep-alive, Close"), ("connection", "closed"), ("content-encoding", "GZIP "),
+                ("content-encoding", ""), ("content-encoding", "deflate"), ("content-encoding", "br")]
+        for _ in range(3000):
+            items = [rng.choice(pool) for _ in range(rng.randint(0, 4))]
+            version = rng.choice(("HTTP/1.1", "HTTP/1.0"))
+            rh = lp.ResponseHead(200, "OK", version, lp.Headers(items))
+            with self.subTest(items=items):
+                try:
+                    want = reference(rh.headers)
+                except lp.FramingError:
+                    want = "error"
+                try:
+                    got = lp.parse_response_framing(rh, "POST")
+                except lp.FramingError:
+                    got = "error"
+                self.assertEqual(got, want)
+                resp = lp.UpstreamResponse(None, None, rh, ("length", 0), 1.0)
+                self.assertEqual(resp.keep, "close" not in rh.headers.tokens("connection") and version == "HTTP/1.1")
+                enc = rh.headers.get("content-encoding", "").strip().lower()
+                self.assertEqual(resp.decoder is not None, enc in ("gzip", "x-gzip", "deflate"))
+
+    def test_rendered_heads_refuse_line_breaks_and_nul_anywhere(self):
+        self.assertEqual(lp.render_head(b"GET / HTTP/1.1\r\n", [("a", "1"), ("b", "")]),
+                         b"GET / HTTP/1.1\r\na: 1\r\nb: \r\n\r\n")
+        for bad in ("x\r\ny: z", "x\n", "\r", "a\x00b"):
+            for hdrs in ([("a", bad)], [("a", "1"), ("b", bad)], [(bad, "v")]):
+                with self.subTest(hdrs=hdrs), self.assertRaises(ValueError):
+                    lp.render_head(b"GET / HTTP/1.1\r\n", hdrs)
+
     def test_body_framing(self):
         H = lp.Headers
         self.assertEqual(lp.parse_body_framing(H([("content-length", "5")])), ("length", 5))
