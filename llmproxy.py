@@ -1285,7 +1285,8 @@ class HTTPServer:
             return False
         finally:
             self.ticker.remove(watch)
-            await watch.stop()
+            if watch.reader_task is not None:        # it started: its read must be gone first
+                await watch.stop()
 
     async def _exchange(self, conn: _Conn, head: RequestHead, request: Request, keep: bool) -> bool:
         try:
@@ -1679,6 +1680,19 @@ class UpstreamResponse:
                 conn.abort()
 
     async def read(self, limit: int = MAX_UPSTREAM_BODY) -> bytes:
+        kind, length = self.framing
+        reader = self.conn.reader
+        if kind == "length" and self.decoder is None and length <= limit and not self.finished and \
+                len(getattr(reader, "_buffer", b"")) >= length:
+            # the whole body came with the head (the common short reply): no generator, no
+            # timer, and the connection is back in the pool at once, as iter_body would leave it
+            data = await reader.readexactly(length) if length else b""
+            self.finished = True
+            if self.keep and not _leftover(reader):
+                self.client.release(self.conn)
+            else:
+                self.conn.abort()
+            return data
         parts = []
         size = 0
         agen = self.iter_body()
