@@ -23,6 +23,7 @@ import copy
 
 import hashlib
 import http.client
+import importlib.util
 
 
 import io
@@ -32,6 +33,7 @@ import json
 
 
 import logging
+import marshal
 
 
 import os
@@ -41,6 +43,7 @@ import random
 
 
 import re
+import shutil
 
 
 import signal
@@ -7269,6 +7272,68 @@ class TestVertex(ProxyCase):
 
 
 # 13. CLI and processes #######################################################
+
+@unittest.skipUnless(os.name == "posix" and hasattr(os, "geteuid"), "the re-exec and its code cache are POSIX only")
+class TestCodeCache(unittest.TestCase):
+    """The second process loads the compiled file from the user's cache instead of compiling it."""
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.folder = os.path.join(self.tmp, "llmproxy")
+        with open(lp.__file__, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:40]
+        self.cache = os.path.join(self.folder, "code-%s-%s.bin" % (importlib.util.MAGIC_NUMBER.hex(), digest))
+
+    def run_script(self, **env):
+        full = dict(os.environ, XDG_CACHE_HOME=self.tmp, **env)
+        full.pop("LLMPROXY_AS_MODULE", None)
+        proc = subprocess.run([sys.executable, os.path.abspath(lp.__file__), "--version"], env=full,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        return proc.stdout.decode() + proc.stderr.decode()
+
+    def plant(self, text, mode=0o700):
+        """A cache file (with this name) whose code only prints text."""
+        os.makedirs(self.folder, exist_ok=True)
+        os.chmod(self.folder, mode)
+        with open(self.cache, "wb") as f:
+            f.write(marshal.dumps(compile("print(%r)\nimport sys\nsys.exit(0)" % text, "x", "exec")))
+        os.chmod(self.cache, 0o600)
+
+    def test_the_first_run_writes_it_private_and_the_next_one_loads_it(self):
+        self.assertIn(lp.__version__, self.run_script())
+        self.assertEqual(stat.S_IMODE(os.stat(self.folder).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(self.cache).st_mode), 0o600)
+        with open(self.cache, "rb") as f:
+            self.assertEqual(type(marshal.loads(f.read())).__name__, "code")
+        self.plant("LOADED FROM CACHE")
+        self.assertIn("LOADED FROM CACHE", self.run_script())      # it is what runs
+
+    def test_a_cache_others_can_write_is_never_loaded(self):
+        self.plant("FOREIGN", mode=0o777)
+        out = self.run_script()
+        self.assertNotIn("FOREIGN", out)
+        self.assertIn(lp.__version__, out)
+
+    def test_a_corrupt_cache_is_compiled_again_and_replaced(self):
+        os.makedirs(self.folder, mode=0o700)
+        for junk in (b"\x00garbage", marshal.dumps(12345)):      # not marshal data; not code
+            with open(self.cache, "wb") as f:
+                f.write(junk)
+            os.chmod(self.cache, 0o600)
+            self.assertIn(lp.__version__, self.run_script())
+            with open(self.cache, "rb") as f:
+                self.assertEqual(type(marshal.loads(f.read())).__name__, "code")
+
+    def test_older_versions_are_removed_and_it_can_be_turned_off(self):
+        os.makedirs(self.folder, mode=0o700)
+        old = os.path.join(self.folder, "code-%s-%s.bin" % (importlib.util.MAGIC_NUMBER.hex(), "0" * 40))
+        with open(old, "wb") as f:
+            f.write(b"x")
+        self.assertIn(lp.__version__, self.run_script(LLMPROXY_CODE_CACHE="0"))
+        self.assertEqual(os.listdir(self.folder), [os.path.basename(old)])      # off: nothing written
+        self.run_script()
+        self.assertEqual(os.listdir(self.folder), [os.path.basename(self.cache)])
+
 
 class TestCLI(unittest.TestCase):
     def test_login_countdown_ticks_down_on_the_terminal(self):
