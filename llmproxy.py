@@ -266,6 +266,7 @@ def _finite_float(text: str) -> float:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+_SCAN_ONCE = _DECODER.scan_once
 
 
 def parse_json(data) -> Any:
@@ -273,7 +274,11 @@ def parse_json(data) -> Any:
     they are never forwarded. Raises ValueError (UnicodeDecodeError is one)."""
     if not isinstance(data, str):
         data = bytes(data).decode("utf-8")
-    return _DECODER.decode(data)
+    try:                                    # one value filling the text (an event's data): the scanner
+        obj, end = _SCAN_ONCE(data, 0)      # alone; whitespace around it or an error: decode() says
+    except StopIteration:
+        end = -1
+    return obj if end == len(data) else _DECODER.decode(data)
 
 
 def _utf8(text: str) -> bytes:
@@ -415,6 +420,7 @@ def iso_time(ts: float) -> str:
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
 _HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_CHUNK_FAST_RE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
 OWS = " \t"                 # optional whitespace (RFC 9110 §5.6.3): SP and HTAB only, never str.strip()'s
 # chunk-ext (RFC 9112 §7.1.1): ; name [= token / quoted-string], BWS around; nothing else on the line
 _CHUNK_EXT_RE = re.compile(rb'(?:[ \t]*;[ \t]*[!#$%&\'*+\-.^_`|~0-9A-Za-z]+(?:[ \t]*=[ \t]*(?:'
@@ -617,6 +623,8 @@ def parse_body_framing(headers: Headers, version: str = "HTTP/1.1") -> Tuple[str
 
 def parse_chunk_size(line: bytes) -> int:
     """`hex-size [BWS ; ext]` without CRLF -> size. Extensions are checked, then ignored (RFC 9112 §7.1.1)."""
+    if _HEX_RE.match(line):                 # the common line: a bare size
+        return int(line, 16)
     size, semi, ext = line.partition(b";")
     size = size.rstrip(b" \t")
     if not _HEX_RE.match(size):
@@ -634,7 +642,7 @@ class ChunkedDecoder:
     are read and dropped. Raises FramingError on malformed input or when the decoded
     size passes `max_bytes`.
     """
-    __slots__ = ("buf", "state", "remaining", "done", "tail", "max_bytes", "total", "trailer_bytes")
+    __slots__ = ("buf", "state", "remaining", "done", "tail", "max_bytes", "total", "trailer_bytes", "pos")
 
     def __init__(self, max_bytes: int = 1 << 62):
         self.buf = b""
@@ -645,6 +653,23 @@ class ChunkedDecoder:
         self.max_bytes = max_bytes
         self.total = 0
         self.trailer_bytes = 0
+        self.pos = 0
+
+    def _whole_chunk(self, buf: bytes, pos: int, out: List[bytes]) -> bool:
+        """A size line without extensions whose data and CRLF are all in buf: taken in one
+        step (self.pos is then past it). False leaves it to the general path."""
+        m = _CHUNK_FAST_RE.match(buf, pos)
+        if m is None:
+            return False
+        size = int(m.group(1), 16)
+        start = m.end()
+        if not size or len(buf) - start < size + 2 or buf[start + size:start + size + 2] != b"\r\n" or \
+                self.total + size > self.max_bytes:
+            return False
+        self.total += size
+        out.append(buf[start:start + size])
+        self.pos = start + size + 2
+        return True
 
     def feed(self, data: bytes) -> List[bytes]:
         out = []
@@ -660,6 +685,8 @@ class ChunkedDecoder:
                 self.remaining -= take
                 if self.remaining == 0:
                     self.state = 2
+            elif st == 0 and self._whole_chunk(buf, pos, out):
+                pos = self.pos                                   # a bare size line and its whole chunk
             elif st == 0 or st == 3:
                 end = buf.find(b"\r\n", pos)
                 if end < 0:
@@ -2030,7 +2057,7 @@ class SSEDecoder:
             self._started = True
             if buf.startswith("\ufeff"):
                 buf = buf[1:]
-        lines = _LINE_END_RE.split(buf)
+        lines = buf.split("\n") if "\r" not in buf else _LINE_END_RE.split(buf)
         rest = lines.pop()                  # text after the last line end
         if not rest and buf.endswith("\r"):
             # a CR at the very end may be the first half of CRLF: keep it pending

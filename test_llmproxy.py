@@ -1384,6 +1384,62 @@ class TestHTTPWire(unittest.TestCase):
                 self.assertTrue(dec.done)
                 self.assertEqual(dec.tail, b"NEXT")
 
+    def test_chunked_fast_path_equals_the_general_one_on_a_corpus(self):
+        """Whole chunks taken in one step give the pieces, errors, ends and tails of the
+        general path, whatever the bytes and however they are split."""
+        rng = random.Random(5)
+        special = [b"\r", b"\n", b"\r\n", b";", b" ", b"0", b"f", b"g", b"\x00", b"\r\n0\r\n\r\n"]
+
+        class General(lp.ChunkedDecoder):
+            def _whole_chunk(self, buf, pos, out):
+                return False
+
+        def run(raw, splits, fast, max_bytes):
+            dec = (lp.ChunkedDecoder if fast else General)(max_bytes)
+            out = []
+            try:
+                pos = 0
+                for cut in splits + [len(raw)]:
+                    out.append(b"|".join(dec.feed(raw[pos:cut])))
+                    pos = cut
+            except lp.FramingError as e:
+                return ("error", str(e), out)
+            return ("ok", out, dec.done, dec.tail, dec.buf, dec.state, dec.total)
+        for i in range(3000):
+            body = b"".join(lp.render_chunk(bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))))
+                            for _ in range(rng.randint(0, 6)))
+            raw = bytearray(body + rng.choice((b"0\r\n\r\n", b"0\r\nx: y\r\n\r\nNEXT", b"", b"3;e=1\r\nabc\r\n0\r\n\r\n")))
+            for _ in range(rng.choice((0, 0, 1, 2))):
+                pos = rng.randrange(len(raw) + 1)
+                raw[pos:pos + rng.choice((0, 1))] = rng.choice(special)
+            raw = bytes(raw)
+            splits = sorted(rng.sample(range(len(raw) + 1), min(len(raw) + 1, rng.choice((0, 1, 3)))))
+            max_bytes = rng.choice((1 << 62, 64))
+            with self.subTest(raw=raw, splits=splits):
+                self.assertEqual(run(raw, splits, True, max_bytes), run(raw, splits, False, max_bytes))
+
+    def test_strict_json_fast_path_equals_the_decoder_on_a_corpus(self):
+        rng = random.Random(9)
+        seeds = ['{"a": 1}', '[1, 2.5, "x"]', '"s"', '12', 'null', '{"choices":[{"delta":{"content":"hi"}}]}',
+                 ' {"a":1} ', '{"a":1}\n', '{"a": NaN}', '[Infinity]', '1e999', '{"a":1}{"b":2}', '', ' ',
+                 '{"a":', 'tru', '"\\ud800"', '{"a":1} x', '\t[]\t', '-0', '{"k": -1.5e3}']
+        corpus = list(seeds)
+        for _ in range(2000):
+            t = list(rng.choice(seeds))
+            for _ in range(rng.randint(0, 2)):
+                pos = rng.randrange(len(t) + 1)
+                t[pos:pos + rng.choice((0, 1))] = rng.choice([" ", "\n", "{", "}", "1", '"', ",", "N", "e", ".", ":"])
+            corpus.append("".join(t))
+
+        def outcome(fn, text):
+            try:
+                return ("ok", fn(text))
+            except ValueError as e:
+                return ("error", type(e).__name__, str(e))
+        for text in corpus:
+            with self.subTest(text=text):
+                self.assertEqual(outcome(lp.parse_json, text), outcome(lp._DECODER.decode, text))
+
     def test_chunked_decoder_errors(self):
         for raw in (b"zz\r\nhello\r\n", b"-1\r\n", b"10000000000000000\r\n", b"5\r\nhelloXX0\r\n\r\n",
                     b"5 5\r\nhello\r\n", b"0\r\nno-colon-trailer\r\n\r\n", b"1" * 5000):
