@@ -138,6 +138,7 @@ if __name__ == "__main__" and os.name == "posix" and not os.environ.get("LLMPROX
 MAX_HEAD_BYTES = 64 * 1024          # request line + headers; stdlib http.client reads 64 KiB lines; over -> 431
 MAX_REQUEST_LINE = 16 * 1024        # RFC 9112 §3 asks for >= 8000 octets; over -> 414
 MAX_HEADERS = 100                   # stdlib http.client _MAXHEADERS
+MAX_ROUTE_MEMO = 1024               # model names whose route is remembered (clients pick the names)
 MAX_BODY_BYTES = 50 * 1024 * 1024   # long agent contexts with inline images fit; configurable -> 413
 MAX_CHUNK_LINE = 4096               # chunk-size line incl. extensions (RFC 9112 §7.1.1: bound them)
 MAX_TRAILER_BYTES = 16 * 1024       # trailers are read and dropped; bound what we read
@@ -494,16 +495,18 @@ _FIELD_BLOCK_CRLF_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7
 _FIELD_BLOCK_LF_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\n)*\Z")
 
 
+# (name, value without the OWS around it) of each line of a block the regexes above matched
+_FIELD_PAIR_CRLF_RE = re.compile(r"([^:]*):[ \t]*(.*?)[ \t]*\r\n")
+_FIELD_PAIR_LF_RE = re.compile(r"([^:]*):[ \t]*(.*?)[ \t]*\n")
+
+
 def parse_field_block(block: bytes, eol: bytes = b"\r\n") -> Headers:
     """Field lines, each ending in eol (CRLF, or LF for a normalised upstream head) -> Headers:
     one regex over the block, then a split; the line-by-line parser where it does not match."""
-    fast = _FIELD_BLOCK_CRLF_RE if eol == b"\r\n" else _FIELD_BLOCK_LF_RE
-    if block.count(b"\n") <= MAX_HEADERS and fast.match(block):
-        items = []
-        for line in block.decode("latin-1").split(eol.decode("ascii"))[:-1]:
-            name, _, value = line.partition(":")
-            items.append((name.lower(), value.strip(OWS)))
-        return Headers(items)
+    crlf = eol == b"\r\n"
+    if block.count(b"\n") <= MAX_HEADERS and (_FIELD_BLOCK_CRLF_RE if crlf else _FIELD_BLOCK_LF_RE).match(block):
+        pairs = (_FIELD_PAIR_CRLF_RE if crlf else _FIELD_PAIR_LF_RE).findall(block.decode("latin-1"))
+        return Headers([(name.lower(), value) for name, value in pairs])
     lines = block.split(eol)
     if lines and not lines[-1]:
         lines.pop()
@@ -533,9 +536,10 @@ def parse_header_lines(lines: List[bytes]) -> Headers:
 def parse_request_head(data: bytes) -> RequestHead:
     """Parse a request head ending in CRLF CRLF. Raises ProxyError with close=True."""
     data = data.lstrip(b"\r\n")   # RFC 9112 §2.2: ignore empty lines before the request line
-    if data.count(b"\r") != data.count(b"\r\n"):
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf:
         raise _bad("bare CR in request head")
-    if data.count(b"\n") != data.count(b"\r\n"):
+    if data.count(b"\n") != crlf:
         raise _bad("bare LF in request head; lines must end in CRLF")
     if not data:
         raise _bad("empty request")
@@ -7663,9 +7667,26 @@ class Router:
         self.default = default
         self.force: Optional[Tuple[str, Optional[str]]] = force
         self.fallbacks: Dict[str, List[Tuple[str, Optional[str]]]] = dict(fallbacks or {})
+        self.memo: Dict[str, List[Tuple[str, str]]] = {}     # model -> [(provider, model)] chain() found
+
+    def forget(self):
+        """Providers changed (a login added one): routes are found again."""
+        self.memo.clear()
 
     def chain(self, model: str) -> List[Route]:
-        """The targets to try for `model`, in order."""
+        """The targets to try for `model`, in order (found once per model name, then looked up:
+        the Route objects are new each time, with the providers as they are now)."""
+        hit = self.memo.get(model)
+        p = self.providers
+        if hit is not None:
+            return [Route(p[name], m) for name, m in hit]
+        routes = self._chain(model)
+        if len(self.memo) >= MAX_ROUTE_MEMO:
+            self.memo.clear()
+        self.memo[model] = [(r.provider.name, r.model) for r in routes]
+        return routes
+
+    def _chain(self, model: str) -> List[Route]:
         p = self.providers
         hit = self.alias(model) if not self.force else None
         routes = [Route(p[name], m or model) for name, m in hit] if hit else [self.resolve(model)]
@@ -12836,6 +12857,8 @@ class App:
         prov = self.providers[name] = Provider(name, pc.kind, pc.base_url, ring, pc.headers, pc.models,
                                                pc.connect_timeout_s, pc.read_timeout_s, pc.cooldown_s, pc.options,
                                                clock=self.wall)
+        if getattr(self, "router", None) is not None:
+            self.router.forget()
         self.breakers[name] = Breaker(cfg.breaker_failures, cfg.breaker_cooloff_s, self.clock)
         self.slots[name] = Slots(prov.options.get("max_concurrency", 0), prov.options.get("queue_timeout_s", 30.0))
         if prov.auth:
@@ -12855,6 +12878,7 @@ class App:
         prov.credential.task = self.spawn(prov.credential.run_refresher())
         if built_in:                 # only the built-in mock so far: plain model names go to the login
             self.router.default = name
+            self.router.forget()
         log.info("provider %s added for a device login (no config needed)", name)
         return prov.credential
 
@@ -13080,7 +13104,7 @@ class App:
     def precheck(self, head: RequestHead):
         """Route, method and auth before the body is read. -> (handler, key entry),
         a Response (CORS preflight) or a ProxyError."""
-        if "websocket" in head.headers.tokens("upgrade"):
+        if "upgrade" in head.headers and "websocket" in head.headers.tokens("upgrade"):
             # Codex tries a WebSocket transport for Responses first (always with the built-in
             # openai provider on a custom base URL). 426 is the one answer it falls back to
             # HTTP on at once (measured with Codex 0.171: ~0.1 s); 404/405/5xx cost it ~6.5 s of

@@ -1248,7 +1248,7 @@ class TestHTTPWire(unittest.TestCase):
         fields = [b"Host: a", b"Content-Type: application/json", b"X-Thing:  v \t", b"A:", b"B: \xe9t\xe9",
                   b"Authorization: Bearer k:1", b"Connection: keep-alive, Upgrade", b"x-empty:   ",
                   b"Content-Length: 12", b"Transfer-Encoding: chunked"]
-        special = [b"\r", b"\n", b"\r\n", b"\x00", b"\x7f", b"\x01", b" ", b"\t", b":", b"(", b"\x80", b"\xa0", b"\xff", b"A"]
+        special = [b"\r", b"\n", b"\r\n", b"\x00", b"\x7f", b"\x01", b" ", b"\t", b":", b"(", b"\x80", b"\x85", b"\xa0", b"\xff", b"A"]
         for i in range(n):
             lines = [rng.choice(first_lines)] + rng.sample(fields, rng.randint(0, len(fields)))
             raw = bytearray(b"\r\n".join(lines) + b"\r\n\r\n")
@@ -3863,6 +3863,22 @@ class TestRouter(unittest.TestCase):
     def providers(self):
         mk = lambda n, models=(): lp.Provider(n, "openai", "http://x", lp.KeyRing([]), models=list(models))
         return {"openai": mk("openai"), "openrouter": mk("openrouter"), "local": mk("local", ["llama3:8b"])}
+
+    def test_remembered_routes_follow_provider_changes(self):
+        p = self.providers()
+        r = lp.Router(p, default="openai")
+        pairs = lambda routes: [(x.provider.name, x.model) for x in routes]
+        self.assertEqual(pairs(r.chain("nous/hermes")), [("openai", "nous/hermes")])
+        self.assertEqual(pairs(r.chain("nous/hermes")), [("openai", "nous/hermes")])     # remembered
+        p["nous"] = lp.Provider("nous", "openai", "http://n", lp.KeyRing([]))
+        r.forget()                                           # what App.add_provider does
+        self.assertEqual(pairs(r.chain("nous/hermes")), [("nous", "hermes")])
+        fresh = p["openai"] = lp.Provider("openai", "openai", "http://y", lp.KeyRing([]))
+        self.assertIs(r.chain("gpt-x")[0].provider, fresh)
+        self.assertIs(r.chain("gpt-x")[0].provider, fresh)    # a replaced provider object, never a stale one
+        for i in range(lp.MAX_ROUTE_MEMO + 5):                # clients pick the names: the memory is bounded
+            r.chain("m%d" % i)
+        self.assertLessEqual(len(r.memo), lp.MAX_ROUTE_MEMO)
 
     def test_resolution_order(self):
         p = self.providers()
