@@ -90,7 +90,8 @@ cache = None
 if os.environ.get("LLMPROXY_CODE_CACHE", "1") != "0" and hasattr(os, "geteuid"):
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = os.path.join(root, "llmproxy")
-    cache = os.path.join(folder, "code-%s-%s.bin" % (u.MAGIC_NUMBER.hex(), hashlib.sha256(src).hexdigest()[:40]))
+    kind = "code-%s-o%d-" % (u.MAGIC_NUMBER.hex(), sys.flags.optimize)     # -O and -OO compile differently
+    cache = os.path.join(folder, kind + hashlib.sha256(src).hexdigest()[:40] + ".bin")
     try:
         st = os.stat(folder)
         fst = os.stat(cache)
@@ -112,7 +113,7 @@ if code is None:
                 f.write(marshal.dumps(code))
             os.replace(tmp, cache)
             for name in os.listdir(folder):       # older versions of the file: not needed again
-                if name.startswith("code-%s-" % u.MAGIC_NUMBER.hex()) and os.path.join(folder, name) != cache:
+                if name.startswith(kind) and os.path.join(folder, name) != cache:
                     os.unlink(os.path.join(folder, name))
         except OSError:
             pass
@@ -128,7 +129,12 @@ if __name__ == "__main__" and os.name == "posix" and not os.environ.get("LLMPROX
     # CPython keeps a script's whole syntax tree (~17 MB for this file) until the script
     # ends; run as an imported module instead, whose tree is freed once compiled.
     os.environ["LLMPROXY_AS_MODULE"] = "1"
-    os.execv(sys.executable, [sys.executable, "-c", _BOOTSTRAP, os.path.abspath(__file__)] + sys.argv[1:])
+    try:                        # the interpreter's own flags (-I, -O, -S, -X ...) go on to the second process
+        import subprocess
+        flags = subprocess._args_from_interpreter_flags()
+    except (ImportError, AttributeError):
+        flags = []
+    os.execv(sys.executable, [sys.executable] + flags + ["-c", _BOOTSTRAP, os.path.abspath(__file__)] + sys.argv[1:])
 
 
 # 1. constants and errors #####################################################

@@ -7354,13 +7354,14 @@ class TestCodeCache(unittest.TestCase):
         self.folder = os.path.join(self.tmp, "llmproxy")
         with open(lp.__file__, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:40]
-        self.cache = os.path.join(self.folder, "code-%s-%s.bin" % (importlib.util.MAGIC_NUMBER.hex(), digest))
+        self.cache = os.path.join(self.folder, "code-%s-o0-%s.bin" % (importlib.util.MAGIC_NUMBER.hex(), digest))
 
-    def run_script(self, **env):
+    def run_script(self, *flags, **env):
         full = dict(os.environ, XDG_CACHE_HOME=self.tmp, **env)
         full.pop("LLMPROXY_AS_MODULE", None)
-        proc = subprocess.run([sys.executable, os.path.abspath(lp.__file__), "--version"], env=full,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        full.pop("PYTHONOPTIMIZE", None)
+        proc = subprocess.run([sys.executable] + list(flags) + [os.path.abspath(lp.__file__), "--version"],
+                              env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
         return proc.stdout.decode() + proc.stderr.decode()
 
     def plant(self, text, mode=0o700):
@@ -7380,6 +7381,15 @@ class TestCodeCache(unittest.TestCase):
         self.plant("LOADED FROM CACHE")
         self.assertIn("LOADED FROM CACHE", self.run_script())      # it is what runs
 
+    def test_interpreter_flags_reach_the_second_process_and_its_cache(self):
+        self.assertIn(lp.__version__, self.run_script("-O"))
+        self.assertEqual(os.listdir(self.folder), [os.path.basename(self.cache).replace("-o0-", "-o1-")])
+        with open(self.cache.replace("-o0-", "-o1-"), "wb") as f:       # reports the flags it runs under
+            f.write(marshal.dumps(compile("import sys\nprint('flags', sys.flags.optimize, sys.flags.isolated)",
+                                          "x", "exec")))
+        self.assertIn("flags 1 0", self.run_script("-O"))
+        self.assertIn("flags 1 1", self.run_script("-O", "-I"))       # -I is not lost in the re-exec
+
     def test_a_cache_others_can_write_is_never_loaded(self):
         self.plant("FOREIGN", mode=0o777)
         out = self.run_script()
@@ -7398,7 +7408,7 @@ class TestCodeCache(unittest.TestCase):
 
     def test_older_versions_are_removed_and_it_can_be_turned_off(self):
         os.makedirs(self.folder, mode=0o700)
-        old = os.path.join(self.folder, "code-%s-%s.bin" % (importlib.util.MAGIC_NUMBER.hex(), "0" * 40))
+        old = os.path.join(self.folder, "code-%s-o0-%s.bin" % (importlib.util.MAGIC_NUMBER.hex(), "0" * 40))
         with open(old, "wb") as f:
             f.write(b"x")
         self.assertIn(lp.__version__, self.run_script(LLMPROXY_CODE_CACHE="0"))
