@@ -1210,13 +1210,14 @@ class HTTPServer:
         try:
             first = True
             head_deadline = None
+            on_timeout = partial(self._on_head_timeout, conn, True)        # a 408 for a head begun
+            on_idle = partial(self._on_head_timeout, conn, False)          # a quiet close between requests
             while not self.closing:
                 conn.idle = True
                 if head_deadline is None:         # blank lines before a head do not restart its clock
                     head_deadline = time.monotonic() + (
                         self.limits.head_timeout if first else self.limits.keepalive_timeout)
-                self.ticker.add(conn, max(0.0, head_deadline - time.monotonic()),
-                                partial(self._on_head_timeout, conn, first))
+                self.ticker.add(conn, max(0.0, head_deadline - time.monotonic()), on_timeout if first else on_idle)
                 try:
                     raw = await reader.readuntil(b"\r\n\r\n")
                     if conn.stash:
@@ -1332,7 +1333,8 @@ class HTTPServer:
                 not (isinstance(match, ProxyError) and match.close)
             await self._write(conn, head, Request(head, b"", conn.peer, None), early, keep)
             return keep
-        if has_body and head.version == "HTTP/1.1" and "100-continue" in head.headers.tokens("expect"):
+        if has_body and head.version == "HTTP/1.1" and head.headers.get("expect") is not None and \
+                "100-continue" in head.headers.tokens("expect"):
             conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             body = await self._read_body(conn, framing)
@@ -1932,7 +1934,8 @@ class HTTPClient:
                 if len(body) >= 65536:
                     conn.writer.write(body)
                 timer.arm(read_timeout)
-                await conn.writer.drain()
+                if conn.writer.transport.get_write_buffer_size():     # all of it went out at once: nothing to wait for
+                    await conn.writer.drain()
                 interim = 0
                 while True:
                     raw = await conn.reader.readuntil(b"\r\n\r\n")
@@ -2131,13 +2134,14 @@ def render_sse(data, event: Optional[str] = None, id: Optional[str] = None) -> b
 
 
 _SNIFF_DECODER = json.JSONDecoder()
+_SNIFF_OPEN_RE = re.compile(rb"[ \t\r\n]*\{")
 
 
 def sniff_usage(data: bytes, key: bytes = b'"usage"') -> Optional[dict]:
     """Find the last non-null `"usage": {...}` object (or another key's) in a JSON body
     or the tail of an SSE stream without parsing the rest of it."""
     pos = len(data)
-    decoder = _SNIFF_DECODER
+    scan = _SNIFF_DECODER.scan_once
     while True:
         pos = data.rfind(key, 0, pos)
         if pos < 0:
@@ -2145,16 +2149,15 @@ def sniff_usage(data: bytes, key: bytes = b'"usage"') -> Optional[dict]:
         colon = data.find(b":", pos + len(key))
         if colon < 0:
             continue
-        start = colon + 1
-        while start < len(data) and data[start] in b" \t\r\n":
-            start += 1
-        if data[start:start + 1] == b"{":
+        m = _SNIFF_OPEN_RE.match(data, colon + 1)          # whitespace, then the object's brace
+        if m is not None:
+            start = m.end() - 1
             end = data.find(b"\n", start)
             # an SSE data line first; a pretty-printed JSON body spans lines
             for chunk in ((data[start:end], data[start:]) if end > 0 else (data[start:],)):
                 try:
-                    obj, _ = decoder.raw_decode(chunk.decode("utf-8", "replace"))
-                except ValueError:
+                    obj, _ = scan(chunk.decode("utf-8", "replace"), 0)
+                except (StopIteration, ValueError):
                     continue
                 if isinstance(obj, dict):
                     return obj
@@ -6324,9 +6327,10 @@ class ProxyKeys:
             return None
         d = _digest(presented)
         found = None
-        for e in self.entries:
-            if hmac.compare_digest(e.digest, d):
-                found = e
+        for entries in (self.fixed, self.stored):
+            for e in entries:
+                if hmac.compare_digest(e.digest, d):
+                    found = e
         return found
 
     def create(self, name: str = "", admin: bool = False) -> Tuple[KeyEntry, str]:
@@ -9211,6 +9215,9 @@ def setup_logging(level: str = "info", fmt: str = "text", stream=None):
     log.handlers[:] = [handler]
     log.setLevel(getattr(logging, level.upper(), logging.INFO))
     log.propagate = False
+
+
+_PROVIDER_LABELS: Dict[str, tuple] = {}      # provider -> its metric label tuple, built once
 
 
 def client_label(key_id: Optional[str], redacted: Optional[str]) -> str:
@@ -13110,7 +13117,7 @@ class App:
     def precheck(self, head: RequestHead):
         """Route, method and auth before the body is read. -> (handler, key entry),
         a Response (CORS preflight) or a ProxyError."""
-        if "upgrade" in head.headers and "websocket" in head.headers.tokens("upgrade"):
+        if head.headers.get("upgrade") is not None and "websocket" in head.headers.tokens("upgrade"):
             # Codex tries a WebSocket transport for Responses first (always with the built-in
             # openai provider on a custom base URL). 426 is the one answer it falls back to
             # HTTP on at once (measured with Codex 0.171: ~0.1 s); 404/405/5xx cost it ~6.5 s of
@@ -13245,14 +13252,21 @@ class App:
         tin, tout = self.count_usage(info, who)
         model = info.model
         upstream_model = info.upstream_model or model     # what the back-end ran (and bills)
-        self.usage.answer(info.provider or "-", status, now - request.t_start)
-        label = (("provider", info.provider or "-"),)
-        self.usage.duration.record_key(now - request.t_start, label)
+        provider = info.provider or "-"
+        took = now - request.t_start
+        usage = self.usage
+        usage.answer(provider, status, took)
+        label = _PROVIDER_LABELS.get(provider)
+        if label is None:
+            label = (("provider", provider),)
+            if len(_PROVIDER_LABELS) < MAX_METRIC_MODELS:
+                _PROVIDER_LABELS[provider] = label
+        usage.duration.record_key(took, label)
         if t_first:
-            self.usage.first_token.record_key(t_first - request.t_start, label)
+            usage.first_token.record_key(t_first - request.t_start, label)
         if info.overhead_ms is not None:
-            self.usage.overhead.record_key(info.overhead_ms / 1000.0, label)
-        total_ms = round((now - request.t_start) * 1000, 1)
+            usage.overhead.record_key(info.overhead_ms / 1000.0, label)
+        total_ms = round(took * 1000, 1)
         error = info.error or (None if ok else "client_disconnected")
         capture = self.capture is not None and info.cap_out is not None
         if capture or log.isEnabledFor(logging.INFO):       # the line's fields, only when it is written
@@ -13321,12 +13335,13 @@ class App:
             tin, tout = usage.input, usage.output
             if info.client_id:
                 self.limiter.add_tokens(info.client_id, tin + tout)
+        else:
+            usage = None
         if info.provider:
-            label = self.usage.label(info.upstream_model or info.model or "-")
-            cost = price_of(self.config.prices, info.upstream_model or info.model or "",
-                            usage if isinstance(usage, Usage) else None)
-            self.usage.record(who, info.provider, label, tin, tout,
-                              usage if isinstance(usage, Usage) else None, cost)
+            model = info.upstream_model or info.model or ""
+            label = self.usage.label(model or "-")
+            cost = price_of(self.config.prices, model, usage) if usage is not None else 0.0
+            self.usage.record(who, info.provider, label, tin, tout, usage, cost)
             if cost and info.client_id:
                 self.spent[who] = self.spent.get(who, 0.0) + cost
             if self.shared is not None:
