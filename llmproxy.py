@@ -255,7 +255,27 @@ _ERROR_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_erro
 # Strict JSON (RFC 8259: no NaN/Infinity, no lone surrogates out), parsed and written
 # cooperatively for big bodies; HTTP and ISO dates. Pure helpers every later section uses.
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))   # built once, not per call
+class _Encoder:
+    """Compact JSON (ensure_ascii off) through the C encoder built once: JSONEncoder.encode
+    builds it again on every call, about half the cost of encoding a small object. Where the
+    C module is missing, or for a str, it is the JSONEncoder's own encode()."""
+    __slots__ = ("plain", "c")
+
+    def __init__(self):
+        self.plain = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+        make = getattr(json.encoder, "c_make_encoder", None)
+        # no markers dict (shared state between calls and threads): what we encode is parsed
+        # JSON or built here, never cyclic; a cycle would be a RecursionError, not a ValueError
+        self.c = None if make is None else make(None, self.plain.default, json.encoder.encode_basestring, None,
+                                                ":", ",", False, False, True)
+
+    def encode(self, obj) -> str:
+        if self.c is None or isinstance(obj, str):
+            return self.plain.encode(obj)
+        return "".join(self.c(obj, 0))
+
+
+_ENCODER = _Encoder()        # built once, not per call
 _jstr = json.encoder.encode_basestring       # a str as a JSON string literal (C speed)
 _LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -2529,6 +2549,13 @@ class CodecOptions:
     on_complete: Optional[Callable[[dict], None]] = None    # Responses: the finished reply, to remember
     clock: Callable[[], float] = time.time                  # "created" stamps
     ids: Callable[[str], str] = new_id                      # ids the upstream did not give
+
+    @staticmethod
+    def source(options: dict) -> tuple:
+        """What of() reads from a provider's options dict (equal tuples, equal results)."""
+        g = options.get
+        return (g("cache_control"), g("max_tokens_field"), g("thinking"), g("sse", True), g("reasoning_details"),
+                g("on_complete"))
 
     @classmethod
     def of(cls, options) -> "CodecOptions":
@@ -5881,6 +5908,7 @@ class Provider:
             self.options["max_tokens_field"] = "max_completion_tokens" if "api.openai.com" in self.base_url \
                 else "max_tokens"
         self.credential = None            # a section-8 Credential for subscription logins
+        self._codec = None                # (the options it came from, CodecOptions)
         self.auth = self.options.get("auth")
         self.tags = list(self.options.get("tags") or [])
         # what requests go through: None for the HTTP client, else an in-process upstream
@@ -5888,8 +5916,12 @@ class Provider:
 
     @property
     def codec_options(self) -> CodecOptions:
-        """This back-end's facts for the codecs, typed."""
-        return CodecOptions.of(self.options)
+        """This back-end's facts for the codecs, typed (made again only when the options it is
+        read from changed)."""
+        key = CodecOptions.source(self.options)
+        if self._codec is None or self._codec[0] != key:
+            self._codec = (key, CodecOptions.of(self.options))
+        return self._codec[1]
 
     @property
     def format(self):
@@ -11571,9 +11603,18 @@ class Translator:
         self.clock, self.wall = app.clock, app.wall
         self.timing: StreamTiming = app.timing
         self.told: SaidOnce = app.told
+        self.shared_options: Dict[Tuple[str, bool], Tuple[CodecOptions, CodecOptions]] = {}
 
     def options(self, prov: Provider, sse: bool, on_complete=None) -> CodecOptions:
-        return dataclasses.replace(prov.codec_options, sse=sse, on_complete=on_complete, clock=self.wall)
+        if on_complete is not None:
+            return dataclasses.replace(prov.codec_options, sse=sse, on_complete=on_complete, clock=self.wall)
+        # the same for every request to this provider (frozen, so shareable): made once
+        base = prov.codec_options
+        hit = self.shared_options.get((prov.name, sse))
+        if hit is None or hit[0] is not base:
+            hit = self.shared_options[(prov.name, sse)] = (base, dataclasses.replace(
+                base, sse=sse, on_complete=None, clock=self.wall))
+        return hit[1]
 
     async def prepare(self, call: ChatCall, prov: Provider, creq: ChatRequest):
         """What the back-end needs that the client did not send: the history behind a

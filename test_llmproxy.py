@@ -1142,6 +1142,30 @@ class TestCooperativeJSON(unittest.TestCase):
             with self.subTest(text=text), self.assertRaises(ValueError):
                 asyncio.run(lp.parse_json_cooperative(text))
 
+    def test_the_prebuilt_encoder_equals_json_encoder_on_a_corpus(self):
+        rng = random.Random(13)
+        plain = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+        atoms = [0, -1, 10 ** 30, 1.5, -0.0, 1e300, float("inf"), float("nan"), True, False, None, "", "x",
+                 "é\u2028\ud83d\x00\"\\\n", "\U0001f600"]
+
+        def value(depth):
+            kind = rng.randrange(4 if depth < 4 else 1)
+            if kind == 0:
+                return rng.choice(atoms)
+            if kind == 1:
+                return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+            if kind == 2:
+                return tuple(value(depth + 1) for _ in range(rng.randint(0, 3)))
+            return {rng.choice(["k", "é", 1, 2.5, True, None, "model"]): value(depth + 1) for _ in range(rng.randint(0, 4))}
+        for _ in range(3000):
+            obj = value(0)
+            with self.subTest(obj=obj):
+                self.assertEqual(lp._ENCODER.encode(obj), plain.encode(obj))
+        with self.assertRaises(TypeError):
+            lp._ENCODER.encode({"a": object()})
+        with self.assertRaises(TypeError):
+            lp._ENCODER.encode({(1, 2): 1})
+
     def test_rendering_matches_the_one_shot_encoder(self):
         for text in self.GOOD + ['{"a": "\\ud83d"}']:
             obj = json.loads(text)
@@ -3863,6 +3887,17 @@ class TestRouter(unittest.TestCase):
     def providers(self):
         mk = lambda n, models=(): lp.Provider(n, "openai", "http://x", lp.KeyRing([]), models=list(models))
         return {"openai": mk("openai"), "openrouter": mk("openrouter"), "local": mk("local", ["llama3:8b"])}
+
+    def test_codec_options_are_made_once_and_again_when_the_options_change(self):
+        prov = lp.Provider("p", "openai", "http://x", lp.KeyRing([]))
+        first = prov.codec_options
+        self.assertIs(prov.codec_options, first)
+        self.assertFalse(first.cache_control)
+        prov.options["cache_control"] = True                 # a reload or a test turns it on
+        self.assertTrue(prov.codec_options.cache_control)
+        prov.options["thinking"] = "drop"
+        self.assertTrue(prov.codec_options.drop_thinking)
+        self.assertEqual(prov.codec_options, lp.CodecOptions.of(prov.options))
 
     def test_remembered_routes_follow_provider_changes(self):
         p = self.providers()
