@@ -686,20 +686,28 @@ class ChunkedDecoder:
         self.pos = 0
 
     def _whole_chunk(self, buf: bytes, pos: int, out: List[bytes]) -> bool:
-        """A size line without extensions whose data and CRLF are all in buf: taken in one
-        step (self.pos is then past it). False leaves it to the general path."""
-        m = _CHUNK_FAST_RE.match(buf, pos)
-        if m is None:
-            return False
-        size = int(m.group(1), 16)
-        start = m.end()
-        if not size or len(buf) - start < size + 2 or buf[start + size:start + size + 2] != b"\r\n" or \
-                self.total + size > self.max_bytes:
-            return False
-        self.total += size
-        out.append(buf[start:start + size])
-        self.pos = start + size + 2
-        return True
+        """Size lines without extensions whose data and CRLF are all in buf: taken in one
+        tight loop (self.pos is then past the last). False when not even the first one is:
+        the general path then takes it."""
+        match = _CHUNK_FAST_RE.match
+        n = len(buf)
+        total, limit = self.total, self.max_bytes
+        begin = pos
+        while True:
+            m = match(buf, pos)
+            if m is None:
+                break
+            size = int(m.group(1), 16)
+            start = m.end()
+            stop = start + size
+            if not size or stop + 2 > n or buf[stop:stop + 2] != b"\r\n" or total + size > limit:
+                break
+            total += size
+            out.append(buf[start:stop])
+            pos = stop + 2
+        self.total = total
+        self.pos = pos
+        return pos != begin
 
     def feed(self, data: bytes) -> List[bytes]:
         out = []
@@ -2112,11 +2120,14 @@ class SSEDecoder:
                 self._event = ""
                 self._retry = None
                 continue
-            if line[0] == ":":
+            if line.startswith("data:"):          # most lines: the field named, no partition needed
+                name, value = "data", line[6:] if line[5:6] == " " else line[5:]
+            elif line[0] == ":":
                 continue
-            name, sep, value = line.partition(":")
-            if sep and value[:1] == " ":
-                value = value[1:]
+            else:
+                name, sep, value = line.partition(":")
+                if sep and value[:1] == " ":
+                    value = value[1:]
             if name == "data":
                 self._data_len += len(value) + 1
                 if self._data_len > self.max_event or len(line) > self.max_line:
@@ -3426,6 +3437,7 @@ OUTPUT_CEILINGS = [("gpt-4o", 16384), ("chatgpt-4o", 16384), ("gpt-4.1", 32768),
                    ("gemini-1.5", 8192), ("deepseek-chat", 8192), ("deepseek-reasoner", 65536)]
 
 
+@lru_cache(maxsize=1024)
 def output_ceiling(model: str) -> Optional[int]:
     name = (model or "").rsplit("/", 1)[-1].lower()
     return next((cap for prefix, cap in OUTPUT_CEILINGS if name.startswith(prefix)), None)
