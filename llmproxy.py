@@ -11962,7 +11962,11 @@ class ChatService:
         if pipe.response_active(call.model):
             call.ctx = StageContext(session_key, call.canonical())
             call.ctx.model = call.model
-            call.hub = True
+            # a whole same-format reply can be judged in canonical form and, when no stage
+            # changes it, go back as the upstream's own bytes (inspected pass-through); a
+            # stream, and a format whose history the proxy keeps, go through the hub
+            if call.stream or call.fmt.keeps_history:
+                call.hub = True
         return chain or self.router.chain(call.model)
 
     def publish_session(self, key: str):
@@ -12088,6 +12092,29 @@ class ChatService:
             yield fmt.render_stream_error(ProxyError(resp.status, "upstream_error", _error_message(resp.body)
                                                      or "upstream error"))
 
+    def inspect(self, call: ChatCall, prov: Provider, resp):
+        """The reply stages on a whole pass-through reply: it is read in canonical form and run
+        through them; unchanged, the upstream's bytes go back as they came, else the reply the
+        stages made, in the client's format (as the hub would render it)."""
+        if not isinstance(resp, Response):
+            raise ProxyError(502, "upstream_error", "upstream answered a whole-reply request with a stream, "
+                             "which the reply guardrails cannot judge", code="upstream_malformed")
+        fmt = call.fmt
+        cresp = parse_reply(fmt, json_reply(resp.body))
+        for p in cresp.parts:                     # as the hub does: Gemini's signatures, for any later client
+            if p.type == "tool_call" and p.signature and p.origin == "gemini":
+                self.memory.keep_signature(p.id, p.origin, p.signature)
+        events = response_events(cresp)
+        chain = self.pipeline.filters(call.ctx)
+        filtered = chain.run(events) if chain is not None else events
+        if filtered == events:
+            return resp
+        out = collect_events(filtered)
+        info = call.info
+        info.usage, info.finish, info.response_id = out.usage, out.stop, out.id
+        body = fmt.render_response(out, call.canonical(), self.translator.options(prov, call.sse))
+        return Response(resp.status, resp.headers, _jbytes(body))
+
     def ours(self, call: ChatCall) -> bool:
         """The request carries state only this proxy can read: a previous_response_id it
         handed out (the back-end has never seen it, so the history goes inline), or items it
@@ -12134,6 +12161,8 @@ class ChatService:
                     url = url.split("?", 1)[0]          # the client asked for the JSON array form
                 body = fmt.with_max_tokens(call.body, max_tokens) if max_tokens else call.body
                 resp = await self.passthrough.forward(call.request, fmt, prov, url, body, call.stream, wait_until)
+                if call.ctx is not None:
+                    resp = self.inspect(call, prov, resp)
             else:
                 creq = call.canonical()
                 if len(call.request.body) > OFFLOOP_BYTES:

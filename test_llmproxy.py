@@ -4267,6 +4267,45 @@ class TestGuardrailsEndToEnd(ProxyCase):
                 self.assertIn("was blocked and not run", text)
                 self.assertIn("rm -rf /", text)
 
+    GUARDS = {"dangerous_commands": {"enabled": True}, "loop_detection": {"enabled": True},
+              "rewrite": [{"target": "reply", "action": "replace", "match": "zzz", "with": "z"}]}
+
+    async def test_a_same_format_reply_the_stages_leave_alone_goes_back_as_its_bytes(self):
+        raw = json.dumps(dict(CHAT_OK, system_fingerprint="fp_1", x_vendor={"kept": [1, 2]}), indent=1).encode()
+
+        async def handler(req, w):
+            reply_json(w, 200, None, raw=raw)
+        await self.start_guarded(handler, self.GUARDS)
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "x_client": {"a": 1}})
+        status, _, out = await self.call("POST", "/v1/chat/completions", json.loads(body))
+        self.assertEqual((status, out), (200, raw))            # unknown fields and layout kept: pass-through
+        sent = json.loads(self.up.requests[-1]["body"])
+        self.assertEqual(sent["x_client"], {"a": 1})           # the client's own request went up
+        status, _, out = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 9, "messages": [
+            {"role": "user", "content": "hi"}]})               # another format: translated and judged, as before
+        self.assertEqual((status, json.loads(out)["content"][0]["text"]), (200, "hi"))
+
+    async def test_a_same_format_reply_a_stage_changes_is_rendered_in_the_client_format(self):
+        replies = {
+            "rm": dict(CHAT_OK, choices=[{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "Bash", "arguments": json.dumps({"command": "rm -rf /"})}}]}}]),
+            "zzz": dict(CHAT_OK, choices=[{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "a zzz b"}}])}
+
+        async def handler(req, w):
+            reply_json(w, 200, replies[json.loads(req["body"])["user"]])
+        await self.start_guarded(handler, self.GUARDS)
+        status, _, out = await self.call("POST", "/v1/chat/completions", {"model": "m", "user": "rm", "messages": [
+            {"role": "user", "content": "clean up"}]})
+        msg = json.loads(out)["choices"][0]
+        self.assertEqual((status, msg["finish_reason"], msg["message"].get("tool_calls")), (200, "stop", None))
+        self.assertIn("was blocked and not run", msg["message"]["content"])
+        status, _, out = await self.call("POST", "/v1/chat/completions", {"model": "m", "user": "zzz", "messages": [
+            {"role": "user", "content": "say it"}]})
+        self.assertEqual(json.loads(out)["choices"][0]["message"]["content"], "a z b")
+        self.assertEqual(json.loads(out)["usage"]["prompt_tokens"], 11)
+
     async def test_model_command_is_sticky_for_its_session_only(self):
         async def handler(req, w):
             reply_json(w, 200, dict(CHAT_OK, model=json.loads(req["body"])["model"]))
