@@ -8682,6 +8682,7 @@ class Pipeline:
         self.may_rewrite = bool(self.system_prompts or any(r["target"] in ("system", "user") for r in self.rewrite))
         self.may_filter = any((settings.get(st) or {}).get("enabled") for st in RESPONSE_STAGES) or \
             any(r["target"] == "reply" for r in self.rewrite)
+        self._for_model: Dict[str, tuple] = {}      # model -> for_model()
 
     def on(self, stage: str, model: str) -> bool:
         conf = self.s.get(stage) or {}
@@ -8694,19 +8695,33 @@ class Pipeline:
         return [r for r in self.rewrite if r["target"] == target and
                 (not r.get("models") or any(fnmatch.fnmatchcase(model, g) for g in r["models"]))]
 
+    def for_model(self, model: str) -> tuple:
+        """What the stages decide from a model name alone (globs matched once per name):
+        (request stages to build the canonical form for, response stages on, reply rules)."""
+        hit = self._for_model.get(model)
+        if hit is None:
+            rewrites = self.may_rewrite and bool(self._rules("system", model) or self._rules("user", model) or
+                                                 any(fnmatch.fnmatchcase(model, g) for g in self.system_prompts))
+            on = tuple(self.on(st, model) for st in RESPONSE_STAGES[:-1])
+            hit = (rewrites, on, self._rules("reply", model))
+            if len(self._for_model) >= MAX_ROUTE_MEMO:
+                self._for_model.clear()
+            self._for_model[model] = hit
+        return hit
+
     def has_command(self, body: bytes) -> bool:
         """Whether a body may hold an in-chat command (one scan of the bytes)."""
         return bool(self.commands and self.prefix_bytes in body)
 
     def request_active(self, has_command: bool, model: str) -> bool:
         """Whether the canonical request must be built for the request stages (cheap)."""
-        return bool(has_command or self.redact_prompts or
-                    (self.may_rewrite and (self._rules("system", model) or self._rules("user", model) or
-                                           any(fnmatch.fnmatchcase(model, g) for g in self.system_prompts))))
+        return bool(has_command or self.redact_prompts or (self.may_rewrite and self.for_model(model)[0]))
 
     def response_active(self, model: str) -> bool:
-        return self.may_filter and (any(self.on(s, model) for s in RESPONSE_STAGES[:-1]) or
-                                    bool(self._rules("reply", model)))
+        if not self.may_filter:
+            return False
+        _, on, reply = self.for_model(model)
+        return any(on) or bool(reply)
 
     # -- request stages -------------------------------------------------------
 
@@ -8813,20 +8828,20 @@ class Pipeline:
 
     def filters(self, ctx: StageContext) -> Optional[FilterChain]:
         """The response stages that apply to this exchange, in RESPONSE_STAGES order."""
-        model = ctx.model
-
-        def loop():
+        _, (repair, json_fix, loops, danger), reply = self.for_model(ctx.model)     # RESPONSE_STAGES order
+        chain: List[EventFilter] = []
+        if repair and ctx.tools:
+            chain.append(ToolRepairFilter(ctx))
+        if json_fix and ctx.json_mode:
+            chain.append(JSONRepairFilter())
+        if loops:
             conf = self.s["loop_detection"]
-            return LoopFilter(ctx, conf.get("max_repeats", 4), conf.get("text_repeats", 8), conf.get("action", "steer"))
-        makers = {
-            "tool_repair": lambda: ToolRepairFilter(ctx) if self.on("tool_repair", model) and ctx.tools else None,
-            "json_repair": lambda: JSONRepairFilter() if self.on("json_repair", model) and ctx.json_mode else None,
-            "loop_detection": lambda: loop() if self.on("loop_detection", model) else None,
-            "dangerous_commands": lambda: DangerFilter(self.danger_rules, self.danger_allow)
-            if self.on("dangerous_commands", model) else None,
-            "reply_rewrite": lambda: ReplyRewrite(self._rules("reply", model)) if self._rules("reply", model) else None,
-        }
-        chain = [f for f in (makers[name]() for name in RESPONSE_STAGES) if f is not None]
+            chain.append(LoopFilter(ctx, conf.get("max_repeats", 4), conf.get("text_repeats", 8),
+                                    conf.get("action", "steer")))
+        if danger:
+            chain.append(DangerFilter(self.danger_rules, self.danger_allow))
+        if reply:
+            chain.append(ReplyRewrite(reply))
         return FilterChain(chain) if chain else None
 
 
