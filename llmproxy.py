@@ -2326,8 +2326,14 @@ class StreamTranslator:
     def encode(self, events) -> bytes:
         """Canonical events -> the client's bytes (through the tool order and the filters)."""
         out: List[bytes] = []
+        plain = self.filters is None and self.encoder is not None
+        order = self.order
+        feed = self.encoder.feed if plain else None
         for ev in events:
-            for ev in self.order.feed(ev):
+            if plain and ev[0] == "text" and not order.held:    # ToolOrder and _note pass text as it is
+                out.extend(feed(ev))
+                continue
+            for ev in order.feed(ev):
                 for ev in (self.filters.feed(ev) if self.filters is not None else (ev,)):
                     self._note(ev)
                     out.extend(self.encoder.feed(ev))
@@ -3454,6 +3460,9 @@ def custom_description(tool: dict) -> str:
     return desc.strip()
 
 
+_PLAIN_DELTA_KEYS = frozenset(("role", "content"))     # a delta with only these holds text at most
+
+
 class OpenAIChatDecoder(CanonicalStream):
     name = "openai"
 
@@ -3497,6 +3506,16 @@ class OpenAIChatDecoder(CanonicalStream):
             out.append(("start", chunk.get("id") or new_id("chatcmpl-"), chunk.get("model") or "", None))
         if chunk.get("usage"):
             self.usage = OpenAIChat.parse_usage(chunk["usage"])
+        choices = chunk.get("choices")
+        if type(choices) is list and len(choices) == 1:          # the common chunk: one plain text delta
+            choice = choices[0]
+            delta = choice.get("delta") if type(choice) is dict else None
+            if type(delta) is dict and not choice.get("finish_reason") and choice.get("index", 0) == 0 and \
+                    _PLAIN_DELTA_KEYS.issuperset(delta):
+                content = delta.get("content")
+                if isinstance(content, str) and content:
+                    out.append(("text", content))
+                return out
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) != 0:
                 continue                  # n > 1 cannot be expressed in the other formats

@@ -1408,6 +1408,39 @@ class TestHTTPWire(unittest.TestCase):
                 self.assertTrue(dec.done)
                 self.assertEqual(dec.tail, b"NEXT")
 
+    def test_openai_chunk_fast_path_equals_the_general_one_on_a_corpus(self):
+        rng = random.Random(21)
+        deltas = [{"content": "hi"}, {"role": "assistant", "content": ""}, {"content": ""}, {}, {"content": None},
+                  {"content": 5}, {"role": "assistant"}, {"reasoning": "think"}, {"content": "a", "reasoning": "b"},
+                  {"content": "x", "tool_calls": [{"index": 0, "id": "c", "function": {"name": "f", "arguments": "{"}}]},
+                  {"reasoning_content": "r"}, {"content": "a", "refusal": None}, None, "str", []]
+        choices = lambda: [dict(c, delta=rng.choice(deltas)) for c in rng.sample(
+            [{"index": 0}, {"index": 1}, {}, {"index": 0, "finish_reason": "stop"}, {"finish_reason": None}],
+            rng.choice((1, 1, 1, 2)))]
+
+        def chunk():
+            c = {"id": "x", "choices": rng.choice([choices(), choices(), [], None, ["bad"], [5]])}
+            if rng.random() < 0.1:
+                c["usage"] = {"prompt_tokens": 3, "completion_tokens": 2}
+            return json.dumps(c)
+
+        def run(events):
+            dec = lp.OpenAIChatDecoder()
+            out = []
+            for data in events:
+                try:
+                    out.append(dec.feed(lp.SSEEvent(data)))
+                except lp.UPSTREAM_SHAPE_ERRORS as e:
+                    out.append(("raised", type(e).__name__))
+            out.append(dec.close())
+            return repr(out)
+        for _ in range(1500):
+            events = [chunk() for _ in range(rng.randint(1, 5))] + rng.choice([["[DONE]"], []])
+            with self.subTest(events=events):
+                fast = run(events)
+                with unittest.mock.patch.object(lp, "_PLAIN_DELTA_KEYS", frozenset()):
+                    self.assertEqual(fast, run(events))
+
     def test_chunked_fast_path_equals_the_general_one_on_a_corpus(self):
         """Whole chunks taken in one step give the pieces, errors, ends and tails of the
         general path, whatever the bytes and however they are split."""
