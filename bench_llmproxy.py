@@ -123,7 +123,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.transport.write(b"0\r\n\r\n")
 
 
-def run_upstream(port: int, events: int, pace_ms: float):
+def upstream_replies(events: int) -> dict:
     sse_head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
     replies = {}
     for fmt, body, evs in (("openai", openai_reply(), openai_events(events)),
@@ -132,6 +132,11 @@ def run_upstream(port: int, events: int, pace_ms: float):
                                  % (len(body), body))
         replies[(fmt, True)] = sse_head + b"".join(chunk(e) for e in evs) + b"0\r\n\r\n"
         replies[(fmt, "events")] = evs
+    return replies
+
+
+def run_upstream(port: int, events: int, pace_ms: float):
+    replies = upstream_replies(events)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -284,6 +289,11 @@ def proxy_cmd(cfg_path, port, data_dir, workers):
             "--data-dir", data_dir, "--workers", str(workers)]
 
 
+GUARDRAILS = {"tool_repair": {"enabled": True}, "json_repair": {"enabled": True},   # --guardrails: every stage
+              "loop_detection": {"enabled": True}, "dangerous_commands": {"enabled": True},
+              "redact": {"enabled": True},
+              "rewrite": [{"target": "reply", "action": "replace", "match": "zzz", "with": "z"}]}
+
 SCENARIOS = [  # (name, client format, stream, connections)
     ("chat", "openai", False, 1), ("chat", "openai", False, 16), ("chat", "openai", False, 64),
     ("stream", "openai", True, 1), ("stream", "openai", True, 32),
@@ -341,6 +351,94 @@ def run_relay(port: int, up_port: int):
     asyncio.run(main())
 
 
+# instruction counts ###########################################################
+# Wall and CPU figures move with the machine's other load (a shared VM swings 30-40 %).
+# --instructions counts what the CPU executes instead: client, fake upstream and the target
+# run in one process under valgrind's callgrind; a run of N requests minus a run of none is
+# the instructions per request, the same on every run of the same code and interpreter.
+
+def run_inproc(mode: str, client: str, stream: bool, n: int, guardrails: bool):
+    """N requests through one target, all in this process (what callgrind counts)."""
+    replies = upstream_replies(100)
+
+    async def one(port, req, count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        result = Result()
+        for _ in range(count):
+            writer.write(req)
+            await read_reply(reader, stream, time.perf_counter(), result)
+        writer.close()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        up = await loop.create_server(lambda: UpstreamProtocol(replies, 0), "127.0.0.1", 0)
+        up_port = up.sockets[0].getsockname()[1]
+        tmp = tempfile.mkdtemp()
+        cfg = {"env_providers": False, "log_level": "warning",
+               "providers": {"up": {"base_url": "http://127.0.0.1:%d/v1" % up_port}},
+               "routing": {"default": "up"}, "auth": {"keys": [KEY]}}
+        if guardrails:
+            cfg["guardrails"] = GUARDRAILS
+        path = os.path.join(tmp, "c.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        if mode == "proxy":
+            sys.path.insert(0, HERE)
+            import llmproxy as lp
+            app = lp.App(lp.load_config(path, {}, {"data_dir": os.path.join(tmp, "data")}))
+            server = lp.HTTPServer(app)
+            await server.start("127.0.0.1", 0)
+            port = server.port
+        elif mode == "relay":
+            relay = await asyncio.start_server(lambda r, w: _relay_conn(r, w, up_port), "127.0.0.1", 0)
+            port = relay.sockets[0].getsockname()[1]
+        else:
+            port = up_port
+        req = make_request(client, stream)
+        await asyncio.gather(*(one(port, req, 25) for _ in range(4)))          # warm: pools, caches
+        if n:
+            await asyncio.gather(*(one(port, req, n // 4) for _ in range(4)))
+    asyncio.run(main())
+
+
+def count_instructions(mode, client, stream, n, guardrails) -> float:
+    def collected(count):
+        out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+                              __file__, "_inproc", mode, client, "1" if stream else "0", str(count),
+                              "1" if guardrails else "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=dict(os.environ, LLMPROXY_AS_MODULE="1"))
+        m = re.search(rb"Collected : (\d+)", out.stderr)
+        if not m:
+            raise SystemExit("valgrind failed: %s" % out.stderr[-400:].decode("utf-8", "replace"))
+        return int(m.group(1))
+    return (collected(n) - collected(0)) / n
+
+
+def instructions_table(guardrails: bool):
+    """Instructions per request (per stream of 100 events) for each target, and what each
+    adds to calling the fake upstream directly, as a ratio to what the bare relay adds."""
+    import concurrent.futures
+    cells = [("chat", "openai", False, 1000), ("stream", "openai", True, 200), ("an-oc", "anthropic", False, 1000),
+             ("an-oc stream", "anthropic", True, 200)]
+    jobs = {}
+    with concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 1))) as pool:
+        for label, client, stream, n in cells:
+            for mode in ("direct", "relay", "proxy"):
+                if mode != "proxy" and client == "anthropic":
+                    continue              # translated: measured against the OpenAI calls, the same upstream work
+                jobs[(label, mode)] = pool.submit(count_instructions, mode, client, stream, n, guardrails)
+    got = {k: f.result() for k, f in jobs.items()}
+    print("instructions/request   direct      relay      proxy   relay adds   proxy adds   proxy/relay added")
+    figures = {}
+    for label, client, stream, n in cells:
+        base = "stream" if stream else "chat"
+        d, r, x = got[(base, "direct")], got[(base, "relay")], got[(label, "proxy")]
+        print("%-18s %10.0f %10.0f %10.0f %12.0f %12.0f %12.2f" % (label, d, r, x, r - d, x - d, (x - d) / (r - d)))
+        figures[label.replace(" ", "_")] = {"direct": round(d), "relay": round(r), "proxy": round(x),
+                                            "ratio_added": round((x - d) / (r - d), 2)}
+    return figures
+
+
 def cpu_s(pid) -> float:
     """User + system CPU seconds of a process so far (Linux /proc), 0 elsewhere."""
     try:
@@ -384,7 +482,16 @@ def main():
     ap.add_argument("--strict", action="store_true",
                     help="soak: also exit 1 on hostile deviations, good-route errors, lost stream errors or "
                          "proxy tracebacks")
+    ap.add_argument("--instructions", action="store_true",
+                    help="instead of the benchmark: instructions per request (valgrind callgrind, client, upstream "
+                         "and target in one process), which no other load on the machine moves; a few minutes")
     args = ap.parse_args()
+    if args.instructions:
+        figures = instructions_table(args.guardrails)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(figures, f, indent=1)
+        return
     if args.soak:
         sys.exit(soak(args))
     seconds = 1.0 if args.quick else 3.0
@@ -395,10 +502,7 @@ def main():
                          "slow": {"base_url": "http://127.0.0.1:%d/v1" % slow_port}},
            "routing": {"default": "up", "aliases": {"slow": "slow:bench"}}}
     if args.guardrails:
-        cfg["guardrails"] = {"tool_repair": {"enabled": True}, "json_repair": {"enabled": True},
-                             "loop_detection": {"enabled": True}, "dangerous_commands": {"enabled": True},
-                             "redact": {"enabled": True},
-                             "rewrite": [{"target": "reply", "action": "replace", "match": "zzz", "with": "z"}]}
+        cfg["guardrails"] = GUARDRAILS
     if args.redis:
         cfg["shared"] = {"redis": args.redis}
     if args.rpm:
@@ -1253,6 +1357,8 @@ def _firsts(items, n=12):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_upstream"]:          # a fake upstream's own process
         run_upstream(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    elif sys.argv[1:2] == ["_inproc"]:          # one target under callgrind (--instructions)
+        run_inproc(sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]), sys.argv[6] == "1")
     elif sys.argv[1:2] == ["_relay"]:           # the bare reference relay's own process
         run_relay(int(sys.argv[2]), int(sys.argv[3]))
     elif sys.argv[1:2] == ["_soak_upstream"]:   # the soak's nonce-echoing (or misbehaving) upstream
