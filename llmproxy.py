@@ -2039,6 +2039,8 @@ class SSEEvent:
 
 
 _LINE_END_RE = re.compile(r"\r\n|\r|\n")
+_SSE_DATA_BLOCK_RE = re.compile(r"(?:data:[^\n]*\n\n)+\Z")      # events of one data line each
+_SSE_DATA_RE = re.compile(r"data: ?([^\n]*)\n\n")
 
 
 class SSEDecoder:
@@ -2098,6 +2100,19 @@ class SSEDecoder:
             self._started = True
             if buf.startswith("\ufeff"):
                 buf = buf[1:]
+        out = None
+        if not self._data and not self._event and "\r" not in buf:
+            end = buf.rfind("\n\n") + 2
+            # whole events of one data line each (what most upstreams send): one regex checks
+            # them, one findall takes their data; what follows goes on line by line
+            if 2 <= end <= min(self.max_line, self.max_event) and _SSE_DATA_BLOCK_RE.match(buf, 0, end):
+                values = _SSE_DATA_RE.findall(buf, 0, end)
+                out = [SSEEvent(v, "message", self._last_id) for v in values]
+                out[0].retry, self._retry = self._retry, None
+                buf = buf[end:]
+                if not buf:
+                    self._buf = ""
+                    return out
         lines = buf.split("\n") if "\r" not in buf else _LINE_END_RE.split(buf)
         rest = lines.pop()                  # text after the last line end
         if not rest and buf.endswith("\r"):
@@ -2107,7 +2122,7 @@ class SSEDecoder:
             raise UpstreamError(502, "upstream sent an event-stream line over %d characters" % self.max_line,
                                 "upstream_too_large")
         self._buf = rest
-        return self._lines(lines)
+        return self._lines(lines) if out is None else out + self._lines(lines)
 
     def _lines(self, lines: List[str]) -> List[SSEEvent]:
         out = []

@@ -1408,6 +1408,29 @@ class TestHTTPWire(unittest.TestCase):
                 self.assertTrue(dec.done)
                 self.assertEqual(dec.tail, b"NEXT")
 
+    def test_sse_data_block_fast_path_equals_the_line_parser_on_a_corpus(self):
+        rng = random.Random(17)
+        pieces = ["data: {\"a\":1}\n\n", "data:x\n\n", "data:  two spaces\n\n", "data:\n\n", "data: é\n\n",
+                  "event: ping\n", "id: 7\n", "retry: 50\n", ": comment\n", "data: a\ndata: b\n\n", "\n",
+                  "data: cr\r\n\r\n", "datax: no\n\n", "data", ": x", "\ufeffdata: bom\n\n"]
+
+        def run(text, cuts, fast):
+            dec = lp.SSEDecoder()
+            out = []
+            with unittest.mock.patch.object(lp, "_SSE_DATA_BLOCK_RE", lp._SSE_DATA_BLOCK_RE if fast else
+                                            re.compile(r"(?!)")):
+                pos = 0
+                for cut in cuts + [len(text)]:
+                    out += dec.feed(text[pos:cut].encode("utf-8"))
+                    pos = cut
+                out += dec.close()
+            return [(e.data, e.event, e.id, e.retry) for e in out]
+        for _ in range(3000):
+            text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+            cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.choice((0, 1, 2, 4)))))
+            with self.subTest(text=text, cuts=cuts):
+                self.assertEqual(run(text, cuts, True), run(text, cuts, False))
+
     def test_openai_chunk_fast_path_equals_the_general_one_on_a_corpus(self):
         rng = random.Random(21)
         deltas = [{"content": "hi"}, {"role": "assistant", "content": ""}, {"content": ""}, {}, {"content": None},
