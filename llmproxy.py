@@ -12141,7 +12141,7 @@ class ChatService:
             yield fmt.render_stream_error(ProxyError(resp.status, "upstream_error", _error_message(resp.body)
                                                      or "upstream error"))
 
-    def inspect(self, call: ChatCall, prov: Provider, resp):
+    async def inspect(self, call: ChatCall, prov: Provider, resp):
         """The reply stages on a whole pass-through reply: it is read in canonical form and run
         through them; unchanged, the upstream's bytes go back as they came, else the reply the
         stages made, in the client's format (as the hub would render it)."""
@@ -12149,7 +12149,7 @@ class ChatService:
             raise ProxyError(502, "upstream_error", "upstream answered a whole-reply request with a stream, "
                              "which the reply guardrails cannot judge", code="upstream_malformed")
         fmt = call.fmt
-        cresp = parse_reply(fmt, json_reply(resp.body))
+        cresp = parse_reply(fmt, await json_reply_sized(resp.body))     # a big reply shares the loop
         for p in cresp.parts:                     # as the hub does: Gemini's signatures, for any later client
             if p.type == "tool_call" and p.signature and p.origin == "gemini":
                 self.memory.keep_signature(p.id, p.origin, p.signature)
@@ -12162,7 +12162,7 @@ class ChatService:
         info = call.info
         info.usage, info.finish, info.response_id = out.usage, out.stop, out.id
         body = fmt.render_response(out, call.canonical(), self.translator.options(prov, call.sse))
-        return Response(resp.status, resp.headers, _jbytes(body))
+        return Response(resp.status, resp.headers, await render_json_sized(len(resp.body), body))
 
     def ours(self, call: ChatCall) -> bool:
         """The request carries state only this proxy can read: a previous_response_id it
@@ -12211,7 +12211,7 @@ class ChatService:
                 body = fmt.with_max_tokens(call.body, max_tokens) if max_tokens else call.body
                 resp = await self.passthrough.forward(call.request, fmt, prov, url, body, call.stream, wait_until)
                 if call.ctx is not None:
-                    resp = self.inspect(call, prov, resp)
+                    resp = await self.inspect(call, prov, resp)
             else:
                 creq = call.canonical()
                 if len(call.request.body) > OFFLOOP_BYTES:
