@@ -14369,14 +14369,22 @@ def run_workers(config: Config, reload_args) -> int:
 
     stop_signals = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
 
-    def spawn() -> int:
+    def spawn():
         # Signals wait while we fork: a child must never run the supervisor's handler (it
-        # would take a SIGTERM meant for itself and forward it to its siblings instead).
+        # would take a SIGTERM meant for itself and forward it to its siblings instead). The
+        # new worker is in `children` before they are let in, so a stop that arrived meanwhile
+        # reaches it too; and once a stop has come, no worker is started (it would never get
+        # one, and the supervisor would wait for it for ever).
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        if stopping:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+            return
         supervisor = os.getpid()            # taken before the fork: the child may start an orphan
         pid = os.fork()
         if pid != 0:
+            children.append(pid)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+            return
         if pid == 0:                                     # a worker
             code = 1
             try:
@@ -14400,9 +14408,8 @@ def run_workers(config: Config, reload_args) -> int:
                 log.exception("worker failed")
             finally:
                 os._exit(code)
-        return pid
     for _ in range(config.workers):
-        children.append(spawn())
+        spawn()
 
     def forward(signum, frame):
         if signum != getattr(signal, "SIGHUP", None):
@@ -14440,8 +14447,7 @@ def run_workers(config: Config, reload_args) -> int:
         deadline = time.monotonic() + delay
         while not stopping and time.monotonic() < deadline:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        if not stopping:
-            children.append(spawn())
+        spawn()                                          # (not once a stop has come)
     base.close()
     return worst
 
