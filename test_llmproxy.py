@@ -4340,6 +4340,16 @@ class TestGuardrailsEndToEnd(ProxyCase):
         status, _, out = await self.call("POST", "/v1/messages", {"model": "m", "max_tokens": 9, "messages": [
             {"role": "user", "content": "hi"}]})               # another format: translated and judged, as before
         self.assertEqual((status, json.loads(out)["content"][0]["text"]), (200, "hi"))
+        big = dict(CHAT_OK, choices=[{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": " ".join(map(str, range(lp.OFFLOOP_BYTES // 5)))}}])   # no loop in it
+        raw = json.dumps(big).encode()                         # judged sharing the loop, still its own bytes
+        status, _, out = await self.call("POST", "/v1/chat/completions", json.loads(body))
+        self.assertEqual(status, 200)
+        self.assertTrue(out == raw, "the big unchanged reply is not the upstream's bytes")
+        big["choices"][0]["message"]["content"] += " zzz"      # a big reply a stage changes
+        raw = json.dumps(big).encode()
+        status, _, out = await self.call("POST", "/v1/chat/completions", json.loads(body))
+        self.assertTrue(json.loads(out)["choices"][0]["message"]["content"].endswith(" z"))
 
     async def test_a_same_format_reply_a_stage_changes_is_rendered_in_the_client_format(self):
         replies = {
