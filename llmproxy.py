@@ -834,13 +834,14 @@ def parse_response_framing(head: ResponseHead, method: str) -> Tuple[str, int]:
     """RFC 9112 §6.3 for responses -> ("none"|"length"|"chunked"|"close", length)."""
     if method == "HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
         return ("none", 0)
-    te_values = cl = None
-    for k, v in head.headers.items:          # one pass: most heads carry neither twice
+    te_values: List[str] = []
+    cl: List[str] = []
+    for k, v in head.headers.items:          # one pass for both
         if k == "transfer-encoding":
-            te_values = [v] if te_values is None else te_values + [v]
+            te_values.append(v)
         elif k == "content-length":
-            cl = [v] if cl is None else cl + [v]
-    te = [t.strip(OWS).lower() for v in te_values for t in v.split(",") if t.strip(OWS)] if te_values else None
+            cl.append(v)
+    te = [t.strip(OWS).lower() for v in te_values for t in v.split(",") if t.strip(OWS)]
     if te:
         return ("chunked", 0) if te[-1] == "chunked" else ("close", 0)
     if cl:
@@ -1701,16 +1702,9 @@ class UpstreamResponse:
         self.framing = framing
         self.read_timeout = read_timeout          # longest silence between body bytes
         self.deadline = deadline                  # monotonic time the whole reply must be done by
-        keep = head.version == "HTTP/1.1"
-        enc = ""
-        for k, v in head.headers.items:
-            if k == "connection":
-                if keep and "close" in v.lower() and "close" in [t.strip(OWS).lower() for t in v.split(",")]:
-                    keep = False
-            elif k == "content-encoding" and not enc:
-                enc = v.strip().lower() or " "
-        self.keep = keep
+        self.keep = "close" not in head.headers.tokens("connection") and head.version == "HTTP/1.1"
         self.finished = False
+        enc = head.headers.get("content-encoding", "").strip().lower()
         self.decoder = zlib.decompressobj(47) if enc in ("gzip", "x-gzip", "deflate") else None
 
     @property
@@ -8978,6 +8972,7 @@ class UsageMeter:
         self.duration = Histogram(PROM_BUCKETS)                     # by provider
         self.first_token = Histogram(PROM_BUCKETS)
         self.overhead = Histogram(PROM_OVERHEAD_BUCKETS)
+        self.provider_keys: Dict[str, tuple] = {}                   # provider -> its histogram label key
         self.models: set = set()
         self.max_models = max_models
 
@@ -8989,6 +8984,15 @@ class UsageMeter:
             return self.OTHER_MODEL
         self.models.add(model)
         return model
+
+    def provider_key(self, provider: str) -> tuple:
+        """The histograms' label key for a provider, built once (bounded like the models)."""
+        key = self.provider_keys.get(provider)
+        if key is None:
+            key = (("provider", provider),)
+            if len(self.provider_keys) < self.max_models:
+                self.provider_keys[provider] = key
+        return key
 
     def answer(self, provider: str, status: int, seconds: float):
         row = self.answered.get((provider, status))
@@ -9308,9 +9312,6 @@ def setup_logging(level: str = "info", fmt: str = "text", stream=None):
     log.handlers[:] = [handler]
     log.setLevel(getattr(logging, level.upper(), logging.INFO))
     log.propagate = False
-
-
-_PROVIDER_LABELS: Dict[str, tuple] = {}      # provider -> its metric label tuple, built once
 
 
 def client_label(key_id: Optional[str], redacted: Optional[str]) -> str:
@@ -11477,6 +11478,12 @@ class ConversationMemory:
         """Gemini's thoughtSignature for a call, for clients whose format has no place for it."""
         self.signatures[call_id] = self.signatures[anthropic_id(call_id)] = (origin, signature)
 
+    def keep_reply_signatures(self, resp: ChatResponse):
+        """Every Gemini-signed tool call of a whole reply (keep_signature for each)."""
+        for p in resp.parts:
+            if p.type == "tool_call" and p.signature and p.origin == "gemini":
+                self.keep_signature(p.id, p.origin, p.signature)
+
     def restore_signatures(self, creq: ChatRequest):
         """Give replayed tool calls back the signatures their client could not keep."""
         for m in creq.messages:
@@ -11753,9 +11760,7 @@ class Translator:
                                   self.stream(tr, info, events=response_events(cresp)))
         if filters is not None:
             cresp = collect_events(filters.run(response_events(cresp)))
-        for p in cresp.parts:
-            if p.type == "tool_call" and p.signature and p.origin == "gemini":
-                self.memory.keep_signature(p.id, p.origin, p.signature)
+        self.memory.keep_reply_signatures(cresp)
         info.usage, info.finish, info.response_id = cresp.usage, cresp.stop, cresp.id
         out = fmt.render_response(cresp, creq, options)
         if remember:
@@ -12150,9 +12155,7 @@ class ChatService:
                              "which the reply guardrails cannot judge", code="upstream_malformed")
         fmt = call.fmt
         cresp = parse_reply(fmt, await json_reply_sized(resp.body))     # a big reply shares the loop
-        for p in cresp.parts:                     # as the hub does: Gemini's signatures, for any later client
-            if p.type == "tool_call" and p.signature and p.origin == "gemini":
-                self.memory.keep_signature(p.id, p.origin, p.signature)
+        self.memory.keep_reply_signatures(cresp)       # as the hub does, for any later client
         events = response_events(cresp)
         chain = self.pipeline.filters(call.ctx)
         filtered = chain.run(events) if chain is not None else events
@@ -13387,11 +13390,7 @@ class App:
         took = now - request.t_start
         usage = self.usage
         usage.answer(provider, status, took)
-        label = _PROVIDER_LABELS.get(provider)
-        if label is None:
-            label = (("provider", provider),)
-            if len(_PROVIDER_LABELS) < MAX_METRIC_MODELS:
-                _PROVIDER_LABELS[provider] = label
+        label = usage.provider_key(provider)
         usage.duration.record_key(took, label)
         if t_first:
             usage.first_token.record_key(t_first - request.t_start, label)
@@ -14385,29 +14384,29 @@ def run_workers(config: Config, reload_args) -> int:
             children.append(pid)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
             return
-        if pid == 0:                                     # a worker
-            code = 1
-            try:
-                # until serve() installs its own handlers: a stop while starting is a clean exit
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(sig, lambda *_: os._exit(0))
-                if hasattr(signal, "SIGHUP"):
-                    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-                if reuseport:
-                    sock = make_socket()
-                    sock.bind((config.host, port))
-                    sock.listen(1024)
-                    base.close()
-                else:
-                    sock = base
-                sock.setblocking(False)
-                code = asyncio.run(serve(config, sock=sock, reload_args=reload_args, announce=False,
-                                         supervisor=supervisor))
-            except BaseException:
-                log.exception("worker failed")
-            finally:
-                os._exit(code)
+        # a worker
+        code = 1
+        try:
+            # until serve() installs its own handlers: a stop while starting is a clean exit
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: os._exit(0))
+            if hasattr(signal, "SIGHUP"):
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+            if reuseport:
+                sock = make_socket()
+                sock.bind((config.host, port))
+                sock.listen(1024)
+                base.close()
+            else:
+                sock = base
+            sock.setblocking(False)
+            code = asyncio.run(serve(config, sock=sock, reload_args=reload_args, announce=False,
+                                     supervisor=supervisor))
+        except BaseException:
+            log.exception("worker failed")
+        finally:
+            os._exit(code)
     for _ in range(config.workers):
         spawn()
 
