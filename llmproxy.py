@@ -40,40 +40,10 @@ Sections (each uses only names from the sections above it; 12-13 wire it all, an
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import base64
-import bisect
-import codecs
-import dataclasses
-import fnmatch
-import hashlib
-import hmac
-import http
-import ipaddress
-import json
-import logging
-import math
 import os
-import re
-import secrets
-import select
-import signal
-import socket
-import ssl
-import struct
 import sys
-import tempfile
-import time
-import zlib
-from collections import OrderedDict, deque
-from functools import lru_cache, partial
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
-from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
 __version__ = "0.1.0"
-
-log = logging.getLogger("llmproxy")
 
 # The second process's loader. A script's code is never cached by CPython, and a module's
 # only where its directory is writable; so the compiled code goes in the user's own cache
@@ -135,6 +105,39 @@ if __name__ == "__main__" and os.name == "posix" and not os.environ.get("LLMPROX
     except (ImportError, AttributeError):
         flags = []
     os.execv(sys.executable, [sys.executable] + flags + ["-c", _BOOTSTRAP, os.path.abspath(__file__)] + sys.argv[1:])
+
+
+# Everything else is imported only past this point: the first process above needs os and sys alone.
+import argparse
+import asyncio
+import base64
+import bisect
+import codecs
+import dataclasses
+import fnmatch
+import hashlib
+import hmac
+import http
+import ipaddress
+import json
+import logging
+import math
+import re
+import secrets
+import select
+import signal
+import socket
+import ssl
+import struct
+import tempfile
+import time
+import zlib
+from collections import OrderedDict, deque
+from functools import lru_cache, partial
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
+
+log = logging.getLogger("llmproxy")
 
 
 # 1. constants and errors #####################################################
@@ -2953,6 +2956,66 @@ class WireFormat:
         return {"object": "list", "data": models}
 
 
+_scanstring = json.decoder.scanstring        # one JSON string token (C speed), as the strict scanner reads it
+_LAYOUT_KEY_RE = re.compile(r'"(content|text|thinking|reasoning_content)"[ \t\n\r]*:[ \t\n\r]*"')
+MAX_LAYOUTS = 4                 # text-event layouts one stream keeps (a stream has a text and a thinking one)
+MAX_LAYOUT_TRIES = 8            # events one stream may learn from (each costs two extra parses)
+
+
+class TextLayouts:
+    """The layouts of one upstream stream's plain text events, learned from events the decoder
+    parsed: an event's data is `head + one JSON string + tail`, where nothing but the string
+    varies from event to event (id, model and indexes repeat). An event with a learned head
+    and tail around exactly one string token is that event with another text, so its decoded
+    result is (kind, the string's value) without parsing the rest. A layout is kept only if
+    the event, with its text swapped for a different one, parses to the same object but for
+    that text: the token is the value the parser keeps (not a duplicate key's loser, not
+    inside another string). Decoders learn only from events whose result depends on nothing
+    but the text and that change none of their state."""
+    __slots__ = ("items", "tries")
+
+    def __init__(self):
+        self.items: List[Tuple[str, str, str]] = []    # (head ending in the opening quote, tail, event kind)
+        self.tries = 0
+
+    def match(self, data: str) -> Optional[Tuple[str, str]]:
+        """(kind, text) when data has a learned layout; None: parse it."""
+        for head, tail, kind in self.items:
+            if data.startswith(head) and data.endswith(tail):
+                try:
+                    text, end = _scanstring(data, len(head), True)
+                except ValueError:
+                    return None
+                if end == len(data) - len(tail):
+                    return kind, text
+        return None
+
+    def learn(self, data: str, obj: dict, path: tuple, kind: str):
+        """Learn data's layout; obj is its parse, path the keys down to the text."""
+        if self.tries >= MAX_LAYOUT_TRIES or len(self.items) >= MAX_LAYOUTS:
+            return
+        self.tries += 1
+        for m in _LAYOUT_KEY_RE.finditer(data):
+            if m.group(1) != path[-1]:
+                continue
+            start = m.end()
+            try:
+                value, end = _scanstring(data, start, True)
+                other = value + "\u2063"             # differs from the text by construction
+                twin = parse_json(data[:start] + _jstr(other)[1:] + data[end:])
+                holder = twin
+                for key in path[:-1]:
+                    holder = holder[key]
+                if holder[path[-1]] != other:
+                    continue
+                holder[path[-1]] = value
+            except (ValueError, RecursionError, LookupError, TypeError):
+                continue
+            if twin == obj:
+                self.items.append((data[:start], data[end:], kind))
+                return
+
+
 class CanonicalStream:
     """Base for stream decoders: feed(SSEEvent) -> [event]; close() -> [event]."""
     name = ""
@@ -3481,6 +3544,7 @@ class OpenAIChatDecoder(CanonicalStream):
         self.finish: Optional[str] = None
         self.usage: Optional[Usage] = None
         self.done = False
+        self.layouts = TextLayouts()
 
     @staticmethod
     def _details_events(parts: List[Part]) -> list:
@@ -3501,6 +3565,10 @@ class OpenAIChatDecoder(CanonicalStream):
             return []
         if data == "[DONE]":
             return self._finish()
+        if self.layouts.items:
+            hit = self.layouts.match(data)
+            if hit is not None:
+                return [hit] if hit[1] else []
         try:
             chunk = parse_json(data)
         except (ValueError, RecursionError):
@@ -3523,6 +3591,8 @@ class OpenAIChatDecoder(CanonicalStream):
                     _PLAIN_DELTA_KEYS.issuperset(delta):
                 content = delta.get("content")
                 if isinstance(content, str) and content:
+                    if not out and not chunk.get("usage"):    # started before, no usage: text is all it says
+                        self.layouts.learn(data, chunk, ("choices", 0, "delta", "content"), "text")
                     out.append(("text", content))
                 return out
         for choice in chunk.get("choices") or []:
@@ -4074,8 +4144,13 @@ class AnthropicDecoder(CanonicalStream):
         self.stop = "end"
         self.stop_sequence = None
         self.done = False
+        self.layouts = TextLayouts()
 
     def feed(self, ev: SSEEvent) -> list:
+        if self.layouts.items and not self.done:
+            hit = self.layouts.match(ev.data)
+            if hit is not None:
+                return [hit] if hit[1] else []
         d = self.parse(ev)
         if d is None:
             return []
@@ -4104,10 +4179,14 @@ class AnthropicDecoder(CanonicalStream):
         if t == "content_block_delta":
             delta = d.get("delta") or {}
             dt = delta.get("type")
-            if dt == "text_delta":
-                return [("text", delta.get("text", ""))] if delta.get("text") else []
-            if dt == "thinking_delta":
-                return [("thinking", delta.get("thinking", ""))] if delta.get("thinking") else []
+            if dt == "text_delta" or dt == "thinking_delta":     # no state: a layout can stand for them
+                field, kind = ("text", "text") if dt == "text_delta" else ("thinking", "thinking")
+                text = delta.get(field, "")
+                if not text:
+                    return []
+                if isinstance(text, str) and d.get("type") == t:
+                    self.layouts.learn(ev.data, d, ("delta", field), kind)
+                return [(kind, text)]
             if dt == "signature_delta":
                 return [("signature", delta.get("signature", ""), "anthropic")]
             if dt == "input_json_delta":

@@ -1464,6 +1464,68 @@ class TestHTTPWire(unittest.TestCase):
                 with unittest.mock.patch.object(lp, "_PLAIN_DELTA_KEYS", frozenset()):
                     self.assertEqual(fast, run(events))
 
+    def test_text_layouts_equal_a_full_parse_on_a_corpus(self):
+        """An event read through a learned layout gives what parsing it whole gives, for
+        OpenAI and Anthropic streams: other texts (escapes, surrogates, empty), other heads and
+        tails, duplicate keys, keys inside strings, whitespace, and mangled bytes."""
+        rng = random.Random(16)
+        texts = ["hi", " there", "", "\"", "\\", "a\nb", "\u00e9t\u00e9", "\ud83d\ude00", "\ud800", "\u2063",
+                 "\"content\":\"x", "}", "tok 5"]
+        oc_head = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":17,"model":"m",' \
+            '"system_fingerprint":"fp","choices":[{"index":0,"delta":{"content":'
+        oc_tails = ['},"logprobs":null,"finish_reason":null}],"usage":null}', '},"finish_reason":null}]}',
+                    '},"finish_reason":"stop"}]}', '}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}',
+                    '},"finish_reason":null}],"obfuscation":"x"}']
+        an_heads = ['{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":',
+                    '{"type":"content_block_delta","index":1,"delta":{"type":"thinking_delta","thinking":',
+                    '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta", "text" : ',
+                    '{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","text":']
+        specials = ['"', "\\", ",", "}", " ", '"content":"z",', '"text":"z",', "\\u12", "\\ud800", "\x00", "]", "5"]
+
+        def mangle(data):
+            i = rng.randrange(len(data) + 1)
+            return data[:i] + rng.choice(specials) + data[i + rng.choice((0, 0, 1, 3)):]
+
+        def event(fmt):
+            text = '"%s"' % rng.choice(texts) if rng.random() < 0.95 else rng.choice(["5", "null", '"a" '])
+            if fmt == "openai":
+                head = oc_head if rng.random() < 0.9 else oc_head.replace('"m"', '"n"').replace(
+                    '"content":', rng.choice(['"content":"dup","content":', '"role":"assistant","content":']))
+                data = head + text + (oc_tails[0] if rng.random() < 0.85 else rng.choice(oc_tails))
+            else:
+                data = (an_heads[0] if rng.random() < 0.7 else rng.choice(an_heads)) + text + "}}"
+            return mangle(data) if rng.random() < 0.1 else data
+
+        def run(fmt, events):
+            dec = lp.OpenAIChatDecoder() if fmt == "openai" else lp.AnthropicDecoder()
+            out = []
+            for data in events:
+                try:
+                    out.append(dec.feed(lp.SSEEvent(data, "content_block_delta")))
+                except lp.UPSTREAM_SHAPE_ERRORS as e:
+                    out.append(("raised", type(e).__name__))
+            out.append(dec.close())
+            return repr(out), len(dec.layouts.items)
+        learned = 0
+        for i in range(600):
+            fmt = "openai" if i % 2 else "anthropic"
+            first = [oc_head.replace('"content":', '"role":"assistant","content":') + '""' + oc_tails[0]] \
+                if fmt == "openai" else []
+            events = first + [event(fmt) for _ in range(rng.randint(2, 30))]
+            with self.subTest(events=events):
+                fast, kept = run(fmt, events)
+                learned += kept > 0
+                with unittest.mock.patch.object(lp, "MAX_LAYOUT_TRIES", 0):
+                    self.assertEqual(fast, run(fmt, events)[0])
+        self.assertGreater(learned, 400)            # the layouts were in use, not just the full parse
+        # a duplicate key whose kept value is the first one's text with the probe's mark added
+        dup = lambda first: oc_head + '%s,"content":"a\\u2063"},"finish_reason":null}]}' % json.dumps(first)
+        events = [oc_head + '""' + oc_tails[0], dup("a"), dup("b")]
+        fast, _ = run("openai", events)
+        self.assertIn("'a\\u2063'", fast)
+        with unittest.mock.patch.object(lp, "MAX_LAYOUT_TRIES", 0):
+            self.assertEqual(fast, run("openai", events)[0])
+
     def test_chunked_fast_path_equals_the_general_one_on_a_corpus(self):
         """Whole chunks taken in one step give the pieces, errors, ends and tails of the
         general path, whatever the bytes and however they are split."""
