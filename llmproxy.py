@@ -2036,8 +2036,9 @@ class SSEEvent:
 
 
 _LINE_END_RE = re.compile(r"\r\n|\r|\n")
-_SSE_DATA_BLOCK_RE = re.compile(r"(?:data:[^\n]*\n\n)+\Z")      # events of one data line each
-_SSE_DATA_RE = re.compile(r"data: ?([^\n]*)\n\n")
+# events of one data line each, that line led by an event line or not (Anthropic names every event)
+_SSE_DATA_BLOCK_RE = re.compile(r"(?:(?:event:[^\n]*\n)?data:[^\n]*\n\n)+\Z")
+_SSE_DATA_RE = re.compile(r"(?:event: ?([^\n]*)\n)?data: ?([^\n]*)\n\n")
 
 
 class SSEDecoder:
@@ -2104,7 +2105,8 @@ class SSEDecoder:
             # them, one findall takes their data; what follows goes on line by line
             if 2 <= end <= min(self.max_line, self.max_event) and _SSE_DATA_BLOCK_RE.match(buf, 0, end):
                 values = _SSE_DATA_RE.findall(buf, 0, end)
-                out = [SSEEvent(v, "message", self._last_id) for v in values]
+                last_id = self._last_id
+                out = [SSEEvent(v, e or "message", last_id) for e, v in values]
                 out[0].retry, self._retry = self._retry, None
                 buf = buf[end:]
                 if not buf:
@@ -2323,7 +2325,9 @@ class StreamTranslator:
     def decode(self, data: bytes) -> list:
         """Upstream bytes -> checked canonical events (UpstreamError for a malformed one)."""
         try:
-            return [check_event(ev) for sev in self.sse.feed(data) for ev in self.decoder.feed(sev)]
+            # a text or thinking event with its string (most of a stream) passes check_event as it is
+            return [ev if len(ev) == 2 and type(ev[1]) is str else check_event(ev)
+                    for sev in self.sse.feed(data) for ev in self.decoder.feed(sev)]
         except UPSTREAM_SHAPE_ERRORS as e:
             raise self.malformed(e)
 
@@ -5830,6 +5834,20 @@ class GeminiEncoder:
         self.order: List[int] = []
         self.first = True
         self.ended = False
+        self._tail: Optional[Tuple[str, str]] = None      # (model, what follows a text part)
+
+    def _text_parts(self, text: str, thought: bool) -> bytes:
+        """_parts([{"text": text}]) (thought: marked as one) from a template: the hot path."""
+        if self._tail is None or self._tail[0] != self.model:
+            self._tail = (self.model, '}]},"index":0}],"modelVersion":%s,"responseId":%s}' % (
+                _jstr(self.model), _jstr(self.rid)))
+        body = _utf8('{"candidates":[{"content":{"role":"model","parts":[{"text":%s%s%s' % (
+            _jstr(text), ',"thought":true' if thought else "", self._tail[1]))
+        if self.sse:
+            return b"data: " + body + b"\r\n\r\n"
+        prefix = b"[" if self.first else b",\r\n"
+        self.first = False
+        return prefix + body
 
     def _chunk(self, obj: dict) -> bytes:
         if self.sse:
@@ -5868,9 +5886,9 @@ class GeminiEncoder:
                 self.model = ev[2]
             return []
         if kind == "text" and ev[1]:
-            return [self._parts([{"text": ev[1]}])]
+            return [self._text_parts(ev[1], False)]
         if kind == "thinking" and ev[1] and not self.drop_thinking:
-            return [self._parts([{"text": ev[1], "thought": True}])]
+            return [self._text_parts(ev[1], True)]
         if kind == "signature" and ev[2] == "gemini" and ev[1]:
             # Gemini streams carry a text or thought part's signature on a part of its own
             return [self._parts([{"text": "", "thoughtSignature": ev[1]}])]

@@ -1412,7 +1412,9 @@ class TestHTTPWire(unittest.TestCase):
         rng = random.Random(17)
         pieces = ["data: {\"a\":1}\n\n", "data:x\n\n", "data:  two spaces\n\n", "data:\n\n", "data: é\n\n",
                   "event: ping\n", "id: 7\n", "retry: 50\n", ": comment\n", "data: a\ndata: b\n\n", "\n",
-                  "data: cr\r\n\r\n", "datax: no\n\n", "data", ": x", "\ufeffdata: bom\n\n"]
+                  "data: cr\r\n\r\n", "datax: no\n\n", "data", ": x", "\ufeffdata: bom\n\n",
+                  "event: delta\ndata: {}\n\n", "event:\ndata: e\n\n", "event:x\ndata:y\n\n",
+                  "event: a\nevent: b\ndata: 2\n\n", "event: z\n\n", "eventx: q\ndata: 1\n\n"]
 
         def run(text, cuts, fast):
             dec = lp.SSEDecoder()
@@ -1525,6 +1527,24 @@ class TestHTTPWire(unittest.TestCase):
         self.assertIn("'a\\u2063'", fast)
         with unittest.mock.patch.object(lp, "MAX_LAYOUT_TRIES", 0):
             self.assertEqual(fast, run("openai", events)[0])
+
+    def test_gemini_text_template_equals_the_general_chunk(self):
+        """Text and thought chunks from the template are the bytes the general chunk renders,
+        in SSE and in the JSON array, as the model name changes."""
+        rng = random.Random(3)
+        texts = ["hi", "\"", "\\", "a\nb", "\u00e9", "\U0001F600", "\ud800", "</script>", "\x00", "\u2028"]
+        for _ in range(300):
+            sse = rng.random() < 0.5
+            opts = lp.CodecOptions(sse=sse, ids=lambda p: "r\u00e9\"id")
+            fast = lp.Gemini.stream_encoder(lp.ChatRequest(model=rng.choice(["m", "g\u00e9", 'q"'])), opts)
+            slow = lp.Gemini.stream_encoder(lp.ChatRequest(model=fast.model), opts)
+            for _ in range(rng.randint(1, 6)):
+                if rng.random() < 0.2:
+                    fast.model = slow.model = rng.choice(["m2", "x\\y"])
+                text = "".join(rng.choice(texts) for _ in range(rng.randint(1, 4)))
+                thought = rng.random() < 0.3
+                part = {"text": text, "thought": True} if thought else {"text": text}
+                self.assertEqual(fast._text_parts(text, thought), slow._parts([part]))
 
     def test_chunked_fast_path_equals_the_general_one_on_a_corpus(self):
         """Whole chunks taken in one step give the pieces, errors, ends and tails of the
