@@ -2292,6 +2292,11 @@ def check_event(ev: tuple) -> tuple:
     return ev
 
 
+def _texts_one_by_one(encoder, texts: List[str]) -> List[bytes]:
+    """A run of text events through an encoder that renders them one at a time."""
+    return [b for t in texts for b in encoder.feed(("text", t))]
+
+
 class StreamTranslator:
     """One upstream stream into the client's format, with no I/O: feed(upstream bytes) ->
     client bytes, close() -> the last client bytes. Guardrail filters (any object with
@@ -2340,19 +2345,27 @@ class StreamTranslator:
             raise self.malformed(e)
 
     def encode(self, events) -> bytes:
-        """Canonical events -> the client's bytes (through the tool order and the filters)."""
+        """Canonical events -> the client's bytes (through the tool order and the filters).
+        Without filters, text events in a row go to the encoder as one run, where it can
+        render them in one step (ToolOrder and _note pass text as it is)."""
         out: List[bytes] = []
         plain = self.filters is None and self.encoder is not None
         order = self.order
-        feed = self.encoder.feed if plain else None
+        texts = getattr(self.encoder, "texts", None) or partial(_texts_one_by_one, self.encoder) if plain else None
+        run: List[str] = []
         for ev in events:
-            if plain and ev[0] == "text" and not order.held:    # ToolOrder and _note pass text as it is
-                out.extend(feed(ev))
+            if plain and ev[0] == "text" and not order.held:
+                run.append(ev[1])
                 continue
+            if run:
+                out.extend(texts(run))
+                run = []
             for ev in order.feed(ev):
                 for ev in (self.filters.feed(ev) if self.filters is not None else (ev,)):
                     self._note(ev)
                     out.extend(self.encoder.feed(ev))
+        if run:
+            out.extend(texts(run))
         return b"".join(out)
 
     def _note(self, ev: tuple):
@@ -3643,6 +3656,9 @@ class OpenAIChatDecoder(CanonicalStream):
         return [("error", UpstreamError(502, "upstream stream ended before it finished", "upstream_incomplete"))]
 
 
+_OC_TEXT_TAIL = '},"logprobs":null,"finish_reason":null}]}\n\n'      # after a per-token frame's text
+
+
 class OpenAIChatEncoder:
     """Canonical events -> OpenAI chat.completion.chunk SSE frames."""
 
@@ -3664,13 +3680,27 @@ class OpenAIChatEncoder:
                                     "model": self.model, "choices": [{"index": 0, "delta": delta,
                                                                       "logprobs": None, "finish_reason": finish}]}) + b"\n\n"
 
-    def _text_chunk(self, field: str, text: str) -> bytes:
-        """The per-token frame from a template: the same JSON as _chunk, built without a dict."""
+    def _head(self) -> str:
+        """What every per-token frame starts with, up to the delta's field name (made once)."""
         if self._prefix is None:
             self._prefix = '{"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,' \
                 '"choices":[{"index":0,"delta":{"' % (_jstr(self.id), self.created, _jstr(self.model))
-        return _utf8('data: %s%s":%s},"logprobs":null,"finish_reason":null}]}\n\n' % (
-            self._prefix, field, _jstr(text)))
+        return self._prefix
+
+    def _text_chunk(self, field: str, text: str) -> bytes:
+        """The per-token frame from a template: the same JSON as _chunk, built without a dict."""
+        return _utf8('data: %s%s":%s%s' % (self._head(), field, _jstr(text), _OC_TEXT_TAIL))
+
+    def texts(self, texts: List[str]) -> List[bytes]:
+        """feed(("text", t)) for each t in turn, once started rendered in one step: the same bytes."""
+        if self.ended:
+            return []
+        out = [] if self.started else self.feed(("text", texts[0]))
+        rest = texts[1:] if out else texts
+        if rest:
+            head = 'data: %scontent":' % self._head()
+            out.append(_utf8(head + (_OC_TEXT_TAIL + head).join([_jstr(t) for t in rest]) + _OC_TEXT_TAIL))
+        return out
 
     def feed(self, ev) -> List[bytes]:
         kind = ev[0]
@@ -4293,6 +4323,23 @@ class AnthropicEncoder:
         """A text, thinking or input_json delta from a template (the hot path of a stream)."""
         return _utf8('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":'
                      '{"type":"%s","%s":%s}}\n\n' % (self.index, kind, field, _jstr(text)))
+
+    def texts(self, texts: List[str]) -> List[bytes]:
+        """feed(("text", t)) for each t in turn, the deltas of an open text block rendered in
+        one step: the same bytes."""
+        out: List[bytes] = []
+        i = 0
+        while i < len(texts) and (self.open is None or self.open[0] != "text" or not self.started or self.ended):
+            out.extend(self.feed(("text", texts[i])))         # opens the block (or the message)
+            i += 1
+            if self.ended:
+                return out
+        body = [_jstr(t) for t in (texts[i:] if i else texts) if t]
+        if body:
+            head = 'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":' \
+                '{"type":"text_delta","text":' % self.index
+            out.append(_utf8(head + ("}}\n\n" + head).join(body) + "}}\n\n"))
+        return out
 
     def feed(self, ev) -> List[bytes]:
         if self.ended:

@@ -1528,6 +1528,51 @@ class TestHTTPWire(unittest.TestCase):
         with unittest.mock.patch.object(lp, "MAX_LAYOUT_TRIES", 0):
             self.assertEqual(fast, run("openai", events)[0])
 
+    def test_text_runs_render_the_bytes_of_one_event_at_a_time(self):
+        """A run of text events rendered in one step (StreamTranslator.encode without filters)
+        gives each client format the bytes its encoder gives fed one event at a time: block and
+        message openings, empty texts, escapes, lone surrogates, thinking and tool calls between
+        runs, events after the end."""
+        rng = random.Random(11)
+        texts = ["hi", "", " there", "\"", "\\", "a\nb", "\u00e9", "\U0001F600", "\ud83d", "\ude00", "</s>", "\x00"]
+        fmts = [lp.OpenAIChat, lp.AnthropicMessages, lp.OpenAIResponses, lp.Gemini]
+        runs = 0
+        for i in range(400):
+            fmt = fmts[i % 4]
+            events = [("start", "id-1", "m", None)] if rng.random() < 0.8 else []
+            for _ in range(rng.randint(1, 8)):
+                r = rng.random()
+                if r < 0.6:
+                    events += [("text", rng.choice(texts)) for _ in range(rng.randint(1, 5))]
+                elif r < 0.75:
+                    events.append(("thinking", rng.choice(texts) or "t"))
+                elif r < 0.9:
+                    n = sum(1 for ev in events if ev[0] == "tool_start")
+                    events += [("tool_start", n, "call_%d" % n, "f", None, None), ("tool_args", n, '{"a":1}')]
+                else:
+                    events.append(("finish", "end", lp.Usage(input=3, output=4)))
+            if rng.random() < 0.5:
+                events.append(("finish", "end", lp.Usage(input=1, output=2)))
+            req = lp.ChatRequest(model="m\u00e9", stream=True, include_usage=True)
+
+            def encoder():
+                opts = lp.CodecOptions(sse=True, ids=lambda p: p + "x", clock=lambda: 7.0)
+                return fmt.stream_encoder(req, opts)
+
+            class Each:                 # a filter that changes nothing: every event goes on alone
+                @staticmethod
+                def feed(ev):
+                    return [ev]
+            cut = rng.randint(0, len(events))
+            with self.subTest(fmt=fmt.__name__, events=events, cut=cut):
+                slow = lp.StreamTranslator(None, encoder(), Each())
+                expect = slow.encode(events[:cut]) + slow.encode(events[cut:]) + slow.finish()
+                tr = lp.StreamTranslator(None, encoder())
+                got = tr.encode(events[:cut]) + tr.encode(events[cut:]) + tr.finish()
+                self.assertEqual(got, expect)
+            runs += any(a[0] == b[0] == "text" for a, b in zip(events, events[1:]))
+        self.assertGreater(runs, 200)               # runs of several texts were rendered at once
+
     def test_gemini_text_template_equals_the_general_chunk(self):
         """Text and thought chunks from the template are the bytes the general chunk renders,
         in SSE and in the JSON array, as the model name changes."""
