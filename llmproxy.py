@@ -2292,11 +2292,6 @@ def check_event(ev: tuple) -> tuple:
     return ev
 
 
-def _texts_one_by_one(encoder, texts: List[str]) -> List[bytes]:
-    """A run of text events through an encoder that renders them one at a time."""
-    return [b for t in texts for b in encoder.feed(("text", t))]
-
-
 class StreamTranslator:
     """One upstream stream into the client's format, with no I/O: feed(upstream bytes) ->
     client bytes, close() -> the last client bytes. Guardrail filters (any object with
@@ -2351,7 +2346,7 @@ class StreamTranslator:
         out: List[bytes] = []
         plain = self.filters is None and self.encoder is not None
         order = self.order
-        texts = getattr(self.encoder, "texts", None) or partial(_texts_one_by_one, self.encoder) if plain else None
+        texts = self.encoder.texts if plain else None
         run: List[str] = []
         for ev in events:
             if plain and ev[0] == "text" and not order.held:
@@ -4933,6 +4928,26 @@ class ResponsesEncoder:
         self.seq += 1
         return _utf8(frame)
 
+    def texts(self, texts: List[str]) -> List[bytes]:
+        """feed(("text", t)) for each t in turn, once a message item is open rendered in one step."""
+        out: List[bytes] = []
+        i = 0
+        while i < len(texts) and (self.ended or not self.started or self.cur is None or self.cur["type"] != "message"):
+            out.extend(self.feed(("text", texts[i])))           # opens the response or the message
+            i += 1
+            if self.ended:
+                return out
+        rest = [t for t in texts[i:] if t]
+        if rest:
+            self.buf.extend(rest)
+            head = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
+            mid = ',"item_id":%s,"output_index":%d,"content_index":0,"delta":' % (_jstr(self.cur["id"]), len(self.output))
+            seq = self.seq
+            self.seq += len(rest)
+            out.append(_utf8("".join([head + str(seq + k) + mid + _jstr(t) + ',"logprobs":[]}\n\n'
+                                      for k, t in enumerate(rest)])))
+        return out
+
     def _resp(self, status: str, usage=None, error=None, incomplete=None) -> dict:
         return OpenAIResponses.response_object(self.rid, self.req, status, list(self.output), usage, self.created,
                                                self.model, error, incomplete)
@@ -5895,6 +5910,18 @@ class GeminiEncoder:
         prefix = b"[" if self.first else b",\r\n"
         self.first = False
         return prefix + body
+
+    def texts(self, texts: List[str]) -> List[bytes]:
+        """feed(("text", t)) for each t in turn, the chunks after the first rendered in one step."""
+        texts = [t for t in texts if t] if not self.ended else []
+        if not texts:
+            return []
+        out = [self._text_parts(texts[0], False)]              # the template, and the array's "["
+        if len(texts) > 1:
+            head = '{"candidates":[{"content":{"role":"model","parts":[{"text":'
+            pre, post = ("data: " + head, self._tail[1] + "\r\n\r\n") if self.sse else (",\r\n" + head, self._tail[1])
+            out.append(_utf8("".join([pre + _jstr(t) + post for t in texts[1:]])))
+        return out
 
     def _chunk(self, obj: dict) -> bytes:
         if self.sse:

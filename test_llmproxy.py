@@ -1531,8 +1531,8 @@ class TestHTTPWire(unittest.TestCase):
     def test_text_runs_render_the_bytes_of_one_event_at_a_time(self):
         """A run of text events rendered in one step (StreamTranslator.encode without filters)
         gives each client format the bytes its encoder gives fed one event at a time: block and
-        message openings, empty texts, escapes, lone surrogates, thinking and tool calls between
-        runs, events after the end."""
+        message and item openings, empty texts, escapes, lone surrogates, thinking and tool calls
+        between runs, events after the end, Gemini's SSE and JSON array."""
         rng = random.Random(11)
         texts = ["hi", "", " there", "\"", "\\", "a\nb", "\u00e9", "\U0001F600", "\ud83d", "\ude00", "</s>", "\x00"]
         fmts = [lp.OpenAIChat, lp.AnthropicMessages, lp.OpenAIResponses, lp.Gemini]
@@ -1555,8 +1555,10 @@ class TestHTTPWire(unittest.TestCase):
                 events.append(("finish", "end", lp.Usage(input=1, output=2)))
             req = lp.ChatRequest(model="m\u00e9", stream=True, include_usage=True)
 
+            sse = rng.random() < 0.7                # Gemini's JSON array when not
+
             def encoder():
-                opts = lp.CodecOptions(sse=True, ids=lambda p: p + "x", clock=lambda: 7.0)
+                opts = lp.CodecOptions(sse=sse, ids=lambda p: p + "x", clock=lambda: 7.0)
                 return fmt.stream_encoder(req, opts)
 
             class Each:                 # a filter that changes nothing: every event goes on alone
