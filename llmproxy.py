@@ -451,6 +451,7 @@ _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
 _HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _CHUNK_FAST_RE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
+_CHUNK_SPLIT_RE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n([^\r]*(?:\r(?!\n)[^\r]*)*)\r\n")     # see ChunkedDecoder._tiled
 OWS = " \t"                 # optional whitespace (RFC 9110 §5.6.3): SP and HTAB only, never str.strip()'s
 # chunk-ext (RFC 9112 §7.1.1): ; name [= token / quoted-string], BWS around; nothing else on the line
 _CHUNK_EXT_RE = re.compile(rb'(?:[ \t]*;[ \t]*[!#$%&\'*+\-.^_`|~0-9A-Za-z]+(?:[ \t]*=[ \t]*(?:'
@@ -675,7 +676,8 @@ class ChunkedDecoder:
     are read and dropped. Raises FramingError on malformed input or when the decoded
     size passes `max_bytes`.
     """
-    __slots__ = ("buf", "state", "remaining", "done", "tail", "max_bytes", "total", "trailer_bytes", "pos")
+    __slots__ = ("buf", "state", "remaining", "done", "tail", "max_bytes", "total", "trailer_bytes", "pos",
+                 "tiling")
 
     def __init__(self, max_bytes: int = 1 << 62):
         self.buf = b""
@@ -687,6 +689,36 @@ class ChunkedDecoder:
         self.total = 0
         self.trailer_bytes = 0
         self.pos = 0
+        self.tiling = True
+
+    def _tiled(self, buf: bytes, out: List[bytes]) -> int:
+        """The whole chunks buf starts with, found by one regex split: each a size line, the data
+        up to its first CRLF, and that CRLF, kept only while the data is as long as the size
+        says (the CRLF is then the one that ends the chunk), the size is not 0 (the last chunk)
+        and nothing lies between one and the next. How many bytes they took (0: none)."""
+        parts = _CHUNK_SPLIT_RE.split(buf)
+        if len(parts) < 4 or parts[0]:
+            return 0
+        sizes, datas, gaps = parts[1:-1:3], parts[2:-1:3], parts[3:-1:3]
+        ints = list(map(int, sizes, [16] * len(sizes)))
+        lens = list(map(len, datas))
+        k = len(ints)
+        if ints != lens:
+            k = list(map(int.__eq__, ints, lens)).index(False)
+            if not k:
+                self.tiling = False     # data with CRLF in it (Gemini's events): the loop from now on
+        if 0 in ints:
+            k = min(k, ints.index(0))
+        if any(gaps):
+            k = min(k, list(map(bool, gaps)).index(True) + 1)
+        if not k:
+            return 0
+        size = sum(ints[:k]) if k < len(ints) else sum(ints)
+        if self.total + size > self.max_bytes:
+            return 0
+        self.total += size
+        out.extend(datas[:k] if k < len(datas) else datas)
+        return size + sum(map(len, sizes[:k])) + 4 * k
 
     def _whole_chunk(self, buf: bytes, pos: int, out: List[bytes]) -> bool:
         """Size lines without extensions whose data and CRLF are all in buf: taken in one
@@ -717,6 +749,8 @@ class ChunkedDecoder:
         buf = self.buf + data if self.buf else data
         pos = 0
         n = len(buf)
+        if self.state == 0 and self.tiling and n > 256:
+            pos = self._tiled(buf, out)                 # many small chunks in one read (a stream)
         while pos < n or self.state == 4:
             st = self.state
             if st == 1:

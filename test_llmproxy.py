@@ -1594,12 +1594,17 @@ class TestHTTPWire(unittest.TestCase):
                 self.assertEqual(fast._text_parts(text, thought), slow._parts([part]))
 
     def test_chunked_fast_path_equals_the_general_one_on_a_corpus(self):
-        """Whole chunks taken in one step give the pieces, errors, ends and tails of the
-        general path, whatever the bytes and however they are split."""
+        """Whole chunks taken in one step (one regex split of many, or a tight loop) give the
+        pieces, errors, ends, tails and size limits of the general path, whatever the bytes and
+        however they are split."""
         rng = random.Random(5)
         special = [b"\r", b"\n", b"\r\n", b";", b" ", b"0", b"f", b"g", b"\x00", b"\r\n0\r\n\r\n"]
 
         class General(lp.ChunkedDecoder):
+            def __init__(self, max_bytes):
+                super().__init__(max_bytes)
+                self.tiling = False             # no regex split either
+
             def _whole_chunk(self, buf, pos, out):
                 return False
 
@@ -1614,18 +1619,24 @@ class TestHTTPWire(unittest.TestCase):
             except lp.FramingError as e:
                 return ("error", str(e), out)
             return ("ok", out, dec.done, dec.tail, dec.buf, dec.state, dec.total)
+        tiled = 0
         for i in range(3000):
-            body = b"".join(lp.render_chunk(bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))))
-                            for _ in range(rng.randint(0, 6)))
+            # random bytes, or SSE-like text (where the regex split takes many chunks at once)
+            alphabet = range(256) if rng.random() < 0.5 else b'data: {"x":1}\n\n' + b"\r" * rng.choice((0, 1))
+            body = b"".join(lp.render_chunk(bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 40))))
+                            for _ in range(rng.choice((rng.randint(0, 6), rng.randint(8, 40)))))
             raw = bytearray(body + rng.choice((b"0\r\n\r\n", b"0\r\nx: y\r\n\r\nNEXT", b"", b"3;e=1\r\nabc\r\n0\r\n\r\n")))
             for _ in range(rng.choice((0, 0, 1, 2))):
                 pos = rng.randrange(len(raw) + 1)
                 raw[pos:pos + rng.choice((0, 1))] = rng.choice(special)
             raw = bytes(raw)
             splits = sorted(rng.sample(range(len(raw) + 1), min(len(raw) + 1, rng.choice((0, 1, 3)))))
-            max_bytes = rng.choice((1 << 62, 64))
+            max_bytes = rng.choice((1 << 62, 64, 600))
             with self.subTest(raw=raw, splits=splits):
                 self.assertEqual(run(raw, splits, True, max_bytes), run(raw, splits, False, max_bytes))
+            probe = lp.ChunkedDecoder(max_bytes)
+            tiled += probe._tiled(raw, []) > 0
+        self.assertGreater(tiled, 600)                  # the split was in use, not only the loops
 
     def test_strict_json_fast_path_equals_the_decoder_on_a_corpus(self):
         rng = random.Random(9)
