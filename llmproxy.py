@@ -134,6 +134,8 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from functools import lru_cache, partial
+from itertools import repeat
+from operator import attrgetter, itemgetter, sub as _minus
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
@@ -2075,6 +2077,33 @@ _SSE_DATA_BLOCK_RE = re.compile(r"(?:(?:event:[^\n]*\n)?data:[^\n]*\n\n)+\Z")
 _SSE_DATA_RE = re.compile(r"(?:event: ?([^\n]*)\n)?data: ?([^\n]*)\n\n")
 
 
+_FROM_6, _FROM_7 = itemgetter(slice(6, None)), itemgetter(slice(7, None))
+
+
+def sse_data_block(buf: str, end: int, last_id: Optional[str]) -> Optional[List[SSEEvent]]:
+    """buf[:end] (no CR in it, ending in a blank line, at the start of an event) as its events
+    when it is nothing but events of one data line each, all led by an event line or none; None
+    otherwise, for the line parser. Counted and split with str methods where every line has
+    its field's space (OpenAI's and Anthropic's events), one regex otherwise."""
+    n = buf.count("\n\n", 0, end)
+    if buf.startswith("data: "):
+        # every line end in a blank-line pair and every pair but the last before "data: ": n
+        # events of one "data: " line each
+        if buf.count("\n", 0, end) == 2 * n and buf.count("\n\ndata: ", 0, end) == n - 1:
+            return list(map(SSEEvent, buf[6:end - 2].split("\n\ndata: "), repeat("message"), repeat(last_id)))
+    elif buf.startswith("event: "):
+        lines = buf[:end].split("\n")
+        # an event line and a data line before each of the n blank lines (so they fall every third)
+        if len(lines) == 3 * n + 1 and all(map(str.startswith, lines[0:-1:3], repeat("event: "))) and \
+                all(map(str.startswith, lines[1::3], repeat("data: "))):
+            names = list(map(_FROM_7, lines[0:-1:3]))
+            if all(names):
+                return list(map(SSEEvent, map(_FROM_6, lines[1::3]), names, repeat(last_id)))
+    if _SSE_DATA_BLOCK_RE.match(buf, 0, end):
+        return [SSEEvent(v, e or "message", last_id) for e, v in _SSE_DATA_RE.findall(buf, 0, end)]
+    return None
+
+
 class SSEDecoder:
     """feed(bytes) -> [SSEEvent]; close() flushes a final unterminated event
     (the spec drops it; a client should be lenient).
@@ -2135,12 +2164,11 @@ class SSEDecoder:
         out = None
         if not self._data and not self._event and "\r" not in buf:
             end = buf.rfind("\n\n") + 2
-            # whole events of one data line each (what most upstreams send): one regex checks
-            # them, one findall takes their data; what follows goes on line by line
-            if 2 <= end <= min(self.max_line, self.max_event) and _SSE_DATA_BLOCK_RE.match(buf, 0, end):
-                values = _SSE_DATA_RE.findall(buf, 0, end)
-                last_id = self._last_id
-                out = [SSEEvent(v, e or "message", last_id) for e, v in values]
+            # whole events of one data line each (what most upstreams send) in one step; what
+            # follows goes on line by line
+            if 2 <= end <= min(self.max_line, self.max_event):
+                out = sse_data_block(buf, end, self._last_id)
+            if out is not None:
                 out[0].retry, self._retry = self._retry, None
                 buf = buf[end:]
                 if not buf:
@@ -2358,10 +2386,30 @@ class StreamTranslator:
 
     def decode(self, data: bytes) -> list:
         """Upstream bytes -> checked canonical events (UpstreamError for a malformed one)."""
+        dec = self.decoder
         try:
+            events = self.sse.feed(data)
+            layouts = dec.layouts
+            out: list = []
+            i, n = 0, len(events)
+            # runs of text events of one layout (a burst of tokens) are read together, once the
+            # decoder has learned the layout from an event before them; it reads through its
+            # layouts only while it is not done
+            while layouts is not None and i < n - 1 and not dec.done:
+                if layouts.items:
+                    k, run = layouts.take(events, i)
+                    if k:
+                        out.extend(run)
+                        i += k
+                        continue
+                elif layouts.tries >= MAX_LAYOUT_TRIES:
+                    break
+                out.extend(ev if len(ev) == 2 and type(ev[1]) is str else check_event(ev) for ev in dec.feed(events[i]))
+                i += 1
             # a text or thinking event with its string (most of a stream) passes check_event as it is
-            return [ev if len(ev) == 2 and type(ev[1]) is str else check_event(ev)
-                    for sev in self.sse.feed(data) for ev in self.decoder.feed(sev)]
+            rest = [ev if len(ev) == 2 and type(ev[1]) is str else check_event(ev)
+                    for sev in (events[i:] if i else events) for ev in dec.feed(sev)]
+            return out + rest if out else rest
         except UPSTREAM_SHAPE_ERRORS as e:
             raise self.malformed(e)
 
@@ -3004,6 +3052,8 @@ class WireFormat:
 
 _scanstring = json.decoder.scanstring        # one JSON string token (C speed), as the strict scanner reads it
 _LAYOUT_KEY_RE = re.compile(r'"(content|text|thinking|reasoning_content)"[ \t\n\r]*:[ \t\n\r]*"')
+_EVENT_DATA = attrgetter("data")
+MAX_RUN_EVENTS = 256            # events one TextLayouts.take() looks at (a run goes on in the next)
 MAX_LAYOUTS = 4                 # text-event layouts one stream keeps (a stream has a text and a thinking one)
 MAX_LAYOUT_TRIES = 8            # events one stream may learn from (each costs two extra parses)
 
@@ -3036,6 +3086,33 @@ class TextLayouts:
                     return kind, text
         return None
 
+    def take(self, events: List[SSEEvent], i: int) -> Tuple[int, list]:
+        """(k, canonical events) for events[i:i + k], when k > 1 events in a row from i have
+        the layout of the one at i: read in a few calls over the whole run instead of match()
+        on each, with the same result (any layout an event has gives what parsing it gives).
+        (0, []) when not, or when any of them is not a whole string token where the layout says."""
+        first = events[i].data
+        for head, tail, kind in self.items:
+            if first.startswith(head) and first.endswith(tail):
+                break
+        else:
+            return 0, []
+        values = list(map(_EVENT_DATA, events[i:i + MAX_RUN_EVENTS]))
+        ok = list(map(str.startswith, values, repeat(head)))
+        k = ok.index(False) if False in ok else len(values)
+        ok = list(map(str.endswith, values[:k] if k < len(values) else values, repeat(tail)))
+        k = ok.index(False) if False in ok else k
+        if k < 2:
+            return 0, []
+        run = values[:k] if k < len(values) else values
+        try:
+            found = list(map(_scanstring, run, repeat(len(head)), repeat(True)))
+        except ValueError:
+            return 0, []
+        if list(map(itemgetter(1), found)) != list(map(_minus, map(len, run), repeat(len(tail)))):
+            return 0, []                    # a token that ends before the tail: the events one by one
+        return k, list(zip(repeat(kind), filter(None, map(itemgetter(0), found))))
+
     def learn(self, data: str, obj: dict, path: tuple, kind: str):
         """Learn data's layout; obj is its parse, path the keys down to the text."""
         if self.tries >= MAX_LAYOUT_TRIES or len(self.items) >= MAX_LAYOUTS:
@@ -3066,6 +3143,7 @@ class CanonicalStream:
     """Base for stream decoders: feed(SSEEvent) -> [event]; close() -> [event]."""
     name = ""
     done = False
+    layouts: Optional["TextLayouts"] = None     # the text events' layouts, where a decoder learns them
 
     def parse(self, ev: SSEEvent) -> Optional[dict]:
         """An event's JSON object, or None (finished, empty, not JSON, not an object)."""

@@ -18,6 +18,7 @@ import base64
 import contextlib
 
 
+import collections
 import copy
 
 
@@ -1414,13 +1415,24 @@ class TestHTTPWire(unittest.TestCase):
                   "event: ping\n", "id: 7\n", "retry: 50\n", ": comment\n", "data: a\ndata: b\n\n", "\n",
                   "data: cr\r\n\r\n", "datax: no\n\n", "data", ": x", "\ufeffdata: bom\n\n",
                   "event: delta\ndata: {}\n\n", "event:\ndata: e\n\n", "event:x\ndata:y\n\n",
-                  "event: a\nevent: b\ndata: 2\n\n", "event: z\n\n", "eventx: q\ndata: 1\n\n"]
+                  "event: a\nevent: b\ndata: 2\n\n", "event: z\n\n", "eventx: q\ndata: 1\n\n",
+                  "event: \ndata: x\n\n", "event:  sp\ndata: 3\n\n", "data: \n\n", "event: e\ndata:\n\n",
+                  "data: x\n\n\n", "event: e\ndata: a\ndata: b\n\n", "data: a\ndata\n\n", "event: e\n\n\n"]
+        # runs of the shapes upstreams send, where each way of the fast path is taken
+        runs = [["data: {\"a\":%d}\n\n" % i for i in range(4)], ["event: delta\ndata: {\"b\":%d}\n\n" % i
+                                                                 for i in range(4)]]
+        used = collections.Counter()
+        block = lp.sse_data_block
+
+        def counted(buf, end, last_id):
+            out = block(buf, end, last_id)
+            used[buf[:5] if out is not None else None] += 1
+            return out
 
         def run(text, cuts, fast):
             dec = lp.SSEDecoder()
             out = []
-            with unittest.mock.patch.object(lp, "_SSE_DATA_BLOCK_RE", lp._SSE_DATA_BLOCK_RE if fast else
-                                            re.compile(r"(?!)")):
+            with unittest.mock.patch.object(lp, "sse_data_block", counted if fast else lambda *a: None):
                 pos = 0
                 for cut in cuts + [len(text)]:
                     out += dec.feed(text[pos:cut].encode("utf-8"))
@@ -1428,10 +1440,12 @@ class TestHTTPWire(unittest.TestCase):
                 out += dec.close()
             return [(e.data, e.event, e.id, e.retry) for e in out]
         for _ in range(3000):
-            text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+            text = "".join(rng.choice(pieces) if rng.random() < 0.6 else "".join(rng.choice(runs))
+                           for _ in range(rng.randint(1, 8)))
             cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.choice((0, 1, 2, 4)))))
             with self.subTest(text=text, cuts=cuts):
                 self.assertEqual(run(text, cuts, True), run(text, cuts, False))
+        self.assertGreater(min(used["data:"], used["event"]), 300)      # both shapes took the fast path
 
     def test_openai_chunk_fast_path_equals_the_general_one_on_a_corpus(self):
         rng = random.Random(21)
@@ -1527,6 +1541,75 @@ class TestHTTPWire(unittest.TestCase):
         self.assertIn("'a\\u2063'", fast)
         with unittest.mock.patch.object(lp, "MAX_LAYOUT_TRIES", 0):
             self.assertEqual(fast, run("openai", events)[0])
+
+    def test_runs_of_layout_events_decode_as_a_full_parse_does(self):
+        """Whole streams through StreamTranslator.decode, cut anywhere: runs of text events read
+        together through their layouts give the events a full parse of each gives, with
+        mangled events, other layouts, tails and texts inside the runs and events after the end."""
+        rng = random.Random(23)
+        texts = ["hi", "", " x", "\"", "\\", "a\nb", "\u00e9", "\ud83d\ude00", "\ud800", "tok 5", "}"]
+        oc_head = '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,' \
+            '"delta":{"content":'
+        oc_tail = '},"finish_reason":null}]}'
+        an_text = '{"type":"content_block_delta","index":%d,"delta":{"type":"%s","%s":'
+        # tokens whose string ends before the tail: a stray quote, a second member after it
+        odd = ['"a"b"', '"a","x":"b"', '"a","content":"b"', '"a","text":"b"', '"a\\"']
+
+        def mangle(data):
+            i = rng.randrange(len(data) + 1)
+            return data[:i] + rng.choice(['"', "\\", ",", "}", " ", "\\u12", "\x00", "5"]) + data[i + rng.choice((0, 1)):]
+
+        def openai_stream():
+            events = [oc_head.replace('"content":', '"role":"assistant","content":') + '""' + oc_tail]
+            for _ in range(rng.randint(2, 40)):
+                r = rng.random()
+                tail = oc_tail if r < 0.9 else rng.choice(['},"finish_reason":"stop"}]}', '}}],"usage":{"prompt_tokens":1}}'])
+                data = oc_head + (json.dumps(rng.choice(texts)) if rng.random() < 0.95 else rng.choice(odd)) + tail
+                events.append(mangle(data) if rng.random() < 0.05 else data)
+                if rng.random() < 0.03:
+                    events.append("[DONE]")
+            return b"".join(b"data: " + e.encode() + b"\n\n" for e in events)
+
+        def anthropic_stream():
+            out = [("message_start", '{"type":"message_start","message":{"id":"msg_1","model":"m","usage":{}}}'),
+                   ("content_block_start", '{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}')]
+            for _ in range(rng.randint(2, 40)):
+                kind = rng.choice([("text_delta", "text")] * 4 + [("thinking_delta", "thinking")])
+                data = an_text % (rng.choice((0, 0, 0, 1)), kind[0], kind[1]) + \
+                    (json.dumps(rng.choice(texts)) if rng.random() < 0.95 else rng.choice(odd)) + "}}"
+                out.append(("content_block_delta", mangle(data) if rng.random() < 0.05 else data))
+                if rng.random() < 0.03:
+                    out.append(("message_stop", '{"type":"message_stop"}'))
+            return b"".join(b"event: %s\ndata: %s\n\n" % (n.encode(), d.encode()) for n, d in out)
+
+        def run(fmt, raw, cuts):
+            tr = lp.StreamTranslator(lp.FORMATS[fmt].stream_decoder(), None)
+            out, pos = [], 0
+            try:
+                for cut in cuts + [len(raw)]:
+                    out.append(tr.decode(raw[pos:cut]))
+                    pos = cut
+                out.append(tr.decode_end())
+            except lp.UpstreamError as e:
+                out.append(("raised", e.code))
+            return repr(out)
+        taken = collections.Counter()
+        take = lp.TextLayouts.take
+
+        def counted(self, events, i):
+            k, run = take(self, events, i)
+            taken[k > 0] += 1
+            return k, run
+        for i in range(500):
+            fmt = "openai" if i % 2 else "anthropic"
+            raw = openai_stream() if fmt == "openai" else anthropic_stream()
+            cuts = sorted(rng.sample(range(len(raw) + 1), rng.choice((0, 0, 1, 3))))
+            with self.subTest(fmt=fmt, raw=raw, cuts=cuts):
+                with unittest.mock.patch.object(lp.TextLayouts, "take", counted):
+                    fast = run(fmt, raw, cuts)
+                with unittest.mock.patch.object(lp, "MAX_LAYOUT_TRIES", 0):
+                    self.assertEqual(fast, run(fmt, raw, cuts))
+        self.assertGreater(taken[True], 400)            # runs were read together
 
     def test_text_runs_render_the_bytes_of_one_event_at_a_time(self):
         """A run of text events rendered in one step (StreamTranslator.encode without filters)
