@@ -2085,16 +2085,17 @@ def sse_data_block(buf: str, end: int, last_id: Optional[str]) -> Optional[List[
     when it is nothing but events of one data line each, all led by an event line or none; None
     otherwise, for the line parser. Counted and split with str methods where every line has
     its field's space (OpenAI's and Anthropic's events), one regex otherwise."""
-    n = buf.count("\n\n", 0, end)
     if buf.startswith("data: "):
-        # every line end in a blank-line pair and every pair but the last before "data: ": n
-        # events of one "data: " line each
-        if buf.count("\n", 0, end) == 2 * n and buf.count("\n\ndata: ", 0, end) == n - 1:
-            return list(map(SSEEvent, buf[6:end - 2].split("\n\ndata: "), repeat("message"), repeat(last_id)))
+        # split at each blank line followed by "data: ": when those, and the one at the end,
+        # hold every line end there is, each piece is one data line's value
+        values = buf[6:end - 2].split("\n\ndata: ")
+        if buf.count("\n", 0, end) == 2 * len(values):
+            return list(map(SSEEvent, values, repeat("message"), repeat(last_id)))
     elif buf.startswith("event: "):
-        lines = buf[:end].split("\n")
-        # an event line and a data line before each of the n blank lines (so they fall every third)
-        if len(lines) == 3 * n + 1 and all(map(str.startswith, lines[0:-1:3], repeat("event: "))) and \
+        lines = buf[:end].split("\n")          # ends in "", "": the blank line and what follows it
+        # every third line from the first an event line, from the second a data line, from
+        # the third blank: events of an event line and one data line each
+        if not any(lines[2::3]) and all(map(str.startswith, lines[0:-1:3], repeat("event: "))) and \
                 all(map(str.startswith, lines[1::3], repeat("data: "))):
             names = list(map(_FROM_7, lines[0:-1:3]))
             if all(names):

@@ -1417,7 +1417,8 @@ class TestHTTPWire(unittest.TestCase):
                   "event: delta\ndata: {}\n\n", "event:\ndata: e\n\n", "event:x\ndata:y\n\n",
                   "event: a\nevent: b\ndata: 2\n\n", "event: z\n\n", "eventx: q\ndata: 1\n\n",
                   "event: \ndata: x\n\n", "event:  sp\ndata: 3\n\n", "data: \n\n", "event: e\ndata:\n\n",
-                  "data: x\n\n\n", "event: e\ndata: a\ndata: b\n\n", "data: a\ndata\n\n", "event: e\n\n\n"]
+                  "data: x\n\n\n", "event: e\ndata: a\ndata: b\n\n", "data: a\ndata\n\n", "event: e\n\n\n",
+                  "event: e\ndata: a\n", "x: 1\n", "event: f\ndata: b\nid: 2\n"]
         # runs of the shapes upstreams send, where each way of the fast path is taken
         runs = [["data: {\"a\":%d}\n\n" % i for i in range(4)], ["event: delta\ndata: {\"b\":%d}\n\n" % i
                                                                  for i in range(4)]]
@@ -1446,6 +1447,11 @@ class TestHTTPWire(unittest.TestCase):
             with self.subTest(text=text, cuts=cuts):
                 self.assertEqual(run(text, cuts, True), run(text, cuts, False))
         self.assertGreater(min(used["data:"], used["event"]), 300)      # both shapes took the fast path
+        # an event line and a data line, then another field before the next event line: one
+        # event, named by the last event line, its data both data lines
+        text = "event: a\ndata: 1\nid: 5\nevent: b\ndata: 2\n\n"
+        self.assertEqual(run(text, [], True), [("1\n2", "b", "5", None)])
+        self.assertEqual(run(text, [], False), [("1\n2", "b", "5", None)])
 
     def test_openai_chunk_fast_path_equals_the_general_one_on_a_corpus(self):
         rng = random.Random(21)
