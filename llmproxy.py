@@ -3004,6 +3004,11 @@ class WireFormat:
         """Whether a client body holds something only this proxy can read (and so must not
         pass through as it is)."""
         return False
+
+    @classmethod
+    def stream_error_after(cls, err: ProxyError, sent: bytes) -> bytes:
+        """The in-band error event that ends a relayed stream, after `sent` (its last bytes)."""
+        return cls.render_stream_error(err)
     inline_images = False                     # image URLs must be fetched into bytes for it
     remembers_signatures = False              # its tool calls carry signatures other clients drop
     sets_cache_marks = False                  # its clients place prompt-cache breakpoints themselves
@@ -3782,6 +3787,7 @@ class OpenAIChatEncoder:
         self.started = False
         self.ended = False
         self._prefix: Optional[str] = None
+        self.bare: Optional[int] = None   # the last call begun, while no arguments have come for it
 
     def _chunk(self, delta: dict, finish=None) -> bytes:
         return b"data: " + _jbytes({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -3832,12 +3838,17 @@ class OpenAIChatEncoder:
                 self.details += 1
                 out.append(self._chunk({"reasoning_details": [item]}))
         elif kind == "tool_start":
+            out.extend(self._no_arguments())
             self.tool_count += 1
+            self.bare = ev[1]
             out.append(self._chunk({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
                                                     "function": {"name": ev[3], "arguments": ""}}]}))
         elif kind == "tool_args":
+            if ev[2] and ev[1] == self.bare:
+                self.bare = None
             out.append(self._chunk({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]}))
         elif kind == "finish":
+            out.extend(self._no_arguments())
             self.ended = True
             reason = "tool_calls" if self.tool_count else _OC_STOP_OUT.get(ev[1], "stop")
             out.append(self._chunk({}, reason))
@@ -3852,6 +3863,14 @@ class OpenAIChatEncoder:
             out.append(OpenAIChat.render_stream_error(ev[1]))
             out.append(b"data: [DONE]\n\n")
         return out
+
+    def _no_arguments(self) -> List[bytes]:
+        """The last call's arguments as an empty object when none came (Anthropic sends none
+        for a call without parameters; a client parses what it joined as JSON)."""
+        if self.bare is None:
+            return []
+        index, self.bare = self.bare, None
+        return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": "{}"}}]})]
 
     def keepalive(self) -> bytes:
         return b": keep-alive\n\n"
@@ -4528,6 +4547,9 @@ def stateless_input(items: list) -> Optional[list]:
     return out if changed else None
 
 
+_SEQUENCE_RE = re.compile(rb'"sequence_number"[ \t\r\n]*:[ \t\r\n]*([0-9]{1,15})')
+
+
 class OpenAIResponses(WireFormat):
 
     @classmethod
@@ -4578,9 +4600,15 @@ class OpenAIResponses(WireFormat):
         return OpenAIChat.render_error(err)
 
     @staticmethod
-    def render_stream_error(err: ProxyError) -> bytes:
+    def render_stream_error(err: ProxyError, seq: int = 0) -> bytes:
         return render_sse(_jdump({"type": "error", "code": err.code or err.kind, "message": err.message,
-                                  "param": err.param, "sequence_number": 0}), event="error")
+                                  "param": err.param, "sequence_number": seq}), event="error")
+
+    @classmethod
+    def stream_error_after(cls, err: ProxyError, sent: bytes) -> bytes:
+        """Numbered on from the upstream's last event: every event of a stream has the next number."""
+        seqs = _SEQUENCE_RE.findall(sent)
+        return cls.render_stream_error(err, int(seqs[-1]) + 1 if seqs else 0)
 
     @staticmethod
     def parse_usage(u) -> Optional[Usage]:
@@ -5070,7 +5098,8 @@ class ResponsesEncoder:
         r = self._resp("in_progress")
         return [self._ev("response.created", {"response": r}), self._ev("response.in_progress", {"response": r})]
 
-    def _close_item(self) -> List[bytes]:
+    def _close_item(self, status: str = "completed") -> List[bytes]:
+        """The open item's done events; status: "incomplete" when the stream failed inside it."""
         item = self.cur
         if item is None:
             return []
@@ -5084,7 +5113,7 @@ class ResponsesEncoder:
             loc = {"item_id": item["id"], "output_index": idx, "content_index": 0}
             out.append(self._ev("response.output_text.done", dict(loc, text=text, logprobs=[])))
             out.append(self._ev("response.content_part.done", dict(loc, part=part)))
-            item = dict(item, status="completed", content=[part])
+            item = dict(item, status=status, content=[part])
         elif item["type"] == "reasoning":
             part = {"type": "summary_text", "text": text}
             loc = {"item_id": item["id"], "output_index": idx, "summary_index": 0}
@@ -5094,15 +5123,18 @@ class ResponsesEncoder:
             if self.sig:
                 item["encrypted_content"] = self.sig
         elif item["type"] == "function_call":
+            if not text:            # a call without arguments (Anthropic sends none): an empty object
+                text = "{}"
+                out.append(self._delta_ev("response.function_call_arguments.delta", item["id"], idx, "", text))
             out.append(self._ev("response.function_call_arguments.done",
                                 {"item_id": item["id"], "output_index": idx, "arguments": text}))
-            item = dict(item, arguments=text, status="completed")
+            item = dict(item, arguments=text, status=status)
         elif item["type"] == "custom_tool_call":
             value = parse_arguments(text).get("input", "")
             loc = {"item_id": item["id"], "output_index": idx}
             out.append(self._ev("response.custom_tool_call_input.delta", dict(loc, delta=value)))
             out.append(self._ev("response.custom_tool_call_input.done", dict(loc, input=value)))
-            item = dict(item, input=value, status="completed")
+            item = dict(item, input=value, status=status)
         out.append(self._ev("response.output_item.done", {"output_index": idx, "item": item}))
         self.output.append(item)
         self.tool_index = None
@@ -5194,7 +5226,7 @@ class ResponsesEncoder:
                 self.on_complete(final)
         elif kind == "error":
             self.ended = True
-            out.extend(self._close_item())
+            out.extend(self._close_item("incomplete"))
             err = ev[1]
             out.append(self._ev("response.failed", {"response": self._resp(
                 "failed", error={"code": err.code or err.kind, "message": err.message})}))
@@ -5309,6 +5341,31 @@ def gemini_schema(schema, defs=None, seen=()) -> dict:
         out["nullable"] = True
     if out.get("type") == "OBJECT" and "properties" not in out:
         out["properties"] = {}
+    return out
+
+
+# Gemini fields whose values are the caller's own JSON (arguments, results, schemas, labels):
+# their keys are data, never field names
+_GEMINI_FREE_FIELDS = frozenset(("args", "response", "parameters", "parametersJsonSchema", "responseSchema",
+                                 "responseJsonSchema", "labels", "partialArgs"))
+_SNAKE_RE = re.compile(r"_([a-z0-9])")
+
+
+def gemini_field_names(value, _depth: int = 0):
+    """A Gemini request with its field names in lowerCamelCase. The API takes the proto names
+    too (google-genai sends thinking_config's members as thinking_budget, include_thoughts),
+    so both spellings are read as one; where both are given the lowerCamelCase one wins. The
+    values of free-form fields are left as they are."""
+    if isinstance(value, list):
+        return [gemini_field_names(v, _depth + 1) for v in value] if _depth < 64 else value
+    if not isinstance(value, dict) or _depth >= 64:
+        return value
+    out = {}
+    for k, v in value.items():
+        name = _SNAKE_RE.sub(lambda m: m.group(1).upper(), k) if isinstance(k, str) and "_" in k else k
+        if name in out and name != k:
+            continue                                # the lowerCamelCase spelling given as well wins
+        out[name] = v if name in _GEMINI_FREE_FIELDS else gemini_field_names(v, _depth + 1)
     return out
 
 
@@ -5460,6 +5517,7 @@ class Gemini(WireFormat):
     @classmethod
     @checked
     def parse_request(cls, body: dict, model: str = "") -> ChatRequest:
+        body = gemini_field_names(body)
         req = ChatRequest(model=model or body.get("model") or "")
         si = body.get("systemInstruction") or body.get("system_instruction")
         if isinstance(si, dict):
@@ -11732,7 +11790,7 @@ class PassThrough:
             log.warning("upstream stream failed: %s", e.message)
             if not sse:
                 raise                         # no in-band error form: the server drops the connection
-            yield fmt.render_stream_error(e)
+            yield fmt.stream_error_after(e, b"".join(tail))
         finally:
             await peek.aclose()
             info.usage = fmt.parse_usage(sniff_usage(b"".join(tail), fmt.usage_key))

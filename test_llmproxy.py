@@ -1548,6 +1548,50 @@ class TestHTTPWire(unittest.TestCase):
         with unittest.mock.patch.object(lp, "MAX_LAYOUT_TRIES", 0):
             self.assertEqual(fast, run("openai", events)[0])
 
+    def test_a_streamed_call_without_arguments_reaches_openai_clients_as_an_empty_object(self):
+        """Anthropic streams a call without parameters as input {} and an empty partial_json:
+        OpenAI Chat and Responses clients join the argument deltas and parse them as JSON, so
+        the call's arguments must come out as "{}", not "" (a call with arguments is untouched)."""
+        def ev(name, obj):
+            return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(obj).encode())
+        def block(i, name, args):
+            out = ev("content_block_start", {"type": "content_block_start", "index": i, "content_block": {
+                "type": "tool_use", "id": "toolu_%d" % i, "name": name, "input": {}}})
+            out += ev("content_block_delta", {"type": "content_block_delta", "index": i,
+                                              "delta": {"type": "input_json_delta", "partial_json": args}})
+            return out + ev("content_block_stop", {"type": "content_block_stop", "index": i})
+        raw = ev("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "m", "usage": {}}})
+        raw += block(0, "get_time", "") + block(1, "get_weather", '{"city":"Oslo"}') + block(2, "now", "")
+        raw += ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {}})
+        raw += ev("message_stop", {"type": "message_stop"})
+        want = {"get_time": "{}", "get_weather": '{"city":"Oslo"}', "now": "{}"}
+        req = lp.ChatRequest(model="m", stream=True)
+        for fmt in (lp.OpenAIChat, lp.OpenAIResponses):
+            tr = lp.StreamTranslator(lp.AnthropicMessages.stream_decoder(), fmt.stream_encoder(req, lp.CodecOptions()))
+            out = tr.feed(raw) + tr.close()
+            datas = [json.loads(line[6:]) for line in out.decode().split("\n") if line.startswith("data: {")]
+            got = {}
+            if fmt is lp.OpenAIChat:
+                names = {}
+                for d in datas:
+                    for c in (d["choices"][0]["delta"].get("tool_calls") or []) if d.get("choices") else []:
+                        if "name" in c.get("function", {}):
+                            names[c["index"]] = c["function"]["name"]
+                        got[names[c["index"]]] = got.get(names[c["index"]], "") + c["function"]["arguments"]
+            else:
+                items = {}
+                for d in datas:
+                    if d["type"] == "response.output_item.added":
+                        items[d["item"]["id"]] = d["item"]["name"]
+                    elif d["type"] == "response.function_call_arguments.delta":
+                        got[items[d["item_id"]]] = got.get(items[d["item_id"]], "") + d["delta"]
+                    elif d["type"] == "response.function_call_arguments.done":
+                        self.assertEqual(d["arguments"], got[items[d["item_id"]]])
+                    elif d["type"] == "response.completed":
+                        self.assertEqual({o["name"]: o["arguments"] for o in d["response"]["output"]}, want)
+            with self.subTest(fmt=fmt.__name__):
+                self.assertEqual(got, want)
+
     def test_runs_of_layout_events_decode_as_a_full_parse_does(self):
         """Whole streams through StreamTranslator.decode, cut anywhere: runs of text events read
         together through their layouts give the events a full parse of each gives, with
@@ -2835,6 +2879,16 @@ class TestFailureClasses(unittest.TestCase):
         resp = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("openai-responses", events))]
         self.assertEqual(resp[-1]["type"], "response.failed")
         self.assertEqual(resp[-1]["response"]["error"]["code"], "upstream_incomplete")
+        # the message cut short is incomplete, not completed, wherever it is listed
+        done = [d["item"] for d in resp if d["type"] == "response.output_item.done"]
+        self.assertEqual([i["status"] for i in done + resp[-1]["response"]["output"]], ["incomplete", "incomplete"])
+        # a relayed Responses stream's error event goes on with the upstream's numbering
+        err = lp.UpstreamError(502, "upstream closed the connection mid-body", "upstream_incomplete")
+        sent = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number": 10}\n\n'
+        self.assertEqual(json.loads(lp.SSEDecoder().feed(lp.OpenAIResponses.stream_error_after(err, sent))[0].data)
+                         ["sequence_number"], 11)
+        self.assertEqual(json.loads(lp.SSEDecoder().feed(lp.OpenAIResponses.stream_error_after(err, b""))[0].data)
+                         ["sequence_number"], 0)
         an = lp.SSEDecoder().feed(encode("anthropic", events))
         self.assertEqual((an[-1].event, json.loads(an[-1].data)["error"]["type"]), ("error", "api_error"))
         oc = lp.SSEDecoder().feed(encode("openai", events))
@@ -3232,6 +3286,49 @@ class TestCompactionInputs(unittest.TestCase):
             {"type": "compaction", "encrypted_content": lp.COMPACTED + base64.b64encode("résumé".encode()).decode()},
             {"role": "user", "content": "go"}]})
         self.assertIn("résumé", ok.messages[0].parts[0].text)
+
+
+class TestGeminiFieldNames(unittest.TestCase):
+    def test_proto_field_names_read_as_the_lower_camel_case_ones(self):
+        """google-genai sends thinking_config's members in snake_case (include_thoughts,
+        thinking_budget); the API takes either spelling of every field, so a request in one
+        parses as it does in the other, while the keys of arguments, results and schemas stay
+        as the caller wrote them."""
+        schema = {"type": "object", "properties": {"user_name": {"type": "string"}}, "required": ["user_name"]}
+        def body(snake):
+            k = (lambda camel, sn: sn) if snake else (lambda camel, sn: camel)
+            return {
+                "contents": [{"role": "user", "parts": [{"text": "hi"}]},
+                             {"role": "model", "parts": [{k("functionCall", "function_call"): {
+                                 "name": "f", "args": {"user_name": "a", "max_rows": 2}}}]},
+                             {"role": "user", "parts": [{k("functionResponse", "function_response"): {
+                                 "name": "f", "response": {"row_count": 1}}}]}],
+                k("systemInstruction", "system_instruction"): {"parts": [{"text": "be brief"}]},
+                "tools": [{k("functionDeclarations", "function_declarations"): [
+                    {"name": "f", "description": "d", k("parametersJsonSchema", "parameters_json_schema"): schema}]}],
+                k("toolConfig", "tool_config"): {k("functionCallingConfig", "function_calling_config"): {
+                    "mode": "ANY", k("allowedFunctionNames", "allowed_function_names"): ["f"]}},
+                k("generationConfig", "generation_config"): {
+                    k("maxOutputTokens", "max_output_tokens"): 77, k("topP", "top_p"): 0.5, k("topK", "top_k"): 3,
+                    k("stopSequences", "stop_sequences"): ["END"],
+                    k("responseMimeType", "response_mime_type"): "application/json",
+                    k("responseJsonSchema", "response_json_schema"): schema,
+                    k("thinkingConfig", "thinking_config"): {k("includeThoughts", "include_thoughts"): True,
+                                                             k("thinkingBudget", "thinking_budget"): 2048}}}
+        camel, snake = lp.Gemini.parse_request(body(False), "m"), lp.Gemini.parse_request(body(True), "m")
+        self.assertEqual(snake, camel)
+        self.assertEqual((snake.reasoning_budget, snake.thinking, snake.max_tokens, snake.top_k, snake.stop),
+                         (2048, True, 77, 3, ["END"]))
+        self.assertEqual(snake.tool_choice, ("tool", "f"))
+        self.assertEqual(snake.response_format["schema"]["properties"], {"user_name": {"type": "string"}})
+        self.assertEqual(json.loads(snake.messages[1].parts[0].arguments), {"user_name": "a", "max_rows": 2})
+        self.assertIn("row_count", snake.messages[2].parts[0].content[0].text)
+        off = body(True)
+        off["generation_config"]["thinking_config"] = {"thinking_budget": 0}
+        self.assertFalse(lp.Gemini.parse_request(off, "m").thinking)
+        both = {"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"maxOutputTokens": 5},
+                "generation_config": {"max_output_tokens": 9}}
+        self.assertEqual(lp.Gemini.parse_request(both, "m").max_tokens, 5)
 
 
 class TestGeminiTextSignatures(unittest.TestCase):
