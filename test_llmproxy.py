@@ -2155,37 +2155,47 @@ class TestLargeBodies(ProxyCase):
                 return real_run(handle)
             finally:
                 steps.append((time.thread_time() - t0, repr(handle)[:160]))
-        t0 = time.thread_time()                  # the yardstick: one parse and one render of the body
-        lp._jbytes(lp.parse_json(big))
-        yardstick = time.thread_time() - t0
-        ping = await self.conn()
-        heavy = await self.conn()
-        import gc
-        gc.disable()             # a full collection of this test process's heap is not the proxy's work
-        asyncio.events.Handle._run = timed_run
-        try:
-            heavy.send("POST", "/v1/messages", big)
-            reply = asyncio.ensure_future(heavy.read_response())
-            pings = 0
-            while not reply.done():
-                status, _, _ = await ping.request("GET", "/health")
-                self.assertEqual(status, 200)
-                pings += 1
-            status, _, data = await reply
-        finally:
-            asyncio.events.Handle._run = real_run
-            gc.enable()
-        self.assertEqual(status, 200, data[:200])
-        self.assertEqual(len(json.loads(self.up.requests[-1]["body"])["messages"]), 2001)
-        self.assertGreater(pings, 1)
-        longest = max(steps)                     # the proxy's steps, and this test's and the fake's small ones
-        t0 = time.thread_time()                  # the yardstick again: a loaded machine slows both alike
-        lp._jbytes(lp.parse_json(big))
-        yardstick = max(yardstick, time.thread_time() - t0)
+
+        async def measure():
+            steps.clear()
+            t0 = time.thread_time()              # the yardstick: one parse and one render of the body
+            lp._jbytes(lp.parse_json(big))
+            yardstick = time.thread_time() - t0
+            ping = await self.conn()
+            heavy = await self.conn()
+            import gc
+            gc.disable()         # a full collection of this test process's heap is not the proxy's work
+            asyncio.events.Handle._run = timed_run
+            try:
+                heavy.send("POST", "/v1/messages", big)
+                reply = asyncio.ensure_future(heavy.read_response())
+                pings = 0
+                while not reply.done():
+                    status, _, _ = await ping.request("GET", "/health")
+                    self.assertEqual(status, 200)
+                    pings += 1
+                status, _, data = await reply
+            finally:
+                asyncio.events.Handle._run = real_run
+                gc.enable()
+            self.assertEqual(status, 200, data[:200])
+            self.assertEqual(len(json.loads(self.up.requests[-1]["body"])["messages"]), 2001)
+            self.assertGreater(pings, 1)
+            t0 = time.thread_time()              # the yardstick again: a loaded machine slows both alike
+            lp._jbytes(lp.parse_json(big))
+            return max(yardstick, time.thread_time() - t0)
         # before: one step parsed, translated and rendered the whole body (~2.5 yardsticks);
-        # now the longest is one whole-body pass (a copy, a decode or a scan), ~0.2 of a yardstick
-        self.assertLess(longest[0], 0.75 * yardstick, "the proxy held the loop %.0f ms (a parse and a render: "
-                        "%.0f ms) in %s" % (longest[0] * 1000, yardstick * 1000, longest[1]))
+        # now the longest is one whole-body pass (a copy, a decode or a scan), ~0.2 of a yardstick.
+        # A step that long on every try is the proxy's; one try in a few dozen on a shared VM has
+        # an outlier (page faults, another process), so a second try is allowed.
+        for attempt in range(2):
+            yardstick = await measure()
+            longest = sorted(steps, reverse=True)[:3]   # the proxy's steps, and this test's and the fake's
+            if longest[0][0] < 0.75 * yardstick:
+                break
+        self.assertLess(longest[0][0], 0.75 * yardstick, "the proxy held the loop %.0f ms (a parse and a render: "
+                        "%.0f ms) in %s" % (longest[0][0] * 1000, yardstick * 1000,
+                                            "; ".join("%.0f ms %s" % (t * 1000, h) for t, h in longest)))
 
 
 class TestShutdownStuck(ProxyCase):
