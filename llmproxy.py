@@ -4947,9 +4947,11 @@ class OpenAIResponses(WireFormat):
             status = "incomplete"
             incomplete = {"reason": "max_output_tokens" if resp.stop == "max_tokens" else "content_filter"}
         rid = resp.id if resp.id.startswith("resp_") else opts.ids("resp_")
-        return cls.response_object(rid, req, status, cls.output_items(resp.parts, req, drop),
-                                   cls.render_usage(resp.usage), resp.created or int(opts.clock()), resp.model,
-                                   incomplete=incomplete)
+        output = cls.output_items(resp.parts, req, drop)
+        if incomplete and output and output[-1]["type"] != "reasoning":
+            output[-1]["status"] = "incomplete"        # the item the reply was cut short in
+        return cls.response_object(rid, req, status, output, cls.render_usage(resp.usage),
+                                   resp.created or int(opts.clock()), resp.model, incomplete=incomplete)
 
 
 
@@ -5099,7 +5101,8 @@ class ResponsesEncoder:
         return [self._ev("response.created", {"response": r}), self._ev("response.in_progress", {"response": r})]
 
     def _close_item(self, status: str = "completed") -> List[bytes]:
-        """The open item's done events; status: "incomplete" when the stream failed inside it."""
+        """The open item's done events; status: "incomplete" when the reply was cut short in it
+        (an error, the output limit, a content filter)."""
         item = self.cur
         if item is None:
             return []
@@ -5213,7 +5216,7 @@ class ResponsesEncoder:
                 log.warning("responses stream: arguments for tool %d arrived after its item closed; dropped", ev[1])
         elif kind == "finish":
             self.ended = True
-            out.extend(self._close_item())
+            out.extend(self._close_item("incomplete" if ev[1] in ("max_tokens", "content_filter") else "completed"))
             usage = OpenAIResponses.render_usage(ev[2] or Usage())
             if ev[1] in ("max_tokens", "content_filter"):
                 reason = "max_output_tokens" if ev[1] == "max_tokens" else "content_filter"

@@ -2883,6 +2883,24 @@ class TestFailureClasses(unittest.TestCase):
         added = [(d["output_index"], d["item"].get("call_id")) for d in out if d["type"] == "response.output_item.added"]
         self.assertEqual(added, [(0, None), (1, "call_W1"), (2, "call_T2")])
 
+    def test_a_reply_cut_by_the_output_limit_leaves_its_last_responses_item_incomplete(self):
+        """Stream and JSON agree: the items before the cut are completed, the one the reply was
+        cut short in is incomplete, and the response says why."""
+        events = [("start", "x", "m", None), ("tool_start", 0, "call_1", "f", None, None), ("tool_args", 0, "{}"),
+                  ("text", "half a sen"), ("finish", "max_tokens", lp.Usage(input=3, output=4))]
+        streamed = [json.loads(e.data) for e in lp.SSEDecoder().feed(encode("openai-responses", events))]
+        final = streamed[-1]
+        self.assertEqual((final["type"], final["response"]["incomplete_details"]),
+                         ("response.incomplete", {"reason": "max_output_tokens"}))
+        done = [d["item"]["status"] for d in streamed if d["type"] == "response.output_item.done"]
+        whole = lp.OpenAIResponses.render_response(lp.collect_events(events), lp.ChatRequest(model="m"))
+        for statuses in (done, [i["status"] for i in final["response"]["output"]],
+                         [i["status"] for i in whole["output"]]):
+            self.assertEqual(statuses, ["completed", "incomplete"])
+        ended = events[:-1] + [("finish", "end", lp.Usage(input=3, output=4))]
+        whole = lp.OpenAIResponses.render_response(lp.collect_events(ended), lp.ChatRequest(model="m"))
+        self.assertEqual([i["status"] for i in whole["output"]], ["completed", "completed"])
+
     def test_mid_stream_error_in_each_client_format(self):
         events = [("start", "x", "m", None), ("text", "par"),
                   ("error", lp.UpstreamError(502, "upstream closed the connection mid-body", "upstream_incomplete"))]
