@@ -3098,6 +3098,51 @@ class TestFailureClasses(unittest.TestCase):
         self.assertEqual(rs[-1]["response"]["output"][0]["type"], "reasoning")
 
 
+class TestPeek(unittest.IsolatedAsyncioTestCase):
+    async def test_a_read_that_times_out_stays_in_flight_and_loses_nothing(self):
+        """_Peek.next: an item already there comes at once; one that is late gives TIMEOUT, and
+        the same read, still in flight, gives it on the next call; the end raises; aclose
+        cancels a read in flight and closes the generator."""
+        gates = [asyncio.Event() for _ in range(3)]
+        closed = []
+
+        async def pieces():
+            try:
+                yield b"a"                          # at once
+                for i, gate in enumerate(gates):
+                    await gate.wait()
+                    yield b"late%d" % i
+            finally:
+                closed.append(True)
+        peek = lp._Peek(pieces())
+        self.assertEqual(await peek.next(5.0), b"a")
+        self.assertIs(await peek.next(0.0), lp._Peek.TIMEOUT)
+        self.assertIs(await peek.next(0.01), lp._Peek.TIMEOUT)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        gates[0].set()
+        self.assertEqual(await peek.next(60.0), b"late0")   # the read that timed out, not a second one
+        gates[1].set()
+        gates[2].set()
+        self.assertEqual([await peek.next(60.0), await peek.next(60.0)], [b"late1", b"late2"])
+        self.assertLess(loop.time() - began, 30.0)          # woken by the reads, not by the timers
+        with self.assertRaises(StopAsyncIteration):
+            await peek.next(5.0)
+        self.assertEqual(closed, [True])
+        gate = asyncio.Event()
+
+        async def stuck():
+            try:
+                await gate.wait()
+                yield b"never"
+            finally:
+                closed.append("stuck")
+        peek = lp._Peek(stuck())
+        self.assertIs(await peek.next(0.0), lp._Peek.TIMEOUT)
+        await peek.aclose()
+        self.assertEqual((closed[-1], peek.nxt), ("stuck", None))
+
+
 class TestStreamTranslator(unittest.TestCase):
     """The hub's pure stream API: bytes in, bytes out, no sockets, no clock."""
     PIECES = [b'data: {"id":"c1","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"}}]}\n\n',
