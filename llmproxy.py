@@ -2424,26 +2424,29 @@ class StreamTranslator:
 
     def encode(self, events) -> bytes:
         """Canonical events -> the client's bytes (through the tool order and the filters).
-        Without filters, text events in a row go to the encoder as one run, where it can
-        render them in one step (ToolOrder and _note pass text as it is)."""
+        Text events in a row go to the encoder as one run, which it renders in one step
+        (ToolOrder and _note pass text as it is; without filters it skips both)."""
         out: List[bytes] = []
-        plain = self.filters is None and self.encoder is not None
+        plain = self.filters is None
         order = self.order
-        texts = self.encoder.texts if plain else None
+        encoder = self.encoder
         run: List[str] = []
         for ev in events:
             if plain and ev[0] == "text" and not order.held:
                 run.append(ev[1])
                 continue
-            if run:
-                out.extend(texts(run))
-                run = []
             for ev in order.feed(ev):
-                for ev in (self.filters.feed(ev) if self.filters is not None else (ev,)):
+                for ev in (self.filters.feed(ev) if not plain else (ev,)):
+                    if ev[0] == "text":             # what the filters let through, in runs too
+                        run.append(ev[1])
+                        continue
+                    if run:
+                        out.extend(encoder.texts(run))
+                        run = []
                     self._note(ev)
-                    out.extend(self.encoder.feed(ev))
+                    out.extend(encoder.feed(ev))
         if run:
-            out.extend(texts(run))
+            out.extend(encoder.texts(run))
         return b"".join(out)
 
     def _note(self, ev: tuple):

@@ -1662,10 +1662,10 @@ class TestHTTPWire(unittest.TestCase):
         self.assertGreater(taken[True], 400)            # runs were read together
 
     def test_text_runs_render_the_bytes_of_one_event_at_a_time(self):
-        """A run of text events rendered in one step (StreamTranslator.encode without filters)
-        gives each client format the bytes its encoder gives fed one event at a time: block and
-        message and item openings, empty texts, escapes, lone surrogates, thinking and tool calls
-        between runs, events after the end, Gemini's SSE and JSON array."""
+        """A run of text events rendered in one step (StreamTranslator.encode, with filters or
+        without) gives each client format the bytes its encoder gives fed one event at a time:
+        block, message and item openings, empty texts, escapes, lone surrogates, thinking and
+        tool calls between runs, events after the end, Gemini's SSE and JSON array."""
         rng = random.Random(11)
         texts = ["hi", "", " there", "\"", "\\", "a\nb", "\u00e9", "\U0001F600", "\ud83d", "\ude00", "</s>", "\x00"]
         fmts = [lp.OpenAIChat, lp.AnthropicMessages, lp.OpenAIResponses, lp.Gemini]
@@ -1694,17 +1694,20 @@ class TestHTTPWire(unittest.TestCase):
                 opts = lp.CodecOptions(sse=sse, ids=lambda p: p + "x", clock=lambda: 7.0)
                 return fmt.stream_encoder(req, opts)
 
-            class Each:                 # a filter that changes nothing: every event goes on alone
+            class Each:                 # a filter that changes nothing (the guardrails' path)
                 @staticmethod
                 def feed(ev):
                     return [ev]
             cut = rng.randint(0, len(events))
             with self.subTest(fmt=fmt.__name__, events=events, cut=cut):
-                slow = lp.StreamTranslator(None, encoder(), Each())
+                one = encoder()             # the reference: every text through feed(), one at a time
+                one.texts = lambda texts, one=one: [b for t in texts for b in one.feed(("text", t))]
+                slow = lp.StreamTranslator(None, one)
                 expect = slow.encode(events[:cut]) + slow.encode(events[cut:]) + slow.finish()
-                tr = lp.StreamTranslator(None, encoder())
-                got = tr.encode(events[:cut]) + tr.encode(events[cut:]) + tr.finish()
-                self.assertEqual(got, expect)
+                for filters in (None, Each()):
+                    tr = lp.StreamTranslator(None, encoder(), filters)
+                    got = tr.encode(events[:cut]) + tr.encode(events[cut:]) + tr.finish()
+                    self.assertEqual(got, expect)
             runs += any(a[0] == b[0] == "text" for a, b in zip(events, events[1:]))
         self.assertGreater(runs, 200)               # runs of several texts were rendered at once
 
