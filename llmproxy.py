@@ -8954,7 +8954,7 @@ class ReplyRewrite(EventFilter):
         self.replace = [r for r in rules if r["action"] == "replace"]
         self.max_hold = max([4 * REWRITE_HOLD] + [len(r.get("literal") or "") for r in self.replace])
         # literal rules only: a piece holding none of their first characters passes untouched
-        self.firsts = "".join(sorted({r["literal"][0] for r in self.replace})) \
+        self.firsts = re.compile("[%s]" % re.escape("".join(sorted({r["literal"][0] for r in self.replace})))) \
             if self.replace and all(r.get("literal") for r in self.replace) else None
         self.started = False
         self.pending = ""
@@ -9010,7 +9010,7 @@ class ReplyRewrite(EventFilter):
                 if head:
                     out.append(("text", head))
             if not self.replace or (self.firsts is not None and not self.pending
-                                    and not any(c in ev[1] for c in self.firsts)):
+                                    and not self.firsts.search(ev[1])):
                 return out + [ev]
             text = self.pending + ev[1]
             cut = self._hold(text)

@@ -4544,6 +4544,22 @@ class TestGuardrailStages(unittest.TestCase):
         self.assertTrue(any(e[0] == "text" for e in out[:-1]))
         self.assertEqual(out[-1][0], "finish")
 
+    def test_reply_replace_literals_led_by_class_characters(self):
+        """Literal rules whose first characters mean something in a regex character class
+        (], -, ^, \\): a piece without any of them passes as it is, one with them is replaced."""
+        literals = ["]x", "-y", "^w", "\\z", "a"]
+        rules = [{"action": "replace", "pattern": re.compile(re.escape(x)), "literal": x, "with": "<%d>" % i}
+                 for i, x in enumerate(literals)]
+        f = lp.ReplyRewrite(rules)
+        self.assertEqual(f.feed(("text", "quiet text, none of them")), [("text", "quiet text, none of them")])
+        out = f.feed(("text", "b]x c-y d^w e\\z f")) + f.feed(("finish", "end", None))
+        self.assertEqual("".join(e[1] for e in out if e[0] == "text"), "b<0> c<1> d<2> e<3> f")
+        self.assertEqual(f.feed(("text", "bcd")), [("text", "bcd")])     # "b", "c", "d": no first character
+        for i, x in enumerate(literals[:4]):        # each first character alone
+            f = lp.ReplyRewrite(rules)
+            out = f.feed(("text", "q%s q" % x)) + f.feed(("finish", "end", None))
+            self.assertEqual("".join(e[1] for e in out if e[0] == "text"), "q<%d> q" % i)
+
     def test_reply_replace_holds_back_only_what_could_still_match(self):
         f = lp.ReplyRewrite([{"action": "replace", "pattern": re.compile("secret"), "literal": "secret", "with": "*"}])
         self.assertEqual(f.feed(("text", "my sec")), [("text", "my ")])    # "sec" may begin "secret"
