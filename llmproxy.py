@@ -3790,7 +3790,7 @@ class OpenAIChatEncoder:
         self.started = False
         self.ended = False
         self._prefix: Optional[str] = None
-        self.bare: Optional[int] = None   # the last call begun, while no arguments have come for it
+        self.bare: List[int] = []         # the calls begun that no arguments have come for yet
 
     def _chunk(self, delta: dict, finish=None) -> bytes:
         return b"data: " + _jbytes({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -3841,14 +3841,13 @@ class OpenAIChatEncoder:
                 self.details += 1
                 out.append(self._chunk({"reasoning_details": [item]}))
         elif kind == "tool_start":
-            out.extend(self._no_arguments())
             self.tool_count += 1
-            self.bare = ev[1]
+            self.bare.append(ev[1])
             out.append(self._chunk({"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
                                                     "function": {"name": ev[3], "arguments": ""}}]}))
         elif kind == "tool_args":
-            if ev[2] and ev[1] == self.bare:
-                self.bare = None
+            if ev[2] and ev[1] in self.bare:
+                self.bare.remove(ev[1])
             out.append(self._chunk({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]}))
         elif kind == "finish":
             out.extend(self._no_arguments())
@@ -3868,12 +3867,11 @@ class OpenAIChatEncoder:
         return out
 
     def _no_arguments(self) -> List[bytes]:
-        """The last call's arguments as an empty object when none came (Anthropic sends none
-        for a call without parameters; a client parses what it joined as JSON)."""
-        if self.bare is None:
-            return []
-        index, self.bare = self.bare, None
-        return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": "{}"}}]})]
+        """At the finish, "{}" for each call no arguments came for (Anthropic sends none for a
+        call without parameters, and a client parses what it joined as JSON). Only then: an
+        upstream may still send a call's arguments after the next call has begun."""
+        bare, self.bare = self.bare, []
+        return [self._chunk({"tool_calls": [{"index": index, "function": {"arguments": "{}"}}]}) for index in bare]
 
     def keepalive(self) -> bytes:
         return b": keep-alive\n\n"

@@ -1591,6 +1591,17 @@ class TestHTTPWire(unittest.TestCase):
                         self.assertEqual({o["name"]: o["arguments"] for o in d["response"]["output"]}, want)
             with self.subTest(fmt=fmt.__name__):
                 self.assertEqual(got, want)
+        # a call's arguments that come after the next call has begun are still its own, whole
+        tr = lp.StreamTranslator(None, lp.OpenAIChat.stream_encoder(req, lp.CodecOptions()))
+        out = tr.encode([("start", "c", "m", None), ("tool_start", 0, "call_a", "f", None, None),
+                         ("tool_start", 1, "call_b", "g", None, None), ("text", "x"),
+                         ("tool_args", 0, '{"a":1}'), ("finish", "tool_use", None)]) + tr.finish()
+        args = {}
+        for line in out.decode().split("\n"):
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"][0]["delta"].get("tool_calls") or []:
+                    args[c["index"]] = args.get(c["index"], "") + c["function"]["arguments"]
+        self.assertEqual(args, {0: '{"a":1}', 1: "{}"})
 
     def test_runs_of_layout_events_decode_as_a_full_parse_does(self):
         """Whole streams through StreamTranslator.decode, cut anywhere: runs of text events read
