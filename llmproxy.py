@@ -2245,13 +2245,13 @@ _SNIFF_DECODER = json.JSONDecoder()
 _SNIFF_OPEN_RE = re.compile(rb"[ \t\r\n]*\{")
 
 
-def sniff_usage(data: bytes, key: bytes = b'"usage"') -> Optional[dict]:
-    """Find the last non-null `"usage": {...}` object (or another key's) in a JSON body
-    or the tail of an SSE stream without parsing the rest of it."""
-    pos = len(data)
+def sniff_usage(data: bytes, key: bytes = b'"usage"', first: bool = False) -> Optional[dict]:
+    """Find the last non-null `"usage": {...}` object (or another key's; with first, the first
+    one) in a JSON body or an end of an SSE stream without parsing the rest of it."""
+    pos = -1 if first else len(data)
     scan = _SNIFF_DECODER.scan_once
     while True:
-        pos = data.rfind(key, 0, pos)
+        pos = data.find(key, pos + 1) if first else data.rfind(key, 0, pos)
         if pos < 0:
             return None
         colon = data.find(b":", pos + len(key))
@@ -3012,6 +3012,12 @@ class WireFormat:
     def stream_error_after(cls, err: ProxyError, sent: bytes) -> bytes:
         """The in-band error event that ends a relayed stream, after `sent` (its last bytes)."""
         return cls.render_stream_error(err)
+
+    @classmethod
+    def stream_usage(cls, head: bytes, tail: bytes) -> Optional["Usage"]:
+        """A relayed stream's token counts from its first and last bytes (most formats send
+        them whole at the end)."""
+        return cls.parse_usage(sniff_usage(tail, cls.usage_key))
     inline_images = False                     # image URLs must be fetched into bytes for it
     remembers_signatures = False              # its tool calls carry signatures other clients drop
     sets_cache_marks = False                  # its clients place prompt-cache breakpoints themselves
@@ -4006,6 +4012,15 @@ class AnthropicMessages(WireFormat):
     @classmethod
     def render_stream_error(cls, err: ProxyError) -> bytes:
         return render_sse(_jdump(cls.render_error(err)), event="error")
+
+    @classmethod
+    def stream_usage(cls, head: bytes, tail: bytes) -> Optional[Usage]:
+        """message_start counts the input, message_delta the output (and, from newer servers,
+        the input again): each count as the last event that gives it."""
+        start, last = sniff_usage(head, cls.usage_key, first=True), sniff_usage(tail, cls.usage_key)
+        if isinstance(start, dict) and isinstance(last, dict):
+            return cls.parse_usage(dict(start, **{k: v for k, v in last.items() if v is not None}))
+        return cls.parse_usage(last if last is not None else start)
 
     @staticmethod
     def parse_usage(u) -> Optional[Usage]:
@@ -11761,6 +11776,7 @@ class PassThrough:
         sse = upstream.content_type == "text/event-stream"
         waiting = sse and not pending          # nothing yet: a model thinking gets keep-alives
         held = b""
+        head = b""                             # the stream's first bytes (Anthropic counts input there)
         capture = self.caller.capture
         try:
             while True:
@@ -11797,6 +11813,8 @@ class PassThrough:
                     info.complete = True
                 if capture is not None:
                     self.caller.captured(info, piece, True)
+                if len(head) < USAGE_TAIL_BYTES:
+                    head += piece[:USAGE_TAIL_BYTES - len(head)]
                 tail.append(piece)
                 tail_len += len(piece)
                 while tail_len - len(tail[0]) >= USAGE_TAIL_BYTES:
@@ -11813,7 +11831,7 @@ class PassThrough:
             yield fmt.stream_error_after(e, b"".join(tail))
         finally:
             await peek.aclose()
-            info.usage = fmt.parse_usage(sniff_usage(b"".join(tail), fmt.usage_key))
+            info.usage = fmt.stream_usage(head, b"".join(tail))
 
 
 # 12d. translation #############################################################

@@ -5601,6 +5601,32 @@ class TestStreaming(ProxyCase):
         status, _, _ = await c.request("GET", "/health")
         self.assertEqual(status, 200)
 
+    async def test_an_anthropic_stream_relayed_counts_the_input_of_its_start(self):
+        """Anthropic counts the input in message_start and, from older servers, only the output
+        in message_delta: a relayed stream is counted with both, each from the last event
+        that gives it, however long the stream between them."""
+        cases = [(0, {"output_tokens": 4}), (40000, {"output_tokens": 4}), (0, {"input_tokens": 25, "output_tokens": 6})]
+        streams = [UP_REPLIES[("anthropic", 2, True)].replace(b'{"output_tokens": 4}', json.dumps(usage).encode())
+                   .replace(b'"in Paris"', json.dumps("in Paris" + "." * filler).encode()) for filler, usage in cases]
+
+        async def handler(req, w):
+            sse_head(w)
+            sse_chunk(w, streams[len(self.up.requests) - 1])
+            w.write(b"0\r\n\r\n")
+        self.up = await FakeUpstream(handler).start()
+        cfg = base_config(self.up.port)
+        cfg["providers"]["up"]["format"] = "anthropic"
+        await self.start(config=cfg)
+        for filler, usage in cases:
+            status, _, body = await self.call("POST", "/v1/messages", {"model": "fast", "max_tokens": 9, "stream": True,
+                                                                       "messages": [{"role": "user", "content": "hi"}]})
+            self.assertEqual(status, 200)
+            self.assertIn(b"message_stop", body)
+            await asyncio.sleep(0)
+            with self.subTest(filler=filler, usage=usage):
+                row = self.app.recent[-1]
+                self.assertEqual((row["tokens_in"], row["tokens_out"]), (usage.get("input_tokens", 30), usage["output_tokens"]))
+
     async def test_upstream_reset_mid_stream_gives_error_event(self):
         async def handler(req, w):
             sse_head(w)
