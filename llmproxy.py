@@ -181,6 +181,7 @@ MAX_SSE_LINE = 32 * 1024 * 1024    # one event-stream line (a streamed image is 
 MAX_SSE_EVENT = 32 * 1024 * 1024   # the data of one event, all its lines together
 MAX_HELD_EVENT = 1024 * 1024        # pass-through holds a cut event back until its end, up to this much
 USAGE_TAIL_BYTES = 16 * 1024        # usage rides in the last events of a stream; keep this much
+USAGE_HEAD_BYTES = 4096             # and, for Anthropic, in its first event: at most this much of it
 WRITE_HIGH_WATER = 64 * 1024        # drain() only when the transport buffer is above this
 READ_CHUNK = 64 * 1024
 MODELS_CACHE_S = 300.0              # upstream model lists are cached this long
@@ -2993,6 +2994,7 @@ class WireFormat:
     # -- facts the app asks of a format (OpenAI's shapes here; formats override) --
 
     usage_key = b'"usage"'                    # the JSON key a reply's token counts sit under
+    usage_at_start = False                    # a stream counts its input in its first event too
     keepalive_frame = b": keep-alive\n\n"    # an SSE comment, which this format's clients skip
     terminal_markers: Tuple[bytes, ...] = (b"data: [DONE]",)   # bytes that end one of its streams
     passthrough_headers: Tuple[str, ...] = ()  # client headers a same-format upstream must see
@@ -4012,6 +4014,8 @@ class AnthropicMessages(WireFormat):
     @classmethod
     def render_stream_error(cls, err: ProxyError) -> bytes:
         return render_sse(_jdump(cls.render_error(err)), event="error")
+
+    usage_at_start = True
 
     @classmethod
     def stream_usage(cls, head: bytes, tail: bytes) -> Optional[Usage]:
@@ -11776,7 +11780,8 @@ class PassThrough:
         sse = upstream.content_type == "text/event-stream"
         waiting = sse and not pending          # nothing yet: a model thinking gets keep-alives
         held = b""
-        head = b""                             # the stream's first bytes (Anthropic counts input there)
+        # the stream's first bytes up to its first usage, for a format that counts input there
+        head, need_head = b"", fmt.usage_at_start
         capture = self.caller.capture
         try:
             while True:
@@ -11813,8 +11818,9 @@ class PassThrough:
                     info.complete = True
                 if capture is not None:
                     self.caller.captured(info, piece, True)
-                if len(head) < USAGE_TAIL_BYTES:
-                    head += piece[:USAGE_TAIL_BYTES - len(head)]
+                if need_head:
+                    head += piece[:USAGE_HEAD_BYTES - len(head)]
+                    need_head = len(head) < USAGE_HEAD_BYTES and fmt.usage_key not in head
                 tail.append(piece)
                 tail_len += len(piece)
                 while tail_len - len(tail[0]) >= USAGE_TAIL_BYTES:
