@@ -3814,7 +3814,7 @@ class OpenAIChatEncoder:
 
     def _text_chunk(self, field: str, text: str) -> bytes:
         """The per-token frame from a template: the same JSON as _chunk, built without a dict."""
-        return _utf8('data: %s%s":%s%s' % (self._head(), field, _jstr(text), _OC_TEXT_TAIL))
+        return _utf8('data: %s%s":' % (self._head(), field) + _jstr(text) + _OC_TEXT_TAIL)
 
     def texts(self, texts: List[str]) -> List[bytes]:
         """feed(("text", t)) for each t in turn, once started rendered in one step: the same bytes."""
@@ -3823,7 +3823,7 @@ class OpenAIChatEncoder:
         out = [] if self.started else self.feed(("text", texts[0]))
         rest = texts[1:] if out else texts
         if rest:
-            head = 'data: %scontent":' % self._head()
+            head = 'data: %s%s":' % (self._head(), "content")
             out.append(_utf8(head + (_OC_TEXT_TAIL + head).join([_jstr(t) for t in rest]) + _OC_TEXT_TAIL))
         return out
 
@@ -4466,10 +4466,14 @@ class AnthropicEncoder:
     def _delta(self, delta: dict) -> bytes:
         return self._ev("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
 
+    def _delta_head(self, kind: str, field: str) -> str:
+        """A text, thinking or input_json delta's frame up to its string (the template)."""
+        return 'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":' \
+            '{"type":"%s","%s":' % (self.index, kind, field)
+
     def _text_delta(self, kind: str, field: str, text: str) -> bytes:
-        """A text, thinking or input_json delta from a template (the hot path of a stream)."""
-        return _utf8('event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":'
-                     '{"type":"%s","%s":%s}}\n\n' % (self.index, kind, field, _jstr(text)))
+        """A text, thinking or input_json delta from the template (the hot path of a stream)."""
+        return _utf8(self._delta_head(kind, field) + _jstr(text) + "}}\n\n")
 
     def texts(self, texts: List[str]) -> List[bytes]:
         """feed(("text", t)) for each t in turn, the deltas of an open text block rendered in
@@ -4483,8 +4487,7 @@ class AnthropicEncoder:
                 return out
         body = [_jstr(t) for t in (texts[i:] if i else texts) if t]
         if body:
-            head = 'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":' \
-                '{"type":"text_delta","text":' % self.index
+            head = self._delta_head("text_delta", "text")
             out.append(_utf8(head + ("}}\n\n" + head).join(body) + "}}\n\n"))
         return out
 
@@ -5057,6 +5060,10 @@ class ResponsesDecoder(CanonicalStream):
         return [("error", UpstreamError(502, "upstream stream ended before response.completed", "upstream_incomplete"))]
 
 
+# a delta event: its type twice, sequence number, item id, output index, extra members, delta, logprobs
+_RESP_DELTA = 'event: %s\ndata: {"type":"%s","sequence_number":%d,"item_id":%s,"output_index":%d,%s"delta":%s%s}\n\n'
+
+
 class ResponsesEncoder:
     """Canonical events -> the Responses event sequence, every item added and done in
     order and the stream always closed by response.completed/incomplete/failed."""
@@ -5085,9 +5092,8 @@ class ResponsesEncoder:
 
     def _delta_ev(self, t: str, item_id: str, idx: int, extra: str, delta: str) -> bytes:
         """A delta event from a template; `extra` is pre-rendered JSON members."""
-        frame = 'event: %s\ndata: {"type":"%s","sequence_number":%d,"item_id":%s,"output_index":%d,%s"delta":%s%s}\n\n' % (
-            t, t, self.seq, _jstr(item_id), idx, extra, _jstr(delta),
-            ',"logprobs":[]' if t == "response.output_text.delta" else "")
+        frame = _RESP_DELTA % (t, t, self.seq, _jstr(item_id), idx, extra, _jstr(delta),
+                               ',"logprobs":[]' if t == "response.output_text.delta" else "")
         self.seq += 1
         return _utf8(frame)
 
@@ -5103,12 +5109,10 @@ class ResponsesEncoder:
         rest = [t for t in texts[i:] if t]
         if rest:
             self.buf.extend(rest)
-            head = 'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
-            mid = ',"item_id":%s,"output_index":%d,"content_index":0,"delta":' % (_jstr(self.cur["id"]), len(self.output))
-            seq = self.seq
+            t, item, idx, seq = "response.output_text.delta", _jstr(self.cur["id"]), len(self.output), self.seq
             self.seq += len(rest)
-            out.append(_utf8("".join([head + str(seq + k) + mid + _jstr(t) + ',"logprobs":[]}\n\n'
-                                      for k, t in enumerate(rest)])))
+            out.append(_utf8("".join([_RESP_DELTA % (t, t, seq + k, item, idx, '"content_index":0,', _jstr(text),
+                                                     ',"logprobs":[]') for k, text in enumerate(rest)])))
         return out
 
     def _resp(self, status: str, usage=None, error=None, incomplete=None) -> dict:
@@ -5540,14 +5544,16 @@ class Gemini(WireFormat):
     @classmethod
     @checked
     def parse_request(cls, body: dict, model: str = "") -> ChatRequest:
-        body = gemini_field_names(body)
+        # the settings around the conversation in either spelling; contents (most of a big
+        # request) are not walked again: their parts read both spellings where they are read
+        contents = body.get("contents")
+        body = gemini_field_names({k: v for k, v in body.items() if k != "contents"})
         req = ChatRequest(model=model or body.get("model") or "")
-        si = body.get("systemInstruction") or body.get("system_instruction")
+        si = body.get("systemInstruction")
         if isinstance(si, dict):
             text = "".join(p.get("text", "") for p in si.get("parts") or [] if isinstance(p, dict))
             if text:
                 req.system.append(text)
-        contents = body.get("contents")
         if isinstance(contents, dict):
             contents = [contents]
         if not isinstance(contents, list):
@@ -5607,16 +5613,16 @@ class Gemini(WireFormat):
         for t in body.get("tools") or []:
             if not isinstance(t, dict):
                 continue
-            decls = t.get("functionDeclarations") or t.get("function_declarations")
+            decls = t.get("functionDeclarations")
             if not decls:
                 drop_tool(req, "gemini", list(t)[:1])
                 continue
             for fd in decls:
-                params = fd.get("parametersJsonSchema") or fd.get("parameters_json_schema") or fd.get("parameters") \
+                params = fd.get("parametersJsonSchema") or fd.get("parameters") \
                     or {"type": "object", "properties": {}}
                 params = _lower_schema(params)       # Gemini's upper-case types, wherever they were put
                 req.tools.append(Tool(fd.get("name", ""), fd.get("description") or "", params))
-        fcc = ((body.get("toolConfig") or body.get("tool_config") or {}).get("functionCallingConfig") or {})
+        fcc = ((body.get("toolConfig") or {}).get("functionCallingConfig") or {})
         mode = (fcc.get("mode") or "").upper()
         names = fcc.get("allowedFunctionNames") or []
         if mode == "NONE":
@@ -5625,7 +5631,7 @@ class Gemini(WireFormat):
             req.tool_choice = ("tool", names[0]) if len(names) == 1 else "required"
         elif mode == "AUTO":
             req.tool_choice = "auto"
-        gc = body.get("generationConfig") or body.get("generation_config") or {}
+        gc = body.get("generationConfig") or {}
         req.max_tokens = gc.get("maxOutputTokens")
         req.temperature = gc.get("temperature")
         req.top_p = gc.get("topP")
@@ -6075,6 +6081,9 @@ class GeminiDecoder(CanonicalStream):
         return pending + [("finish", stop, self.usage)]
 
 
+_GE_TEXT_HEAD = '{"candidates":[{"content":{"role":"model","parts":[{"text":'     # a text chunk up to its string
+
+
 class GeminiEncoder:
     """Canonical events -> streamGenerateContent chunks: SSE (alt=sse) or one JSON array.
     Tool calls are sent whole, as Gemini does."""
@@ -6097,8 +6106,7 @@ class GeminiEncoder:
         if self._tail is None or self._tail[0] != self.model:
             self._tail = (self.model, '}]},"index":0}],"modelVersion":%s,"responseId":%s}' % (
                 _jstr(self.model), _jstr(self.rid)))
-        body = _utf8('{"candidates":[{"content":{"role":"model","parts":[{"text":%s%s%s' % (
-            _jstr(text), ',"thought":true' if thought else "", self._tail[1]))
+        body = _utf8(_GE_TEXT_HEAD + _jstr(text) + (',"thought":true' if thought else "") + self._tail[1])
         if self.sse:
             return b"data: " + body + b"\r\n\r\n"
         prefix = b"[" if self.first else b",\r\n"
@@ -6112,8 +6120,8 @@ class GeminiEncoder:
             return []
         out = [self._text_parts(texts[0], False)]              # the template, and the array's "["
         if len(texts) > 1:
-            head = '{"candidates":[{"content":{"role":"model","parts":[{"text":'
-            pre, post = ("data: " + head, self._tail[1] + "\r\n\r\n") if self.sse else (",\r\n" + head, self._tail[1])
+            pre, post = ("data: " + _GE_TEXT_HEAD, self._tail[1] + "\r\n\r\n") if self.sse \
+                else (",\r\n" + _GE_TEXT_HEAD, self._tail[1])
             out.append(_utf8("".join([pre + _jstr(t) + post for t in texts[1:]])))
         return out
 
