@@ -2164,11 +2164,15 @@ class TestLargeBodies(ProxyCase):
         real_run = asyncio.events.Handle._run
 
         def timed_run(handle):               # CPU time of each step: immune to this machine's other load
+            # the fake upstream's own steps are not the proxy's: its readexactly() of the whole
+            # body copies 20 MB into fresh pages in one step, as long as a parse or more
+            fake = getattr(handle._callback, "__self__", None) in self.up.tasks
             t0 = time.thread_time()
             try:
                 return real_run(handle)
             finally:
-                steps.append((time.thread_time() - t0, repr(handle)[:160]))
+                if not fake:
+                    steps.append((time.thread_time() - t0, repr(handle)[:160]))
 
         async def measure():
             steps.clear()
@@ -2204,7 +2208,7 @@ class TestLargeBodies(ProxyCase):
         # an outlier (page faults, another process), so a second try is allowed.
         for attempt in range(2):
             yardstick = await measure()
-            longest = sorted(steps, reverse=True)[:3]   # the proxy's steps, and this test's and the fake's
+            longest = sorted(steps, reverse=True)[:3]   # the proxy's steps, and this test's
             if longest[0][0] < 0.75 * yardstick:
                 break
         self.assertLess(longest[0][0], 0.75 * yardstick, "the proxy held the loop %.0f ms (a parse and a render: "
