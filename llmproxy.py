@@ -466,22 +466,24 @@ _BAD_TARGET_STR_RE = re.compile(r"[\x00-\x20\x7f]")
 
 STATUS_LINES = {int(s): ("HTTP/1.1 %d %s\r\n" % (s, s.phrase)).encode("latin-1") for s in http.HTTPStatus}
 
+_first = itemgetter(0)
+
 
 class Headers:
-    """Ordered header list; names lowercase. Lookups scan: heads are small."""
-    __slots__ = ("items",)
+    """Ordered header list; names lowercase. Lookups scan the list of names (a C-level
+    search: heads are small)."""
+    __slots__ = ("items", "names")
 
     def __init__(self, items=None):
         self.items: List[Tuple[str, str]] = list(items) if items else []
+        self.names: List[str] = list(map(_first, self.items))
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        for k, v in self.items:
-            if k == name:
-                return v
-        return default
+        names = self.names
+        return self.items[names.index(name)][1] if name in names else default
 
     def get_all(self, name: str) -> List[str]:
-        return [v for k, v in self.items if k == name]
+        return [v for k, v in self.items if k == name] if name in self.names else []
 
     def tokens(self, name: str) -> List[str]:
         """Comma-separated list values of every field `name`, lowercased."""
@@ -491,7 +493,7 @@ class Headers:
         return out
 
     def __contains__(self, name: str) -> bool:
-        return any(k == name for k, _ in self.items)
+        return name in self.names
 
     def __iter__(self):
         return iter(self.items)
@@ -521,49 +523,68 @@ _FIELD_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\Z", re
 _BAD_VALUE_STR_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-# A whole block of well-formed field lines, each ending in `eol`: the one check the common
-# head needs. Anything else (a long block, an odd line) goes to parse_header_lines, which
-# finds the fault line by line; parse_field_block gives exactly its result where both run.
-_FIELD_BLOCK_CRLF_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*\Z")
-_FIELD_BLOCK_LF_RE = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\n)*\Z")
-
-
-# (name, value without the OWS around it) of each line of a block the regexes above matched
-_FIELD_PAIR_CRLF_RE = re.compile(r"([^:]*):[ \t]*(.*?)[ \t]*\r\n")
-_FIELD_PAIR_LF_RE = re.compile(r"([^:]*):[ \t]*(.*?)[ \t]*\n")
+# Field lines seen before, each with its parse: clients send the same lines again on every
+# request (a keep-alive agent's dozen or more), so a head is mostly one dict lookup a line in a
+# C-level map. A line's parse depends on nothing but the line, so a hit gives exactly what
+# parsing would. Bounded (cleared when full, long lines never kept), and a line that may carry
+# a secret (a key, a cookie) is never kept: it is parsed every time.
+_FIELD_LINES: Dict[str, Tuple[str, str]] = {}
+_FIELD_LINES_MAX = 2048
+_FIELD_LINE_KEEP = 256          # characters
+_SECRET_FIELDS = frozenset(("authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key",
+                            "cookie", "set-cookie"))
 
 
 def parse_field_block(block: bytes, eol: bytes = b"\r\n") -> Headers:
     """Field lines, each ending in eol (CRLF, or LF for a normalised upstream head) -> Headers:
-    one regex over the block, then a split; the line-by-line parser where it does not match."""
-    crlf = eol == b"\r\n"
-    if block.count(b"\n") <= MAX_HEADERS and (_FIELD_BLOCK_CRLF_RE if crlf else _FIELD_BLOCK_LF_RE).match(block):
-        pairs = (_FIELD_PAIR_CRLF_RE if crlf else _FIELD_PAIR_LF_RE).findall(block.decode("latin-1"))
-        return Headers([(name.lower(), value) for name, value in pairs])
-    lines = block.split(eol)
-    if lines and not lines[-1]:
+    parse_header_lines's result and errors, with each line seen before taken from the cache."""
+    lines = block.decode("latin-1").split("\r\n" if eol == b"\r\n" else "\n")
+    if not lines[-1]:
         lines.pop()
-    return parse_header_lines(lines)
+    if len(lines) > MAX_HEADERS:
+        raise ProxyError(431, "invalid_request_error", "too many header fields", close=True)
+    items = list(map(_FIELD_LINES.get, lines))
+    if not all(items):                       # new lines: parsed in order, so the first bad one raises
+        cache = _FIELD_LINES
+        for i, item in enumerate(items):
+            if item is None:
+                line = lines[i]
+                items[i] = item = _field_line(line)
+                if len(line) <= _FIELD_LINE_KEEP and item[0] not in _SECRET_FIELDS:
+                    if len(cache) >= _FIELD_LINES_MAX:
+                        cache.clear()
+                    cache[line] = item
+    headers = Headers.__new__(Headers)       # the list is ours: no copy
+    headers.items = items
+    headers.names = list(map(_first, items))
+    return headers
+
+
+_VALUE_BYTES = bytes(range(0x20, 0x7f)) + bytes(range(0x80, 0x100)) + b"\t"     # VCHAR, obs-text, SP, HTAB
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _field_line(line: str) -> Tuple[str, str]:
+    """One field line (latin-1 text, no line end) -> (lowercase name, value without the OWS
+    around it). Strict: obs-fold, space before the colon, non-token names and control
+    characters are refused (RFC 9112 §5.1-5.2, §11.2)."""
+    name, colon, value = line.partition(":")
+    if colon and name and not name.encode("latin-1").translate(None, _TOKEN_BYTES) and \
+            not value.encode("latin-1").translate(None, _VALUE_BYTES):
+        return (name.lower(), value.strip(OWS))
+    m = _FIELD_RE.match(line)                # which fault it is, in the words of the regex
+    if m is None:
+        if line[:1] in (" ", "\t"):
+            raise _bad("obsolete line folding is not accepted")
+        raise _bad("invalid header field name")
+    raise _bad("control character in header field value")
 
 
 def parse_header_lines(lines: List[bytes]) -> Headers:
-    """Field lines (no CRLF) -> Headers. Strict: obs-fold, space before the colon,
-    non-token names and control characters are refused (RFC 9112 §5.1-5.2, §11.2)."""
+    """Field lines (no line ends) -> Headers, each parsed afresh (no cache)."""
     if len(lines) > MAX_HEADERS:
         raise ProxyError(431, "invalid_request_error", "too many header fields", close=True)
-    items = []
-    match = _FIELD_RE.match
-    for line in lines:
-        m = match(line.decode("latin-1"))
-        if m is None:
-            if line[:1] in (b" ", b"\t"):
-                raise _bad("obsolete line folding is not accepted")
-            raise _bad("invalid header field name")
-        name, value = m.groups()
-        if _BAD_VALUE_STR_RE.search(value):
-            raise _bad("control character in header field value")
-        items.append((name.lower(), value))
-    return Headers(items)
+    return Headers([_field_line(line.decode("latin-1")) for line in lines])
 
 
 def parse_request_head(data: bytes) -> RequestHead:
@@ -583,40 +604,52 @@ def parse_request_head(data: bytes) -> RequestHead:
         request_line, block = data[:end], data[end + 2:].rstrip(b"\r\n")   # only CRLF pairs end it
         if block:
             block += b"\r\n"
-    if len(request_line) > MAX_REQUEST_LINE:
-        raise ProxyError(414, "invalid_request_error", "request target too long", close=True)
-    parts = request_line.split(b" ")
-    if len(parts) != 3 or not _TOKEN_RE.match(parts[0]) or not parts[1] or _BAD_TARGET_RE.search(parts[1]):
-        raise _bad("malformed request line")
-    method, target, version = parts
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        if re.match(rb"HTTP/\d\.\d\Z", version):
-            raise ProxyError(505, "invalid_request_error", "HTTP version not supported", close=True)
-        raise _bad("malformed HTTP version")
-    headers = parse_field_block(block)
-    hosts = 0
-    conn: List[str] = []
-    for k, v in headers.items:                       # one pass for what the head itself needs
-        if k == "host":
-            hosts += 1
-        elif k == "connection":
-            conn.extend(t.strip(OWS).lower() for t in v.split(","))
-    if version == b"HTTP/1.1" and hosts != 1:
-        raise _bad("HTTP/1.1 request needs exactly one Host header")
-    target_s = target.decode("latin-1")
-    if target_s.startswith(("http://", "https://")):          # absolute-form (RFC 9112 §3.2.2)
-        rest = target_s.split("://", 1)[1]
-        slash = rest.find("/")
-        target_s = rest[slash:] if slash >= 0 else "/"
-    elif not (target_s.startswith("/") or (target_s == "*" and method == b"OPTIONS")):
-        raise _bad("request target must be origin-form")
-    path, _, query = target_s.partition("?")
-    if version == b"HTTP/1.1":
-        keep_alive = "close" not in conn
+    line = _REQUEST_LINES.get(request_line)      # one seen before passed every check below
+    if line is None:
+        if len(request_line) > MAX_REQUEST_LINE:
+            raise ProxyError(414, "invalid_request_error", "request target too long", close=True)
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not _TOKEN_RE.match(parts[0]) or not parts[1] or _BAD_TARGET_RE.search(parts[1]):
+            raise _bad("malformed request line")
+        method, target, version = parts
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            if re.match(rb"HTTP/\d\.\d\Z", version):
+                raise ProxyError(505, "invalid_request_error", "HTTP version not supported", close=True)
+            raise _bad("malformed HTTP version")
+        http11 = version == b"HTTP/1.1"
     else:
-        keep_alive = "keep-alive" in conn
-    return RequestHead(method.decode("ascii"), target_s, path, query,
-                       version.decode("ascii"), headers, keep_alive)
+        http11 = line[4] == "HTTP/1.1"
+    headers = parse_field_block(block)
+    names = headers.names
+    conn: List[str] = []
+    if "connection" in names:
+        for v in headers.get_all("connection"):
+            conn.extend(t.strip(OWS).lower() for t in v.split(","))
+    if http11 and names.count("host") != 1:
+        raise _bad("HTTP/1.1 request needs exactly one Host header")
+    if line is None:
+        target_s = target.decode("latin-1")
+        if target_s.startswith(("http://", "https://")):          # absolute-form (RFC 9112 §3.2.2)
+            rest = target_s.split("://", 1)[1]
+            slash = rest.find("/")
+            target_s = rest[slash:] if slash >= 0 else "/"
+        elif not (target_s.startswith("/") or (target_s == "*" and method == b"OPTIONS")):
+            raise _bad("request target must be origin-form")
+        path, _, query = target_s.partition("?")
+        line = (method.decode("ascii"), target_s, path, query, version.decode("ascii"))
+        if b"?" not in request_line and len(request_line) <= _FIELD_LINE_KEEP:    # a query may hold a key
+            if len(_REQUEST_LINES) >= _REQUEST_LINES_MAX:
+                _REQUEST_LINES.clear()
+            _REQUEST_LINES[request_line] = line
+    method_s, target_s, path, query, version_s = line
+    keep_alive = "close" not in conn if http11 else "keep-alive" in conn
+    return RequestHead(method_s, target_s, path, query, version_s, headers, keep_alive)
+
+
+# Request lines seen before (no query: it may carry a key), with what parse_request_head
+# makes of them: a client sends the same one on every request.
+_REQUEST_LINES: Dict[bytes, Tuple[str, str, str, str, str]] = {}
+_REQUEST_LINES_MAX = 256
 
 
 def parse_body_framing(headers: Headers, version: str = "HTTP/1.1") -> Tuple[str, int]:
@@ -625,6 +658,15 @@ def parse_body_framing(headers: Headers, version: str = "HTTP/1.1") -> Tuple[str
     Ambiguous framing is a smuggling vector: Transfer-Encoding with Content-Length,
     differing Content-Lengths, TE on HTTP/1.0 and any coding but plain chunked are refused.
     """
+    names = headers.names
+    if "transfer-encoding" not in names:      # the common body: one plain Content-Length, or none
+        n = names.count("content-length")
+        if not n:
+            return ("length", 0)
+        if n == 1:
+            value = headers.items[names.index("content-length")][1]
+            if value.isdigit() and len(value) <= 18 and value.isascii():
+                return ("length", int(value))
     te: List[str] = []
     te_seen = False
     cl_values: List[str] = []

@@ -1215,6 +1215,24 @@ class TestHTTPWire(unittest.TestCase):
     # The line-by-line parsers the one-regex fast paths replaced, kept as the reference they
     # must equal on every input (result, or error status and message).
     @staticmethod
+    def reference_header_lines(lines):
+        """The first line-by-line field parser: one regex a line (RFC 9112 §5.1-5.2, §11.2)."""
+        if len(lines) > lp.MAX_HEADERS:
+            raise lp.ProxyError(431, "invalid_request_error", "too many header fields", close=True)
+        items = []
+        for line in lines:
+            m = re.match(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\Z", line.decode("latin-1"), re.S)
+            if m is None:
+                if line[:1] in (b" ", b"\t"):
+                    raise lp._bad("obsolete line folding is not accepted")
+                raise lp._bad("invalid header field name")
+            name, value = m.groups()
+            if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+                raise lp._bad("control character in header field value")
+            items.append((name.lower(), value))
+        return lp.Headers(items)
+
+    @staticmethod
     def reference_request_head(data):
         _bad, ProxyError = lp._bad, lp.ProxyError
         data = data.lstrip(b"\r\n")
@@ -1238,7 +1256,7 @@ class TestHTTPWire(unittest.TestCase):
             if re.match(rb"HTTP/\d\.\d\Z", version):
                 raise ProxyError(505, "invalid_request_error", "HTTP version not supported", close=True)
             raise _bad("malformed HTTP version")
-        headers = lp.parse_header_lines(lines[1:])
+        headers = TestHTTPWire.reference_header_lines(lines[1:])
         hosts = sum(1 for k, _ in headers.items if k == "host")
         if version == b"HTTP/1.1" and hosts != 1:
             raise _bad("HTTP/1.1 request needs exactly one Host header")
@@ -1262,7 +1280,7 @@ class TestHTTPWire(unittest.TestCase):
         if not m:
             raise lp.FramingError("malformed status line")
         try:
-            headers = lp.parse_header_lines(lines[1:])
+            headers = TestHTTPWire.reference_header_lines(lines[1:])
         except lp.ProxyError as e:
             raise lp.FramingError(e.message)
         return int(m.group(2)), (m.group(3) or b"").decode("latin-1"), m.group(1).decode("ascii"), headers.items
@@ -1323,6 +1341,86 @@ class TestHTTPWire(unittest.TestCase):
                     oks += 1
                 self.assertEqual(self.outcome(fast, raw), want)
         self.assertGreater(oks, 500)
+
+    def test_field_line_cache_gives_the_parse_and_never_keeps_a_secret(self):
+        saved = dict(lp._FIELD_LINES)
+        self.addCleanup(lambda: (lp._FIELD_LINES.clear(), lp._FIELD_LINES.update(saved)))
+        lp._FIELD_LINES.clear()
+        block = (b"Host: a\r\nAuthorization: Bearer sk-secret-1\r\nX-Api-Key: sk-secret-2\r\nCookie: s=sk-3\r\n"
+                 b"X-Pad: \t v \t\r\nUser-Agent: " + b"u" * 300 + b"\r\n")
+        lines = block.split(b"\r\n")[:-1]
+        cold = lp.parse_field_block(block).items
+        self.assertEqual(cold, self.reference_header_lines(lines).items)
+        self.assertEqual(lp.parse_field_block(block).items, cold)          # warm: the same
+        kept = " ".join(lp._FIELD_LINES) + " ".join(v for _, v in lp._FIELD_LINES.values())
+        for secret in ("sk-secret-1", "sk-secret-2", "sk-3", "uuuu"):       # keys, cookies, long lines
+            self.assertNotIn(secret, kept)
+        self.assertIn("X-Pad: \t v \t", lp._FIELD_LINES)
+        # a bad line after cached ones still raises what the line parser raises
+        for bad in (b"X-A : b", b" folded", b"X: a\x01b", b"X(A): b"):
+            raw = b"Host: a\r\nX-Pad: \t v \t\r\n" + bad + b"\r\n"
+            with self.assertRaises(lp.ProxyError) as got:
+                lp.parse_field_block(raw)
+            with self.assertRaises(lp.ProxyError) as want:
+                self.reference_header_lines(raw.split(b"\r\n")[:-1])
+            self.assertEqual((got.exception.status, got.exception.message),
+                             (want.exception.status, want.exception.message))
+        for i in range(lp._FIELD_LINES_MAX + 10):                          # bounded
+            lp.parse_field_block(b"X-N: %d\r\n" % i)
+        self.assertLessEqual(len(lp._FIELD_LINES), lp._FIELD_LINES_MAX)
+        # request lines: kept without a query only (a query may carry a key), and a kept one
+        # parses as it did the first time
+        for _ in range(2):
+            head = lp.parse_request_head(b"GET /v1beta/models?key=sk-q-secret HTTP/1.1\r\nHost: a\r\n\r\n")
+            self.assertEqual((head.path, head.query), ("/v1beta/models", "key=sk-q-secret"))
+            got = lp.parse_request_head(b"POST http://h/v1/messages HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            self.assertEqual((got.method, got.target, got.version, got.keep_alive),
+                             ("POST", "/v1/messages", "HTTP/1.0", True))
+        self.assertNotIn(b"sk-q-secret", b" ".join(lp._REQUEST_LINES))
+        self.assertIn(b"POST http://h/v1/messages HTTP/1.0", lp._REQUEST_LINES)
+        self.assertEqual(lp.Headers([("a", "1"), ("b", "2"), ("a", "3")]).get("a"), "1")
+        self.assertEqual(lp.Headers([("a", "1"), ("b", "2"), ("a", "3")]).get_all("a"), ["1", "3"])
+        self.assertIsNone(lp.Headers([("a", "1")]).get("c"))
+
+    def test_body_framing_shortcut_equals_the_general_rules(self):
+        def reference(headers, version="HTTP/1.1"):           # RFC 9112 §6.3 as first written
+            te = headers.tokens("transfer-encoding")
+            cl = headers.get_all("content-length")
+            if "transfer-encoding" in headers:
+                if cl:
+                    raise lp._bad("both Transfer-Encoding and Content-Length present")
+                if version == "HTTP/1.0":
+                    raise lp._bad("Transfer-Encoding in an HTTP/1.0 request")
+                if te == ["chunked"]:
+                    return ("chunked", 0)
+                if te and te[-1] == "chunked":
+                    raise lp.ProxyError(501, "invalid_request_error", "unsupported transfer coding", close=True)
+                raise lp._bad("request Transfer-Encoding must end in chunked")
+            if not cl:
+                return ("length", 0)
+            lengths = set()
+            for item in (i.strip(" \t") for v in cl for i in v.split(",")):
+                if not re.match(r"[0-9]{1,18}\Z", item):
+                    raise lp._bad("invalid Content-Length")
+                lengths.add(int(item))
+            if len(lengths) != 1:
+                raise lp._bad("conflicting Content-Length values")
+            return ("length", lengths.pop())
+
+        values = ["12", "0", "012", "1" * 18, "1" * 19, "12, 12", "12,13", "", "-1", "+1", "1e3", "\u00b2",
+                  "\uff11", "12 ", "0x10", "\u0661"]
+        oks = 0
+        for v in values:
+            for extra in ([], [("content-length", v)], [("content-length", "12")], [("transfer-encoding", "chunked")],
+                          [("transfer-encoding", "gzip")]):
+                for version in ("HTTP/1.1", "HTTP/1.0"):
+                    headers = lp.Headers([("host", "a"), ("content-length", v)] + extra)
+                    with self.subTest(v=v, extra=extra, version=version):
+                        want = self.outcome(lambda h: reference(h, version), headers)
+                        oks += want[0] == "ok"
+                        self.assertEqual(self.outcome(lambda h: lp.parse_body_framing(h, version), headers), want)
+        self.assertEqual(self.outcome(lp.parse_body_framing, lp.Headers([("host", "a")])), ("ok", ("length", 0)))
+        self.assertGreater(oks, 10)
 
     def test_response_framing_and_reuse_on_a_corpus_of_header_sets(self):
         def reference(headers, method="POST", status=200):
