@@ -901,21 +901,36 @@ def parse_response_head(data: bytes) -> ResponseHead:
         raise FramingError("empty response head")
     end = data.find(b"\n")
     status_line, block = (data, b"") if end < 0 else (data[:end], data[end + 1:] + b"\n")
-    m = _STATUS_LINE_RE.match(status_line)
-    if not m:
-        raise FramingError("malformed status line")
+    line = _STATUS_LINES_SEEN.get(status_line)
+    if line is None:
+        m = _STATUS_LINE_RE.match(status_line)
+        if not m:
+            raise FramingError("malformed status line")
+        line = (int(m.group(2)), (m.group(3) or b"").decode("latin-1"), m.group(1).decode("ascii"))
+        if len(status_line) <= _FIELD_LINE_KEEP:
+            if len(_STATUS_LINES_SEEN) >= _REQUEST_LINES_MAX:
+                _STATUS_LINES_SEEN.clear()
+            _STATUS_LINES_SEEN[status_line] = line
     try:
         headers = parse_field_block(block, b"\n")
     except ProxyError as e:
         raise FramingError(e.message)
-    return ResponseHead(int(m.group(2)), (m.group(3) or b"").decode("latin-1"),
-                        m.group(1).decode("ascii"), headers)
+    return ResponseHead(line[0], line[1], line[2], headers)
+
+
+# Status lines seen before (an upstream sends the same few), with what they parse to.
+_STATUS_LINES_SEEN: Dict[bytes, Tuple[int, str, str]] = {}
 
 
 def parse_response_framing(head: ResponseHead, method: str) -> Tuple[str, int]:
     """RFC 9112 §6.3 for responses -> ("none"|"length"|"chunked"|"close", length)."""
     if method == "HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
         return ("none", 0)
+    names = head.headers.names
+    if "transfer-encoding" not in names and names.count("content-length") == 1:    # the common reply
+        value = head.headers.items[names.index("content-length")][1]
+        if value.isdigit() and len(value) <= 18 and value.isascii():
+            return ("length", int(value))
     te_values: List[str] = []
     cl: List[str] = []
     for k, v in head.headers.items:          # one pass for both

@@ -1440,6 +1440,7 @@ class TestHTTPWire(unittest.TestCase):
         pool = [("transfer-encoding", "chunked"), ("transfer-encoding", "gzip"), ("transfer-encoding", " , Chunked"),
                 ("transfer-encoding", ""), ("content-length", "5"), ("content-length", "5, 5"),
                 ("content-length", "6"), ("content-length", ""), ("content-length", "x"), ("connection", "close"),
+                ("content-length", "\u00b2"), ("content-length", "1" * 19), ("content-length", "007"),
                 ("connection", "keep-alive, Close"), ("connection", "closed"), ("content-encoding", "GZIP "),
                 ("content-encoding", ""), ("content-encoding", "deflate"), ("content-encoding", "br")]
         for _ in range(3000):
