@@ -520,7 +520,6 @@ def _bad(message: str, status: int = 400) -> ProxyError:
 
 
 _FIELD_RE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*\Z", re.S)
-_BAD_VALUE_STR_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 # Field lines seen before, each with its parse: clients send the same lines again on every
@@ -533,6 +532,13 @@ _FIELD_LINES_MAX = 2048
 _FIELD_LINE_KEEP = 256          # characters
 _SECRET_FIELDS = frozenset(("authorization", "proxy-authorization", "x-api-key", "x-goog-api-key", "api-key",
                             "cookie", "set-cookie"))
+
+
+def _remember(cache: dict, key, value, limit: int):
+    """Keep a parse in one of the wire caches: bounded, emptied when full."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
 
 
 def parse_field_block(block: bytes, eol: bytes = b"\r\n") -> Headers:
@@ -551,9 +557,7 @@ def parse_field_block(block: bytes, eol: bytes = b"\r\n") -> Headers:
                 line = lines[i]
                 items[i] = item = _field_line(line)
                 if len(line) <= _FIELD_LINE_KEEP and item[0] not in _SECRET_FIELDS:
-                    if len(cache) >= _FIELD_LINES_MAX:
-                        cache.clear()
-                    cache[line] = item
+                    _remember(cache, line, item, _FIELD_LINES_MAX)
     headers = Headers.__new__(Headers)       # the list is ours: no copy
     headers.items = items
     headers.names = list(map(_first, items))
@@ -638,9 +642,7 @@ def parse_request_head(data: bytes) -> RequestHead:
         path, _, query = target_s.partition("?")
         line = (method.decode("ascii"), target_s, path, query, version.decode("ascii"))
         if b"?" not in request_line and len(request_line) <= _FIELD_LINE_KEEP:    # a query may hold a key
-            if len(_REQUEST_LINES) >= _REQUEST_LINES_MAX:
-                _REQUEST_LINES.clear()
-            _REQUEST_LINES[request_line] = line
+            _remember(_REQUEST_LINES, request_line, line, _REQUEST_LINES_MAX)
     method_s, target_s, path, query, version_s = line
     keep_alive = "close" not in conn if http11 else "keep-alive" in conn
     return RequestHead(method_s, target_s, path, query, version_s, headers, keep_alive)
@@ -652,21 +654,28 @@ _REQUEST_LINES: Dict[bytes, Tuple[str, str, str, str, str]] = {}
 _REQUEST_LINES_MAX = 256
 
 
+def plain_length(headers: Headers) -> Optional[int]:
+    """The one Content-Length field of a head when it is a plain run of ASCII digits (the
+    common case, framed without the general rules), else None."""
+    names = headers.names
+    if names.count("content-length") != 1:
+        return None
+    value = headers.items[names.index("content-length")][1]
+    return int(value) if value.isdigit() and len(value) <= 18 and value.isascii() else None
+
+
 def parse_body_framing(headers: Headers, version: str = "HTTP/1.1") -> Tuple[str, int]:
     """Decide how a request body is delimited (RFC 9112 §6.3) -> ("length", n) or ("chunked", 0).
 
     Ambiguous framing is a smuggling vector: Transfer-Encoding with Content-Length,
     differing Content-Lengths, TE on HTTP/1.0 and any coding but plain chunked are refused.
     """
-    names = headers.names
-    if "transfer-encoding" not in names:      # the common body: one plain Content-Length, or none
-        n = names.count("content-length")
-        if not n:
+    if "transfer-encoding" not in headers.names:      # the common body: one plain Content-Length, or none
+        if "content-length" not in headers.names:
             return ("length", 0)
-        if n == 1:
-            value = headers.items[names.index("content-length")][1]
-            if value.isdigit() and len(value) <= 18 and value.isascii():
-                return ("length", int(value))
+        length = plain_length(headers)
+        if length is not None:
+            return ("length", length)
     te: List[str] = []
     te_seen = False
     cl_values: List[str] = []
@@ -908,9 +917,7 @@ def parse_response_head(data: bytes) -> ResponseHead:
             raise FramingError("malformed status line")
         line = (int(m.group(2)), (m.group(3) or b"").decode("latin-1"), m.group(1).decode("ascii"))
         if len(status_line) <= _FIELD_LINE_KEEP:
-            if len(_STATUS_LINES_SEEN) >= _REQUEST_LINES_MAX:
-                _STATUS_LINES_SEEN.clear()
-            _STATUS_LINES_SEEN[status_line] = line
+            _remember(_STATUS_LINES_SEEN, status_line, line, _REQUEST_LINES_MAX)
     try:
         headers = parse_field_block(block, b"\n")
     except ProxyError as e:
@@ -926,11 +933,10 @@ def parse_response_framing(head: ResponseHead, method: str) -> Tuple[str, int]:
     """RFC 9112 §6.3 for responses -> ("none"|"length"|"chunked"|"close", length)."""
     if method == "HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
         return ("none", 0)
-    names = head.headers.names
-    if "transfer-encoding" not in names and names.count("content-length") == 1:    # the common reply
-        value = head.headers.items[names.index("content-length")][1]
-        if value.isdigit() and len(value) <= 18 and value.isascii():
-            return ("length", int(value))
+    if "transfer-encoding" not in head.headers.names:          # the common reply
+        length = plain_length(head.headers)
+        if length is not None:
+            return ("length", length)
     te_values: List[str] = []
     cl: List[str] = []
     for k, v in head.headers.items:          # one pass for both
