@@ -999,7 +999,7 @@ class Exchange:
     the server, the app and the upstream calls write it; the log line, usage and the wire
     capture read it."""
     __slots__ = ("client", "client_id", "model", "upstream_model", "provider", "upkey", "via", "failover",
-                 "usage", "error", "upstream_ms", "on_done", "cap_out", "cap_out_stream", "cap_up", "cap_up_req",
+                 "usage", "error", "on_done", "cap_out", "cap_out_stream", "cap_up", "cap_up_req",
                  "cap_up_status", "complete", "status", "sent", "t_first", "trace_id", "span_id", "parent_span_id",
                  "t_sent", "t_up_last", "finish", "response_id", "overhead_ms")
 
@@ -1014,7 +1014,6 @@ class Exchange:
         self.failover: List[str] = []              # providers skipped, in order
         self.usage = None                          # Usage, once known
         self.error: Optional[str] = None           # an error code, for the log line
-        self.upstream_ms: Optional[float] = None   # time to the upstream's response head
         self.on_done: List[Callable[[], None]] = []   # run when the exchange ends (slot releases)
         self.cap_out: Optional[List[bytes]] = None    # wire capture: what the client got
         self.cap_out_stream = False
@@ -1677,6 +1676,19 @@ def split_url(url: str) -> Tuple[str, str, int, str]:
     return u.scheme, u.hostname, port, target
 
 
+@lru_cache(maxsize=1024)
+def upstream_target(method: str, url: str) -> Tuple[str, str, int, str, str, bytes]:
+    """-> (scheme, host, port, target, Host header, request line) of a request to url; an
+    UpstreamError for a URL that could inject into the request line, whatever built it.
+    Cached (only what passed is kept): the same few upstream URLs, every request."""
+    if _BAD_TARGET_STR_RE.search(url) or _BAD_TARGET_STR_RE.search(method):
+        raise UpstreamError(502, "refused an upstream URL with spaces or control characters", "bad_url")
+    scheme, host, port, target = split_url(url)
+    bracketed = "[%s]" % host if ":" in host else host      # IPv6 literal
+    host_hdr = bracketed if port == (443 if scheme == "https" else 80) else "%s:%d" % (bracketed, port)
+    return scheme, host, port, target, host_hdr, ("%s %s HTTP/1.1\r\n" % (method, target)).encode("latin-1")
+
+
 # Special-purpose address blocks (IANA IPv4/IPv6 special-purpose registries) that a fetch
 # on a client's behalf must never reach: private, shared (CGN), loopback, link-local,
 # documentation, benchmarking, multicast, reserved, and the IPv6 transition prefixes
@@ -1776,7 +1788,7 @@ def _replayable(method: str, headers: List[Tuple[str, str]]) -> bool:
 
 
 class UpstreamConn:
-    __slots__ = ("reader", "writer", "origin", "reused", "idle_since", "via_proxy", "proxy_auth", "probe")
+    __slots__ = ("reader", "writer", "origin", "reused", "idle_since", "via_proxy", "proxy_auth", "probe", "timer")
 
     def __init__(self, reader, writer, origin, via_proxy=False, proxy_auth=None):
         self.reader = reader
@@ -1787,6 +1799,14 @@ class UpstreamConn:
         self.via_proxy = via_proxy        # absolute-form requests to an HTTP proxy
         self.proxy_auth = proxy_auth
         self.probe = _poll_probe(writer)  # sees a close while pooled (_socket_quiet)
+        self.timer: Optional[_Timer] = None   # its reads' idle timer, made once: one read at a time
+
+    def read_timer(self, ticker: Ticker) -> _Timer:
+        """The idle timer of this connection's reads, made once (reads are one at a time; a
+        timer that fired aborted the connection, which is then never reused)."""
+        if self.timer is None:
+            self.timer = _Timer(ticker, self.writer.transport)
+        return self.timer
 
     def abort(self):
         self.writer.transport.abort()
@@ -1818,7 +1838,7 @@ class UpstreamResponse:
         """Yield body bytes as they arrive, decoded from chunked/gzip framing."""
         conn = self.conn
         reader = conn.reader
-        timer = _Timer(self.client.ticker, conn.writer.transport)
+        timer = conn.read_timer(self.client.ticker)
         kind, remaining = self.framing
         dec = ChunkedDecoder() if kind == "chunked" else None
         zdec = self.decoder
@@ -2030,13 +2050,8 @@ class HTTPClient:
         on a fresh one if the request is safe to repeat; other failures raise UpstreamError.
         connect_ip pins the address connected to (the one a caller checked), while Host and
         TLS SNI keep the URL's name: a second DNS answer cannot redirect the connection."""
-        if _BAD_TARGET_STR_RE.search(url):          # no request-line injection, whatever built the URL
-            raise UpstreamError(502, "refused an upstream URL with spaces or control characters", "bad_url")
-        scheme, host, port, target = split_url(url)
+        scheme, host, port, target, host_hdr, line = upstream_target(method, url)
         origin = (scheme, host, port) if connect_ip is None else (scheme, host, port, connect_ip)
-        default_port = 443 if scheme == "https" else 80
-        bracketed = "[%s]" % host if ":" in host else host      # IPv6 literal
-        host_hdr = bracketed if port == default_port else "%s:%d" % (bracketed, port)
         for attempt in (0, 1):
             conn = self._take_idle(origin)
             if conn is None:
@@ -2046,14 +2061,15 @@ class HTTPClient:
                     raise UpstreamError(504, "connecting to %s timed out" % host, "connect_timeout")
                 except (OSError, ssl.SSLError, ConnectionError) as e:
                     raise UpstreamError(502, "cannot connect to %s:%d: %s" % (host, port, e), "connect_failed")
-            line_target = "%s://%s%s" % (scheme, host_hdr, target) if conn.via_proxy else target
+            if conn.via_proxy:                  # absolute form to an HTTP proxy
+                line = ("%s %s://%s%s HTTP/1.1\r\n" % (method, scheme, host_hdr, target)).encode("latin-1")
             hdrs = [("host", host_hdr)] + headers
             if conn.via_proxy and conn.proxy_auth:
                 hdrs.append(("proxy-authorization", conn.proxy_auth))
             if body or method in ("POST", "PUT", "PATCH"):
                 hdrs.append(("content-length", str(len(body))))
-            data = render_head(("%s %s HTTP/1.1\r\n" % (method, line_target)).encode("latin-1"), hdrs)
-            timer = _Timer(self.ticker, conn.writer.transport)
+            data = render_head(line, hdrs)
+            timer = conn.read_timer(self.ticker)
             try:
                 conn.writer.write(data + body if len(body) < 65536 else data)
                 if len(body) >= 65536:
@@ -2321,9 +2337,15 @@ def sniff_usage(data: bytes, key: bytes = b'"usage"', first: bool = False) -> Op
         colon = data.find(b":", pos + len(key))
         if colon < 0:
             continue
-        m = _SNIFF_OPEN_RE.match(data, colon + 1)          # whitespace, then the object's brace
-        if m is not None:
-            start = m.end() - 1
+        # whitespace, then the object's brace (": {" and ":{" without the regex)
+        if data.startswith(b" {", colon + 1):
+            start = colon + 2
+        elif data.startswith(b"{", colon + 1):
+            start = colon + 1
+        else:
+            m = _SNIFF_OPEN_RE.match(data, colon + 1)
+            start = m.end() - 1 if m is not None else -1
+        if start >= 0:
             end = data.find(b"\n", start)
             # an SSE data line first; a pretty-printed JSON body spans lines
             for chunk in ((data[start:end], data[start:]) if end > 0 else (data[start:],)):
@@ -2570,12 +2592,13 @@ class Usage:
     __slots__ = ("input", "output", "cached", "cache_write", "reasoning", "cost")
 
     def __init__(self, input=0, output=0, cached=0, cache_write=0, reasoning=0, cost=None):
-        self.cost = float(cost) if type(cost) in (int, float) and cost >= 0 else None   # USD, if the upstream said
-        self.input = _count(input)
-        self.output = _count(output)
-        self.cached = _count(cached)
-        self.cache_write = _count(cache_write)
-        self.reasoning = _count(reasoning)
+        self.cost = float(cost) if cost is not None and type(cost) in (int, float) and cost >= 0 else None
+        # each count as _count() gives it (an int, else 0), written out: one is made per reply
+        self.input = input if type(input) is int else 0
+        self.output = output if type(output) is int else 0
+        self.cached = cached if type(cached) is int else 0
+        self.cache_write = cache_write if type(cache_write) is int else 0
+        self.reasoning = reasoning if type(reasoning) is int else 0
 
     def as_tuple(self):
         return (self.input, self.output, self.cached, self.cache_write, self.reasoning)
@@ -9401,10 +9424,10 @@ class UsageMeter:
     OTHER_MODEL = "(other)"
 
     def __init__(self, max_models: int = MAX_METRIC_MODELS):
-        self.totals: Dict[Tuple[str, str, str], List[int]] = {}
+        self.totals: Dict[Tuple[str, str, str], list] = {}        # (client, provider, model) -> [requests,
+        #                                                             tokens in, tokens out, USD]
         self.answered: Dict[Tuple[str, int], List[float]] = {}    # (provider, status) -> [count, seconds]
-        self.by_type: Dict[Tuple[str, str, str], int] = {}         # (provider, model, token type) -> tokens
-        self.cost: Dict[Tuple[str, str, str], float] = {}          # (client, provider, model) -> USD
+        self.by_type: Dict[Tuple[str, str], List[int]] = {}        # (provider, model) -> tokens by TOKEN_TYPES
         self.duration = Histogram(PROM_BUCKETS)                     # by provider
         self.first_token = Histogram(PROM_BUCKETS)
         self.overhead = Histogram(PROM_OVERHEAD_BUCKETS)
@@ -9430,30 +9453,48 @@ class UsageMeter:
                 self.provider_keys[provider] = key
         return key
 
-    def answer(self, provider: str, status: int, seconds: float):
+    def answer(self, provider: str, status: int, seconds: float, first: Optional[float] = None,
+               overhead: Optional[float] = None):
+        """An answer's status and times: in full, to its first byte and the proxy's own (when known)."""
         row = self.answered.get((provider, status))
         if row is None:
             row = self.answered[(provider, status)] = [0, 0.0]
         row[0] += 1
         row[1] += seconds
+        key = self.provider_keys.get(provider) or self.provider_key(provider)
+        self.duration.record_key(seconds, key)
+        if first is not None:
+            self.first_token.record_key(first, key)
+        if overhead is not None:
+            self.overhead.record_key(overhead, key)
 
     def record(self, client: str, provider: str, model: str, tin: Optional[int], tout: Optional[int],
                usage: Optional["Usage"] = None, cost: float = 0.0):
         if usage is not None:
-            for kind, n in zip(TOKEN_TYPES, (usage.input, usage.output, usage.cached, usage.cache_write,
-                                             usage.reasoning)):
-                if n:
-                    self.by_type[(provider, model, kind)] = self.by_type.get((provider, model, kind), 0) + n
-        if cost:
-            self.cost[(client, provider, model)] = self.cost.get((client, provider, model), 0.0) + cost
-        row = self.totals.setdefault((client, provider, model), [0, 0, 0])
+            kinds = self.by_type.get((provider, model))
+            if kinds is None:
+                kinds = self.by_type[(provider, model)] = [0] * len(TOKEN_TYPES)
+            kinds[0] += usage.input
+            kinds[1] += usage.output
+            kinds[2] += usage.cached
+            kinds[3] += usage.cache_write
+            kinds[4] += usage.reasoning
+        row = self.totals.get((client, provider, model))
+        if row is None:
+            row = self.totals[(client, provider, model)] = [0, 0, 0, 0.0]
         row[0] += 1
         row[1] += tin or 0
         row[2] += tout or 0
+        row[3] += cost
+
+    def token_types(self) -> List[Tuple[Tuple[str, str, str], int]]:
+        """((provider, model, token type), tokens) for every type with tokens, sorted."""
+        return sorted(((p, m, kind), n) for (p, m), counts in self.by_type.items()
+                      for kind, n in zip(TOKEN_TYPES, counts) if n)
 
     def snapshot(self) -> List[dict]:
         return [{"client": c, "provider": p, "model": m, "requests": r[0], "tokens_in": r[1], "tokens_out": r[2],
-                 "cost_usd": round(self.cost.get((c, p, m), 0.0), 6)} for (c, p, m), r in sorted(self.totals.items())]
+                 "cost_usd": round(r[3], 6)} for (c, p, m), r in sorted(self.totals.items())]
 
 
 class SharedState:
@@ -11635,7 +11676,6 @@ class UpstreamCaller:
                                            prov.options.get("idle_timeout_s"), prov.options.get("total_timeout_s"))
             info.cap_up_status = resp.status
             info.t_up_last = time.perf_counter()
-            info.upstream_ms = round((info.t_up_last - t0) * 1000, 1)
             if cred is not None and resp.status == 401 and not retried:
                 await resp.read(MAX_ERROR_BODY)       # a refused token: refresh once, retry once
                 retried = True
@@ -13154,7 +13194,7 @@ class OpsHandlers:
         doc["providers"] = providers
         doc["upstream_connections_opened"] = app.client.connects
         doc["usage"] = await self.usage_rows(request)
-        doc["recent"] = self.visible_usage(request, list(app.recent))
+        doc["recent"] = self.visible_usage(request, app.recent_rows())
         if app.shared is not None:
             doc["usage_scope"] = "all %s (synced every %.0f s)" % (
                 "hosts" if app.shared.name == "redis" else "workers", SharedState.SYNC_S)
@@ -13198,7 +13238,7 @@ class OpsHandlers:
                            "x-llmproxy-overhead-ms says), by provider", app.usage.overhead),
             ("llmproxy_tokens_by_type_total", "counter", "Tokens by provider, model and type (input includes "
              "cache reads and writes; output includes reasoning)",
-             [({"provider": p, "model": m, "type": t}, n) for (p, m, t), n in sorted(app.usage.by_type.items())]),
+             [({"provider": p, "model": m, "type": t}, n) for (p, m, t), n in app.usage.token_types()]),
             ("llmproxy_cost_usd_total", "counter", "Cost in USD by client key, provider and model (configured "
              "prices, or what the upstream reported)",
              [({"client": u["client"], "provider": u["provider"], "model": u["model"]}, u.get("cost_usd", 0.0))
@@ -13430,7 +13470,7 @@ class App:
         self.reloader: Optional[Callable] = None      # set by serve(): re-reads the config
         self.sync_task: Optional[asyncio.Task] = None
         self.started = wall()
-        self.recent: "deque[dict]" = deque(maxlen=RECENT_MAX)   # the last requests, for the status page
+        self.recent: "deque[tuple]" = deque(maxlen=RECENT_MAX)  # the last requests (recent_rows() shows them)
         self.spent: Dict[str, float] = {}         # client key (redacted) -> USD this process saw
         self.shared_spent: Dict[str, float] = {}  # ... and every host's, as of the last sync
         self.otel = OtelExporter(config.otel, self.client, wall) if config.otel else None
@@ -13836,24 +13876,17 @@ class App:
     def log_request(self, request: Request, status: int, t_first: Optional[float], sent: int, ok: bool):
         info = request.info
         now = time.perf_counter()
-        done, info.on_done = info.on_done, []
-        for fn in done:
-            fn()
+        if info.on_done:
+            done, info.on_done = info.on_done, []
+            for fn in done:
+                fn()
         who = client_label(info.client_id, info.client)
         tin, tout = self.count_usage(info, who)
         model = info.model
         upstream_model = info.upstream_model or model     # what the back-end ran (and bills)
-        provider = info.provider or "-"
         took = now - request.t_start
-        usage = self.usage
-        usage.answer(provider, status, took)
-        label = usage.provider_key(provider)
-        usage.duration.record_key(took, label)
-        if t_first:
-            usage.first_token.record_key(t_first - request.t_start, label)
-        if info.overhead_ms is not None:
-            usage.overhead.record_key(info.overhead_ms / 1000.0, label)
-        total_ms = round(took * 1000, 1)
+        self.usage.answer(info.provider or "-", status, took, t_first - request.t_start if t_first else None,
+                          info.overhead_ms / 1000.0 if info.overhead_ms is not None else None)
         error = info.error or (None if ok else "client_disconnected")
         capture = self.capture is not None and info.cap_out is not None
         if capture or log.isEnabledFor(logging.INFO):       # the line's fields, only when it is written
@@ -13862,17 +13895,23 @@ class App:
                       "provider": info.provider, "upkey": info.upkey, "via": info.via,
                       "failover": ",".join(info.failover) if info.failover else None,
                       "ttfb_ms": round((t_first - request.t_start) * 1000, 1) if t_first else None,
-                      "total_ms": total_ms, "tokens_in": tin, "tokens_out": tout, "bytes": sent, "error": error}
+                      "total_ms": round(took * 1000, 1), "tokens_in": tin, "tokens_out": tout, "bytes": sent,
+                      "error": error}
             self.access.emit("%s %s" % (request.method, request.path[:MAX_LOG_FIELD]), fields)
             if capture:
                 self.record_capture(request, status, fields)
-        self.recent.append({"t": round(self.wall(), 3), "method": request.method, "path": request.path[:120],
-                            "status": status, "client": who,
-                            "model": (model or "")[:120] or None,
-                            "provider": info.provider, "ms": total_ms, "tokens_in": tin,
-                            "tokens_out": tout, "error": error})
+        # a row as measured; recent_rows() rounds it for the page (most rows are never shown)
+        self.recent.append((self.wall(), request.method, request.path[:120], status, who, (model or "")[:120] or None,
+                            info.provider, took, tin, tout, error))
         if self.otel is not None and info.provider and info.provider in self.providers and info.trace_id:
             self.trace(request, status, t_first, now, error)
+
+    def recent_rows(self) -> List[dict]:
+        """The last requests as the status page and /health show them."""
+        return [{"t": round(t, 3), "method": method, "path": path, "status": status, "client": who, "model": model,
+                 "provider": provider, "ms": round(took * 1000, 1), "tokens_in": tin, "tokens_out": tout,
+                 "error": error}
+                for t, method, path, status, who, model, provider, took, tin, tout, error in self.recent]
 
     def trace(self, request: Request, status: int, t_first: Optional[float], now: float, error: Optional[str]):
         """The exchange as a GenAI span and metric points (current semantic conventions)."""
@@ -13927,7 +13966,8 @@ class App:
         if info.provider:
             model = info.upstream_model or info.model or ""
             label = self.usage.label(model or "-")
-            cost = price_of(self.config.prices, model, usage) if usage is not None else 0.0
+            cost = price_of(self.config.prices, model, usage) if usage is not None and (
+                usage.cost is not None or self.config.prices) else 0.0
             self.usage.record(who, info.provider, label, tin, tout, usage, cost)
             if cost and info.client_id:
                 self.spent[who] = self.spent.get(who, 0.0) + cost

@@ -2535,6 +2535,36 @@ class TestSSE(unittest.TestCase):
         self.assertEqual(lp.sniff_usage(b'data: {"usage":{"a":1}}\n\ndata: {"usage":null}\n\n'), {"a": 1})
         self.assertIsNone(lp.sniff_usage(b'{"usage": {"trunc'))
 
+    def test_sniff_usage_brace_shortcut_equals_the_regex(self):
+        """": {" and ":{" are found without the regex: on every separator the same object as
+        a reference that always uses the regex."""
+        def reference(data):
+            pos = len(data)
+            while True:
+                pos = data.rfind(b'"usage"', 0, pos)
+                if pos < 0:
+                    return None
+                colon = data.find(b":", pos + 7)
+                m = re.compile(rb"[ \t\r\n]*\{").match(data, colon + 1) if colon >= 0 else None
+                if m is None:
+                    continue
+                start = m.end() - 1
+                end = data.find(b"\n", start)
+                for chunk in ((data[start:end], data[start:]) if end > 0 else (data[start:],)):
+                    try:
+                        obj, _ = json.JSONDecoder().scan_once(chunk.decode("utf-8", "replace"), 0)
+                    except (StopIteration, ValueError):
+                        continue
+                    if isinstance(obj, dict):
+                        return obj
+        seps = [b":", b": ", b":  ", b":\t", b":\n", b":\r\n ", b": x", b" :", b":[", b": null"]
+        for sep in seps:
+            for body in (b'{"usage"%s{"prompt_tokens": 2}}' % sep, b'data: {"usage"%s{"a":1}}\n\n' % sep,
+                         b'{"usage"%s{"a":1}, "usage": {"b": 2}}' % sep, b'{"x": {"usage"%s{"a": [1]}}' % sep,
+                         b'{"usage": {"c": 3}, "y": {"usage"%s"s"}}' % sep, b'{"usage"%s{"broken' % sep):
+                with self.subTest(body=body):
+                    self.assertEqual(lp.sniff_usage(body), reference(body))
+
 
 # 6. canonical model and wire formats: the hub, pure ##########################
 
@@ -5042,6 +5072,27 @@ class TestUsageAndLogs(unittest.TestCase):
         text = lp.render_metrics([("x_total", "counter", "X", [({"model": 'a"b\nc'}, 2)])]).decode()
         self.assertIn('x_total{model="a\\"b\\nc"} 2', text)
 
+    def test_token_types_and_answers_fold_into_one_row_each(self):
+        meter = lp.UsageMeter()
+        meter.record("k1", "p", "m", 10, 5, lp.Usage(10, 5, 4, 0, 2), 0.5)
+        meter.record("k1", "p", "m", 3, 1, lp.Usage(3, 1, 0, 1, 0), 0.25)
+        meter.record("k2", "q", "m", 1, 1, None, 0.0)
+        self.assertEqual(meter.token_types(), [(("p", "m", "cache_read"), 4), (("p", "m", "cache_write"), 1),
+                                               (("p", "m", "input"), 13), (("p", "m", "output"), 6),
+                                               (("p", "m", "reasoning"), 2)])
+        self.assertEqual([(r["client"], r["requests"], r["tokens_in"], r["cost_usd"]) for r in meter.snapshot()],
+                         [("k1", 2, 13, 0.75), ("k2", 1, 1, 0.0)])
+        meter.answer("p", 200, 0.02, 0.01, 0.0003)
+        meter.answer("p", 200, 0.5)                       # no first byte and no overhead figure
+        self.assertEqual(meter.answered[("p", 200)][0], 2)
+        key = (("provider", "p"),)
+        self.assertEqual([meter.duration.points[key][0], meter.first_token.points[key][0],
+                          meter.overhead.points[key][0]], [2, 1, 1])
+        self.assertEqual(sum(meter.duration.points[key][2]), 2)
+        self.assertEqual(lp.Usage(True, 2.0, -3, "4", None, True).as_tuple(), (0, 0, -3, 0, 0))
+        self.assertIsNone(lp.Usage(cost=True).cost)
+        self.assertEqual(lp.Usage(cost=2).cost, 2.0)
+
 
 # 11. config ##################################################################
 
@@ -5727,7 +5778,7 @@ class TestStreaming(ProxyCase):
             self.assertIn(b"message_stop", body)
             await asyncio.sleep(0)
             with self.subTest(filler=filler, usage=usage):
-                row = self.app.recent[-1]
+                row = self.app.recent_rows()[-1]
                 self.assertEqual((row["tokens_in"], row["tokens_out"]), (usage.get("input_tokens", 30), usage["output_tokens"]))
 
     async def test_upstream_reset_mid_stream_gives_error_event(self):
