@@ -134,7 +134,7 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from functools import lru_cache, partial
-from itertools import repeat
+from itertools import count as _counter, repeat
 from operator import attrgetter, itemgetter, sub as _minus
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
@@ -1191,7 +1191,7 @@ class ServerLimits:
 
 
 class _Conn:
-    __slots__ = ("reader", "writer", "transport", "idle", "timed_out", "peer", "task", "stash")
+    __slots__ = ("reader", "writer", "transport", "idle", "timed_out", "peer", "task", "stash", "auth")
 
     def __init__(self, reader, writer):
         self.task = asyncio.current_task()
@@ -1202,6 +1202,7 @@ class _Conn:
         self.idle = True
         self.timed_out = False
         self.peer = writer.get_extra_info("peername")
+        self.auth = None                       # ProxyKeys.check's answer for the key last sent here
 
 
 _BODY_408 = b'{"error":{"message":"request head or body too slow","type":"invalid_request_error","code":null}}'
@@ -1457,7 +1458,7 @@ class HTTPServer:
                 "request body of %d bytes exceeds the limit of %d bytes" % (framing[1], self.limits.max_body)),
                 keep=False)
             return False
-        match = self.app.precheck(head)
+        match = self.app.precheck(head, conn)
         if isinstance(match, (Response, ProxyError)):
             early = match if isinstance(match, Response) else self.app.error_response(match, head)
             keep = head.keep_alive and not has_body and not self.closing and \
@@ -6795,6 +6796,9 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
+_KEY_GENERATIONS = _counter(1)      # each change to any ProxyKeys' entries takes the next number
+
+
 class ProxyKeys:
     """Client API keys from config, LLMPROXY_API_KEYS and the key store file.
 
@@ -6810,6 +6814,7 @@ class ProxyKeys:
         for i, k in enumerate(admin_keys):
             self.fixed.append(KeyEntry("adm%d" % i, _digest(k), redact(k), True, "config"))
         self.stored: List[KeyEntry] = []
+        self.generation = next(_KEY_GENERATIONS)     # changes whenever the entries do
         self._mtime = None
         self._checked = 0.0
         self.load()
@@ -6825,11 +6830,13 @@ class ProxyKeys:
             st = os.stat(self.path)
         except FileNotFoundError:
             self.stored, self._mtime = [], None
+            self.generation = next(_KEY_GENERATIONS)
             return
         with open(self.path, "rb") as f:
             doc = json.loads(f.read() or b"{}")
         self.stored = [KeyEntry(e["id"], bytes.fromhex(e["sha256"]), e.get("key", "..."), bool(e.get("admin")),
                                 "store", e.get("name", ""), e.get("created", 0)) for e in doc.get("keys", [])]
+        self.generation = next(_KEY_GENERATIONS)
         self._mtime = st.st_mtime_ns
 
     def refresh(self, now: float):
@@ -6850,18 +6857,31 @@ class ProxyKeys:
     def save(self):
         doc = {"version": 1, "keys": [{"id": e.id, "name": e.name, "sha256": e.digest.hex(), "key": e.redacted,
                                        "admin": e.admin, "created": e.created} for e in self.stored]}
+        self.generation = next(_KEY_GENERATIONS)    # create() and revoke() changed the entries
         write_file_atomic(self.path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
         self._mtime = os.stat(self.path).st_mtime_ns
 
-    def check(self, presented: Optional[str]) -> Optional[KeyEntry]:
+    def check(self, presented: Optional[str], conn=None) -> Optional[KeyEntry]:
+        """The entry of the key presented, or None. With conn (an object with an `auth` slot, the
+        client connection), the answer for the key it sent last is kept there and given again
+        while the entries are unchanged: a keep-alive connection's next requests skip the digest.
+        The kept key is compared in constant time too (one connection may carry requests of
+        several clients behind a front proxy), and only ASCII keys are kept (compare_digest
+        takes ASCII str only)."""
         if not presented:
             return None
+        memo = conn.auth if conn is not None else None
+        if memo is not None and memo[0] == self.generation and presented.isascii() and \
+                hmac.compare_digest(memo[1], presented):
+            return memo[2]
         d = _digest(presented)
         found = None
         for entries in (self.fixed, self.stored):
             for e in entries:
                 if hmac.compare_digest(e.digest, d):
                     found = e
+        if conn is not None and presented.isascii():
+            conn.auth = (self.generation, presented, found)
         return found
 
     def create(self, name: str = "", admin: bool = False) -> Tuple[KeyEntry, str]:
@@ -8370,6 +8390,10 @@ class RateLimiter:
             q[-1][1] += tokens
 
 
+def _no_slot():
+    """The release of a slot that was never limited: nothing to give back."""
+
+
 class Slots:
     """At most `limit` concurrent requests to one provider; the rest wait in line up to
     `timeout` seconds, then get 429 with Retry-After."""
@@ -8382,7 +8406,7 @@ class Slots:
 
     async def acquire(self, name: str) -> Callable[[], None]:
         if self.limit <= 0:
-            return lambda: None
+            return _no_slot
         if self.busy >= self.limit:
             fut = asyncio.get_running_loop().create_future()
             self.waiters.append(fut)
@@ -12726,7 +12750,8 @@ class ChatService:
         except BaseException:
             release()
             raise
-        info.on_done.append(release)
+        if release is not _no_slot:
+            info.on_done.append(release)
         return resp
 
 
@@ -13745,9 +13770,10 @@ class App:
         return any(fnmatch.fnmatchcase(path, g) for g in cfg.passthrough_paths) and \
             not any(fnmatch.fnmatchcase(path, g) for g in cfg.passthrough_deny)
 
-    def precheck(self, head: RequestHead):
+    def precheck(self, head: RequestHead, conn=None):
         """Route, method and auth before the body is read. -> (handler, key entry),
-        a Response (CORS preflight) or a ProxyError."""
+        a Response (CORS preflight) or a ProxyError. conn, the connection, holds the
+        answer for the key it sent last (ProxyKeys.check)."""
         if head.headers.get("upgrade") is not None and "websocket" in head.headers.tokens("upgrade"):
             # Codex tries a WebSocket transport for Responses first (always with the built-in
             # openai provider on a custom base URL). 426 is the one answer it falls back to
@@ -13774,7 +13800,7 @@ class App:
             if refused is not None:
                 return refused
         self.keys.refresh(self.clock())
-        entry = self.keys.check(client_key(head))
+        entry = self.keys.check(client_key(head), conn)
         if level == PUBLIC or (level == CLIENT and not self.config.auth_enabled):
             return (handler, entry)
         if entry is None:

@@ -3729,6 +3729,51 @@ class TestProxyKeys(unittest.TestCase):
             server_view.refresh(100.0)
             self.assertIsNotNone(server_view.check(secret))
 
+    def test_a_connection_keeps_its_last_key_answer_only_while_the_keys_are_unchanged(self):
+        class Conn:
+            auth = None
+        digests = []
+        real = lp._digest
+
+        def counted(key):
+            digests.append(key)
+            return real(key)
+        with tempfile.TemporaryDirectory() as d, unittest.mock.patch.object(lp, "_digest", counted):
+            path = os.path.join(d, "keys.json")
+            keys = lp.ProxyKeys(path, ["cfg-key-000000000000"])
+            entry, secret = keys.create("ci")
+            conn, other = Conn(), Conn()
+            digests.clear()
+            self.assertEqual(keys.check(secret, conn).id, entry.id)
+            self.assertEqual(keys.check(secret, conn).id, entry.id)
+            self.assertEqual(len(digests), 1)                           # the second came from the connection
+            self.assertEqual(keys.check("cfg-key-000000000000", conn).id, "cfg0")    # another key: checked
+            self.assertIsNone(keys.check(secret + "x", conn))
+            self.assertIsNone(keys.check(secret + "x", conn))
+            self.assertEqual(keys.check(secret, conn).id, entry.id)
+            self.assertEqual(len(digests), 4)
+            self.assertEqual(keys.check(secret, other).id, entry.id)   # connections keep their own
+            self.assertTrue(keys.revoke(entry.id))
+            self.assertIsNone(keys.check(secret, conn))                 # revoked: the kept answer is void
+            entry2, secret2 = keys.create("next")
+            self.assertEqual(keys.check(secret2, conn).id, entry2.id)
+            reloaded = lp.ProxyKeys(path)                               # a reload's new key set
+            self.assertNotEqual(reloaded.generation, keys.generation)
+            self.assertEqual(reloaded.check(secret2, conn).id, entry2.id)
+            self.assertIsNot(reloaded.check(secret2, conn), keys.check(secret2))
+            digests.clear()
+            self.assertIsNone(keys.check("cl\u00e9-" + secret2, conn))   # not ASCII: checked, never kept
+            self.assertIsNone(keys.check("cl\u00e9-" + secret2, conn))
+            self.assertEqual(len(digests), 2)
+            self.assertEqual(keys.check(secret2, conn).id, entry2.id)
+            self.assertIsNone(keys.check(None, conn))
+            self.assertIsNone(keys.check("", conn))
+            with open(path, "w") as f:                                  # another process emptied the store
+                f.write('{"keys": []}')
+            os.utime(path, ns=(1, 1))
+            keys.refresh(1e9)
+            self.assertIsNone(keys.check(secret2, conn))
+
     def test_redact(self):
         self.assertEqual(lp.redact("sk-1234567890abcd"), "...abcd")
         self.assertEqual(lp.redact("short"), "...")
