@@ -2865,12 +2865,17 @@ def parse_content(content, one: Callable[[dict, List[Part]], None]) -> List[Part
             continue
         before = len(out)
         one(c, out)
-        for p in out[before:]:
-            if not isinstance(p.text, str):
-                raise ProxyError(400, "invalid_request_error", "a %s content block's text must be a string" %
-                                 (c.get("type") if isinstance(c.get("type"), str) else "content")[:40])
-        if len(out) > before and cache_mark(c):
-            out[-1].cache = cache_mark(c)
+        made = len(out) - before
+        if not made:
+            continue
+        # the parts this block made (most make one) hold str texts; its breakpoint marks the last
+        if not isinstance(out[-1].text, str) or (made > 1 and not all(isinstance(p.text, str) for p in out[before:])):
+            raise ProxyError(400, "invalid_request_error", "a %s content block's text must be a string" %
+                             (c.get("type") if isinstance(c.get("type"), str) else "content")[:40])
+        if "cache_control" in c:
+            mark = cache_mark(c)
+            if mark:
+                out[-1].cache = mark
     return out
 
 
@@ -2949,12 +2954,25 @@ def budget_effort(budget: int) -> str:
     return "xhigh"
 
 
-def _check_part(p: Part, where: str):
-    for field in ("text", "id", "name", "arguments", "media_type", "data", "url", "signature", "origin"):
-        if not isinstance(getattr(p, field), str):
-            raise ProxyError(400, "invalid_request_error", "%s: '%s' must be a string" % (where, field))
-    for i, c in enumerate(p.content):
-        _check_part(c, "%s.content[%d]" % (where, i))
+_PART_STR_FIELDS = ("text", "id", "name", "arguments", "media_type", "data", "url", "signature", "origin")
+_part_strs = itemgetter(*_PART_STR_FIELDS)       # of a Part's __dict__ (a dataclass: every field is in it)
+
+
+def _check_part(p: Part, where: tuple):
+    """Every string field of a part (and of the parts inside it) is a str. where is the part's
+    place, (message, part, nested part...), made into text only for the error. str.join takes
+    str instances only (subclasses too), exactly what isinstance(v, str) lets by: one join
+    stands for the nine checks, and the fields are looked at one by one only when it refuses."""
+    try:
+        "".join(_part_strs(p.__dict__))
+    except TypeError:
+        for field in _PART_STR_FIELDS:
+            if not isinstance(getattr(p, field), str):
+                raise ProxyError(400, "invalid_request_error", "%s: '%s' must be a string" % (
+                    "messages[%d].content[%d]" % where[:2] + "".join(".content[%d]" % i for i in where[2:]), field))
+    if p.content:
+        for i, c in enumerate(p.content):
+            _check_part(c, where + (i,))
 
 
 def validate_request(req: ChatRequest) -> ChatRequest:
@@ -2968,7 +2986,7 @@ def validate_request(req: ChatRequest) -> ChatRequest:
         bad("system", "text")
     for i, m in enumerate(req.messages):
         for j, p in enumerate(m.parts):
-            _check_part(p, "messages[%d].content[%d]" % (i, j))
+            _check_part(p, (i, j))
     for i, t in enumerate(req.tools):
         if not isinstance(t.name, str) or not isinstance(t.description, str):
             bad("tools[%d]" % i, "a tool with a string name and description")

@@ -2569,6 +2569,86 @@ class TestSSE(unittest.TestCase):
 # 6. canonical model and wire formats: the hub, pure ##########################
 
 class TestFormats(unittest.TestCase):
+    def test_parse_content_checks_and_marks_like_the_part_by_part_rule(self):
+        """parse_content looks at the last part a block made first, and at a breakpoint only
+        when the block has cache_control: the same parts, marks and errors as checking every
+        part and calling cache_mark on every block."""
+        def reference(content, one):
+            out = []
+            for c in content:
+                if not isinstance(c, dict):
+                    continue
+                before = len(out)
+                one(c, out)
+                for p in out[before:]:
+                    if not isinstance(p.text, str):
+                        return "error %s" % c.get("type")
+                if len(out) > before and lp.cache_mark(c):
+                    out[-1].cache = lp.cache_mark(c)
+            return [(p.text, p.cache) for p in out]
+
+        def one(c, out):
+            for t in c["texts"]:
+                out.append(lp.Part("text", text=t))
+        texts = [[], ["a"], [None], ["a", "b"], [3, "b"], ["a", None], ["a", b"x", "c"]]
+        marks = [None, {"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}, {"type": "other"}, "ephemeral", []]
+        for t in texts:
+            for mark in marks:
+                block = {"type": "text", "texts": t}
+                if mark is not None:
+                    block["cache_control"] = mark
+                content = [{"type": "text", "texts": ["first"]}, "not a block", block]
+                try:
+                    got = [(p.text, p.cache) for p in lp.parse_content(content, one)]
+                except lp.ProxyError as e:
+                    got = "error text" if e.message == "a text content block's text must be a string" else e.message
+                with self.subTest(texts=t, mark=mark):
+                    self.assertEqual(got, reference(content, one))
+
+    def test_part_type_checks_equal_the_field_by_field_rule(self):
+        """_check_part's one-set shortcut gives what nine isinstance checks per part give, at
+        any depth, with the same message naming the same place and field."""
+        def reference(req):
+            def check(p, where):
+                for field in ("text", "id", "name", "arguments", "media_type", "data", "url", "signature", "origin"):
+                    if not isinstance(getattr(p, field), str):
+                        return "%s: '%s' must be a string" % (where, field)
+                for i, c in enumerate(p.content):
+                    err = check(c, "%s.content[%d]" % (where, i))
+                    if err:
+                        return err
+            for i, m in enumerate(req.messages):
+                for j, p in enumerate(m.parts):
+                    err = check(p, "messages[%d].content[%d]" % (i, j))
+                    if err:
+                        return err
+
+        class S(str):
+            pass
+        fields = ["text", "id", "name", "arguments", "media_type", "data", "url", "signature", "origin"]
+        cases = 0
+        for field in fields:
+            for bad in (None, 3, [], {}, b"x", S("fine")):
+                for depth in range(3):
+                    leaf = lp.Part("text", text="ok")
+                    setattr(leaf, field, bad)
+                    part = leaf
+                    for _ in range(depth):
+                        part = lp.Part("tool_result", id="t", content=[lp.Part("text", text="a"), part])
+                    msgs = [lp.Message("user", [lp.Part("text", text="first")]),
+                            lp.Message("assistant", [lp.Part("text", text="x"), part])]
+                    req = lp.ChatRequest(model="m", messages=msgs)
+                    want = reference(req)
+                    try:
+                        lp.validate_request(req)
+                        got = None
+                    except lp.ProxyError as e:
+                        got = e.message
+                    with self.subTest(field=field, bad=bad, depth=depth):
+                        self.assertEqual(got, want)
+                    cases += want is not None
+        self.assertEqual(cases, len(fields) * 5 * 3)      # every case but the str subclass is refused
+
     def test_html_error_page_becomes_json(self):
         err = lp.parse_upstream_error(502, "text/html", b"<html><head><title>502 Bad Gateway</title></head>"
                                                         b"<body><h1>nginx</h1></body></html>")
