@@ -6427,6 +6427,7 @@ class Provider:
                 else "max_tokens"
         self.credential = None            # a section-8 Credential for subscription logins
         self._codec = None                # (the options it came from, CodecOptions)
+        self._headers_made: Dict[tuple, List[Tuple[str, str]]] = {}    # request_headers' answers
         self.auth = self.options.get("auth")
         self.tags = list(self.options.get("tags") or [])
         # what requests go through: None for the HTTP client, else an in-process upstream
@@ -6498,6 +6499,22 @@ class Provider:
         return body
 
     def request_headers(self, key: Optional[str], stream: bool, extra=(), body: bool = True) -> List[Tuple[str, str]]:
+        """The headers of an upstream request (a new list: the caller may add to it). Without a
+        login or client headers to pass on, they depend only on the key, stream, body and this
+        provider's kind, auth and configured headers: made once for each such set."""
+        if extra or self.credential is not None:
+            return self._make_headers(key, stream, extra, body)
+        memo = (key, stream, body, self.kind, self.auth, tuple(self.headers))
+        try:
+            made = self._headers_made.get(memo)
+        except TypeError:                       # headers given as lists (not from config): not kept
+            return self._make_headers(key, stream, (), body)
+        if made is None:
+            made = self._make_headers(key, stream, (), body)
+            _remember(self._headers_made, memo, made, 64)
+        return list(made)
+
+    def _make_headers(self, key: Optional[str], stream: bool, extra, body: bool) -> List[Tuple[str, str]]:
         hdrs = [("user-agent", "llmproxy/" + __version__)] + ([("content-type", "application/json")] if body else []) + \
             [("accept", "text/event-stream" if stream or self.force_stream else "application/json"),
              ("accept-encoding", "identity")]

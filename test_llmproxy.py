@@ -3265,6 +3265,28 @@ class TestFailureClasses(unittest.TestCase):
         own = lp.AnthropicMessages.parse_request(self.CACHED_ANTHROPIC)
         self.assertFalse(lp.add_cache_marks(own))
 
+    def test_upstream_headers_made_once_equal_the_headers_made_each_time(self):
+        """request_headers keeps what it made for a (key, stream, body) of a provider; every
+        answer equals a fresh one, is the caller's own list, and follows changes to the
+        provider's kind, auth and configured headers."""
+        prov = lp.Provider("p", "openai", "http://127.0.0.1:9/v1", lp.KeyRing([]), headers=[("x-title", "t")])
+        for kind in ("openai", "anthropic", "gemini", "openai-responses"):
+            for auth in (None, "codex-oauth"):
+                for conf in ([], [("user-agent", "mine/1")], [["x-list", "v"]]):
+                    prov.kind, prov.auth, prov.headers = kind, auth, conf
+                    for key in (None, "sk-one", "sk-two"):
+                        for stream in (False, True):
+                            for body in (False, True):
+                                want = prov._make_headers(key, stream, (), body)
+                                got = prov.request_headers(key, stream, (), body)
+                                with self.subTest(kind=kind, auth=auth, conf=conf, key=key, stream=stream, body=body):
+                                    self.assertEqual(got, want)
+                                    got.append(("traceparent", "x"))          # the caller's own list
+                                    self.assertEqual(prov.request_headers(key, stream, (), body), want)
+        self.assertLessEqual(len(prov._headers_made), 64)
+        self.assertEqual(prov.request_headers("sk-one", False, [("anthropic-beta", "b")]),
+                         prov._make_headers("sk-one", False, [("anthropic-beta", "b")], True))
+
     def test_cache_breakpoints_reach_openrouter_and_not_openai(self):
         req = lp.AnthropicMessages.parse_request(self.CACHED_ANTHROPIC)
         router = lp.Provider("or", "openai", "https://openrouter.ai/api/v1", lp.KeyRing([]))
