@@ -2975,14 +2975,24 @@ def _check_part(p: Part, where: tuple):
             _check_part(c, where + (i,))
 
 
+_REQ_INTS = ("max_tokens", "top_k", "seed", "reasoning_budget")
+_REQ_NUMBERS = ("temperature", "top_p")
+_REQ_STRS = ("reasoning_effort", "user", "previous_response_id")
+_req_ints, _req_numbers, _req_strs = attrgetter(*_REQ_INTS), attrgetter(*_REQ_NUMBERS), attrgetter(*_REQ_STRS)
+_NONES = {n: (None,) * n for n in (2, 3, 4)}
+
+
 def validate_request(req: ChatRequest) -> ChatRequest:
     """What a parser built from client JSON has the types the renderers rely on, or the
-    client hears which field is wrong (a 400, never a 500 from deep inside a renderer)."""
+    client hears which field is wrong (a 400, never a 500 from deep inside a renderer).
+    The checks run in a fixed order and the first failure is the one reported; a group of
+    fields all unset (the common case) or a list that str.join takes (str instances only,
+    as isinstance lets by) passes without looking at each one."""
     def bad(where: str, what: str):
         raise ProxyError(400, "invalid_request_error", "%s: must be %s" % (where, what), param=where.split("[")[0])
     if not isinstance(req.model, str):
         bad("model", "a string")
-    if not all(isinstance(x, str) for x in req.system):
+    if req.system and not _joins(req.system):
         bad("system", "text")
     for i, m in enumerate(req.messages):
         for j, p in enumerate(m.parts):
@@ -2992,27 +3002,39 @@ def validate_request(req: ChatRequest) -> ChatRequest:
             bad("tools[%d]" % i, "a tool with a string name and description")
         if not isinstance(t.parameters, dict):
             bad("tools[%d].parameters" % i, "a JSON Schema object")
-    if not all(isinstance(x, str) for x in req.stop):
+    if req.stop and not _joins(req.stop):
         bad("stop", "strings")
-    for name in ("max_tokens", "top_k", "seed", "reasoning_budget"):
-        v = getattr(req, name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            bad(name, "an integer")
-    for name in ("temperature", "top_p"):
-        v = getattr(req, name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            bad(name, "a number")
+    values = _req_ints(req)
+    if values != _NONES[4]:
+        for name, v in zip(_REQ_INTS, values):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                bad(name, "an integer")
+    values = _req_numbers(req)
+    if values != _NONES[2]:
+        for name, v in zip(_REQ_NUMBERS, values):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                bad(name, "a number")
     tc = req.tool_choice
     if not (tc is None or isinstance(tc, str) or (isinstance(tc, tuple) and isinstance(tc[1], str))):
         bad("tool_choice", "auto, none, required or a named tool")
     rf = req.response_format
     if rf is not None and (not isinstance(rf, dict) or not isinstance(rf.get("schema", {}) or {}, dict)):
         bad("response_format", "an object with a JSON Schema")
-    for name in ("reasoning_effort", "user", "previous_response_id"):
-        v = getattr(req, name)
-        if v is not None and not isinstance(v, str):
-            bad(name, "a string")
+    values = _req_strs(req)
+    if values != _NONES[3]:
+        for name, v in zip(_REQ_STRS, values):
+            if v is not None and not isinstance(v, str):
+                bad(name, "a string")
     return req
+
+
+def _joins(items) -> bool:
+    """Every item is a str (str.join takes exactly the str instances)."""
+    try:
+        "".join(items)
+    except TypeError:
+        return False
+    return True
 
 
 def checked(parse):

@@ -2605,6 +2605,61 @@ class TestFormats(unittest.TestCase):
                 with self.subTest(texts=t, mark=mark):
                     self.assertEqual(got, reference(content, one))
 
+    @staticmethod
+    def validation_error(req):
+        """validate_request's message for req, or None when it passes."""
+        try:
+            lp.validate_request(req)
+        except lp.ProxyError as e:
+            return e.message
+        return None
+
+    def test_request_type_checks_equal_the_field_by_field_rule(self):
+        """validate_request's group shortcuts (all unset, or a list str.join takes) give the
+        error the old one-field-at-a-time checks gave, for any bad value in any field, two at
+        once included (the first in the old order wins)."""
+        def reference(req):
+            if not isinstance(req.model, str):
+                return "model: must be a string"
+            if not all(isinstance(x, str) for x in req.system):
+                return "system: must be text"
+            if not all(isinstance(x, str) for x in req.stop):
+                return "stop: must be strings"
+            for name in ("max_tokens", "top_k", "seed", "reasoning_budget"):
+                v = getattr(req, name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                    return "%s: must be an integer" % name
+            for name in ("temperature", "top_p"):
+                v = getattr(req, name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    return "%s: must be a number" % name
+            for name in ("reasoning_effort", "user", "previous_response_id"):
+                v = getattr(req, name)
+                if v is not None and not isinstance(v, str):
+                    return "%s: must be a string" % name
+
+        class S(str):
+            pass
+        fields = ["system", "stop", "max_tokens", "top_k", "seed", "reasoning_budget", "temperature", "top_p",
+                  "reasoning_effort", "user", "previous_response_id"]
+        values = [None, True, False, 0, 7, 1.5, "x", S("y"), b"z", [], ["a"], ["a", 3], [S("s")], [None], {}]
+        checked = 0
+        for first in fields:
+            for second in (None, "top_p", "user", "system"):
+                for v in values:
+                    req = lp.ChatRequest(model="m")
+                    for name in ((first, second) if second else (first,)):
+                        if name in ("system", "stop") and not isinstance(v, list):   # lists of the value
+                            setattr(req, name, [] if v is None else [v])
+                        else:
+                            setattr(req, name, v)
+                    got = self.validation_error(req)
+                    with self.subTest(first=first, second=second, v=v):
+                        self.assertEqual(got, reference(req))
+                    checked += got is not None
+        self.assertGreater(checked, 300)
+        self.assertEqual(lp.validate_request(lp.ChatRequest(model="m", system=[S("a")], stop=["x"])).stop, ["x"])
+
     def test_part_type_checks_equal_the_field_by_field_rule(self):
         """_check_part's one-set shortcut gives what nine isinstance checks per part give, at
         any depth, with the same message naming the same place and field."""
@@ -2639,11 +2694,7 @@ class TestFormats(unittest.TestCase):
                             lp.Message("assistant", [lp.Part("text", text="x"), part])]
                     req = lp.ChatRequest(model="m", messages=msgs)
                     want = reference(req)
-                    try:
-                        lp.validate_request(req)
-                        got = None
-                    except lp.ProxyError as e:
-                        got = e.message
+                    got = self.validation_error(req)
                     with self.subTest(field=field, bad=bad, depth=depth):
                         self.assertEqual(got, want)
                     cases += want is not None
