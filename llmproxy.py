@@ -917,7 +917,7 @@ def parse_response_head(data: bytes) -> ResponseHead:
             raise FramingError("malformed status line")
         line = (int(m.group(2)), (m.group(3) or b"").decode("latin-1"), m.group(1).decode("ascii"))
         if len(status_line) <= _FIELD_LINE_KEEP:
-            _remember(_STATUS_LINES_SEEN, status_line, line, _REQUEST_LINES_MAX)
+            _remember(_STATUS_LINES_SEEN, status_line, line, _STATUS_LINES_MAX)
     try:
         headers = parse_field_block(block, b"\n")
     except ProxyError as e:
@@ -927,6 +927,7 @@ def parse_response_head(data: bytes) -> ResponseHead:
 
 # Status lines seen before (an upstream sends the same few), with what they parse to.
 _STATUS_LINES_SEEN: Dict[bytes, Tuple[int, str, str]] = {}
+_STATUS_LINES_MAX = 256
 
 
 def parse_response_framing(head: ResponseHead, method: str) -> Tuple[str, int]:
@@ -2963,9 +2964,7 @@ def _check_part(p: Part, where: tuple):
     place, (message, part, nested part...), made into text only for the error. str.join takes
     str instances only (subclasses too), exactly what isinstance(v, str) lets by: one join
     stands for the nine checks, and the fields are looked at one by one only when it refuses."""
-    try:
-        "".join(_part_strs(p.__dict__))
-    except TypeError:
+    if not _joins(_part_strs(p.__dict__)):
         for field in _PART_STR_FIELDS:
             if not isinstance(getattr(p, field), str):
                 raise ProxyError(400, "invalid_request_error", "%s: '%s' must be a string" % (
@@ -2975,19 +2974,10 @@ def _check_part(p: Part, where: tuple):
             _check_part(c, where + (i,))
 
 
-_REQ_INTS = ("max_tokens", "top_k", "seed", "reasoning_budget")
-_REQ_NUMBERS = ("temperature", "top_p")
-_REQ_STRS = ("reasoning_effort", "user", "previous_response_id")
-_req_ints, _req_numbers, _req_strs = attrgetter(*_REQ_INTS), attrgetter(*_REQ_NUMBERS), attrgetter(*_REQ_STRS)
-_NONES = {n: (None,) * n for n in (2, 3, 4)}
-
-
 def validate_request(req: ChatRequest) -> ChatRequest:
     """What a parser built from client JSON has the types the renderers rely on, or the
     client hears which field is wrong (a 400, never a 500 from deep inside a renderer).
-    The checks run in a fixed order and the first failure is the one reported; a group of
-    fields all unset (the common case) or a list that str.join takes (str instances only,
-    as isinstance lets by) passes without looking at each one."""
+    The checks run in a fixed order and the first failure is the one reported."""
     def bad(where: str, what: str):
         raise ProxyError(400, "invalid_request_error", "%s: must be %s" % (where, what), param=where.split("[")[0])
     if not isinstance(req.model, str):
@@ -3004,32 +2994,30 @@ def validate_request(req: ChatRequest) -> ChatRequest:
             bad("tools[%d].parameters" % i, "a JSON Schema object")
     if req.stop and not _joins(req.stop):
         bad("stop", "strings")
-    values = _req_ints(req)
-    if values != _NONES[4]:
-        for name, v in zip(_REQ_INTS, values):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                bad(name, "an integer")
-    values = _req_numbers(req)
-    if values != _NONES[2]:
-        for name, v in zip(_REQ_NUMBERS, values):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                bad(name, "a number")
+    for name in ("max_tokens", "top_k", "seed", "reasoning_budget"):
+        v = getattr(req, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            bad(name, "an integer")
+    for name in ("temperature", "top_p"):
+        v = getattr(req, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            bad(name, "a number")
     tc = req.tool_choice
     if not (tc is None or isinstance(tc, str) or (isinstance(tc, tuple) and isinstance(tc[1], str))):
         bad("tool_choice", "auto, none, required or a named tool")
     rf = req.response_format
     if rf is not None and (not isinstance(rf, dict) or not isinstance(rf.get("schema", {}) or {}, dict)):
         bad("response_format", "an object with a JSON Schema")
-    values = _req_strs(req)
-    if values != _NONES[3]:
-        for name, v in zip(_REQ_STRS, values):
-            if v is not None and not isinstance(v, str):
-                bad(name, "a string")
+    for name in ("reasoning_effort", "user", "previous_response_id"):
+        v = getattr(req, name)
+        if v is not None and not isinstance(v, str):
+            bad(name, "a string")
     return req
 
 
 def _joins(items) -> bool:
-    """Every item is a str (str.join takes exactly the str instances)."""
+    """Every item is a str: str.join takes exactly what isinstance(v, str) lets by (str
+    subclasses too), in one C-level pass."""
     try:
         "".join(items)
     except TypeError:
@@ -6871,7 +6859,7 @@ class ProxyKeys:
         for i, k in enumerate(admin_keys):
             self.fixed.append(KeyEntry("adm%d" % i, _digest(k), redact(k), True, "config"))
         self.stored: List[KeyEntry] = []
-        self.generation = next(_KEY_GENERATIONS)     # changes whenever the entries do
+        self.generation = 0               # load() and save() take a new one: the entries changed
         self._mtime = None
         self._checked = 0.0
         self.load()
@@ -6881,19 +6869,18 @@ class ProxyKeys:
         return self.fixed + self.stored
 
     def load(self):
+        self.generation = next(_KEY_GENERATIONS)     # whatever it finds, check()'s kept answers are void
         if not self.path:
             return
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             self.stored, self._mtime = [], None
-            self.generation = next(_KEY_GENERATIONS)
             return
         with open(self.path, "rb") as f:
             doc = json.loads(f.read() or b"{}")
         self.stored = [KeyEntry(e["id"], bytes.fromhex(e["sha256"]), e.get("key", "..."), bool(e.get("admin")),
                                 "store", e.get("name", ""), e.get("created", 0)) for e in doc.get("keys", [])]
-        self.generation = next(_KEY_GENERATIONS)
         self._mtime = st.st_mtime_ns
 
     def refresh(self, now: float):
@@ -9542,7 +9529,7 @@ class UsageMeter:
             row = self.answered[(provider, status)] = [0, 0.0]
         row[0] += 1
         row[1] += seconds
-        key = self.provider_keys.get(provider) or self.provider_key(provider)
+        key = self.provider_key(provider)
         self.duration.record_key(seconds, key)
         if first is not None:
             self.first_token.record_key(first, key)
@@ -14049,8 +14036,7 @@ class App:
         if info.provider:
             model = info.upstream_model or info.model or ""
             label = self.usage.label(model or "-")
-            cost = price_of(self.config.prices, model, usage) if usage is not None and (
-                usage.cost is not None or self.config.prices) else 0.0
+            cost = price_of(self.config.prices, model, usage) if usage is not None else 0.0
             self.usage.record(who, info.provider, label, tin, tout, usage, cost)
             if cost and info.client_id:
                 self.spent[who] = self.spent.get(who, 0.0) + cost

@@ -2615,9 +2615,9 @@ class TestFormats(unittest.TestCase):
         return None
 
     def test_request_type_checks_equal_the_field_by_field_rule(self):
-        """validate_request's group shortcuts (all unset, or a list str.join takes) give the
-        error the old one-field-at-a-time checks gave, for any bad value in any field, two at
-        once included (the first in the old order wins)."""
+        """validate_request's str.join check of the system and stop lists gives the error the
+        item-by-item isinstance checks gave, for any bad value in any field, two at once
+        included (the first in the old order wins)."""
         def reference(req):
             if not isinstance(req.model, str):
                 return "model: must be a string"
