@@ -134,7 +134,7 @@ import time
 import zlib
 from collections import OrderedDict, deque
 from functools import lru_cache, partial
-from itertools import count as _counter, repeat
+from itertools import accumulate, count as _counter, repeat
 from operator import attrgetter, itemgetter, sub as _minus
 from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
@@ -2460,6 +2460,9 @@ class StreamTranslator:
         self.decoder = decoder              # None: events come from elsewhere (a whole reply)
         self.encoder = encoder
         self.filters = filters
+        # the filters over a list of events: a FilterChain's run(), or feed() one at a time
+        self.run_filters = None if filters is None else getattr(filters, "run", None) or \
+            (lambda events: [out for ev in events for out in filters.feed(ev)])
         self.order = ToolOrder()
         self.usage: Optional["Usage"] = None
         self.complete = False
@@ -2513,26 +2516,34 @@ class StreamTranslator:
     def encode(self, events) -> bytes:
         """Canonical events -> the client's bytes (through the tool order and the filters).
         Text events in a row go to the encoder as one run, which it renders in one step
-        (ToolOrder and _note pass text as it is; without filters it skips both)."""
+        (ToolOrder and _note pass text as it is and are skipped for it); the filters take
+        all the events at once (FilterChain.run)."""
         out: List[bytes] = []
-        plain = self.filters is None
         order = self.order
         encoder = self.encoder
         run: List[str] = []
+        filtered = self.filters is not None
+        if filtered:            # in tool order, then through the filters as one list
+            ordered: list = []
+            for ev in events:
+                if ev[0] == "text" and not order.held:
+                    ordered.append(ev)
+                else:
+                    ordered.extend(order.feed(ev))
+            events = self.run_filters(ordered)
         for ev in events:
-            if plain and ev[0] == "text" and not order.held:
+            if ev[0] == "text" and (filtered or not order.held):
                 run.append(ev[1])
                 continue
-            for ev in order.feed(ev):
-                for ev in (self.filters.feed(ev) if not plain else (ev,)):
-                    if ev[0] == "text":             # what the filters let through, in runs too
-                        run.append(ev[1])
-                        continue
-                    if run:
-                        out.extend(encoder.texts(run))
-                        run = []
-                    self._note(ev)
-                    out.extend(encoder.feed(ev))
+            for ev in ((ev,) if filtered else order.feed(ev)):
+                if ev[0] == "text":
+                    run.append(ev[1])
+                    continue
+                if run:
+                    out.extend(encoder.texts(run))
+                    run = []
+                self._note(ev)
+                out.extend(encoder.feed(ev))
         if run:
             out.extend(encoder.texts(run))
         return b"".join(out)
@@ -8813,34 +8824,66 @@ class StageContext:
 
 class EventFilter:
     """A response stage: canonical events in, canonical events out. "finish" and "error"
-    pass through every filter, which flushes what it held before them."""
+    pass through every filter, which flushes what it held before them.
+
+    feed_many(events) is feed() over the events in turn, with the same result and the same
+    state after. A filter overrides it where a run of text (most of a stream) can pass in
+    fewer steps than one call per event."""
 
     def feed(self, ev) -> list:
         return [ev]
 
+    def feed_many(self, events: list) -> list:
+        feed = self.feed
+        return [out for ev in events for out in feed(ev)]
+
+
+def _text_runs(events: list):
+    """(start, end) of each maximal run of text events, and (i, i + 1) for each other event."""
+    flags = [ev[0] == "text" for ev in events]
+    i, n = 0, len(flags)
+    while i < n:
+        if flags[i]:
+            try:
+                j = flags.index(False, i)
+            except ValueError:
+                j = n
+            yield i, j
+            i = j
+        else:
+            yield i, i + 1
+            i += 1
+
 
 class FilterChain:
     """Runs events through the filters in order and keeps tool indexes contiguous from 0
-    in order of appearance (filters may drop or invent calls; OpenAI clients need it)."""
+    in order of appearance (filters may drop or invent calls; OpenAI clients need it).
+    Each filter takes the whole list the one before it gave: the same events as feeding
+    them one at a time along the chain, since each filter's output depends only on what
+    it was fed."""
 
     def __init__(self, filters: List[EventFilter]):
         self.filters = filters
         self.index: Dict[Any, int] = {}
 
     def feed(self, ev) -> list:
-        events = [ev]
-        for f in self.filters:
-            events = f.feed(events[0]) if len(events) == 1 else [out for e in events for out in f.feed(e)]
-        for i, e in enumerate(events):
-            if e[0] == "tool_start":
-                self.index[e[1]] = len(self.index)
-                events[i] = (e[0], self.index[e[1]]) + e[2:]
-            elif e[0] == "tool_args":
-                events[i] = (e[0], self.index.get(e[1], e[1]), e[2])
-        return events
+        return self.run([ev])
 
     def run(self, events) -> list:
-        return [out for ev in events for out in self.feed(ev)]
+        events = list(events)
+        for f in self.filters:
+            events = f.feed_many(events)
+        index = self.index
+        for i, e in enumerate(events):
+            kind = e[0]
+            if kind == "text":
+                continue
+            if kind == "tool_start":
+                index[e[1]] = len(index)
+                events[i] = (kind, index[e[1]]) + e[2:]
+            elif kind == "tool_args":
+                events[i] = (kind, index.get(e[1], e[1]), e[2])
+        return events
 
 
 class HeldCalls(EventFilter):
@@ -8868,6 +8911,17 @@ class HeldCalls(EventFilter):
             self.replaced += 1
         return out
 
+    def feed_many(self, events: list) -> list:
+        """Text passes as it is while no call is held."""
+        out: list = []
+        feed = self.feed
+        for ev in events:
+            if self.held is None and ev[0] == "text":
+                out.append(ev)
+            else:
+                out.extend(feed(ev))
+        return out
+
     def feed(self, ev) -> list:
         kind = ev[0]
         if self.held is None and kind == "text":
@@ -8890,6 +8944,7 @@ class ToolRepairFilter(HeldCalls):
     argument JSON is repaired, or replaced by a message the agent can act on."""
 
     MARKERS = ("<tool_call>", "<function_call>", "<function=", "[TOOL_CALLS]", "```")
+    FIRSTS = re.compile("[%s]" % re.escape("".join(sorted({m[0] for m in MARKERS}))))
 
     def __init__(self, ctx: StageContext):
         super().__init__()
@@ -8969,6 +9024,21 @@ class ToolRepairFilter(HeldCalls):
             self.invented += 1
             out += [("tool_start", key, "call_" + secrets.token_hex(12), name, None, None), ("tool_args", key, args)]
         log.info("tool repair: %d tool call(s) written as text became real calls", len(calls))
+        return out
+
+    def feed_many(self, events: list) -> list:
+        """A run of text holding no marker's first character passes as it is while nothing
+        is pending or held (feed() would scan each piece and give it back whole; an empty
+        piece it drops)."""
+        out: list = []
+        feed = self.feed
+        for i, j in _text_runs(events):
+            if events[i][0] == "text" and self.block is None and not self.pending and self.held is None and \
+                    self.FIRSTS.search("".join([ev[1] for ev in events[i:j]])) is None:
+                out.extend([ev for ev in events[i:j] if ev[1]])
+                continue
+            for ev in events[i:j]:
+                out.extend(feed(ev))
         return out
 
     def feed(self, ev) -> list:
@@ -9060,6 +9130,36 @@ class LoopFilter(HeldCalls):
                          "the same result each time; calling it again will not change anything. Stop and try a "
                          "different approach, or explain what is blocking you.\n" % (start[3], run))]
 
+    def feed_many(self, events: list) -> list:
+        """Text while nothing is held or cut passes as it is; the pieces before the one at
+        which the every-200-characters check is due are added to the tail in one step, and
+        feed() takes that piece."""
+        out: list = []
+        feed = self.feed
+        for i, j in _text_runs(events):
+            if events[i][0] == "text" and self.held is None and not self.cut:
+                if not self.text_repeats:
+                    out.extend(events[i:j])
+                    continue
+                texts = [ev[1] for ev in events[i:j]]
+                ends = list(accumulate(map(len, texts)))     # characters to the end of each piece
+                n, k, done = len(texts), 0, 0
+                while k < n and not self.cut:           # text never makes a call held
+                    start = k
+                    k = bisect.bisect_left(ends, done + 200 - self.since, k)   # the piece the check is due at
+                    if k > start:
+                        self.text = (self.text + "".join(texts[start:k]))[-self.limit:]
+                        self.since += ends[k - 1] - done
+                        out.extend(events[i + start:i + k])
+                    if k < n:
+                        out.extend(feed(events[i + k]))
+                        done = ends[k]
+                        k += 1
+                i += k
+            for ev in events[i:j]:
+                out.extend(feed(ev))
+        return out
+
     def feed(self, ev) -> list:
         if self.cut:
             return [ev] if ev[0] in ("finish", "error") else []
@@ -9078,13 +9178,28 @@ class LoopFilter(HeldCalls):
 
     def _repeating(self) -> bool:
         """Whether the reply ends in one chunk of 20-300 characters repeated text_repeats
-        times (slice compares, no backtracking regex: this runs on the stream's hot path)."""
+        times (at least twice). No backtracking regex and no loop over every size: this runs
+        on the stream's hot path. The last text_repeats chunks of a size p are all equal
+        exactly when that end of the text has period p (it equals itself shifted by p), and
+        then its last 20 characters also occur p characters earlier; so only the places
+        those 20 characters occur at are tried, each with one compare."""
         n = self.text_repeats
+        if n <= 0:
+            return False
+        m = max(n, 2)
         tail = self.text[-300 * n:]
-        for size in range(20, min(301, len(tail) // n + 1)):
-            last = tail[-size:]
-            if tail[-2 * size:-size] == last and all(tail[-(k + 1) * size:-k * size] == last for k in range(2, n)):
+        end = len(tail)
+        top = min(300, end // n)
+        if top < 20:
+            return False
+        key = tail[-20:]
+        lo = max(0, end - 20 - top)
+        j = tail.rfind(key, lo, end - 20)
+        while j >= 0:
+            p = end - 20 - j
+            if p >= 20 and tail[-m * p:-p] == tail[-(m - 1) * p:]:
                 return True
+            j = tail.rfind(key, lo, j + 19)
         return False
 
 
@@ -9179,6 +9294,24 @@ class ReplyRewrite(EventFilter):
     def _flush(self) -> list:
         text, self.pending = self._apply(self.pending), ""
         return [("text", text)] if text else []
+
+    def feed_many(self, events: list) -> list:
+        """A run of text passes as it is once started, when no rule replaces, or when nothing
+        is pending and the run holds no literal's first character."""
+        out: list = []
+        feed = self.feed
+        for i, j in _text_runs(events):
+            if events[i][0] == "text":
+                if not self.started:
+                    out.extend(feed(events[i]))
+                    i += 1
+                if i < j and (not self.replace or (self.firsts is not None and not self.pending and
+                                                   self.firsts.search("".join([ev[1] for ev in events[i:j]])) is None)):
+                    out.extend(events[i:j])
+                    continue
+            for ev in events[i:j]:
+                out.extend(feed(ev))
+        return out
 
     def feed(self, ev) -> list:
         out = []
@@ -10939,6 +11072,8 @@ def _load_guardrails(g: _Reader) -> Dict[str, Any]:
             conf["action"] = st.get("action", str, "steer")
             if conf["action"] not in ("warn", "cut", "steer"):
                 raise ConfigError("guardrails.loop_detection.action: must be warn, cut or steer")
+            if conf["text_repeats"] < 0:
+                raise ConfigError("guardrails.loop_detection.text_repeats: must be 0 (off) or more")
             if conf["max_repeats"] < 2:
                 raise ConfigError("guardrails.loop_detection.max_repeats: must be at least 2")
         if stage == "dangerous_commands":

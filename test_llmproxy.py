@@ -28,6 +28,7 @@ import importlib.util
 
 
 import io
+import itertools
 
 
 import json
@@ -4847,6 +4848,172 @@ class TestRepairEngine(unittest.TestCase):
 class TestGuardrailStages(unittest.TestCase):
     def run_chain(self, chain, events):
         return chain.run(events)
+
+    # -- filters over a list (FilterChain.run, feed_many) against one event at a time --
+
+    @staticmethod
+    def feed_one_by_one(chain, ev):
+        """The per-event rule run() must equal: each filter's feed() in turn, then tool
+        indexes contiguous from 0 (the chain's own index map)."""
+        events = [ev]
+        for f in chain.filters:
+            events = [out for e in events for out in f.feed(e)]
+        for i, e in enumerate(events):
+            if e[0] == "tool_start":
+                chain.index[e[1]] = len(chain.index)
+                events[i] = (e[0], chain.index[e[1]]) + e[2:]
+            elif e[0] == "tool_args":
+                events[i] = (e[0], chain.index.get(e[1], e[1]), e[2])
+        return events
+
+    GUARD_PIECES = ["tok ", "zzz", "z", "zz", "key-1", "2 ", "\n", "<tool_call>", "</tool_call>",
+                    '{"name": "get_weather", "arguments": {"city": "Oslo"}}', "```", "```json\n", "<",
+                    "[TOOL_CALLS]", "", "repeat this twenty-one ", "a" * 37, "rm -rf / ", "é😀", "\ud83d"]
+
+    def guard_corpus(self, rng, n):
+        for _ in range(n):
+            events = [("start", "id", "m", None)]
+            call = 0
+            for _ in range(rng.randint(0, 160)):
+                r = rng.random()
+                if r < 0.8:
+                    events.append(("text", rng.choice(self.GUARD_PIECES) * rng.choice([1, 1, 1, 3, 12])))
+                elif r < 0.85:
+                    events.append(("thinking", rng.choice(self.GUARD_PIECES)))
+                elif r < 0.95:
+                    name = rng.choice(["Bash", "get_weather", "unknown"])
+                    args = rng.choice(['{"command": "rm -rf /"}', '{"city": "Paris"}', '{"city": ', "", "{bad"])
+                    events.append(("tool_start", call, "call_%d" % call, name, None, None))
+                    for k in range(0, len(args), 5):
+                        events.append(("tool_args", call, args[k:k + 5]))
+                    call += 1
+                else:
+                    events.append(("tool_args", max(call - 1, 0), '"x"}'))
+            events.append(rng.choice([("finish", "end", None), ("finish", "tool_use", None),
+                                      ("error", lp.UpstreamError(502, "cut", "upstream_incomplete"))]))
+            yield events
+
+    def guard_chain(self, json_mode, action, repeats, literal_only=False):
+        rules = [{"target": "reply", "action": "replace", "pattern": re.compile("zzz"), "literal": "zzz", "with": "z"},
+                 {"target": "reply", "action": "replace", "pattern": re.compile(r"key-\d+"), "literal": None,
+                  "with": "[k]"},
+                 {"target": "reply", "action": "prepend", "with": "P:"},
+                 {"target": "reply", "action": "append", "with": ":A"}]
+        if literal_only:            # ReplyRewrite's first-character screen
+            rules[1] = {"target": "reply", "action": "replace", "pattern": re.compile("ok-1"), "literal": "ok-1",
+                        "with": "[k]"}
+        p = pipe(tool_repair={}, json_repair={}, dangerous_commands={},
+                 loop_detection={"max_repeats": 2, "text_repeats": repeats, "action": action})
+        p.rewrite = rules
+        p.may_filter = True
+        p._for_model.clear()
+        history = [lp.Message("assistant", [lp.Part("tool_call", id="c0", name="get_weather",
+                                                     arguments='{"city": "Paris"}')])]
+        return p.filters(guard_ctx(history=history, json_mode=json_mode))
+
+    def test_filter_runs_equal_feeding_one_event_at_a_time(self):
+        """Every stage on (tool repair, JSON repair, loops with each action, dangerous
+        commands, literal and regex replacements, prepend and append): run() over random
+        splits of a stream gives the events and the filter states that feeding the same
+        events one at a time through each filter's feed() gives."""
+        rng = random.Random(16)
+        ids = itertools.count()
+        tried = set()
+        with unittest.mock.patch.object(lp.secrets, "token_hex", lambda n: "%024d" % next(ids)):
+            for json_mode, literal_only in ((False, False), (False, True), (True, False)):
+                for action in ("warn", "cut", "steer"):
+                    for repeats in (0, 1, 2, 3, 8):
+                        for events in self.guard_corpus(rng, 12):
+                            ids = itertools.count()
+                            ref = self.guard_chain(json_mode, action, repeats, literal_only)
+                            want = [out for ev in events for out in self.feed_one_by_one(ref, ev)]
+                            ids = itertools.count()
+                            chain = self.guard_chain(json_mode, action, repeats, literal_only)
+                            self.assertEqual([type(f).__name__ for f in chain.filters],
+                                             [type(f).__name__ for f in ref.filters])
+                            got, i = [], 0
+                            while i < len(events):
+                                k = rng.choice([1, 2, 7, 40, len(events)])
+                                got += chain.run(events[i:i + k])
+                                i += k
+                            tried.add((json_mode, action, repeats, any("stopped" in e[1].lower() or "cut" in
+                                       e[1] for e in want if e[0] == "text" and "[llmproxy]" in e[1])))
+                            with self.subTest(json_mode=json_mode, action=action, repeats=repeats, events=events):
+                                self.assertEqual(got, want)
+                                for a, b in zip(chain.filters, ref.filters):
+                                    self.assertEqual({k: v for k, v in vars(a).items() if k != "ctx"},
+                                                     {k: v for k, v in vars(b).items() if k != "ctx"})
+                                self.assertEqual(chain.index, ref.index)
+        # the corpus reached the loop cut and the filters' other branches
+        self.assertIn((False, "cut", 3, True), tried)
+
+    def test_a_translator_with_a_filter_chain_writes_the_bytes_of_one_event_at_a_time(self):
+        """StreamTranslator.encode over whole lists (ToolOrder first, then FilterChain.run)
+        writes the bytes a translator feeding its filters one event at a time writes."""
+        class OneByOne:
+            def __init__(self, chain):
+                self.chain = chain
+
+            def feed(self, ev):
+                return TestGuardrailStages.feed_one_by_one(self.chain, ev)
+        rng = random.Random(7)
+        ids = itertools.count()
+        with unittest.mock.patch.object(lp.secrets, "token_hex", lambda n: "%024d" % next(ids)):
+            for fmt in (lp.OpenAIChat, lp.AnthropicMessages, lp.OpenAIResponses, lp.Gemini):
+                for events in self.guard_corpus(rng, 10):
+                    req = lp.ChatRequest("m", stream=True)
+                    opts = lp.CodecOptions(ids=lambda prefix: prefix + "1", clock=lambda: 1.0)
+                    ids = itertools.count()
+                    ref = lp.StreamTranslator(None, fmt.stream_encoder(req, opts),
+                                              OneByOne(self.guard_chain(False, "cut", 3)))
+                    want = b"".join(ref.encode([ev]) for ev in events) + ref.finish()
+                    ids = itertools.count()
+                    tr = lp.StreamTranslator(None, fmt.stream_encoder(req, opts), self.guard_chain(False, "cut", 3))
+                    got, i = b"", 0
+                    while i < len(events):
+                        k = rng.choice([1, 3, 50, len(events)])
+                        got += tr.encode(events[i:i + k])
+                        i += k
+                    with self.subTest(fmt=fmt.__name__, events=events):
+                        self.assertEqual(got + tr.finish(), want)
+
+    def test_loop_text_check_equals_the_check_of_every_size(self):
+        """LoopFilter._repeating (the places the last 20 characters recur, one compare
+        each) against the check of every chunk size from 20 to 300 it replaced."""
+        def every_size(text, n):
+            if not n:                   # feed() never asked for text_repeats 0
+                return False
+            tail = text[-300 * n:]
+            for size in range(20, min(301, len(tail) // n + 1)):
+                last = tail[-size:]
+                if tail[-2 * size:-size] == last and all(tail[-(k + 1) * size:-k * size] == last
+                                                         for k in range(2, n)):
+                    return True
+            return False
+        rng = random.Random(3)
+        f = lp.LoopFilter(guard_ctx(), 4, 8, "cut")
+        hits = 0
+        for _ in range(6000):
+            n = rng.choice([-2, 0, 1, 2, 3, 4, 8, 10])
+            alpha = rng.choice(["ab", "abc", "abcdefghij "])
+            noise = lambda k: "".join(rng.choice(alpha) for _ in range(k))
+            text = noise(rng.randint(0, 400)) + noise(rng.randint(1, 320)) * rng.randint(0, n + 2) + \
+                noise(rng.choice([0, 0, 1, 5]))
+            f.text, f.text_repeats = text, n
+            want = every_size(text, n)
+            hits += want
+            with self.subTest(n=n, text=text):
+                self.assertEqual(f._repeating(), want)
+        self.assertGreater(hits, 300)
+
+    def test_a_negative_text_repeats_is_a_config_error(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "c.json")
+            with open(path, "w") as fh:
+                json.dump({"guardrails": {"loop_detection": {"enabled": True, "text_repeats": -1}}}, fh)
+            with self.assertRaises(lp.ConfigError) as e:
+                lp.load_config(path, {}, {"data_dir": d})
+            self.assertIn("text_repeats", str(e.exception))
 
     def test_text_tool_call_becomes_a_real_call_at_any_split(self):
         text = 'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
