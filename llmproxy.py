@@ -8872,7 +8872,9 @@ class FilterChain:
     def run(self, events) -> list:
         events = list(events)
         for f in self.filters:
-            events = f.feed_many(events)
+            # a few events (a whole reply, one piece of a slow stream) cost less one at a time
+            events = f.feed_many(events) if len(events) > 6 else f.feed(events[0]) if len(events) == 1 else \
+                [out for ev in events for out in f.feed(ev)]
         index = self.index
         for i, e in enumerate(events):
             kind = e[0]
@@ -9243,15 +9245,24 @@ class ReplyRewrite(EventFilter):
     the longest tail that begins it; for a regex, the tail after the last newline, at most
     REWRITE_HOLD characters (a longer or multi-line regex match split across pieces can be missed)."""
 
-    def __init__(self, rules: list):
+    def __init__(self, rules: list, prepared: Optional[tuple] = None):
         self.rules = rules
-        self.replace = [r for r in rules if r["action"] == "replace"]
-        self.max_hold = max([4 * REWRITE_HOLD] + [len(r.get("literal") or "") for r in self.replace])
-        # literal rules only: a piece holding none of their first characters passes untouched
-        self.firsts = re.compile("[%s]" % re.escape("".join(sorted({r["literal"][0] for r in self.replace})))) \
-            if self.replace and all(r.get("literal") for r in self.replace) else None
+        self.replace, self.max_hold, self.firsts, self.head, self.tail = prepared or self.prepare(rules)
         self.started = False
         self.pending = ""
+
+    @staticmethod
+    def prepare(rules: list) -> tuple:
+        """What a rule list decides once (Pipeline keeps it per model): the replace rules,
+        the most that is held back, the screen of literals' first characters (None unless
+        every replace rule is a literal: then a piece holding none of them passes untouched),
+        the prepended and the appended text."""
+        replace = [r for r in rules if r["action"] == "replace"]
+        max_hold = max([4 * REWRITE_HOLD] + [len(r.get("literal") or "") for r in replace])
+        firsts = re.compile("[%s]" % re.escape("".join(sorted({r["literal"][0] for r in replace})))) \
+            if replace and all(r.get("literal") for r in replace) else None
+        return (replace, max_hold, firsts, "".join(r["with"] for r in rules if r["action"] == "prepend"),
+                "".join(r["with"] for r in rules if r["action"] == "append"))
 
     def _hold(self, text: str) -> int:
         """Where the part of text that must wait for more begins."""
@@ -9318,9 +9329,8 @@ class ReplyRewrite(EventFilter):
         if ev[0] == "text":
             if not self.started:
                 self.started = True
-                head = "".join(r["with"] for r in self.rules if r["action"] == "prepend")
-                if head:
-                    out.append(("text", head))
+                if self.head:
+                    out.append(("text", self.head))
             if not self.replace or (self.firsts is not None and not self.pending
                                     and not self.firsts.search(ev[1])):
                 return out + [ev]
@@ -9331,9 +9341,8 @@ class ReplyRewrite(EventFilter):
             return out + [("text", ready)] if ready else out
         out = self._flush()
         if ev[0] == "finish":
-            tail = "".join(r["with"] for r in self.rules if r["action"] == "append")
-            if tail:
-                out.append(("text", tail))
+            if self.tail:
+                out.append(("text", self.tail))
         out.append(ev)
         return out
 
@@ -9385,13 +9394,15 @@ class Pipeline:
 
     def for_model(self, model: str) -> tuple:
         """What the stages decide from a model name alone (globs matched once per name):
-        (request stages to build the canonical form for, response stages on, reply rules)."""
+        (request stages to build the canonical form for, response stages on, reply rules and
+        what ReplyRewrite.prepare makes of them)."""
         hit = self._for_model.get(model)
         if hit is None:
             rewrites = self.may_rewrite and bool(self._rules("system", model) or self._rules("user", model) or
                                                  any(fnmatch.fnmatchcase(model, g) for g in self.system_prompts))
             on = tuple(self.on(st, model) for st in RESPONSE_STAGES[:-1])
-            hit = (rewrites, on, self._rules("reply", model))
+            reply = self._rules("reply", model)
+            hit = (rewrites, on, reply, ReplyRewrite.prepare(reply) if reply else None)
             if len(self._for_model) >= MAX_ROUTE_MEMO:
                 self._for_model.clear()
             self._for_model[model] = hit
@@ -9408,7 +9419,7 @@ class Pipeline:
     def response_active(self, model: str) -> bool:
         if not self.may_filter:
             return False
-        _, on, reply = self.for_model(model)
+        _, on, reply, _ = self.for_model(model)
         return any(on) or bool(reply)
 
     # -- request stages -------------------------------------------------------
@@ -9516,7 +9527,7 @@ class Pipeline:
 
     def filters(self, ctx: StageContext) -> Optional[FilterChain]:
         """The response stages that apply to this exchange, in RESPONSE_STAGES order."""
-        _, (repair, json_fix, loops, danger), reply = self.for_model(ctx.model)     # RESPONSE_STAGES order
+        _, (repair, json_fix, loops, danger), reply, prepared = self.for_model(ctx.model)  # RESPONSE_STAGES order
         chain: List[EventFilter] = []
         if repair and ctx.tools:
             chain.append(ToolRepairFilter(ctx))
@@ -9529,7 +9540,7 @@ class Pipeline:
         if danger:
             chain.append(DangerFilter(self.danger_rules, self.danger_allow))
         if reply:
-            chain.append(ReplyRewrite(reply))
+            chain.append(ReplyRewrite(reply, prepared))
         return FilterChain(chain) if chain else None
 
 
@@ -12699,7 +12710,7 @@ class ChatService:
                     if reply is not None:
                         return self.direct_reply(call, creq, reply)
                     call.hub = True
-                elif stage == "rewrite":
+                elif stage == "rewrite" and pipe.may_rewrite and pipe.for_model(call.model)[0]:
                     call.hub = pipe.rewrite_request(creq, call.model) or call.hub
                 elif stage == "redact" and pipe.redact_prompts:
                     call.hub = pipe.redact_request(creq) or call.hub
