@@ -196,6 +196,8 @@ MAX_IMAGE_REDIRECTS = 3
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # an image URL fetched for a back-end that takes only bytes (Gemini's inline cap)
 CAPTURE_PART_BYTES = 1024 * 1024    # each captured body or stream is cut here (noted in the record)
 REWRITE_HOLD = 200                  # reply characters a streamed regex REPLACE may hold back
+MAX_TEXT_CALL = 64 * 1024           # tool repair holds an open <tool_call>/``` block up to this much, then
+                                    # gives it out as text and stops looking for calls in that reply
 DEFAULT_PORT = 8787
 
 
@@ -8941,6 +8943,9 @@ class HeldCalls(EventFilter):
         return out
 
 
+_SPACES_RE = re.compile(r"\s*")
+
+
 class ToolRepairFilter(HeldCalls):
     """Tool calls written as text become real calls when the request offered tools; invalid
     argument JSON is repaired, or replaced by a message the agent can act on."""
@@ -8948,11 +8953,16 @@ class ToolRepairFilter(HeldCalls):
     MARKERS = ("<tool_call>", "<function_call>", "<function=", "[TOOL_CALLS]", "```")
     FIRSTS = re.compile("[%s]" % re.escape("".join(sorted({m[0] for m in MARKERS}))))
 
+    _JSON = json.JSONDecoder()
+
     def __init__(self, ctx: StageContext):
         super().__init__()
         self.ctx = ctx
         self.pending = ""
         self.block: Optional[str] = None         # the marker of an open block
+        self.searched = 0                        # how much of the open block was searched for its end
+        self.fence_nl = -1                       # where a ``` block's first line ends, once seen
+        self.off = False                         # a block passed MAX_TEXT_CALL: text is not scanned now
         self.invented = 0
 
     def judge(self, start, args: str) -> list:
@@ -8970,25 +8980,31 @@ class ToolRepairFilter(HeldCalls):
         return [start, ("tool_args", start[1], args)]
 
     def _end_of_block(self, text: str) -> int:
-        """-> the end of the complete block at the start of `text`, or -1."""
+        """-> the end of the complete block at the start of `text`, or -1. Each search goes
+        on where the one before it stopped (a block that arrives in many pieces is read once,
+        not once per piece); a [TOOL_CALLS] list or object is parsed again only when a piece
+        brought a closing bracket, the only thing that can complete it."""
         marker = self.block
-        if marker in ("<tool_call>", "<function_call>"):
-            close = marker.replace("<", "</")
-            i = text.find(close)
+        seen, self.searched = self.searched, len(text)
+        if marker in ("<tool_call>", "<function_call>", "<function="):
+            close = "</function>" if marker == "<function=" else marker.replace("<", "</")
+            i = text.find(close, max(0, seen - len(close) + 1))
             return i + len(close) if i >= 0 else -1
-        if marker == "<function=":
-            i = text.find("</function>")
-            return i + len("</function>") if i >= 0 else -1
         if marker == "```":
-            nl = text.find("\n")
-            i = text.find("```", max(nl, 3)) if nl >= 0 else -1
+            if self.fence_nl < 0:
+                self.fence_nl = text.find("\n", seen)       # the text before seen has none
+                if self.fence_nl < 0:
+                    return -1
+            i = text.find("```", max(self.fence_nl, 3, seen - 2))
             return i + 3 if i >= 0 else -1
-        rest = text[len(marker):].lstrip()
-        try:
-            _, end = json.JSONDecoder().raw_decode(rest)
-        except ValueError:
+        start = _SPACES_RE.match(text, len(marker)).end()      # str.lstrip's whitespace
+        if start < seen and text[start] in "[{" and text.find("]", seen) < 0 and text.find("}", seen) < 0:
             return -1
-        return len(text) - len(rest) + end
+        try:
+            _, end = self._JSON.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            return -1
+        return end
 
     def _scan(self) -> list:
         out = []
@@ -9007,9 +9023,14 @@ class ToolRepairFilter(HeldCalls):
                 if pos:
                     out.append(("text", self.pending[:pos]))
                 self.pending = self.pending[pos:]
-                self.block = marker
+                self.block, self.searched, self.fence_nl = marker, 0, -1
             end = self._end_of_block(self.pending)
             if end < 0:
+                if len(self.pending) > MAX_TEXT_CALL:      # no call is this long: let the reply flow
+                    log.info("tool repair: a %s block passed %d characters unclosed; given out as text",
+                             self.block, MAX_TEXT_CALL)
+                    out.append(("text", self.pending))
+                    self.pending, self.block, self.off = "", None, True
                 return out
             block, self.pending = self.pending[:end], self.pending[end:]
             self.block = None
@@ -9035,6 +9056,9 @@ class ToolRepairFilter(HeldCalls):
         out: list = []
         feed = self.feed
         for i, j in _text_runs(events):
+            if events[i][0] == "text" and self.off:
+                out.extend(HeldCalls.feed_many(self, events[i:j]))
+                continue
             if events[i][0] == "text" and self.block is None and not self.pending and self.held is None and \
                     self.FIRSTS.search("".join([ev[1] for ev in events[i:j]])) is None:
                 out.extend([ev for ev in events[i:j] if ev[1]])
@@ -9045,6 +9069,8 @@ class ToolRepairFilter(HeldCalls):
 
     def feed(self, ev) -> list:
         kind = ev[0]
+        if kind == "text" and self.off:
+            return HeldCalls.feed(self, ev)
         if kind == "text":
             self.pending += ev[1]
             return [o for e in self._scan() for o in HeldCalls.feed(self, e)]

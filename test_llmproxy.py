@@ -4977,6 +4977,80 @@ class TestGuardrailStages(unittest.TestCase):
                     with self.subTest(fmt=fmt.__name__, events=events):
                         self.assertEqual(got + tr.finish(), want)
 
+    class OldToolRepair(lp.ToolRepairFilter):
+        """The block search as it was: every piece searched the whole open block again."""
+        def _end_of_block(self, text):
+            marker = self.block
+            if marker in ("<tool_call>", "<function_call>"):
+                close = marker.replace("<", "</")
+                i = text.find(close)
+                return i + len(close) if i >= 0 else -1
+            if marker == "<function=":
+                i = text.find("</function>")
+                return i + len("</function>") if i >= 0 else -1
+            if marker == "```":
+                nl = text.find("\n")
+                i = text.find("```", max(nl, 3)) if nl >= 0 else -1
+                return i + 3 if i >= 0 else -1
+            rest = text[len(marker):].lstrip()
+            try:
+                _, end = json.JSONDecoder().raw_decode(rest)
+            except ValueError:
+                return -1
+            return len(text) - len(rest) + end
+
+    def test_tool_repair_block_search_resumes_with_the_results_of_searching_it_all(self):
+        """The open block's end is searched from where the last search stopped (and a
+        [TOOL_CALLS] value parsed only when a closing bracket came): at every split of
+        texts holding each kind of block, the events equal those of the search that read
+        the whole block again for every piece."""
+        texts = ['Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call> done',
+                 'a <function_call>{"name": "Bash", "arguments": {"command": "ls"}}</function_call>',
+                 'x <function=get_weather>{"city": "Oslo"}</function> y',
+                 'code:\n```json\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n```\nafter ``` open',
+                 '```\nprint(1)\n```', '``` no newline yet', '```py\n``` `` ```',
+                 '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Bern"}}] and more',
+                 '[TOOL_CALLS]\u00a0 {"name": "Bash", "arguments": {"command": "echo }"}} tail',
+                 '[TOOL_CALLS] "just a string" then', '[TOOL_CALLS] {"name": "x", "arguments": {', '[TOOL_CALLS]',
+                 '[TOOL_CALLS] [[[1]]] [', '<tool_call><tool_call>{}</tool_call></tool_call>']
+        rng = random.Random(9)
+        ids = itertools.count()
+        with unittest.mock.patch.object(lp.secrets, "token_hex", lambda n: "%024d" % next(ids)):
+            for text in texts:
+                for trial in range(60):
+                    cuts = sorted(set(rng.randint(0, len(text)) for _ in range(rng.randint(1, 12))))
+                    pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+                    end = rng.choice([("finish", "end", None), ("tool_start", 9, "c", "Bash", None, None)])
+                    results = []
+                    for cls in (self.OldToolRepair, lp.ToolRepairFilter):
+                        ids = itertools.count()
+                        f = cls(guard_ctx())
+                        results.append([e for p in pieces for e in f.feed(("text", p))] + f.feed(end))
+                    with self.subTest(pieces=pieces):
+                        self.assertEqual(results[1], results[0])
+
+    def test_tool_repair_gives_an_overlong_open_block_out_as_text(self):
+        """A block still open past MAX_TEXT_CALL characters is no tool call: it goes out as
+        text, and the rest of the reply passes without being held (tool calls stay whole)."""
+        f = lp.ToolRepairFilter(guard_ctx())
+        out = f.feed(("text", "Here:\n```python\n"))
+        self.assertEqual(out, [("text", "Here:\n")])
+        line = "print('x')\n"
+        sent = 0
+        while not f.off:
+            out += f.feed(("text", line))
+            sent += len(line)
+            self.assertLessEqual(len(f.pending), lp.MAX_TEXT_CALL + len(line))
+        self.assertGreater(sent, lp.MAX_TEXT_CALL - 20)
+        self.assertEqual("".join(e[1] for e in out), "Here:\n```python\n" + line * (sent // len(line)))
+        self.assertEqual(f.feed(("text", "```\nafter <tool_call>")), [("text", "```\nafter <tool_call>")])
+        call = [("tool_start", 0, "c1", "Bash", None, None), ("tool_args", 0, '{"command": "ls"'),
+                ("finish", "tool_use", None)]
+        got = [e for ev in call for e in f.feed(ev)]
+        self.assertEqual(got[0][:4], ("tool_start", 0, "c1", "Bash"))
+        self.assertEqual(json.loads(got[1][2]), {"command": "ls"})          # still repaired
+        self.assertEqual(got[-1][0], "finish")
+
     def test_loop_text_check_equals_the_check_of_every_size(self):
         """LoopFilter._repeating (the places the last 20 characters recur, one compare
         each) against the check of every chunk size from 20 to 300 it replaced."""
