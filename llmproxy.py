@@ -8696,7 +8696,7 @@ def repair_json(text: str) -> Tuple[Any, bool]:
             try:
                 value, end = json.JSONDecoder().raw_decode(attempt)
                 return value, True
-            except ValueError:
+            except (ValueError, RecursionError):      # nested past the parser's depth: no value
                 continue
     raise ValueError("the text cannot be repaired into JSON")
 
@@ -8798,17 +8798,22 @@ DEFAULT_DANGER_RULES = [
 
 
 def _strings(value) -> List[str]:
-    """Every string in a tool-argument value; arrays of strings also joined (argv forms)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        out = [" ".join(v for v in value if isinstance(v, str))] if all(isinstance(v, str) for v in value) else []
-        for v in value:
-            out.extend(_strings(v))
-        return out
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    return []
+    """Every string in a tool-argument value, in document order; arrays of strings also
+    joined (argv forms). A loop, not recursion: a value nested near the parser's depth limit
+    must not end the stream with a RecursionError."""
+    out: List[str] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list):
+            if all(isinstance(x, str) for x in v):
+                out.append(" ".join(v))
+            stack.extend(reversed(v))
+        elif isinstance(v, dict):
+            stack.extend(reversed(list(v.values())))
+    return out
 
 
 class StageContext:

@@ -5051,6 +5051,26 @@ class TestGuardrailStages(unittest.TestCase):
         self.assertEqual(json.loads(got[1][2]), {"command": "ls"})          # still repaired
         self.assertEqual(got[-1][0], "finish")
 
+    def test_tool_text_nested_past_the_parsers_depth_is_text_not_a_crash(self):
+        """Tool calls written as text, nested up to and past the JSON parser's depth limit,
+        and a real call with such arguments: the stages give text or a call, never a
+        RecursionError (which would end the client's stream without its error event)."""
+        limit = sys.getrecursionlimit()
+        danger = lp.Pipeline({}).danger_rules
+        for depth in (limit // 2, limit - 60, limit - 10, limit + 100, 20 * limit):
+            deep = '{"a":' * depth + "1" + "}" * depth
+            for body in ("[TOOL_CALLS] " + "[" * depth + "]" * depth, "[TOOL_CALLS] " + "[" * depth,
+                         '<tool_call>{"name": "Bash", "arguments": %s}</tool_call>' % deep,
+                         "```json\n" + "[" * depth + "\n```"):
+                chain = lp.FilterChain([lp.ToolRepairFilter(guard_ctx()), lp.DangerFilter(danger, [])])
+                events = [("text", body[:len(body) // 2]), ("text", body[len(body) // 2:]),
+                          ("tool_start", 0, "c", "Bash", None, None), ("tool_args", 0, deep), ("finish", "end", None)]
+                with self.subTest(depth=depth, body=body[:20]):
+                    out = chain.run(events)
+                    self.assertEqual(out[-1][0], "finish")
+                    self.assertTrue(all(e[0] in ("text", "tool_start", "tool_args", "finish") for e in out))
+        self.assertEqual(lp._strings({"a": ["x", {"b": "y"}], "c": ["p", "q"]}), ["x", "y", "p q", "p", "q"])
+
     def test_loop_text_check_equals_the_check_of_every_size(self):
         """LoopFilter._repeating (the places the last 20 characters recur, one compare
         each) against the check of every chunk size from 20 to 300 it replaced."""
