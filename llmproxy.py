@@ -8880,8 +8880,7 @@ class FilterChain:
         events = list(events)
         for f in self.filters:
             # a few events (a whole reply, one piece of a slow stream) cost less one at a time
-            events = f.feed_many(events) if len(events) > 6 else f.feed(events[0]) if len(events) == 1 else \
-                [out for ev in events for out in f.feed(ev)]
+            events = f.feed_many(events) if len(events) > 6 else EventFilter.feed_many(f, events)
         index = self.index
         for i, e in enumerate(events):
             kind = e[0]
