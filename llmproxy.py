@@ -51,7 +51,17 @@ __version__ = "0.1.0"
 # start on it is loaded (~10 ms) instead of compiled (~200 ms). LLMPROXY_CODE_CACHE=0 turns
 # it off; an unusable or foreign-owned cache is just not used.
 _BOOTSTRAP = r"""
-import hashlib, importlib.util as u, marshal, os, sys
+import importlib.util as u, marshal, os, sys
+try:
+    from _blake2 import blake2b     # what hashlib.blake2b is, without hashlib loading OpenSSL
+except ImportError:
+    from hashlib import blake2b
+if "ssl" not in sys.modules:        # asyncio without OpenSSL (~5 MB resident); load_tls_context gives it ssl
+    sys.modules["ssl"] = None
+    try:
+        import asyncio
+    finally:
+        del sys.modules["ssl"]
 path = sys.argv.pop(1)
 with open(path, "rb") as f:
     src = f.read()
@@ -61,7 +71,7 @@ if os.environ.get("LLMPROXY_CODE_CACHE", "1") != "0" and hasattr(os, "geteuid"):
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     folder = os.path.join(root, "llmproxy")
     kind = "code-%s-o%d-" % (u.MAGIC_NUMBER.hex(), sys.flags.optimize)     # -O and -OO compile differently
-    cache = os.path.join(folder, kind + hashlib.sha256(src).hexdigest()[:40] + ".bin")
+    cache = os.path.join(folder, kind + blake2b(src, digest_size=20).hexdigest() + ".bin")
     try:
         st = os.stat(folder)
         fst = os.stat(cache)
@@ -115,19 +125,16 @@ import bisect
 import codecs
 import dataclasses
 import fnmatch
-import hashlib
-import hmac
 import http
 import ipaddress
 import json
 import logging
 import math
+import random
 import re
-import secrets
 import select
 import signal
 import socket
-import ssl
 import struct
 import tempfile
 import time
@@ -140,6 +147,33 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urljoin, urlsplit
 
 log = logging.getLogger("llmproxy")
+
+# Hashes, key comparison and random tokens from CPython's built-in modules: hashlib, hmac
+# and secrets load OpenSSL's libcrypto (~4 MB resident), which a proxy with plain-HTTP
+# back-ends never needs. The built-in sha256 is also the quicker one for short inputs.
+try:
+    from _sha1 import sha1
+    from _sha256 import sha256                      # 3.8-3.11
+except ImportError:
+    try:
+        from _sha1 import sha1
+        from _sha2 import sha256                    # 3.12+
+    except ImportError:                             # an interpreter built without them
+        from hashlib import sha1, sha256
+try:
+    from _operator import _compare_digest as compare_digest   # hmac's own constant-time fallback
+except ImportError:
+    from hmac import compare_digest
+
+
+def token_hex(n: int) -> str:
+    """2n hex digits from the OS's random source (secrets.token_hex)."""
+    return os.urandom(n).hex()
+
+
+def token_urlsafe(n: int) -> str:
+    """n random bytes, URL-safe base64 without padding (secrets.token_urlsafe)."""
+    return base64.urlsafe_b64encode(os.urandom(n)).rstrip(b"=").decode("ascii")
 
 
 # 1. constants and errors #####################################################
@@ -1617,8 +1651,23 @@ class HTTPServer:
 # to the pool only after its body was read to the end. Timeouts are loop timers
 # that abort the transport; UpstreamError carries the status the proxy answers.
 
-def load_tls_context() -> ssl.SSLContext:
+def tls_module():
+    """The ssl module, imported at the first TLS use. The program's loader (section 0) imports
+    asyncio without it, and the asyncio modules that keep it as a global (base_events,
+    selector_events, sslproto) hold None: they get it here, with the one name sslproto
+    derives from it at import (3.11+). Where asyncio came with ssl this only imports it."""
+    import ssl
+    for name, m in list(sys.modules.items()):
+        if name.startswith("asyncio.") and m is not None and getattr(m, "ssl", ssl) is None:
+            m.ssl = ssl
+            if name == "asyncio.sslproto" and sys.version_info >= (3, 11):
+                m.SSLAgainErrors = (ssl.SSLWantReadError, ssl.SSLSyscallError)
+    return ssl
+
+
+def load_tls_context() -> "ssl.SSLContext":
     """Verified TLS context: SSL_CERT_FILE/SSL_CERT_DIR win, then certifi, then the system store."""
+    ssl = tls_module()
     if os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR"):
         ctx = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None,
                                          capath=os.environ.get("SSL_CERT_DIR") or None)
@@ -2063,7 +2112,7 @@ class HTTPClient:
                     conn = await self._connect(origin, connect_timeout)
                 except asyncio.TimeoutError:
                     raise UpstreamError(504, "connecting to %s timed out" % host, "connect_timeout")
-                except (OSError, ssl.SSLError, ConnectionError) as e:
+                except OSError as e:                  # ssl.SSLError and ConnectionError are OSErrors
                     raise UpstreamError(502, "cannot connect to %s:%d: %s" % (host, port, e), "connect_failed")
             if conn.via_proxy:                  # absolute form to an HTTP proxy
                 line = ("%s %s://%s%s HTTP/1.1\r\n" % (method, scheme, host_hdr, target)).encode("latin-1")
@@ -2762,7 +2811,7 @@ def text_of(parts: List[Part]) -> str:
 
 
 def new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(12)
+    return prefix + token_hex(12)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4072,7 +4121,7 @@ def anthropic_id(raw: str) -> str:
     if raw and not _AN_ID_BAD.search(raw):
         return raw
     return "toolu_" + (_AN_ID_BAD.sub("_", raw)[:40] + "_" if raw else "") + \
-        hashlib.sha256(raw.encode()).hexdigest()[:8]
+        sha256(raw.encode()).hexdigest()[:8]
 
 
 class AnthropicMessages(WireFormat):
@@ -5548,12 +5597,12 @@ def _lower_schema(schema):
 def gemini_call_id(name: str, turn: int, index: int) -> str:
     """Gemini gives no call ids: in a request, one from the call's place in the conversation
     (the same history gives the same ids, so retries and replays agree)."""
-    return "call_" + hashlib.sha256(("%d:%d:%s" % (turn, index, name)).encode()).hexdigest()[:24]
+    return "call_" + sha256(("%d:%d:%s" % (turn, index, name)).encode()).hexdigest()[:24]
 
 
 def gemini_reply_call_id(name: str, response_id: str, index: int) -> str:
     """In a reply, one from the response id: unique across turns, the same for one reply."""
-    return "call_" + hashlib.sha256(("r:%s:%d:%s" % (response_id, index, name)).encode()).hexdigest()[:24]
+    return "call_" + sha256(("r:%s:%d:%s" % (response_id, index, name)).encode()).hexdigest()[:24]
 
 
 class Gemini(WireFormat):
@@ -6590,7 +6639,7 @@ class MockProvider:
 
     @staticmethod
     def _ids(body: dict) -> str:
-        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     @staticmethod
     def plan(body: dict) -> Tuple[str, Optional[dict]]:
@@ -6691,7 +6740,7 @@ class MockProvider:
             raw = b""
             counter = 0
             while len(raw) < dims:
-                raw += hashlib.sha256(("%d:" % counter + text).encode()).digest()
+                raw += sha256(("%d:" % counter + text).encode()).digest()
                 counter += 1
             vec = [(b - 127.5) / 127.5 for b in raw[:dims]]
             norm = math.sqrt(sum(v * v for v in vec)) or 1.0
@@ -6830,7 +6879,7 @@ def redact(secret: Optional[str]) -> str:
 
 
 def generate_key(prefix: str = "llmp-") -> str:
-    return prefix + secrets.token_urlsafe(32)
+    return prefix + token_urlsafe(32)
 
 
 class KeyEntry:
@@ -6851,7 +6900,7 @@ class KeyEntry:
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8")).digest()
+    return sha256(key.encode("utf-8")).digest()
 
 
 _KEY_GENERATIONS = _counter(1)      # each change to any ProxyKeys' entries takes the next number
@@ -6861,7 +6910,7 @@ class ProxyKeys:
     """Client API keys from config, LLMPROXY_API_KEYS and the key store file.
 
     The store keeps digests, never keys. check() compares against every entry with
-    hmac.compare_digest and no early exit, so timing says nothing about which key
+    compare_digest and no early exit, so timing says nothing about which key
     matched or how much of it."""
 
     def __init__(self, path: Optional[str], keys=(), admin_keys=()):
@@ -6929,13 +6978,13 @@ class ProxyKeys:
             return None
         memo = conn.auth if conn is not None else None
         if memo is not None and memo[0] == self.generation and presented.isascii() and \
-                hmac.compare_digest(memo[1], presented):
+                compare_digest(memo[1], presented):
             return memo[2]
         d = _digest(presented)
         found = None
         for entries in (self.fixed, self.stored):
             for e in entries:
-                if hmac.compare_digest(e.digest, d):
+                if compare_digest(e.digest, d):
                     found = e
         if conn is not None and presented.isascii():
             conn.auth = (self.generation, presented, found)
@@ -6945,7 +6994,7 @@ class ProxyKeys:
         if not self.path:
             raise ProxyError(500, "server_error", "no data directory to store keys in")
         key = generate_key("llmp-admin-" if admin else "llmp-")
-        entry = KeyEntry("k_" + secrets.token_hex(4), _digest(key), redact(key), admin, "store", name, int(time.time()))
+        entry = KeyEntry("k_" + token_hex(4), _digest(key), redact(key), admin, "store", name, int(time.time()))
         self.stored.append(entry)
         self.save()
         return entry, key
@@ -7184,7 +7233,7 @@ class LoginError(ProxyError):
 
 def fingerprint(secret: Optional[str]) -> str:
     """What logs may show of a token: the first 12 hex digits of its SHA-256."""
-    return hashlib.sha256(secret.encode()).hexdigest()[:12] if secret else "-"
+    return sha256(secret.encode()).hexdigest()[:12] if secret else "-"
 
 
 def jwt_claims(token: str) -> dict:
@@ -7197,8 +7246,8 @@ def jwt_claims(token: str) -> dict:
 
 
 def pkce_pair() -> Tuple[str, str]:
-    verifier = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    verifier = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+    challenge = base64.urlsafe_b64encode(sha256(verifier.encode()).digest()).rstrip(b"=").decode()
     return verifier, challenge
 
 
@@ -7374,7 +7423,7 @@ class Credential:
         self.store = store
         self.client = client
         self.clock = clock
-        self.rand = rand or secrets.SystemRandom().random
+        self.rand = rand or random.SystemRandom().random
         self.record: Optional[dict] = None
         self.lock = asyncio.Lock()
         self.last_error: Optional[str] = None
@@ -7847,7 +7896,7 @@ class QwenCredential(FileLoginCredential):
         return DeviceFlow(self.client, s.get("device_url") or "https://chat.qwen.ai/api/v1/oauth2/device/code",
                           s.get("token_url") or self.token_url, s.get("client_id") or self.client_id,
                           s.get("scope") or "openid profile email model.completion", pkce=True,
-                          headers=[("x-request-id", secrets.token_hex(16))], clock=self.clock, sleep=sleep)
+                          headers=[("x-request-id", token_hex(16))], clock=self.clock, sleep=sleep)
 
     def write_back(self, rec: dict):
         doc = self.read_file() or {}
@@ -7874,7 +7923,7 @@ class GeminiCLICredential(FileLoginCredential):
     def prepare_body(self, body: dict, model: str) -> dict:
         """Code Assist takes the Gemini request inside its own envelope, with the project."""
         return {"model": model, "project": (self.record or {}).get("project"),
-                "user_prompt_id": secrets.token_hex(8), "request": body}
+                "user_prompt_id": token_hex(8), "request": body}
 
     def parse_file(self, doc):
         if not doc.get("access_token") and not doc.get("refresh_token"):
@@ -7979,7 +8028,7 @@ class CodexCredential(FileLoginCredential):
     def auth_headers(self, token: str) -> List[Tuple[str, str]]:
         hdrs = [("authorization", "Bearer " + token), ("openai-beta", "responses=experimental"),
                 ("originator", self.settings.get("originator") or "codex_cli_rs"),
-                ("session_id", self.settings.setdefault("session_id", secrets.token_hex(16)))]
+                ("session_id", self.settings.setdefault("session_id", token_hex(16)))]
         acct = self.account_id()
         if acct:
             hdrs.append(("chatgpt-account-id", acct))
@@ -8088,7 +8137,7 @@ def rs256_sign(key: Tuple[int, ...], message: bytes) -> bytes:
     """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 §8.2), with the CRT parameters."""
     n, e, d, p, q, dp, dq, qinv = key
     k = (n.bit_length() + 7) // 8
-    t = _SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+    t = _SHA256_DIGEST_INFO + sha256(message).digest()
     if k < len(t) + 11:
         raise ValueError("the RSA key is too short")
     em = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
@@ -9049,7 +9098,7 @@ class ToolRepairFilter(HeldCalls):
         for name, args in calls:
             key = ("text-call", self.invented)
             self.invented += 1
-            out += [("tool_start", key, "call_" + secrets.token_hex(12), name, None, None), ("tool_args", key, args)]
+            out += [("tool_start", key, "call_" + token_hex(12), name, None, None), ("tool_args", key, args)]
         log.info("tool repair: %d tool call(s) written as text became real calls", len(calls))
         return out
 
@@ -10368,7 +10417,7 @@ return -1
 """
 
 
-_RATE_SHA = hashlib.sha1(_RATE_LUA.encode()).hexdigest()     # EVALSHA: the script is sent once per server
+_RATE_SHA = sha1(_RATE_LUA.encode()).hexdigest()     # EVALSHA: the script is sent once per server
 
 
 class RedisShared:
@@ -10514,7 +10563,7 @@ class RedisShared:
         """Seconds until client may send again (0 when admitted now), exact across every
         host; None when Redis cannot say (the caller falls back to its local window)."""
         now_ms = int(self.wall() * 1000)
-        member = "%d-%s" % (now_ms, secrets.token_hex(6))
+        member = "%d-%s" % (now_ms, token_hex(6))
         replies = await self.call([("EVALSHA", _RATE_SHA, 1, self.PREFIX + "rpm:" + client, now_ms, rpm, member)])
         if replies is not None and isinstance(replies[0], RedisError) and "NOSCRIPT" in str(replies[0]):
             replies = await self.call([("EVAL", _RATE_LUA, 1, self.PREFIX + "rpm:" + client, now_ms, rpm, member)])
@@ -10556,7 +10605,7 @@ class RedisShared:
     async def lock(self, name: str, ttl_s: float, wait_s: Optional[float] = None) -> Optional[str]:
         """A lock with expiry across hosts: its token once held, None when Redis cannot say
         (the caller goes on alone, as with one host). Waits up to wait_s (ttl_s) for it."""
-        token = secrets.token_hex(12)
+        token = token_hex(12)
         deadline = time.monotonic() + (ttl_s if wait_s is None else wait_s)
         while True:
             replies = await self.call([("SET", self.PREFIX + "lock:" + name, token, "NX", "PX", int(ttl_s * 1000))])
@@ -13376,7 +13425,7 @@ def wants_html(headers: Headers) -> bool:
 
 
 def status_page() -> Response:
-    nonce = secrets.token_urlsafe(16)
+    nonce = token_urlsafe(16)
     return Response(200, [("content-type", "text/html; charset=utf-8"),
                           ("content-security-policy", STATUS_CSP.format(nonce=nonce)),
                           ("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer"),
@@ -13685,7 +13734,7 @@ class App:
         self.clock = clock
         self.wall = wall
         self.sleep = sleep
-        self.rand = rand or secrets.SystemRandom().random
+        self.rand = rand or random.SystemRandom().random
         self.providers: Dict[str, Provider] = {}
         self.breakers: Dict[str, Breaker] = {}
         self.slots: Dict[str, Slots] = {}
@@ -14076,8 +14125,8 @@ class App:
         if self.otel is not None:
             info = request.info
             parent = parse_traceparent(request.headers.get("traceparent"))
-            info.trace_id, info.parent_span_id = parent if parent else (secrets.token_hex(16), None)
-            info.span_id = secrets.token_hex(8)
+            info.trace_id, info.parent_span_id = parent if parent else (token_hex(16), None)
+            info.span_id = token_hex(8)
         if self.capture is not None:
             request.info.cap_out = []           # the server tees what it sends into this
         if entry is not None:

@@ -4919,7 +4919,7 @@ class TestGuardrailStages(unittest.TestCase):
         rng = random.Random(16)
         ids = itertools.count()
         tried = set()
-        with unittest.mock.patch.object(lp.secrets, "token_hex", lambda n: "%024d" % next(ids)):
+        with unittest.mock.patch.object(lp, "token_hex", lambda n: "%024d" % next(ids)):
             for json_mode, literal_only in ((False, False), (False, True), (True, False)):
                 for action in ("warn", "cut", "steer"):
                     for repeats in (0, 1, 2, 3, 8):
@@ -4958,7 +4958,7 @@ class TestGuardrailStages(unittest.TestCase):
                 return TestGuardrailStages.feed_one_by_one(self.chain, ev)
         rng = random.Random(7)
         ids = itertools.count()
-        with unittest.mock.patch.object(lp.secrets, "token_hex", lambda n: "%024d" % next(ids)):
+        with unittest.mock.patch.object(lp, "token_hex", lambda n: "%024d" % next(ids)):
             for fmt in (lp.OpenAIChat, lp.AnthropicMessages, lp.OpenAIResponses, lp.Gemini):
                 for events in self.guard_corpus(rng, 10):
                     req = lp.ChatRequest("m", stream=True)
@@ -5015,7 +5015,7 @@ class TestGuardrailStages(unittest.TestCase):
                  '[TOOL_CALLS] [[[1]]] [', '<tool_call><tool_call>{}</tool_call></tool_call>']
         rng = random.Random(9)
         ids = itertools.count()
-        with unittest.mock.patch.object(lp.secrets, "token_hex", lambda n: "%024d" % next(ids)):
+        with unittest.mock.patch.object(lp, "token_hex", lambda n: "%024d" % next(ids)):
             for text in texts:
                 for trial in range(60):
                     cuts = sorted(set(rng.randint(0, len(text)) for _ in range(rng.randint(1, 12))))
@@ -8561,7 +8561,7 @@ class TestCodeCache(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.folder = os.path.join(self.tmp, "llmproxy")
         with open(lp.__file__, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:40]
+            digest = hashlib.blake2b(f.read(), digest_size=20).hexdigest()
         self.cache = os.path.join(self.folder, "code-%s-o0-%s.bin" % (importlib.util.MAGIC_NUMBER.hex(), digest))
 
     def run_script(self, *flags, **env):
@@ -8623,6 +8623,113 @@ class TestCodeCache(unittest.TestCase):
         self.assertEqual(os.listdir(self.folder), [os.path.basename(old)])      # off: nothing written
         self.run_script()
         self.assertEqual(os.listdir(self.folder), [os.path.basename(self.cache)])
+
+
+def mapped_libraries(pid: int) -> set:
+    """The shared objects a process has mapped, by file name."""
+    with open("/proc/%d/maps" % pid) as f:
+        return {os.path.basename(line.split()[-1]) for line in f if "/" in line}
+
+
+class TestOpenSSLOnFirstUse(unittest.TestCase):
+    """The program loads OpenSSL (~5 MB resident) only for its first TLS connection."""
+
+    def test_the_built_in_hashes_and_comparison_equal_hashlibs(self):
+        import hmac
+        for data in (b"", b"sk-test", bytes(range(256)) * 300):
+            self.assertEqual(lp.sha256(data).hexdigest(), hashlib.sha256(data).hexdigest())
+            self.assertEqual(lp.sha1(data).digest(), hashlib.sha1(data).digest())
+        for a, b in ((b"abc", b"abc"), (b"abc", b"abd"), (b"abc", b"ab"), ("k", "k")):
+            self.assertEqual(lp.compare_digest(a, b), hmac.compare_digest(a, b))
+        self.assertRegex(lp.token_hex(12), r"^[0-9a-f]{24}$")
+        self.assertRegex(lp.token_urlsafe(32), r"^[A-Za-z0-9_-]{43}$")
+        self.assertNotEqual(lp.token_urlsafe(16), lp.token_urlsafe(16))
+
+    def test_tls_module_gives_asyncio_the_ssl_it_was_imported_without(self):
+        import asyncio.base_events
+        import asyncio.selector_events
+        import asyncio.sslproto
+        import ssl
+        mods = (asyncio.base_events, asyncio.selector_events, asyncio.sslproto)
+        with contextlib.ExitStack() as stack:
+            for m in mods:
+                stack.enter_context(unittest.mock.patch.object(m, "ssl", None))
+            if sys.version_info >= (3, 11):
+                stack.enter_context(unittest.mock.patch.object(asyncio.sslproto, "SSLAgainErrors", None))
+            self.assertIs(lp.tls_module(), ssl)
+            self.assertEqual([m.ssl for m in mods], [ssl] * 3)
+            if sys.version_info >= (3, 11):
+                self.assertEqual(asyncio.sslproto.SSLAgainErrors, (ssl.SSLWantReadError, ssl.SSLSyscallError))
+            self.assertIs(lp.tls_module(), ssl)             # again: nothing left to give
+
+    @unittest.skipUnless(os.name == "posix" and os.path.exists("/proc/self/maps") and shutil.which("openssl")
+                         and getattr(__import__("_ssl"), "__file__", None), "needs the re-exec, Linux /proc, openssl "
+                         "for a test certificate and an interpreter that loads OpenSSL as a shared object")
+    def test_the_program_maps_openssl_only_when_it_first_connects_over_tls(self):
+        import http.server
+        import ssl
+        import threading
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        cert, keyf = os.path.join(d, "c.pem"), os.path.join(d, "k.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", keyf, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        reply = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "over tls"}, "finish_reason": "stop"}]}).encode()
+
+        class Upstream(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["content-length"]))
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, keyf)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        config = os.path.join(d, "config.json")
+        with open(config, "w") as f:
+            json.dump({"providers": {"up": {"format": "openai", "keys": ["sk-up"],
+                                            "base_url": "https://127.0.0.1:%d/v1" % server.server_address[1]}},
+                       "routing": {"default": "up"}}, f)
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": d, "XDG_CACHE_HOME": d, "PYTHONUNBUFFERED": "1",
+               "LLMPROXY_API_KEYS": CLIENT_KEY, "SSL_CERT_FILE": cert}
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llmproxy.py"), "--port", "0", "--config", config,
+                                 "--data-dir", os.path.join(d, "data")],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(proc.terminate)
+        port = None
+        for line in proc.stdout:
+            if "listening on" in line:
+                port = int(re.search(r":(\d+)", line.split("listening on", 1)[1]).group(1))
+                break
+        self.assertIsNotNone(port)
+        threading.Thread(target=proc.stdout.read, daemon=True).start()      # the banner's rest
+        before = mapped_libraries(proc.pid)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]}), {"authorization": "Bearer " + CLIENT_KEY})
+        resp = conn.getresponse()
+        self.assertEqual((resp.status, json.loads(resp.read())["choices"][0]["message"]["content"]), (200, "over tls"))
+        conn.close()
+        after = mapped_libraries(proc.pid)
+
+        def openssl(names):                     # the extension modules that bring libssl and libcrypto
+            return {n for n in names if n.startswith(("_ssl.", "_hashlib.", "libssl", "libcrypto"))}
+        self.assertEqual(openssl(before), set())
+        self.assertIn(os.path.basename(ssl._ssl.__file__), openssl(after))
 
 
 class TestCLI(unittest.TestCase):
