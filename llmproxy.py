@@ -2264,6 +2264,24 @@ class SSEDecoder:
     def feed(self, data: bytes) -> List[SSEEvent]:
         return self._feed_text(self._utf8.decode(data))
 
+    def feed_cut(self, data: bytes, cut) -> list:
+        """feed(), where cut(buf, end) may take events out of whole ones as they arrive
+        (TextLayouts.cut): a list of parts, alternately [SSEEvent...] and [canonical event...],
+        events first. cut returns None or [events text, events, events text, ...]."""
+        out = self._feed_text(self._utf8.decode(data), cut)
+        return out if out and type(out[0]) is list else [out]
+
+    def _whole(self, text: str) -> List[SSEEvent]:
+        """Whole events (text ending in a blank line, at the start of an event) -> SSEEvents."""
+        if not text:
+            return []
+        events = sse_data_block(text, len(text), self._last_id)
+        if events is None:
+            lines = text.split("\n")
+            lines.pop()
+            return self._lines(lines)
+        return events
+
     def close(self) -> List[SSEEvent]:
         text = self._utf8.decode(b"", True)
         out = self._feed_text(text)
@@ -2277,7 +2295,7 @@ class SSEDecoder:
             out.extend(self._lines([""]))
         return out
 
-    def _feed_text(self, text: str) -> List[SSEEvent]:
+    def _feed_text(self, text: str, cut=None) -> list:
         if not text:
             return []
         if "\n" not in text and "\r" not in text and not self._buf.endswith("\r"):
@@ -2301,6 +2319,15 @@ class SSEDecoder:
             # whole events of one data line each (what most upstreams send) in one step; what
             # follows goes on line by line
             if 2 <= end <= min(self.max_line, self.max_event):
+                parts = cut(buf, end) if cut is not None else None
+                if parts is not None:
+                    # a retry field is a reconnect hint: the translator, cut's only user, has no use for it
+                    self._retry = None
+                    parts[0::2] = map(self._whole, parts[0::2])
+                    self._buf = ""
+                    if end < len(buf):
+                        parts[-1] = parts[-1] + self._feed_text(buf[end:])
+                    return parts
                 out = sse_data_block(buf, end, self._last_id)
             if out is not None:
                 out[0].retry, self._retry = self._retry, None
@@ -2494,6 +2521,9 @@ def check_event(ev: tuple) -> tuple:
     return ev
 
 
+TEACHING_EVENTS = 4              # a stream's first events, decoded on their own (StreamTranslator.decode)
+
+
 class StreamTranslator:
     """One upstream stream into the client's format, with no I/O: feed(upstream bytes) ->
     client bytes, close() -> the last client bytes. Guardrail filters (any object with
@@ -2515,6 +2545,7 @@ class StreamTranslator:
         self.run_filters = None if filters is None else getattr(filters, "run", None) or \
             (lambda events: [out for ev in events for out in filters.feed(ev)])
         self.order = ToolOrder()
+        self.taught = False                 # the stream's first events went on their own (decode)
         self.usage: Optional["Usage"] = None
         self.complete = False
         self.error: Optional[str] = None
@@ -2528,33 +2559,64 @@ class StreamTranslator:
         return UpstreamError(502, "upstream sent an event of an unexpected shape (%s)" % e, "upstream_malformed")
 
     def decode(self, data: bytes) -> list:
-        """Upstream bytes -> checked canonical events (UpstreamError for a malformed one)."""
+        """Upstream bytes -> checked canonical events (UpstreamError for a malformed one).
+        Once the decoder knows a layout, the SSE decoder cuts runs of its events out of the
+        bytes as they arrive (TextLayouts.cut); a run after the decoder is done is dropped,
+        as the decoder drops each of its events."""
         dec = self.decoder
         try:
-            events = self.sse.feed(data)
             layouts = dec.layouts
+            if layouts is None or not layouts.items or dec.done:
+                if layouts is not None and not self.taught and not dec.done:
+                    # the stream's first events go on their own, to teach the decoder its layouts
+                    # (the SSE decoder takes its bytes cut anywhere), so that the rest can be cut
+                    self.taught = True
+                    k = -1
+                    for _ in range(TEACHING_EVENTS):
+                        k = data.find(b"\n\n", k + 1)
+                        if k < 0:
+                            break
+                    if 0 < k < len(data) - 2:
+                        return self._decode_events(self.sse.feed(data[:k + 2])) + self.decode(data[k + 2:])
+                return self._decode_events(self.sse.feed(data))
+            parts = self.sse.feed_cut(data, layouts.cut)
+            if len(parts) == 1:
+                return self._decode_events(parts[0])
             out: list = []
-            i, n = 0, len(events)
-            # runs of text events of one layout (a burst of tokens) are read together, once the
-            # decoder has learned the layout from an event before them; it reads through its
-            # layouts only while it is not done
-            while layouts is not None and i < n - 1 and not dec.done:
-                if layouts.items:
-                    k, run = layouts.take(events, i)
-                    if k:
-                        out.extend(run)
-                        i += k
-                        continue
-                elif layouts.tries >= MAX_LAYOUT_TRIES:
-                    break
-                out.extend(ev if len(ev) == 2 and type(ev[1]) is str else check_event(ev) for ev in dec.feed(events[i]))
-                i += 1
-            # a text or thinking event with its string (most of a stream) passes check_event as it is
-            rest = [ev if len(ev) == 2 and type(ev[1]) is str else check_event(ev)
-                    for sev in (events[i:] if i else events) for ev in dec.feed(sev)]
-            return out + rest if out else rest
+            for j, part in enumerate(parts):
+                if j & 1:
+                    if not dec.done:
+                        out.extend(part)
+                elif part:
+                    out.extend(self._decode_events(part))
+            return out
         except UPSTREAM_SHAPE_ERRORS as e:
             raise self.malformed(e)
+
+    def _decode_events(self, events: List[SSEEvent]) -> list:
+        """SSE events -> checked canonical events (decode's callers catch the shape errors)."""
+        dec = self.decoder
+        layouts = dec.layouts
+        out: list = []
+        i, n = 0, len(events)
+        # runs of text events of one layout (a burst of tokens) are read together, once the
+        # decoder has learned the layout from an event before them; it reads through its
+        # layouts only while it is not done
+        while layouts is not None and i < n - 1 and not dec.done:
+            if layouts.items:
+                k, run = layouts.take(events, i)
+                if k:
+                    out.extend(run)
+                    i += k
+                    continue
+            elif layouts.tries >= MAX_LAYOUT_TRIES:
+                break
+            out.extend(ev if len(ev) == 2 and type(ev[1]) is str else check_event(ev) for ev in dec.feed(events[i]))
+            i += 1
+        # a text or thinking event with its string (most of a stream) passes check_event as it is
+        rest = [ev if len(ev) == 2 and type(ev[1]) is str else check_event(ev)
+                for sev in (events[i:] if i else events) for ev in dec.feed(sev)]
+        return out + rest if out else rest
 
     def decode_end(self) -> list:
         """The events the upstream's end releases (a last event without its blank line)."""
@@ -3250,6 +3312,9 @@ _EVENT_DATA = attrgetter("data")
 MAX_RUN_EVENTS = 256            # events one TextLayouts.take() looks at (a run goes on in the next)
 MAX_LAYOUTS = 4                 # text-event layouts one stream keeps (a stream has a text and a thinking one)
 MAX_LAYOUT_TRIES = 8            # events one stream may learn from (each costs two extra parses)
+MAX_CUT_OTHERS = 8              # other events a cut run may have before or after it in one read
+_CUT_FRAME_RE = re.compile(r"(?:event: [^\n]*\n)?data: ")      # what leads a layout's data in a cut
+_NOT_PLAIN_RE = re.compile(r'["\\\x00-\x1f]')   # what a JSON string holds only escaped (or ends it)
 
 
 class TextLayouts:
@@ -3306,6 +3371,58 @@ class TextLayouts:
         if list(map(itemgetter(1), found)) != list(map(_minus, map(len, run), repeat(len(tail)))):
             return 0, []                    # a token that ends before the tail: the events one by one
         return k, list(zip(repeat(kind), filter(None, map(itemgetter(0), found))))
+
+    def cut(self, buf: str, end: int) -> Optional[list]:
+        """buf[:end] (whole events, at the start of an event: SSEDecoder.feed_cut) with a run of
+        events of one layout cut out as their canonical events: [events text, [(kind, text)...],
+        events text]; None when its events are not, past the first few, one such run.
+
+        The frame is the field text before the first layout event's head ("data: ", or an
+        event line and "data: "). Split at each blank line and frame, the run is the pieces
+        from the second on (the last one too when it ends in the tail): all of them a head, a
+        string and the tail exactly when the first starts with the head, the last ends with
+        the tail, and `tail, blank line, frame, head` occurs once between each two of them (a
+        blank line is in no event, so each occurrence is at one boundary). A string with nothing
+        a JSON string holds only escaped (quote, backslash, control character) is its own
+        value, as match() reads it; with such a character in any of them the run is not cut."""
+        block = buf[:end] if end < len(buf) else buf
+        for head, tail, kind in self.items:
+            j = block.find(head)
+            if j < 0:
+                continue
+            b = block.rfind("\n\n", 0, j)
+            frame = block[b + 2 if b >= 0 else 0:j]
+            if not _CUT_FRAME_RE.fullmatch(frame):
+                continue
+            qtail = '"' + tail
+            sep = "\n\n" + frame
+            whole = "\n\n" + block
+            pieces = whole.split(sep)               # [before the first frame, each event after its frame...]
+            n = len(pieces)
+            last = pieces[-1]
+            if last.startswith(head) and last.endswith(qtail + "\n\n"):
+                pieces[-1] = last[:-2]
+            a, m = 1, n                             # the run: pieces[a:m], past other events at either end
+            while a < m and a <= MAX_CUT_OTHERS and not (pieces[a].startswith(head) and pieces[a].endswith(qtail)):
+                a += 1
+            while m > a and n - m <= MAX_CUT_OTHERS and not (
+                    pieces[m - 1].startswith(head) and pieces[m - 1].endswith(qtail)):
+                m -= 1
+            if m - a < 2 or a > MAX_CUT_OTHERS or n - m > MAX_CUT_OTHERS:
+                return None
+            if m < n:
+                pieces[-1] = last
+            start = sum(map(len, pieces[:a])) + len(sep) * (a - 1)
+            stop = len(whole) - (sum(map(len, pieces[m:])) + len(sep) * (n - m) if m < n else 0)
+            if whole.count(qtail + sep + head, start, stop) != m - a - 1:
+                return None
+            bodies = list(map(itemgetter(slice(len(head), -len(qtail))), pieces[a:m]))
+            if _NOT_PLAIN_RE.search("".join(bodies)) is not None:
+                return None
+            before = sep.join(pieces[:a])[2:] + "\n\n" if a > 1 or pieces[0] else ""
+            after = frame + sep.join(pieces[m:]) if m < n else ""
+            return [before, list(zip(repeat(kind), filter(None, bodies))), after]
+        return None
 
     def learn(self, data: str, obj: dict, path: tuple, kind: str):
         """Learn data's layout; obj is its parse, path the keys down to the text."""

@@ -1772,6 +1772,106 @@ class TestHTTPWire(unittest.TestCase):
                     self.assertEqual(fast, run(fmt, raw, cuts))
         self.assertGreater(taken[True], 400)            # runs were read together
 
+    def test_runs_cut_from_the_bytes_decode_as_the_event_parser_does(self):
+        """TextLayouts.cut, through StreamTranslator.decode: streams of both layout-learning
+        formats, in reads cut anywhere or whole, decode to what the SSE parser and the decoder
+        give event by event: field framings (no space, event lines, ids, retry, comments,
+        data over two lines, extra blank lines, CRLF), texts with escapes, quotes, newlines and
+        surrogates, other events and layouts around and inside the runs, and events after
+        the end."""
+        rng = random.Random(41)
+        texts = ["tok", " x", "", "\u00e9t\u00e9", "\U0001F600", "a\nb", "\"", "\\", "\x01", "}", "\u2028", "5 "]
+        oc_head = '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,' \
+            '"delta":{"%s":'
+        oc_tail = '},"finish_reason":null}]}'
+        an_head = '{"type":"content_block_delta","index":%d,"delta":{"type":"%s","%s":'
+
+        def frame(data, name):
+            r = rng.random() * other * 6
+            lines = ["data: " + data] if r < 0.9 else ["data:" + data] if r < 0.94 else \
+                ["data: " + data[:len(data) // 2], "data: " + data[len(data) // 2:]]
+            if name:
+                lines.insert(0, "event: " + name if rng.random() < 1 - other / 5 else "event:" + name)
+            if rng.random() < other / 5:
+                lines.insert(0, "id: %d" % rng.randrange(9))
+            if rng.random() < other / 5:
+                lines.insert(0, "retry: 10")
+            if rng.random() < other / 5:
+                lines.insert(0, ": ping")
+            return "\n".join(lines) + "\n\n" + ("\n" if rng.random() < other / 5 else "")
+
+        def openai_stream():
+            out = [frame(oc_head % "role\":\"assistant\",\"content" + '""' + oc_tail, None)]
+            for _ in range(rng.randint(1, 60)):
+                r = rng.random()
+                if r < 1 - other:
+                    key = "content" if rng.random() < 1 - other else "reasoning_content"
+                    text = rng.choice(texts) if rng.random() < plain else "tok%d" % rng.randrange(99)
+                    out.append(frame(oc_head % key + json.dumps(text, ensure_ascii=rng.random() < 0.5) + oc_tail, None))
+                elif r < 0.9:
+                    out.append(frame('{"id":"c","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"t",'
+                                     '"function":{"name":"f","arguments":"{}"}}]},"finish_reason":null}]}', None))
+                elif r < 0.95:
+                    out.append(frame('{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}', None))
+                elif r < 0.97:
+                    out.append(frame("[DONE]", None))
+                else:
+                    out.append(frame(oc_head % "content" + '"x"}', None))     # a layout's head, another tail
+            out.append(frame("[DONE]", None))
+            return "".join(out).encode()
+
+        def anthropic_stream():
+            out = [frame('{"type":"message_start","message":{"id":"msg_1","model":"m","usage":{}}}', "message_start"),
+                   frame('{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}',
+                         "content_block_start")]
+            for _ in range(rng.randint(1, 60)):
+                r = rng.random()
+                if r < 1 - other:
+                    kind = ("text_delta", "text") if rng.random() < 1 - other else ("thinking_delta", "thinking")
+                    text = rng.choice(texts) if rng.random() < plain else "tok%d" % rng.randrange(99)
+                    name = "content_block_delta" if rng.random() < 1 - other / 3 else rng.choice(["delta", "message"])
+                    out.append(frame(an_head % (rng.choice((0, 0, 1)), kind[0], kind[1]) +
+                                     json.dumps(text, ensure_ascii=rng.random() < 0.5) + "}}", name))
+                elif r < 0.95:
+                    out.append(frame('{"type":"ping"}', "ping"))
+                else:
+                    out.append(frame('{"type":"message_stop"}', "message_stop"))
+            return "".join(out).encode()
+
+        def run(fmt, raw, cuts):
+            tr = lp.StreamTranslator(lp.FORMATS[fmt].stream_decoder(), None)
+            out, pos = [], 0
+            try:
+                for c in cuts + [len(raw)]:
+                    out.extend(tr.decode(raw[pos:c]))
+                    pos = c
+                out.extend(tr.decode_end())
+            except lp.UpstreamError as e:
+                out.append(("raised", e.code))
+            return repr(out)
+        cut = lp.TextLayouts.cut
+        used = collections.Counter()
+
+        def counted(self, buf, end):
+            parts = cut(self, buf, end)
+            used[parts is not None] += 1
+            return parts
+        for i in range(800):
+            fmt = "openai" if i % 2 else "anthropic"
+            plain = rng.choice((0.02, 0.1, 0.5))      # the share of texts from the list (most need escapes)
+            other = rng.choice((0.0, 0.01, 0.15))     # of other events and layouts
+            raw = openai_stream() if fmt == "openai" else anthropic_stream()
+            if rng.random() < 0.03:
+                raw = raw.replace(b"\n", b"\r\n")
+            cuts = sorted(rng.sample(range(len(raw) + 1), rng.choice((0, 0, 0, 1, 2, 5))))
+            with self.subTest(fmt=fmt, raw=raw, cuts=cuts):
+                with unittest.mock.patch.object(lp.TextLayouts, "cut", counted):
+                    fast = run(fmt, raw, cuts)
+                with unittest.mock.patch.object(lp.TextLayouts, "cut", lambda self, buf, end: None):
+                    self.assertEqual(fast, run(fmt, raw, cuts))
+        self.assertGreater(used[True], 200)             # runs were cut, not only left to the parser
+        self.assertGreater(used[False], 300)
+
     def test_text_runs_render_the_bytes_of_one_event_at_a_time(self):
         """A run of text events rendered in one step (StreamTranslator.encode, with filters or
         without) gives each client format the bytes its encoder gives fed one event at a time:
