@@ -1177,6 +1177,20 @@ class TestCooperativeJSON(unittest.TestCase):
 
 # 2. HTTP wire ################################################################
 
+def decode_in_reads(fmt: str, raw: bytes, cuts: list) -> str:
+    """What StreamTranslator.decode gives for raw in reads ending at each cut, and at its end."""
+    tr = lp.StreamTranslator(lp.FORMATS[fmt].stream_decoder(), None)
+    out, pos = [], 0
+    try:
+        for cut in cuts + [len(raw)]:
+            out.append(tr.decode(raw[pos:cut]))
+            pos = cut
+        out.append(tr.decode_end())
+    except lp.UpstreamError as e:
+        out.append(("raised", e.code))
+    return repr(out)
+
+
 class TestHTTPWire(unittest.TestCase):
     def test_parse_request_head(self):
         h = lp.parse_request_head(head("POST /v1/chat/completions?x=1 HTTP/1.1", "Host: a", "X-Thing:  v  "))
@@ -1743,17 +1757,6 @@ class TestHTTPWire(unittest.TestCase):
                     out.append(("message_stop", '{"type":"message_stop"}'))
             return b"".join(b"event: %s\ndata: %s\n\n" % (n.encode(), d.encode()) for n, d in out)
 
-        def run(fmt, raw, cuts):
-            tr = lp.StreamTranslator(lp.FORMATS[fmt].stream_decoder(), None)
-            out, pos = [], 0
-            try:
-                for cut in cuts + [len(raw)]:
-                    out.append(tr.decode(raw[pos:cut]))
-                    pos = cut
-                out.append(tr.decode_end())
-            except lp.UpstreamError as e:
-                out.append(("raised", e.code))
-            return repr(out)
         taken = collections.Counter()
         take = lp.TextLayouts.take
 
@@ -1767,9 +1770,9 @@ class TestHTTPWire(unittest.TestCase):
             cuts = sorted(rng.sample(range(len(raw) + 1), rng.choice((0, 0, 1, 3))))
             with self.subTest(fmt=fmt, raw=raw, cuts=cuts):
                 with unittest.mock.patch.object(lp.TextLayouts, "take", counted):
-                    fast = run(fmt, raw, cuts)
+                    fast = decode_in_reads(fmt, raw, cuts)
                 with unittest.mock.patch.object(lp, "MAX_LAYOUT_TRIES", 0):
-                    self.assertEqual(fast, run(fmt, raw, cuts))
+                    self.assertEqual(fast, decode_in_reads(fmt, raw, cuts))
         self.assertGreater(taken[True], 400)            # runs were read together
 
     def test_runs_cut_from_the_bytes_decode_as_the_event_parser_does(self):
@@ -1838,17 +1841,6 @@ class TestHTTPWire(unittest.TestCase):
                     out.append(frame('{"type":"message_stop"}', "message_stop"))
             return "".join(out).encode()
 
-        def run(fmt, raw, cuts):
-            tr = lp.StreamTranslator(lp.FORMATS[fmt].stream_decoder(), None)
-            out, pos = [], 0
-            try:
-                for c in cuts + [len(raw)]:
-                    out.extend(tr.decode(raw[pos:c]))
-                    pos = c
-                out.extend(tr.decode_end())
-            except lp.UpstreamError as e:
-                out.append(("raised", e.code))
-            return repr(out)
         cut = lp.TextLayouts.cut
         used = collections.Counter()
 
@@ -1866,9 +1858,9 @@ class TestHTTPWire(unittest.TestCase):
             cuts = sorted(rng.sample(range(len(raw) + 1), rng.choice((0, 0, 0, 1, 2, 5))))
             with self.subTest(fmt=fmt, raw=raw, cuts=cuts):
                 with unittest.mock.patch.object(lp.TextLayouts, "cut", counted):
-                    fast = run(fmt, raw, cuts)
+                    fast = decode_in_reads(fmt, raw, cuts)
                 with unittest.mock.patch.object(lp.TextLayouts, "cut", lambda self, buf, end: None):
-                    self.assertEqual(fast, run(fmt, raw, cuts))
+                    self.assertEqual(fast, decode_in_reads(fmt, raw, cuts))
         self.assertGreater(used[True], 200)             # runs were cut, not only left to the parser
         self.assertGreater(used[False], 300)
 
