@@ -490,7 +490,10 @@ _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")
 _HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 _CHUNK_FAST_RE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
-_CHUNK_SPLIT_RE = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n([^\r]*(?:\r(?!\n)[^\r]*)*)\r\n")     # see ChunkedDecoder._tiled
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")               # a size line ChunkedDecoder._tiled takes
+# lowercase hex without leading zeros, as senders write sizes; 0 is None: the last chunk takes the loop
+_CHUNK_HEX = [None] + [b"%x" % n for n in range(1, 1024)]
+_CHUNK_SIZES_RE = re.compile(rb"[0-9A-Fa-f]{1,16}(?:\n[0-9A-Fa-f]{1,16})*")      # and many, joined by LF
 OWS = " \t"                 # optional whitespace (RFC 9110 §5.6.3): SP and HTAB only, never str.strip()'s
 # chunk-ext (RFC 9112 §7.1.1): ; name [= token / quoted-string], BWS around; nothing else on the line
 _CHUNK_EXT_RE = re.compile(rb'(?:[ \t]*;[ \t]*[!#$%&\'*+\-.^_`|~0-9A-Za-z]+(?:[ \t]*=[ \t]*(?:'
@@ -782,25 +785,44 @@ class ChunkedDecoder:
         self.tiling = True
 
     def _tiled(self, buf: bytes, out: List[bytes]) -> int:
-        """The whole chunks buf starts with, found by one regex split: each a size line, the data
-        up to its first CRLF, and that CRLF, kept only while the data is as long as the size
-        says (the CRLF is then the one that ends the chunk), the size is not 0 (the last chunk)
-        and nothing lies between one and the next. How many bytes they took (0: none)."""
-        parts = _CHUNK_SPLIT_RE.split(buf)
-        if len(parts) < 4 or parts[0]:
+        """The whole chunks buf starts with, found by one split at CRLF: size lines and data
+        alternate, each chunk taken while its size line is 1-16 hex digits (no extension), the
+        data is as long as the size says (so its CRLF is the one that ends the chunk) and the
+        size is not 0 (the last chunk). How many bytes they took (0: none)."""
+        parts = buf.split(b"\r\n")
+        k = (len(parts) - 1) >> 1               # size lines and data each followed by CRLF
+        if not k:
             return 0
-        sizes, datas, gaps = parts[1:-1:3], parts[2:-1:3], parts[3:-1:3]
-        ints = list(map(int, sizes, [16] * len(sizes)))
+        if parts[2 * k - 2] == b"0":            # the last chunk, often in the same read: for the loop
+            k -= 1
+            if not k:
+                return 0
+        sizes, datas = parts[0:2 * k:2], parts[1:2 * k:2]
         lens = list(map(len, datas))
-        k = len(ints)
+        try:                            # each size line the data's length as senders write it: all whole
+            whole = list(map(_CHUNK_HEX.__getitem__, lens)) == sizes
+        except IndexError:              # a chunk of 1 KiB or more
+            whole = False
+        if whole:
+            size = sum(lens)
+            if self.total + size > self.max_bytes:
+                return 0
+            self.total += size
+            out.extend(datas)
+            return size + sum(map(len, sizes)) + 4 * k
+        joined = b"\n".join(sizes)
+        if not _CHUNK_SIZES_RE.fullmatch(joined) or joined.count(b"\n") != k - 1:     # an LF in a size line
+            k = list(map(_CHUNK_SIZE_RE.fullmatch, sizes)).index(None)
+            if not k:
+                return 0
+            sizes, datas, lens = sizes[:k], datas[:k], lens[:k]
+        ints = list(map(int, sizes, repeat(16)))
         if ints != lens:
             k = list(map(int.__eq__, ints, lens)).index(False)
             if not k:
                 self.tiling = False     # data with CRLF in it (Gemini's events): the loop from now on
         if 0 in ints:
             k = min(k, ints.index(0))
-        if any(gaps):
-            k = min(k, list(map(bool, gaps)).index(True) + 1)
         if not k:
             return 0
         size = sum(ints[:k]) if k < len(ints) else sum(ints)

@@ -1933,16 +1933,17 @@ class TestHTTPWire(unittest.TestCase):
                 self.assertEqual(fast._text_parts(text, thought), slow._parts([part]))
 
     def test_chunked_fast_path_equals_the_general_one_on_a_corpus(self):
-        """Whole chunks taken in one step (one regex split of many, or a tight loop) give the
+        """Whole chunks taken in one step (one split at CRLF of many, or a tight loop) give the
         pieces, errors, ends, tails and size limits of the general path, whatever the bytes and
         however they are split."""
         rng = random.Random(5)
-        special = [b"\r", b"\n", b"\r\n", b";", b" ", b"0", b"f", b"g", b"\x00", b"\r\n0\r\n\r\n"]
+        special = [b"\r", b"\n", b"\r\n", b";", b" ", b"0", b"f", b"F", b"g", b"+", b"_", b"0x", b"\x00",
+                   b"\r\n0\r\n\r\n"]
 
         class General(lp.ChunkedDecoder):
             def __init__(self, max_bytes):
                 super().__init__(max_bytes)
-                self.tiling = False             # no regex split either
+                self.tiling = False             # no split either
 
             def _whole_chunk(self, buf, pos, out):
                 return False
@@ -1962,8 +1963,13 @@ class TestHTTPWire(unittest.TestCase):
         for i in range(3000):
             # random bytes, or SSE-like text (where the regex split takes many chunks at once)
             alphabet = range(256) if rng.random() < 0.5 else b'data: {"x":1}\n\n' + b"\r" * rng.choice((0, 1))
-            body = b"".join(lp.render_chunk(bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 40))))
-                            for _ in range(rng.choice((rng.randint(0, 6), rng.randint(8, 40)))))
+            long = rng.random() < 0.05              # chunks past the 1 KiB of the sizes table
+            body = b"".join(lp.render_chunk(bytes(rng.choice(alphabet) for _ in range(
+                rng.randint(1, 40) if not long or rng.random() < 0.7 else rng.randint(1000, 1100))))
+                for _ in range(rng.choice((rng.randint(0, 6), rng.randint(8, 40)))))
+            if rng.random() < 0.05:                 # sizes written in capitals or with leading zeros
+                body = re.sub(rb"(?m)^([0-9a-f]+)\r$", lambda m: rng.choice((m.group(1).upper(), b"0" + m.group(1))),
+                              body)
             raw = bytearray(body + rng.choice((b"0\r\n\r\n", b"0\r\nx: y\r\n\r\nNEXT", b"", b"3;e=1\r\nabc\r\n0\r\n\r\n")))
             for _ in range(rng.choice((0, 0, 1, 2))):
                 pos = rng.randrange(len(raw) + 1)
