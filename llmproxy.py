@@ -1677,8 +1677,13 @@ def tls_module():
     """The ssl module, imported at the first TLS use. The program's loader (section 0) imports
     asyncio without it, and the asyncio modules that keep it as a global (base_events,
     selector_events, sslproto) hold None: they get it here, with the one name sslproto
-    derives from it at import (3.11+). Where asyncio came with ssl this only imports it."""
-    import ssl
+    derives from it at import (3.11+). Where asyncio came with ssl this only imports it. An
+    interpreter built without OpenSSL serves plain-HTTP back-ends; an HTTPS one gets an OSError,
+    which a connection attempt answers as a 502 naming the cause."""
+    try:
+        import ssl
+    except ImportError:
+        raise OSError("this Python has no ssl module (it was built without OpenSSL), which HTTPS needs") from None
     for name, m in list(sys.modules.items()):
         if name.startswith("asyncio.") and m is not None and getattr(m, "ssl", ssl) is None:
             m.ssl = ssl

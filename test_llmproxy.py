@@ -8760,6 +8760,18 @@ class TestOpenSSLOnFirstUse(unittest.TestCase):
                 self.assertEqual(asyncio.sslproto.SSLAgainErrors, (ssl.SSLWantReadError, ssl.SSLSyscallError))
             self.assertIs(lp.tls_module(), ssl)             # again: nothing left to give
 
+    def test_an_interpreter_without_ssl_gets_a_502_for_an_https_back_end(self):
+        client = lp.HTTPClient()
+
+        async def go():
+            with unittest.mock.patch.dict(sys.modules, {"ssl": None}):
+                with self.assertRaises(lp.UpstreamError) as cm:
+                    await client.request("POST", "https://127.0.0.1:9/v1/chat/completions", [], b"{}")
+            return cm.exception
+        e = asyncio.run(go())
+        self.assertEqual((e.status, e.code), (502, "connect_failed"))
+        self.assertIn("no ssl module", str(e))
+
     @unittest.skipUnless(os.name == "posix" and os.path.exists("/proc/self/maps") and shutil.which("openssl")
                          and getattr(__import__("_ssl"), "__file__", None), "needs the re-exec, Linux /proc, openssl "
                          "for a test certificate and an interpreter that loads OpenSSL as a shared object")
